@@ -1,0 +1,110 @@
+"""The `tcli` command: option parsing and error reporting only; stages live in the library.
+
+Each subcommand is a module in ``tcli/commands`` with a ``register(app)`` function. Command modules
+import heavy libraries (torch, transformers, vllm) inside the command body, so ``tcli --help`` and
+the CPU stages start fast.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import typer
+
+from tcli import __version__
+from tcli.errors import EXIT_DATA, EXIT_RUNTIME, EXIT_USAGE, DataError, TcliError
+
+app = typer.Typer(
+    name="tcli",
+    help="RL with verifiable rewards and tree-structured credit assignment, as Unix tools.\n\n"
+         "\b\n  tcli sample-tree | tcli verify | tcli build-tree | tcli advantages | tcli train-step\n"
+         "  tcli eval     accuracy / pass@k on a benchmark\n"
+         "  tcli loop     the whole loop in one process, with checkpoints and resume",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+COMMAND_MODULES = ("streams", "verify", "sample", "train", "eval", "loop", "init_model")
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"tcli.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"tcli.commands.{name}":
+                continue  # command not built yet
+            raise
+        mod.register(app)
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+    if version:
+        typer.echo(f"tcli {__version__}")
+        raise typer.Exit(0)
+
+
+def _report(msg: str) -> None:
+    sys.stderr.write(f"tcli: error: {msg}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: maps errors to exit codes (65 bad data, 2 usage, 1 runtime) with one line."""
+    import click
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TCLI_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends us quietly, like any Unix tool
+    _register_commands()
+    code = 0
+    try:
+        app(args=argv, prog_name="tcli", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.exceptions.Abort:
+        _report("aborted")
+        code = 130
+    except click.ClickException as e:
+        e.show()
+        code = EXIT_USAGE
+    except TcliError as e:
+        if debug:
+            raise
+        _report(e.one_line())
+        code = e.exit_code
+    except KeyboardInterrupt:
+        _report("interrupted")
+        code = 130
+    except BrokenPipeError:
+        code = 0
+    except MemoryError:
+        _report("out of memory")
+        code = EXIT_RUNTIME
+    except OSError as e:
+        if debug:
+            raise
+        _report(f"{e.strerror or e} ({e.filename})" if getattr(e, "filename", None) else str(e))
+        code = EXIT_RUNTIME
+    except Exception as e:  # noqa: BLE001 - last resort: one line, traceback only with --debug
+        if debug:
+            raise
+        _report(f"{type(e).__name__}: {e} (run with --debug for a traceback)")
+        code = EXIT_RUNTIME
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+__all__ = ["app", "main", "DataError", "EXIT_DATA"]

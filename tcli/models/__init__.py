@@ -1,0 +1,1 @@
+"""Model helpers (torch/transformers are imported inside functions, never at package import)."""

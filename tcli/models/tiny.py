@@ -1,0 +1,67 @@
+"""Tiny local causal LMs for tests, examples and laptops: a Qwen3 config + a char-level tokenizer.
+
+Nothing touches a hub: the tokenizer is built with the ``tokenizers`` library from an alphabet
+(or a text sample) and the model is randomly initialised from a config, then both are saved with
+``save_pretrained`` so that ``AutoModelForCausalLM`` / ``AutoTokenizer`` reload them.
+"""
+
+from __future__ import annotations
+
+import string
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+UNK = "<|unk|>"
+DEFAULT_ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"
+
+
+def build_char_tokenizer(alphabet: str | None = None, text: str | None = None):
+    """A character-level fast tokenizer: one token per character, plus eos/pad/unk."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(alphabet or DEFAULT_ALPHABET) | set(text or ""))
+    vocab = {PAD: 0, EOS: 1, UNK: 2}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_config(vocab_size: int, *, hidden: int = 128, layers: int = 4, heads: int = 4,
+                kv_heads: int = 2, intermediate: int = 384, max_positions: int = 1024,
+                eos_token_id: int = 1, pad_token_id: int = 0):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        intermediate_size=intermediate, max_position_embeddings=max_positions,
+        tie_word_embeddings=True, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        bos_token_id=None, rope_theta=10000.0,
+    )
+
+
+def init_tiny_model(out_dir: str, *, seed: int = 0, alphabet: str | None = None,
+                    text: str | None = None, **config_kw) -> str:
+    """Create and save a random tiny Qwen3 model with a char tokenizer; returns ``out_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from tcli.models.checkpoint import save_pretrained_atomic
+    from tcli.models.quiet import quiet_transformers
+
+    quiet_transformers()
+    tok = build_char_tokenizer(alphabet, text)
+    cfg = tiny_config(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      **config_kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    save_pretrained_atomic(out_dir, model, tok)
+    return out_dir

@@ -1,0 +1,92 @@
+"""Typed access to record fields: every failure is a DataError naming the field."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import numpy as np
+
+from tcli.errors import DataError
+
+
+def require(rec: dict, field: str):
+    try:
+        return rec[field]
+    except KeyError:
+        raise DataError("missing required field", field=field) from None
+
+
+def token_array(rec: dict, field: str = "token_ids") -> np.ndarray:
+    """A non-negative int64 array; rejects strings, floats, bools and nesting without a token loop."""
+    v = require(rec, field)
+    if not isinstance(v, list):
+        raise DataError(f"must be a list of integers, got {type(v).__name__}", field=field)
+    if not v:
+        return np.zeros(0, dtype=np.int64)
+    try:
+        arr = np.asarray(v)
+    except (ValueError, OverflowError):
+        raise DataError("must be a flat list of integers", field=field) from None
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        kind = {"U": "strings", "f": "floats", "b": "booleans", "O": "mixed values"}.get(arr.dtype.kind, arr.dtype.name)
+        raise DataError(f"must be a flat list of integers, got {kind}", field=field)
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.max() > np.iinfo(np.int64).max:
+        raise DataError("token id out of range", field=field)
+    arr = arr.astype(np.int64, copy=False)
+    if arr.min() < 0:
+        raise DataError(f"token ids must be non-negative, got {int(arr.min())}", field=field)
+    return arr
+
+
+def float_array(rec: dict, field: str, length: int | None = None) -> np.ndarray:
+    v = require(rec, field)
+    if not isinstance(v, list):
+        raise DataError(f"must be a list of numbers, got {type(v).__name__}", field=field)
+    try:
+        arr = np.asarray(v, dtype=np.float64) if v else np.zeros(0)
+    except (ValueError, TypeError):
+        raise DataError("must be a flat list of numbers", field=field) from None
+    if arr.ndim != 1:
+        raise DataError("must be a flat list of numbers", field=field)
+    if length is not None and len(arr) != length:
+        raise DataError(f"has {len(arr)} entries, expected {length}", field=field)
+    if not np.isfinite(arr).all():
+        raise DataError("contains NaN or infinity", field=field)
+    return arr
+
+
+def reward(rec: dict) -> float:
+    v = require(rec, "reward")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise DataError(f"must be a number, got {type(v).__name__}", field="reward")
+    if not math.isfinite(v):
+        raise DataError(f"must be finite, got {v}", field="reward")
+    return float(v)
+
+
+def int_list(rec: dict, field: str) -> list[int]:
+    v = require(rec, field)
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise DataError("must be a list of integers", field=field)
+    return v
+
+
+@contextmanager
+def at_record(index: int):
+    """Tag a DataError raised inside with the record's index in its group (mapped to a line later)."""
+    try:
+        yield
+    except DataError as e:
+        if getattr(e, "index", None) is None:
+            e.index = index
+        raise
+
+
+def in_group(fn, recs, *args, **kwargs):
+    """Run ``fn(rec)`` on every record of a group, tagging errors with the record's index."""
+    out = []
+    for i, r in enumerate(recs):
+        with at_record(i):
+            out.append(fn(r, *args, **kwargs))
+    return out
