@@ -59,7 +59,10 @@ def _report(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors to exit codes (65 bad data, 2 usage, 1 runtime) with one line."""
-    import click
+    try:  # typer >= 0.20 vendors click
+        from typer._click import exceptions as click_exc
+    except ImportError:  # pragma: no cover
+        from click import exceptions as click_exc
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TCLI_DEBUG") == "1"
@@ -69,12 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         app(args=argv, prog_name="tcli", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         code = e.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         _report("aborted")
         code = 130
-    except click.ClickException as e:
+    except click_exc.ClickException as e:
         e.show()
         code = EXIT_USAGE
     except TcliError as e:

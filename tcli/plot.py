@@ -1,0 +1,71 @@
+"""Plots from metrics.jsonl: reward and eval accuracy vs step and vs wall time (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import orjson
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    out = []
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    out.append(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    break
+    return out
+
+
+def _series(metrics: list[dict], kind: str, key: str, x: str) -> tuple[list, list]:
+    pts = [(m[x], m[key]) for m in metrics if m.get("kind") == kind and key in m and x in m]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Sequence[str] | None = None,
+              groups: dict[str, list[str]] | None = None) -> str:
+    """One line per run, or with ``groups`` (label -> run dirs) the mean with a min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    panels = [("train", "reward_mean", "step"), ("train", "reward_mean", "wall_time"),
+              ("eval", "accuracy", "step"), ("eval", "accuracy", "wall_time")]
+    if groups is None:
+        groups = {(labels[i] if labels else os.path.basename(os.path.normpath(d))): [d]
+                  for i, d in enumerate(run_dirs)}
+    for ax, (kind, key, x) in zip(axes.ravel(), panels):
+        for label, dirs in groups.items():
+            curves = [_series(read_metrics(d), kind, key, x) for d in dirs]
+            curves = [c for c in curves if c[0]]
+            if not curves:
+                continue
+            if len(curves) == 1:
+                ax.plot(curves[0][0], curves[0][1], marker="." if kind == "eval" else None, label=label)
+                continue
+            # common grid, mean and spread across seeds
+            lo = max(c[0][0] for c in curves)
+            hi = min(c[0][-1] for c in curves)
+            grid = np.linspace(lo, hi, 50) if hi > lo else np.array([lo])
+            ys = np.array([np.interp(grid, c[0], c[1]) for c in curves])
+            line, = ax.plot(grid, ys.mean(0), label=f"{label} (n={len(curves)})")
+            ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
+        ax.set_xlabel("step" if x == "step" else "wall time (s)")
+        ax.set_ylabel("train reward (mean)" if key == "reward_mean" else "eval accuracy")
+        ax.grid(alpha=0.3)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="upper center", ncol=min(len(names), 4))
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    tmp = out_png + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png
