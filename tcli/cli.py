@@ -8,7 +8,6 @@ the CPU stages start fast.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 import typer
@@ -57,6 +56,17 @@ def _report(msg: str) -> None:
     sys.stderr.flush()
 
 
+def _stdout_closed() -> None:
+    """The reader went away (`| head`): that is success. Point stdout at /dev/null so the
+    interpreter's final flush of the buffered data cannot print a BrokenPipeError at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors to exit codes (65 bad data, 2 usage, 1 runtime) with one line."""
     try:  # typer >= 0.20 vendors click
@@ -67,7 +77,6 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TCLI_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends us quietly, like any Unix tool
     _register_commands()
     code = 0
     try:
@@ -89,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         _report("interrupted")
         code = 130
     except BrokenPipeError:
+        _stdout_closed()
         code = 0
     except MemoryError:
         _report("out of memory")
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.stdout.flush()
     except BrokenPipeError:
-        pass
+        _stdout_closed()
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -6,14 +6,16 @@ of every response whose token ids begin with that prefix (leaf-count weighted, V
 (so it equals r_i unless duplicates disagree). ``branch[i][t]`` says the node before token t has
 two or more children (different next tokens, or some response ends there).
 
-How it is vectorised: sort the group's sequences (memcmp order of big-endian token bytes), take the
-longest common prefix (LCP) of neighbours with one numpy comparison, turn it into the G x G LCP
-matrix with a running minimum, then count, for every prefix length, how many responses share it with
-a reverse cumulative sum over a G x (T+1) histogram. No Python loop touches tokens.
+How it is vectorised: write the group's token ids into one G x (T+1) matrix (one C call per row),
+sort the rows as raw bytes so responses sharing a prefix become neighbours, take the longest common
+prefix (LCP) of neighbours with one comparison, turn it into the G x G LCP matrix with a running
+minimum, and expand each response's G-piece step function of V with np.repeat. No Python loop
+touches tokens; the dict-trie ``reference_prefix_tree`` is the oracle the tests compare against.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -56,68 +58,126 @@ class PrefixTree:
         return cls(fv, fb, starts, lens, from_build=False)
 
 
-def _padded(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-    width = int(lens.max()) if len(seqs) else 0
-    mat = np.zeros((len(seqs), max(width, 1)), dtype=np.int64)  # 0 = padding
-    if width:
-        flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])
-        mat[np.arange(mat.shape[1])[None, :] < lens[:, None]] = flat + 1
-    return mat, lens
+def _token_matrix(seqs: Sequence[Sequence[int]], lens: list[int]) -> np.ndarray:
+    """G x (max T + 1) unsigned matrix of the token ids; every row is closed and padded with END.
+
+    END (the dtype's max) is not a token id, so two distinct rows always differ at or before the end
+    of the shorter one. Python lists go in through ``struct.pack_into`` (one C call per row that
+    also rejects negative, too large and non-integer ids); numpy rows are range-checked and copied.
+    uint32 keys halve the memory traffic; ids that do not fit fall back to uint64.
+    """
+    for dtype, code in ((np.uint32, "I"), (np.uint64, "Q")):
+        end = np.iinfo(dtype).max
+        mat = np.zeros((len(seqs), max(lens) + 1), dtype=dtype)
+        step = mat.strides[0]
+        hi = 0
+        try:
+            for i, (s, n) in enumerate(zip(seqs, lens)):
+                if not n:
+                    continue
+                if isinstance(s, np.ndarray):
+                    if s.ndim != 1 or s.dtype.kind not in "iu":
+                        raise TypeError(f"token ids must be a flat integer array, got {s.dtype} "
+                                        f"with {s.ndim} dimensions")
+                    if s.min() < 0:
+                        raise ValueError(f"token ids must be non-negative, got {int(s.min())}")
+                    hi = max(hi, int(s.max()))
+                    if hi < end:
+                        mat[i, :n] = s
+                else:
+                    struct.pack_into(f"={n}{code}", mat, i * step, *s)
+        except struct.error as e:
+            if code == "Q":
+                raise ValueError(f"token ids must be integers in [0, 2**64 - 1): {e}") from None
+            continue
+        if hi >= end or mat.max() == end:
+            if code == "Q":
+                raise ValueError("token ids must be below 2**64 - 1")
+            continue
+        for row, n in zip(mat, lens):
+            row[n:] = end
+        return mat
+    raise AssertionError("unreachable")
+
+
+_UPPER: dict[int, np.ndarray] = {}  # cached strict upper-triangle masks, one per group size
+_BIG = np.iinfo(np.int64).max
+
+
+def _sorted_lcp(seqs: Sequence[Sequence[int]], lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lexicographic order of the responses and their G x G LCP matrix in that order.
+
+    Sorting rows as raw bytes (void keys) puts responses that share a prefix next to each other
+    (any fixed total order on token ids does, so native byte order is fine); then LCP(p, q) for
+    p < q in sorted order is the minimum of the neighbours' LCPs between them.
+    """
+    g = len(seqs)
+    mat = _token_matrix(seqs, lens.tolist())
+    order = np.argsort(mat.view(np.dtype((np.void, mat.strides[0]))).ravel(), kind="stable")
+    slens = lens[order]
+    if g == 1:
+        return order, slens.reshape(1, 1).copy()
+    s = mat[order]
+    neq = s[1:] != s[:-1]
+    first = neq.argmax(axis=1)  # rows end with END, so distinct rows differ at or before min length
+    adj = np.where(neq[np.arange(g - 1), first], first, slens[1:])  # all-equal: identical responses
+    upper = _UPPER.get(g)
+    if upper is None:
+        upper = _UPPER.setdefault(g, np.triu(np.ones((g, g), dtype=bool), 1))
+    m = np.where(upper, np.concatenate(([0], adj)), _BIG)  # row p, column q > p: adj[q - 1]
+    np.minimum.accumulate(m, axis=1, out=m)                 # -> min(adj[p:q])
+    m *= upper
+    m += m.T
+    m.ravel()[:: g + 1] = slens
+    return order, m
 
 
 def lcp_matrix(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """G x G longest-common-prefix lengths (diagonal = own length) and the lengths."""
-    g = len(seqs)
-    mat, lens = _padded(seqs)
-    if g == 1:
-        return lens.reshape(1, 1).copy(), lens
-    if mat.max(initial=0) >= 2**32:
-        raise ValueError("token id too large")
-    # big-endian uint32 bytes compare like the token sequence; padding 0 sorts before any token
-    keys = mat.astype(">u4").view(np.dtype((np.void, 4 * mat.shape[1]))).ravel()
-    order = np.argsort(keys, kind="stable")
-    s = mat[order]
-    diff = s[1:] != s[:-1]
-    first = np.where(diff.any(axis=1), diff.argmax(axis=1), s.shape[1])
-    adj = np.minimum(first, np.minimum(lens[order][1:], lens[order][:-1]))  # LCP of neighbours
-    # LCP(p, q) for p < q in sorted order = min(adj[p:q])
-    big = np.iinfo(np.int64).max
-    idx = np.arange(g)
-    a = np.where(idx[None, :] > idx[:, None], np.concatenate([[big], adj])[None, :], big)
-    a = np.minimum.accumulate(a, axis=1)
-    a = np.where(idx[None, :] > idx[:, None], a, 0)
-    a = a + a.T
-    a[idx, idx] = lens[order]
-    lcp = np.empty_like(a)
-    lcp[np.ix_(order, order)] = a
-    return lcp, lens
+    lens = np.array([len(s) for s in seqs], dtype=np.int64)
+    if not len(seqs):
+        return np.zeros((0, 0), dtype=np.int64), lens
+    order, m = _sorted_lcp(seqs, lens)
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    return m[np.ix_(inv, inv)], lens
 
 
 def build_prefix_tree(seqs: Sequence[Sequence[int]], rewards: Sequence[float]) -> PrefixTree:
+    """The group's P2T values and branch flags; ``seqs`` are lists or integer arrays of token ids."""
     g = len(seqs)
     r = np.asarray(rewards, dtype=np.float64)
-    if g == 0:
-        return PrefixTree(np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0, np.int64), np.zeros(0, np.int64))
-    lcp, lens = lcp_matrix(seqs)
-    # Row i sorted ascending: a_0 <= ... <= a_{G-1} = T_i. For t in (a_{j-1}, a_j] the responses
-    # sharing i's first t tokens are exactly those at sorted positions j..G-1, so V is a step
-    # function with G pieces per response; np.repeat expands all pieces of the group at once.
-    order = np.argsort(lcp, axis=1, kind="stable")
-    a = np.take_along_axis(lcp, order, axis=1)
-    rs = r[order]
-    suffix_sum = np.cumsum(rs[:, ::-1], axis=1)[:, ::-1]
-    piece_v = suffix_sum / (g - np.arange(g))[None, :]
-    piece_len = np.diff(a, axis=1, prepend=-1)
-    flat_v = np.repeat(piece_v.ravel(), piece_len.ravel())
+    if r.shape != (g,):
+        raise ValueError(f"{g} sequences but {r.size} rewards")
+    lens = np.array([len(s) for s in seqs], dtype=np.int64)
     ends = np.cumsum(lens + 1)
     starts = ends - (lens + 1)
-    same = (lcp == lens[:, None]) & (lens[None, :] == lens[:, None])  # identical responses
-    flat_v[ends - 1] = (same * r[None, :]).sum(axis=1) / same.sum(axis=1)  # own leaf
-    # a branch at t < T_i: some other response leaves i's path right after t tokens
+    if g == 0:
+        return PrefixTree(np.zeros(0), np.zeros(0, dtype=bool), starts, lens)
+    order, lcp = _sorted_lcp(seqs, lens)  # both in sorted order from here on
+    rs = r[order]
+    slens = lens[order]
+    inv = np.empty_like(order)
+    inv[order] = np.arange(g)
+    # Row p sorted ascending: a_0 <= ... <= a_{G-1} = T_p. For t in (a_{j-1}, a_j] the responses
+    # sharing p's first t tokens are exactly those in columns j..G-1, so V is a step function with
+    # G pieces per response; np.repeat expands all pieces of the group at once.
+    col = np.argsort(lcp, axis=1, kind="stable")
+    a = np.take_along_axis(lcp, col, axis=1)
+    piece_v = np.cumsum(rs[col][:, ::-1], axis=1)[:, ::-1] / np.arange(g, 0, -1)
+    piece_len = np.diff(a, axis=1, prepend=-1)
+    flat_v = np.repeat(piece_v[inv].ravel(), piece_len[inv].ravel())
+    # own leaf: the mean reward of the responses identical to this one (neighbours in sorted order)
+    dup = (lcp.ravel()[1 :: g + 1] == slens[1:]) & (slens[1:] == slens[:-1])
+    if dup.any():
+        run = np.concatenate(([0], np.cumsum(~dup)))
+        leaf = (np.bincount(run, weights=rs) / np.bincount(run))[run]
+        flat_v[ends[order] - 1] = leaf
+    else:
+        flat_v[ends - 1] = r
+    # a branch at t < T_p: some other response leaves p's path right after t tokens
     flat_b = np.zeros(int(ends[-1]), dtype=bool)
-    off = starts[:, None] + lcp
-    flat_b[off[lcp < lens[:, None]]] = True
+    flat_b[(starts[order][:, None] + lcp)[lcp < slens[:, None]]] = True
     return PrefixTree(flat_v, flat_b, starts, lens)
 
 

@@ -1,0 +1,68 @@
+"""`tcli eval`: sample, verify, and summarise accuracy, unbiased pass@k and a bootstrap interval."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), computed as a stable product."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got {n}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def bootstrap_ci(values: Sequence[float], seed: int = 0, iters: int = 2000,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap over prompts of the mean of ``values``."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(iters, len(v)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def summarise(records: Iterable[dict], ks: Sequence[int] = (1,), seed: int = 0) -> dict:
+    """Accuracy over samples, pass@k over prompts, mean response length, 95% bootstrap CI."""
+    by_prompt: dict = defaultdict(list)
+    lengths = []
+    for r in records:
+        by_prompt[r["prompt_id"]].append(float(r["reward"]) > 0.5)
+        lengths.append(len(r.get("token_ids", ())))
+    if not by_prompt:
+        return {"prompts": 0, "samples": 0, "accuracy": 0.0}
+    per_prompt_acc = [float(np.mean(v)) for v in by_prompt.values()]
+    n_min = min(len(v) for v in by_prompt.values())
+    out = {
+        "prompts": len(by_prompt),
+        "samples": len(lengths),
+        "accuracy": float(np.mean(per_prompt_acc)),
+        "mean_response_tokens": float(np.mean(lengths)),
+    }
+    lo, hi = bootstrap_ci(per_prompt_acc, seed=seed)
+    out["accuracy_ci95"] = [lo, hi]
+    for k in ks:
+        if k <= n_min:
+            out[f"pass@{k}"] = float(np.mean([pass_at_k(len(v), sum(v), k) for v in by_prompt.values()]))
+    return out
+
+
+def evaluate(engine, prompts: list[dict], *, n: int, cfg, task: str = "auto", template: str = "plain",
+             chat_template=None, ks: Sequence[int] = (1,), timeout: float = 5.0, workers: int | None = None,
+             batch_tokens: int = 65536, seed: int = 0) -> tuple[list[dict], dict]:
+    """Per-sample records (with reward and verdict) and the summary."""
+    from tcli.sampling import sample_records
+    from tcli.verify import verify_records
+
+    rollouts = sample_records(engine, prompts, mode="independent", n=n, cfg=cfg, template=template,
+                              chat_template=chat_template, batch_tokens=batch_tokens)
+    verified = list(verify_records(enumerate(rollouts, 1), "<eval>", task=task, timeout=timeout,
+                                   workers=workers))
+    return verified, summarise(verified, ks=ks, seed=seed)

@@ -1,0 +1,232 @@
+"""Sampling rollouts from prompt records: independent groups or TreeRPO-style trees (DESIGN §3, §4).
+
+``sample_records`` is the library entry point used by ``tcli sample-tree`` and by ``loop``. It works
+with any engine of the ``Engine`` protocol: tree sampling on a generic engine goes level by level,
+submitting each frontier node's prefix (prompt + tokens so far) as a token prompt with ``n=width``;
+an engine with a native ``sample_tree`` (the ``hf`` engine forks KV caches) is used directly.
+
+Token conventions: ``token_ids`` keep the EOS token when ``finish_reason == "stop"`` (so the policy
+learns to stop) and never contain padding; ``logprobs`` are log-softmax of the raw logits
+(temperature 1, before top-p) of exactly those tokens.
+
+Randomness: each engine call gets the seed of ``cfg``; the ``hf`` engine derives every sample's
+random stream from (seed, prompt tokens, sample/node index), so results do not depend on batching.
+Callers that sample the same prompts repeatedly (``loop``) should vary the seed per iteration.
+
+No torch import here: this module is imported by engines and by the CLI.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Iterator, Sequence
+
+from tcli import SCHEMA
+from tcli.engines.base import SamplingConfig
+from tcli.errors import DataError, UsageError
+
+BOXED = "{prompt}\nLet's think step by step and output the final answer within \\boxed{}."
+CHOICE = ("{prompt}\n\n{choices}\n\nThink step by step, then give the letter of the correct option "
+          "as <answer>X</answer>.")
+PROMPT_TEMPLATES = {"boxed": BOXED, "choice": CHOICE, "plain": "{prompt}"}
+TEMPLATE_HELP = ("auto (choice when the record has choices, else boxed) | boxed | choice | plain | "
+                 "a string with {prompt} (and optionally {choices})")
+MODES = ("independent", "tree")
+_PLACEHOLDER = re.compile(r"\{(prompt|choices)\}")
+
+
+@dataclass
+class TreeLeaf:
+    """One response of a tree: the path of child indices from the root and its segments."""
+
+    node_path: tuple[int, ...]
+    token_ids: list[int]
+    logprobs: list[float]
+    segment_ends: list[int]
+    finish_reason: str
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def check_prompt_record(rec: dict) -> None:
+    """Raise DataError naming the field when a prompt record lacks ``id`` or ``prompt``."""
+    if not isinstance(rec, dict):
+        raise DataError(f"record must be an object, got {type(rec).__name__}")
+    if "id" not in rec:
+        raise DataError("missing required field", field="id")
+    pid = rec["id"]
+    if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+        raise DataError(f"must be a string or integer, got {type(pid).__name__}", field="id")
+    if "prompt" not in rec:
+        raise DataError("missing required field", field="prompt")
+    if not isinstance(rec["prompt"], str):
+        raise DataError(f"must be a string, got {type(rec['prompt']).__name__}", field="prompt")
+
+
+def resolve_template(template: str | None) -> str:
+    """A preset name or a custom template; a custom one must contain ``{prompt}``."""
+    if template in (None, "auto"):
+        return "auto"
+    if template in PROMPT_TEMPLATES:
+        return PROMPT_TEMPLATES[template]
+    if "{prompt}" not in template:
+        raise UsageError(f"--prompt-template must be one of auto, {', '.join(PROMPT_TEMPLATES)} "
+                         "or contain the placeholder {prompt}")
+    return template
+
+
+def format_choices(choices) -> str:
+    if not isinstance(choices, dict) or not choices:
+        raise DataError("must be an object mapping letters to option texts", field="choices")
+    return "\n".join(f"{k}. {v}" for k, v in choices.items())
+
+
+def render_prompt(rec: dict, template: str) -> str:
+    """Fill a resolved template; plain replacement, so braces elsewhere (``\\boxed{}``) stay as is."""
+    if template == "auto":
+        template = CHOICE if rec.get("choices") else BOXED
+    choices = format_choices(rec.get("choices")) if "{choices}" in template else ""
+    return _PLACEHOLDER.sub(lambda m: rec["prompt"] if m.group(1) == "prompt" else choices, template)
+
+
+def encode_prompt(tokenizer, text: str, chat_template: bool | None = None) -> list[int]:
+    """Token ids of the prompt, through the tokenizer's chat template when it has one (or forced)."""
+    has = getattr(tokenizer, "chat_template", None) is not None
+    if chat_template is None:
+        chat_template = has
+    if chat_template:
+        if not has:
+            raise UsageError("--chat-template: the tokenizer has no chat template")
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+# ----------------------------------------------------------------------------- tree on any engine
+
+def _level_seed(seed: int, level: int) -> int:
+    return (seed * 1_000_003 + level) & 0x7FFFFFFF
+
+
+def sample_tree_generic(engine, prompts: Sequence[Sequence[int]], width: int, depth: int,
+                        segment_tokens: int, cfg: SamplingConfig) -> list[list[TreeLeaf]]:
+    """Tree sampling through ``engine.generate`` only, level by level (prefix caching, if the engine
+    has it, shares the work between siblings). Leaves per prompt, sorted by node path."""
+    leaves: list[list[TreeLeaf]] = [[] for _ in prompts]
+    # frontier node: (prompt index, path, tokens, logprobs, ends)
+    frontier = [(i, (), [], [], []) for i in range(len(prompts))]
+    for level in range(1, depth + 1):
+        if not frontier:
+            break
+        done = len(frontier[0][2])
+        room = cfg.max_new_tokens - done
+        seg = room if level == depth else min(segment_tokens, room)
+        lvl = replace(cfg, max_new_tokens=seg, min_new_tokens=max(0, min(cfg.min_new_tokens - done, seg)),
+                      seed=_level_seed(cfg.seed, level))
+        outs = engine.generate([list(prompts[p]) + toks for p, _, toks, _, _ in frontier], width, lvl)
+        nxt = []
+        for (p, path, toks, lps, ends), comps in zip(frontier, outs):
+            for c, comp in enumerate(comps):
+                t2 = toks + list(comp.token_ids)
+                l2 = lps + list(comp.logprobs)
+                e2 = ends + [len(t2)]
+                stop = comp.finish_reason == "stop"
+                if stop or level == depth or len(t2) >= cfg.max_new_tokens or not comp.token_ids:
+                    reason = "stop" if stop else "length"
+                    leaves[p].append(TreeLeaf(path + (c,), t2, l2, e2, reason))
+                else:
+                    nxt.append((p, path + (c,), t2, l2, e2))
+        frontier = nxt
+    for out in leaves:
+        out.sort(key=lambda lf: lf.node_path)
+    return leaves
+
+
+# ----------------------------------------------------------------------------- records
+
+def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: TreeLeaf,
+             tree: bool) -> dict:
+    out = {k: v for k, v in rec.items() if k != "id"}  # unknown prompt fields travel along
+    out.update({
+        "schema": SCHEMA,
+        "prompt_id": rec["id"],
+        "prompt": rec["prompt"],
+        "sample_id": sample_id,
+        "prompt_token_ids": prompt_ids,
+        "token_ids": list(leaf.token_ids),
+        "text": engine.tokenizer.decode(list(leaf.token_ids), skip_special_tokens=True),
+        "logprobs": [float(x) for x in leaf.logprobs],
+        "node_path": list(leaf.node_path) if tree else [],
+        "segment_ends": list(leaf.segment_ends) if tree else [],
+        "finish_reason": leaf.finish_reason,
+        "policy_version": int(getattr(engine, "policy_version", 0) or 0),
+        "model": str(getattr(engine, "model_path", "")),
+    })
+    return out
+
+
+def _chunks(it: Iterable[dict], size: int) -> Iterator[list[tuple[int, dict]]]:
+    buf: list[tuple[int, dict]] = []
+    for i, rec in enumerate(it):
+        buf.append((i, rec))
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def sample_records(engine, prompt_records: Iterable[dict], *, mode: str = "independent", n: int = 1,
+                   width: int = 2, depth: int = 2, segment_tokens: int = 64,
+                   cfg: SamplingConfig | None = None, template: str | None = "auto",
+                   chat_template: bool | None = None, chunk_size: int = 16, native: bool = True,
+                   on_group: Callable[[list[dict]], None] | None = None) -> Iterator[dict]:
+    """Yield rollout records (DESIGN §3), one group of consecutive records per prompt, in input order.
+
+    ``mode="independent"``: ``n`` samples per prompt. ``mode="tree"``: ``width`` children per node,
+    ``depth`` levels of at most ``segment_tokens`` tokens (the last level runs to EOS or
+    ``cfg.max_new_tokens``). Prompts are processed ``chunk_size`` at a time (one engine call).
+    A bad prompt record raises DataError with ``index`` = its 0-based position in the input.
+    ``native=False`` forces the generic level-by-level tree even if the engine has ``sample_tree``.
+    """
+    cfg = cfg or SamplingConfig()
+    if mode not in MODES:
+        raise UsageError(f"unknown --mode {mode!r}; valid: {', '.join(MODES)}")
+    tree = mode == "tree"
+    for name, v in (("n", n), ("width", width), ("depth", depth), ("segment_tokens", segment_tokens),
+                    ("chunk_size", chunk_size)):
+        if v < 1:
+            raise UsageError(f"{name} must be >= 1, got {v}")
+    if cfg.max_new_tokens < 1 or cfg.min_new_tokens < 0 or not 0 < cfg.top_p <= 1 or cfg.temperature < 0:
+        raise UsageError("need max_new_tokens >= 1, min_new_tokens >= 0, 0 < top_p <= 1, temperature >= 0")
+    tmpl = resolve_template(template)
+    tok = engine.tokenizer
+    for chunk in _chunks(prompt_records, chunk_size):
+        recs, ids = [], []
+        for index, rec in chunk:
+            try:
+                check_prompt_record(rec)
+                ptoks = encode_prompt(tok, render_prompt(rec, tmpl), chat_template)
+                if not ptoks:
+                    raise DataError("encodes to no tokens", field="prompt")
+            except DataError as e:
+                e.index = index
+                raise
+            recs.append(rec)
+            ids.append(ptoks)
+        if tree:
+            fn = getattr(engine, "sample_tree", None) if native else None
+            if fn is not None:
+                trees = fn(ids, width=width, depth=depth, segment_tokens=segment_tokens, cfg=cfg)
+            else:
+                trees = sample_tree_generic(engine, ids, width, depth, segment_tokens, cfg)
+        else:
+            trees = [[TreeLeaf((j,), c.token_ids, c.logprobs, [], c.finish_reason)
+                      for j, c in enumerate(comps)] for comps in engine.generate(ids, n, cfg)]
+        for rec, ptoks, leaves in zip(recs, ids, trees):
+            group = [_rollout(rec, engine, ptoks, j, leaf, tree) for j, leaf in enumerate(leaves)]
+            if on_group is not None:
+                on_group(group)
+            yield from group
