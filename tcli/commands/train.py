@@ -18,11 +18,11 @@ def _read_samples(input: str, input_format: str | None, model: str):
     """Validate the model directory and every record before any weights load (exit 65 fast)."""
     from tcli.errors import DataError
     from tcli.io import RecordReader
-    from tcli.train.trainer import load_model_config, samples_from_records
+    from tcli.train.trainer import model_vocab_size, samples_from_records
 
-    cfg = load_model_config(model)
+    vocab = model_vocab_size(model)
     reader = RecordReader(input, input_format)
-    samples = samples_from_records(iter(reader), reader.name, int(cfg.vocab_size))
+    samples = samples_from_records(iter(reader), reader.name, vocab)
     if not any(len(s.tokens) for s in samples):
         raise DataError("no response tokens to train on (empty input or empty responses)",
                         file=reader.name)

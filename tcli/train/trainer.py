@@ -231,6 +231,24 @@ def _check_model_dir(path: str) -> None:
         raise UsageError(f"model directory not found: {path}")
 
 
+def model_vocab_size(path: str) -> int:
+    """Vocabulary size for input validation, read from config.json without importing torch
+    (bad input fails in a fraction of a second); AutoConfig for anything unusual."""
+    import orjson
+
+    _check_model_dir(path)
+    try:
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            cfg = orjson.loads(f.read())
+        for d in (cfg, cfg.get("text_config") or {}):
+            v = d.get("vocab_size")
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    except (OSError, ValueError, AttributeError):
+        pass
+    return int(load_model_config(path).vocab_size)
+
+
 def load_model_config(path: str):
     """The model's config (cheap: vocab size for input validation before loading weights)."""
     from tcli.models.quiet import quiet_transformers
