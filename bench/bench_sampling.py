@@ -35,9 +35,17 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=1 << 20)
     ap.add_argument("--repeats", type=int, default=2, help="best of N timings per mode")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (0 = torch default). 1 by default: on a shared machine "
+                         "OpenMP threads spin-wait and a tiny model's step time turns into "
+                         "scheduling noise that hides the work actually done")
     args = ap.parse_args()
 
     import orjson
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     from tcli.engines.base import SamplingConfig
     from tcli.engines.hf import HFEngine
@@ -80,6 +88,7 @@ def main() -> None:
                     best = (engine.generated_tokens, dt, len(recs))
             results[name] = best
     print(f"model: tiny qwen3 hidden {args.hidden} layers {args.layers}; {len(prompts)} prompts; "
+          f"{torch.get_num_threads()} torch thread(s); "
           f"{leaves_per_prompt} leaves/prompt; {max_new} tokens per leaf "
           f"(tree: width {args.width} depth {args.depth} segment {args.segment_tokens})")
     for name, (tokens, dt, n) in results.items():

@@ -62,7 +62,7 @@ def evaluate(engine, prompts: list[dict], *, n: int, cfg, task: str = "auto", te
     from tcli.verify import verify_records
 
     rollouts = sample_records(engine, prompts, mode="independent", n=n, cfg=cfg, template=template,
-                              chat_template=chat_template, batch_tokens=batch_tokens)
+                              chat_template=chat_template, chunk_size=max(1, batch_tokens // 1024))
     verified = list(verify_records(enumerate(rollouts, 1), "<eval>", task=task, timeout=timeout,
                                    workers=workers))
     return verified, summarise(verified, ks=ks, seed=seed)

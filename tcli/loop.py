@@ -180,7 +180,8 @@ class Loop:
         return list(sample_records(
             self.engine, prompts, mode=c.mode, n=c.n, width=c.width, depth=c.depth,
             segment_tokens=c.segment_tokens, cfg=self.sampling_config(step),
-            template=c.prompt_template, chat_template=c.chat_template, batch_tokens=c.batch_tokens))
+            template=c.prompt_template, chat_template=c.chat_template,
+            chunk_size=max(1, len(prompts))))
 
     def verify(self, records: list[dict]) -> list[dict]:
         from tcli.verify import verify_records
@@ -213,7 +214,7 @@ class Loop:
     def start(self, resume: bool) -> int:
         """Prepare the run directory; return the first step to run."""
         from tcli.engines import make_engine
-        from tcli.train.trainer import Trainer
+        from tcli.train.trainer import Trainer, TrainConfig
 
         os.makedirs(self.run.checkpoints, exist_ok=True)
         os.makedirs(self.run.rollouts, exist_ok=True)
@@ -230,9 +231,11 @@ class Loop:
             start_ckpt = self.cfg.model
             write_atomic_bytes(self.run.config, dump_toml(self.cfg).encode())
             self.run.write_metrics([])
-        self.trainer = Trainer.from_loop_config(start_ckpt, self.cfg)
-        self.engine = make_engine(self.cfg.engine, start_ckpt, seed=self.cfg.seed,
-                                  **({"model_obj": self.trainer.model} if self.cfg.engine == "hf" else {}))
+        self.trainer = Trainer(start_ckpt, TrainConfig.from_mapping(self.cfg.to_dict()))
+        kw = {"batch_tokens": self.cfg.batch_tokens} if self.cfg.engine == "hf" else {"seed": self.cfg.seed}
+        self.engine = make_engine(self.cfg.engine, start_ckpt, **kw)
+        if self.cfg.engine == "hf":  # share the trainer's module: no weight copy after each step
+            self.engine.model = self.trainer.model
         return last + 1
 
     def _restore_metrics(self, last: int) -> None:
@@ -292,7 +295,7 @@ class Loop:
             with timer.time("advantages"):
                 batch, adv_stats = self.advantages(rollouts)
             with timer.time("train"):
-                train_metrics = self.trainer.step(batch, seed=c.seed * 1_000_003 + step) if batch else {}
+                train_metrics = self.trainer.step(batch) if batch else {}
             self.engine_sync()
             sampled = sum(len(r["token_ids"]) for r in rollouts)
             sampled_total += sampled
@@ -329,7 +332,9 @@ class Loop:
 
     def engine_sync(self) -> None:
         """The hf engine shares the trainer's module; other engines reload weights."""
-        if self.cfg.engine != "hf":
+        if self.cfg.engine == "hf":
+            self.engine.policy_version = self.trainer.policy_version
+        else:
             tmp = os.path.join(self.run.path, ".sync")
             self.trainer.save(tmp, {})
             self.engine.load_weights(tmp, self.trainer.policy_version)

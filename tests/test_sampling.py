@@ -24,6 +24,15 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run as fast on one thread, and do not stall on a busy machine (OpenMP spin)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _init_model(out_dir: str, **kw) -> str:
     """Build a tiny model with the `init-model` command function (CLI parsing is tested below)."""
     from tcli.commands.init_model import init_model
@@ -180,6 +189,30 @@ def test_logprobs_match_teacher_forcing(request, mode, which):
         assert torch.allclose(got, ref, atol=1e-4, rtol=0), (r["node_path"], (got - ref).abs().max())
 
 
+def test_left_pad_trim_keeps_logprobs(ab_engine, monkeypatch):
+    """When the long prompt's rows all end, its pad columns are cut from the cache; still exact."""
+    from tcli.engines.hf import HFEngine
+
+    orig, trimmed = HFEngine._trim_left, []
+
+    def spy(st):
+        before = st.mask.shape[1]
+        orig(st)
+        trimmed.append(before - st.mask.shape[1])
+
+    monkeypatch.setattr(HFEngine, "_trim_left", staticmethod(spy))
+    prompts = [{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "ab" * 10}]
+    for seed in range(10):
+        recs = _run(ab_engine, prompts=prompts, mode="tree", width=2, depth=3, segment_tokens=2,
+                    cfg=SamplingConfig(max_new_tokens=30, seed=seed), template="plain")
+        for r in recs:
+            ref, _ = _teacher_forced(ab_engine, r)
+            assert torch.allclose(torch.tensor(r["logprobs"]), ref, atol=1e-4, rtol=0)
+        if any(trimmed):
+            break
+    assert any(trimmed)
+
+
 def test_greedy_is_argmax_and_tiny_top_p_is_greedy(text_engine):
     cfg = SamplingConfig(max_new_tokens=10, temperature=0.0, seed=0)
     greedy = _run(text_engine, n=2, cfg=cfg, template="plain")
@@ -249,7 +282,7 @@ def test_load_weights_sets_policy_version(ab_engine, tmp_path):
 def _cli(args, stdin=None):
     return subprocess.run([sys.executable, "-m", "tcli", *args], cwd=MAIN, stdin=stdin,
                           capture_output=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": MAIN})
+                          env={**os.environ, "PYTHONPATH": MAIN, "OMP_NUM_THREADS": "1"})
 
 
 def test_cli_tree_through_pipes(text_engine):
@@ -298,5 +331,9 @@ def test_cli_init_model(tmp_path):
     cfg = AutoConfig.from_pretrained(out)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (16, 1, 2)
     assert len(AutoTokenizer.from_pretrained(out)) == 6  # pad, eos, unk + x, y, z
-    bad = _cli(["init-model", str(tmp_path / "bad"), "--hidden", "10", "--heads", "3"])
-    assert bad.returncode == 2 and b"--heads 3 must divide --hidden 10" in bad.stderr
+    from tcli.commands.init_model import init_model
+    from tcli.errors import UsageError
+
+    with pytest.raises(UsageError, match="--heads 3 must divide --hidden 10"):
+        init_model(str(tmp_path / "bad"), hidden=10, heads=3)
+    assert not (tmp_path / "bad").exists()

@@ -56,7 +56,7 @@ def eval_cmd(
     if not ks or min(ks) < 1 or max(ks) > n:
         raise UsageError(f"--k values must be between 1 and --n ({n})")
     prompts = read_prompts(data, limit or None)
-    eng = make_engine(engine, model, seed=seed)
+    eng = make_engine(engine, model, **({"batch_tokens": batch_tokens} if engine == "hf" else {"seed": seed}))
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     records, summ = evaluate(eng, prompts, n=n, cfg=cfg, task=task, template=prompt_template,
                              chat_template=chat_template, ks=ks, timeout=timeout, workers=workers,

@@ -85,8 +85,10 @@ def sample_tree(
     if head is None or limit == 0:  # nothing to sample: an empty output, no model load
         with RecordWriter(output, format):
             return
-    kw = {"device": device, "dtype": dtype, "batch_tokens": batch_tokens} if engine == "hf" else (
-        {"dtype": dtype} if dtype else {})
+    if engine == "hf":
+        kw = {"device": device, "dtype": dtype, "batch_tokens": batch_tokens}
+    else:  # other engines manage their own memory; the seed lets them seed per request
+        kw = {"seed": seed, **({"dtype": dtype} if dtype else {})}
     eng = ENGINES.get(engine)(model, **kw)
 
     show = progress_enabled(quiet)
