@@ -83,6 +83,13 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, prog_name="tcli", standalone_mode=False)
     except typer.Exit as e:
         code = e.exit_code
+    except SystemExit as e:
+        # click answers EPIPE (`| head` closed stdout) by wrapping the streams and exiting 1
+        if type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):
+            _stdout_closed()
+            code = 0
+        else:
+            code = e.code
     except typer.Abort:
         _report("aborted")
         code = 130

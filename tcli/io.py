@@ -78,6 +78,33 @@ def detect_format(head: bytes) -> str:
     return "jsonl"
 
 
+def _nonfinite_field(raw: bytes) -> str | None:
+    """The top-level field holding NaN/Infinity (or a number too large for a float), if that is why
+    orjson rejected the line. Python's json accepts those literals, so it can point at the field."""
+    import json
+    import math
+
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+    def bad(v) -> bool:
+        if isinstance(v, float):
+            return not math.isfinite(v)
+        if isinstance(v, list):
+            return any(bad(x) for x in v)
+        if isinstance(v, dict):
+            return any(bad(x) for x in v.values())
+        return False
+
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if bad(v):
+                return k
+    return None
+
+
 def _iter_jsonl(f: IO[bytes], name: str) -> Iterator[tuple[int, dict]]:
     for lineno, raw in enumerate(f, 1):
         if not raw.strip():
@@ -85,6 +112,11 @@ def _iter_jsonl(f: IO[bytes], name: str) -> Iterator[tuple[int, dict]]:
         try:
             rec = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
+            field = _nonfinite_field(raw)
+            if field is not None:
+                raise DataError("NaN/Infinity (or a number too large for a float) is not valid "
+                                "JSON; write a finite number", file=name, line=lineno,
+                                field=field) from None
             truncated = not raw.endswith(b"\n")
             what = "truncated JSON (no newline at end of input)" if truncated else f"invalid JSON ({e})"
             raise DataError(what, file=name, line=lineno) from None
@@ -109,6 +141,9 @@ def _iter_arrow(f: IO[bytes], name: str, file_format: bool) -> Iterator[tuple[in
                      if fld.metadata and fld.metadata.get(b"tcli.json") == b"1"}
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"not a readable Arrow stream ({e})", file=name, line=1) from None
+    tag = (reader.schema.metadata or {}).get(b"tcli.schema")
+    if tag is not None:
+        check_schema({"schema": tag.decode("utf-8", "replace")}, name, 1)
     n = 0
     while True:
         try:
@@ -231,8 +266,55 @@ class _JsonlSink:
 
 
 def _is_plain(v) -> bool:
-    return not isinstance(v, (dict, list, tuple)) or (
-        isinstance(v, (list, tuple)) and all(not isinstance(x, (dict, list, tuple)) for x in v))
+    """A scalar or a flat list (type set of the elements in C, not a Python loop per element)."""
+    nested = (dict, list, tuple)
+    if isinstance(v, dict):
+        return False
+    if isinstance(v, (list, tuple)):
+        return not any(issubclass(k, nested) for k in set(map(type, v)))
+    return True
+
+
+def _kind_check(typ):
+    """A test on Python element types that an Arrow type stores and gives back unchanged, or None.
+
+    pyarrow converts quietly between numbers (1 -> 1.0 in a double column, 0.5 -> 0 in an int
+    column); a record must come back exactly as it went in, so such values take the side column.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    if pa.types.is_boolean(typ):
+        return lambda k: k is bool or k is np.bool_
+    if pa.types.is_integer(typ):
+        return lambda k: issubclass(k, (int, np.integer)) and not issubclass(k, (bool, np.bool_))
+    if pa.types.is_floating(typ):
+        return lambda k: issubclass(k, (float, np.floating))
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        return lambda k: issubclass(k, str)
+    return None
+
+
+def _misfits(vals: list, typ) -> list[int]:
+    """Indices of values whose Python types the column ``typ`` would not give back unchanged."""
+    import pyarrow as pa
+
+    none = type(None)
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        ok = _kind_check(typ.value_type)
+        if ok is None:
+            return []
+        out = []
+        for i, v in enumerate(vals):
+            if v is None:
+                continue
+            if not isinstance(v, (list, tuple)) or not all(k is none or ok(k) for k in set(map(type, v))):
+                out.append(i)
+        return out
+    ok = _kind_check(typ)
+    if ok is None:
+        return []
+    return [i for i, v in enumerate(vals) if v is not None and not ok(type(v))]
 
 
 class _ArrowSink:
@@ -259,6 +341,8 @@ class _ArrowSink:
         for r in recs:
             for k in r:
                 keys.setdefault(k)
+        keys.pop(MISSING_COLUMN, None)  # a record's own fields of these names go to the side column
+        keys.pop(EXTRA_COLUMN, None)
         fields = []
         for k in keys:
             vals = [r.get(k) for r in recs]
@@ -305,21 +389,27 @@ class _ArrowSink:
                                           option=orjson.OPT_SERIALIZE_NUMPY).decode()
                              if extra else None)
         arrays = []
+
+        def to_side(i: int, name: str, v) -> None:
+            e = orjson.loads(extra_col[i]) if extra_col[i] else {}
+            e[name] = v
+            extra_col[i] = orjson.dumps(e, default=_json_default,
+                                        option=orjson.OPT_SERIALIZE_NUMPY).decode()
+            missing_col[i] = (missing_col[i] or []) + [name]
+
         for fld in list(self.schema)[:-2]:
             vals = columns[fld.name]
+            if fld.name not in self.json_cols:
+                for i in _misfits(vals, fld.type):  # Arrow would convert these silently
+                    to_side(i, fld.name, vals[i])
+                    vals[i] = None
             try:
                 arrays.append(pa.array(vals, type=fld.type))
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):
                 # values of this batch do not fit the column: move them to the side column
                 for i, v in enumerate(vals):
                     if v is not None:
-                        e = orjson.loads(extra_col[i]) if extra_col[i] else {}
-                        e[fld.name] = v
-                        extra_col[i] = orjson.dumps(e, default=_json_default,
-                                                    option=orjson.OPT_SERIALIZE_NUMPY).decode()
-                        m = missing_col[i] or []
-                        m.append(fld.name)
-                        missing_col[i] = m
+                        to_side(i, fld.name, v)
                 arrays.append(pa.nulls(len(vals), type=fld.type))
         arrays.append(pa.array(missing_col, type=pa.list_(pa.string())))
         arrays.append(pa.array(extra_col, type=pa.string()))

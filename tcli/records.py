@@ -17,23 +17,28 @@ def require(rec: dict, field: str):
         raise DataError("missing required field", field=field) from None
 
 
+_KIND_NAMES = {bool: "booleans", float: "floats", str: "strings", list: "nested lists",
+               dict: "objects", type(None): "nulls"}
+
+
 def token_array(rec: dict, field: str = "token_ids") -> np.ndarray:
-    """A non-negative int64 array; rejects strings, floats, bools and nesting without a token loop."""
+    """A non-negative int64 array; rejects strings, floats, bools, nulls and nesting without a
+    Python loop over tokens (the set of element types is collected in C)."""
     v = require(rec, field)
     if not isinstance(v, list):
         raise DataError(f"must be a list of integers, got {type(v).__name__}", field=field)
     if not v:
         return np.zeros(0, dtype=np.int64)
+    kinds = set(map(type, v))
+    if kinds != {int}:  # numpy integers (from in-process stages) are fine too; bool is not
+        bad = sorted(_KIND_NAMES.get(k, k.__name__) for k in kinds
+                     if k is not int and not issubclass(k, np.integer))
+        if bad:
+            raise DataError(f"must be a flat list of integers, got {', '.join(bad)}", field=field)
     try:
-        arr = np.asarray(v)
-    except (ValueError, OverflowError):
-        raise DataError("must be a flat list of integers", field=field) from None
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        kind = {"U": "strings", "f": "floats", "b": "booleans", "O": "mixed values"}.get(arr.dtype.kind, arr.dtype.name)
-        raise DataError(f"must be a flat list of integers, got {kind}", field=field)
-    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.max() > np.iinfo(np.int64).max:
-        raise DataError("token id out of range", field=field)
-    arr = arr.astype(np.int64, copy=False)
+        arr = np.fromiter(v, dtype=np.int64, count=len(v))
+    except OverflowError:
+        raise DataError("token id out of range (must be below 2**63)", field=field) from None
     if arr.min() < 0:
         raise DataError(f"token ids must be non-negative, got {int(arr.min())}", field=field)
     return arr

@@ -123,7 +123,9 @@ def _sorted_lcp(seqs: Sequence[Sequence[int]], lens: np.ndarray) -> tuple[np.nda
     adj = np.where(neq[np.arange(g - 1), first], first, slens[1:])  # all-equal: identical responses
     upper = _UPPER.get(g)
     if upper is None:
-        upper = _UPPER.setdefault(g, np.triu(np.ones((g, g), dtype=bool), 1))
+        upper = np.triu(np.ones((g, g), dtype=bool), 1)
+        upper.flags.writeable = False
+        upper = _UPPER.setdefault(g, upper)
     m = np.where(upper, np.concatenate(([0], adj)), _BIG)  # row p, column q > p: adj[q - 1]
     np.minimum.accumulate(m, axis=1, out=m)                 # -> min(adj[p:q])
     m *= upper

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Optional
 
 import typer
 
 from tcli.commands.common import (FormatOpt, InputArg, InputFormatOpt, OutputOpt, QuietOpt,
                                   SeedOpt, run_groups, stderr_console)
-from tcli.errors import UsageError
+from tcli.errors import DataError, UsageError
 
 
 def build_tree(
@@ -50,6 +51,8 @@ def advantages(
         raise UsageError(f"--std must be unbiased or population, got {std!r}")
     if norm not in ("std", "mean"):
         raise UsageError(f"--norm must be std or mean, got {norm!r}")
+    if not (math.isfinite(td_coef) and math.isfinite(prune_std)):
+        raise UsageError("--td-coef and --prune-std must be finite numbers")
     opt = EstimatorOptions(std=std, td_coef=td_coef, norm=norm, prune_std=prune_std)
     acc = AdvantageStats()
     run_groups(input, output, format, input_format,
@@ -94,7 +97,12 @@ def show_tree(
 
                 tok = AutoTokenizer.from_pretrained(tokenizer)
                 decode = lambda ids: tok.decode(ids)  # noqa: E731
-            Console().print(render_group(recs, decode=decode, max_run=max_depth))
+            try:
+                rendered = render_group(recs, decode=decode, max_run=max_depth)
+            except DataError as e:
+                idx = getattr(e, "index", None)
+                raise e.located(reader.name, lines[idx] if idx is not None else lines[0]) from None
+            Console().print(rendered)
             return
     raise UsageError(f"group {group!r} not found" if group is not None else f"no group #{index}")
 

@@ -1,0 +1,32 @@
+"""Shared test helpers: run the real `tcli` command in a subprocess from the repository root."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the package is used from the checkout, not installed
+    sys.path.insert(0, str(REPO))
+
+
+def run_tcli(args, input: bytes | None = None, timeout: float = 120, env: dict | None = None,
+             **kwargs) -> subprocess.CompletedProcess:
+    """``python -m tcli *args`` with cwd = repo root; stdin gets ``input`` (or /dev/null), output
+    is captured as bytes. Returns the CompletedProcess (check ``returncode`` yourself)."""
+    full_env = dict(os.environ)
+    full_env.pop("TCLI_DEBUG", None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "tcli", *map(str, args)], cwd=REPO,
+                          input=input, stdin=None if input is not None else subprocess.DEVNULL,
+                          capture_output=True, timeout=timeout, env=full_env, **kwargs)
+
+
+@pytest.fixture
+def tcli():
+    """The ``run_tcli`` helper as a fixture."""
+    return run_tcli
