@@ -272,7 +272,7 @@ class Loop:
         elapsed = getattr(self, "_elapsed", 0.0)
         sampled_total = getattr(self, "_sampled_tokens", 0)
         best = self._best_accuracy()
-        if first == 1:
+        if first == 1 and c.eval_every:
             ev = self.evaluate(0)
             if ev:
                 rec = {"kind": "eval", "step": 0, "wall_time": elapsed, "sampled_tokens_total": 0, **ev}
