@@ -44,7 +44,7 @@ class LoopConfig:
     filter_groups: bool = False           # dynamic sampling: drop zero-variance groups
     # verification
     verify_timeout: float = 5.0
-    verify_workers: int = 0               # 0 = in-process (fast for cheap verifiers)
+    verify_workers: int = 1               # worker processes with a hard timeout; 0 = in-process, no timeout
     # advantages
     estimator: str = "tempo"
     std: str = "unbiased"

@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Real data lives beside the checkout (CI: <clone>/../shared/data); /work/shared/data in dev sessions.
+DATA = REPO.parent / "shared" / "data"
+if not DATA.is_dir():
+    DATA = Path("/work/shared/data")
 if str(REPO) not in sys.path:  # the package is used from the checkout, not installed
     sys.path.insert(0, str(REPO))
 

@@ -11,11 +11,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import DATA, REPO  # noqa: E402
 from tcli.engines.base import SamplingConfig  # noqa: E402
 from tcli.sampling import sample_records  # noqa: E402
 
-MAIN = "/work/main"
-GSM8K = "/work/shared/data/gsm8k_test.jsonl"
+MAIN = str(REPO)
+GSM8K = str(DATA / "gsm8k_test.jsonl")
 
 PROMPTS = [
     {"id": "p0", "prompt": "What is 2+3?", "answer": "5", "meta": {"k": 1}},

@@ -1,0 +1,49 @@
+"""``arith``: exact integer answers (the synthetic ``tcli-arith`` task, examples/arith).
+
+The integer after the last ``####`` when there is one, else the last integer of the response.
+Integers are compared as digit strings, so a 10,000-digit answer needs no big-int conversion
+(Python refuses int() of strings over 4,300 digits).
+"""
+
+from __future__ import annotations
+
+import re
+
+from tcli.verifiers import VERIFIERS, tail, verdict
+
+_INT = re.compile(r"(?<![\w)\]}])[-\u2212]?\d+|\d+")
+_AFTER_HASHES = re.compile(r"\s*([-\u2212]?\d+)")
+
+
+def canonical(s: str) -> str | None:
+    """'-0042' -> '-42', '0' -> '0', '+7' -> '7'; None if ``s`` is not an integer."""
+    m = re.fullmatch(r"\s*([-+\u2212]?)(\d+)\s*", s)
+    if not m:
+        return None
+    digits = m.group(2).lstrip("0") or "0"
+    neg = m.group(1) in ("-", "\u2212") and digits != "0"
+    return ("-" if neg else "") + digits
+
+
+def extract(text: str) -> tuple[str | None, str | None]:
+    t = tail(text)
+    k = t.rfind("####")
+    if k >= 0:
+        m = _AFTER_HASHES.match(t, k + 4)
+        return (canonical(m.group(1)), "####") if m else (None, "####")
+    last = None
+    for last in _INT.finditer(t):
+        pass
+    return (canonical(last.group()), "last integer") if last else (None, None)
+
+
+@VERIFIERS.register("arith")
+def verify_arith(text: str, answer: str, record: dict) -> tuple[float, dict]:
+    gold = canonical(answer)
+    if gold is None:
+        raise ValueError(f"gold answer {answer[:50]!r} is not an integer")
+    got, how = extract(text)
+    if got is None:
+        reason = "no integer after ####" if how == "####" else "no answer found"
+        return verdict("arith", None, False, via=how, reason=reason)
+    return verdict("arith", got, got == gold, via=how)

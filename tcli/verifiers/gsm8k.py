@@ -1,0 +1,160 @@
+"""``gsm8k``: a numeric final answer (GSM8K, GSM-Hard), compared with a relative tolerance.
+
+The answer is taken from the last ``####``, else the last ``\\boxed{}``, else "The answer is ...",
+else the last number in the response. Thousands separators, ``$``, ``%``, trailing periods and
+units are ignored; a minus sign counts only when it is not a binary minus (``12-3`` ends in 3,
+not -3). Values are ``Decimal`` so a 10,000-digit number neither overflows nor loses its digits,
+and GSM-Hard answers like ``0.0000195766`` compare exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+from tcli.verifiers import VERIFIERS, answer_phrase, last_boxed, tail, verdict
+
+REL_TOL = Decimal("1e-14")  # float artefacts of GSM-Hard targets: 3244047.0999999996 == 3244047.1
+MIN_DECIMALS = 2            # a rounded prediction needs at least this many decimals ...
+MIN_SIGNIFICANT = 3         # ... and this many significant digits to count as the gold, rounded
+
+_NUM = re.compile(r"(?<![\d.])\.\d+|(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][-+]?\d{1,3}(?!\w))?")
+_MINUS = "-\u2212\u2013"  # ascii hyphen-minus, unicode minus, en dash
+_SKIP_BEFORE_NUM = " $\\"
+
+
+def _sign(text: str, start: int) -> str:
+    """'-' when the number starting at ``start`` is negated by a unary minus, else ''."""
+    j = start - 1
+    stop = max(-1, start - 4)
+    while j > stop and text[j] in _SKIP_BEFORE_NUM:
+        j -= 1
+    if j < 0 or text[j] not in _MINUS:
+        return ""
+    before = text[j - 1] if j > 0 else " "
+    if before.isalnum() or before in ")]}":
+        return ""  # a binary minus: 12-3
+    return "-"
+
+
+def numbers(text: str):
+    """Every number in ``text`` as (start, end, canonical string, Decimal)."""
+    for m in _NUM.finditer(text):
+        raw = m.group().replace(",", "").lstrip("0")
+        if not raw[:1].isdigit():
+            raw = "0" + raw  # ".5" -> "0.5", "000" -> "0"
+        s = _sign(text, m.start()) + raw
+        try:
+            yield m.start(), m.end(), s, Decimal(s)
+        except InvalidOperation:  # pragma: no cover - the regex only admits valid literals
+            continue
+
+
+def first_number(text: str):
+    for n in numbers(text):
+        return n[2], n[3]
+    return None
+
+
+def last_number(text: str):
+    last = None
+    for last in numbers(text):
+        pass
+    return (last[2], last[3]) if last else None
+
+
+_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_FRAC = re.compile(r"^([-\u2212]?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$"
+                   r"|^([-\u2212]?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)$")
+
+
+def _frac_value(s: str):
+    m = _FRAC.match(s)
+    if not m:
+        return None
+    if m.group(2) is not None:
+        sign, a, b = m.group(1), m.group(2), m.group(3)
+    else:
+        sign, a, b = "", m.group(4), m.group(5)
+    a_n, b_n = first_number(a), first_number(b)
+    if a_n is None or b_n is None or b_n[1] == 0:
+        return None
+    try:
+        value = a_n[1] / b_n[1]
+    except InvalidOperation:
+        return None
+    if sign:
+        value = -value
+    return f"{sign}{a_n[0]}/{b_n[0]}", value
+
+
+def number_in(answer: str):
+    """The number an extracted final answer states: ``\\$1,234``, ``18 \\text{ eggs}``,
+    ``\\frac{3}{4}``, ``x = -5`` all work; None if there is none."""
+    s = _WRAPPERS.sub(r" \1 ", answer)
+    s = s.replace("{,}", ",").replace("\\!", "").replace("\\,", "").replace("\\%", "%")
+    s = s.replace("\\$", "$").strip().strip("$").strip()
+    frac = _frac_value(s)
+    if frac is not None:
+        return frac
+    if "=" in s:
+        s = s.rsplit("=", 1)[1]
+    return first_number(s)
+
+
+def gold_value(answer: str) -> Decimal:
+    got = number_in(answer)
+    if got is None:
+        raise ValueError(f"gold answer {answer[:50]!r} is not a number")
+    return got[1]
+
+
+def close(pred: Decimal, gold: Decimal) -> bool:
+    """Equal, equal up to float noise, or ``pred`` is ``gold`` correctly rounded to the decimals
+    ``pred`` was written with (``14053029.67`` for GSM-Hard's ``14053029.666666666``; at least 2
+    decimals and 3 significant digits, so ``0.00`` is not "0.0016 rounded"). Integers compare
+    exactly: 70001 is not 70000."""
+    if pred == gold:
+        return True
+    if pred == pred.to_integral_value() and gold == gold.to_integral_value():
+        return False
+    diff = abs(pred - gold)
+    if diff <= REL_TOL * max(abs(pred), abs(gold)):
+        return True
+    exp = pred.as_tuple().exponent
+    if not isinstance(exp, int) or -exp < MIN_DECIMALS or pred.adjusted() - exp + 1 < MIN_SIGNIFICANT:
+        return False
+    return diff <= Decimal(5).scaleb(exp - 1)
+
+
+def extract(text: str):
+    """((canonical string, value), how) of the final answer, or (None, None)."""
+    t = tail(text)
+    k = t.rfind("####")
+    if k >= 0:
+        got = number_in(t[k + 4:k + 4 + 200].split("\n", 1)[0])
+        if got is not None:
+            return got, "####"
+    boxed = last_boxed(t)
+    if boxed is not None:
+        got = number_in(boxed)
+        if got is not None:
+            return got, "boxed"
+    phrase = answer_phrase(t)
+    if phrase is not None:
+        got = number_in(phrase)
+        if got is not None:
+            return got, "answer is"
+    got = last_number(t)
+    if got is not None:
+        return got, "last number"
+    return None, None
+
+
+@VERIFIERS.register("gsm8k")
+def verify_gsm8k(text: str, answer: str, record: dict) -> tuple[float, dict]:
+    gold = gold_value(answer)
+    got, how = extract(text)
+    if got is None:
+        return verdict("gsm8k", None, False, reason="no answer found")
+    return verdict("gsm8k", got[0], close(got[1], gold), via=how)
