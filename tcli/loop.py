@@ -278,12 +278,16 @@ class Loop:
                 rec = {"kind": "eval", "step": 0, "wall_time": elapsed, "sampled_tokens_total": 0, **ev}
                 self.run.append_metrics(rec)
                 self.log(f"step 0 eval accuracy {ev.get('accuracy', 0):.3f}")
-        for step in range(first, c.steps + 1):
+        def exhausted() -> str | None:
             if c.max_wall_seconds and elapsed >= c.max_wall_seconds:
-                self.log(f"wall-clock budget reached at {elapsed:.0f}s")
-                break
+                return f"wall-clock budget reached at {elapsed:.0f}s"
             if c.max_sampled_tokens and sampled_total >= c.max_sampled_tokens:
-                self.log(f"sampled-token budget reached ({sampled_total})")
+                return f"sampled-token budget reached ({sampled_total} tokens)"
+            return None
+
+        for step in range(first, c.steps + 1):
+            if exhausted():
+                self.log(exhausted())
                 break
             t0 = time.perf_counter()
             timer = StepTimer()
@@ -316,7 +320,8 @@ class Loop:
                 "tokens_per_s_sample": sampled / max(timer.seconds["sample"], 1e-9),
             }
             step_metrics = [metrics]
-            if c.eval_every and (step % c.eval_every == 0 or step == c.steps):
+            last = step == c.steps or exhausted() is not None
+            if c.eval_every and (step % c.eval_every == 0 or last):
                 ev = self.evaluate(step)
                 if ev:
                     step_metrics.append({"kind": "eval", "step": step, "wall_time": round(elapsed, 3),
