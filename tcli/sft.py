@@ -1,0 +1,144 @@
+"""Supervised fine-tuning on (prompt, response) pairs: the warm start before RL.
+
+Why it exists: RL with verifiable rewards needs a policy that is already right some of the time
+(groups with mixed rewards); a tiny local model gets there after a short SFT. The loss is the
+token-mean negative log-likelihood of the response tokens only (prompt tokens are context, not
+targets), computed by the same teacher-forced code that train-step uses
+(:func:`tcli.models.logprobs.sequence_logprobs`), so both stages score tokens identically.
+
+The response is encoded without special tokens and followed by EOS, so the model learns to stop.
+The result is saved as a fresh checkpoint (policy_version 0, no optimizer state: SFT's Adam
+moments would only bias the first RL steps).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Callable, Sequence
+
+
+def encode_pairs(tokenizer, examples: Sequence[tuple[str, str]], *, add_eos: bool = True):
+    """Token ids of every (prompt, response) pair; the response ends with EOS when ``add_eos``."""
+    eos = tokenizer.eos_token_id
+    prompts, responses = [], []
+    for i, (p, r) in enumerate(examples):
+        pi = tokenizer(p, add_special_tokens=False)["input_ids"]
+        ri = tokenizer(r, add_special_tokens=False)["input_ids"]
+        if not pi:
+            raise ValueError(f"example {i}: empty prompt")
+        if add_eos and eos is not None:
+            ri = list(ri) + [eos]
+        prompts.append(list(pi))
+        responses.append(list(ri))
+    return prompts, responses
+
+
+def response_loss(model, prompts, responses, micro_batch_tokens: int = 16384):
+    """Token-mean negative log-likelihood of the response tokens (with gradient). Prompt tokens
+    are never targets: they only condition the response."""
+    import torch
+
+    from tcli.models.logprobs import sequence_logprobs
+
+    lps = sequence_logprobs(model, prompts, responses, micro_batch_tokens, grad=True)
+    ntok = sum(len(lp) for lp in lps)
+    return -torch.cat(lps).sum() / max(ntok, 1)
+
+
+def response_nll(model, prompts, responses, micro_batch_tokens: int = 16384) -> float:
+    """:func:`response_loss` as a float, without gradient, in eval mode."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = float(response_loss(model, prompts, responses, micro_batch_tokens))
+    model.train(was_training)
+    return loss
+
+
+def sft(model_dir: str, examples: Sequence[tuple[str, str]], out_dir: str, steps: int,
+        lr: float = 1e-3, batch_size: int = 32, seed: int = 0, *, warmup: int = 0,
+        schedule: str = "cosine", min_lr_ratio: float = 0.1, weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0, micro_batch_tokens: int = 16384,
+        callback: Callable[[int, float, object], None] | None = None, log_every: int = 0,
+        extra_state: dict | None = None) -> dict:
+    """Train ``model_dir`` on ``examples`` for ``steps`` AdamW steps and save to ``out_dir``.
+
+    Batches are drawn by shuffling the examples each epoch (deterministic for ``seed``).
+    ``schedule`` is ``constant`` or ``cosine`` (decaying to ``min_lr_ratio * lr``), after a
+    linear ``warmup``. ``callback(step, mean_loss, model)`` runs after every ``log_every`` steps
+    (0 = never), e.g. to log, to evaluate (put the model back in train mode afterwards) or to stop
+    early by raising StopIteration (the model so far is then saved).
+    Returns ``{"steps", "loss_first", "loss_last", "time_s", "out_dir"}``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tcli.models.checkpoint import save_pretrained_atomic
+    from tcli.models.quiet import quiet_transformers
+
+    if steps < 0 or batch_size < 1:
+        raise ValueError("steps must be >= 0 and batch_size >= 1")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', not {schedule!r}")
+    if not examples:
+        raise ValueError("no examples")
+    quiet_transformers()
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    model.train()
+    prompts, responses = encode_pairs(tok, examples)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def lr_at(step: int) -> float:
+        if warmup and step < warmup:
+            return lr * (step + 1) / warmup
+        if schedule == "constant" or steps <= warmup:
+            return lr
+        frac = (step - warmup) / max(1, steps - warmup)
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    rng = random.Random(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    done = 0
+    try:
+        for step in range(steps):
+            batch = []
+            while len(batch) < batch_size:
+                if not order:
+                    order = list(range(len(prompts)))
+                    rng.shuffle(order)
+                batch.append(order.pop())
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            loss = response_loss(model, [prompts[i] for i in batch],
+                                 [responses[i] for i in batch], micro_batch_tokens)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            opt.step()
+            losses.append(float(loss.detach()))
+            done = step + 1
+            if callback is not None and log_every and done % log_every == 0:
+                callback(done, sum(losses[-log_every:]) / len(losses[-log_every:]), model)
+    except StopIteration:
+        pass
+    elapsed = time.perf_counter() - t0
+    model.eval()
+    model.config.use_cache = True
+    state = {"step": 0, "policy_version": 0, "seed": seed,
+             "sft": {"steps": done, "lr": lr, "batch_size": batch_size, "schedule": schedule,
+                     "warmup": warmup, "examples": len(examples),
+                     "loss_last": losses[-1] if losses else None},
+             **dict(extra_state or {})}
+    save_pretrained_atomic(out_dir, model, tok, state=state)
+    return {"steps": done, "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None, "time_s": elapsed, "out_dir": out_dir}
