@@ -90,7 +90,7 @@ def _check_keys(d: dict, source: str) -> None:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    f = {f.name: f for f in fields(LoopConfig)}[name]
+    """Check a TOML/flag value against the field's type (ints are accepted for floats)."""
     default = getattr(LoopConfig(), name)
     if value is None:
         return None
@@ -101,7 +101,6 @@ def _coerce(name: str, value: Any) -> Any:
         return float(value)
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise UsageError(f"config key {name!r} must be {typ.__name__}, got {value!r}")
-    del f
     return value
 
 
