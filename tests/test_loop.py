@@ -81,6 +81,11 @@ def test_loop_end_to_end(setup, tmp_path):
     # the rollouts of a step are inspectable with the stream tools
     show = _tcli(["show-tree", str(run / "rollouts" / "step_1.arrow")])
     assert show.returncode == 0 and b"leaf" in show.stdout
+    # tcli plot draws one or several runs
+    png = tmp_path / "cmp.png"
+    p = _tcli(["plot", str(run), str(run), "-o", str(png)])
+    assert p.returncode == 0, p.stderr.decode()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # training moved the weights
     w0, w3 = _weights(model), _weights(str(run / "checkpoints" / "step_3"))
     assert any(abs(w0[k] - w3[k]).max() > 0 for k in w0)
