@@ -16,7 +16,7 @@ from typing import IO, Iterable, Iterator
 import orjson
 
 from tcli import SCHEMA, SCHEMA_MAJOR
-from tcli.errors import DataError, UsageError
+from tcli.errors import DataError, TcliError, UsageError
 
 ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"
 ARROW_FILE_MAGIC = b"ARROW1"
@@ -119,6 +119,10 @@ def _iter_jsonl(f: IO[bytes], name: str) -> Iterator[tuple[int, dict]]:
                                 field=field) from None
             truncated = not raw.endswith(b"\n")
             what = "truncated JSON (no newline at end of input)" if truncated else f"invalid JSON ({e})"
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as u:  # orjson's message for this is about surrogates
+                what = f"invalid UTF-8 (byte 0x{raw[u.start]:02x} at column {u.start + 1})"
             raise DataError(what, file=name, line=lineno) from None
         if not isinstance(rec, dict):
             raise DataError(f"record is a JSON {type(rec).__name__}, not an object", file=name,
@@ -208,10 +212,85 @@ def read_records(path: str = "-", input_format: str | None = None) -> Iterator[t
 
 # ----------------------------------------------------------------------------- grouping
 
-def iter_groups(records: Iterable[tuple[int, dict]], name: str, key: str = "prompt_id"
-                ) -> Iterator[tuple[list[int], list[dict]]]:
-    """Yield consecutive records sharing ``key`` as (lines, records); a key seen again is an error."""
-    seen: set = set()
+class SeenKeys:
+    """Set of group keys seen so far, in about 8 bytes per key, for streams of millions of groups.
+
+    A key is kept as a 64-bit BLAKE2b digest: recent digests in a small Python set, merged in
+    batches into one sorted numpy array (a set of Python strings costs about 90 bytes per key and
+    made peak memory grow with the stream). Two different keys share a digest with probability
+    about n**2 / 2**65 for n keys (3e-6 at ten million groups); such a pair would be reported as
+    a repeated group.
+    """
+
+    def __init__(self, batch: int = 16384):
+        self._batch = batch
+        self._recent: set[int] = set()
+        self._sorted = None  # numpy uint64, ascending
+        self._n = 0
+
+    @staticmethod
+    def digest(key) -> int:
+        import hashlib
+
+        data = b"s" + key.encode("utf-8", "surrogatepass") if isinstance(key, str) \
+            else b"i" + str(key).encode()
+        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _in_sorted(self, h: int) -> bool:
+        import numpy as np
+
+        arr = self._sorted
+        if arr is None or not len(arr):
+            return False
+        i = int(np.searchsorted(arr, np.uint64(h)))
+        return i < len(arr) and int(arr[i]) == h
+
+    def add(self, key) -> bool:
+        """Add ``key``; False if it was already there."""
+        h = self.digest(key)
+        if h in self._recent or self._in_sorted(h):
+            return False
+        self._recent.add(h)
+        self._n += 1
+        if len(self._recent) >= max(self._batch, self._n // 64):  # amortised O(1) per key
+            self._merge()
+        return True
+
+    def _merge(self) -> None:
+        import numpy as np
+
+        new = np.sort(np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent)))
+        if self._sorted is None:
+            self._sorted = new
+        else:
+            self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, new), new)
+        self._recent = set()
+
+
+def _check_sample_ids(recs: list[dict], lines: list[int], name: str, sample_key: str) -> None:
+    """``sample_id`` is optional; when present it is a non-negative integer, unique in its group."""
+    seen: dict[int, int] = {}
+    for line, rec in zip(lines, recs):
+        if sample_key not in rec:
+            continue
+        s = rec[sample_key]
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise DataError(f"must be a non-negative integer, got {s!r}", file=name, line=line,
+                            field=sample_key)
+        if s in seen:
+            raise DataError(f"duplicate {sample_key} {s} in group {rec.get('prompt_id')!r} (also "
+                            f"on line {seen[s]})", file=name, line=line, field=sample_key)
+        seen[s] = line
+
+
+def iter_groups(records: Iterable[tuple[int, dict]], name: str, key: str = "prompt_id",
+                sample_key: str | None = "sample_id") -> Iterator[tuple[list[int], list[dict]]]:
+    """Yield consecutive records sharing ``key`` as (lines, records); a key seen again is an error,
+    and so is a repeated ``sample_key`` inside a group. Memory: one group plus ~8 bytes per key."""
+    seen = SeenKeys()
     cur_key = object()
     lines: list[int] = []
     recs: list[dict] = []
@@ -223,19 +302,22 @@ def iter_groups(records: Iterable[tuple[int, dict]], name: str, key: str = "prom
         if not isinstance(k, (str, int)) or isinstance(k, bool):
             raise DataError(f"must be a string or integer, got {type(k).__name__}", file=name,
                             line=line, field=key)
-        if k != cur_key:
+        if k != cur_key or type(k) is not type(cur_key):
             if recs:
+                if sample_key:
+                    _check_sample_ids(recs, lines, name, sample_key)
                 yield lines, recs
-            if k in seen:
+            if not seen.add(k):
                 raise DataError(f"group {k!r} appears again after other groups; records of one "
                                 f"prompt must be consecutive (sort the stream by {key})",
                                 file=name, line=line, field=key)
-            seen.add(k)
             cur_key = k
             lines, recs = [], []
         lines.append(line)
         recs.append(rec)
     if recs:
+        if sample_key:
+            _check_sample_ids(recs, lines, name, sample_key)
         yield lines, recs
 
 
@@ -458,8 +540,19 @@ class RecordWriter:
         self.count = 0
 
     def write(self, rec: dict) -> None:
-        self._sink.write(rec)
+        try:
+            self._sink.write(rec)
+        except OSError as e:
+            raise self._write_failed(e) from e
         self.count += 1
+
+    def _write_failed(self, e: OSError) -> BaseException:
+        """A full disk (or any write error) on an output file: one clear line naming the file.
+        stdout errors stay as they are (a closed pipe is how `| head` ends a command)."""
+        if self._tmp is None:
+            return e
+        return TcliError(f"cannot write {self.path}: {e.strerror or e}; nothing was written "
+                         "(an existing file of that name is unchanged)")
 
     def write_all(self, recs: Iterable[dict]) -> None:
         for r in recs:
@@ -470,18 +563,25 @@ class RecordWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.commit()
+            try:
+                self.commit()
+            except BaseException:  # e.g. the disk filled up on the last flush: no temp file left
+                self.abort()
+                raise
         else:
             self.abort()
 
     def commit(self) -> None:
-        self._sink.close()
-        if self._tmp is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            os.replace(self._tmp, self.path)
-            self._tmp = None
+        try:
+            self._sink.close()
+            if self._tmp is not None:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+                os.replace(self._tmp, self.path)
+                self._tmp = None
+        except OSError as e:
+            raise self._write_failed(e) from e
 
     def abort(self) -> None:
         if self._tmp is not None:

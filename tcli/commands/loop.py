@@ -77,8 +77,14 @@ def plot(
     seed: Annotated[int, typer.Option("--seed", help="Unused; accepted for uniformity.")] = 0,
 ) -> None:
     """Plot reward and eval accuracy vs step and vs wall time for one or more runs."""
+    import os
+
+    from tcli.errors import UsageError
     from tcli.plot import plot_runs
 
+    for d in run_dirs:
+        if not os.path.exists(os.path.join(d, "metrics.jsonl")):
+            raise UsageError(f"{d} is not a run directory (no metrics.jsonl)")
     plot_runs(run_dirs, output)
 
 
