@@ -222,7 +222,7 @@ class SeenKeys:
     a repeated group.
     """
 
-    def __init__(self, batch: int = 16384):
+    def __init__(self, batch: int = 4096):
         self._batch = batch
         self._recent: set[int] = set()
         self._sorted = None  # numpy uint64, ascending
