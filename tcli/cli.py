@@ -8,6 +8,7 @@ the CPU stages start fast.
 from __future__ import annotations
 
 import os
+import traceback
 import sys
 
 import typer
@@ -31,9 +32,16 @@ app = typer.Typer(
 COMMAND_MODULES = ("streams", "verify", "sample", "train", "eval", "loop", "init_model")
 
 
+_registered = False
+
+
 def _register_commands() -> None:
+    global _registered
     import importlib
 
+    if _registered:
+        return
+    _registered = True
     for name in COMMAND_MODULES:
         try:
             mod = importlib.import_module(f"tcli.commands.{name}")
@@ -67,6 +75,12 @@ def _stdout_closed() -> None:
         pass
 
 
+def _one_line(msg: str, limit: int = 500) -> str:
+    """Errors are one line: join a library's multi-line message and cap its length."""
+    msg = " ".join(msg.split())
+    return msg if len(msg) <= limit else msg[: limit - 1] + "…"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors to exit codes (65 bad data, 2 usage, 1 runtime) with one line."""
     try:  # typer >= 0.20 vendors click
@@ -94,11 +108,15 @@ def main(argv: list[str] | None = None) -> None:
         _report("aborted")
         code = 130
     except click_exc.ClickException as e:
-        e.show()
+        if isinstance(e, getattr(click_exc, "NoArgsIsHelpError", ())):
+            e.show()  # `tcli` alone: the help text is the answer
+        else:
+            cmd = next((a for a in argv if not a.startswith("-")), "")
+            _report(f"{_one_line(e.format_message())} (see 'tcli {cmd} -h')".replace("tcli  -h", "tcli -h"))
         code = EXIT_USAGE
     except TcliError as e:
         if debug:
-            raise
+            traceback.print_exc()
         _report(e.one_line())
         code = e.exit_code
     except KeyboardInterrupt:
@@ -112,13 +130,13 @@ def main(argv: list[str] | None = None) -> None:
         code = EXIT_RUNTIME
     except OSError as e:
         if debug:
-            raise
-        _report(f"{e.strerror or e} ({e.filename})" if getattr(e, "filename", None) else str(e))
+            traceback.print_exc()
+        _report(f"{e.strerror or e} ({e.filename})" if getattr(e, "filename", None) else _one_line(str(e)))
         code = EXIT_RUNTIME
     except Exception as e:  # noqa: BLE001 - last resort: one line, traceback only with --debug
         if debug:
-            raise
-        _report(f"{type(e).__name__}: {e} (run with --debug for a traceback)")
+            traceback.print_exc()
+        _report(f"{type(e).__name__}: {_one_line(str(e))} (run with --debug for a traceback)")
         code = EXIT_RUNTIME
     try:
         sys.stdout.flush()

@@ -94,15 +94,29 @@ class RunDir:
 # ----------------------------------------------------------------------------- data
 
 def read_prompts(path: str, limit: int | None = None) -> list[dict]:
+    """Prompt records with answers, validated here so later stages never see a bad one: every
+    error names this file and line (missing/ill-typed id, prompt or answer, a repeated id)."""
+    from tcli.errors import DataError
+    from tcli.io import SeenKeys
+    from tcli.sampling import check_prompt_record
+
     if not path:
         raise UsageError("no prompt file given (train_data / eval_data)")
     out = []
-    for line, rec in RecordReader(path):
-        for fld in ("id", "prompt"):
-            if fld not in rec:
-                from tcli.errors import DataError
-
-                raise DataError("missing required field", file=path, line=line, field=fld)
+    seen = SeenKeys()
+    reader = RecordReader(path)
+    for line, rec in reader:
+        try:
+            check_prompt_record(rec)
+            if "answer" not in rec:
+                raise DataError("missing required field", field="answer")
+            if isinstance(rec["answer"], bool) or not isinstance(rec["answer"], (str, int, float)):
+                raise DataError(f"must be a string or number, got {type(rec['answer']).__name__}",
+                                field="answer")
+            if not seen.add(rec["id"]):
+                raise DataError(f"prompt id {rec['id']!r} appears twice", field="id")
+        except DataError as e:
+            raise e.located(reader.name, line) from None
         out.append(rec)
         if limit and len(out) >= limit:
             break

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from tcli import SCHEMA
 from tcli.engines.base import SamplingConfig
+from tcli.io import SeenKeys
 from tcli.errors import DataError, UsageError
 
 BOXED = "{prompt}\nLet's think step by step and output the final answer within \\boxed{}."
@@ -203,11 +204,14 @@ def sample_records(engine, prompt_records: Iterable[dict], *, mode: str = "indep
         raise UsageError("need max_new_tokens >= 1, min_new_tokens >= 0, 0 < top_p <= 1, temperature >= 0")
     tmpl = resolve_template(template)
     tok = engine.tokenizer
+    seen = SeenKeys()
     for chunk in _chunks(prompt_records, chunk_size):
         recs, ids = [], []
         for index, rec in chunk:
             try:
                 check_prompt_record(rec)
+                if not seen.add(rec["id"]):  # two groups with one prompt_id corrupt later stages
+                    raise DataError(f"prompt id {rec['id']!r} appears twice", field="id")
                 ptoks = encode_prompt(tok, render_prompt(rec, tmpl), chat_template)
                 if not ptoks:
                     raise DataError("encodes to no tokens", field="prompt")

@@ -251,22 +251,7 @@ CASES: dict[str, Case] = {
                                    suffix=".arrow"),
 }
 
-XFAIL = {  # bugs outside this helper's files, described in the report
-    ("missing answer", "eval"):
-        "eval locates verify errors as '<eval>:N' (N = sample number), not the data file and "
-        "line: tcli/evaluate.py evaluate() passes enumerate(rollouts) and '<eval>' to verify_records",
-    ("float prompt id", "eval"):
-        "eval does not locate DataErrors from sample_records ('<input>: field ...'): "
-        "tcli/commands/eval.py must map e.index to the prompt's line like sample-tree does",
-    ("prompt not a string", "eval"):
-        "eval does not locate DataErrors from sample_records (no file, no line)",
-    ("duplicate prompt id", "sample-tree"):
-        "sample-tree accepts a repeated prompt id and writes two groups with the same prompt_id "
-        "(build-tree then fails on duplicate sample_ids); reject it at the source",
-    ("duplicate prompt id", "eval"):
-        "eval merges records of a repeated prompt id into one prompt (summarise groups by "
-        "prompt_id), silently changing accuracy and pass@k",
-}
+XFAIL: dict = {}  # bugs found by this catalogue were fixed; add (case, command) -> reason here
 
 
 def _params():
@@ -408,10 +393,6 @@ def test_checkpoint_without_weights(tiny, tmp_path):
     assert os.listdir(out) == []
 
 
-@pytest.mark.xfail(strict=True, reason="sample-tree and eval exit 2 (UsageError from the hf "
-                   "engine's 'cannot load model') where train-step exits 65 for the same broken "
-                   "checkpoint directory; tcli/engines/hf.py should raise DataError(file=dir) "
-                   "for an existing directory without weights")
 @pytest.mark.parametrize("cmd", PROMPT_COMMANDS)
 def test_checkpoint_without_weights_model_commands(cmd, tiny, tmp_path):
     broken = tmp_path / "broken"
@@ -432,20 +413,6 @@ def test_model_directory_not_found(cmd, tiny, tmp_path):
     assert r.code == 2, r.err
     assert str(missing) in one_error_line(r.err)
     assert os.listdir(out) == []
-
-
-def test_sample_tree_duplicate_prompt_id_is_caught_downstream(tiny, tmp_path):
-    """Until sample-tree rejects a repeated prompt id, its two groups become one group with
-    repeated sample_ids, which build-tree refuses instead of computing wrong values."""
-    recs = prompts()
-    recs[1]["id"] = "p1"
-    src, out = setup(tmp_path, jsonl(recs))
-    r = cli(argv_for("sample-tree", src, out, tiny))
-    assert r.code == 0, r.err
-    r = cli(["build-tree", out / "out.jsonl", "-o", out / "tree.jsonl"])
-    assert r.code == 65
-    assert f"{out / 'out.jsonl'}:3: field 'sample_id'" in one_error_line(r.err)
-    assert not (out / "tree.jsonl").exists()
 
 
 def _loop_config(tmp_path: Path, tiny: str, extra: str) -> Path:
@@ -478,10 +445,6 @@ def test_loop_unknown_flag_exit_2(tiny, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="unknown options print click's multi-line usage block "
-                   "(Usage/Try/Error) instead of one 'tcli: error:' line; tcli/cli.py main() "
-                   "could print 'tcli: error: <e.format_message()> (see tcli CMD -h)' for "
-                   "click UsageError")
 @pytest.mark.parametrize("argv", [["loop", "--learning-rate", "3"], ["build-tree", "--bogus"]])
 def test_unknown_flag_is_one_line(argv):
     r = cli(argv)

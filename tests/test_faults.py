@@ -338,15 +338,10 @@ def test_pickled_weights_are_refused(tiny, tmp_path):
     src = tmp_path / "p.jsonl"
     src.write_bytes(jsonl(prompts()))
     r = cli(["sample-tree", src, "-m", evil, "-o", tmp_path / "out.jsonl"])
-    assert r.code == 1 and "Weights only load failed" in r.err and "Traceback" not in r.err
+    assert r.code == 65 and "Weights only load failed" in r.err and "Traceback" not in r.err
     assert not marker.exists() and not (tmp_path / "out.jsonl").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="the refusal of a pickled pytorch_model.bin reaches the "
-                   "user as torch's 8-line UnpicklingError text (which even suggests "
-                   "weights_only=False); tcli/cli.py's last-resort handler should join the "
-                   "message into one line, and trainer.load_model / the hf engine should catch "
-                   "pickle.UnpicklingError like load_optimizer_state does")
 def test_pickled_weights_error_is_one_line(tiny, tmp_path):
     evil = tmp_path / "evil"
     shutil.copytree(tiny, evil)

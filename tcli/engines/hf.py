@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import pickle
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -130,10 +131,16 @@ class HFEngine:
             model = AutoModelForCausalLM.from_pretrained(model_dir, **kw).to(self.device).eval()
             if self._tokenizer is None:
                 self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        except OSError as e:
-            from tcli.errors import UsageError
+        except (OSError, pickle.UnpicklingError, RuntimeError) as e:
+            from tcli.errors import DataError, UsageError
 
-            raise UsageError(f"cannot load model {model_dir!r}: {' '.join(str(e).split())}") from None
+            why = ("its weights are a pickle that could run code; refused (Weights only load failed): "
+                   "convert them to safetensors" if isinstance(e, pickle.UnpicklingError)
+                   else " ".join(str(e).split())[:300])
+            msg = f"cannot load model {model_dir!r}: {why}"
+            if _is_dir(model_dir):  # it exists but holds no loadable weights: bad data, not usage
+                raise DataError(msg, file=model_dir) from None
+            raise UsageError(msg) from None
         self.model = model
         self.model_path = model_dir
         params = inspect.signature(model.forward).parameters
