@@ -70,16 +70,10 @@ class RunDir:
         return sorted(steps)
 
     def read_metrics(self) -> list[dict]:
-        if not os.path.exists(self.metrics):
-            return []
-        out = []
-        with open(self.metrics, "rb") as f:
-            for line in f:
-                try:
-                    out.append(orjson.loads(line))
-                except orjson.JSONDecodeError:
-                    break  # a torn last line from a kill: dropped, rewritten on resume
-        return out
+        """Complete lines only: a torn last line from a kill is dropped (rewritten on resume)."""
+        from tcli.plot import read_metrics
+
+        return read_metrics(self.path)
 
     def write_metrics(self, records: list[dict]) -> None:
         write_atomic_bytes(self.metrics, b"".join(orjson.dumps(r) + b"\n" for r in records))

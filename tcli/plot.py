@@ -9,6 +9,7 @@ import orjson
 
 
 def read_metrics(run_dir: str) -> list[dict]:
+    """The records of ``run_dir/metrics.jsonl`` up to the first incomplete line."""
     path = os.path.join(run_dir, "metrics.jsonl")
     out = []
     if os.path.exists(path):
