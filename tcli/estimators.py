@@ -127,16 +127,9 @@ def tempo(group: Group, opt: EstimatorOptions) -> list[np.ndarray]:
     lens = tree.lens
     base = np.repeat(r - r.mean(), lens + 1)
     flat_adv = (base + opt.td_coef * flat_delta) / (sigma + opt.eps)
-    if tree.from_build:
-        group.stats["branch_tokens"] = int(np.count_nonzero(tree.flat_branch[_token_slots(tree)]))
+    if tree.from_build:  # the leaf slot after each response is never flagged
+        group.stats["branch_tokens"] = int(np.count_nonzero(tree.flat_branch))
     return [flat_adv[s : s + n] for s, n in zip(tree.starts.tolist(), lens.tolist())]
-
-
-def _token_slots(tree) -> np.ndarray:
-    """Boolean mask over the flat arrays selecting real token slots (not the leaf slot)."""
-    mask = np.ones(len(tree.flat_values), dtype=bool)
-    mask[tree.starts + tree.lens] = False
-    return mask
 
 
 # ----------------------------------------------------------------------------- TreeRPO

@@ -259,9 +259,6 @@ class Loop:
                 kept.append(m)
         kept.sort(key=lambda m: (m.get("step", 0), m.get("kind") != "train"))
         self.run.write_metrics(kept)
-        for m in kept:
-            self._elapsed = max(getattr(self, "_elapsed", 0.0), m.get("wall_time", 0.0))
-            self._sampled_tokens = max(getattr(self, "_sampled_tokens", 0), m.get("sampled_tokens_total", 0))
 
     def evaluate(self, step: int) -> dict:
         from tcli.evaluate import evaluate
@@ -277,9 +274,11 @@ class Loop:
 
     def run_steps(self, first: int) -> dict:
         c = self.cfg
-        elapsed = getattr(self, "_elapsed", 0.0)
-        sampled_total = getattr(self, "_sampled_tokens", 0)
-        best = self._best_accuracy()
+        # a resumed run continues its clocks and best accuracy from the completed steps' metrics
+        done = self.run.read_metrics()
+        elapsed = max((m.get("wall_time", 0.0) for m in done), default=0.0)
+        sampled_total = max((m.get("sampled_tokens_total", 0) for m in done), default=0)
+        best = max((m.get("accuracy", 0.0) for m in done if m.get("kind") == "eval"), default=-1.0)
         if first == 1 and c.eval_every:
             ev = self.evaluate(0)
             if ev:
@@ -351,10 +350,6 @@ class Loop:
             tmp = os.path.join(self.run.path, ".sync")
             self.trainer.save(tmp, {})
             self.engine.load_weights(tmp, self.trainer.policy_version)
-
-    def _best_accuracy(self) -> float:
-        evals = [m.get("accuracy", 0.0) for m in self.run.read_metrics() if m.get("kind") == "eval"]
-        return max(evals) if evals else -1.0
 
     def _save(self, step: int, step_metrics: list[dict], best: float) -> None:
         evals = [m for m in step_metrics if m["kind"] == "eval"]

@@ -174,3 +174,19 @@ def test_from_lists_round_trip():
     again = PrefixTree.from_lists([v.tolist() for v in tree.values], [b.tolist() for b in tree.branch])
     assert_same_tree(again, tree)
     assert not again.from_build
+
+
+def test_leaf_slot_is_never_a_branch():
+    """TEMPO counts branching tokens over the whole flat array; the per-response leaf slot must stay False."""
+    import random
+
+    import numpy as np
+
+    from tcli.tree import build_prefix_tree
+
+    rng = random.Random(1)
+    for _ in range(500):
+        g = rng.randint(1, 8)
+        seqs = [[rng.randint(0, 2) for _ in range(rng.randint(0, 6))] for _ in range(g)]
+        t = build_prefix_tree(seqs, [rng.random() for _ in range(g)])
+        assert not np.asarray(t.flat_branch)[t.starts + t.lens].any()
