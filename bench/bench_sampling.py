@@ -50,7 +50,7 @@ def main() -> None:
     from tcli.engines.base import SamplingConfig
     from tcli.engines.hf import HFEngine
     from tcli.models.tiny import init_tiny_model
-    from tcli.sampling import sample_records
+    from tcli.stages.sample import sample_records
 
     prompts = []
     with open(DATA, "rb") as f:

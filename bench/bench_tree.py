@@ -2,9 +2,9 @@
 
 Groups of G responses x T tokens (default 16 x 2,048) that share prefixes the way sampled rollouts
 do: each response copies the prefix of an earlier one up to a random point, then continues with
-its own tokens. Measures tcli.tree.build_prefix_tree in tokens/s on one pinned core, for Python-list
+its own tokens. Measures tcli.algos.tree.build_prefix_tree in tokens/s on one pinned core, for Python-list
 input (what records parsed from JSON hold) and numpy input, and the speed-up over
-tcli.tree.reference_prefix_tree on the same list input in the same run. The machine is shared, so
+tcli.algos.tree.reference_prefix_tree on the same list input in the same run. The machine is shared, so
 every timing is the best of several interleaved rounds.
 
     .venv/bin/python bench/bench_tree.py [--groups 64] [--group-size 16] [--tokens 2048] [--ragged]
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tcli.tree import build_prefix_tree, reference_prefix_tree  # noqa: E402
+from tcli.algos.tree import build_prefix_tree, reference_prefix_tree  # noqa: E402
 
 TARGET_TOKENS_PER_S = 20e6
 TARGET_SPEEDUP = 50.0

@@ -7,8 +7,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from tcli.estimators import Group
-from tcli.tree import build_prefix_tree
+from tcli.algos.estimators import Group
+from tcli.algos.tree import build_prefix_tree
 
 
 def _fmt_tokens(ids: list[int], decode: Optional[Callable], limit: int) -> str:

@@ -10,8 +10,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tcli.errors import DataError, UsageError
-from tcli.estimators import ESTIMATORS, EPS, EstimatorOptions, compute_advantages
-from tcli.stages import build_tree_group
+from tcli.algos.estimators import ESTIMATORS, EPS, EstimatorOptions, compute_advantages
+from tcli.stages.tree import build_tree_group
 
 ORACLE_TOKENS = [[5, 7, 9, 2], [5, 7, 8, 2], [5, 6, 9, 2], [4, 6, 2]]
 ORACLE_REWARDS = [1, 0, 1, 0]

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from conftest import DATA, REPO, run_tcli
-from tcli.evaluate import bootstrap_ci, pass_at_k, summarise
+from tcli.stages.evaluate import bootstrap_ci, pass_at_k, summarise
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from conftest import DATA, REPO  # noqa: E402
 from tcli.engines.base import SamplingConfig  # noqa: E402
-from tcli.sampling import sample_records  # noqa: E402
+from tcli.stages.sample import sample_records  # noqa: E402
 
 MAIN = str(REPO)
 GSM8K = str(DATA / "gsm8k_test.jsonl")
@@ -136,7 +136,7 @@ def test_independent_records(text_engine):
 
 def test_templates(text_engine):
     from tcli.errors import DataError
-    from tcli.sampling import render_prompt, resolve_template
+    from tcli.prompts import render_prompt, resolve_template
 
     rec = {"id": 1, "prompt": "Q?", "choices": {"A": "yes", "B": "no"}}
     assert render_prompt(rec, resolve_template("boxed")) == (

@@ -1,4 +1,4 @@
-"""P2T prefix tree (tcli.tree): the vectorised build against the dict-trie oracle and by hand."""
+"""P2T prefix tree (tcli.algos.tree): the vectorised build against the dict-trie oracle and by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcli.tree import PrefixTree, build_prefix_tree, lcp_matrix, reference_prefix_tree
+from tcli.algos.tree import PrefixTree, build_prefix_tree, lcp_matrix, reference_prefix_tree
 
 ORACLE_TOKENS = [[5, 7, 9, 2], [5, 7, 8, 2], [5, 6, 9, 2], [4, 6, 2]]
 ORACLE_REWARDS = [1.0, 0.0, 1.0, 0.0]
@@ -182,7 +182,7 @@ def test_leaf_slot_is_never_a_branch():
 
     import numpy as np
 
-    from tcli.tree import build_prefix_tree
+    from tcli.algos.tree import build_prefix_tree
 
     rng = random.Random(1)
     for _ in range(500):

@@ -1,4 +1,4 @@
-"""Verifiers on the real answers of ../shared/data, and the verify stage (tcli.verify) in-process.
+"""Verifiers on the real answers of ../shared/data, and the verify stage (tcli.stages.verify) in-process.
 
 Every data file contributes a deterministic sample of rows; each gold answer is written in the
 surface forms models produce (boxed, "The answer is", commas and dollars, decimals for fractions,
@@ -24,7 +24,7 @@ import pytest
 
 from tcli.errors import DataError, UsageError
 from tcli.verifiers import VERIFIERS, get_verifier, pick_task
-from tcli.verify import verify_records
+from tcli.stages.verify import verify_records
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.is_dir():  # the checkout next to shared/ (repo at /work/main, data at /work/shared)
@@ -240,7 +240,7 @@ def test_registry_and_task_names():
     with pytest.raises(UsageError, match="cannot import"):
         get_verifier("python:tcli_no_such_module_xyz:f")
     with pytest.raises(UsageError, match="no function"):
-        get_verifier("python:tcli.verify:no_such_function")
+        get_verifier("python:tcli.stages.verify:no_such_function")
     with pytest.raises(UsageError, match="python:module:function"):
         get_verifier("python:onlymodule")
     with pytest.raises(UsageError):
@@ -424,7 +424,7 @@ def test_workers_die_with_a_killed_parent(tmp_path):
             while True:
                 pass
     '''))
-    script = ("import sys; from tcli.verify import verify_records\n"
+    script = ("import sys; from tcli.stages.verify import verify_records\n"
               "recs = iter([(i, {'text': 'x', 'answer': '1'}) for i in (1, 2)])\n"
               "list(verify_records(recs, 'x', task='python:spinverifier:score', timeout=600, workers=2))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1])])}

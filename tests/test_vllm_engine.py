@@ -168,7 +168,7 @@ RECORDS = [{"id": "p1", "prompt": "abc", "answer": "1", "meta": {"k": 1}},
 
 
 def test_sample_records_tree_mode(engine, models):
-    sampling = pytest.importorskip("tcli.sampling", reason="tcli.sampling not written yet")
+    sampling = pytest.importorskip("tcli.stages.sample", reason="tcli.stages.sample not written yet")
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=14, seed=1)
     kw = dict(mode="tree", width=2, depth=3, segment_tokens=4, cfg=cfg, template="plain")
     recs = list(sampling.sample_records(engine, RECORDS, **kw))
@@ -206,7 +206,7 @@ def test_sample_records_tree_mode(engine, models):
 
 def test_greedy_records_match_hf_engine(engine, models):
     """Greedy decoding is engine-independent: vllm and hf give the same records (up to round-off)."""
-    sampling = pytest.importorskip("tcli.sampling", reason="tcli.sampling not written yet")
+    sampling = pytest.importorskip("tcli.stages.sample", reason="tcli.stages.sample not written yet")
     from tcli.engines.hf import HFEngine
 
     hf = HFEngine(models["base"])

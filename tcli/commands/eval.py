@@ -45,9 +45,9 @@ def eval_cmd(
     from tcli.engines import make_engine
     from tcli.engines.base import SamplingConfig
     from tcli.errors import TcliError, UsageError
-    from tcli.evaluate import evaluate
+    from tcli.stages.evaluate import evaluate
     from tcli.io import RecordWriter, write_atomic_bytes
-    from tcli.loop import read_prompts
+    from tcli.prompts import read_prompts
 
     try:
         ks = sorted({int(x) for x in k.split(",") if x.strip()})

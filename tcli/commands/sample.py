@@ -51,7 +51,8 @@ def sample_tree(
     """Sample responses with behaviour log-probs: independent groups or TreeRPO-style trees."""
     from tcli.engines import ENGINES, SamplingConfig
     from tcli.io import RecordReader, RecordWriter
-    from tcli.sampling import MODES, resolve_template, sample_records
+    from tcli.prompts import resolve_template
+    from tcli.stages.sample import MODES, sample_records
 
     if mode not in MODES:
         raise UsageError(f"unknown --mode {mode!r}; valid: {', '.join(MODES)}")

@@ -21,7 +21,7 @@ def build_tree(
     quiet: QuietOpt = False,
 ) -> None:
     """Add P2T prefix-tree values V(s_t) and branch flags to every rollout (per prompt group)."""
-    from tcli.stages import build_tree_group
+    from tcli.stages.tree import build_tree_group
 
     run_groups(input, output, format, input_format, build_tree_group)
 
@@ -43,8 +43,8 @@ def advantages(
     quiet: QuietOpt = False,
 ) -> None:
     """Add per-token advantages with a registered estimator (DESIGN §4)."""
-    from tcli.estimators import ESTIMATORS, EstimatorOptions
-    from tcli.stages import AdvantageStats, advantages_group
+    from tcli.algos.estimators import ESTIMATORS, EstimatorOptions
+    from tcli.stages.advantages import AdvantageStats, advantages_group
 
     ESTIMATORS.get(estimator)  # unknown name: usage error before reading anything
     if std not in ("unbiased", "population"):

@@ -1,4 +1,4 @@
-"""`tcli verify`: add reward and verdict to every rollout (options only; the stage is tcli.verify)."""
+"""`tcli verify`: add reward and verdict to every rollout (options only; the stage is tcli.stages.verify)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def verify(
     (what was parsed, whether it was correct, and why not), in input order."""
     from tcli.errors import UsageError
     from tcli.verifiers import check_task
-    from tcli.verify import verify_records
+    from tcli.stages.verify import verify_records
 
     check_task(task)  # exit 2 with the valid names before reading any input
     if not timeout > 0:

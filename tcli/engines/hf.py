@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from tcli.engines.base import Completion, SamplingConfig
-from tcli.sampling import TreeLeaf
+from tcli.stages.sample import TreeLeaf
 
 _MASK64 = (1 << 64) - 1
 DEFAULT_BATCH_TOKENS = 65536

@@ -26,7 +26,8 @@ import orjson
 
 from tcli.config import LoopConfig, dump_toml, load_config
 from tcli.errors import TcliError, UsageError
-from tcli.io import RecordReader, RecordWriter, write_atomic_bytes
+from tcli.io import RecordWriter, write_atomic_bytes
+from tcli.prompts import read_prompts
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -87,38 +88,6 @@ class RunDir:
 
 # ----------------------------------------------------------------------------- data
 
-def read_prompts(path: str, limit: int | None = None) -> list[dict]:
-    """Prompt records with answers, validated here so later stages never see a bad one: every
-    error names this file and line (missing/ill-typed id, prompt or answer, a repeated id)."""
-    from tcli.errors import DataError
-    from tcli.io import SeenKeys
-    from tcli.sampling import check_prompt_record
-
-    if not path:
-        raise UsageError("no prompt file given (train_data / eval_data)")
-    out = []
-    seen = SeenKeys()
-    reader = RecordReader(path)
-    for line, rec in reader:
-        try:
-            check_prompt_record(rec)
-            if "answer" not in rec:
-                raise DataError("missing required field", field="answer")
-            if isinstance(rec["answer"], bool) or not isinstance(rec["answer"], (str, int, float)):
-                raise DataError(f"must be a string or number, got {type(rec['answer']).__name__}",
-                                field="answer")
-            if not seen.add(rec["id"]):
-                raise DataError(f"prompt id {rec['id']!r} appears twice", field="id")
-        except DataError as e:
-            raise e.located(reader.name, line) from None
-        out.append(rec)
-        if limit and len(out) >= limit:
-            break
-    if not out:
-        raise UsageError(f"no prompts in {path}")
-    return out
-
-
 def step_prompts(prompts: list[dict], k: int, seed: int, step: int) -> list[dict]:
     """The prompts of one step: a deterministic function of (seed, step), so resume repeats it."""
     rng = random.Random(f"{seed}:{step}")
@@ -159,7 +128,7 @@ class Loop:
 
     def _validate(self) -> None:
         from tcli.engines import ENGINES
-        from tcli.estimators import ESTIMATORS
+        from tcli.algos.estimators import ESTIMATORS
 
         ESTIMATORS.get(self.cfg.estimator)
         ENGINES.get(self.cfg.engine)
@@ -182,7 +151,7 @@ class Loop:
             seed=(c.seed * 1_000_003 + step * 7919 + (1 if eval_ else 0)) % (2**31))
 
     def sample(self, prompts: list[dict], step: int) -> list[dict]:
-        from tcli.sampling import sample_records
+        from tcli.stages.sample import sample_records
 
         c = self.cfg
         return list(sample_records(
@@ -192,16 +161,17 @@ class Loop:
             chunk_size=max(1, len(prompts))))
 
     def verify(self, records: list[dict]) -> list[dict]:
-        from tcli.verify import verify_records
+        from tcli.stages.verify import verify_records
 
         c = self.cfg
         return list(verify_records(iter(enumerate(records, 1)), "<loop>", task=c.task,
                                    timeout=c.verify_timeout, workers=c.verify_workers))
 
     def advantages(self, records: list[dict]) -> tuple[list[dict], dict]:
-        from tcli.estimators import EstimatorOptions
+        from tcli.algos.estimators import EstimatorOptions
         from tcli.io import iter_groups
-        from tcli.stages import AdvantageStats, advantages_group, build_tree_group
+        from tcli.stages.advantages import AdvantageStats, advantages_group
+        from tcli.stages.tree import build_tree_group
 
         c = self.cfg
         opt = EstimatorOptions(std=c.std, td_coef=c.td_coef, norm=c.norm, prune_std=c.prune_std)
@@ -261,7 +231,7 @@ class Loop:
         self.run.write_metrics(kept)
 
     def evaluate(self, step: int) -> dict:
-        from tcli.evaluate import evaluate
+        from tcli.stages.evaluate import evaluate
 
         if not self.eval_prompts:
             return {}

@@ -104,7 +104,7 @@ def rloo(group: Group, opt: EstimatorOptions) -> list[np.ndarray]:
 
 def prefix_tree_of(group: Group):
     """The P2T tree: taken from ``values`` written by build-tree when present, else built here."""
-    from tcli.tree import PrefixTree, build_prefix_tree
+    from tcli.algos.tree import PrefixTree, build_prefix_tree
 
     if all("values" in rec for rec in group.records):
         vals = []

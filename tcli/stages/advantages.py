@@ -1,4 +1,4 @@
-"""Group-wise stage functions shared by the CLI and `tcli loop` (records in, records out)."""
+"""The advantages stage: per-token advantages for a group of records, and their running summary."""
 
 from __future__ import annotations
 
@@ -7,22 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tcli import SCHEMA
-from tcli.estimators import EstimatorOptions, Group, compute_advantages
-from tcli.tree import build_prefix_tree
-
-
-def build_tree_group(recs: list[dict]) -> list[dict]:
-    """Add ``values`` (T+1 floats) and ``branch`` (T bools) from the group's P2T prefix tree."""
-    group = Group.from_records(recs)
-    tree = build_prefix_tree(group.tokens, group.rewards)
-    values = tree.flat_values.tolist()
-    branch = tree.flat_branch.tolist()
-    for i, rec in enumerate(recs):
-        s, n = int(tree.starts[i]), int(tree.lens[i])
-        rec["values"] = values[s : s + n + 1]
-        rec["branch"] = branch[s : s + n]
-        rec["schema"] = SCHEMA
-    return recs
+from tcli.algos.estimators import EstimatorOptions, Group, compute_advantages
 
 
 @dataclass

@@ -58,8 +58,8 @@ def evaluate(engine, prompts: list[dict], *, n: int, cfg, task: str = "auto", te
              chat_template=None, ks: Sequence[int] = (1,), timeout: float = 5.0, workers: int | None = None,
              batch_tokens: int = 65536, seed: int = 0) -> tuple[list[dict], dict]:
     """Per-sample records (with reward and verdict) and the summary."""
-    from tcli.sampling import sample_records
-    from tcli.verify import verify_records
+    from tcli.stages.sample import sample_records
+    from tcli.stages.verify import verify_records
 
     rollouts = sample_records(engine, prompts, mode="independent", n=n, cfg=cfg, template=template,
                               chat_template=chat_template, chunk_size=max(1, batch_tokens // 1024))

@@ -1,0 +1,102 @@
+"""Command-line flags generated from ``Options`` dataclasses.
+
+A command declares a parameter typed with an ``Options`` class (``opts: SampleOptions``);
+:func:`options_command` replaces it with one typer option per setting and hands the command a
+validated instance. ``Annotated[SampleOptions, Without("mode", ...)]`` leaves settings out (they
+keep their defaults); ``overrides=True`` makes every flag default to None so that a TOML file can
+supply the value (``tcli loop``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any, Optional
+
+import typer
+
+from tcli.config.spec import Options, settings_of, spec_of, value_type
+
+
+@dataclass(frozen=True)
+class Without:
+    """Settings a command does not offer (they keep their defaults)."""
+
+    names: tuple[str, ...]
+
+    def __init__(self, *names: str):
+        object.__setattr__(self, "names", names)
+
+
+def help_text(cls: type[Options], f, *, overrides: bool = False) -> str:
+    spec = spec_of(f)
+    text = spec.help
+    if spec.choices is not None:
+        text += f" One of: {', '.join(spec.choices())}."
+    if overrides and f.default is not None:
+        shown = str(f.default).lower() if isinstance(f.default, bool) else f.default
+        text += f" [default: {shown}]"
+    return text
+
+
+def typer_parameter(cls: type[Options], f, *, overrides: bool = False) -> inspect.Parameter:
+    """One keyword parameter whose annotation makes typer offer the setting as a flag."""
+    typ, _ = value_type(cls, f.name)
+    flag = cls.flag(f.name)
+    spec = spec_of(f)
+    if typ is bool:
+        decls = (f"{flag}/--no-{flag[2:]}",)
+    else:
+        decls = (flag, spec.short) if spec.short and not cls.FLAG_PREFIX else (flag,)
+    optional = overrides or f.default is None
+    option = typer.Option(*decls, help=help_text(cls, f, overrides=overrides),
+                          show_default=not optional)
+    annotation = Annotated[Optional[typ] if optional else typ, option]
+    return inspect.Parameter(param_name(cls, f.name), inspect.Parameter.KEYWORD_ONLY,
+                             default=None if overrides else f.default, annotation=annotation)
+
+
+def param_name(cls: type[Options], name: str) -> str:
+    return (cls.FLAG_PREFIX + name).replace("-", "_")
+
+
+def offered(cls: type[Options], without: tuple[str, ...] = ()) -> list:
+    return [f for f in settings_of(cls) if f.name not in without]
+
+
+def _options_params(fn) -> dict[str, tuple[type[Options], tuple[str, ...]]]:
+    hints = typing.get_type_hints(fn, include_extras=True)
+    found = {}
+    for name, hint in hints.items():
+        base, extra = hint, ()
+        if typing.get_origin(hint) is Annotated:
+            base, *meta = typing.get_args(hint)
+            extra = next((m.names for m in meta if isinstance(m, Without)), ())
+        if isinstance(base, type) and issubclass(base, Options):
+            found[name] = (base, extra)
+    return found
+
+
+def options_command(fn):
+    """Expand ``Options``-typed parameters of ``fn`` into flags; call ``fn`` with instances."""
+    groups = _options_params(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
+    params = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in groups:
+            cls, without = groups[p.name]
+            params += [typer_parameter(cls, f) for f in offered(cls, without)]
+        else:
+            params.append(p.replace(annotation=hints.get(p.name, p.annotation)))
+
+    @functools.wraps(fn)
+    def command(**kw: Any):
+        for name, (cls, without) in groups.items():
+            kw[name] = cls(**{f.name: kw.pop(param_name(cls, f.name)) for f in offered(cls, without)})
+        return fn(**kw)
+
+    command.__signature__ = inspect.Signature(params)
+    del command.__wrapped__  # typer must see the generated signature, not fn's
+    return command

@@ -1,0 +1,194 @@
+"""`tcli loop` configuration: top-level run keys plus one TOML table per stage.
+
+    model = "runs/demo/sft"          # run settings (RunOptions) at the top
+    steps = 60
+    [sample]                         # SampleOptions, the same settings as `tcli sample-tree`
+    n = 8
+    [advantages]
+    estimator = "tempo"
+    [eval]                           # EvalOptions (+ every), flags --eval-*
+    every = 10
+
+Every key is also a flag, flat (``--temperature``, ``--estimator``), except the ``[eval]`` table's
+(``--eval-n``) and names that two tables share (``--sample-device``, ``--train-device``).
+Unknown keys and bad values are usage errors (exit 2) raised before anything touches disk.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+from tcli.config.spec import Options, at_least, coerce, finite_at_least, setting, settings_of
+from tcli.config.stages import (AdvantageOptions, EvalOptions, SampleOptions, TrainOptions,
+                                VerifyOptions)
+from tcli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class RunOptions(Options):
+    """What a run trains, where it writes, and when it stops (the TOML file's top level)."""
+
+    model: str = setting("", "Start checkpoint (a Hugging Face causal LM directory).")
+    train_data: str = setting("", "Prompt records to train on (JSONL or Arrow: id, prompt, answer).")
+    eval_data: str = setting("", "Held-out prompt records for evaluation (empty = no evaluation).")
+    run_dir: str = setting("runs/run", "Run directory (checkpoints/, rollouts/, metrics.jsonl, "
+                           "metrics.png).")
+    steps: int = setting(20, "Training steps.", check=at_least(1))
+    prompts_per_step: int = setting(16, "Prompts sampled per step.", check=at_least(1))
+    filter_groups: bool = setting(False, "Dynamic sampling: drop groups whose rewards are all equal.")
+    max_wall_seconds: float = setting(0.0, "Stop after this much wall time, evaluation and saving "
+                                      "included (0 = off).", check=finite_at_least(0.0))
+    max_sampled_tokens: int = setting(0, "Stop after sampling this many tokens (0 = off).",
+                                      check=at_least(0))
+    keep_last: int = setting(2, "Checkpoints kept besides best/.", check=at_least(1))
+    seed: int = setting(0, "Random seed (same inputs + seed = same output).")
+
+
+@dataclass(frozen=True)
+class LoopEvalOptions(EvalOptions):
+    """The loop's [eval] table: eval's settings plus how often to evaluate."""
+
+    FLAG_PREFIX: ClassVar[str] = "eval-"
+
+    every: int = setting(5, "Evaluate every N steps and after the last (0 = never).",
+                         check=at_least(0))
+
+
+TABLES: dict[str, type[Options]] = {"sample": SampleOptions, "verify": VerifyOptions,
+                                    "advantages": AdvantageOptions, "train": TrainOptions,
+                                    "eval": LoopEvalOptions}
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    run: RunOptions = field(default_factory=RunOptions)
+    sample: SampleOptions = field(default_factory=SampleOptions)
+    verify: VerifyOptions = field(default_factory=VerifyOptions)
+    advantages: AdvantageOptions = field(default_factory=AdvantageOptions)
+    train: TrainOptions = field(default_factory=TrainOptions)
+    eval: LoopEvalOptions = field(default_factory=LoopEvalOptions)
+
+    def __post_init__(self) -> None:
+        if self.advantages.estimator == "treerpo" and self.sample.mode != "tree":
+            raise UsageError('estimator "treerpo" needs tree-sampled groups: set mode = "tree" '
+                             "in [sample] (--mode tree)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).to_dict() for name in ("run", *TABLES)}
+
+
+# ----------------------------------------------------------------------------- flags
+
+@dataclass(frozen=True)
+class LoopFlag:
+    table: str            # "" for run settings
+    cls: type
+    name: str             # the setting's field name
+    flag: str             # --temperature
+    param: str            # temperature
+
+
+def loop_flags() -> list[LoopFlag]:
+    """Every loop setting as a flag; names two tables share get the table as a prefix."""
+    items = [("", RunOptions)] + list(TABLES.items())
+    flat = [(t, c, f.name, c.flag(f.name)) for t, c in items for f in settings_of(c)]
+    counts: dict[str, int] = {}
+    for *_, flag in flat:
+        counts[flag] = counts.get(flag, 0) + 1
+    out = []
+    for table, cls, name, flag in flat:
+        if counts[flag] > 1:
+            flag = f"--{table}-{name}".replace("_", "-")
+        out.append(LoopFlag(table, cls, name, flag, flag[2:].replace("-", "_")))
+    return out
+
+
+# ----------------------------------------------------------------------------- TOML
+
+def _unknown(key: str, table: str, source: str) -> UsageError:
+    where = f"[{table}]" if table else "the top level"
+    here = [f.name for f in settings_of(TABLES[table] if table else RunOptions)]
+    elsewhere = [t or "top level" for t, c in [("", RunOptions), *TABLES.items()]
+                 if t != table and key in {f.name for f in settings_of(c)}]
+    hint = ""
+    if elsewhere:
+        hint = f"; it belongs in {', '.join(f'[{t}]' if t != 'top level' else t for t in elsewhere)}"
+    elif difflib.get_close_matches(key, here, n=3):
+        hint = f"; did you mean {', '.join(difflib.get_close_matches(key, here, n=3))}?"
+    return UsageError(f"{source}: unknown config key {key!r} in {where}{hint}")
+
+
+def _split(data: dict, source: str) -> Iterator[tuple[str, str, Any]]:
+    """(table, key, value) for every setting in a parsed TOML document."""
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in TABLES:
+                raise UsageError(f"{source}: unknown table [{key}]; valid: {', '.join(TABLES)}")
+            for k, v in value.items():
+                yield key, k, v
+        else:
+            yield "", key, value
+
+
+def read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"config file is a directory: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: invalid TOML ({e})") from None
+
+
+def load_config(path: str | None, flags: dict[str, Any] | None = None) -> LoopConfig:
+    """A validated LoopConfig from a TOML file (optional) and flag values (None = not given)."""
+    values: dict[str, dict[str, Any]] = {t: {} for t in ("", *TABLES)}
+    if path:
+        for table, key, value in _split(read_toml(path), path):
+            cls = TABLES[table] if table else RunOptions
+            if key not in {f.name for f in settings_of(cls)}:
+                raise _unknown(key, table, path)
+            values[table][key] = coerce(cls, key, value, cls.label(key))
+    by_param = {lf.param: lf for lf in loop_flags()}
+    for param, value in (flags or {}).items():
+        if value is None:
+            continue
+        if param not in by_param:
+            raise UsageError(f"unknown loop setting {param!r}")
+        lf = by_param[param]
+        values[lf.table][lf.name] = value
+    parts = {t: c(**values[t]) for t, c in TABLES.items()}
+    return LoopConfig(run=RunOptions(**values[""]), **parts)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)  # settings are validated finite
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{s}"'
+
+
+def dump_toml(cfg: LoopConfig) -> str:
+    """The resolved configuration, loadable by load_config (None values are left out)."""
+    lines = ["# resolved tcli loop configuration"]
+    for name in ("run", *TABLES):
+        if name != "run":
+            lines += ["", f"[{name}]"]
+        for k, v in getattr(cfg, name).to_dict().items():
+            if v is not None:
+                lines.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def config_fields() -> list[str]:
+    """Every TOML key as table.key (run keys without a table)."""
+    return [f"{lf.table}.{lf.name}" if lf.table else lf.name for lf in loop_flags()]
+
+

@@ -1,0 +1,210 @@
+"""The settings of every stage, each declared once (default, help, check).
+
+``tcli sample-tree``, ``verify``, ``advantages``, ``train-step`` and ``eval`` take their flags from
+these classes, and ``tcli loop`` takes its ``[sample]``, ``[verify]``, ``[advantages]``, ``[train]``
+and ``[eval]`` tables from the same classes, so the pipeline and the loop cannot drift apart.
+Registries are imported only when a name is checked or a help text is shown (no torch here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+from tcli.config.spec import (Options, at_least, finite, finite_at_least, in_range, like, setting)
+from tcli.errors import UsageError
+
+MODES = ("independent", "tree")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _engines():
+    from tcli.engines import ENGINES
+    return ENGINES.names()
+
+
+def _estimators():
+    from tcli.algos.estimators import ESTIMATORS
+    return ESTIMATORS.names()
+
+
+def _loss_aggs():
+    from tcli.train.loss import LOSS_AGGREGATIONS
+    return LOSS_AGGREGATIONS.names()
+
+
+def _kl_estimators():
+    from tcli.train.loss import KL_ESTIMATORS
+    return KL_ESTIMATORS.names()
+
+
+def _check_template(v: str) -> str | None:
+    from tcli.prompts import PROMPT_TEMPLATES
+
+    if v == "auto" or v in PROMPT_TEMPLATES or "{prompt}" in v:
+        return None
+    return f"must be auto, {', '.join(PROMPT_TEMPLATES)} or a string containing {{prompt}}"
+
+
+def _check_device(v: str | None) -> str | None:
+    if v is None or v in DEVICES or (v.startswith("cuda:") and v[5:].isdigit()):
+        return None
+    return f"must be one of {', '.join(DEVICES)} or cuda:N, got {v!r}"
+
+
+def _check_task(v: str) -> str | None:
+    from tcli.verifiers import check_task
+
+    check_task(v)  # raises UsageError naming the valid tasks
+    return None
+
+
+_TEMPLATE_HELP = ("Prompt template: auto (choice when the record has choices, else boxed), boxed, "
+                  "choice, plain, or a string with {prompt} (and optionally {choices}).")
+
+
+@dataclass(frozen=True)
+class SampleOptions(Options):
+    """How responses are drawn (sample-tree, eval, loop)."""
+
+    TABLE: ClassVar[str] = "sample"
+
+    engine: str = setting("hf", "Generation engine.", choices=_engines)
+    mode: str = setting("independent", "independent (n samples per prompt) or tree (TreeRPO).",
+                        choices=lambda: MODES)
+    n: int = setting(8, "independent: samples per prompt.", check=at_least(1), short="-n")
+    width: int = setting(2, "tree: children drawn from every node.", check=at_least(1))
+    depth: int = setting(3, "tree: levels; the last runs to EOS or --max-new-tokens.",
+                         check=at_least(1))
+    segment_tokens: int = setting(32, "tree: max tokens per segment of levels 1..depth-1.",
+                                  check=at_least(1))
+    temperature: float = setting(1.0, "Sampling temperature; 0 = greedy.",
+                                 check=finite_at_least(0.0))
+    top_p: float = setting(1.0, "Nucleus sampling mass (1 = off).",
+                           check=in_range(0.0, 1.0, lo_open=True))
+    max_new_tokens: int = setting(256, "Max response tokens (the whole path in tree mode).",
+                                  check=at_least(1))
+    min_new_tokens: int = setting(0, "EOS is masked before this many tokens.", check=at_least(0))
+    prompt_template: str = setting("auto", _TEMPLATE_HELP, check=_check_template)
+    chat_template: Optional[bool] = setting(
+        None, "Wrap the prompt in the tokenizer's chat template (default: when it has one).")
+    batch_tokens: int = setting(65536, "hf: memory bound, max cached tokens (rows x length) per "
+                                "forward batch.", check=at_least(1))
+    prompts_per_batch: int = setting(16, "Prompts per engine call (their frontier nodes are "
+                                     "batched together).", check=at_least(1))
+    device: Optional[str] = setting(None, "hf: auto, cpu, cuda or cuda:N (default auto).",
+                                    check=_check_device)
+    dtype: Optional[str] = setting(None, "Weights dtype for sampling (default float32).",
+                                   choices=lambda: DTYPES)
+
+    def engine_config(self, seed: int, *, greedy: bool = False):
+        """The per-call engine settings (``greedy`` for evaluation)."""
+        from tcli.engines.base import SamplingConfig
+
+        return SamplingConfig(temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
+                              max_new_tokens=self.max_new_tokens,
+                              min_new_tokens=0 if greedy else self.min_new_tokens, seed=seed)
+
+
+@dataclass(frozen=True)
+class VerifyOptions(Options):
+    """How answers are scored (verify, eval, loop)."""
+
+    TABLE: ClassVar[str] = "verify"
+
+    task: str = setting("auto", "Verifier: auto (per record: choices -> choice; GSM8K/GSM-Hard "
+                        "source -> gsm8k; tcli-arith -> arith; else math), a registered name "
+                        "(math, gsm8k, choice, arith) or python:module:function.",
+                        check=_check_task, short="-t")
+    timeout: float = setting(5.0, "Hard limit per answer in seconds: a verifier still running is "
+                             "killed and the record scores 0 with verdict.error = 'timeout'.",
+                             check=lambda v: None if 0 < v < float("inf")
+                             else f"must be a finite number > 0, got {v}")
+    workers: Optional[int] = setting(None, "Verifier processes (default: all cores); 0 = in this "
+                                     "process without a timeout (debugging).", check=at_least(0),
+                                     short="-j")
+
+
+@dataclass(frozen=True)
+class AdvantageOptions(Options):
+    """How rewards become per-token advantages (advantages, loop); DESIGN §4."""
+
+    TABLE: ClassVar[str] = "advantages"
+
+    estimator: str = setting("tempo", "Advantage estimator.", choices=_estimators, short="-e")
+    std: str = setting("unbiased", "Group std: unbiased (divides by G-1) or population (G).",
+                       choices=lambda: ("unbiased", "population"))
+    td_coef: float = setting(1.0, "TEMPO: weight lambda of the TD correction.", check=finite)
+    norm: str = setting("std", "TreeRPO: normalise siblings by std or only subtract the mean.",
+                        choices=lambda: ("std", "mean"))
+    prune_std: float = setting(0.0, "TreeRPO: sibling groups with std below this get 0.",
+                               check=finite_at_least(0.0))
+
+
+@dataclass(frozen=True)
+class TrainOptions(Options):
+    """One policy-gradient update (train-step, loop); defaults as in the TEMPO paper."""
+
+    TABLE: ClassVar[str] = "train"
+
+    lr: float = setting(1e-6, "AdamW learning rate.", check=finite_at_least(0.0))
+    clip_low: float = setting(0.2, "PPO clip: ratio lower bound 1 - eps_low.",
+                              check=in_range(0.0, 1.0, hi_open=True))
+    clip_high: float = setting(0.28, "PPO clip: ratio upper bound 1 + eps_high.",
+                               check=finite_at_least(0.0))
+    dual_clip: float = setting(3.0, "Dual-clip bound c for A < 0 (0 = off).",
+                               check=lambda v: None if v == 0 or (v > 1 and v < float("inf"))
+                               else f"must be > 1 (or 0 to disable), got {v}")
+    loss_agg: str = setting("token-mean", "Loss aggregation.", choices=_loss_aggs)
+    kl_coef: float = setting(0.0, "Weight of the KL-to-reference term (needs --ref-model).",
+                             check=finite_at_least(0.0))
+    kl_estimator: str = setting("k3", "KL estimator.", choices=_kl_estimators)
+    ref_model: Optional[str] = setting(None, "Reference model directory (KL is reported whenever "
+                                       "given).")
+    epochs: int = setting(1, "Passes over the rollouts.", check=at_least(1))
+    mini_batches: int = setting(1, "Optimizer steps per epoch (the rollouts are split into this "
+                                "many mini-batches).", check=at_least(1))
+    micro_batch_tokens: int = setting(16384, "Padded tokens per forward/backward (gradient "
+                                      "accumulation above that).", check=at_least(1))
+    max_grad_norm: float = setting(1.0, "Gradient-norm clip (0 = none).", check=finite_at_least(0.0))
+    weight_decay: float = setting(0.0, "AdamW weight decay.", check=finite_at_least(0.0))
+    bf16: bool = setting(False, "bfloat16 autocast (fp32 master weights).")
+    grad_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.", check=_check_device)
+
+    def check(self) -> None:
+        if self.kl_coef > 0 and not self.ref_model:
+            raise UsageError(f"{self.label('kl_coef')} > 0 needs {self.flag('ref_model')}")
+
+
+@dataclass(frozen=True)
+class EvalOptions(Options):
+    """Evaluation (eval, loop): greedy by default, unlike training's sampling."""
+
+    TABLE: ClassVar[str] = "eval"
+
+    n: int = like(SampleOptions, "n", 1)
+    temperature: float = like(SampleOptions, "temperature", 0.0)
+    k: str = setting("1", "Comma-separated k for unbiased pass@k (each between 1 and n).")
+    limit: int = setting(0, "Evaluate only the first N prompts (0 = all).", check=at_least(0))
+
+    @property
+    def ks(self) -> list[int]:
+        return parse_ks(self.k, self.n, self.label("k"))
+
+    def check(self) -> None:
+        parse_ks(self.k, self.n, self.label("k"))
+
+
+def parse_ks(k: str, n: int, label: str) -> list[int]:
+    try:
+        ks = sorted({int(x) for x in k.split(",") if x.strip()})
+    except ValueError:
+        raise UsageError(f"{label} must be comma-separated integers, got {k!r}") from None
+    if not ks or min(ks) < 1 or max(ks) > n:
+        raise UsageError(f"{label} values must be between 1 and n ({n}), got {k!r}")
+    return ks
+
+
+STAGE_OPTIONS = (SampleOptions, VerifyOptions, AdvantageOptions, TrainOptions, EvalOptions)

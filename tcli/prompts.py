@@ -1,0 +1,105 @@
+"""Prompt records: validation, templates and tokenisation (shared by sample-tree, eval and loop)."""
+
+from __future__ import annotations
+
+import re
+
+from tcli.errors import DataError, UsageError
+
+BOXED = "{prompt}\nLet's think step by step and output the final answer within \\boxed{}."
+CHOICE = ("{prompt}\n\n{choices}\n\nThink step by step, then give the letter of the correct option "
+          "as <answer>X</answer>.")
+PROMPT_TEMPLATES = {"boxed": BOXED, "choice": CHOICE, "plain": "{prompt}"}
+TEMPLATE_HELP = ("auto (choice when the record has choices, else boxed) | boxed | choice | plain | "
+                 "a string with {prompt} (and optionally {choices})")
+_PLACEHOLDER = re.compile(r"\{(prompt|choices)\}")
+
+
+
+def check_prompt_record(rec: dict) -> None:
+    """Raise DataError naming the field when a prompt record lacks ``id`` or ``prompt``."""
+    if not isinstance(rec, dict):
+        raise DataError(f"record must be an object, got {type(rec).__name__}")
+    if "id" not in rec:
+        raise DataError("missing required field", field="id")
+    pid = rec["id"]
+    if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+        raise DataError(f"must be a string or integer, got {type(pid).__name__}", field="id")
+    if "prompt" not in rec:
+        raise DataError("missing required field", field="prompt")
+    if not isinstance(rec["prompt"], str):
+        raise DataError(f"must be a string, got {type(rec['prompt']).__name__}", field="prompt")
+
+
+def resolve_template(template: str | None) -> str:
+    """A preset name or a custom template; a custom one must contain ``{prompt}``."""
+    if template in (None, "auto"):
+        return "auto"
+    if template in PROMPT_TEMPLATES:
+        return PROMPT_TEMPLATES[template]
+    if "{prompt}" not in template:
+        raise UsageError(f"--prompt-template must be one of auto, {', '.join(PROMPT_TEMPLATES)} "
+                         "or contain the placeholder {prompt}")
+    return template
+
+
+def format_choices(choices) -> str:
+    if not isinstance(choices, dict) or not choices:
+        raise DataError("must be an object mapping letters to option texts", field="choices")
+    return "\n".join(f"{k}. {v}" for k, v in choices.items())
+
+
+def render_prompt(rec: dict, template: str) -> str:
+    """Fill a resolved template; plain replacement, so braces elsewhere (``\\boxed{}``) stay as is."""
+    if template == "auto":
+        template = CHOICE if rec.get("choices") else BOXED
+    choices = format_choices(rec.get("choices")) if "{choices}" in template else ""
+    return _PLACEHOLDER.sub(lambda m: rec["prompt"] if m.group(1) == "prompt" else choices, template)
+
+
+def encode_prompt(tokenizer, text: str, chat_template: bool | None = None) -> list[int]:
+    """Token ids of the prompt, through the tokenizer's chat template when it has one (or forced)."""
+    has = getattr(tokenizer, "chat_template", None) is not None
+    if chat_template is None:
+        chat_template = has
+    if chat_template:
+        if not has:
+            raise UsageError("--chat-template: the tokenizer has no chat template")
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+
+def read_prompts(path: str, limit: int | None = None) -> list[dict]:
+    """Prompt records with answers, validated here so later stages never see a bad one: every
+    error names this file and line (missing/ill-typed id, prompt or answer, a repeated id)."""
+    from tcli.errors import DataError
+    from tcli.io import RecordReader, SeenKeys
+
+    if not path:
+        raise UsageError("no prompt file given (train_data / eval_data)")
+    out = []
+    seen = SeenKeys()
+    reader = RecordReader(path)
+    for line, rec in reader:
+        try:
+            check_prompt_record(rec)
+            if "answer" not in rec:
+                raise DataError("missing required field", field="answer")
+            if isinstance(rec["answer"], bool) or not isinstance(rec["answer"], (str, int, float)):
+                raise DataError(f"must be a string or number, got {type(rec['answer']).__name__}",
+                                field="answer")
+            if not seen.add(rec["id"]):
+                raise DataError(f"prompt id {rec['id']!r} appears twice", field="id")
+        except DataError as e:
+            raise e.located(reader.name, line) from None
+        out.append(rec)
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise UsageError(f"no prompts in {path}")
+    return out
+
+
