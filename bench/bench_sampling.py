@@ -47,7 +47,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    from tcli.engines.base import SamplingConfig
+    from tcli.config.stages import SampleOptions
     from tcli.engines.hf import HFEngine
     from tcli.models.tiny import init_tiny_model
     from tcli.stages.sample import sample_records
@@ -61,26 +61,27 @@ def main() -> None:
     text = "".join(p["prompt"] for p in prompts)
     leaves_per_prompt = args.width ** args.depth
     max_new = args.depth * args.segment_tokens
-    cfg = SamplingConfig(max_new_tokens=max_new, min_new_tokens=max_new, seed=args.seed)
+    base = SampleOptions(max_new_tokens=max_new, min_new_tokens=max_new,
+                         prompts_per_batch=len(prompts))
     with tempfile.TemporaryDirectory() as tmp:
         model = init_tiny_model(os.path.join(tmp, "tiny"), seed=args.seed, text=text,
                                 hidden=args.hidden, layers=args.layers)
         engine = HFEngine(model, batch_tokens=args.batch_tokens)
         runs = {
-            "independent": dict(mode="independent", n=leaves_per_prompt),
-            "tree": dict(mode="tree", width=args.width, depth=args.depth,
-                         segment_tokens=args.segment_tokens),
+            "independent": base.replace(mode="independent", n=leaves_per_prompt),
+            "tree": base.replace(mode="tree", width=args.width, depth=args.depth,
+                                 segment_tokens=args.segment_tokens),
         }
         # warm-up (allocator, kernels) on a short run
-        list(sample_records(engine, prompts[:1], mode="independent", n=4,
-                            cfg=SamplingConfig(max_new_tokens=4, seed=1), chunk_size=len(prompts)))
+        list(sample_records(engine, prompts[:1], base.replace(n=4, max_new_tokens=4,
+                                                              min_new_tokens=0), seed=1))
         results = {}
-        for name, kw in runs.items():
+        for name, opts in runs.items():
             best = None
             for _ in range(args.repeats):
                 engine.generated_tokens = 0
                 t0 = time.perf_counter()
-                recs = list(sample_records(engine, prompts, cfg=cfg, chunk_size=len(prompts), **kw))
+                recs = list(sample_records(engine, prompts, opts, seed=args.seed))
                 dt = time.perf_counter() - t0
                 assert len(recs) == leaves_per_prompt * len(prompts), len(recs)
                 assert all(len(r["token_ids"]) == max_new for r in recs)

@@ -8,8 +8,9 @@ the CPU stages start fast.
 from __future__ import annotations
 
 import os
-import traceback
+import signal
 import sys
+import traceback
 
 import typer
 
@@ -39,17 +40,24 @@ def _register_commands() -> None:
     global _registered
     import importlib
 
-    if _registered:
-        return
-    _registered = True
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"tcli.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"tcli.commands.{name}":
-                continue  # command not built yet
-            raise
-        mod.register(app)
+    if not _registered:
+        _registered = True
+        for name in COMMAND_MODULES:
+            importlib.import_module(f"tcli.commands.{name}").register(app)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised in the main thread so that cleanup (temporary files, worker
+    processes) runs; a BaseException of our own, so no library turns it into success."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.exit_code = 128 + signum
+        self.what = "interrupted" if signum == signal.SIGINT else "terminated"
+
+
+def _on_signal(signum, frame) -> None:
+    raise Interrupted(signum)
 
 
 @app.callback(invoke_without_command=True)
@@ -91,10 +99,18 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TCLI_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
+    if sys.stdout is None:  # started with stdout closed (`>&-`): say so once, write nothing
+        _report("standard output is closed; redirect it or use -o FILE")
+        sys.exit(EXIT_USAGE)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
     _register_commands()
     code = 0
     try:
-        app(args=argv, prog_name="tcli", standalone_mode=False)
+        rv = app(args=argv, prog_name="tcli", standalone_mode=False)
+        if rv == 130:  # typer turns a KeyboardInterrupt raised by user code into a return value
+            _report("interrupted")
+        code = rv if isinstance(rv, int) else 0
     except typer.Exit as e:
         code = e.exit_code
     except SystemExit as e:
@@ -104,9 +120,12 @@ def main(argv: list[str] | None = None) -> None:
             code = 0
         else:
             code = e.code
-    except typer.Abort:
-        _report("aborted")
+    except (typer.Abort, KeyboardInterrupt):
+        _report("interrupted")
         code = 130
+    except Interrupted as e:
+        _report(e.what)
+        code = e.exit_code
     except click_exc.ClickException as e:
         if isinstance(e, getattr(click_exc, "NoArgsIsHelpError", ())):
             e.show()  # `tcli` alone: the help text is the answer
@@ -119,9 +138,6 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         _report(e.one_line())
         code = e.exit_code
-    except KeyboardInterrupt:
-        _report("interrupted")
-        code = 130
     except BrokenPipeError:
         _stdout_closed()
         code = 0
@@ -142,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         _stdout_closed()
-    sys.exit(code if isinstance(code, int) else 0)
+    sys.exit(0 if code is None else code if isinstance(code, int) else 1)
 
 
 __all__ = ["app", "main", "DataError", "EXIT_DATA"]

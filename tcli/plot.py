@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import orjson
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    """The records of ``run_dir/metrics.jsonl`` up to the first incomplete line."""
+def read_metrics(run_dir: str, warn: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """The well-formed records of ``run_dir/metrics.jsonl``. A torn last line (a kill during an
+    append) is dropped quietly; a corrupt line elsewhere is skipped with a warning, and the valid
+    lines after it are kept."""
     path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
     out = []
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            for line in f:
-                try:
-                    out.append(orjson.loads(line))
-                except orjson.JSONDecodeError:
-                    break
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+        elif i < len(lines) - 1:
+            warn(f"{path}:{i + 1}: skipping a corrupt metrics line")
     return out
 
 

@@ -10,7 +10,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tcli.errors import DataError, UsageError
-from tcli.algos.estimators import ESTIMATORS, EPS, EstimatorOptions, compute_advantages
+from tcli.algos.estimators import ESTIMATORS, EPS, Group, compute_advantages
+from tcli.config.stages import AdvantageOptions
 from tcli.stages.tree import build_tree_group
 
 ORACLE_TOKENS = [[5, 7, 9, 2], [5, 7, 8, 2], [5, 6, 9, 2], [4, 6, 2]]
@@ -23,8 +24,9 @@ def group(tokens, rewards, **extra):
 
 
 def adv(recs, name, **opt):
-    out, _ = compute_advantages([dict(r) for r in recs], name, EstimatorOptions(**opt))
-    return [a.tolist() for a in out]
+    out = compute_advantages(Group.from_records([dict(r) for r in recs]), name,
+                             AdvantageOptions(estimator=name, **opt))
+    return [a.tolist() for a in out.per_token]
 
 
 def close(got, want, tol=1e-5):
@@ -49,22 +51,36 @@ def test_design_oracle_tempo():
     close([a[1]], [[-0.577350, -1.154701, -1.732051, -0.866025]])
 
 
-def test_tempo_uses_stored_values_from_build_tree():
+def _tempo_stage(recs):
+    from tcli.stages.advantages import advantages_group
+
+    return advantages_group(Group.from_records(recs), AdvantageOptions(estimator="tempo"))
+
+
+def test_tempo_recomputes_the_tree_and_accepts_matching_stored_values():
     recs = build_tree_group(group(ORACLE_TOKENS, ORACLE_REWARDS))
     assert all("values" in r and "branch" in r for r in recs)
-    close(adv(recs, "tempo"), adv(group(ORACLE_TOKENS, ORACLE_REWARDS), "tempo"), tol=1e-12)
-    # stored values are what TEMPO reads: change them and the advantages follow
-    recs[3]["values"] = [0.5, 0.5, 0.5, 0.0]
-    a = adv(recs, "tempo")
-    sigma = np.std(ORACLE_REWARDS, ddof=1) + EPS
-    close([a[3]], [[-0.5 / sigma, -0.5 / sigma, -1.0 / sigma]])
+    out = [r["advantages"] for r in _tempo_stage([dict(r) for r in recs])]
+    close(out, adv(group(ORACLE_TOKENS, ORACLE_REWARDS), "tempo"), tol=1e-12)
+
+
+def test_stale_stored_values_are_a_data_error():
+    """Rewards changed after build-tree (verify re-run): the old values must not be combined."""
+    recs = build_tree_group(group(ORACLE_TOKENS, ORACLE_REWARDS))
+    recs[3]["reward"] = 1
+    with pytest.raises(DataError) as e:
+        _tempo_stage(recs)
+    assert e.value.field == "values" and "stale" in e.value.message
+    # grpo does not read the tree: stored values are not its business
+    from tcli.stages.advantages import advantages_group
+    advantages_group(Group.from_records(recs), AdvantageOptions(estimator="grpo"))
 
 
 def test_stored_values_of_wrong_length_is_a_data_error():
     recs = build_tree_group(group(ORACLE_TOKENS, ORACLE_REWARDS))
     recs[2]["values"] = recs[2]["values"][:-1]
     with pytest.raises(DataError) as e:
-        adv(recs, "tempo")
+        _tempo_stage(recs)
     assert e.value.field == "values" and e.value.index == 2
 
 

@@ -60,8 +60,15 @@ def ab_engine(tmp_path_factory):
     return HFEngine(d, batch_tokens=256)
 
 
-def _run(engine, prompts=PROMPTS, **kw):
-    return list(sample_records(engine, prompts, **kw))
+def _run(engine, prompts=PROMPTS, cfg=None, template="auto", chunk_size=16, native=True, **kw):
+    """sample_records with SampleOptions built from the engine-call config and keyword settings."""
+    from tcli.config.stages import SampleOptions
+
+    cfg = cfg or SamplingConfig()
+    opts = SampleOptions(temperature=cfg.temperature, top_p=cfg.top_p,
+                         max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+                         prompt_template=template, prompts_per_batch=chunk_size, **kw)
+    return list(sample_records(engine, prompts, opts, seed=cfg.seed, native=native))
 
 
 def _teacher_forced(engine, rec):

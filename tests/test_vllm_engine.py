@@ -15,6 +15,7 @@ pytest.importorskip("vllm", reason="optional vllm extra not installed (make test
 import orjson  # noqa: E402
 import torch  # noqa: E402
 
+from tcli.config.stages import SampleOptions  # noqa: E402
 from tcli.engines.base import SamplingConfig  # noqa: E402
 from tcli.models.checkpoint import STATE_FILE  # noqa: E402
 
@@ -170,9 +171,10 @@ RECORDS = [{"id": "p1", "prompt": "abc", "answer": "1", "meta": {"k": 1}},
 def test_sample_records_tree_mode(engine, models):
     sampling = pytest.importorskip("tcli.stages.sample", reason="tcli.stages.sample not written yet")
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=14, seed=1)
-    kw = dict(mode="tree", width=2, depth=3, segment_tokens=4, cfg=cfg, template="plain")
-    recs = list(sampling.sample_records(engine, RECORDS, **kw))
-    again = list(sampling.sample_records(engine, RECORDS, **kw))
+    opts = SampleOptions(mode="tree", width=2, depth=3, segment_tokens=4, prompt_template="plain",
+                         temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    recs = list(sampling.sample_records(engine, RECORDS, opts, seed=cfg.seed))
+    again = list(sampling.sample_records(engine, RECORDS, opts, seed=cfg.seed))
     assert recs == again                                    # same seed, same records
     tok = engine.tokenizer
     by_prompt: dict = {}
@@ -211,9 +213,10 @@ def test_greedy_records_match_hf_engine(engine, models):
 
     hf = HFEngine(models["base"])
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=16, seed=0)
-    kw = dict(mode="independent", n=2, cfg=cfg, template="plain")
-    v = list(sampling.sample_records(engine, RECORDS, **kw))
-    h = list(sampling.sample_records(hf, RECORDS, **kw))
+    opts = SampleOptions(n=2, prompt_template="plain", temperature=cfg.temperature,
+                         max_new_tokens=cfg.max_new_tokens)
+    v = list(sampling.sample_records(engine, RECORDS, opts, seed=cfg.seed))
+    h = list(sampling.sample_records(hf, RECORDS, opts, seed=cfg.seed))
     assert len(v) == len(h) == 4
     for a, b in zip(v, h):
         assert a["token_ids"] == b["token_ids"] and a["finish_reason"] == b["finish_reason"]

@@ -18,7 +18,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from tcli.config import load_config  # noqa: E402
+from tcli.config.loop import load_config  # noqa: E402
 from tcli.loop import run_loop  # noqa: E402
 from tcli.plot import plot_runs, read_metrics  # noqa: E402
 

@@ -1,41 +1,43 @@
 """Advantage estimators (DESIGN §4), registered by name.
 
-An estimator maps one prompt's group to one float64 array per response (one value per response
-token). Every estimator is vectorised over the group; the only Python loops run over responses or
-tree nodes, never over tokens.
+An estimator maps one prompt's group to an :class:`Advantages` result: one float64 array per
+response (one value per response token). Every estimator is vectorised over the group; the only
+Python loops run over responses or tree nodes, never over tokens.
+
+Huge rewards: a group whose rewards exceed 1e100 in magnitude is computed on rewards divided by a
+power of two (exact), so sums and squares cannot overflow; an advantage that is still not finite
+(``dr_grpo`` of ±1e308) is a data error, never an ``inf`` in the output.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from tcli.errors import DataError
-from tcli.records import at_record, float_array, in_group, int_list, reward, token_array
+from tcli.records import at_record, in_group, int_list, reward, token_array
 from tcli.registry import Registry
 
+if TYPE_CHECKING:
+    from tcli.algos.tree import PrefixTree
+    from tcli.config.stages import AdvantageOptions
+
 EPS = 1e-6
-
-
-@dataclass
-class EstimatorOptions:
-    std: str = "unbiased"        # unbiased (G-1) | population (G)
-    td_coef: float = 1.0         # TEMPO's lambda
-    norm: str = "std"            # TreeRPO: std | mean
-    prune_std: float = 0.0       # TreeRPO: sibling groups with std below this get 0
-    eps: float = EPS
+HUGE = 1e100  # rewards beyond this are rescaled by a power of two before any arithmetic
 
 
 @dataclass
 class Group:
-    """One prompt's responses, validated: token arrays and finite rewards."""
+    """One prompt's responses, validated once: token arrays and finite rewards. The P2T tree is
+    built on first use and shared by every consumer (estimator, metrics, build-tree)."""
 
     records: list[dict]
     tokens: list[np.ndarray]
     rewards: np.ndarray
-    stats: dict = field(default_factory=dict)  # filled by estimators for --stats
 
     @classmethod
     def from_records(cls, recs: list[dict]) -> "Group":
@@ -49,87 +51,107 @@ class Group:
     def lens(self) -> np.ndarray:
         return np.fromiter((len(t) for t in self.tokens), dtype=np.int64, count=len(self.tokens))
 
+    @cached_property
+    def scale(self) -> float:
+        """1, or a power of two that brings every |reward| below 1 (exact division)."""
+        top = float(np.abs(self.rewards).max())
+        return 1.0 if top <= HUGE else math.ldexp(1.0, math.frexp(top)[1])
 
-Estimator = Callable[[Group, EstimatorOptions], list[np.ndarray]]
+    @cached_property
+    def scaled_rewards(self) -> np.ndarray:
+        return self.rewards / self.scale
+
+    @cached_property
+    def tree(self) -> "PrefixTree":
+        """The P2T prefix tree in units of ``scaled_rewards``."""
+        from tcli.algos.tree import build_prefix_tree
+
+        return build_prefix_tree(self.tokens, self.scaled_rewards)
+
+    @property
+    def values(self) -> np.ndarray:
+        """Flat V of every prefix (tree layout), in reward units."""
+        return self.tree.flat_values * self.scale
+
+    def branch_tokens(self) -> int:
+        return int(np.count_nonzero(self.tree.flat_branch))
+
+
+@dataclass
+class Advantages:
+    """What an estimator returns: per-token advantages and whether the group carried no signal."""
+
+    per_token: list[np.ndarray]
+    zero_variance: bool
+
+
+Estimator = Callable[[Group, "AdvantageOptions"], Advantages]
 ESTIMATORS: Registry[Estimator] = Registry("estimator")
+TREE_ESTIMATORS = frozenset({"tempo"})  # estimators that read the P2T tree
 
 
 def group_std(r: np.ndarray, mode: str) -> float:
-    if mode not in ("unbiased", "population"):
-        raise ValueError(f"std must be unbiased or population, got {mode!r}")
     if len(r) < 2:
         return 0.0
     return float(np.std(r, ddof=1 if mode == "unbiased" else 0))
 
 
-def _per_token(group: Group, seq_adv: np.ndarray) -> list[np.ndarray]:
-    return [np.full(len(t), a, dtype=np.float64) for t, a in zip(group.tokens, seq_adv)]
+def _per_token(group: Group, seq_adv: np.ndarray, zero: bool = False) -> Advantages:
+    return Advantages([np.full(len(t), a, dtype=np.float64) for t, a in zip(group.tokens, seq_adv)],
+                      zero)
 
 
-def _degenerate(group: Group, sigma: float) -> bool:
-    """G = 1 or sigma = 0: no signal, all advantages are exactly zero (never NaN)."""
-    zero = len(group.rewards) < 2 or sigma == 0.0
-    group.stats["zero_variance"] = zero
-    return zero
+def _no_signal(group: Group) -> Advantages:
+    """G = 1 or sigma = 0: every advantage is exactly zero (never NaN)."""
+    return _per_token(group, np.zeros_like(group.rewards), zero=True)
+
+
+def _sigma(group: Group, opt) -> float | None:
+    """The scaled group std, or None when the group carries no signal."""
+    sigma = group_std(group.scaled_rewards, opt.std)
+    return None if len(group.rewards) < 2 or sigma == 0.0 else sigma
 
 
 @ESTIMATORS.register("grpo")
-def grpo(group: Group, opt: EstimatorOptions) -> list[np.ndarray]:
+def grpo(group: Group, opt) -> Advantages:
     """Group-normalised sequence reward, the same for every token."""
-    r = group.rewards
-    sigma = group_std(r, opt.std)
-    if _degenerate(group, sigma):
-        return _per_token(group, np.zeros_like(r))
-    return _per_token(group, (r - r.mean()) / (sigma + opt.eps))
+    r, sigma = group.scaled_rewards, _sigma(group, opt)
+    if sigma is None:
+        return _no_signal(group)
+    return _per_token(group, (r - r.mean()) / (sigma + EPS / group.scale))
 
 
 @ESTIMATORS.register("dr_grpo")
-def dr_grpo(group: Group, opt: EstimatorOptions) -> list[np.ndarray]:
+def dr_grpo(group: Group, opt) -> Advantages:
     """GRPO without the std division (Dr. GRPO): r - mean."""
-    r = group.rewards
-    if _degenerate(group, group_std(r, opt.std)):
-        return _per_token(group, np.zeros_like(r))
-    return _per_token(group, r - r.mean())
+    r = group.scaled_rewards
+    if _sigma(group, opt) is None:
+        return _no_signal(group)
+    return _per_token(group, (r - r.mean()) * group.scale)
 
 
 @ESTIMATORS.register("rloo")
-def rloo(group: Group, opt: EstimatorOptions) -> list[np.ndarray]:
+def rloo(group: Group, opt) -> Advantages:
     """Leave-one-out baseline: r_i minus the mean of the other G-1 rewards."""
-    r = group.rewards
-    g = len(r)
-    if _degenerate(group, group_std(r, opt.std)):
-        return _per_token(group, np.zeros_like(r))
-    return _per_token(group, (r * g - r.sum()) / (g - 1))
-
-
-def prefix_tree_of(group: Group):
-    """The P2T tree: taken from ``values`` written by build-tree when present, else built here."""
-    from tcli.algos.tree import PrefixTree, build_prefix_tree
-
-    if all("values" in rec for rec in group.records):
-        vals = []
-        for i, (rec, t) in enumerate(zip(group.records, group.tokens)):
-            with at_record(i):
-                vals.append(float_array(rec, "values", len(t) + 1))
-        return PrefixTree.from_lists(vals, [np.zeros(len(t), dtype=bool) for t in group.tokens])
-    return build_prefix_tree(group.tokens, group.rewards)
+    r, g = group.scaled_rewards, len(group.rewards)
+    if _sigma(group, opt) is None:
+        return _no_signal(group)
+    return _per_token(group, (r * g - r.sum()) / (g - 1) * group.scale)
 
 
 @ESTIMATORS.register("tempo")
-def tempo(group: Group, opt: EstimatorOptions) -> list[np.ndarray]:
+def tempo(group: Group, opt) -> Advantages:
     """GRPO plus the temporal-difference correction delta = V(s_{t+1}) - V(s_t) from the P2T tree."""
-    r = group.rewards
-    sigma = group_std(r, opt.std)
-    if _degenerate(group, sigma):
-        return _per_token(group, np.zeros_like(r))
-    tree = prefix_tree_of(group)
+    r, sigma = group.scaled_rewards, _sigma(group, opt)
+    if sigma is None:
+        return _no_signal(group)
+    tree = group.tree
     flat_delta = np.diff(tree.flat_values, append=0.0)  # slot t of response i: V(t+1) - V(t)
     lens = tree.lens
     base = np.repeat(r - r.mean(), lens + 1)
-    flat_adv = (base + opt.td_coef * flat_delta) / (sigma + opt.eps)
-    if tree.from_build:  # the leaf slot after each response is never flagged
-        group.stats["branch_tokens"] = int(np.count_nonzero(tree.flat_branch))
-    return [flat_adv[s : s + n] for s, n in zip(tree.starts.tolist(), lens.tolist())]
+    flat_adv = (base + opt.td_coef * flat_delta) / (sigma + EPS / group.scale)
+    return Advantages([flat_adv[s : s + n] for s, n in zip(tree.starts.tolist(), lens.tolist())],
+                      False)
 
 
 # ----------------------------------------------------------------------------- TreeRPO
@@ -156,14 +178,23 @@ def _tree_paths(group: Group) -> tuple[list[tuple[int, ...]], list[np.ndarray]]:
 
 
 @ESTIMATORS.register("treerpo")
-def treerpo(group: Group, opt: EstimatorOptions) -> list[np.ndarray]:
+def treerpo(group: Group, opt) -> Advantages:
     """Step-level advantages: V(node) = mean of its children's V, normalised among siblings."""
-    if opt.norm not in ("std", "mean"):
-        raise ValueError(f"norm must be std or mean, got {opt.norm!r}")
     paths, seg_ends = _tree_paths(group)
+    value, children = _node_values(group, paths)
+    adv, zero_groups = _sibling_advantages(value, children, opt, group.scale)
+    out = []
+    for path, ends in zip(paths, seg_ends):
+        seg_adv = np.array([adv[path[: d + 1]] for d in range(len(path))])
+        out.append(np.repeat(seg_adv, np.diff(ends, prepend=0)))
+    return Advantages(out, zero_groups == len(children))
+
+
+def _node_values(group: Group, paths):
+    """V(leaf) = its scaled reward, V(node) = mean of its children's V; and each node's children."""
     value: dict[tuple[int, ...], float] = {}
     children: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
-    for i, (path, rw) in enumerate(zip(paths, group.rewards)):
+    for i, (path, rw) in enumerate(zip(paths, group.scaled_rewards)):
         if path in value:
             with at_record(i):
                 raise DataError(f"two responses share the leaf node_path {list(path)}",
@@ -181,34 +212,32 @@ def treerpo(group: Group, opt: EstimatorOptions) -> list[np.ndarray]:
                                 field="node_path")
     for node in sorted(children, key=len, reverse=True):  # bottom-up over nodes, not tokens
         value[node] = float(np.mean([value[c] for c in children[node]]))
+    return value, children
+
+
+def _sibling_advantages(value, children, opt, scale: float):
+    """Each sibling group normalised on its own; groups without spread (or below prune_std) get 0."""
     adv: dict[tuple[int, ...], float] = {}
     zero_groups = 0
     for parent, kids in children.items():
         v = np.array([value[c] for c in kids])
         sd = group_std(v, opt.std)
-        if len(v) < 2 or sd == 0.0 or sd < opt.prune_std:
+        if len(v) < 2 or sd == 0.0 or sd * scale < opt.prune_std:
             a = np.zeros_like(v)
             zero_groups += 1
         elif opt.norm == "std":
-            a = (v - v.mean()) / (sd + opt.eps)
+            a = (v - v.mean()) / (sd + EPS / scale)
         else:
-            a = v - v.mean()
+            a = (v - v.mean()) * scale
         adv.update(zip(kids, a.tolist()))
-    group.stats["zero_variance"] = zero_groups == len(children)
-    out = []
-    for path, ends in zip(paths, seg_ends):
-        seg_adv = np.array([adv[path[: d + 1]] for d in range(len(path))])
-        seg_len = np.diff(ends, prepend=0)
-        out.append(np.repeat(seg_adv, seg_len))
+    return adv, zero_groups
+
+
+def compute_advantages(group: Group, name: str, opt) -> Advantages:
+    """Run the named estimator; an advantage that overflowed is a data error naming the reward."""
+    out = ESTIMATORS.get(name)(group, opt)
+    for a in out.per_token:
+        if not np.isfinite(a).all():
+            raise DataError(f"rewards of this group are too large: {name} advantages overflow "
+                            "(rescale the rewards)", field="reward")
     return out
-
-
-def compute_advantages(recs: list[dict], name: str, opt: EstimatorOptions) -> tuple[list[np.ndarray], Group]:
-    """Validate a group and run the named estimator on it."""
-    fn = ESTIMATORS.get(name)
-    group = Group.from_records(recs)
-    return fn(group, opt), group
-
-
-def estimator_names() -> Sequence[str]:
-    return ESTIMATORS.names()

@@ -1,8 +1,11 @@
-"""Options shared by every command and the driver that runs a stage over a record stream."""
+"""Plumbing shared by every command: input/output options and the drivers that run a stage over
+a record stream. Stage settings are not declared here: they come from ``tcli.config``."""
 
 from __future__ import annotations
 
 import sys
+import time
+from contextlib import contextmanager
 from typing import Annotated, Callable, Iterable, Iterator, Optional
 
 import typer
@@ -20,6 +23,7 @@ InputFormatOpt = Annotated[Optional[str], typer.Option("--input-format", help="F
                                                        "format: jsonl | arrow (default: detect).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (same inputs + seed = same output).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model or checkpoint directory.")]
 
 
 def stderr_console(quiet: bool = False):
@@ -35,25 +39,48 @@ def progress_enabled(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
+@contextmanager
+def group_progress(label: str, quiet: bool, total: int | None = None):
+    """A progress bar on a terminal's stderr; yields the per-group callback (or None)."""
+    if not progress_enabled(quiet):
+        yield None
+        return
+    from rich.progress import (BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn)
+
+    bar = Progress(SpinnerColumn(), TextColumn(label), BarColumn(),
+                   TextColumn("{task.completed} prompts"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+                   TimeElapsedColumn(), console=stderr_console(), transient=False)
+    task = bar.add_task(label, total=total, tps=0.0)
+    t0, tokens = time.perf_counter(), [0]
+
+    def on_group(group: list[dict]) -> None:
+        tokens[0] += sum(len(r["token_ids"]) for r in group)
+        bar.update(task, advance=1, tps=tokens[0] / max(time.perf_counter() - t0, 1e-9))
+
+    with bar:
+        yield on_group
+
+
+def located(e: DataError, name: str, lines: list[int]) -> DataError:
+    """A stage's error (which knows the record's index in its group) at the record's line."""
+    idx = getattr(e, "index", None)
+    return e.located(name, lines[idx] if idx is not None and idx < len(lines) else
+                     (lines[0] if lines else None))
+
+
 def run_groups(input: str, output: str, fmt: str | None, input_format: str | None,
                fn: Callable[[list[dict]], Iterable[dict]]) -> int:
-    """Read groups of consecutive records by prompt_id, apply ``fn`` and write what it returns.
-
-    A DataError raised by ``fn`` carrying ``index`` (the record's position in its group) is
-    located at that record's line.
-    """
+    """Read groups of consecutive records by prompt_id, apply ``fn`` and write what it returns."""
     reader = RecordReader(input, input_format)
     n = 0
     with RecordWriter(output, fmt) as writer:
         for lines, recs in iter_groups(reader, reader.name):
             try:
-                out = fn(recs)
-                for rec in out:
+                for rec in fn(recs):
                     writer.write(rec)
                     n += 1
             except DataError as e:
-                idx = getattr(e, "index", None)
-                raise e.located(reader.name, lines[idx] if idx is not None else lines[0]) from None
+                raise located(e, reader.name, lines) from None
     return n
 
 

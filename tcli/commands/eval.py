@@ -2,84 +2,82 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import typer
 
-from tcli.commands.common import InputFormatOpt, QuietOpt, SeedOpt
+from tcli.commands.common import ModelOpt, QuietOpt, SeedOpt, stderr_console
+from tcli.config.flags import Without, options_command
+from tcli.config.stages import EvalOptions, SampleOptions, VerifyOptions
+from tcli.errors import TcliError, UsageError
+
+# eval draws independent samples; n and temperature are EvalOptions' (greedy by default)
+EvalSampling = Annotated[SampleOptions, Without("mode", "width", "depth", "segment_tokens", "n",
+                                                "temperature", "min_new_tokens")]
 
 
+def _check_target(path: str | None, flag: str) -> None:
+    """A missing output directory is a usage error before any work (nothing written)."""
+    if path and path != "-":
+        d = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(d):
+            raise UsageError(f"{flag}: directory does not exist: {d}")
+
+
+@options_command
 def eval_cmd(
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint / HF model directory.")],
-    data: Annotated[str, typer.Option("--data", "-d", help="Prompt records (JSONL/Arrow): id, prompt, "
-                                      "answer, optional choices.")],
-    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write per-sample records "
-                      "(with reward and verdict) here.")] = None,
+    *,
+    model: ModelOpt,
+    data: Annotated[str, typer.Option("--data", "-d", help="Prompt records (JSONL/Arrow): id, "
+                                      "prompt, answer, optional choices.")],
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write per-sample "
+                      "records (with reward and verdict) here.")] = None,
     summary: Annotated[Optional[str], typer.Option("--summary", help="Write the summary JSON here "
                        "(default: one JSON line on stdout).")] = None,
-    task: Annotated[str, typer.Option(help="Verifier: auto | math | gsm8k | choice | arith | "
-                                      "python:module:function.")] = "auto",
-    n: Annotated[int, typer.Option("--n", help="Samples per prompt.")] = 1,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (default).")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 1.0,
-    k: Annotated[str, typer.Option("--k", help="Comma-separated k for unbiased pass@k.")] = "1",
-    limit: Annotated[int, typer.Option(help="Evaluate only the first N prompts (0 = all).")] = 0,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation length cap.")] = 512,
-    prompt_template: Annotated[str, typer.Option(help="Preset (plain, boxed, choice) or a string "
-                                                 "with {prompt}.")] = "plain",
-    chat_template: Annotated[Optional[bool], typer.Option("--chat-template/--no-chat-template",
-                             help="Apply the tokenizer's chat template (default: if it has one).")] = None,
-    engine: Annotated[str, typer.Option(help="hf | vllm.")] = "hf",
-    batch_tokens: Annotated[int, typer.Option(help="Token budget of one generation batch.")] = 65536,
-    timeout: Annotated[float, typer.Option(help="Per-answer verifier timeout (s).")] = 5.0,
-    workers: Annotated[Optional[int], typer.Option(help="Verifier processes (default: all cores).")] = None,
-    fail_under: Annotated[Optional[float], typer.Option(help="Exit 1 when accuracy is below this.")] = None,
-    input_format: InputFormatOpt = None,
+    ev: EvalOptions,
+    sample: EvalSampling,
+    verify: VerifyOptions,
+    fail_under: Annotated[Optional[float], typer.Option(help="Exit 1 when accuracy is below "
+                          "this.")] = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Sample (greedy by default), verify and report accuracy, pass@k, length and a 95% bootstrap CI."""
     import orjson
 
-    from tcli.commands.common import stderr_console
-    from tcli.engines import make_engine
-    from tcli.engines.base import SamplingConfig
-    from tcli.errors import TcliError, UsageError
-    from tcli.stages.evaluate import evaluate
+    from tcli.engines import open_engine
     from tcli.io import RecordWriter, write_atomic_bytes
     from tcli.prompts import read_prompts
+    from tcli.stages.evaluate import evaluate
 
-    try:
-        ks = sorted({int(x) for x in k.split(",") if x.strip()})
-    except ValueError:
-        raise UsageError(f"--k must be comma-separated integers, got {k!r}") from None
-    if not ks or min(ks) < 1 or max(ks) > n:
-        raise UsageError(f"--k values must be between 1 and --n ({n})")
-    prompts = read_prompts(data, limit or None)
-    eng = make_engine(engine, model, **({"batch_tokens": batch_tokens} if engine == "hf" else {"seed": seed}))
-    cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-    records, summ = evaluate(eng, prompts, n=n, cfg=cfg, task=task, template=prompt_template,
-                             chat_template=chat_template, ks=ks, timeout=timeout, workers=workers,
-                             batch_tokens=batch_tokens, seed=seed)
-    summ = {"model": model, "data": data, "n": n, "temperature": temperature, **summ}
-    if output:
-        with RecordWriter(output) as w:
-            w.write_all(records)
+    _check_target(output, "-o/--output")
+    _check_target(summary, "--summary")
+    prompts = read_prompts(data, ev.limit or None)
+    records, summ = evaluate(open_engine(model, sample, seed=seed), prompts, sample, verify, ev,
+                             seed=seed)
+    summ = {"model": model, "data": data, "n": ev.n, "temperature": ev.temperature, **summ}
     blob = orjson.dumps(summ, option=orjson.OPT_INDENT_2 if summary else 0)
     if summary:
         write_atomic_bytes(summary, blob + b"\n")
-    else:
+    if output:
+        with RecordWriter(output) as w:
+            w.write_all(records)
+    if not summary:
         typer.echo(blob.decode())
-    console = stderr_console(quiet)
-    if console is not None:
-        lo, hi = summ.get("accuracy_ci95", [float("nan")] * 2)
-        line = f"accuracy {summ['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {summ['prompts']} prompts"
-        for kk in ks:
-            if f"pass@{kk}" in summ:
-                line += f"  pass@{kk} {summ[f'pass@{kk}']:.3f}"
-        console.print(line, highlight=False)
+    _print_summary(summ, ev.ks, quiet)
     if fail_under is not None and summ["accuracy"] < fail_under:
         raise TcliError(f"accuracy {summ['accuracy']:.4f} is below --fail-under {fail_under}")
+
+
+def _print_summary(summ: dict, ks: list[int], quiet: bool) -> None:
+    console = stderr_console(quiet)
+    if console is None:
+        return
+    lo, hi = summ.get("accuracy_ci95", [float("nan")] * 2)
+    line = f"accuracy {summ['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {summ['prompts']} prompts"
+    line += "".join(f"  pass@{k} {summ[f'pass@{k}']:.3f}" for k in ks if f"pass@{k}" in summ)
+    console.print(line, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

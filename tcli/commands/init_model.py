@@ -15,7 +15,8 @@ from tcli.errors import UsageError
 
 
 def init_model(
-    out_dir: Annotated[str, typer.Argument(help="Directory to create (replaced atomically if it exists).")],
+    out_dir: Annotated[str, typer.Argument(help="Directory to create (an earlier init-model output "
+                       "there is replaced atomically; anything else is refused).")],
     hidden: Annotated[int, typer.Option(help="Hidden size.")] = 128,
     layers: Annotated[int, typer.Option(help="Transformer layers.")] = 4,
     heads: Annotated[int, typer.Option(help="Attention heads (must divide --hidden).")] = 4,
@@ -41,6 +42,7 @@ def init_model(
         kv_heads = 2 if heads % 2 == 0 else heads
     if kv_heads < 1 or heads % kv_heads:
         raise UsageError(f"--kv-heads {kv_heads} must divide --heads {heads}")
+    _check_target(out_dir)
     text = None
     if text_file is not None:
         try:
@@ -61,6 +63,20 @@ def init_model(
         Console(stderr=True).print(f"init-model: {os.path.abspath(path)} (hidden {hidden}, layers "
                                    f"{layers}, heads {heads}/{kv_heads})")
     typer.echo(os.path.abspath(path))
+
+
+def _check_target(out_dir: str) -> None:
+    """Never replace what tcli did not make: a file, or a directory that is not a tcli model."""
+    import os
+
+    from tcli.models.checkpoint import STATE_FILE
+
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"{out_dir} exists and is not a directory; not replacing it")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(
+            os.path.join(out_dir, STATE_FILE)):
+        raise UsageError(f"{out_dir} is a non-empty directory that tcli did not create; "
+                         "not replacing it (choose a new directory)")
 
 
 def register(app: typer.Typer) -> None:

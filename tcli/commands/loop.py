@@ -1,80 +1,59 @@
-"""`tcli loop` (every LoopConfig key is also a flag) and `tcli plot`."""
+"""`tcli loop` (every setting a flag, generated from tcli.config) and `tcli plot`."""
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import fields
 from typing import Annotated, List, Optional
 
 import typer
 
-from tcli.config import LoopConfig
+from tcli.config.flags import typer_parameter
+from tcli.config.loop import loop_flags
+from tcli.config.spec import settings_of
 
-_HELP = {
-    "model": "Start checkpoint (HF causal LM directory).",
-    "train_data": "Prompt records to train on (JSONL, the ../shared/data format).",
-    "eval_data": "Held-out prompt records for evaluation.",
-    "run_dir": "Run directory (checkpoints/, rollouts/, metrics.jsonl, metrics.png).",
-    "estimator": "Advantage estimator: grpo | dr_grpo | rloo | tempo | treerpo.",
-    "mode": "Sampling: independent | tree.",
-    "filter_groups": "Dynamic sampling: drop groups whose rewards are all equal.",
-    "max_wall_seconds": "Stop after this much wall time (0 = off).",
-    "max_sampled_tokens": "Stop after sampling this many tokens (0 = off).",
-}
+_OWN = [
+    ("config", Annotated[Optional[str], typer.Option("--config", "-c", help="TOML file: top-level "
+     "run settings and [sample], [verify], [advantages], [train], [eval] tables (flags override "
+     "it).")]),
+    ("resume", Annotated[Optional[str], typer.Option("--resume", help="Continue RUN_DIR from its "
+     "last complete step (its config.toml; flags override it).")]),
+    ("quiet", Annotated[Optional[bool], typer.Option("--quiet", "-q", help="No logs on stderr.")]),
+]
 
 
-def _loop_impl(config: Optional[str], resume: Optional[str], quiet: bool, **overrides) -> None:
+def loop(**kw) -> None:
+    """Train in one process: sample -> verify -> advantages -> train-step, with periodic eval,
+    checkpoints, metrics.jsonl and metrics.png; --resume continues a run."""
     from rich.console import Console
 
-    from tcli.config import load_config
+    from tcli.config.loop import load_config
     from tcli.loop import resume_config, run_loop
 
+    config, resume, quiet = kw.pop("config"), kw.pop("resume"), kw.pop("quiet")
+    if config and resume:
+        raise typer.BadParameter("give --config or --resume, not both")
+    cfg = resume_config(resume, kw) if resume else load_config(config, kw)
     console = Console(stderr=True)
     log = (lambda s: None) if quiet else (lambda s: console.print(s, highlight=False))
-    if resume:
-        cfg = resume_config(resume, overrides)
-    else:
-        cfg = load_config(config, overrides)
     result = run_loop(cfg, resume=bool(resume), log=log)
-    if not quiet:
-        console.print(f"run directory: {cfg.run_dir}  best eval accuracy: {result['best_accuracy']:.3f}")
+    log(f"run directory: {cfg.run.run_dir}  best eval accuracy: {result['best_accuracy']:.3f}")
 
 
-def _build_loop_command():
-    params = [
-        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
-                          annotation=Annotated[Optional[str], typer.Option("--config", "-c",
-                                              help="TOML file with loop settings (flags override it).")]),
-        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=None,
-                          annotation=Annotated[Optional[str], typer.Option("--resume",
-                                              help="Continue RUN_DIR from its last complete step.")]),
-        inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
-                          annotation=Annotated[bool, typer.Option("--quiet", "-q", help="No logs on stderr.")]),
-    ]
-    for f in fields(LoopConfig):
-        default = getattr(LoopConfig(), f.name)
-        typ = type(default) if default is not None else bool
-        flag = "--" + f.name.replace("_", "-")
-        decl = (f"{flag}/--no-{f.name.replace('_', '-')}",) if typ is bool else (flag,)
-        help_ = _HELP.get(f.name, f"Config key `{f.name}` (default {default!r}).")
-        params.append(inspect.Parameter(
-            f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-            annotation=Annotated[Optional[typ], typer.Option(*decl, help=help_, show_default=False)]))
+def _loop_signature() -> inspect.Signature:
+    params = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=a)
+              for n, a in _OWN]
+    for lf in loop_flags():
+        f = next(f for f in settings_of(lf.cls) if f.name == lf.name)
+        params.append(typer_parameter(lf.cls, f, overrides=True, flag=lf.flag))
+    return inspect.Signature(params)
 
-    def loop(**kw):
-        """Train in one process: sample -> verify -> build-tree -> advantages -> train-step, with
-        periodic eval, checkpoints, metrics.jsonl and metrics.png; --resume continues a run."""
-        config, resume, quiet = kw.pop("config"), kw.pop("resume"), kw.pop("quiet")
-        _loop_impl(config, resume, quiet, **kw)
 
-    loop.__signature__ = inspect.Signature(params)
-    return loop
+loop.__signature__ = _loop_signature()
 
 
 def plot(
     run_dirs: Annotated[List[str], typer.Argument(help="Run directories to draw (one line each).")],
     output: Annotated[str, typer.Option("-o", "--output", help="PNG path.")] = "metrics.png",
-    seed: Annotated[int, typer.Option("--seed", help="Unused; accepted for uniformity.")] = 0,
 ) -> None:
     """Plot reward and eval accuracy vs step and vs wall time for one or more runs."""
     import os
@@ -89,5 +68,5 @@ def plot(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("loop")(_build_loop_command())
+    app.command("loop")(loop)
     app.command("plot")(plot)

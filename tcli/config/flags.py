@@ -35,16 +35,17 @@ def help_text(cls: type[Options], f, *, overrides: bool = False) -> str:
     text = spec.help
     if spec.choices is not None:
         text += f" One of: {', '.join(spec.choices())}."
-    if overrides and f.default is not None:
+    if overrides and f.default not in (None, ""):
         shown = str(f.default).lower() if isinstance(f.default, bool) else f.default
         text += f" [default: {shown}]"
     return text
 
 
-def typer_parameter(cls: type[Options], f, *, overrides: bool = False) -> inspect.Parameter:
+def typer_parameter(cls: type[Options], f, *, overrides: bool = False, flag: str | None = None
+                    ) -> inspect.Parameter:
     """One keyword parameter whose annotation makes typer offer the setting as a flag."""
     typ, _ = value_type(cls, f.name)
-    flag = cls.flag(f.name)
+    flag = flag or cls.flag(f.name)
     spec = spec_of(f)
     if typ is bool:
         decls = (f"{flag}/--no-{flag[2:]}",)
@@ -54,12 +55,12 @@ def typer_parameter(cls: type[Options], f, *, overrides: bool = False) -> inspec
     option = typer.Option(*decls, help=help_text(cls, f, overrides=overrides),
                           show_default=not optional)
     annotation = Annotated[Optional[typ] if optional else typ, option]
-    return inspect.Parameter(param_name(cls, f.name), inspect.Parameter.KEYWORD_ONLY,
+    return inspect.Parameter(flag[2:].replace("-", "_"), inspect.Parameter.KEYWORD_ONLY,
                              default=None if overrides else f.default, annotation=annotation)
 
 
 def param_name(cls: type[Options], name: str) -> str:
-    return (cls.FLAG_PREFIX + name).replace("-", "_")
+    return cls.flag(name)[2:].replace("-", "_")
 
 
 def offered(cls: type[Options], without: tuple[str, ...] = ()) -> list:
@@ -98,5 +99,6 @@ def options_command(fn):
         return fn(**kw)
 
     command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}  # resolved, not strings
     del command.__wrapped__  # typer must see the generated signature, not fn's
     return command

@@ -98,13 +98,13 @@ class SampleOptions(Options):
     dtype: Optional[str] = setting(None, "Weights dtype for sampling (default float32).",
                                    choices=lambda: DTYPES)
 
-    def engine_config(self, seed: int, *, greedy: bool = False):
-        """The per-call engine settings (``greedy`` for evaluation)."""
+    def engine_config(self, seed: int):
+        """The settings of one engine call."""
         from tcli.engines.base import SamplingConfig
 
-        return SamplingConfig(temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p,
                               max_new_tokens=self.max_new_tokens,
-                              min_new_tokens=0 if greedy else self.min_new_tokens, seed=seed)
+                              min_new_tokens=self.min_new_tokens, seed=seed)
 
 
 @dataclass(frozen=True)

@@ -1,29 +1,39 @@
 """Generation engines, registered by name: ``hf`` (transformers) and ``vllm`` (optional extra).
 
-Engine modules import torch/transformers/vllm only when an engine is created.
+Every caller opens an engine with :func:`open_engine` from the stage's ``SampleOptions``; engine
+modules import torch/transformers/vllm only when an engine is created.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 from tcli.engines.base import Completion, Engine, SamplingConfig  # noqa: F401
 from tcli.registry import Registry
 
-ENGINES: Registry = Registry("engine")
+if TYPE_CHECKING:
+    from tcli.config.stages import SampleOptions
+
+Factory = Callable[..., Engine]
+ENGINES: Registry[Factory] = Registry("engine")
 
 
 @ENGINES.register("hf")
-def _hf(model: str, **kw) -> Engine:
+def _hf(model: str, opts: "SampleOptions", *, seed: int = 0, trainer=None) -> Engine:
+    """With a trainer the engine samples from the trainer's own module (no second copy)."""
     from tcli.engines.hf import HFEngine
 
-    return HFEngine(model, **kw)
+    return HFEngine(model, device=opts.device, dtype=opts.dtype, batch_tokens=opts.batch_tokens,
+                    trainer=trainer)
 
 
 @ENGINES.register("vllm")
-def _vllm(model: str, **kw) -> Engine:
+def _vllm(model: str, opts: "SampleOptions", *, seed: int = 0, trainer=None) -> Engine:
     from tcli.engines.vllm_engine import VLLMEngine
 
-    return VLLMEngine(model, **kw)
+    return VLLMEngine(model, seed=seed, **({"dtype": opts.dtype} if opts.dtype else {}))
 
 
-def make_engine(name: str, model: str, **kw) -> Engine:
-    return ENGINES.get(name)(model, **kw)
+def open_engine(model: str, opts: "SampleOptions", *, seed: int = 0, trainer=None) -> Engine:
+    """The engine named by ``opts.engine`` on ``model`` (or on ``trainer``'s weights)."""
+    return ENGINES.get(opts.engine)(model, opts, seed=seed, trainer=trainer)

@@ -8,16 +8,25 @@ additionally implements ``sample_tree`` natively by forking KV caches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol, Sequence
+
+
+def _default(name: str):
+    """SampleOptions holds the one default of every sampling setting."""
+    from tcli.config.stages import SampleOptions
+
+    return next(f.default for f in fields(SampleOptions) if f.name == name)
 
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 1.0     # 0 = greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    min_new_tokens: int = 0
+    """One engine call's settings (``SampleOptions.engine_config`` builds it for a stage)."""
+
+    temperature: float = _default("temperature")   # 0 = greedy
+    top_p: float = _default("top_p")
+    max_new_tokens: int = _default("max_new_tokens")
+    min_new_tokens: int = _default("min_new_tokens")
     seed: int = 0
 
 
@@ -42,3 +51,6 @@ class Engine(Protocol):
 
     def load_weights(self, model_dir: str, policy_version: int) -> None:
         """Switch to new weights (after a train step) and drop any cached prefixes."""
+
+    def follow(self, trainer) -> None:
+        """Sample from the trainer's current weights from now on (after each train step)."""

@@ -96,13 +96,15 @@ class HFEngine:
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, policy_version: int | None = None,
-                 attn_implementation: str | None = None):
+                 attn_implementation: str | None = None, trainer=None):
         import torch
 
         from tcli.models.quiet import quiet_transformers
 
         quiet_transformers()
-        if device in (None, "auto"):
+        if trainer is not None:
+            device = str(next(trainer.model.parameters()).device)
+        elif device in (None, "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.dtype = _torch_dtype(dtype)
@@ -111,6 +113,11 @@ class HFEngine:
         self.generated_tokens = 0    # tokens sampled (shared tree prefixes count once)
         self._tokenizer = None
         self.model = None
+        if trainer is not None:
+            self._tokenizer = trainer.tokenizer
+            self._attach(trainer.model, model)
+            self.policy_version = int(trainer.policy_version)
+            return
         self._load(model)
         if policy_version is None:
             from tcli.models.checkpoint import read_state
@@ -141,6 +148,12 @@ class HFEngine:
             if _is_dir(model_dir):  # it exists but holds no loadable weights: bad data, not usage
                 raise DataError(msg, file=model_dir) from None
             raise UsageError(msg) from None
+        self._attach(model, model_dir)
+
+    def _attach(self, model, model_dir: str) -> None:
+        """Sample from ``model`` (loaded here or shared with a trainer)."""
+        import torch
+
         self.model = model
         self.model_path = model_dir
         params = inspect.signature(model.forward).parameters
@@ -164,6 +177,12 @@ class HFEngine:
         self.model = None  # free the old weights first
         self._load(model_dir)
         self.policy_version = int(policy_version)
+
+    def follow(self, trainer) -> None:
+        """The trainer updates the shared module in place: only the version changes."""
+        if self.model is not trainer.model:
+            self._attach(trainer.model, self.model_path)
+        self.policy_version = int(trainer.policy_version)
 
     @property
     def tokenizer(self):

@@ -246,6 +246,17 @@ class VLLMEngine:
         self.model_path = model_dir
         self.policy_version = int(policy_version)
 
+    def follow(self, trainer) -> None:
+        """vLLM holds its own copy of the weights: save the trainer's and reload them."""
+        import tempfile
+
+        path = self.model_path
+        with tempfile.TemporaryDirectory(prefix="tcli-sync-") as tmp:
+            ckpt = os.path.join(tmp, "weights")
+            trainer.save(ckpt, {})
+            self.load_weights(ckpt, trainer.policy_version)
+        self.model_path = path  # records name the run's model, not the temporary copy
+
     # ------------------------------------------------------------------ internals
 
     def _eos_ids(self, model: str) -> list[int]:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from tcli import SCHEMA
-from tcli.algos.estimators import EstimatorOptions, Group, compute_advantages
+from tcli.algos.estimators import TREE_ESTIMATORS, Advantages, Group, compute_advantages
+from tcli.errors import DataError
+from tcli.records import at_record, float_array
 
 
 @dataclass
 class AdvantageStats:
-    """Running summary for ``advantages --stats`` and the loop's metrics."""
+    """Running summary for ``advantages --stats`` and the loop's metrics. With ``branch`` it
+    also counts branching tokens (this builds the P2T tree for estimators that do not need it)."""
 
+    branch: bool = True
     groups: int = 0
     zero_variance_groups: int = 0
     tokens: int = 0
@@ -21,28 +25,29 @@ class AdvantageStats:
     abs_adv_sum: float = 0.0
     responses: int = 0
     reward_sum: float = 0.0
-    per_group: list = field(default_factory=list, repr=False)
 
-    def add(self, group: Group, adv: list[np.ndarray]) -> None:
+    def add(self, group: Group, result: Advantages) -> None:
         self.groups += 1
-        self.zero_variance_groups += bool(group.stats.get("zero_variance"))
-        n = int(sum(len(a) for a in adv))
-        self.tokens += n
-        self.branch_tokens += int(group.stats.get("branch_tokens", _count_branch(group)))
-        self.abs_adv_sum += float(sum(np.abs(a).sum() for a in adv))
-        self.responses += len(adv)
+        self.zero_variance_groups += result.zero_variance
+        self.tokens += int(sum(len(a) for a in result.per_token))
+        if self.branch:
+            self.branch_tokens += group.branch_tokens()
+        self.abs_adv_sum += float(sum(np.abs(a).sum() for a in result.per_token))
+        self.responses += len(result.per_token)
         self.reward_sum += float(group.rewards.sum())
 
     def summary(self) -> dict:
-        return {
+        out = {
             "groups": self.groups,
             "responses": self.responses,
             "tokens": self.tokens,
             "reward_mean": self.reward_sum / max(self.responses, 1),
             "zero_variance_share": self.zero_variance_groups / max(self.groups, 1),
-            "branch_token_share": self.branch_tokens / max(self.tokens, 1),
             "mean_abs_advantage": self.abs_adv_sum / max(self.tokens, 1),
         }
+        if self.branch:
+            out["branch_token_share"] = self.branch_tokens / max(self.tokens, 1)
+        return out
 
     def render(self, estimator: str):
         from rich.table import Table
@@ -53,18 +58,30 @@ class AdvantageStats:
         return t
 
 
-def _count_branch(group: Group) -> int:
-    """Branching tokens from build-tree's ``branch`` field when present (else 0)."""
-    return int(sum(np.count_nonzero(r.get("branch") or []) for r in group.records))
+def check_stored_values(group: Group) -> None:
+    """``values`` from an earlier build-tree must match this group's tokens and rewards: a verify
+    re-run since then would otherwise pair old values with new rewards. Mismatch: exit 65."""
+    if not all("values" in rec for rec in group.records):
+        return
+    tree, values = group.tree, group.values
+    for i, (rec, s, n) in enumerate(zip(group.records, tree.starts.tolist(), tree.lens.tolist())):
+        with at_record(i):
+            stored = float_array(rec, "values", n + 1)
+            if not np.allclose(stored, values[s : s + n + 1], rtol=1e-9, atol=1e-12):
+                raise DataError("is stale: it does not match the prefix tree of this group's "
+                                "token_ids and rewards (rewards changed after build-tree?); "
+                                "re-run build-tree or drop the field", field="values")
 
 
-def advantages_group(recs: list[dict], estimator: str, opt: EstimatorOptions,
-                     stats: AdvantageStats | None = None) -> list[dict]:
-    adv, group = compute_advantages(recs, estimator, opt)
+def advantages_group(group: Group, opt, stats: AdvantageStats | None = None) -> list[dict]:
+    """Add ``advantages`` and ``estimator`` to the group's records (``opt``: AdvantageOptions)."""
+    if opt.estimator in TREE_ESTIMATORS:
+        check_stored_values(group)
+    result = compute_advantages(group, opt.estimator, opt)
     if stats is not None:
-        stats.add(group, adv)
-    for rec, a in zip(recs, adv):
+        stats.add(group, result)
+    for rec, a in zip(group.records, result.per_token):
         rec["advantages"] = a.tolist()
-        rec["estimator"] = estimator
+        rec["estimator"] = opt.estimator
         rec["schema"] = SCHEMA
-    return recs
+    return group.records

@@ -54,15 +54,20 @@ def summarise(records: Iterable[dict], ks: Sequence[int] = (1,), seed: int = 0) 
     return out
 
 
-def evaluate(engine, prompts: list[dict], *, n: int, cfg, task: str = "auto", template: str = "plain",
-             chat_template=None, ks: Sequence[int] = (1,), timeout: float = 5.0, workers: int | None = None,
-             batch_tokens: int = 65536, seed: int = 0) -> tuple[list[dict], dict]:
-    """Per-sample records (with reward and verdict) and the summary."""
+def eval_sampling(sample, ev):
+    """Evaluation samples ``ev.n`` independent answers at ``ev.temperature`` (greedy by default)."""
+    return sample.replace(mode="independent", n=ev.n, temperature=ev.temperature, min_new_tokens=0)
+
+
+def evaluate(engine, prompts: list[dict], sample, verify, ev, *, seed: int = 0
+             ) -> tuple[list[dict], dict]:
+    """Per-sample records (with reward and verdict) and the summary.
+
+    ``sample``/``verify``/``ev``: the stage's SampleOptions, VerifyOptions and EvalOptions."""
     from tcli.stages.sample import sample_records
     from tcli.stages.verify import verify_records
 
-    rollouts = sample_records(engine, prompts, mode="independent", n=n, cfg=cfg, template=template,
-                              chat_template=chat_template, chunk_size=max(1, batch_tokens // 1024))
-    verified = list(verify_records(enumerate(rollouts, 1), "<eval>", task=task, timeout=timeout,
-                                   workers=workers))
-    return verified, summarise(verified, ks=ks, seed=seed)
+    rollouts = sample_records(engine, prompts, eval_sampling(sample, ev), seed=seed)
+    verified = list(verify_records(enumerate(rollouts, 1), "<eval>", task=verify.task,
+                                   timeout=verify.timeout, workers=verify.workers))
+    return verified, summarise(verified, ks=ev.ks, seed=seed)

@@ -24,11 +24,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 from tcli import SCHEMA
 from tcli.engines.base import SamplingConfig
 from tcli.io import SeenKeys
-from tcli.errors import DataError, UsageError
+from tcli.errors import DataError
 from tcli.prompts import check_prompt_record, encode_prompt, render_prompt, resolve_template
-
-MODES = ("independent", "tree")
-
 
 @dataclass
 class TreeLeaf:
@@ -115,58 +112,57 @@ def _chunks(it: Iterable[dict], size: int) -> Iterator[list[tuple[int, dict]]]:
         yield buf
 
 
-def sample_records(engine, prompt_records: Iterable[dict], *, mode: str = "independent", n: int = 1,
-                   width: int = 2, depth: int = 2, segment_tokens: int = 64,
-                   cfg: SamplingConfig | None = None, template: str | None = "auto",
-                   chat_template: bool | None = None, chunk_size: int = 16, native: bool = True,
+def _encode_chunk(chunk, tok, tmpl: str, chat_template, seen: SeenKeys):
+    """Validate and tokenise the prompt records of one engine call."""
+    recs, ids = [], []
+    for index, rec in chunk:
+        try:
+            check_prompt_record(rec)
+            if not seen.add(rec["id"]):  # two groups with one prompt_id corrupt later stages
+                raise DataError(f"prompt id {rec['id']!r} appears twice", field="id")
+            ptoks = encode_prompt(tok, render_prompt(rec, tmpl), chat_template)
+            if not ptoks:
+                raise DataError("encodes to no tokens", field="prompt")
+        except DataError as e:
+            e.index = index
+            raise
+        recs.append(rec)
+        ids.append(ptoks)
+    return recs, ids
+
+
+def _sample_chunk(engine, ids, opts, cfg: SamplingConfig, native: bool) -> list[list[TreeLeaf]]:
+    """Leaves per prompt: a tree (native or level by level) or n independent samples."""
+    if opts.mode == "tree":
+        fn = getattr(engine, "sample_tree", None) if native else None
+        if fn is not None:
+            return fn(ids, width=opts.width, depth=opts.depth, segment_tokens=opts.segment_tokens,
+                      cfg=cfg)
+        return sample_tree_generic(engine, ids, opts.width, opts.depth, opts.segment_tokens, cfg)
+    return [[TreeLeaf((j,), c.token_ids, c.logprobs, [], c.finish_reason)
+             for j, c in enumerate(comps)] for comps in engine.generate(ids, opts.n, cfg)]
+
+
+def sample_records(engine, prompt_records: Iterable[dict], opts, *, seed: int = 0,
+                   native: bool = True,
                    on_group: Callable[[list[dict]], None] | None = None) -> Iterator[dict]:
     """Yield rollout records (DESIGN §3), one group of consecutive records per prompt, in input order.
 
-    ``mode="independent"``: ``n`` samples per prompt. ``mode="tree"``: ``width`` children per node,
-    ``depth`` levels of at most ``segment_tokens`` tokens (the last level runs to EOS or
-    ``cfg.max_new_tokens``). Prompts are processed ``chunk_size`` at a time (one engine call).
+    ``opts`` is a ``SampleOptions``: independent (``n`` samples per prompt) or tree mode
+    (``width`` children per node, ``depth`` levels of at most ``segment_tokens`` tokens; the last
+    level runs to EOS or ``max_new_tokens``), ``prompts_per_batch`` prompts per engine call.
     A bad prompt record raises DataError with ``index`` = its 0-based position in the input.
     ``native=False`` forces the generic level-by-level tree even if the engine has ``sample_tree``.
     """
-    cfg = cfg or SamplingConfig()
-    if mode not in MODES:
-        raise UsageError(f"unknown --mode {mode!r}; valid: {', '.join(MODES)}")
-    tree = mode == "tree"
-    for name, v in (("n", n), ("width", width), ("depth", depth), ("segment_tokens", segment_tokens),
-                    ("chunk_size", chunk_size)):
-        if v < 1:
-            raise UsageError(f"{name} must be >= 1, got {v}")
-    if cfg.max_new_tokens < 1 or cfg.min_new_tokens < 0 or not 0 < cfg.top_p <= 1 or cfg.temperature < 0:
-        raise UsageError("need max_new_tokens >= 1, min_new_tokens >= 0, 0 < top_p <= 1, temperature >= 0")
-    tmpl = resolve_template(template)
-    tok = engine.tokenizer
+    cfg = opts.engine_config(seed)
+    tmpl = resolve_template(opts.prompt_template)
     seen = SeenKeys()
-    for chunk in _chunks(prompt_records, chunk_size):
-        recs, ids = [], []
-        for index, rec in chunk:
-            try:
-                check_prompt_record(rec)
-                if not seen.add(rec["id"]):  # two groups with one prompt_id corrupt later stages
-                    raise DataError(f"prompt id {rec['id']!r} appears twice", field="id")
-                ptoks = encode_prompt(tok, render_prompt(rec, tmpl), chat_template)
-                if not ptoks:
-                    raise DataError("encodes to no tokens", field="prompt")
-            except DataError as e:
-                e.index = index
-                raise
-            recs.append(rec)
-            ids.append(ptoks)
-        if tree:
-            fn = getattr(engine, "sample_tree", None) if native else None
-            if fn is not None:
-                trees = fn(ids, width=width, depth=depth, segment_tokens=segment_tokens, cfg=cfg)
-            else:
-                trees = sample_tree_generic(engine, ids, width, depth, segment_tokens, cfg)
-        else:
-            trees = [[TreeLeaf((j,), c.token_ids, c.logprobs, [], c.finish_reason)
-                      for j, c in enumerate(comps)] for comps in engine.generate(ids, n, cfg)]
+    for chunk in _chunks(prompt_records, opts.prompts_per_batch):
+        recs, ids = _encode_chunk(chunk, engine.tokenizer, tmpl, opts.chat_template, seen)
+        trees = _sample_chunk(engine, ids, opts, cfg, native)
         for rec, ptoks, leaves in zip(recs, ids, trees):
-            group = [_rollout(rec, engine, ptoks, j, leaf, tree) for j, leaf in enumerate(leaves)]
+            group = [_rollout(rec, engine, ptoks, j, leaf, opts.mode == "tree")
+                     for j, leaf in enumerate(leaves)]
             if on_group is not None:
                 on_group(group)
             yield from group
