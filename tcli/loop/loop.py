@@ -42,9 +42,10 @@ class Budget:
     elapsed: float = 0.0
     sampled: int = 0
 
-    def exhausted(self) -> str | None:
-        if self.max_wall_seconds and self.elapsed >= self.max_wall_seconds:
-            return f"wall-clock budget reached at {self.elapsed:.0f}s"
+    def exhausted(self, pending: float = 0.0) -> str | None:
+        """Why the run must stop (``pending``: seconds of the current step not yet counted)."""
+        if self.max_wall_seconds and self.elapsed + pending >= self.max_wall_seconds:
+            return f"wall-clock budget reached at {self.elapsed + pending:.0f}s"
         if self.max_sampled_tokens and self.sampled >= self.max_sampled_tokens:
             return f"sampled-token budget reached ({self.sampled} tokens)"
         return None
@@ -194,7 +195,8 @@ class Loop:
         """One step, its evaluation when due, the checkpoint; every second counts to the budget."""
         t0 = time.perf_counter()
         records = [self.train_step(step, budget)]
-        last = step == self.cfg.run.steps or budget.exhausted() is not None
+        last = (step == self.cfg.run.steps
+                or budget.exhausted(time.perf_counter() - t0) is not None)
         every = self.cfg.eval.every
         if every and (step % every == 0 or last):
             ev = self.evaluate(step)
@@ -246,6 +248,7 @@ class Loop:
         ev = self.evaluate(0)
         budget.elapsed += time.perf_counter() - t0
         if ev is not None:
+            self.best = max(self.best, ev["accuracy"])
             self.run.append_metrics({**ev, "wall_time": round(budget.elapsed, 3),
                                      "sampled_tokens_total": 0})
             self.log(f"step 0 eval accuracy {ev['accuracy']:.3f}")
