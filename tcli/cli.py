@@ -89,13 +89,64 @@ def _one_line(msg: str, limit: int = 500) -> str:
     return msg if len(msg) <= limit else msg[: limit - 1] + "…"
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: maps errors to exit codes (65 bad data, 2 usage, 1 runtime) with one line."""
+def _run(argv: list[str]) -> int:
+    """Run the command; control-flow exits (help, usage, interrupts) become exit codes."""
     try:  # typer >= 0.20 vendors click
         from typer._click import exceptions as click_exc
     except ImportError:  # pragma: no cover
         from click import exceptions as click_exc
 
+    try:
+        rv = app(args=argv, prog_name="tcli", standalone_mode=False)
+        if rv == 130:  # typer turns a KeyboardInterrupt raised by user code into a return value
+            _report("interrupted")
+        return rv if isinstance(rv, int) else 0
+    except typer.Exit as e:
+        return e.exit_code
+    except SystemExit as e:
+        # click answers EPIPE (`| head` closed stdout) by wrapping the streams and exiting 1
+        if type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):
+            _stdout_closed()
+            return 0
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    except (typer.Abort, KeyboardInterrupt):
+        _report("interrupted")
+        return 130
+    except Interrupted as e:
+        _report(e.what)
+        return e.exit_code
+    except click_exc.ClickException as e:
+        if isinstance(e, getattr(click_exc, "NoArgsIsHelpError", ())):
+            e.show()  # `tcli` alone: the help text is the answer
+        else:
+            cmd = next((a for a in argv if not a.startswith("-")), "")
+            _report(f"{_one_line(e.format_message())} (see 'tcli {cmd} -h')".replace("tcli  -h", "tcli -h"))
+        return EXIT_USAGE
+
+
+def _failure(e: Exception, debug: bool) -> int:
+    """One line for a failure (a traceback only with --debug) and its exit code."""
+    if debug and not isinstance(e, (BrokenPipeError, MemoryError)):
+        traceback.print_exc()
+    if isinstance(e, TcliError):
+        _report(e.one_line())
+        return e.exit_code
+    if isinstance(e, BrokenPipeError):
+        _stdout_closed()
+        return 0
+    if isinstance(e, MemoryError):
+        _report("out of memory")
+    elif isinstance(e, OSError):
+        _report(f"{e.strerror or e} ({e.filename})" if getattr(e, "filename", None)
+                else _one_line(str(e)))
+    else:
+        _report(f"{type(e).__name__}: {_one_line(str(e))} (run with --debug for a traceback)")
+    return EXIT_RUNTIME
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: maps errors to exit codes (65 bad data, 2 usage, 1 runtime, 130/143
+    interrupted) with one line on stderr."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TCLI_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
@@ -105,60 +156,15 @@ def main(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
     _register_commands()
-    code = 0
     try:
-        rv = app(args=argv, prog_name="tcli", standalone_mode=False)
-        if rv == 130:  # typer turns a KeyboardInterrupt raised by user code into a return value
-            _report("interrupted")
-        code = rv if isinstance(rv, int) else 0
-    except typer.Exit as e:
-        code = e.exit_code
-    except SystemExit as e:
-        # click answers EPIPE (`| head` closed stdout) by wrapping the streams and exiting 1
-        if type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):
-            _stdout_closed()
-            code = 0
-        else:
-            code = e.code
-    except (typer.Abort, KeyboardInterrupt):
-        _report("interrupted")
-        code = 130
-    except Interrupted as e:
-        _report(e.what)
-        code = e.exit_code
-    except click_exc.ClickException as e:
-        if isinstance(e, getattr(click_exc, "NoArgsIsHelpError", ())):
-            e.show()  # `tcli` alone: the help text is the answer
-        else:
-            cmd = next((a for a in argv if not a.startswith("-")), "")
-            _report(f"{_one_line(e.format_message())} (see 'tcli {cmd} -h')".replace("tcli  -h", "tcli -h"))
-        code = EXIT_USAGE
-    except TcliError as e:
-        if debug:
-            traceback.print_exc()
-        _report(e.one_line())
-        code = e.exit_code
-    except BrokenPipeError:
-        _stdout_closed()
-        code = 0
-    except MemoryError:
-        _report("out of memory")
-        code = EXIT_RUNTIME
-    except OSError as e:
-        if debug:
-            traceback.print_exc()
-        _report(f"{e.strerror or e} ({e.filename})" if getattr(e, "filename", None) else _one_line(str(e)))
-        code = EXIT_RUNTIME
-    except Exception as e:  # noqa: BLE001 - last resort: one line, traceback only with --debug
-        if debug:
-            traceback.print_exc()
-        _report(f"{type(e).__name__}: {_one_line(str(e))} (run with --debug for a traceback)")
-        code = EXIT_RUNTIME
+        code = _run(argv)
+    except Exception as e:  # noqa: BLE001 - every failure is one line and an exit code
+        code = _failure(e, debug)
     try:
         sys.stdout.flush()
     except BrokenPipeError:
         _stdout_closed()
-    sys.exit(0 if code is None else code if isinstance(code, int) else 1)
+    sys.exit(code)
 
 
 __all__ = ["app", "main", "DataError", "EXIT_DATA"]

@@ -426,7 +426,8 @@ def _loop_config(tmp_path: Path, tiny: str, extra: str) -> Path:
 
 @pytest.mark.parametrize("extra, words", [("learning_rate = 0.1", ["unknown config key 'learning_rate'"]),
                                           ("temprature = 0.5", ["'temprature'", "temperature"]),
-                                          ('lr = "fast"', ["'lr'", "float"])])
+                                          ('[train]\nlr = "fast"', ["train.lr", "a number"]),
+                                          ("lr = 0.1", ["'lr'", "belongs in [train]"])])
 def test_loop_bad_config_key(extra, words, tiny, tmp_path):
     cfg = _loop_config(tmp_path, tiny, extra)
     r = cli(["loop", "--config", cfg])

@@ -53,9 +53,9 @@ class Group:
 
     @cached_property
     def scale(self) -> float:
-        """1, or a power of two that brings every |reward| below 1 (exact division)."""
+        """1, or a power of two that brings every |reward| below 2 (exact division)."""
         top = float(np.abs(self.rewards).max())
-        return 1.0 if top <= HUGE else math.ldexp(1.0, math.frexp(top)[1])
+        return 1.0 if top <= HUGE else math.ldexp(1.0, math.frexp(top)[1] - 1)
 
     @cached_property
     def scaled_rewards(self) -> np.ndarray:

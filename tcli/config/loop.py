@@ -113,11 +113,17 @@ def _unknown(key: str, table: str, source: str) -> UsageError:
     here = [f.name for f in settings_of(TABLES[table] if table else RunOptions)]
     elsewhere = [t or "top level" for t, c in [("", RunOptions), *TABLES.items()]
                  if t != table and key in {f.name for f in settings_of(c)}]
-    hint = ""
+    close = difflib.get_close_matches(key, here, n=3)
     if elsewhere:
         hint = f"; it belongs in {', '.join(f'[{t}]' if t != 'top level' else t for t in elsewhere)}"
-    elif difflib.get_close_matches(key, here, n=3):
-        hint = f"; did you mean {', '.join(difflib.get_close_matches(key, here, n=3))}?"
+    elif close:
+        hint = f"; did you mean {', '.join(close)}?"
+    else:
+        other = difflib.get_close_matches(key, [f.name for c in TABLES.values()
+                                                for f in settings_of(c)], n=1)
+        table = next((t for t, c in TABLES.items() for f in settings_of(c)
+                      if other and f.name == other[0]), "")
+        hint = f"; did you mean {other[0]} in [{table}]?" if other else ""
     return UsageError(f"{source}: unknown config key {key!r} in {where}{hint}")
 
 
