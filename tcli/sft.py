@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 
 def encode_pairs(tokenizer, examples: Sequence[tuple[str, str]], *, add_eos: bool = True):
@@ -59,6 +59,38 @@ def response_nll(model, prompts, responses, micro_batch_tokens: int = 16384) -> 
     return loss
 
 
+def lr_schedule(lr: float, steps: int, *, warmup: int = 0, schedule: str = "cosine",
+                min_lr_ratio: float = 0.1) -> Callable[[int], float]:
+    """The learning rate of each step: linear ``warmup``, then ``constant`` or ``cosine``
+    (decaying to ``min_lr_ratio * lr`` at the last step)."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', not {schedule!r}")
+
+    def lr_at(step: int) -> float:
+        if warmup and step < warmup:
+            return lr * (step + 1) / warmup
+        if schedule == "constant" or steps <= warmup:
+            return lr
+        frac = (step - warmup) / max(1, steps - warmup)
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    return lr_at
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of example indices: each epoch is a fresh shuffle (deterministic)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        batch = []
+        while len(batch) < batch_size:
+            if not order:
+                order = list(range(n))
+                rng.shuffle(order)
+            batch.append(order.pop())
+        yield batch
+
+
 def sft(model_dir: str, examples: Sequence[tuple[str, str]], out_dir: str, steps: int,
         lr: float = 1e-3, batch_size: int = 32, seed: int = 0, *, warmup: int = 0,
         schedule: str = "cosine", min_lr_ratio: float = 0.1, weight_decay: float = 0.0,
@@ -75,70 +107,59 @@ def sft(model_dir: str, examples: Sequence[tuple[str, str]], out_dir: str, steps
     Returns ``{"steps", "loss_first", "loss_last", "time_s", "out_dir"}``.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tcli.models.checkpoint import save_pretrained_atomic
-    from tcli.models.quiet import quiet_transformers
+    from tcli.models.checkpoint import check_checkpoint_target, save_pretrained_atomic
+    from tcli.models.load import load_model, load_tokenizer
 
     if steps < 0 or batch_size < 1:
         raise ValueError("steps must be >= 0 and batch_size >= 1")
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"schedule must be 'constant' or 'cosine', not {schedule!r}")
+    lr_at = lr_schedule(lr, steps, warmup=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio)
     if not examples:
         raise ValueError("no examples")
-    quiet_transformers()
+    check_checkpoint_target(out_dir)  # refuse before training, not after it
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = load_tokenizer(model_dir, required=True)
+    model = load_model(model_dir, train=True, keep_dropout=True)
     model.config.use_cache = False
-    model.train()
     prompts, responses = encode_pairs(tok, examples)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-
-    def lr_at(step: int) -> float:
-        if warmup and step < warmup:
-            return lr * (step + 1) / warmup
-        if schedule == "constant" or steps <= warmup:
-            return lr
-        frac = (step - warmup) / max(1, steps - warmup)
-        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-    rng = random.Random(seed)
-    order: list[int] = []
     losses: list[float] = []
     t0 = time.perf_counter()
-    done = 0
     try:
-        for step in range(steps):
-            batch = []
-            while len(batch) < batch_size:
-                if not order:
-                    order = list(range(len(prompts)))
-                    rng.shuffle(order)
-                batch.append(order.pop())
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            loss = response_loss(model, [prompts[i] for i in batch],
-                                 [responses[i] for i in batch], micro_batch_tokens)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            opt.step()
-            losses.append(float(loss.detach()))
-            done = step + 1
-            if callback is not None and log_every and done % log_every == 0:
-                callback(done, sum(losses[-log_every:]) / len(losses[-log_every:]), model)
+        for step, batch in zip(range(steps), shuffled_batches(len(prompts), batch_size, seed)):
+            losses.append(_sft_step(model, opt, [prompts[i] for i in batch],
+                                    [responses[i] for i in batch], lr=lr_at(step),
+                                    max_grad_norm=max_grad_norm,
+                                    micro_batch_tokens=micro_batch_tokens))
+            if callback is not None and log_every and len(losses) % log_every == 0:
+                callback(len(losses), sum(losses[-log_every:]) / log_every, model)
     except StopIteration:
         pass
     elapsed = time.perf_counter() - t0
     model.eval()
     model.config.use_cache = True
+    last = losses[-1] if losses else None
     state = {"step": 0, "policy_version": 0, "seed": seed,
-             "sft": {"steps": done, "lr": lr, "batch_size": batch_size, "schedule": schedule,
-                     "warmup": warmup, "examples": len(examples),
-                     "loss_last": losses[-1] if losses else None},
+             "sft": {"steps": len(losses), "lr": lr, "batch_size": batch_size,
+                     "schedule": schedule, "warmup": warmup, "examples": len(examples),
+                     "loss_last": last},
              **dict(extra_state or {})}
     save_pretrained_atomic(out_dir, model, tok, state=state)
-    return {"steps": done, "loss_first": losses[0] if losses else None,
-            "loss_last": losses[-1] if losses else None, "time_s": elapsed, "out_dir": out_dir}
+    return {"steps": len(losses), "loss_first": losses[0] if losses else None, "loss_last": last,
+            "time_s": elapsed, "out_dir": out_dir}
+
+
+def _sft_step(model, opt, prompts, responses, *, lr: float, max_grad_norm: float,
+              micro_batch_tokens: int) -> float:
+    """One AdamW step on the response NLL of a batch; returns the loss."""
+    import torch
+
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss = response_loss(model, prompts, responses, micro_batch_tokens)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
+    return float(loss.detach())

@@ -307,16 +307,17 @@ def test_train_step_refuses_malicious_optimizer_state(tiny, tmp_path):
 
 def test_loop_resume_refuses_malicious_optimizer_state(tiny, tmp_path):
     """The last complete step of a run directory carries a hostile optimizer.pt."""
-    from tcli.config import LoopConfig, dump_toml
+    from tcli.config.loop import LoopConfig, LoopEvalOptions, RunOptions, dump_toml
+    from tcli.config.stages import VerifyOptions
 
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
     data = tmp_path / "train.jsonl"
     data.write_bytes(jsonl(prompts()))
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.toml").write_text(dump_toml(LoopConfig(model=tiny, train_data=str(data),
-                                                          run_dir=str(run), steps=2, task="arith",
-                                                          eval_every=0)))
+    cfg = LoopConfig(run=RunOptions(model=tiny, train_data=str(data), run_dir=str(run), steps=2),
+                     verify=VerifyOptions(task="arith"), eval=LoopEvalOptions(every=0))
+    (run / "config.toml").write_text(dump_toml(cfg))
     step1 = _evil_checkpoint(tiny, run / "checkpoints" / "step_1", marker)
     (step1 / "tcli_state.json").write_bytes(orjson.dumps({"step": 1, "policy_version": 1}))
     r = cli(["loop", "--resume", run, "--quiet"])

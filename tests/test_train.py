@@ -178,14 +178,15 @@ def _seq_logp(model_or_dir, p, r):
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_advantage_sign_moves_logprob(tiny, policy, sign):
-    from tcli.train.trainer import TrainConfig, Trainer
+    from tcli.config.stages import TrainOptions
+    from tcli.train.trainer import Trainer
 
     p, r = [5, 6, 7, 8], [20, 21, 22, 23, 24, 25]
     lp = sequence_logprobs(policy, [p], [r])[0]
     before = float(lp.sum())
     rec = {"prompt_token_ids": p, "token_ids": r, "logprobs": lp.tolist(),
            "advantages": [sign] * len(r)}
-    tr = Trainer(tiny, TrainConfig(lr=1e-3, seed=0))
+    tr = Trainer(tiny, TrainOptions(lr=1e-3), seed=0)
     m = tr.step([rec])
     after = _seq_logp(tr.model.eval(), p, r)
     assert m["optimizer_steps"] == 1 and m["num_tokens"] == len(r) and m["num_sequences"] == 1
@@ -198,11 +199,12 @@ def test_checkpoint_round_trip(tiny, rollouts, tmp_path):
     from safetensors.torch import load_file
 
     from tcli.models.checkpoint import read_state
-    from tcli.train.trainer import TrainConfig, Trainer
+    from tcli.config.stages import TrainOptions
+    from tcli.train.trainer import Trainer
 
     _, recs = rollouts
-    cfg = TrainConfig(lr=1e-3, mini_batches=2, micro_batch_tokens=64, seed=3)
-    tr = Trainer(tiny, cfg)
+    cfg = TrainOptions(lr=1e-3, mini_batches=2, micro_batch_tokens=64)
+    tr = Trainer(tiny, cfg, seed=3)
     m1 = tr.step(recs)
     assert m1["optimizer_steps"] == 2
     out = str(tmp_path / "ck1")
@@ -212,7 +214,7 @@ def test_checkpoint_round_trip(tiny, rollouts, tmp_path):
     assert st["config"]["mini_batches"] == 2 and st["note"] == "x"
     assert sorted(os.listdir(tmp_path)) == ["ck1"]  # no temp dirs left behind
 
-    tr2 = Trainer(out, cfg)
+    tr2 = Trainer(out, cfg, seed=3)
     sd_saved = load_file(os.path.join(out, "model.safetensors"))
     for k, v in tr.model.state_dict().items():
         if k in sd_saved:
@@ -241,33 +243,35 @@ class _Payload:
 
 
 def test_malicious_optimizer_state_refused(tiny, tmp_path):
-    from tcli.train.trainer import TrainConfig, Trainer
+    from tcli.config.stages import TrainOptions
+    from tcli.train.trainer import Trainer
 
     ck = tmp_path / "evil"
     shutil.copytree(tiny, ck)
     marker = tmp_path / "pwned"
     torch.save({"state": {}, "param_groups": [], "x": _Payload(str(marker))}, ck / "optimizer.pt")
     with pytest.raises(TcliError, match="refusing to load optimizer state"):
-        Trainer(str(ck), TrainConfig())
+        Trainer(str(ck), TrainOptions())
     # plain pickle (not torch's zip format) is refused too
     (ck / "optimizer.pt").write_bytes(pickle.dumps(_Payload(str(marker)), protocol=2))
     with pytest.raises(TcliError, match="optimizer"):
-        Trainer(str(ck), TrainConfig())
+        Trainer(str(ck), TrainOptions())
     assert not marker.exists()
 
 
 def test_checkpoint_without_weights_is_a_clear_error(tiny, tmp_path):
-    from tcli.train.trainer import TrainConfig, Trainer
+    from tcli.config.stages import TrainOptions
+    from tcli.train.trainer import Trainer
 
     ck = tmp_path / "noweights"
     shutil.copytree(tiny, ck)
     os.unlink(ck / "model.safetensors")
     with pytest.raises(DataError, match=str(ck)):
-        Trainer(str(ck), TrainConfig())
+        Trainer(str(ck), TrainOptions())
 
 
 def test_record_validation_names_the_field():
-    from tcli.train.trainer import samples_from_records
+    from tcli.train.samples import samples_from_records
 
     good = {"prompt_token_ids": [3, 4], "token_ids": [5, 6], "logprobs": [-1.0, -2.0],
             "advantages": [0.5, 0.5]}
@@ -288,22 +292,23 @@ def test_record_validation_names_the_field():
         with pytest.raises(DataError) as ei:
             samples_from_records([good, rec], "f.jsonl", vocab_size=100)
         assert (ei.value.file, ei.value.line, ei.value.field) == ("f.jsonl", 2, fld), change
-    with pytest.raises(UsageError, match="--kl-coef > 0 needs --ref-model"):
-        from tcli.train.trainer import TrainConfig
+    with pytest.raises(UsageError, match=r"--kl-coef .*> 0 needs --ref-model"):
+        from tcli.config.stages import TrainOptions
 
-        TrainConfig(kl_coef=0.1).validate()
+        TrainOptions(kl_coef=0.1)
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_micro_batching_equals_one_batch(tiny, rollouts, agg):
     """Gradient accumulation over a small token budget == one big micro-batch (same loss,
     same gradient norm, same weights)."""
-    from tcli.train.trainer import TrainConfig, Trainer
+    from tcli.config.stages import TrainOptions
+    from tcli.train.trainer import Trainer
 
     _, recs = rollouts
     out = []
     for mbt in (10_000, 40):
-        tr = Trainer(tiny, TrainConfig(lr=1e-3, loss_agg=agg, micro_batch_tokens=mbt))
+        tr = Trainer(tiny, TrainOptions(lr=1e-3, loss_agg=agg, micro_batch_tokens=mbt))
         grads = {}
         tr.optimizer.register_step_pre_hook(lambda *a, g=grads, m=tr.model: g.update(
             {n: p.grad.clone() for n, p in m.named_parameters()}))
@@ -319,11 +324,12 @@ def test_micro_batching_equals_one_batch(tiny, rollouts, agg):
 
 
 def test_kl_to_reference_model(tiny, rollouts):
-    from tcli.train.trainer import TrainConfig, Trainer
+    from tcli.config.stages import TrainOptions
+    from tcli.train.trainer import Trainer
 
     _, recs = rollouts
-    tr = Trainer(tiny, TrainConfig(lr=1e-3, ref_model=tiny, kl_coef=0.1, kl_estimator="k3",
-                                   epochs=2, micro_batch_tokens=64))
+    tr = Trainer(tiny, TrainOptions(lr=1e-3, ref_model=tiny, kl_coef=0.1, kl_estimator="k3",
+                                    epochs=2, micro_batch_tokens=64))
     m = tr.step(recs)
     # epoch 1 runs at the reference weights (KL 0), epoch 2 after one update (KL > 0)
     assert m["kl"] > 0 and m["kl"] < 0.5

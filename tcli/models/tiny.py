@@ -52,9 +52,10 @@ def init_tiny_model(out_dir: str, *, seed: int = 0, alphabet: str | None = None,
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from tcli.models.checkpoint import save_pretrained_atomic
+    from tcli.models.checkpoint import check_checkpoint_target, save_pretrained_atomic
     from tcli.models.quiet import quiet_transformers
 
+    check_checkpoint_target(out_dir)  # refuse before building anything
     quiet_transformers()
     tok = build_char_tokenizer(alphabet, text)
     cfg = tiny_config(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

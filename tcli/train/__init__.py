@@ -1,4 +1,10 @@
-"""Policy-gradient training (train-step): loss functions, the Trainer, checkpoints.
+"""Policy-gradient training (train-step).
+
+- ``samples``: rollout records -> validated TrainSamples (no torch)
+- ``loss``: the clipped policy loss, aggregations, KL estimators
+- ``dist``: torchrun process group, rank-0 broadcast, token-balanced shards
+- ``metrics``: the per-step metrics record
+- ``trainer``: the Trainer (model + AdamW + optional reference model; step and save)
 
 Importing this package is cheap; torch and transformers load inside the functions that need them.
 """
@@ -6,11 +12,10 @@ Importing this package is cheap; torch and transformers load inside the function
 from __future__ import annotations
 
 _EXPORTS = {
-    "TrainConfig": "tcli.train.trainer",
     "Trainer": "tcli.train.trainer",
-    "TrainSample": "tcli.train.trainer",
-    "load_trainer": "tcli.train.trainer",
-    "samples_from_records": "tcli.train.trainer",
+    "TrainSample": "tcli.train.samples",
+    "samples_from_records": "tcli.train.samples",
+    "DistInfo": "tcli.train.dist",
     "policy_loss": "tcli.train.loss",
     "aggregate": "tcli.train.loss",
     "kl_penalty": "tcli.train.loss",

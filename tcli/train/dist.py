@@ -1,0 +1,135 @@
+"""Data parallelism under ``torchrun``: process group, rank-0 broadcast, deterministic shards.
+
+Every rank holds the same sample list and takes a token-balanced shard of each mini-batch
+(:func:`shard_balanced`); nothing here runs when WORLD_SIZE is 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence, TypeVar
+
+from tcli.errors import DataError, TcliError, UsageError
+
+T = TypeVar("T")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(pref: str = "auto", local_rank: int = 0):
+    import torch
+
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available")
+        pref = f"cuda:{local_rank}"
+    return torch.device(pref)
+
+
+def init_distributed(device_pref: str = "auto") -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU)."""
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    if ws <= 1:
+        return DistInfo()
+    import torch
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_pref, local)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+
+
+@contextlib.contextmanager
+def distributed(device_pref: str = "auto") -> Iterator[DistInfo]:
+    """:func:`init_distributed` for the duration of a command; the group is torn down after."""
+    info = init_distributed(device_pref)
+    try:
+        yield info
+    finally:
+        if info.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's object on every rank (identity when not distributed)."""
+    if not info.enabled:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_on_main(fn: Callable[[], T], info: DistInfo) -> T:
+    """``fn()`` on rank 0 only; every rank gets its result, or raises its error (rank 0 the
+    original exception, the others an equivalent TcliError), so all ranks fail together."""
+    if not info.enabled:
+        return fn()
+    payload, error = None, None
+    if info.is_main:
+        try:
+            payload = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 - shipped to the other ranks, re-raised below
+            error = e
+            payload = ("error", _error_payload(e))
+    payload = broadcast_object(payload, info)
+    if error is not None:
+        raise error
+    if payload[0] == "error":
+        raise _error_from_payload(payload[1])
+    return payload[1]
+
+
+def _error_payload(e: Exception) -> tuple:
+    if isinstance(e, DataError):
+        return ("data", e.message, e.file, e.line, e.field)
+    if isinstance(e, TcliError):
+        return (type(e).__name__, e.one_line(), None, None, None)
+    return ("runtime", f"{type(e).__name__}: {e}", None, None, None)
+
+
+def _error_from_payload(p: tuple) -> TcliError:
+    kind, msg, file, line, fld = p
+    if kind == "data":
+        return DataError(msg, file=file, line=line, field=fld)
+    if kind == "UsageError":
+        return UsageError(msg)
+    return TcliError(msg)
+
+
+def shard_balanced(lengths: Sequence[int], world_size: int, rank: int) -> list[int]:
+    """Indices for ``rank``: longest first to the rank with the fewest tokens (ties: lower rank).
+    Every rank computes the same assignment, so no communication is needed."""
+    load = [0] * world_size
+    mine = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i)):
+        r = min(range(world_size), key=lambda k: (load[k], k))
+        load[r] += int(lengths[i])
+        if r == rank:
+            mine.append(i)
+    return sorted(mine)
