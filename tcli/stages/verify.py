@@ -1,12 +1,17 @@
 """The verify stage: add ``reward`` and ``verdict`` to every rollout record, in input order.
 
-Verifiers run model text through regexes, sympy and users' code, any of which can hang or crash
-on adversarial input. So each verification runs in a worker process with a hard deadline: a
-worker that overruns is SIGKILLed and replaced, and its record scores 0 with
-``verdict.error = "timeout"``. The stream never hangs and a bad record never ends the run.
+Verifiers run model text through regexes, sympy and users' code, any of which can hang, crash or
+try to exit on adversarial input. So verifications run in worker processes
+(:class:`tcli.verifiers.pool.DeadlinePool`) with a hard deadline per record: a worker that overruns
+is SIGKILLed and replaced, and its record scores 0 with ``verdict.error = "timeout"``. A verifier
+that raises anything (``SystemExit`` and ``KeyboardInterrupt`` included), calls ``os._exit`` or
+takes its worker down scores 0 with an error saying so. The stream never hangs and a bad record
+never ends the run; a real Ctrl-C or SIGTERM does end it, after every worker is gone.
 
-Memory stays bounded: at most ``window`` records are held (dispatched or waiting to be written in
-order), and workers receive only the fields a verifier reads, never token ids or log-probs.
+This module prepares records (validation, the verifier's view of a record) and turns verifier
+output or pool failures into ``(reward, verdict)``. Memory stays bounded: at most ``window``
+records are held, and workers receive only the fields a verifier reads, never token ids or
+log-probs.
 """
 
 from __future__ import annotations
@@ -14,30 +19,36 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
-import time
+import threading
 from collections import deque
 from decimal import Decimal
 from typing import Iterable, Iterator
 
 from tcli.errors import DataError
+from tcli.verifiers.pool import DeadlinePool, Failure, default_workers, one_line
+
+__all__ = ["verify_records", "start_pool", "prepare", "run_one", "default_workers", "HEAVY_FIELDS"]
 
 # fields that are large and that no verifier needs: never copied to the workers
 HEAVY_FIELDS = frozenset({"token_ids", "prompt_token_ids", "logprobs", "values", "branch",
                           "advantages", "segment_ends", "ref_logprobs", "old_logprobs"})
-KILL_GRACE = 5.0  # seconds to wait for a SIGKILLed worker to be reaped
-
-
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
+WINDOW_CHARS = 64 << 20  # characters of response text held at once (besides the record count)
+_FLOAT_EXACT = 2**53     # floats hold every integer below this exactly
 
 # ----------------------------------------------------------------------------- one record
 
+
+def _int_str(v: int) -> str:
+    """Digits of an int of any size (``str`` refuses more than 4,300 digits)."""
+    try:
+        return str(v)
+    except ValueError:
+        return str(Decimal(v))
+
+
 def _answer_str(v, file: str, line: int) -> str:
+    """A gold answer as text, exactly: ints of any size keep every digit, floats their shortest
+    decimal (``1e30`` -> ``1`` and 30 zeros, ``1.95766e-05`` -> ``0.0000195766``)."""
     if isinstance(v, str):
         return v
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -45,12 +56,13 @@ def _answer_str(v, file: str, line: int) -> str:
         raise DataError(f"must be a string (or a number), got {kind}", file=file, line=line,
                         field="answer")
     if isinstance(v, int):
-        return str(v)
+        return _int_str(v)
     if not math.isfinite(v):
         raise DataError(f"must be finite, got {v}", file=file, line=line, field="answer")
-    if v.is_integer():
+    if v.is_integer() and abs(v) < _FLOAT_EXACT:
         return str(int(v))
-    return format(Decimal(repr(v)), "f")  # 1.95766e-05 -> 0.0000195766, as the data README
+    d = Decimal(repr(v))
+    return format(d.to_integral_value() if v.is_integer() else d, "f")
 
 
 def _choices(v, file: str, line: int):
@@ -92,12 +104,7 @@ def prepare(line: int, rec: dict, file: str, task: str):
     return name, text, answer, slim
 
 
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    if len(msg) > 300:
-        msg = msg[:300] + "..."
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-
+# ----------------------------------------------------------------------------- one result
 
 _INT64 = 2**63
 
@@ -109,7 +116,7 @@ def _jsonable(v, depth: int = 0):
     if v is None or isinstance(v, (bool, str)):
         return v
     if isinstance(v, int):
-        return v if -_INT64 <= v < _INT64 else str(v)
+        return v if -_INT64 <= v < _INT64 else _int_str(v)
     if isinstance(v, float):
         return v if math.isfinite(v) else str(v)
     if isinstance(v, dict):
@@ -125,232 +132,143 @@ def _jsonable(v, depth: int = 0):
     return str(v)
 
 
-def run_one(task: str, text: str, answer: str, rec: dict) -> tuple[float, dict]:
-    """Run one verifier; whatever it does (raise, return junk) the result is (reward, verdict)."""
+def _error(task: str, error: str, **extra) -> tuple[float, dict]:
+    return 0.0, {"task": task, "parsed": None, "correct": False, "error": error, **extra}
+
+
+def _checked(task: str, out) -> tuple[float, dict]:
+    """A verifier's return value as (reward, verdict); junk raises ValueError/TypeError."""
+    if isinstance(out, tuple) and len(out) == 2:
+        reward, verdict = out
+    else:  # a bare number or bool is accepted as the reward
+        reward, verdict = out, {}
+    reward = float(reward)
+    if not math.isfinite(reward):
+        raise ValueError(f"verifier returned a non-finite reward {reward}")
+    if not isinstance(verdict, dict):
+        raise TypeError(f"verifier returned a {type(verdict).__name__} verdict, not a dict")
+    full = {"task": task, "parsed": None, "correct": reward > 0}
+    full.update(_jsonable(verdict))
+    return reward, full
+
+
+class _Exited(BaseException):
+    """``os._exit(code)`` called by a verifier, turned into an exception while it runs."""
+
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+class _NoExit:
+    """While a verifier runs, ``os._exit`` raises :class:`_Exited` instead of ending this process
+    (a process the verifier forks still exits for real)."""
+
+    __slots__ = ("real", "pid")
+
+    def __enter__(self):
+        self.real, self.pid = os._exit, os.getpid()
+        real, pid = self.real, self.pid
+
+        def refuse(code):
+            if os.getpid() != pid:
+                real(code)
+            raise _Exited(code)
+
+        os._exit = refuse
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os._exit = self.real
+
+
+def _escape_message(e: BaseException) -> str:
+    """What a verifier did when it raised something that is not an Exception."""
+    if isinstance(e, SystemExit):
+        return f"verifier called sys.exit({e.code!r})"
+    if isinstance(e, _Exited):
+        return f"verifier called os._exit({e.code!r})"
+    return f"verifier raised {one_line(e)}"
+
+
+def run_one(task: str, text: str, answer: str, rec: dict, watch=None) -> tuple[float, dict]:
+    """Run one verifier; whatever it does (raise, exit, return junk) the result is (reward,
+    verdict). ``watch`` is for runs in the caller's own process: a :class:`_SignalWatch` (real
+    signals re-raise), and ``os._exit`` fails the record instead of ending the process. (In a
+    worker, ``os._exit`` ends the worker, which the pool reports as the record's error.)"""
     from tcli.verifiers import get_verifier
 
     try:
-        out = get_verifier(task)(text, answer, rec)
-        if isinstance(out, tuple) and len(out) == 2:
-            reward, verdict = out
-        else:  # a bare number or bool is accepted as the reward
-            reward, verdict = out, {}
-        if isinstance(reward, bool):
-            reward = float(reward)
-        reward = float(reward)
-        if not math.isfinite(reward):
-            raise ValueError(f"verifier returned a non-finite reward {reward}")
-        if not isinstance(verdict, dict):
-            raise TypeError(f"verifier returned a {type(verdict).__name__} verdict, not a dict")
-        full = {"task": task, "parsed": None, "correct": reward > 0}
-        full.update(_jsonable(verdict))
-        return reward, full
+        fn = get_verifier(task)
+        if watch is None:
+            out = fn(text, answer, rec)
+        else:
+            with _NoExit():
+                out = fn(text, answer, rec)
+        return _checked(task, out)
     except Exception as e:  # noqa: BLE001 - a verifier failure scores 0, never ends the stream
-        return 0.0, {"task": task, "parsed": None, "correct": False, "error": _one_line(e)}
+        return _error(task, one_line(e))
+    except BaseException as e:  # SystemExit, KeyboardInterrupt, os._exit from the verifier
+        if watch is not None and watch.arrived:
+            raise  # a real Ctrl-C / SIGTERM while the verifier ran: that ends the stream
+        return _error(task, _escape_message(e))
 
 
-def _timeout_result(task: str, timeout: float) -> tuple[float, dict]:
-    return 0.0, {"task": task, "parsed": None, "correct": False, "error": "timeout",
-                 "timeout_s": timeout}
+def _run_payload(payload) -> tuple[float, dict]:
+    """What a pool worker runs for one record."""
+    task, answer, slim = payload
+    return run_one(task, slim["text"], answer, slim)
 
 
-# ----------------------------------------------------------------------------- worker processes
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: SIGKILL this worker when the parent dies, even if a verifier is stuck in a loop
-    (a parent killed by a signal never runs its cleanup)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
+def _failed(task: str, f: Failure, timeout: float) -> tuple[float, dict]:
+    if f.kind == "timeout":
+        return _error(task, "timeout", timeout_s=timeout)
+    if f.kind == "died":
+        return _error(task, f"verifier worker died ({f.detail})")
+    return _error(task, f"verifier worker failed ({f.detail})")
 
 
-def _worker_main(conn, inherited, parent_pid: int) -> None:
-    """Loop: receive (seq, task, text, answer, record), send (seq, reward, verdict)."""
-    _die_with_parent(parent_pid)
-    for c in inherited:  # other workers' pipe ends, copied by fork: not ours to hold open
-        try:
-            c.close()
-        except OSError:
-            pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    # the parent writes records to stdout: a verifier's print() must never land there
-    sys.stdout = sys.stderr
-    try:
-        os.dup2(2, 1)
-    except OSError:
-        pass
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        seq, task, text, answer, rec = msg
-        reward, verdict = run_one(task, text, answer, rec)
-        try:
-            conn.send((seq, reward, verdict))
-        except (OSError, ValueError):
-            return
+# ----------------------------------------------------------------------------- in this process
+
+class _SignalWatch:
+    """In-process runs: notes when SIGINT/SIGTERM/SIGHUP really arrive (the installed Python
+    handlers are wrapped, then restored), so a real Ctrl-C raised inside a verifier ends the
+    stream while a verifier that raises KeyboardInterrupt itself only fails its record."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+    def __init__(self):
+        self.arrived = False
+        self.installed: list[tuple[int, object, object]] = []
+
+    def __enter__(self) -> "_SignalWatch":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals only ever interrupt the main thread
+        for sig in self.SIGNALS:
+            old = signal.getsignal(sig)
+            if callable(old):
+                def noted(signum, frame, old=old):
+                    self.arrived = True
+                    return old(signum, frame)
+
+                signal.signal(sig, noted)
+                self.installed.append((sig, old, noted))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old, noted in reversed(self.installed):
+            if signal.getsignal(sig) is noted:  # unless someone replaced it meanwhile
+                signal.signal(sig, old)
+        self.installed = []
 
 
-class _Worker:
-    def __init__(self, ctx, others: list):
-        parent_end, child_end = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child_end, [parent_end, *others], os.getpid()),
-                                daemon=True, name="tcli-verify")
-        self.proc.start()
-        child_end.close()
-        self.conn = parent_end
-        self.seq: int | None = None
-        self.task: str | None = None
-        self.deadline = math.inf
-        self.retire = False
-
-    @property
-    def busy(self) -> bool:
-        return self.seq is not None
-
-    def submit(self, seq: int, task: str, payload: tuple, deadline: float) -> None:
-        self.seq, self.task, self.deadline = seq, task, deadline
-        self.conn.send((seq, *payload))
-
-    def done(self) -> None:
-        self.seq, self.task, self.deadline = None, None, math.inf
-
-    def kill(self) -> None:
-        try:
-            self.conn.close()
-        except OSError:
-            pass
-        if self.proc.is_alive():
-            try:
-                os.kill(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, OSError):
-                pass
-        self.proc.join(KILL_GRACE)
-        try:
-            self.proc.close()
-        except ValueError:  # still running after SIGKILL + grace: leave it to init
-            pass
-
-    def stop(self) -> None:
-        """Polite shutdown: ask the worker to exit, then make sure it did."""
-        try:
-            self.conn.send(None)
-        except (OSError, ValueError):
-            pass
-        self.proc.join(0.5)
-        self.kill()
-
-
-def _mp_context():
-    import multiprocessing as mp
-
-    if sys.platform.startswith("linux"):
-        return mp.get_context("fork")  # workers inherit imported verifiers: no re-import per worker
-    return mp.get_context()
-
-
-class _Pool:
-    """A fixed number of verifier processes with per-item deadlines and in-order results."""
-
-    def __init__(self, n: int, timeout: float):
-        self.n = n
-        self.timeout = timeout
-        self.ctx = _mp_context()
-        self.workers: list[_Worker] = []
-        self.results: dict[int, tuple[float, dict]] = {}
-
-    def _spawn(self) -> _Worker:
-        try:  # a forked child may flush a copy of stdout's buffer: empty it first
-            sys.stdout.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
-        w = _Worker(self.ctx, [x.conn for x in self.workers])
-        self.workers.append(w)
-        return w
-
-    def _replace(self, w: _Worker) -> None:
-        w.kill()
-        self.workers.remove(w)
-
-    def retire_all(self) -> None:
-        """Replace every worker (idle ones now, busy ones when their item is done)."""
-        for w in list(self.workers):
-            if w.busy:
-                w.retire = True
-            else:
-                w.stop()
-                self.workers.remove(w)
-
-    def idle_worker(self) -> _Worker | None:
-        for w in self.workers:
-            if not w.busy:
-                return w
-        if len(self.workers) < self.n:
-            return self._spawn()
-        return None
-
-    def submit(self, w: _Worker, seq: int, task: str, payload: tuple) -> None:
-        deadline = time.monotonic() + self.timeout if self.timeout > 0 else math.inf
-        try:
-            w.submit(seq, task, payload, deadline)
-        except (OSError, ValueError) as e:  # the worker died before it could take the item
-            self.results[seq] = (0.0, {"task": task, "parsed": None, "correct": False,
-                                       "error": f"verifier worker failed ({_one_line(e)})"})
-            self._replace(w)
-
-    def wait(self) -> None:
-        """Block until at least one busy worker finishes or overruns its deadline."""
-        from multiprocessing.connection import wait
-
-        busy = [w for w in self.workers if w.busy]
-        if not busy:
-            return
-        soonest = min(w.deadline for w in busy)
-        left = None if soonest == math.inf else max(0.0, soonest - time.monotonic())
-        ready = wait([w.conn for w in busy], timeout=left)
-        by_conn = {id(w.conn): w for w in busy}
-        for conn in ready:
-            w = by_conn[id(conn)]
-            try:
-                seq, reward, verdict = conn.recv()
-            except (EOFError, OSError) as e:
-                code = w.proc.exitcode
-                if code is None:
-                    w.proc.join(0.1)
-                    code = w.proc.exitcode
-                why = f"exit code {code}" if code is not None else _one_line(e)
-                self.results[w.seq] = (0.0, {"task": w.task, "parsed": None, "correct": False,
-                                             "error": f"verifier worker died ({why})"})
-                self._replace(w)
-                continue
-            self.results[seq] = (reward, verdict)
-            w.done()
-            if w.retire:
-                w.stop()
-                self.workers.remove(w)
-        now = time.monotonic()
-        for w in [w for w in self.workers if w.busy and w.deadline <= now]:
-            self.results[w.seq] = _timeout_result(w.task, self.timeout)
-            self._replace(w)
-
-    def close(self) -> None:
-        for w in self.workers:
-            if w.busy:
-                w.kill()
-            else:
-                w.stop()
-        self.workers = []
+def _in_process(records, source_name: str, task: str) -> Iterator[dict]:
+    with _SignalWatch() as watch:
+        for line, rec in records:
+            name, text, answer, slim = prepare(line, rec, source_name, task)
+            watch.arrived = False
+            rec["reward"], rec["verdict"] = run_one(name, text, answer, slim, watch)
+            yield rec
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -375,13 +293,14 @@ def _preload(task: str) -> bool:
 
 def verify_records(records: Iterable[tuple[int, dict]], source_name: str, task: str = "auto",
                    timeout: float = 5.0, workers: int | None = None,
-                   window: int | None = None) -> Iterator[dict]:
+                   window: int | None = None, pool: DeadlinePool | None = None) -> Iterator[dict]:
     """Yield each record with ``reward`` and ``verdict`` added, in input order.
 
     ``records`` yields ``(line, record)``. ``task`` is a verifier name, ``python:module:function``
     or ``auto`` (chosen per record). ``workers``: processes (default: all cores); ``0`` runs in
     this process without a timeout (for debugging). ``timeout`` is the hard per-record limit in
     seconds. Bad records raise DataError naming ``source_name``, the line and the field.
+    ``pool``: workers from :func:`start_pool` to use (and keep) instead of starting new ones.
     """
     from tcli.errors import UsageError
     from tcli.verifiers import check_task
@@ -391,57 +310,55 @@ def verify_records(records: Iterable[tuple[int, dict]], source_name: str, task: 
         raise UsageError(f"timeout must be a positive number of seconds, got {timeout}")
     if workers is not None and workers < 0:
         raise UsageError(f"workers must be >= 0, got {workers}")
-    n = default_workers() if workers is None else workers
+    n = (pool.n if pool is not None else default_workers()) if workers is None else workers
     if n == 0:
         return _in_process(records, source_name, task)
-    return _pooled(records, source_name, task, float(timeout), n, window or max(32, 8 * n))
+    window = window or max(256, 32 * n)
+    if pool is not None:
+        return _pooled(records, source_name, task, float(timeout), window, pool)
+    return _owned_pool(records, source_name, task, float(timeout), window, n)
 
 
-def _in_process(records, source_name: str, task: str) -> Iterator[dict]:
-    for line, rec in records:
-        name, text, answer, slim = prepare(line, rec, source_name, task)
-        rec["reward"], rec["verdict"] = run_one(name, text, answer, slim)
+def start_pool(task: str = "auto", timeout: float = 5.0, workers: int | None = None
+               ) -> DeadlinePool | None:
+    """Verifier workers to reuse across ``verify_records(..., pool=...)`` calls (a loop's steps),
+    started now, with what ``task`` needs already imported. None for ``workers=0``. Close it (or
+    use it as a context manager) when done. Workers hold on to the memory of the process they
+    were forked from: start the pool before loading a model."""
+    from tcli.verifiers import check_task
+
+    check_task(task)
+    n = default_workers() if workers is None else workers
+    if n == 0:
+        return None
+    _preload(task)
+    return DeadlinePool(_run_payload, n, timeout).start()
+
+
+def _owned_pool(records, source_name: str, task: str, timeout: float, window: int, n: int
+                ) -> Iterator[dict]:
+    with DeadlinePool(_run_payload, n, timeout) as pool:  # every worker is gone when this ends
+        yield from _pooled(records, source_name, task, timeout, window, pool)
+
+
+def _pooled(records, source_name: str, task: str, timeout: float, window: int,
+            pool: DeadlinePool) -> Iterator[dict]:
+    if task != "auto" and _preload(task):
+        pool.refresh()  # workers forked before the import lack it
+    pool.timeout = timeout
+    held: deque[tuple[dict, str]] = deque()  # records read and not yet yielded, with their task
+
+    def payloads():
+        for line, rec in records:
+            name, text, answer, slim = prepare(line, rec, source_name, task)
+            if task == "auto" and _preload(name):
+                pool.refresh()  # the first math record: new workers fork with math-verify
+            held.append((rec, name))
+            yield (name, answer, slim), len(text) + 1
+
+    for result in pool.imap(payloads(), window, WINDOW_CHARS):
+        rec, name = held.popleft()
+        if isinstance(result, Failure):
+            result = _failed(name, result, timeout)
+        rec["reward"], rec["verdict"] = result
         yield rec
-
-
-def _pooled(records, source_name: str, task: str, timeout: float, n: int, window: int
-            ) -> Iterator[dict]:
-    if task != "auto":
-        _preload(task)
-    pool = _Pool(n, timeout)
-    held: dict[int, dict] = {}                 # records read but not yet yielded
-    queue: deque[tuple[int, str, tuple]] = deque()  # prepared, waiting for a free worker
-    it = iter(records)
-    exhausted = False
-    next_seq = next_out = 0
-    try:
-        while True:
-            while not exhausted and len(held) < window:
-                try:
-                    line, rec = next(it)
-                except StopIteration:
-                    exhausted = True
-                    break
-                name, text, answer, slim = prepare(line, rec, source_name, task)
-                if task == "auto" and _preload(name):
-                    pool.retire_all()  # the first math record: new workers fork with math-verify
-                held[next_seq] = rec
-                queue.append((next_seq, name, (name, text, answer, slim)))
-                next_seq += 1
-            while queue:
-                w = pool.idle_worker()
-                if w is None:
-                    break
-                seq, name, payload = queue.popleft()
-                pool.submit(w, seq, name, payload)
-            while next_out in pool.results:
-                rec = held.pop(next_out)
-                rec["reward"], rec["verdict"] = pool.results.pop(next_out)
-                next_out += 1
-                yield rec
-            if exhausted and not held:
-                return
-            if not queue or all(w.busy for w in pool.workers):
-                pool.wait()
-    finally:
-        pool.close()

@@ -36,8 +36,29 @@ MAX_PARSED_CHARS = 200     # what a verdict echoes back of the parsed answer
 # ----------------------------------------------------------------------------- text helpers
 
 def tail(text: str, n: int = TAIL_CHARS) -> str:
-    """The last ``n`` characters: bounds every regex and scan on absurdly long responses."""
-    return text[-n:] if len(text) > n else text
+    """The last ``n`` characters: bounds every regex and scan on absurdly long responses. A word
+    (a number) cut in two at the start is dropped, so the tail of a longer number never passes
+    for a number of its own."""
+    if len(text) <= n:
+        return text
+    t = text[-n:]
+    if text[-n - 1].isalnum():
+        i = 0
+        while i < len(t) and t[i].isalnum():
+            i += 1
+        t = t[i:]
+    return t
+
+
+def _uncut(text: str, start: int, end: int) -> str:
+    """``text[start:end]`` without a word (a number) that the slice's end cuts in two."""
+    part = text[start:end]
+    if end < len(text) and text[end].isalnum():
+        k = len(part)
+        while k and part[k - 1].isalnum():
+            k -= 1
+        part = part[:k]
+    return part
 
 
 def shown(s: str | None) -> str | None:
@@ -104,7 +125,7 @@ def after_last(pattern: re.Pattern, text: str) -> str | None:
         pass
     if last is None:
         return None
-    rest = text[last.end():last.end() + 4 * MAX_ANSWER_CHARS]
+    rest = _uncut(text, last.end(), last.end() + 4 * MAX_ANSWER_CHARS)
     # "The answer is\n\n$$x$$" puts the answer on the next lines: skip blank lines, keep one line
     rest = rest.lstrip()
     if rest.startswith("$$") or rest.startswith("\\["):
@@ -132,6 +153,20 @@ def answer_phrase(text: str) -> str | None:
         return next(g for g in m.groups() if g is not None).strip()
     rest = re.split(r"(?<=[^\d\s])\.\s|\.\s+(?=[A-Z])", rest, maxsplit=1)[0]
     return rest.strip().strip("*").rstrip(".").strip() or None
+
+
+def final_answer(text: str, read: Callable[[str], object] | None = None) -> tuple:
+    """The final answer a response states: the last ``\\boxed{}``, else "The answer is ..."
+    (:func:`answer_phrase`), as ``(answer, how)`` with how ``"boxed"`` or ``"answer is"``, or
+    ``(None, None)``. ``read`` turns a candidate into the answer (e.g. a number); when it returns
+    None the next form is tried. Shared by the math and gsm8k verifiers."""
+    for how, find in (("boxed", last_boxed), ("answer is", answer_phrase)):
+        found = find(text)
+        if found is not None:
+            got = found if read is None else read(found)
+            if got is not None:
+                return got, how
+    return None, None
 
 
 def nesting_depth(s: str) -> int:

@@ -1,8 +1,10 @@
 """``arith``: exact integer answers (the synthetic ``tcli-arith`` task, examples/arith).
 
-The integer after the last ``####`` when there is one, else the last integer of the response.
-Integers are compared as digit strings, so a 10,000-digit answer needs no big-int conversion
-(Python refuses int() of strings over 4,300 digits).
+The number after the last ``####`` when there is one, else the last number of the response; it
+must be an integer (``18``, ``-7``, ``018``, ``18.00``; ``18.5`` is not 18). Integers are
+compared as digit strings, so any size compares exactly (``10**30 + 1`` is not ``10**30``) and a
+10,000-digit answer needs no big-int conversion (Python refuses int() of strings over 4,300
+digits).
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ import re
 
 from tcli.verifiers import VERIFIERS, tail, verdict
 
-_INT = re.compile(r"(?<![\w)\]}])[-\u2212]?\d+|\d+")
-_AFTER_HASHES = re.compile(r"\s*([-\u2212]?\d+)")
+_NUMBER = r"(\d+)(?:\.(\d+))?"
+_INT = re.compile(r"(?<![\w)\]}])[-\u2212]?" + _NUMBER + "|" + _NUMBER)
+_AFTER_HASHES = re.compile(r"\s*[-\u2212]?" + _NUMBER)
+_CANONICAL = re.compile(r"\s*([-+\u2212]?)" + _NUMBER + r"\s*")
 
 
 def canonical(s: str) -> str | None:
-    """'-0042' -> '-42', '0' -> '0', '+7' -> '7'; None if ``s`` is not an integer."""
-    m = re.fullmatch(r"\s*([-+\u2212]?)(\d+)\s*", s)
-    if not m:
+    """'-0042' -> '-42', '0' -> '0', '+7' -> '7', '18.00' -> '18'; None if ``s`` is not an
+    integer ('18.5', 'x')."""
+    m = _CANONICAL.fullmatch(s)
+    if not m or (m.group(3) and m.group(3).strip("0")):
         return None
     digits = m.group(2).lstrip("0") or "0"
     neg = m.group(1) in ("-", "\u2212") and digits != "0"
@@ -30,7 +35,7 @@ def extract(text: str) -> tuple[str | None, str | None]:
     k = t.rfind("####")
     if k >= 0:
         m = _AFTER_HASHES.match(t, k + 4)
-        return (canonical(m.group(1)), "####") if m else (None, "####")
+        return (canonical(m.group()), "####") if m else (None, "####")
     last = None
     for last in _INT.finditer(t):
         pass
@@ -44,6 +49,9 @@ def verify_arith(text: str, answer: str, record: dict) -> tuple[float, dict]:
         raise ValueError(f"gold answer {answer[:50]!r} is not an integer")
     got, how = extract(text)
     if got is None:
-        reason = "no integer after ####" if how == "####" else "no answer found"
+        if how is None:
+            reason = "no answer found"
+        else:
+            reason = "no integer after ####" if how == "####" else "the last number is not an integer"
         return verdict("arith", None, False, via=how, reason=reason)
     return verdict("arith", got, got == gold, via=how)

@@ -3,18 +3,22 @@
 The answer is taken from the last ``####``, else the last ``\\boxed{}``, else "The answer is ...",
 else the last number in the response. Thousands separators, ``$``, ``%``, trailing periods and
 units are ignored; a minus sign counts only when it is not a binary minus (``12-3`` ends in 3,
-not -3). Values are ``Decimal`` so a 10,000-digit number neither overflows nor loses its digits,
-and GSM-Hard answers like ``0.0000195766`` compare exactly.
+not -3). Values are exact: numbers as written are ``Decimal`` (a 10,000-digit number neither
+overflows nor loses its digits, and GSM-Hard answers like ``0.0000195766`` compare exactly),
+fractions are ``Fraction``, and comparisons run on exact rationals, never floats: integers of
+any size compare digit for digit (``10**30 + 1`` is not ``10**30``).
 """
 
 from __future__ import annotations
 
 import re
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
-from tcli.verifiers import VERIFIERS, answer_phrase, last_boxed, tail, verdict
+from tcli.verifiers import VERIFIERS, final_answer, tail, verdict
 
-REL_TOL = Decimal("1e-14")  # float artefacts of GSM-Hard targets: 3244047.0999999996 == 3244047.1
+REL_TOL = Fraction(1, 10**14)  # float artefacts of GSM-Hard targets: 3244047.0999999996 == 3244047.1
+FLOAT_EXACT = 2**53            # ... which only exist where a float still holds fractions
 MIN_DECIMALS = 2            # a rounded prediction needs at least this many decimals ...
 MIN_SIGNIFICANT = 3         # ... and this many significant digits to count as the gold, rounded
 
@@ -69,6 +73,7 @@ _FRAC = re.compile(r"^([-\u2212]?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$"
 
 
 def _frac_value(s: str):
+    """``\\frac{a}{b}`` or ``a/b`` as (text, exact Fraction); None if ``s`` is not one."""
     m = _FRAC.match(s)
     if not m:
         return None
@@ -79,10 +84,7 @@ def _frac_value(s: str):
     a_n, b_n = first_number(a), first_number(b)
     if a_n is None or b_n is None or b_n[1] == 0:
         return None
-    try:
-        value = a_n[1] / b_n[1]
-    except InvalidOperation:
-        return None
+    value = Fraction(a_n[1]) / Fraction(b_n[1])
     if sign:
         value = -value
     return f"{sign}{a_n[0]}/{b_n[0]}", value
@@ -102,29 +104,39 @@ def number_in(answer: str):
     return first_number(s)
 
 
-def gold_value(answer: str) -> Decimal:
+def gold_value(answer: str):
     got = number_in(answer)
     if got is None:
         raise ValueError(f"gold answer {answer[:50]!r} is not a number")
     return got[1]
 
 
-def close(pred: Decimal, gold: Decimal) -> bool:
-    """Equal, equal up to float noise, or ``pred`` is ``gold`` correctly rounded to the decimals
-    ``pred`` was written with (``14053029.67`` for GSM-Hard's ``14053029.666666666``; at least 2
-    decimals and 3 significant digits, so ``0.00`` is not "0.0016 rounded"). Integers compare
-    exactly: 70001 is not 70000."""
+def _integral(x) -> bool:
+    if isinstance(x, Fraction):
+        return x.denominator == 1
+    return x == x.to_integral_value()
+
+
+def close(pred, gold) -> bool:
+    """Equal, equal up to float noise (relative 1e-14, below 2**53 where floats hold
+    fractions), or ``pred`` is ``gold`` correctly rounded to the decimals ``pred`` was written
+    with (``14053029.67`` for GSM-Hard's ``14053029.666666666``; at least 2 decimals and 3
+    significant digits, so ``0.00`` is not "0.0016 rounded"). Integers compare exactly, at any
+    size: 70001 is not 70000. ``pred`` and ``gold`` are Decimal or Fraction; all exact."""
     if pred == gold:
         return True
-    if pred == pred.to_integral_value() and gold == gold.to_integral_value():
+    if _integral(pred) and _integral(gold):
         return False
-    diff = abs(pred - gold)
-    if diff <= REL_TOL * max(abs(pred), abs(gold)):
+    p, g = Fraction(pred), Fraction(gold)
+    diff, size = abs(p - g), max(abs(p), abs(g))
+    if size < FLOAT_EXACT and diff <= REL_TOL * size:
         return True
+    if not isinstance(pred, Decimal):
+        return False
     exp = pred.as_tuple().exponent
     if not isinstance(exp, int) or -exp < MIN_DECIMALS or pred.adjusted() - exp + 1 < MIN_SIGNIFICANT:
         return False
-    return diff <= Decimal(5).scaleb(exp - 1)
+    return diff <= Fraction(1, 2) * Fraction(10) ** exp  # half a unit of the last printed digit
 
 
 def extract(text: str):
@@ -132,19 +144,13 @@ def extract(text: str):
     t = tail(text)
     k = t.rfind("####")
     if k >= 0:
-        got = number_in(t[k + 4:k + 4 + 200].split("\n", 1)[0])
+        eol = t.find("\n", k + 4)
+        got = number_in(t[k + 4:eol if eol >= 0 else len(t)])  # the whole line: no cut number
         if got is not None:
             return got, "####"
-    boxed = last_boxed(t)
-    if boxed is not None:
-        got = number_in(boxed)
-        if got is not None:
-            return got, "boxed"
-    phrase = answer_phrase(t)
-    if phrase is not None:
-        got = number_in(phrase)
-        if got is not None:
-            return got, "answer is"
+    got, how = final_answer(t, number_in)
+    if got is not None:
+        return got, how
     got = last_number(t)
     if got is not None:
         return got, "last number"

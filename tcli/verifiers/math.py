@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import re
 
-from tcli.verifiers import (MAX_ANSWER_CHARS, VERIFIERS, _balanced, answer_phrase, last_boxed,
-                            nesting_depth, tail, verdict)
+from tcli.verifiers import (MAX_ANSWER_CHARS, VERIFIERS, _balanced, final_answer, nesting_depth,
+                            tail, verdict)
 
 MAX_DEPTH = 6     # bracket nesting; gold answers of MATH-500 need at most 2
 MAX_FRACS = 8     # \frac commands in one answer
@@ -81,14 +81,7 @@ def normalise(s: str) -> str:
 
 def extract(text: str) -> tuple[str | None, str | None]:
     """(answer, how) from the end of a response: last ``\\boxed{}``, else "the answer is"."""
-    t = tail(text)
-    boxed = last_boxed(t)
-    if boxed is not None:
-        return boxed, "boxed"
-    phrase = answer_phrase(t)
-    if phrase is not None:
-        return phrase, "answer is"
-    return None, None
+    return final_answer(tail(text))
 
 
 _BIG_EXPONENT = re.compile(r"\d{5}")
