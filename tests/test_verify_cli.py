@@ -67,7 +67,7 @@ def test_file_input_output_and_workers_zero(tmp_path):
     outs = []
     for workers in ("0", "2"):
         dst = tmp_path / f"out{workers}.jsonl"
-        p = run_tcli(["verify", src, "-o", dst, "--task", "auto", "--workers", workers, "--seed", "3"])
+        p = run_tcli(["verify", src, "-o", dst, "--task", "auto", "--workers", workers])
         assert p.returncode == 0, p.stderr
         assert p.stdout == b""
         outs.append(dst.read_bytes())
@@ -135,7 +135,7 @@ def test_help_documents_options():
     p = run_tcli(["verify", "--help"])
     assert p.returncode == 0
     text = p.stdout.decode()
-    for opt in ("--task", "--timeout", "--workers", "--seed", "--format", "--input-format",
+    for opt in ("--task", "--timeout", "--workers", "--format", "--input-format",
                 "--quiet", "--output"):
         assert opt in text, opt
     assert "timeout" in text and "python:module:function" in text
