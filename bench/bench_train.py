@@ -44,7 +44,9 @@ def main() -> None:
 
     from tcli.models.quiet import quiet_transformers
     from tcli.models.tiny import init_tiny_model
-    from tcli.train.trainer import TrainConfig, Trainer, TrainSample
+    from tcli.config.stages import TrainOptions
+    from tcli.train.samples import TrainSample
+    from tcli.train.trainer import Trainer
 
     quiet_transformers()
     torch.set_num_threads(args.threads)
@@ -89,7 +91,7 @@ def main() -> None:
                            old[b].numpy().astype(np.float32), adv[b].numpy().astype(np.float32))
                for b in range(B)]
     mbt = args.micro_batch_tokens or B * L
-    trainer = Trainer(mdir, TrainConfig(lr=1e-6, micro_batch_tokens=mbt, device="cpu"))
+    trainer = Trainer(mdir, TrainOptions(lr=1e-6, micro_batch_tokens=mbt, device="cpu"))
 
     def tcli_step() -> float:
         t0 = clock()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
-import pickle
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -107,7 +106,9 @@ class HFEngine:
         elif device in (None, "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.dtype = _torch_dtype(dtype)
+        from tcli.models.load import torch_dtype
+
+        self.dtype = torch_dtype(dtype)
         self.batch_tokens = int(batch_tokens)
         self.attn_implementation = attn_implementation
         self.generated_tokens = 0    # tokens sampled (shared tree prefixes count once)
@@ -128,26 +129,12 @@ class HFEngine:
     # ------------------------------------------------------------------ loading
 
     def _load(self, model_dir: str) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from tcli.models.load import load_model, load_tokenizer
 
-        kw = {"dtype": self.dtype}
-        if self.attn_implementation:
-            kw["attn_implementation"] = self.attn_implementation
-        try:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, **kw).to(self.device).eval()
-            if self._tokenizer is None:
-                self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        except (OSError, pickle.UnpicklingError, RuntimeError) as e:
-            from tcli.errors import DataError, UsageError
-
-            why = ("its weights are a pickle that could run code; refused (Weights only load failed): "
-                   "convert them to safetensors" if isinstance(e, pickle.UnpicklingError)
-                   else " ".join(str(e).split())[:300])
-            msg = f"cannot load model {model_dir!r}: {why}"
-            if _is_dir(model_dir):  # it exists but holds no loadable weights: bad data, not usage
-                raise DataError(msg, file=model_dir) from None
-            raise UsageError(msg) from None
+        model = load_model(model_dir, device=self.device, dtype=self.dtype,
+                           attn_implementation=self.attn_implementation)
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(model_dir, required=True)
         self._attach(model, model_dir)
 
     def _attach(self, model, model_dir: str) -> None:
@@ -395,19 +382,6 @@ class HFEngine:
         for node in st.nodes:
             node.ends.append(len(node.tokens))
         return st
-
-
-def _torch_dtype(name: str | None):
-    import torch
-
-    table = {None: torch.float32, "auto": torch.float32, "float32": torch.float32,
-             "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        from tcli.errors import UsageError
-
-        raise UsageError(f"unknown dtype {name!r}; valid: float32, bfloat16, float16")
-    return table[name]
 
 
 def _is_dir(path: str) -> bool:

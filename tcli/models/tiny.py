@@ -64,5 +64,6 @@ def init_tiny_model(out_dir: str, *, seed: int = 0, alphabet: str | None = None,
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id)
-    save_pretrained_atomic(out_dir, model, tok)
+    save_pretrained_atomic(out_dir, model, tok, state={"step": 0, "policy_version": 0,
+                                                      "made_by": "init-model"})
     return out_dir

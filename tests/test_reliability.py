@@ -1,0 +1,229 @@
+"""Reliability II through the real CLI: interrupts are failures, one writer per run directory,
+resume never restarts silently, nothing of the user's is replaced, numeric edges are data errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+
+from conftest import REPO, run_tcli
+
+sys.path.insert(0, str(REPO))
+from examples.arith.task import ALPHABET, make_prompts  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _popen(args, **kw):
+    """tcli in its own process group (as a terminal's foreground job), stdin a pipe we hold open."""
+    return subprocess.Popen([sys.executable, "-m", "tcli", *map(str, args)], cwd=REPO, env=ENV,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, **kw)
+
+
+def _signal_after(p, sig, ready) -> tuple[int, str]:
+    deadline = time.time() + 120
+    while not ready() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    os.killpg(p.pid, sig)
+    _, err = p.communicate(timeout=60)
+    return p.returncode, err.decode()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tcli.models.tiny import init_tiny_model
+
+    d = tmp_path_factory.mktemp("rel")
+    path = str(d / "model")
+    init_tiny_model(path, seed=0, alphabet=ALPHABET, hidden=32, layers=1, heads=2, kv_heads=1,
+                    intermediate=64)
+    with open(d / "train.jsonl", "wb") as f:
+        f.writelines(orjson.dumps(r) + b"\n" for r in make_prompts(16, seed=1, split="train"))
+    return d, path
+
+
+# ----------------------------------------------------------------------------- interrupts
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"),
+                                           (signal.SIGTERM, 143, "terminated")])
+def test_stream_stage_interrupted_fails_and_writes_nothing(tmp_path, sig, code, word):
+    out = tmp_path / "out.jsonl"
+    p = _popen(["advantages", "-e", "grpo", "-o", out])
+    p.stdin.write(b'{"prompt_id": 1, "token_ids": [1], "reward": 1}\n')
+    p.stdin.flush()
+    time.sleep(1.5)  # started, waiting for more input
+    rc, err = _signal_after(p, sig, lambda: True)
+    assert rc == code and err.strip() == f"tcli: error: {word}"
+    assert os.listdir(tmp_path) == []  # no output, no temporary file
+
+
+def test_train_step_interrupted_keeps_the_previous_checkpoint(tiny, tmp_path):
+    d, model = tiny
+    recs = []
+    for i in range(64):
+        recs.append({"prompt_id": i, "sample_id": 0, "prompt_token_ids": [3, 4, 5],
+                     "token_ids": [6, 7, 8] * 40, "logprobs": [-1.0] * 120,
+                     "advantages": [1.0] * 120})
+    src = tmp_path / "adv.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    out = tmp_path / "ckpt"
+    r = run_tcli(["train-step", src, "-m", model, "-o", out, "--lr", "1e-3"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    p = _popen(["train-step", src, "-m", out, "-o", out, "--lr", "1e-3", "--epochs", "1000"])
+    rc, err = _signal_after(p, signal.SIGINT, lambda: time.sleep(4) or True)
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["adv.jsonl", "ckpt"]  # no temporary directory
+
+
+def test_loop_terminated_exits_143_and_resumes(tiny, tmp_path):
+    d, model = tiny
+    run = tmp_path / "run"
+    args = ["loop", "--model", model, "--train-data", d / "train.jsonl", "--run-dir", run,
+            "--steps", "50", "--prompts-per-step", "2", "--n", "2", "--max-new-tokens", "8",
+            "--task", "arith", "--prompt-template", "plain", "--eval-every", "0",
+            "--workers", "1"]
+    p = _popen(args)
+    step1 = run / "checkpoints" / "step_1" / "tcli_state.json"
+    rc, err = _signal_after(p, signal.SIGTERM, step1.exists)
+    assert rc == 143 and "terminated" in err and "Traceback" not in err
+    steps = [int(n.split("_")[1]) for n in os.listdir(run / "checkpoints") if n.startswith("step_")]
+    for s in steps:  # whatever was written is complete
+        assert (run / "checkpoints" / f"step_{s}" / "tcli_state.json").exists()
+    r = run_tcli(["loop", "--resume", run, "--steps", str(max(steps) + 1)], env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+def test_eval_interrupted(tiny, tmp_path):
+    d, model = tiny
+    p = _popen(["eval", "-m", model, "-d", d / "train.jsonl", "--task", "arith", "--n", "64",
+                "--temperature", "1", "--max-new-tokens", "256", "--prompt-template", "plain"])
+    rc, err = _signal_after(p, signal.SIGINT, lambda: time.sleep(5) or True)
+    assert rc == 130 and err.strip().endswith("tcli: error: interrupted")
+
+
+# ----------------------------------------------------------------------------- run directories
+
+def _loop_args(d, model, run, *extra):
+    return ["loop", "--model", model, "--train-data", d / "train.jsonl", "--run-dir", run,
+            "--prompts-per-step", "2", "--n", "2", "--max-new-tokens", "6", "--task", "arith",
+            "--prompt-template", "plain", "--eval-every", "0", "--workers", "0", *extra]
+
+
+def test_one_writer_per_run_directory(tiny, tmp_path):
+    d, model = tiny
+    run = tmp_path / "run"
+    p = _popen(_loop_args(d, model, run, "--steps", "200"))
+    try:
+        deadline = time.time() + 120
+        while not (run / "config.toml").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        r = run_tcli(_loop_args(d, model, run, "--steps", "1"), env=ENV)
+        assert r.returncode == 2
+        assert f"in use by another tcli loop (pid {p.pid})" in r.stderr.decode()
+        r = run_tcli(["loop", "--resume", run], env=ENV)
+        assert r.returncode == 2 and f"pid {p.pid}" in r.stderr.decode()
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+
+
+def test_resume_refuses_without_a_complete_checkpoint(tiny, tmp_path):
+    d, model = tiny
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(f'model = "{model}"\ntrain_data = "{d / "train.jsonl"}"\n')
+    (run / "metrics.jsonl").write_bytes(b'{"kind": "eval", "step": 0, "accuracy": 0.5}\n')
+    r = run_tcli(["loop", "--resume", run], env=ENV)
+    assert r.returncode == 2 and "no complete checkpoint" in r.stderr.decode()
+    assert (run / "metrics.jsonl").read_bytes() == b'{"kind": "eval", "step": 0, "accuracy": 0.5}\n'
+    # a fresh run never takes over a directory that holds something
+    r = run_tcli(_loop_args(d, model, run, "--steps", "1"), env=ENV)
+    assert r.returncode == 2 and "already holds a run" in r.stderr.decode()
+
+
+def test_corrupt_metrics_line_keeps_the_lines_after_it_and_corrupt_checkpoint_is_named(tiny, tmp_path):
+    d, model = tiny
+    run = tmp_path / "run"
+    r = run_tcli(_loop_args(d, model, run, "--steps", "2", "--keep-last", "5"), env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = (run / "metrics.jsonl").read_bytes().splitlines()
+    assert len(lines) == 2
+    (run / "metrics.jsonl").write_bytes(b"\n".join([b'{"kind": "tra', *lines]) + b"\n")
+    r = run_tcli(["loop", "--resume", run, "--steps", "3"], env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_bytes().splitlines()]
+    assert steps == [1, 2, 3]
+    (run / "checkpoints" / "step_3" / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    r = run_tcli(["loop", "--resume", run, "--steps", "4"], env=ENV, timeout=300)
+    assert r.returncode != 0 and "step_3" in r.stderr.decode() and b"Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- user data
+
+def test_init_model_never_replaces_what_it_did_not_make(tmp_path):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    r = run_tcli(["init-model", mine, "--hidden", "16", "--layers", "1", "--heads", "2"])
+    assert r.returncode == 2 and "not replacing" in r.stderr.decode()
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    r = run_tcli(["init-model", f, "--hidden", "16", "--layers", "1", "--heads", "2"])
+    assert r.returncode == 2 and f.read_text() == "x"
+    # its own output may be replaced
+    m = tmp_path / "m"
+    for _ in range(2):
+        r = run_tcli(["init-model", m, "--hidden", "16", "--layers", "1", "--heads", "2"])
+        assert r.returncode == 0, r.stderr
+
+
+def test_closed_stdout_is_one_line():
+    p = subprocess.run(f'"{sys.executable}" -m tcli build-tree /dev/null >&-', shell=True,
+                       cwd=REPO, capture_output=True)
+    assert p.returncode != 0
+    assert p.stderr.decode().count("\n") == 1 and b"Traceback" not in p.stderr
+
+
+# ----------------------------------------------------------------------------- numeric edges
+
+def _group(rewards, tokens=([1, 2], [1, 3], [4])):
+    return b"".join(orjson.dumps({"prompt_id": "p", "sample_id": i, "token_ids": t, "reward": r})
+                    + b"\n" for i, (t, r) in enumerate(zip(tokens, rewards)))
+
+
+@pytest.mark.parametrize("est", ["grpo", "tempo", "rloo", "dr_grpo"])
+def test_huge_rewards_never_give_inf_or_null(est):
+    r = run_tcli(["advantages", "-e", est], input=_group([1.7e308, -1.7e308, 1.7e308]))
+    if r.returncode == 0:
+        for line in r.stdout.splitlines():
+            adv = orjson.loads(line)["advantages"]
+            assert all(isinstance(a, float) and abs(a) < float("inf") for a in adv)
+    else:
+        assert r.returncode == 65 and "field 'reward'" in r.stderr.decode()
+    if est in ("grpo", "tempo"):  # normalised: computed exactly on rescaled rewards
+        assert r.returncode == 0
+        small = run_tcli(["advantages", "-e", est], input=_group([1.0, -1.0, 1.0]))
+        for a, b in zip(r.stdout.splitlines(), small.stdout.splitlines()):
+            assert orjson.loads(a)["advantages"] == pytest.approx(orjson.loads(b)["advantages"],
+                                                                 rel=1e-5)
+
+
+def test_rerun_verify_then_advantages_detects_stale_values(tmp_path):
+    tree = run_tcli(["build-tree"], input=_group([1.0, 0.0, 0.0]))
+    assert tree.returncode == 0
+    recs = [orjson.loads(x) for x in tree.stdout.splitlines()]
+    recs[1]["reward"] = 1.0  # verify was re-run with another verifier
+    src = b"".join(orjson.dumps(r) + b"\n" for r in recs)
+    r = run_tcli(["advantages", "-e", "tempo"], input=src)
+    assert r.returncode == 65 and "stale" in r.stderr.decode() and "field 'values'" in r.stderr.decode()
