@@ -10,10 +10,19 @@ nothing large touches the disk:
 Each tcli process's peak RSS comes from ``wait4`` (the kernel's ru_maxrss). The same pipelines run
 for a short and a long stream; the growth of the peak from short to long must stay below 10 %.
 
+One big group: a fresh process per size builds the P2T prefix tree (tcli.algos.tree) of a single
+group of G = 64 ... 16,384 responses of 32 tokens (random tokens; each response copies a shared
+base up to a random point), reporting its peak RSS and what the build added on top of the input.
+The build must be linear in tokens: bytes per token at the largest G within 2x of G = 1,024 (a
+G x G matrix makes it 16x), and under 1 kB. Before the O(tokens) build the 10,000-response group
+of a 300 kB input peaked at 5.7 GB.
+
     .venv/bin/python bench/bench_memory.py [--small 100000] [--large 1000000]
                                            [--verify-small 100000] [--verify-large 1000000]
+                                           [--group-sizes 64,256,1024,4096,16384]
+                                           [--skip-tree] [--skip-verify] [--skip-group]
 
-Exit status 0 when every stage stays under the 10 % target. Measured on the 2-core dev machine
+Exit status 0 when every target line says PASS. Measured on the 2-core dev machine
 (about 3 minutes): build-tree 46.5 -> 48.3 MiB (+3.9 %), advantages 46.1 -> 48.2 MiB (+4.6 %),
 verify --workers 2 34.1 -> 33.9 MiB (-0.5 %) from 100k to 1M responses. What is left of the
 growth is the repeated-group check (tcli.io.SeenKeys): 8 bytes per group, plus 8 more while a
@@ -33,6 +42,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_GROWTH = 0.10
+GROUP_SIZES = (64, 256, 1024, 4096, 16384)
+GROUP_REF = 1024                # bytes per token of the largest group vs this one ...
+TARGET_GROUP_RATIO = 2.0        # ... may grow at most this much
+TARGET_GROUP_BYTES = 1024       # and stay under this many bytes per token
 
 
 # ----------------------------------------------------------------------------- the generator
@@ -103,6 +116,59 @@ def run_pipeline(n: int, stages: list[list[str]], group_size: int, tokens: int) 
     return out
 
 
+def one_group(g: int, tokens: int, seed: int = 0) -> None:
+    """Child process: build one group's prefix tree; print the peak RSS (KiB) before the build.
+
+    The tokens are int64 arrays, as ``Group.from_records`` hands them to build-tree. A tiny build
+    first loads everything the build imports, so the baseline holds the interpreter, numpy and
+    the input, and the parent's ``wait4`` peak minus it is what the build itself needed."""
+    import resource
+
+    import numpy as np
+
+    from tcli.algos.tree import build_prefix_tree
+
+    build_prefix_tree([[1, 2], [1, 3]], [0.0, 1.0])
+    rng = np.random.default_rng(seed)
+    base = rng.integers(3, 151_000, size=tokens)
+    cuts = rng.integers(0, tokens, size=g)
+    seqs = [np.concatenate([base[:c], rng.integers(3, 151_000, size=tokens - c)]) for c in cuts]
+    rewards = rng.integers(0, 2, size=g).astype(float)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    tree = build_prefix_tree(seqs, rewards)
+    print(before, time.perf_counter() - t0, len(tree.flat_values), flush=True)
+
+
+def group_memory(sizes: list[int], tokens: int) -> bool:
+    """Peak RSS of one group's build, one fresh process per group size."""
+    print(f"\none group, G responses x {tokens} tokens, a fresh process each (tcli.algos.tree)")
+    print(f"  {'G':>7} {'tokens':>10} {'peak RSS':>12} {'build adds':>12} {'per token':>10} {'build s':>8}")
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    per_token = {}
+    for g in sizes:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--one-group", str(g),
+                                 "--tokens", str(tokens)], stdout=subprocess.PIPE, env=env)
+        out = proc.stdout.read().decode().split()
+        code, peak = _wait_rss(proc)
+        if code != 0 or len(out) != 3:
+            raise SystemExit(f"one-group build failed with exit {code} at G={g}")
+        before, seconds = int(out[0]) / 1024, float(out[1])
+        n_tok = g * tokens
+        added = max(peak - before, 0.0)
+        per_token[g] = added * 2**20 / n_tok
+        print(f"  {g:>7,} {n_tok:>10,} {peak:>8.1f} MiB {added:>8.1f} MiB {per_token[g]:>6.0f} B/tok"
+              f" {seconds:>8.3f}")
+    big = max(sizes)
+    ref = GROUP_REF if GROUP_REF in per_token and GROUP_REF < big else min(sizes)
+    ratio = per_token[big] / max(per_token[ref], 1.0)
+    ok = ratio <= TARGET_GROUP_RATIO and per_token[big] < TARGET_GROUP_BYTES
+    print(f"target one group's build memory linear in tokens: {per_token[ref]:.0f} B/token at "
+          f"G={ref:,} -> {per_token[big]:.0f} at G={big:,} ({ratio:.2f}x <= {TARGET_GROUP_RATIO:g}x, "
+          f"< {TARGET_GROUP_BYTES} B/token)  {'PASS' if ok else 'FAIL'}")
+    return ok
+
+
 def compare(name: str, stages: list[list[str]], small: int, large: int, group_size: int,
             tokens: int) -> bool:
     a = run_pipeline(small, stages, group_size, tokens)
@@ -131,7 +197,14 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--skip-verify", action="store_true")
     ap.add_argument("--skip-tree", action="store_true")
+    ap.add_argument("--skip-group", action="store_true", help="skip the one-big-group case")
+    ap.add_argument("--group-sizes", default=",".join(map(str, GROUP_SIZES)),
+                    help="group sizes for the one-big-group case (comma-separated)")
+    ap.add_argument("--one-group", type=int, help=argparse.SUPPRESS)  # child of the group case
     args = ap.parse_args()
+    if args.one_group is not None:
+        one_group(args.one_group, args.tokens)
+        return 0
     if args.gen is not None:
         try:
             generate(args.gen, args.group_size, args.tokens)
@@ -139,14 +212,19 @@ def main() -> int:
             pass
         return 0
     ok = True
+    if not args.skip_group:
+        ok &= group_memory([int(x) for x in args.group_sizes.split(",")], args.tokens)
+    streams_ok = True
     if not args.skip_tree:
-        ok &= compare("build-tree | advantages", [["build-tree"], ["advantages", "-e", "tempo"]],
-                      args.small, args.large, args.group_size, args.tokens)
+        streams_ok &= compare("build-tree | advantages", [["build-tree"], ["advantages", "-e", "tempo"]],
+                              args.small, args.large, args.group_size, args.tokens)
     if not args.skip_verify:
-        ok &= compare("verify", [["verify", "--task", "arith", "--workers", str(args.workers)]],
-                      args.verify_small, args.verify_large, args.group_size, args.tokens)
-    print(f"\ntarget: peak RSS grows < {100 * TARGET_GROWTH:.0f} % -> {'met' if ok else 'NOT met'}")
-    return 0 if ok else 1
+        streams_ok &= compare("verify", [["verify", "--task", "arith", "--workers", str(args.workers)]],
+                              args.verify_small, args.verify_large, args.group_size, args.tokens)
+    if not (args.skip_tree and args.skip_verify):
+        print(f"\ntarget: streaming stages' peak RSS grows < {100 * TARGET_GROWTH:.0f} % -> "
+              f"{'met' if streams_ok else 'NOT met'}  {'PASS' if streams_ok else 'FAIL'}")
+    return 0 if ok and streams_ok else 1
 
 
 if __name__ == "__main__":

@@ -5,9 +5,14 @@ do: each response copies the prefix of an earlier one up to a random point, then
 its own tokens. Measures tcli.algos.tree.build_prefix_tree in tokens/s on one pinned core, for Python-list
 input (what records parsed from JSON hold) and numpy input, and the speed-up over
 tcli.algos.tree.reference_prefix_tree on the same list input in the same run. The machine is shared, so
-every timing is the best of several interleaved rounds.
+the implementations take turns over several rounds and each group counts with its best round (a
+burst of load elsewhere then spoils one group's time in one round, not a whole round).
 
     .venv/bin/python bench/bench_tree.py [--groups 64] [--group-size 16] [--tokens 2048] [--ragged]
+                                         [--baseline path/to/old/tree.py]
+
+``--baseline`` times another tree.py (e.g. ``git show HEAD~1:tcli/algos/tree.py > /tmp/old.py``)
+in the same rounds, interleaved, for before/after figures that share one machine load.
 
 Exit status 0 when both targets are met (>= 20 M tokens/s on list input, >= 50x the dict-trie).
 """
@@ -15,6 +20,7 @@ Exit status 0 when both targets are met (>= 20 M tokens/s on list input, >= 50x 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -49,15 +55,14 @@ def make_groups(n_groups: int, g: int, t: int, vocab: int, seed: int, ragged: bo
     return groups
 
 
-def best_time(fn, groups, repeats: int) -> float:
-    """Best wall time over ``repeats`` passes over all groups (other processes share the CPU)."""
-    best = float("inf")
-    for _ in range(repeats):
+def group_times(fn, groups) -> np.ndarray:
+    """Wall time of ``fn`` on each group, one pass."""
+    out = np.empty(len(groups))
+    for i, (seqs, rewards) in enumerate(groups):
         t0 = time.perf_counter()
-        for seqs, rewards in groups:
-            fn(seqs, rewards)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        fn(seqs, rewards)
+        out[i] = time.perf_counter() - t0
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ragged", action="store_true", help="lengths uniform in [1, --tokens]")
     ap.add_argument("--core", type=int, default=None, help="CPU to pin to (default: the last allowed)")
+    ap.add_argument("--baseline", help="another tree.py to time in the same rounds (before/after)")
     args = ap.parse_args(argv)
+    base_build = _load_build(args.baseline) if args.baseline else None
 
     if hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
@@ -93,14 +100,21 @@ def main(argv: list[str] | None = None) -> int:
             assert np.array_equal(tree.flat_branch & _token_mask(tree), ref.flat_branch & _token_mask(ref))
 
     build_prefix_tree(*groups[0])  # warm-up
-    # interleaved rounds, so the three see the same share of a busy machine; best round of each
-    t_list = t_np = t_ref = float("inf")
+    if base_build is not None:
+        base_build(*groups[0])
+    # interleaved rounds, so all see the same share of a busy machine; each group's best round
+    inf = np.full(len(groups), np.inf)
+    t_list, t_np, t_ref, b_list, b_np = inf.copy(), inf.copy(), inf.copy(), inf.copy(), inf.copy()
     for k in range(max(args.repeats, args.ref_repeats)):
         if k < args.repeats:
-            t_list = min(t_list, best_time(build_prefix_tree, groups, 1))
-            t_np = min(t_np, best_time(build_prefix_tree, np_groups, 1))
+            np.minimum(t_list, group_times(build_prefix_tree, groups), out=t_list)
+            np.minimum(t_np, group_times(build_prefix_tree, np_groups), out=t_np)
+            if base_build is not None:
+                np.minimum(b_list, group_times(base_build, groups), out=b_list)
+                np.minimum(b_np, group_times(base_build, np_groups), out=b_np)
         if k < args.ref_repeats:
-            t_ref = min(t_ref, best_time(reference_prefix_tree, groups, 1))
+            np.minimum(t_ref, group_times(reference_prefix_tree, groups), out=t_ref)
+    t_list, t_np, t_ref, b_list, b_np = (float(t.sum()) for t in (t_list, t_np, t_ref, b_list, b_np))
 
     rate_list, rate_np, rate_ref = n_tok / t_list, n_tok / t_np, n_tok / t_ref
     speedup = t_ref / t_list
@@ -112,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
                                ("build_prefix_tree (numpy)", "numpy arrays", t_np, rate_np),
                                ("reference_prefix_tree (dict)", "Python lists", t_ref, rate_ref)):
         print(f"{name:<34}{inp:<14}{1e3 * t / args.groups:>10.3f}{rate / 1e6:>12.2f}")
+    if base_build is not None:
+        for inp, t in (("Python lists", b_list), ("numpy arrays", b_np)):
+            print(f"{'baseline (--baseline)':<34}{inp:<14}{1e3 * t / args.groups:>10.3f}"
+                  f"{n_tok / t / 1e6:>12.2f}")
     ok_rate = rate_list >= TARGET_TOKENS_PER_S
     ok_speed = speedup >= TARGET_SPEEDUP
     print(f"target >= {TARGET_TOKENS_PER_S / 1e6:.0f} M tokens/s (list input): "
@@ -119,7 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"target >= {TARGET_SPEEDUP:.0f}x dict-trie (list input):  "
           f"{speedup:.1f}x  {'PASS' if ok_speed else 'FAIL'}")
     print(f"(numpy input: {rate_np / 1e6:.2f} M tokens/s, {t_ref / t_np:.1f}x the dict-trie on lists)")
+    if base_build is not None:
+        print(f"(vs baseline: {b_list / t_list:.2f}x on lists, {b_np / t_np:.2f}x on numpy input)")
     return 0 if ok_rate and ok_speed else 1
+
+
+def _load_build(path: str):
+    """build_prefix_tree from another copy of tree.py (it only needs numpy)."""
+    spec = importlib.util.spec_from_file_location("baseline_tree", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod.build_prefix_tree
 
 
 def _token_mask(tree) -> np.ndarray:

@@ -1,5 +1,12 @@
 """Render one group's prefix tree with rich: where responses branch, V(s) at every node, the reward
-at every leaf and TEMPO's delta = V(child) - V(parent) on every branch. Display only (small groups)."""
+at every leaf and TEMPO's delta = V(child) - V(parent) on every branch. Display only.
+
+A node is a maximal run of tokens the node's responses share without branching, so a response of
+5,000 tokens is one node, however deep. The tree is built with an explicit stack (no recursion, so
+any depth renders); rich prints a Tree iteratively too, but every level indents by 4 columns and
+rich drops what does not fit the width, so levels past ``max_levels`` (by default what the console
+width leaves room for) are summarised in one "… N more levels" line.
+"""
 
 from __future__ import annotations
 
@@ -8,59 +15,113 @@ from typing import Callable, Optional
 import numpy as np
 
 from tcli.algos.estimators import Group
-from tcli.algos.tree import build_prefix_tree
+from tcli.algos.tree import PrefixTree, build_prefix_tree
+
+_LABEL_COLUMNS = 40  # room kept for labels when the display depth follows the console width
 
 
 def _fmt_tokens(ids: list[int], decode: Optional[Callable], limit: int) -> str:
-    shown = ids if len(ids) <= limit else ids[: limit // 2] + [-1] + ids[-limit // 2:]
+    limit = max(limit, 2)
+    if len(ids) <= limit:
+        return repr(decode(ids)) if decode is not None else " ".join(map(str, ids))
+    head, tail = ids[: limit // 2], ids[len(ids) - (limit - limit // 2):]
     if decode is not None:
-        if len(ids) > limit:
-            text = decode(ids[: limit // 2]) + " … " + decode(ids[-limit // 2:])
-        else:
-            text = decode(ids)
-        return repr(text)
-    return " ".join("…" if t == -1 else str(t) for t in shown)
+        text = repr(decode(head) + " … " + decode(tail))
+    else:
+        text = " ".join(map(str, head)) + " … " + " ".join(map(str, tail))
+    return f"{text} ({len(ids):,} tokens)"
 
 
-def render_group(recs: list[dict], decode: Optional[Callable] = None, max_run: int = 24):
+class _Walk:
+    """Splits a node's responses into the node's extent, its ended responses and its children."""
+
+    def __init__(self, tokens: list[np.ndarray], tree: PrefixTree):
+        self.lens = tree.lens
+        self.flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
+        self.offsets = np.cumsum(tree.lens) - tree.lens
+        self.forks = [np.flatnonzero(tree.branch_of(i)) for i in range(len(tokens))]
+
+    def split(self, members: np.ndarray, t: int, top: bool
+              ) -> tuple[int, int, np.ndarray, list[np.ndarray]]:
+        """The node holding ``members`` (every response with their first t tokens, and for a
+        child node also token t) runs to depth t_end: the first branch point of its longest
+        response at or past t (t + 1: token t is what a child's responses share), or that
+        response's end. Returns (t_end, the longest response, the responses ending at t_end,
+        the children's responses in order of first appearance)."""
+        lens = self.lens[members]
+        longest = int(members[np.argmax(lens)])
+        forks = self.forks[longest]
+        k = int(np.searchsorted(forks, t if top else t + 1))
+        t_end = int(forks[k]) if k < len(forks) else int(self.lens[longest])
+        go_on = lens > t_end
+        cont = members[go_on]
+        if not len(cont):
+            return t_end, longest, members, []
+        _, first, which = np.unique(self.flat[self.offsets[cont] + t_end], return_index=True,
+                                    return_inverse=True)
+        rank = np.empty_like(first)
+        rank[np.argsort(first)] = np.arange(len(first))
+        which = rank[which]
+        kids = np.split(cont[np.argsort(which, kind="stable")], np.cumsum(np.bincount(which))[:-1])
+        return t_end, longest, members[~go_on], kids
+
+
+def render_group(recs: list[dict], decode: Optional[Callable] = None, max_run: int = 24,
+                 max_levels: Optional[int] = None):
+    """A rich Tree of one group: a node per run of shared tokens, its V, δ and branch mark, a leaf
+    line per response. ``max_levels``: node levels shown below the root (default: as many as the
+    console width leaves ``_LABEL_COLUMNS`` columns of label room for)."""
     from rich.markup import escape
     from rich.tree import Tree
 
     group = Group.from_records(recs)
     tree = build_prefix_tree(group.tokens, group.rewards)
-    seqs = [t.tolist() for t in group.tokens]
+    walk = _Walk(group.tokens, tree)
     r = group.rewards
+    if max_levels is None:
+        from rich.console import Console
+
+        max_levels = max(4, (Console().width - _LABEL_COLUMNS) // 4)
     pid = recs[0].get("prompt_id")
-    root = Tree(f"[bold]{escape(str(pid))}[/]  G={len(seqs)}  V(root)=mean r={r.mean():.3f}")
+    root = Tree(f"[bold]{escape(str(pid))}[/]  G={len(recs)}  V(root)=mean r={r.mean():.3f}")
 
-    def value(i: int, t: int) -> float:
-        return float(tree.values_of(i)[t])
-
-    def expand(parent, members: list[int], t: int, parent_v: float) -> None:
-        """Add the node reached after a shared run of tokens, then its children."""
-        start = t
-        while all(len(seqs[i]) > t for i in members) and len({seqs[i][t] for i in members}) == 1:
-            t += 1
-        v = value(members[0], t)
-        ended = [i for i in members if len(seqs[i]) == t]
-        by_tok: dict[int, list[int]] = {}
-        for i in members:
-            if len(seqs[i]) > t:
-                by_tok.setdefault(seqs[i][t], []).append(i)
-        run = seqs[members[0]][start:t]
+    # (rich parent, responses of the node, depth where its run starts, parent's V, node level)
+    stack = [(root, np.arange(len(recs)), 0, float(r.mean()), 1)]
+    while stack:
+        parent, members, t, parent_v, level = stack.pop()
+        t_end, longest, ended, kids = walk.split(members, t, level == 1)
+        # V of the node; if the longest response ends here, all of them do (they are identical)
+        v = float(tree.values_of(longest)[t_end])
+        run = group.tokens[longest][t:t_end].tolist()
         label = (escape(_fmt_tokens(run, decode, max_run)) if run else "·") + f"  [cyan]V={v:.3f}[/]"
         if abs(v - parent_v) > 1e-12:
             label += f"  [magenta]δ={v - parent_v:+.3f}[/]"
-        if len(by_tok) + bool(ended) >= 2:
+        if len(kids) + bool(len(ended)) >= 2:
             label += "  [yellow]⑂ branch[/]"
         node = parent.add(label)
-        for i in ended:
-            node.add(f"[green]■ leaf[/] sample {recs[i].get('sample_id', i)}  r={r[i]:g}")
-        for kids in by_tok.values():
-            expand(node, kids, t, v)
-
-    expand(root, list(range(len(seqs))), 0, float(r.mean()))
+        for i in ended.tolist():
+            node.add(f"[green]■ leaf[/] sample {escape(str(recs[i].get('sample_id', i)))}  r={r[i]:g}")
+        if kids and level >= max_levels:
+            n = sum(map(len, kids))
+            more = _levels_below(walk, kids, t_end)
+            node.add(f"[dim]… {more} more level{'s' if more != 1 else ''} below "
+                     f"({n} response{'s' if n != 1 else ''}); display depth capped at {max_levels}[/]")
+            continue
+        for members_k in reversed(kids):  # popped in order, so children keep their order
+            stack.append((node, members_k, t_end, v, level + 1))
     return root
+
+
+def _levels_below(walk: _Walk, kids: list[np.ndarray], t: int) -> int:
+    """How many node levels lie below a node whose children are ``kids`` (iteratively)."""
+    height = 0
+    stack = [(members, t, 1) for members in kids]
+    while stack:
+        members, t0, level = stack.pop()
+        height = max(height, level)
+        t_end, _, _, sub = walk.split(members, t0, False)
+        stack.extend((m, t_end, level + 1) for m in sub)
+    return height
 
 
 def tempo_deltas(recs: list[dict]) -> list[np.ndarray]:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import tracemalloc
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tcli.algos.tree as tree_mod
 from tcli.algos.tree import PrefixTree, build_prefix_tree, lcp_matrix, reference_prefix_tree
 
 ORACLE_TOKENS = [[5, 7, 9, 2], [5, 7, 8, 2], [5, 6, 9, 2], [4, 6, 2]]
@@ -190,3 +194,187 @@ def test_leaf_slot_is_never_a_branch():
         seqs = [[rng.randint(0, 2) for _ in range(rng.randint(0, 6))] for _ in range(g)]
         t = build_prefix_tree(seqs, [rng.random() for _ in range(g)])
         assert not np.asarray(t.flat_branch)[t.starts + t.lens].any()
+
+
+# ----------------------------------------------------------------------------- O(tokens) build
+
+# Every code path of the build, forced: the LCP intervals by the Python stack walk or the sparse
+# table, V's pieces expanded by sorting or by the running-maximum fill, and sort keys cut short so
+# tied rows are re-sorted by their remaining tokens (the path for one very long response).
+PATHS = {
+    "default": {},
+    "table": {"_SMALL_G": 0},
+    "stack": {"_SMALL_G": 10**9},
+    "fill": {"_SORT_PIECES": 10**9},
+    "sort": {"_SORT_PIECES": 0},
+    "short-keys": {"_PAD": 1, "_CELLS": 1},
+    "short-keys-table-fill": {"_PAD": 1, "_CELLS": 1, "_SMALL_G": 0, "_SORT_PIECES": 10**9},
+}
+
+
+@contextlib.contextmanager
+def forced(path: str):
+    saved = {k: getattr(tree_mod, k) for k in PATHS[path]}
+    try:
+        for k, v in PATHS[path].items():
+            setattr(tree_mod, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(tree_mod, k, v)
+
+
+def check(seqs, rewards, path: str = "default") -> None:
+    want = reference_prefix_tree(seqs, rewards)
+    with forced(path):
+        assert_same_tree(build_prefix_tree(seqs, rewards), want)
+        assert_same_tree(build_prefix_tree([np.array(s, dtype=np.int64) for s in seqs], rewards), want)
+
+
+def big_random_group(rng: np.random.Generator, g: int, alphabet: int = 3, max_new: int = 12):
+    """G responses that copy an earlier one up to a random point (possibly all of it, or none)
+    and continue, plus exact duplicates and empty responses; small alphabets so prefixes collide."""
+    seqs: list[list[int]] = [[]]
+    for _ in range(g - 1):
+        roll = rng.random()
+        parent = seqs[int(rng.integers(len(seqs)))]
+        if roll < 0.1:
+            seqs.append(list(parent))
+        elif roll < 0.15:
+            seqs.append([])
+        else:
+            cut = int(rng.integers(0, len(parent) + 1))
+            seqs.append(parent[:cut] + rng.integers(0, alphabet, int(rng.integers(0, max_new))).tolist())
+    order = rng.permutation(g)
+    return [seqs[i] for i in order], rng.random(g).tolist()
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_every_code_path_matches_dict_trie(path):
+    rng = np.random.default_rng(99)
+    for _ in range(300):
+        check(*random_group(rng), path)
+    for g in (2, 3, 17, 64, 200):
+        for alphabet in (1, 2, 5):
+            check(*big_random_group(rng, g, alphabet), path)
+
+
+@pytest.mark.parametrize("path", ["default", "table", "short-keys"])
+def test_group_of_2000_random_responses(path):
+    rng = np.random.default_rng(2000)
+    seqs, rewards = big_random_group(rng, 2000, alphabet=4, max_new=40)
+    check(seqs, rewards, path)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_hand_groups_on_every_path(path):
+    groups = [
+        ([[3, 1, 4]], [0.7]),                                   # G = 1
+        ([[]], [0.3]),                                          # G = 1, empty
+        ([[], [], []], [1.0, 0.0, 0.5]),                        # only empty responses
+        ([[1, 2], [1, 2], [1, 2]], [1.0, 0.0, 0.0]),            # all identical
+        ([[1], [1, 2], [1, 2, 3], [1, 2, 3, 4]], [1, 0, 1, 0]),  # each a prefix of the next
+        ([[1, 2, 3, 4], [1, 2, 3], [1, 2], [1]], [1, 0, 1, 0]),  # ... in the other order
+        ([[5, 5, 5], [], [5, 5, 5], [5], [5, 5, 5, 5], []], [1, 0, 0.5, 0.25, 1, 1]),
+        ([[0] * 50 + [1], [0] * 50 + [2], [0] * 50, [0] * 50 + [1], [0] * 49], [1, 0, 0, 0.5, 1]),
+    ]
+    for seqs, rewards in groups:
+        check(seqs, [float(x) for x in rewards], path)
+
+
+def test_duplicates_share_leaf_but_not_their_longer_extension():
+    # [1, 2] twice (rewards 1, 0) and [1, 2, 3]: the node after [1, 2] holds all three (V = 2/3),
+    # the duplicates' own leaf holds only the two of them (V = 1/2)
+    tree = build_prefix_tree([[1, 2], [1, 2, 3], [1, 2]], [1.0, 1.0, 0.0])
+    np.testing.assert_allclose(tree.values_of(0), [2 / 3, 2 / 3, 0.5])
+    np.testing.assert_allclose(tree.values_of(1), [2 / 3, 2 / 3, 2 / 3, 1.0])
+    assert tree.branch_of(1).tolist() == [False, False, True]
+    assert tree.branch_of(0).tolist() == [False, False]
+
+
+def test_node_walks_agree_with_brute_force():
+    """The Python stack walk and the sparse table find the same nodes: every LCP interval (with
+    its parent's depth and reward sum) and every response's own stretch below it."""
+    rng = np.random.default_rng(3)
+    for _ in range(1000):
+        m = int(rng.integers(0, 70))
+        adj = rng.integers(0, int(rng.integers(1, 6)), m)
+        outer = np.concatenate(([-1], adj, [-1]))
+        deepest = np.maximum(outer[:-1], outer[1:])
+        slens = deepest + rng.integers(0, 3, m + 1)
+        rs = rng.choice([0.0, 1.0, 0.25], m + 1)
+        want = set()
+        for k in range(m):
+            lo, hi = k, k
+            while lo > 0 and adj[lo - 1] >= adj[k]:
+                lo -= 1
+            while hi + 1 < m and adj[hi + 1] >= adj[k]:
+                hi += 1
+            want.add((lo, hi + 1, int(adj[k]), int(max(outer[lo], outer[hi + 2])),
+                      float(rs[lo : hi + 2].sum())))
+        for p in range(m + 1):
+            if deepest[p] < slens[p]:
+                want.add((p, p, int(slens[p]), int(deepest[p]), float(rs[p])))
+        for fn in (tree_mod._nodes_stack, tree_mod._nodes_table):
+            got = list(zip(*(a.tolist() for a in fn(adj, rs, slens))))
+            assert len(got) == len(want) and set(got) == want, (fn.__name__, adj)
+
+
+def traced_peak(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_is_linear_in_tokens_not_quadratic_in_group_size():
+    """10,000 short responses (the ~300 kB group that once peaked at 5.7 GB): the G x G LCP matrix
+    alone would be 800 MB; the build stays within ~100 bytes per token."""
+    rng = np.random.default_rng(10_000)
+    seqs, rewards = big_random_group(rng, 10_000, alphabet=8, max_new=8)
+    n = sum(map(len, seqs)) + len(seqs)
+    peak = traced_peak(lambda: build_prefix_tree(seqs, rewards))
+    assert peak < 150 * n + (16 << 20), (peak, n)
+
+
+def test_one_long_response_among_many_short_is_not_padded():
+    """Padding 5,000 rows to the one 200,000-token response would take 4 GB; the short key with
+    re-sorted ties keeps it linear, and the answer exact."""
+    rng = np.random.default_rng(5)
+    long_ = rng.integers(0, 3, 200_000).tolist()
+    seqs = [long_[: int(rng.integers(0, 30))] for _ in range(4_996)]
+    seqs += [long_, list(long_), long_[:-1], long_[:150_000] + [7]]
+    rewards = rng.random(len(seqs)).tolist()
+    n = sum(map(len, seqs)) + len(seqs)
+    got = None
+
+    def build():
+        nonlocal got
+        got = build_prefix_tree(seqs, rewards)
+
+    peak = traced_peak(build)
+    assert peak < 150 * n + (16 << 20), (peak, n)
+    assert_same_tree(got, reference_prefix_tree(seqs, rewards))
+
+
+@pytest.mark.parametrize("path", ["default", "short-keys"])
+@pytest.mark.parametrize("g", [9, 150])
+def test_mixed_list_and_array_rows(path, g):
+    """Lists and int64 / uint64 / int32 arrays in one group, some ids beyond uint32; few array
+    rows are copied one by one, many go through one mask."""
+    rng = np.random.default_rng(g)
+    seqs, rewards = big_random_group(rng, g, alphabet=3)
+    seqs = [s + [2**40] if i % 5 == 0 else s for i, s in enumerate(seqs)]
+
+    def as_kind(i, s):
+        if i % 4 == 0:
+            return s
+        if i % 4 == 3 and max(s, default=0) < 2**31:
+            return np.array(s, dtype=np.int32)
+        return np.array(s, dtype=np.uint64 if i % 4 == 2 else np.int64)
+
+    with forced(path):
+        got = build_prefix_tree([as_kind(i, s) for i, s in enumerate(seqs)], rewards)
+    assert_same_tree(got, reference_prefix_tree(seqs, rewards))
