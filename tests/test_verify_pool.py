@@ -4,6 +4,7 @@ in-order results, misbehaving functions, reuse and cleanup. Nothing here knows a
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import sys
 import time
@@ -81,8 +82,8 @@ def test_items_travel_in_chunks(monkeypatch):
 
     def counting_init(self, *a, **kw):
         real(self, *a, **kw)
-        send = self.cmd.send
-        self.cmd.send = lambda msg: (sent.append(len(msg) if msg else 0), send(msg))[1]
+        send_bytes = self.cmd.send_bytes
+        self.cmd.send_bytes = lambda b: (sent.append(len(pickle.loads(b))), send_bytes(b))[1]
 
     monkeypatch.setattr(pool_mod._Worker, "__init__", counting_init)
     out = run([("ok", i) for i in range(256)], workers=2)
@@ -222,9 +223,10 @@ def test_bad_arguments():
         DeadlinePool(work, 1, 0)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("POOL_SEEDS", "0,1").split(",")])
 def test_random_mix_of_behaviours(seed):
-    """Every item gets exactly its own outcome, in order, whatever its neighbours do."""
+    """Every item gets exactly its own outcome, in order, whatever its neighbours do
+    (POOL_SEEDS=0,1,...,99 for a longer soak)."""
     import random
 
     rng = random.Random(seed)

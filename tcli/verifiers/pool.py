@@ -43,7 +43,8 @@ MAX_CHUNK = 64            # items per message
 MAX_CHUNK_COST = 1 << 20  # summed item cost per message (the verify stage: characters of text)
 BELL_BYTES = 32 << 10     # a worker rings after a chunk and after this many bytes of results
 POLL_SECONDS = 0.02       # the parent reads busy workers' results at least this often
-PIPE_BYTES = 1 << 20      # result pipe capacity asked for (Linux F_SETPIPE_SZ)
+PIPE_BYTES = 1 << 20      # pipe capacity asked for (Linux F_SETPIPE_SZ)
+PREFETCH_BYTES = 32 << 10  # a busy worker's next chunk is sent ahead only when this small
 WORKER_NAME = "tcli-verify"
 _PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # held while forking and cleaning up
 _FRAME_HEAD = 8           # little-endian byte length before each pickled result
@@ -210,8 +211,10 @@ class _Worker:
         for c in (self.res, self.bell):
             os.set_blocking(c.fileno(), False)
         _grow_pipe(self.res.fileno())
+        _grow_pipe(self.cmd.fileno())
         self.buf = bytearray()  # result bytes read, not yet a whole frame
         self.items: deque[tuple[int, Any, int]] = deque()  # (seq, payload, cost) unanswered
+        self.chunk_ends: deque[int] = deque()  # last seq of each chunk sent and not done
         self.since = math.inf   # when the parent last saw it make progress
         self.retire = False     # replace it once its items are done
 
@@ -429,12 +432,17 @@ class DeadlinePool:
 
     # ------------------------------------------------------------------ dispatch
 
-    def _idle_worker(self) -> _Worker | None:
+    def _next_worker(self) -> _Worker | None:
+        """An idle worker, else a new one, else one busy with its last chunk (its next chunk
+        waits in its pipe, so it never sits idle while the parent sleeps)."""
         for w in self.workers:
             if not w.items and not w.retire:
                 return w
         if len(self.workers) < self.n:
             return self._spawn()
+        for w in self.workers:
+            if len(w.chunk_ends) == 1 and not w.retire:
+                return w
         return None
 
     def _spawn(self) -> _Worker:
@@ -462,18 +470,27 @@ class DeadlinePool:
         return chunk
 
     def _dispatch(self) -> None:
+        from multiprocessing.reduction import ForkingPickler
+
         while self.queue:
-            w = self._idle_worker()
+            w = self._next_worker()
             if w is None:
                 return
+            idle = not w.items
             chunk = self._take_chunk()
+            data = ForkingPickler.dumps([(seq, payload) for seq, payload, _ in chunk])
+            if not idle and len(data) > PREFETCH_BYTES:  # could fill its pipe: wait till idle
+                self.queue.extendleft(reversed(chunk))
+                return
             w.items.extend(chunk)
+            w.chunk_ends.append(chunk[-1][0])
             try:
-                w.cmd.send([(seq, payload) for seq, payload, _ in chunk])
-            except (OSError, ValueError):  # the worker died before it took its chunk
-                self._lost(w, Failure("died", w.status()))
+                w.cmd.send_bytes(data)
+            except (OSError, ValueError):  # the worker died before it took this chunk
+                self._died(w)
                 continue
-            w.since = time.monotonic()
+            if idle:
+                w.since = time.monotonic()
 
     # ------------------------------------------------------------------ results
 
@@ -504,6 +521,8 @@ class DeadlinePool:
                 seq, ok, value = w.items[0][0], False, f"result could not be read ({one_line(e)})"
             first = w.items.popleft()[0]
             assert seq == first, (seq, first)
+            if w.chunk_ends and w.chunk_ends[0] == seq:
+                w.chunk_ends.popleft()
             self.results[seq] = value if ok else Failure("error", value)
             got = True
         if got or w.buf:
@@ -514,14 +533,12 @@ class DeadlinePool:
         """Take in ``w``'s results; replace it if it died, retired or overran its deadline."""
         w.hush()
         ended = self._collect(w) or w.proc.exitcode is not None
-        if ended:
-            self._collect(w)  # it is gone: everything it wrote is in the pipe now
         if not w.items:
             if w.retire or ended:
                 self._remove(w, kill=ended)
             return
         if ended:
-            self._lost(w, Failure("died", w.status()))
+            self._died(w)
             return
         seq, start = w.running()  # one reading for both the deadline and the item to blame
         if (start if start != math.inf else w.since) + self.timeout <= time.monotonic():
@@ -531,6 +548,11 @@ class DeadlinePool:
             self._collect(w)  # results written before the kill still count
             self._lost(w, Failure("timeout", f"over {self.timeout:g} s"), only=running)
 
+    def _died(self, w: _Worker) -> None:
+        status = w.status()
+        self._collect(w)  # everything it wrote before it ended counts
+        self._lost(w, Failure("died", status))
+
     def _lost(self, w: _Worker, failure: Failure, only: int | None = None) -> None:
         """``w`` is dead or being killed: its running item fails (unless ``only`` names another
         item, which then finished in time), the rest of its items go back to the front of the
@@ -539,6 +561,7 @@ class DeadlinePool:
             self.results[w.items.popleft()[0]] = failure
         self.queue.extendleft(reversed(w.items))
         w.items.clear()
+        w.chunk_ends.clear()
         self._remove(w, kill=True)
 
     def _remove(self, w: _Worker, kill: bool) -> None:
