@@ -73,8 +73,10 @@ def show_tree(
                          "tokens.")] = None,
     as_bytes: Annotated[bool, typer.Option("--bytes", help="Decode token ids as UTF-8 bytes "
                         "(for byte-level fixtures).")] = False,
-    max_depth: Annotated[int, typer.Option(min=1, help="Collapse runs of non-branching tokens "
-                         "longer than this into one line.")] = 24,
+    max_run: Annotated[int, typer.Option(min=1, help="Show at most this many tokens of a run of "
+                       "non-branching tokens (head and tail).")] = 24,
+    max_levels: Annotated[Optional[int], typer.Option(min=1, help="Node levels shown below the "
+                          "root (default: what the terminal width fits).")] = None,
     input_format: InputFormatOpt = None,
 ) -> None:
     """Render one group's prefix tree: branch points, V at nodes, rewards at leaves, TEMPO's delta."""
@@ -88,7 +90,7 @@ def show_tree(
         if (str(recs[0]["prompt_id"]) == group) if group is not None else i == index:
             try:
                 rendered = render_group(recs, decode=_decoder(tokenizer, as_bytes),
-                                        max_run=max_depth)
+                                        max_run=max_run, max_levels=max_levels)
             except DataError as e:
                 raise located(e, reader.name, lines) from None
             Console().print(rendered)
