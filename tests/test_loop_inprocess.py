@@ -181,3 +181,44 @@ def test_treerpo_inside_the_loop_matches_the_stage(model, tmp_path):
         stored = [list(r["advantages"]) for r in group]
         again = advantages_group(Group.from_records([dict(r) for r in group]), cfg.advantages)
         assert stored == [r["advantages"] for r in again]
+
+
+def test_save_every_writes_fewer_checkpoints_and_resume_is_exact(model, tmp_path):
+    """save_every = 3 over 5 steps: checkpoints at 3 and 5 only (no eval, so no best); a run
+    stopped after step 4 resumes from step 3 and ends with the same weights."""
+    from safetensors.numpy import load_file
+
+    ref = _config(model, tmp_path / "ref", steps=5, save_every=3, eval_every=0, keep_last=5)
+    _run(ref)
+    assert sorted(os.listdir(tmp_path / "ref" / "checkpoints")) == ["step_3", "step_5"]
+    part = _config(model, tmp_path / "run", steps=4, save_every=3, eval_every=0, keep_last=5)
+    _run(part)  # step 4 is the last of this run: saved
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_4")  # as if killed before saving 4
+    from tcli.loop import resume_config, run_loop
+
+    run_loop(resume_config(str(tmp_path / "run"), {"steps": 5}), resume=True, log=lambda s: None)
+    a = load_file(str(tmp_path / "ref" / "checkpoints" / "step_5" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "checkpoints" / "step_5" / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+    steps = [m["step"] for m in _read(tmp_path / "run") if m["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_tensorboard_event_files(model, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    _run(_config(model, tmp_path / "run", steps=2, eval_every=1, tensorboard=str(tb)))
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    rewards = [e.value for e in acc.Scalars("train/reward_mean")]
+    assert rewards == pytest.approx([sum(CORRECT[0]) / 16, sum(CORRECT[1]) / 16])
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [0, 1, 2]
+
+
+def _read(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as f:
+        return [orjson.loads(x) for x in f.read().splitlines()]

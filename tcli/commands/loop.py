@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from typing import Annotated, List, Optional
 
 import typer
@@ -33,10 +34,35 @@ def loop(**kw) -> None:
     if config and resume:
         raise typer.BadParameter("give --config or --resume, not both")
     cfg = resume_config(resume, kw) if resume else load_config(config, kw)
-    console = Console(stderr=True)
-    log = (lambda s: None) if quiet else (lambda s: console.print(s, highlight=False))
-    result = run_loop(cfg, resume=bool(resume), log=log)
+    with _reporting(cfg.run.steps, quiet) as (log, on_step):
+        result = run_loop(cfg, resume=bool(resume), log=log, on_step=on_step)
     log(f"run directory: {cfg.run.run_dir}  best eval accuracy: {result['best_accuracy']:.3f}")
+
+
+@contextmanager
+def _reporting(steps: int, quiet: bool):
+    """(log, on_step): one line per step on stderr, and a live progress bar on a terminal."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if quiet:
+        yield (lambda s: None), None
+        return
+    if not console.is_terminal:
+        yield (lambda s: console.print(s, highlight=False)), None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("loop"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[status]}"), console=console, transient=True)
+    task = bar.add_task("loop", total=steps, status="")
+
+    def on_step(records: list[dict]) -> None:
+        m = records[0]
+        bar.update(task, completed=m["step"], status=f"reward {m['reward_mean']:.3f}")
+
+    with bar:
+        yield (lambda s: bar.console.print(s, highlight=False)), on_step
 
 
 def _loop_signature() -> inspect.Signature:

@@ -43,7 +43,12 @@ class RunOptions(Options):
                                       "included (0 = off).", check=finite_at_least(0.0))
     max_sampled_tokens: int = setting(0, "Stop after sampling this many tokens (0 = off).",
                                       check=at_least(0))
+    save_every: int = setting(1, "Write a checkpoint every N steps, at the last step and at a new "
+                              "best; --resume restarts after the last one written.",
+                              check=at_least(1))
     keep_last: int = setting(2, "Checkpoints kept besides best/.", check=at_least(1))
+    tensorboard: str = setting("", "Also write the metrics as TensorBoard event files to this "
+                               "directory (needs the tensorboard package).")
     seed: int = setting(0, "Random seed (same inputs + seed = same output).")
 
 

@@ -67,10 +67,18 @@ class StepTimer:
 class Loop:
     """Owns the engine, trainer and run directory of one training run."""
 
-    def __init__(self, cfg: LoopConfig, log: Callable[[str], None] = lambda s: None):
+    def __init__(self, cfg: LoopConfig, log: Callable[[str], None] = lambda s: None,
+                 on_step: Callable[[list[dict]], None] | None = None):
         """Everything that can be checked without touching disk is checked here."""
         self.cfg = cfg
         self.log = log
+        self.on_step = on_step
+        self.sink = None
+        self.verify_pool = None
+        if cfg.run.tensorboard:
+            from tcli.loop.tensorboard import check_available
+
+            check_available()
         self.run = RunDir(cfg.run.run_dir, warn=log)
         if not cfg.run.model or not os.path.isdir(cfg.run.model):
             raise UsageError(f"model directory not found: {cfg.run.model!r}")
@@ -98,6 +106,15 @@ class Loop:
             write_atomic_bytes(self.run.config, dump_toml(self.cfg).encode())
             self.run.write_metrics([])
         self.run.make_dirs()
+        # verifier workers fork now, before any model exists, and serve every step
+        from tcli.stages.verify import start_pool
+
+        v = self.cfg.verify
+        self.verify_pool = start_pool(v.task, v.timeout, v.workers)
+        if self.cfg.run.tensorboard:
+            from tcli.loop.tensorboard import TensorBoardSink
+
+            self.sink = TensorBoardSink(self.cfg.run.tensorboard)
         self.trainer = Trainer(start_ckpt, self.cfg.train, seed=self.cfg.run.seed)
         self.engine = open_engine(start_ckpt, self.cfg.sample, seed=self.cfg.run.seed,
                                   trainer=self.trainer)
@@ -128,7 +145,7 @@ class Loop:
 
         v = self.cfg.verify
         return list(verify_records(iter(enumerate(records, 1)), "<loop>", task=v.task,
-                                   timeout=v.timeout, workers=v.workers))
+                                   timeout=v.timeout, workers=v.workers, pool=self.verify_pool))
 
     def advantages(self, records: list[dict]) -> tuple[list[dict], dict]:
         """Advantages per group (the tree is built once and written for show-tree); drops
@@ -158,7 +175,8 @@ class Loop:
             return None
         c = self.cfg
         _, summary = evaluate(self.engine, self.eval_prompts, c.sample, c.verify, c.eval,
-                              seed=step_seed(c.run.seed, step, evaluation=True))
+                              seed=step_seed(c.run.seed, step, evaluation=True),
+                              pool=self.verify_pool)
         return {"kind": "eval", "step": step, **summary}
 
     # -- steps ---------------------------------------------------------------------------
@@ -192,31 +210,40 @@ class Loop:
         }
 
     def run_step(self, step: int, budget: Budget) -> list[dict]:
-        """One step, its evaluation when due, the checkpoint; every second counts to the budget."""
+        """One step, its evaluation when due, the checkpoint when due; every second counts to
+        the budget."""
         t0 = time.perf_counter()
         records = [self.train_step(step, budget)]
-        last = (step == self.cfg.run.steps
-                or budget.exhausted(time.perf_counter() - t0) is not None)
         every = self.cfg.eval.every
-        if every and (step % every == 0 or last):
+        if every and (step % every == 0 or self._final(step, budget, t0)):
             ev = self.evaluate(step)
             if ev is not None:
                 records.append(ev)
         is_best = self._note_best(records)
+        save = is_best or step % self.cfg.run.save_every == 0 or self._final(step, budget, t0)
         t1 = time.perf_counter()
         budget.elapsed += t1 - t0
         for m in records:
             m["wall_time"] = round(budget.elapsed, 3)
             m["sampled_tokens_total"] = budget.sampled
+        if save:
+            self._save(step, records, is_best)
+        for m in records:
+            self.run.append_metrics(m)
+        if self.sink is not None:
+            self.sink.write(records)
+        budget.elapsed += time.perf_counter() - t1  # saving counts too (from the next record on)
+        return records
+
+    def _final(self, step: int, budget: Budget, t0: float) -> bool:
+        return step == self.cfg.run.steps or budget.exhausted(time.perf_counter() - t0) is not None
+
+    def _save(self, step: int, records: list[dict], is_best: bool) -> None:
         self.trainer.save(self.run.ckpt(step), {"step": step, "metrics": records,
                                                 "loop_config": self.cfg.to_dict()})
         if is_best:
             self.run.set_best(step)
         self.run.prune(self.cfg.run.keep_last)
-        for m in records:
-            self.run.append_metrics(m)
-        budget.elapsed += time.perf_counter() - t1  # saving counts too (from the next record on)
-        return records
 
     def _note_best(self, records: list[dict]) -> bool:
         evals = [m for m in records if m["kind"] == "eval"]
@@ -241,7 +268,17 @@ class Loop:
                 break
             records = self.run_step(step, budget)
             self.log(format_step(records))
+            if self.on_step is not None:
+                self.on_step(records)
         return {"best_accuracy": self.best}
+
+    def close(self) -> None:
+        """Stop the verifier workers, flush TensorBoard, release the run directory."""
+        if self.verify_pool is not None:
+            self.verify_pool.close()
+        if self.sink is not None:
+            self.sink.close()
+        self.run.release()
 
     def _initial_eval(self, budget: Budget) -> None:
         t0 = time.perf_counter()
@@ -249,8 +286,10 @@ class Loop:
         budget.elapsed += time.perf_counter() - t0
         if ev is not None:
             self.best = max(self.best, ev["accuracy"])
-            self.run.append_metrics({**ev, "wall_time": round(budget.elapsed, 3),
-                                     "sampled_tokens_total": 0})
+            rec = {**ev, "wall_time": round(budget.elapsed, 3), "sampled_tokens_total": 0}
+            self.run.append_metrics(rec)
+            if self.sink is not None:
+                self.sink.write([rec])
             self.log(f"step 0 eval accuracy {ev['accuracy']:.3f}")
 
 
@@ -264,9 +303,13 @@ def format_step(records: list[dict]) -> str:
     return s
 
 
-def run_loop(cfg: LoopConfig, resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    loop = Loop(cfg, log=log)
-    result = loop.run_steps(loop.start(resume))
+def run_loop(cfg: LoopConfig, resume: bool = False, log: Callable[[str], None] = print,
+             on_step: Callable[[list[dict]], None] | None = None) -> dict:
+    loop = Loop(cfg, log=log, on_step=on_step)
+    try:
+        result = loop.run_steps(loop.start(resume))
+    finally:
+        loop.close()
     try:
         from tcli.plot import plot_runs
 

@@ -64,6 +64,11 @@ class RunDir:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
     def check_fresh(self) -> None:
         """A new run starts only in an empty directory (nothing of another run is replaced)."""
         other = [n for n in os.listdir(self.path) if n != LOCK]

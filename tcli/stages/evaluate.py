@@ -59,15 +59,16 @@ def eval_sampling(sample, ev):
     return sample.replace(mode="independent", n=ev.n, temperature=ev.temperature, min_new_tokens=0)
 
 
-def evaluate(engine, prompts: list[dict], sample, verify, ev, *, seed: int = 0
+def evaluate(engine, prompts: list[dict], sample, verify, ev, *, seed: int = 0, pool=None
              ) -> tuple[list[dict], dict]:
     """Per-sample records (with reward and verdict) and the summary.
 
-    ``sample``/``verify``/``ev``: the stage's SampleOptions, VerifyOptions and EvalOptions."""
+    ``sample``/``verify``/``ev``: the stage's SampleOptions, VerifyOptions and EvalOptions;
+    ``pool``: running verifier workers to reuse (the loop's)."""
     from tcli.stages.sample import sample_records
     from tcli.stages.verify import verify_records
 
     rollouts = sample_records(engine, prompts, eval_sampling(sample, ev), seed=seed)
     verified = list(verify_records(enumerate(rollouts, 1), "<eval>", task=verify.task,
-                                   timeout=verify.timeout, workers=verify.workers))
+                                   timeout=verify.timeout, workers=verify.workers, pool=pool))
     return verified, summarise(verified, ks=ev.ks, seed=seed)
