@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import signal
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
+
+import orjson
 
 KILL_GRACE = 5.0          # seconds to wait for a SIGKILLed worker to be reaped
 STOP_GRACE = 0.5          # seconds an idle worker gets to exit on its own before SIGKILL
@@ -47,7 +48,7 @@ PIPE_BYTES = 1 << 20      # pipe capacity asked for (Linux F_SETPIPE_SZ)
 PREFETCH_BYTES = 32 << 10  # a busy worker's next chunk is sent ahead only when this small
 WORKER_NAME = "tcli-verify"
 _PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # held while forking and cleaning up
-_FRAME_HEAD = 8           # little-endian byte length before each pickled result
+_FRAME_HEAD = 8           # little-endian byte length before each JSON result
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,10 @@ def _result_frame(seq: int, fn: Callable, payload) -> bytes:
         msg = (seq, True, fn(payload))
     except BaseException as e:  # noqa: BLE001 - even sys.exit() in fn only fails this item
         msg = (seq, False, one_line(e))
-    try:
-        data = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
-    except Exception as e:  # noqa: BLE001 - a result that cannot be pickled
-        data = pickle.dumps((seq, False, f"result could not be sent back ({one_line(e)})"))
+    try:  # JSON, not pickle: the parent never unpickles what a worker (user code) sent
+        data = orjson.dumps(msg, option=orjson.OPT_SERIALIZE_NUMPY)
+    except Exception as e:  # noqa: BLE001 - a result that is not plain data
+        data = orjson.dumps((seq, False, f"result could not be sent back ({one_line(e)})"))
     return len(data).to_bytes(_FRAME_HEAD, "little") + data
 
 
@@ -244,7 +245,7 @@ class _Worker:
             self.buf += data
 
     def frames(self) -> Iterator[bytes]:
-        """Whole pickled results in ``buf``, oldest first (a partial one stays)."""
+        """Whole JSON results in ``buf``, oldest first (a partial one stays)."""
         buf, pos = self.buf, 0
         while len(buf) - pos >= _FRAME_HEAD:
             size = int.from_bytes(buf[pos:pos + _FRAME_HEAD], "little")
@@ -516,8 +517,8 @@ class DeadlinePool:
         got = False
         for data in w.frames():
             try:
-                seq, ok, value = pickle.loads(data)
-            except Exception as e:  # noqa: BLE001 - cannot be unpickled in this process
+                seq, ok, value = orjson.loads(data)
+            except Exception as e:  # noqa: BLE001 - not a well-formed result
                 seq, ok, value = w.items[0][0], False, f"result could not be read ({one_line(e)})"
             first = w.items.popleft()[0]
             assert seq == first, (seq, first)
