@@ -49,6 +49,14 @@ def format_choices(choices) -> str:
     return "\n".join(f"{k}. {v}" for k, v in choices.items())
 
 
+def template_name(rec: dict, template: str) -> str:
+    """What rollouts record as ``prompt_template``: a preset's name (auto resolved per record)
+    or the custom template itself, so that ``verify --task auto`` knows what was asked for."""
+    if template in (None, "auto"):
+        return "choice" if rec.get("choices") else "boxed"
+    return template
+
+
 def render_prompt(rec: dict, template: str) -> str:
     """Fill a resolved template; plain replacement, so braces elsewhere (``\\boxed{}``) stay as is."""
     if template == "auto":

@@ -138,6 +138,7 @@ def test_independent_records(text_engine):
         assert r["finish_reason"] == ("stop" if r["token_ids"][-1] == tok.eos_token_id else "length")
         assert tok.pad_token_id not in r["token_ids"]
         assert r["policy_version"] == 0 and r["model"] == text_engine.model_path
+        assert r["prompt_template"] == "plain"  # what verify --task auto reads
     assert len({tuple(r["token_ids"]) for r in recs}) == 9  # samples differ
 
 

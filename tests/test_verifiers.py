@@ -459,3 +459,18 @@ def test_workers_die_with_a_killed_parent(tmp_path):
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_auto_reads_a_final_number_when_the_template_did_not_ask_for_boxed():
+    """`plain` prompts get "44 + 39 = 83." style answers: auto must not pick a verifier that
+    needs \\boxed{} (it scored 0 with "no answer found")."""
+    from tcli.stages.verify import verify_records
+
+    recs = [{"text": "44 + 39 = 83.", "answer": "83", "prompt_template": t} for t in
+            ("plain", "Q: {prompt} A:", "boxed", None)]
+    out = list(verify_records(enumerate(recs, 1), "<t>", task="auto", workers=0))
+    assert [r["reward"] for r in out] == [1.0, 1.0, 0.0, 0.0]
+    assert [r["verdict"]["task"] for r in out] == ["gsm8k", "gsm8k", "math", "math"]
+    # a symbolic answer still goes to math-verify
+    sym = {"text": "x = \\frac{1}{2}", "answer": "\\frac{1}{2}", "prompt_template": "plain"}
+    assert next(verify_records(iter([(1, sym)]), "<t>", task="auto", workers=0))["verdict"]["task"] == "math"

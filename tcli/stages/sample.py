@@ -25,7 +25,8 @@ from tcli import SCHEMA
 from tcli.engines.base import SamplingConfig
 from tcli.io import SeenKeys
 from tcli.errors import DataError
-from tcli.prompts import check_prompt_record, encode_prompt, render_prompt, resolve_template
+from tcli.prompts import (check_prompt_record, encode_prompt, render_prompt, resolve_template,
+                          template_name)
 
 @dataclass
 class TreeLeaf:
@@ -81,7 +82,7 @@ def sample_tree_generic(engine, prompts: Sequence[Sequence[int]], width: int, de
 # ----------------------------------------------------------------------------- records
 
 def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: TreeLeaf,
-             tree: bool) -> dict:
+             tree: bool, template: str) -> dict:
     out = {k: v for k, v in rec.items() if k != "id"}  # unknown prompt fields travel along
     out.update({
         "schema": SCHEMA,
@@ -95,6 +96,7 @@ def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: Tre
         "node_path": list(leaf.node_path) if tree else [],
         "segment_ends": list(leaf.segment_ends) if tree else [],
         "finish_reason": leaf.finish_reason,
+        "prompt_template": template_name(rec, template),
         "policy_version": int(getattr(engine, "policy_version", 0) or 0),
         "model": str(getattr(engine, "model_path", "")),
     })
@@ -161,8 +163,8 @@ def sample_records(engine, prompt_records: Iterable[dict], opts, *, seed: int = 
         recs, ids = _encode_chunk(chunk, engine.tokenizer, tmpl, opts.chat_template, seen)
         trees = _sample_chunk(engine, ids, opts, cfg, native)
         for rec, ptoks, leaves in zip(recs, ids, trees):
-            group = [_rollout(rec, engine, ptoks, j, leaf, opts.mode == "tree")
-                     for j, leaf in enumerate(leaves)]
+            group = [_rollout(rec, engine, ptoks, j, leaf, opts.mode == "tree",
+                              opts.prompt_template) for j, leaf in enumerate(leaves)]
             if on_group is not None:
                 on_group(group)
             yield from group
