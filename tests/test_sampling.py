@@ -288,9 +288,9 @@ def test_load_weights_sets_policy_version(ab_engine, tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 
-def _cli(args, stdin=None):
+def _cli(args, stdin=None, input=None):
     return subprocess.run([sys.executable, "-m", "tcli", *args], cwd=MAIN, stdin=stdin,
-                          capture_output=True, timeout=120,
+                          input=input, capture_output=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": MAIN, "OMP_NUM_THREADS": "1"})
 
 
@@ -315,6 +315,16 @@ def test_cli_tree_through_pipes(text_engine):
     lib = _run(text_engine, prompts=[first], mode="tree", width=2, depth=2, segment_tokens=3,
                cfg=SamplingConfig(max_new_tokens=8, seed=4))
     assert [r["token_ids"] for r in lib] == [r["token_ids"] for r in recs[:4]]
+    # show-tree decodes with the sampling model's tokenizer (the records' `model`) by default
+    scored = b"".join(orjson.dumps({**r, "reward": float(i % 2)}) + b"\n" for i, r in enumerate(recs))
+    show = _cli(["show-tree"], input=scored)
+    assert show.returncode == 0, show.stderr.decode()
+    out = show.stdout.decode()
+    assert out.startswith("prompt: ") and first["prompt"][:20] in out
+    piece = text_engine.tokenizer.decode(recs[0]["token_ids"][:3])
+    assert repr(piece)[1:-1][:3] in out
+    ids = _cli(["show-tree", "--bytes"], input=scored)  # explicit decoding still wins
+    assert ids.returncode == 0
 
 
 def test_cli_missing_prompt_is_data_error(text_engine, tmp_path):

@@ -50,16 +50,20 @@ def advantages(
         (stderr_console(quiet) or stderr_console(False)).print(acc.render(opts.estimator))
 
 
-def _decoder(tokenizer: str | None, as_bytes: bool):
+def _decoder(tokenizer: str | None, as_bytes: bool, rec: dict):
+    """Bytes, the given tokenizer, else the tokenizer of the model that sampled the records
+    (their ``model`` field) when that directory still exists; None prints token ids."""
+    import os
+
     if as_bytes:
         return lambda ids: bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+    model = rec.get("model")
+    if not tokenizer and isinstance(model, str) and os.path.isdir(model):
+        tokenizer = model
     if tokenizer:
-        from tcli.models.quiet import quiet_transformers
+        from tcli.models.load import load_tokenizer
 
-        quiet_transformers()
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(tokenizer).decode
+        return load_tokenizer(tokenizer, required=True).decode
     return None
 
 
@@ -70,7 +74,8 @@ def show_tree(
     index: Annotated[int, typer.Option("--index", min=0, help="Show the N-th group (0-based) "
                      "when --group is not given.")] = 0,
     tokenizer: Annotated[Optional[str], typer.Option(help="Model/tokenizer directory to decode "
-                         "tokens.")] = None,
+                         "tokens (default: the records' `model` directory when it exists; "
+                         "else token ids are shown).")] = None,
     as_bytes: Annotated[bool, typer.Option("--bytes", help="Decode token ids as UTF-8 bytes "
                         "(for byte-level fixtures).")] = False,
     max_run: Annotated[int, typer.Option(min=1, help="Show at most this many tokens of a run of "
@@ -89,11 +94,14 @@ def show_tree(
     for i, (lines, recs) in enumerate(iter_groups(reader, reader.name)):
         if (str(recs[0]["prompt_id"]) == group) if group is not None else i == index:
             try:
-                rendered = render_group(recs, decode=_decoder(tokenizer, as_bytes),
+                rendered = render_group(recs, decode=_decoder(tokenizer, as_bytes, recs[0]),
                                         max_run=max_run, max_levels=max_levels)
             except DataError as e:
                 raise located(e, reader.name, lines) from None
-            Console().print(rendered)
+            console = Console()
+            if isinstance(recs[0].get("prompt"), str):
+                console.print("prompt:", repr(recs[0]["prompt"]), highlight=False)
+            console.print(rendered)
             return
     raise UsageError(f"group {group!r} not found" if group is not None else f"no group #{index}")
 
