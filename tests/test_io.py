@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tcli.errors import DataError, UsageError
-from tcli.io import (EXTRA_COLUMN, MISSING_COLUMN, RecordReader, RecordWriter, _ArrowSink,
-                     detect_format, dumps, iter_groups, output_format)
+from tcli.io import (EXTRA_COLUMN, MISSING_COLUMN, RecordReader, RecordWriter, detect_format,
+                     dumps, iter_groups, output_format)
+from tcli.io.arrow import ArrowSink, iter_arrow
 
 
 def canon(rec: dict) -> bytes:
@@ -38,7 +39,7 @@ def read_all(path, input_format=None) -> list[dict]:
 
 def arrow_bytes(recs, batch_size=1024) -> bytes:
     buf = io.BytesIO()
-    sink = _ArrowSink(buf, batch_size=batch_size)
+    sink = ArrowSink(buf, batch_size=batch_size)
     for r in recs:
         sink.write(r)
     sink.close()
@@ -113,9 +114,7 @@ def test_round_trip_property(recs, batch_size):
 
 
 def _read_arrow_bytes(data: bytes) -> list[dict]:
-    from tcli.io import _iter_arrow
-
-    return [rec for _, rec in _iter_arrow(io.BufferedReader(io.BytesIO(data)), "<mem>", False)]
+    return [rec for _, rec in iter_arrow(io.BufferedReader(io.BytesIO(data)), "<mem>", False)]
 
 
 # ----------------------------------------------------------------------------- detection

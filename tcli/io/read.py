@@ -1,0 +1,119 @@
+"""Reading record streams: open the input, detect its format, decode JSONL lines, check the
+schema tag. Readers yield ``(line, record)`` where ``line`` is the 1-based line (JSONL) or record
+number (Arrow), so every later error can name where the bad data came from.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import IO, Iterator
+
+from tcli import SCHEMA, SCHEMA_MAJOR
+from tcli.errors import DataError, UsageError
+from tcli.io.codec import BadJson, loads
+
+ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"
+ARROW_FILE_MAGIC = b"ARROW1"
+
+
+def display_name(path: str) -> str:
+    return "<stdin>" if path == "-" else path
+
+
+def check_schema(rec: dict, file: str, line: int) -> None:
+    """A record of a newer major schema than this tcli knows is refused, not misread."""
+    tag = rec.get("schema")
+    if tag is None:
+        return
+    if not isinstance(tag, str) or not tag.startswith("tcli.rollout/"):
+        raise DataError(f"unknown schema tag {tag!r} (expected {SCHEMA!r})", file=file, line=line,
+                        field="schema")
+    major = tag.rsplit("/", 1)[1].split(".")[0]
+    if not major.isdigit():
+        raise DataError(f"malformed schema tag {tag!r}", file=file, line=line, field="schema")
+    if int(major) > SCHEMA_MAJOR:
+        raise DataError(f"schema {tag!r} is newer than this tcli understands ({SCHEMA!r}); upgrade tcli",
+                        file=file, line=line, field="schema")
+
+
+def _open_binary(path: str) -> IO[bytes]:
+    if path == "-":
+        if sys.stdin is None:
+            raise UsageError("no input: stdin is closed; give an INPUT path")
+        if sys.stdin.isatty():
+            raise UsageError("no input: stdin is a terminal; pipe records in or give an INPUT path")
+        return sys.stdin.buffer
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise UsageError(f"input file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"input is a directory: {path}") from None
+
+
+def _peek(f: IO[bytes], n: int = 8) -> bytes:
+    """The first bytes without consuming them (a pipe cannot seek back)."""
+    if hasattr(f, "peek"):
+        return f.peek(n)[:n]  # may be fewer than n bytes; enough to tell the formats apart
+    raise UsageError("input is not peekable")
+
+
+def detect_format(head: bytes) -> str:
+    if head.startswith(ARROW_STREAM_MAGIC):
+        return "arrow"
+    if head.startswith(ARROW_FILE_MAGIC):
+        return "arrow-file"
+    return "jsonl"
+
+
+def iter_jsonl(f: IO[bytes], name: str) -> Iterator[tuple[int, dict]]:
+    for lineno, raw in enumerate(f, 1):
+        if raw.isspace():
+            continue  # blank lines are allowed and ignored (documented in the README)
+        try:
+            rec = loads(raw)
+        except BadJson as e:
+            what = e.message
+            if e.syntax and not raw.endswith(b"\n"):
+                what = "truncated JSON (no newline at end of input)"
+            raise DataError(what, file=name, line=lineno, field=e.field) from None
+        if not isinstance(rec, dict):
+            raise DataError(f"record is a JSON {type(rec).__name__}, not an object", file=name,
+                            line=lineno)
+        check_schema(rec, name, lineno)
+        yield lineno, rec
+
+
+@dataclass
+class RecordReader:
+    """Iterates ``(line, record)`` from a path or stdin, in JSONL or Arrow (auto-detected)."""
+
+    path: str = "-"
+    input_format: str | None = None  # jsonl | arrow | None (detect)
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = display_name(self.path)
+        if self.input_format not in (None, "auto", "jsonl", "arrow"):
+            raise UsageError(f"unknown input format {self.input_format!r}; valid: jsonl, arrow")
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        f = _open_binary(self.path)
+        own = self.path != "-"
+        try:
+            fmt = self.input_format if self.input_format not in (None, "auto") else None
+            detected = detect_format(_peek(f))
+            if fmt is None:
+                fmt = detected
+            elif fmt == "arrow" and detected == "arrow-file":
+                fmt = "arrow-file"
+            if fmt == "jsonl":
+                yield from iter_jsonl(f, self.name)
+            else:
+                from tcli.io.arrow import iter_arrow  # (arrow.py imports this module)
+
+                yield from iter_arrow(f, self.name, file_format=(fmt == "arrow-file"))
+        finally:
+            if own:
+                f.close()
