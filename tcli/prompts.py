@@ -16,8 +16,34 @@ _PLACEHOLDER = re.compile(r"\{(prompt|choices)\}")
 
 
 
+def map_fields(rec: dict, fields=None) -> dict:
+    """The record with ``id``/``prompt``/``answer`` taken from the fields ``fields`` (a
+    PromptOptions) names, for data sets with another schema; errors name the source field."""
+    if fields is None or not isinstance(rec, dict):
+        return rec
+    pairs = (("id", fields.id_field), ("prompt", fields.prompt_field),
+             ("answer", fields.answer_field))
+    if all(k == src for k, src in pairs):
+        return rec
+    out = dict(rec)
+    for key, src in pairs:
+        if src != key and src in out:
+            out[key] = out.pop(src)
+    return out
+
+
+def _check_messages(v) -> None:
+    ok = isinstance(v, list) and v and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in v)
+    if not ok:
+        raise DataError("must be a non-empty list of {role, content} objects with string values",
+                        field="messages")
+
+
 def check_prompt_record(rec: dict) -> None:
-    """Raise DataError naming the field when a prompt record lacks ``id`` or ``prompt``."""
+    """Raise DataError naming the field when a prompt record lacks ``id`` or a prompt (a
+    ``prompt`` string, or chat ``messages`` passed to the chat template as they are)."""
     if not isinstance(rec, dict):
         raise DataError(f"record must be an object, got {type(rec).__name__}")
     if "id" not in rec:
@@ -25,10 +51,20 @@ def check_prompt_record(rec: dict) -> None:
     pid = rec["id"]
     if isinstance(pid, bool) or not isinstance(pid, (str, int)):
         raise DataError(f"must be a string or integer, got {type(pid).__name__}", field="id")
+    if "prompt" not in rec and "messages" in rec:
+        _check_messages(rec["messages"])
+        return
     if "prompt" not in rec:
         raise DataError("missing required field", field="prompt")
     if not isinstance(rec["prompt"], str):
         raise DataError(f"must be a string, got {type(rec['prompt']).__name__}", field="prompt")
+
+
+def prompt_text(rec: dict) -> str:
+    """The prompt as rollouts record it (for chat records: the last user turn)."""
+    if "prompt" in rec:
+        return rec["prompt"]
+    return next((m["content"] for m in reversed(rec["messages"]) if m["role"] == "user"), "")
 
 
 def resolve_template(template: str | None) -> str:
@@ -65,25 +101,44 @@ def render_prompt(rec: dict, template: str) -> str:
     return _PLACEHOLDER.sub(lambda m: rec["prompt"] if m.group(1) == "prompt" else choices, template)
 
 
-def encode_prompt(tokenizer, text: str, chat_template: bool | None = None) -> list[int]:
-    """Token ids of the prompt, through the tokenizer's chat template when it has one (or forced)."""
+def prompt_messages(rec: dict, template: str) -> list[dict]:
+    """The chat turns: a record's own ``messages`` as they are, else one user turn holding the
+    prompt filled into the template."""
+    if "prompt" not in rec:
+        return rec["messages"]
+    return [{"role": "user", "content": render_prompt(rec, template)}]
+
+
+def encode_prompt(tokenizer, messages: list[dict], chat_template: bool | None = None) -> list[int]:
+    """Token ids of the prompt, through the tokenizer's chat template when it has one (or forced);
+    without a chat template only a single user turn can be encoded."""
     has = getattr(tokenizer, "chat_template", None) is not None
     if chat_template is None:
         chat_template = has
     if chat_template:
         if not has:
             raise UsageError("--chat-template: the tokenizer has no chat template")
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 add_generation_prompt=True, tokenize=False)
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False)
         return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if len(messages) != 1 or messages[0]["role"] != "user":
+        raise DataError("a conversation needs a chat template (this tokenizer has none, or "
+                        "--no-chat-template was given)", field="messages")
+    return list(tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"])
 
 
 
-def read_prompts(path: str, limit: int | None = None) -> list[dict]:
+def source_field(e: DataError, fields=None) -> DataError:
+    """Name the user's field in an error about a mapped one (``--prompt-field question``)."""
+    if fields is not None and e.field in ("id", "prompt", "answer"):
+        e.field = getattr(fields, f"{e.field}_field")
+    return e
+
+
+def read_prompts(path: str, limit: int | None = None, fields=None) -> list[dict]:
     """Prompt records with answers, validated here so later stages never see a bad one: every
-    error names this file and line (missing/ill-typed id, prompt or answer, a repeated id)."""
-    from tcli.errors import DataError
+    error names this file and line (missing/ill-typed id, prompt or answer, a repeated id).
+    ``fields`` (PromptOptions) maps another schema's field names."""
     from tcli.io import RecordReader, SeenKeys
 
     if not path:
@@ -93,6 +148,7 @@ def read_prompts(path: str, limit: int | None = None) -> list[dict]:
     reader = RecordReader(path)
     for line, rec in reader:
         try:
+            rec = map_fields(rec, fields)
             check_prompt_record(rec)
             if "answer" not in rec:
                 raise DataError("missing required field", field="answer")
@@ -102,7 +158,7 @@ def read_prompts(path: str, limit: int | None = None) -> list[dict]:
             if not seen.add(rec["id"]):
                 raise DataError(f"prompt id {rec['id']!r} appears twice", field="id")
         except DataError as e:
-            raise e.located(reader.name, line) from None
+            raise source_field(e, fields).located(reader.name, line) from None
         out.append(rec)
         if limit and len(out) >= limit:
             break

@@ -10,7 +10,7 @@ import typer
 from tcli.commands.common import (FormatOpt, InputArg, InputFormatOpt, ModelOpt, OutputOpt,
                                   QuietOpt, SeedOpt, group_progress)
 from tcli.config.flags import options_command
-from tcli.config.stages import SampleOptions
+from tcli.config.stages import PromptOptions, SampleOptions
 from tcli.errors import DataError
 
 
@@ -21,6 +21,7 @@ def sample_tree(
     model: ModelOpt,
     output: OutputOpt = "-",
     opts: SampleOptions,
+    fields: PromptOptions,
     limit: Annotated[Optional[int], typer.Option(min=0, help="Read only the first N prompts.")] = None,
     format: FormatOpt = None,
     input_format: InputFormatOpt = None,
@@ -49,7 +50,8 @@ def sample_tree(
     with group_progress("sample-tree", quiet, total=limit) as on_group, \
             RecordWriter(output, format) as writer:
         try:
-            for rec in sample_records(engine, prompts(), opts, seed=seed, on_group=on_group):
+            for rec in sample_records(engine, prompts(), opts, seed=seed, on_group=on_group,
+                                      fields=fields):
                 writer.write(rec)
         except DataError as e:  # index = the prompt's position in the input
             idx = getattr(e, "index", None)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
 from tcli.config.spec import Options, at_least, coerce, finite_at_least, setting, settings_of
-from tcli.config.stages import (AdvantageOptions, EvalOptions, SampleOptions, TrainOptions,
-                                VerifyOptions)
+from tcli.config.stages import (AdvantageOptions, EvalOptions, PromptOptions, SampleOptions,
+                                TrainOptions, VerifyOptions)
 from tcli.errors import UsageError
 
 
@@ -62,7 +62,8 @@ class LoopEvalOptions(EvalOptions):
                          check=at_least(0))
 
 
-TABLES: dict[str, type[Options]] = {"sample": SampleOptions, "verify": VerifyOptions,
+TABLES: dict[str, type[Options]] = {"prompts": PromptOptions, "sample": SampleOptions,
+                                    "verify": VerifyOptions,
                                     "advantages": AdvantageOptions, "train": TrainOptions,
                                     "eval": LoopEvalOptions}
 
@@ -70,6 +71,7 @@ TABLES: dict[str, type[Options]] = {"sample": SampleOptions, "verify": VerifyOpt
 @dataclass(frozen=True)
 class LoopConfig:
     run: RunOptions = field(default_factory=RunOptions)
+    prompts: PromptOptions = field(default_factory=PromptOptions)
     sample: SampleOptions = field(default_factory=SampleOptions)
     verify: VerifyOptions = field(default_factory=VerifyOptions)
     advantages: AdvantageOptions = field(default_factory=AdvantageOptions)

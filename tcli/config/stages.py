@@ -108,6 +108,18 @@ class SampleOptions(Options):
 
 
 @dataclass(frozen=True)
+class PromptOptions(Options):
+    """Which fields of a prompt record hold the id, the prompt and the gold answer (for data sets
+    with another schema; a record with chat ``messages`` instead of a prompt is used as is)."""
+
+    TABLE: ClassVar[str] = "prompts"
+
+    id_field: str = setting("id", "Field holding the prompt id.")
+    prompt_field: str = setting("prompt", "Field holding the prompt text.")
+    answer_field: str = setting("answer", "Field holding the gold answer.")
+
+
+@dataclass(frozen=True)
 class VerifyOptions(Options):
     """How answers are scored (verify, eval, loop)."""
 
@@ -207,4 +219,4 @@ def parse_ks(k: str, n: int, label: str) -> list[int]:
     return ks
 
 
-STAGE_OPTIONS = (SampleOptions, VerifyOptions, AdvantageOptions, TrainOptions, EvalOptions)
+STAGE_OPTIONS = (SampleOptions, PromptOptions, VerifyOptions, AdvantageOptions, TrainOptions, EvalOptions)

@@ -82,9 +82,9 @@ class Loop:
         self.run = RunDir(cfg.run.run_dir, warn=log)
         if not cfg.run.model or not os.path.isdir(cfg.run.model):
             raise UsageError(f"model directory not found: {cfg.run.model!r}")
-        self.train_prompts = read_prompts(cfg.run.train_data)
+        self.train_prompts = read_prompts(cfg.run.train_data, fields=cfg.prompts)
         ev = cfg.eval
-        self.eval_prompts = (read_prompts(cfg.run.eval_data, ev.limit or None)
+        self.eval_prompts = (read_prompts(cfg.run.eval_data, ev.limit or None, cfg.prompts)
                              if cfg.run.eval_data and ev.every else [])
         self.best = -1.0
 

@@ -25,8 +25,8 @@ from tcli import SCHEMA
 from tcli.engines.base import SamplingConfig
 from tcli.io import SeenKeys
 from tcli.errors import DataError
-from tcli.prompts import (check_prompt_record, encode_prompt, render_prompt, resolve_template,
-                          template_name)
+from tcli.prompts import (check_prompt_record, encode_prompt, map_fields, prompt_messages,
+                          prompt_text, resolve_template, source_field, template_name)
 
 @dataclass
 class TreeLeaf:
@@ -87,7 +87,7 @@ def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: Tre
     out.update({
         "schema": SCHEMA,
         "prompt_id": rec["id"],
-        "prompt": rec["prompt"],
+        "prompt": prompt_text(rec),
         "sample_id": sample_id,
         "prompt_token_ids": prompt_ids,
         "token_ids": list(leaf.token_ids),
@@ -114,20 +114,21 @@ def _chunks(it: Iterable[dict], size: int) -> Iterator[list[tuple[int, dict]]]:
         yield buf
 
 
-def _encode_chunk(chunk, tok, tmpl: str, chat_template, seen: SeenKeys):
+def _encode_chunk(chunk, tok, tmpl: str, chat_template, seen: SeenKeys, fields=None):
     """Validate and tokenise the prompt records of one engine call."""
     recs, ids = [], []
     for index, rec in chunk:
         try:
+            rec = map_fields(rec, fields)
             check_prompt_record(rec)
             if not seen.add(rec["id"]):  # two groups with one prompt_id corrupt later stages
                 raise DataError(f"prompt id {rec['id']!r} appears twice", field="id")
-            ptoks = encode_prompt(tok, render_prompt(rec, tmpl), chat_template)
+            ptoks = encode_prompt(tok, prompt_messages(rec, tmpl), chat_template)
             if not ptoks:
                 raise DataError("encodes to no tokens", field="prompt")
         except DataError as e:
             e.index = index
-            raise
+            raise source_field(e, fields) from None
         recs.append(rec)
         ids.append(ptoks)
     return recs, ids
@@ -146,7 +147,7 @@ def _sample_chunk(engine, ids, opts, cfg: SamplingConfig, native: bool) -> list[
 
 
 def sample_records(engine, prompt_records: Iterable[dict], opts, *, seed: int = 0,
-                   native: bool = True,
+                   native: bool = True, fields=None,
                    on_group: Callable[[list[dict]], None] | None = None) -> Iterator[dict]:
     """Yield rollout records (DESIGN §3), one group of consecutive records per prompt, in input order.
 
@@ -155,12 +156,13 @@ def sample_records(engine, prompt_records: Iterable[dict], opts, *, seed: int = 
     level runs to EOS or ``max_new_tokens``), ``prompts_per_batch`` prompts per engine call.
     A bad prompt record raises DataError with ``index`` = its 0-based position in the input.
     ``native=False`` forces the generic level-by-level tree even if the engine has ``sample_tree``.
+    ``fields`` (PromptOptions) maps another schema's id/prompt/answer fields.
     """
     cfg = opts.engine_config(seed)
     tmpl = resolve_template(opts.prompt_template)
     seen = SeenKeys()
     for chunk in _chunks(prompt_records, opts.prompts_per_batch):
-        recs, ids = _encode_chunk(chunk, engine.tokenizer, tmpl, opts.chat_template, seen)
+        recs, ids = _encode_chunk(chunk, engine.tokenizer, tmpl, opts.chat_template, seen, fields)
         trees = _sample_chunk(engine, ids, opts, cfg, native)
         for rec, ptoks, leaves in zip(recs, ids, trees):
             group = [_rollout(rec, engine, ptoks, j, leaf, opts.mode == "tree",
