@@ -15,8 +15,10 @@ from tcli.io import RecordReader, RecordWriter, iter_groups
 
 InputArg = Annotated[str, typer.Argument(help="Input records (JSONL or Arrow); '-' = stdin.",
                                          show_default=True)]
-OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output path; '-' = stdout. "
-                                        "Written atomically (temp file, then rename).")]
+OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output path; '-' = stdout. A file "
+                                        "is written atomically (temp file, then rename; a symlink's "
+                                        "target is replaced); devices, FIFOs and /dev/stdout are "
+                                        "written directly.")]
 FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Output format: jsonl | arrow "
                                                   "(default: from the -o suffix, else jsonl).")]
 InputFormatOpt = Annotated[Optional[str], typer.Option("--input-format", help="Force the input "

@@ -20,7 +20,6 @@ from tcli.io.read import (ARROW_FILE_MAGIC, ARROW_STREAM_MAGIC, RecordReader, ch
 from tcli.io.target import write_atomic_bytes
 from tcli.io.write import FORMATS, JsonlSink, RecordWriter, output_format
 
-_JsonlSink = JsonlSink  # tests/test_faults.py patches tcli.io._JsonlSink.write / .close
 
 __all__ = ["ARROW_FILE_MAGIC", "ARROW_STREAM_MAGIC", "EXTRA_COLUMN", "FORMATS", "MISSING_COLUMN",
            "JsonlSink", "RecordReader", "RecordWriter", "SeenKeys", "check_schema",
