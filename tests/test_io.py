@@ -153,7 +153,9 @@ def test_forced_input_format(tmp_path):
     with pytest.raises(DataError):
         read_all(s, "jsonl")
     with pytest.raises(UsageError):
-        RecordReader(str(s), "parquet")
+        RecordReader(str(s), "csv")
+    with pytest.raises(DataError):  # an Arrow stream forced to be read as Parquet
+        read_all(s, "parquet")
 
 
 def test_output_format_from_suffix_and_option():

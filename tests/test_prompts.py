@@ -83,3 +83,64 @@ def test_messages_without_a_chat_template_is_a_data_error(tmp_path, chat_model):
     bad = _jsonl(tmp_path / "b.jsonl", [{"id": 1, "messages": [{"role": "user"}]}])
     r = run_tcli(["sample-tree", bad, "-m", chat_model, "--n", "1", "--max-new-tokens", "2"])
     assert r.returncode == 65 and "b.jsonl:1: field 'messages'" in r.stderr.decode()
+
+
+def _table():
+    import pyarrow as pa
+
+    return pa.table({"qid": ["a", "b"], "question": ["1+1=?", "2+2=?"], "gold": ["2", "4"]})
+
+
+def _saved_dataset(root, splits=None):
+    """The layout `datasets.Dataset.save_to_disk` writes: state.json + Arrow IPC stream files."""
+    import json
+
+    import pyarrow as pa
+
+    root.mkdir()
+    t = _table()
+    for i, part in enumerate((t.slice(0, 1), t.slice(1))):
+        with pa.OSFile(str(root / f"data-0000{i}-of-00002.arrow"), "wb") as sink:
+            w = pa.ipc.new_stream(sink, t.schema)
+            w.write_table(part)
+            w.close()
+    (root / "state.json").write_text(json.dumps({"_data_files": [
+        {"filename": "data-00000-of-00002.arrow"}, {"filename": "data-00001-of-00002.arrow"}]}))
+    return root
+
+
+FIELDS = PromptOptions(id_field="qid", prompt_field="question", answer_field="gold")
+WANT = [{"id": "a", "prompt": "1+1=?", "answer": "2"}, {"id": "b", "prompt": "2+2=?", "answer": "4"}]
+
+
+def test_parquet_and_saved_datasets_are_prompt_files(tmp_path):
+    import pyarrow.parquet as pq
+
+    pq.write_table(_table(), str(tmp_path / "q.parquet"))
+    assert read_prompts(str(tmp_path / "q.parquet"), fields=FIELDS) == WANT
+    ds = _saved_dataset(tmp_path / "ds")
+    assert read_prompts(str(ds), fields=FIELDS) == WANT
+    # a DatasetDict needs a split; other directories are not inputs
+    dd = tmp_path / "dd"
+    dd.mkdir()
+    (dd / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    r = run_tcli(["build-tree", dd])
+    assert r.returncode == 2 and "give one split" in r.stderr.decode() and "train" in r.stderr.decode()
+    r = run_tcli(["build-tree", tmp_path])
+    assert r.returncode == 2 and "not a saved Hugging Face dataset" in r.stderr.decode()
+
+
+def test_real_datasets_save_to_disk_if_installed(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    d = datasets.Dataset.from_dict({"qid": ["a", "b"], "question": ["1+1=?", "2+2=?"],
+                                    "gold": ["2", "4"]})
+    d.save_to_disk(str(tmp_path / "hf"))
+    assert read_prompts(str(tmp_path / "hf"), fields=FIELDS) == WANT
+
+
+def test_sample_tree_reads_a_saved_dataset(tmp_path, chat_model):
+    ds = _saved_dataset(tmp_path / "ds")
+    r = run_tcli(["sample-tree", ds, "-m", chat_model, "--n", "1", "--max-new-tokens", "2",
+                  "--id-field", "qid", "--prompt-field", "question", "--answer-field", "gold"])
+    assert r.returncode == 0, r.stderr
+    assert [orjson.loads(x)["prompt_id"] for x in r.stdout.splitlines()] == ["a", "b"]

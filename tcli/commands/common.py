@@ -13,7 +13,8 @@ import typer
 from tcli.errors import DataError
 from tcli.io import RecordReader, RecordWriter, iter_groups
 
-InputArg = Annotated[str, typer.Argument(help="Input records (JSONL or Arrow); '-' = stdin.",
+InputArg = Annotated[str, typer.Argument(help="Input records (JSONL, Arrow, Parquet, or a saved "
+                                         "Hugging Face dataset directory); '-' = stdin.",
                                          show_default=True)]
 OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output path; '-' = stdout. A file "
                                         "is written atomically (temp file, then rename; a symlink's "
@@ -22,7 +23,9 @@ OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output path; '-'
 FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Output format: jsonl | arrow "
                                                   "(default: from the -o suffix, else jsonl).")]
 InputFormatOpt = Annotated[Optional[str], typer.Option("--input-format", help="Force the input "
-                                                       "format: jsonl | arrow (default: detect).")]
+                                                       "format: jsonl | arrow | parquet (default: "
+                                                       "detect; a directory is read as a Hugging "
+                                                       "Face dataset saved with save_to_disk).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (same inputs + seed = same output).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model or checkpoint directory.")]

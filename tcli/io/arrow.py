@@ -180,18 +180,25 @@ class ArrowSink:
 
 # ----------------------------------------------------------------------------- reading
 
-def _open(f: IO[bytes], name: str, file_format: bool):
-    """(schema, iterator of record batches); an unreadable header is bad data at record 1."""
+def _open(f: IO[bytes], name: str, file_format: bool | str):
+    """(schema, iterator of record batches); an unreadable header is bad data at record 1.
+    ``file_format``: False (IPC stream), True (IPC file) or "parquet"."""
     import pyarrow as pa
 
     try:
+        if file_format == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(pa.BufferReader(f.read()))
+            return pf.schema_arrow, pf.iter_batches(batch_size=1024)
         if file_format:
             reader = pa.ipc.open_file(pa.py_buffer(f.read()))
             return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
         reader = pa.ipc.open_stream(f)
         return reader.schema, iter(reader)
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"not a readable Arrow stream ({e})", file=name, line=1) from None
+        what = "Parquet file" if file_format == "parquet" else "Arrow stream"
+        raise DataError(f"not a readable {what} ({e})", file=name, line=1) from None
 
 
 def _column_roles(schema, name: str) -> tuple[set[str], set[str]]:
@@ -296,7 +303,10 @@ def _finish(rec: dict, json_cols: set[str], name: str, line: int) -> dict:
     return rec
 
 
-def iter_arrow(f: IO[bytes], name: str, file_format: bool) -> Iterator[tuple[int, dict]]:
+def iter_arrow(f: IO[bytes], name: str, file_format: bool | str, first: int = 0
+               ) -> Iterator[tuple[int, dict]]:
+    """Records of an Arrow IPC stream or file, or a Parquet file (``file_format="parquet"``),
+    numbered from ``first + 1``."""
     import pyarrow as pa
 
     schema, batches = _open(f, name, file_format)
@@ -304,7 +314,7 @@ def iter_arrow(f: IO[bytes], name: str, file_format: bool) -> Iterator[tuple[int
     if tag is not None:
         check_schema({"schema": tag.decode("utf-8", "replace")}, name, 1)
     json_cols, as_bytes = _column_roles(schema, name)
-    n = 0
+    n = first
     while True:
         try:
             batch = next(batches)

@@ -5,6 +5,7 @@ number (Arrow), so every later error can name where the bad data came from.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import IO, Iterator
@@ -15,6 +16,7 @@ from tcli.io.codec import BadJson, loads
 
 ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"
 ARROW_FILE_MAGIC = b"ARROW1"
+PARQUET_MAGIC = b"PAR1"
 
 
 def display_name(path: str) -> str:
@@ -64,6 +66,8 @@ def detect_format(head: bytes) -> str:
         return "arrow"
     if head.startswith(ARROW_FILE_MAGIC):
         return "arrow-file"
+    if head.startswith(PARQUET_MAGIC):
+        return "parquet"
     return "jsonl"
 
 
@@ -95,10 +99,16 @@ class RecordReader:
 
     def __post_init__(self) -> None:
         self.name = display_name(self.path)
-        if self.input_format not in (None, "auto", "jsonl", "arrow"):
-            raise UsageError(f"unknown input format {self.input_format!r}; valid: jsonl, arrow")
+        if self.input_format not in (None, "auto", "jsonl", "arrow", "parquet"):
+            raise UsageError(f"unknown input format {self.input_format!r}; valid: jsonl, arrow, "
+                             "parquet")
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:
+        if self.path != "-" and os.path.isdir(self.path):
+            from tcli.io.datasets import iter_saved_dataset
+
+            yield from iter_saved_dataset(self.path)
+            return
         f = _open_binary(self.path)
         own = self.path != "-"
         try:
@@ -113,7 +123,8 @@ class RecordReader:
             else:
                 from tcli.io.arrow import iter_arrow  # (arrow.py imports this module)
 
-                yield from iter_arrow(f, self.name, file_format=(fmt == "arrow-file"))
+                kind = "parquet" if fmt == "parquet" else fmt == "arrow-file"
+                yield from iter_arrow(f, self.name, file_format=kind)
         finally:
             if own:
                 f.close()
