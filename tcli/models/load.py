@@ -256,3 +256,54 @@ def _load_error(path: str, what: str, e: Exception) -> Exception:
     if os.path.isdir(path):
         return DataError(f"cannot load {what}: {why}", file=path)
     return UsageError(f"cannot load {what} {path!r}: {why}")
+
+
+# ----------------------------------------------------------------------------- GGUF files
+
+def load_gguf_model(path: str, dtype=None):
+    """The model exactly as transformers loads the GGUF file (dequantized; still marked as
+    quantized, so it cannot be saved): the reference for the converted checkpoint's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tcli.models.quiet import quiet_transformers
+
+    quiet_transformers()
+    d, name = os.path.split(os.path.abspath(path))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch_dtype(dtype),
+                                                     local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - narrowed by _gguf_error
+        raise _gguf_error(path, "weights", e) from None
+    model.eval()
+    return model
+
+
+def load_gguf_tokenizer(path: str):
+    """The tokenizer (with its chat template) transformers builds from a GGUF file's metadata."""
+    from transformers import AutoTokenizer
+
+    from tcli.models.quiet import quiet_transformers
+
+    quiet_transformers()
+    d, name = os.path.split(os.path.abspath(path))
+    try:
+        return AutoTokenizer.from_pretrained(d, gguf_file=name, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - narrowed by _gguf_error
+        raise _gguf_error(path, "tokenizer", e) from None
+
+
+def _gguf_error(path: str, what: str, e: Exception) -> Exception:
+    """transformers' failure to read a GGUF file as one line naming the file (exit 65); bugs and
+    running out of memory re-raise unchanged."""
+    import struct
+
+    from tcli.errors import TcliError
+
+    known = (OSError, ValueError, KeyError, IndexError, EOFError, RuntimeError, struct.error,
+             NotImplementedError, TypeError)
+    if isinstance(e, ImportError):
+        return TcliError(f"{path}: reading GGUF {what} failed: {e}; pip install 'tcli[real]'")
+    if not isinstance(e, known) or isinstance(e, MemoryError) or "out of memory" in str(e):
+        raise e
+    why = " ".join(str(e).split())[:300] or type(e).__name__
+    return DataError(f"cannot convert GGUF {what}: {why}", file=path)

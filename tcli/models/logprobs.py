@@ -89,13 +89,41 @@ def _accepts_logits_to_keep(model) -> bool:
         return False
 
 
-def batch_logprobs(model, batch: PaddedBatch, *, with_entropy: bool = False):
+# Logits elements of one chunk of the LM head (2^26 fp32 = 256 MB): rows = this // vocabulary size,
+# at most MAX_CHUNK_ROWS. Memory beyond one chunk is O(tokens), not O(tokens x vocabulary).
+CHUNK_ELEMENTS = 1 << 26
+MAX_CHUNK_ROWS = 4096
+
+
+def chunk_rows_for(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    return max(1, min(MAX_CHUNK_ROWS, chunk_elements // max(int(vocab_size), 1)))
+
+
+def batch_logprobs(model, batch: PaddedBatch, *, with_entropy: bool = False,
+                   chunked: bool = True, chunk_rows: int | None = None):
     """Log-probs [B, R] (float32, zero where ``mask`` is False) of a padded batch, and the
     per-token entropy of the full distribution when asked (computed without gradient).
 
-    Runs in the caller's grad mode: train-step calls it with gradients on. Only the logits of
-    positions that score response tokens are computed (``logits_to_keep``) when the model allows.
+    Runs in the caller's grad mode: train-step calls it with gradients on.
+
+    ``chunked`` (default): the model runs once up to its final hidden states; the LM head,
+    log-softmax, gather and entropy then run over the real response tokens only, ``chunk_rows``
+    positions at a time, inside :class:`ChunkedHeadLogprobs`, whose backward recomputes each
+    chunk's logits instead of keeping them. Memory is O(tokens) beyond one chunk, where the
+    unchunked path keeps several [B, R, V] float32 tensors for backward. Used when the model has
+    a plain linear LM head on its decoder's output (checked on every call against the logits the
+    model itself returns for the last position: softcapped or scaled heads fall back). Values
+    and gradients equal the unchunked path's to float rounding.
     """
+    if chunked:
+        out = _chunked_logprobs(model, batch, with_entropy, chunk_rows)
+        if out is not None:
+            return out
+    return full_batch_logprobs(model, batch, with_entropy=with_entropy)
+
+
+def full_batch_logprobs(model, batch: PaddedBatch, *, with_entropy: bool = False):
+    """The unchunked path: [B, R, V] logits, log-softmax and gather (the reference for tests)."""
     import torch
 
     core = getattr(model, "module", model)  # DDP wrapper: inspect the wrapped model
@@ -120,6 +148,172 @@ def batch_logprobs(model, batch: PaddedBatch, *, with_entropy: bool = False):
             lp = logp_all.detach()
             ent = -(lp.exp() * lp).sum(-1).masked_fill(~batch.mask, 0.0)
     return logp, ent
+
+
+def _plain_head(core):
+    """The model's LM head when it is a plain ``nn.Linear`` on the decoder's output, else None."""
+    import torch
+
+    try:
+        head = core.get_output_embeddings()
+        decoder = core.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return None
+    if not isinstance(head, torch.nn.Linear) or decoder is None or decoder is core:
+        return None
+    if not _accepts_logits_to_keep(core):
+        return None
+    return head, decoder
+
+
+def _chunked_logprobs(model, batch: PaddedBatch, with_entropy: bool, chunk_rows: int | None):
+    """The chunked path, or None when the model does not have a plain head (caller falls back)."""
+    import torch
+
+    core = getattr(model, "module", model)
+    found = _plain_head(core)
+    if found is None:
+        return None
+    head, decoder = found
+    captured = []
+
+    def grab(module, args, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state")
+                        else output[0])
+
+    handle = decoder.register_forward_hook(grab)
+    try:
+        # through the (DDP) wrapper, so data parallelism sees a normal forward; only the last
+        # position's logits are computed there, and they check the head below
+        out = model(input_ids=batch.input_ids, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    B, L = batch.input_ids.shape
+    if len(captured) != 1 or tuple(captured[0].shape) != (B, L, head.in_features):
+        return None
+    hidden = captured[0]
+    with torch.no_grad():
+        mine = head(hidden[:, -1:, :]).float()
+        theirs = out.logits[:, -1:, :].float()
+        if mine.shape != theirs.shape or not torch.allclose(
+                mine, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max().clamp(min=1.0))):
+            return None  # the model transforms its head's output (softcap, scale): not plain
+    del out
+    R = batch.targets.shape[1]
+    rows, cols = batch.mask.nonzero(as_tuple=True)
+    pos = batch.gather_pos[rows, cols] + (L - batch.keep)
+    h = hidden[rows, pos]                                         # [N, H] real tokens only
+    targets = batch.targets[rows, cols]
+    dtype = None
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+    rows_per_chunk = chunk_rows or chunk_rows_for(head.out_features)
+    lp, ent = ChunkedHeadLogprobs.apply(h, head.weight, head.bias, targets, rows_per_chunk, dtype,
+                                        with_entropy)
+    logp = lp.new_zeros((B, R)).index_put((rows, cols), lp)
+    ent_full = None
+    if with_entropy:
+        ent_full = ent.new_zeros((B, R)).index_put((rows, cols), ent)
+    return logp, ent_full
+
+
+def _head_logits(h, weight, bias, dtype):
+    """float32 logits of one chunk, computed in ``dtype`` (the autocast dtype) when given."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        if dtype is not None:
+            h, weight = h.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        return F.linear(h, weight, bias).float()
+
+
+def _head_forward(ctx, hidden, weight, bias, targets, chunk, dtype, with_entropy):
+    """log softmax(h W^T + b)[target] per row, and the entropy (no gradient), chunk by chunk."""
+    import torch
+
+    N = hidden.shape[0]
+    dev = hidden.device
+    lp = torch.empty(N, dtype=torch.float32, device=dev)
+    lse = torch.empty(N, dtype=torch.float32, device=dev)
+    ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        logits = _head_logits(hidden[s:e], weight, bias, dtype)
+        lse[s:e] = torch.logsumexp(logits, dim=-1)
+        logits.sub_(lse[s:e].unsqueeze(-1))                      # log-softmax, in place
+        lp[s:e] = logits.gather(1, targets[s:e].unsqueeze(-1)).squeeze(-1)
+        if with_entropy:
+            ent[s:e] = -(logits.exp() * logits).sum(-1)
+        del logits
+    ctx.save_for_backward(hidden, weight, bias, targets, lse)
+    ctx.chunk, ctx.dtype = chunk, dtype
+    ctx.mark_non_differentiable(ent)
+    return lp, ent
+
+
+def _head_backward(ctx, g_lp, g_ent):
+    """Recompute each chunk's logits from the saved hidden states and log-sum-exp;
+    d log p_target / d logits = onehot(target) - softmax."""
+    import torch
+
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    chunk, dtype = ctx.chunk, ctx.dtype
+    cdt = dtype or torch.float32
+    f32 = torch.float32
+    gh = torch.empty_like(hidden) if need_h else None
+    gw = torch.zeros(weight.shape, dtype=f32, device=weight.device) if need_w else None
+    gb = torch.zeros(bias.shape, dtype=f32, device=bias.device) \
+        if need_b and bias is not None else None
+    w = weight.to(cdt) if need_h else None
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        for s in range(0, hidden.shape[0], chunk):
+            e = min(hidden.shape[0], s + chunk)
+            g = g_lp[s:e].float().unsqueeze(-1)
+            grad = _head_logits(hidden[s:e], weight, bias, dtype)
+            grad.sub_(lse[s:e].unsqueeze(-1)).exp_().mul_(-g)
+            grad.scatter_add_(1, targets[s:e].unsqueeze(-1), g)
+            grad = grad.to(cdt)
+            if need_h:
+                gh[s:e] = (grad @ w).to(hidden.dtype)
+            if need_w:
+                gw += (grad.t() @ hidden[s:e].to(cdt)).float()
+            if gb is not None:
+                gb += grad.float().sum(0)
+            del grad
+    return (gh, gw.to(weight.dtype) if gw is not None else None,
+            gb.to(bias.dtype) if gb is not None else None, None, None, None, None)
+
+
+def _chunked_head_logprobs_function():
+    import torch
+
+    class ChunkedHeadLogprobs(torch.autograd.Function):
+        """log softmax(h W^T + b)[target] (and the entropy, without gradient) for N rows,
+        ``chunk`` rows at a time; backward recomputes each chunk's logits from the saved hidden
+        states and log-sum-exp, so no [N, V] tensor outlives its chunk."""
+
+        forward = staticmethod(_head_forward)
+        backward = staticmethod(_head_backward)
+
+    return ChunkedHeadLogprobs
+
+
+class _LazyFunction:
+    """The autograd Function is built on first use (importing this module must not import torch)."""
+
+    _fn = None
+
+    def apply(self, *args):
+        if _LazyFunction._fn is None:
+            _LazyFunction._fn = _chunked_head_logprobs_function()
+        return _LazyFunction._fn.apply(*args)
+
+
+ChunkedHeadLogprobs = _LazyFunction()
 
 
 def sequence_logprobs(model, prompt_ids_list: Sequence, response_ids_list: Sequence,
