@@ -153,13 +153,15 @@ def main(argv: list[str] | None = None) -> None:
     if sys.stdout is None:  # started with stdout closed (`>&-`): say so once, write nothing
         _report("standard output is closed; redirect it or use -o FILE")
         sys.exit(EXIT_USAGE)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     _register_commands()
     try:
         code = _run(argv)
     except Exception as e:  # noqa: BLE001 - every failure is one line and an exit code
         code = _failure(e, debug)
+    finally:  # in-process callers (tests, notebooks) get their own handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     try:
         sys.stdout.flush()
     except BrokenPipeError:
