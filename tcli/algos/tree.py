@@ -112,69 +112,84 @@ def _pack(seqs: Sequence[Sequence[int]], lens: list[int], offsets: Sequence[int]
                 arrays.append(i)
         elif lens[i]:
             lists.append(i)
-    wide = False  # some id needs uint64
-    if arrays:
-        rows = [seqs[i] for i in arrays]
-        if len({a.dtype.kind for a in rows}) > 1:  # int64 + uint64 would promote to float64
-            for a in rows:
-                if a.dtype.kind == "i" and a.min() < 0:
-                    raise ValueError(f"token ids must be non-negative, got {int(a.min())}")
-            rows = [a.astype(np.uint64, copy=False) for a in rows]
-        from_arrays = np.concatenate(rows)
-        lo, hi = from_arrays.min(), int(from_arrays.max())
-        if lo < 0:
-            raise ValueError(f"token ids must be non-negative, got {int(lo)}")
-        if hi >= 2**64 - 1:
-            raise ValueError("token ids must be below 2**64 - 1")
-        wide = hi >= 2**32 - 1
-    if lists:
-        for code, dtype in ((_U32, np.uint32), ("Q", np.uint64)):
-            packed = array.array(code)
-            try:
-                for i in lists:
-                    row = seqs[i]
-                    if type(row) is list:
-                        packed.fromlist(row)
-                    else:
-                        packed.extend(row)
-            except (OverflowError, TypeError) as e:
-                if code == "Q":
-                    raise ValueError(f"token ids must be integers in [0, 2**64 - 1): {e}") from None
-                continue
-            from_lists = np.frombuffer(packed, dtype=dtype)
-            if (from_lists == np.iinfo(dtype).max).any():  # END itself
-                if code == "Q":
-                    raise ValueError("token ids must be below 2**64 - 1")
-                continue
-            wide |= code == "Q"
-            break
-    dtype = np.uint64 if wide else np.uint32
+    from_arrays, wide_a = _array_ids(seqs, arrays)
+    from_lists, wide_l = _list_ids(seqs, lists)
+    dtype = np.uint64 if wide_a or wide_l else np.uint32
     end = int(np.iinfo(dtype).max)
     buf = np.full(shape, end, dtype=dtype)
-    flat = buf.reshape(-1)
-    for rows, src in ((arrays, from_arrays if arrays else None), (lists, from_lists if lists else None)):
-        if not rows:
-            continue
-        if len(rows) <= 64:  # a few rows: copying each is cheapest
-            at = 0
-            for i in rows:
-                n = lens[i]
-                flat[offsets[i] : offsets[i] + n] = src[at : at + n]
-                at += n
-            continue
-        every = len(rows) == len(arrays) + len(lists)
-        if every and len(shape) == 1:
-            flat[:] = src
-            continue
-        lens_a = np.asarray(lens)
-        if len(shape) == 1:
-            mask = np.repeat(np.isin(np.arange(len(seqs)), rows), lens_a)
-        else:
-            mask = np.arange(shape[1]) < lens_a[:, None]
-            if not every:
-                mask &= np.isin(np.arange(len(seqs)), rows)[:, None]
-        buf[mask] = src
+    for rows, src in ((arrays, from_arrays), (lists, from_lists)):
+        if rows:
+            _place(buf, src, rows, seqs, lens, offsets, every=len(rows) == len(arrays) + len(lists))
     return buf, end
+
+
+def _array_ids(seqs, rows: list[int]) -> tuple[np.ndarray | None, bool]:
+    """The numpy rows' ids concatenated and range-checked; True when uint64 keys are needed."""
+    if not rows:
+        return None, False
+    arrs = [seqs[i] for i in rows]
+    if len({a.dtype.kind for a in arrs}) > 1:  # int64 + uint64 would promote to float64
+        for a in arrs:
+            if a.dtype.kind == "i" and a.min() < 0:
+                raise ValueError(f"token ids must be non-negative, got {int(a.min())}")
+        arrs = [a.astype(np.uint64, copy=False) for a in arrs]
+    ids = np.concatenate(arrs)
+    lo, hi = ids.min(), int(ids.max())
+    if lo < 0:
+        raise ValueError(f"token ids must be non-negative, got {int(lo)}")
+    if hi >= 2**64 - 1:
+        raise ValueError("token ids must be below 2**64 - 1")
+    return ids, hi >= 2**32 - 1
+
+
+def _list_ids(seqs, rows: list[int]) -> tuple[np.ndarray | None, bool]:
+    """The list rows' ids through one ``array.array`` (uint32, else uint64)."""
+    if not rows:
+        return None, False
+    for code, dtype in ((_U32, np.uint32), ("Q", np.uint64)):
+        packed = array.array(code)
+        try:
+            for i in rows:
+                row = seqs[i]
+                if type(row) is list:
+                    packed.fromlist(row)
+                else:
+                    packed.extend(row)
+        except (OverflowError, TypeError) as e:
+            if code == "Q":
+                raise ValueError(f"token ids must be integers in [0, 2**64 - 1): {e}") from None
+            continue
+        ids = np.frombuffer(packed, dtype=dtype)
+        if (ids == np.iinfo(dtype).max).any():  # END itself
+            if code == "Q":
+                raise ValueError("token ids must be below 2**64 - 1")
+            continue
+        return ids, code == "Q"
+    raise AssertionError("unreachable")
+
+
+def _place(buf: np.ndarray, src: np.ndarray, rows: list[int], seqs, lens, offsets,
+           every: bool) -> None:
+    """Write the concatenated ids of ``rows`` into their places in ``buf``."""
+    flat = buf.reshape(-1)
+    if len(rows) <= 64:  # a few rows: copying each is cheapest
+        at = 0
+        for i in rows:
+            n = lens[i]
+            flat[offsets[i] : offsets[i] + n] = src[at : at + n]
+            at += n
+        return
+    if every and buf.ndim == 1:
+        flat[:] = src
+        return
+    lens_a = np.asarray(lens)
+    if buf.ndim == 1:
+        mask = np.repeat(np.isin(np.arange(len(seqs)), rows), lens_a)
+    else:
+        mask = np.arange(buf.shape[1]) < lens_a[:, None]
+        if not every:
+            mask &= np.isin(np.arange(len(seqs)), rows)[:, None]
+    buf[mask] = src
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
