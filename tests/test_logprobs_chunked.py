@@ -110,7 +110,7 @@ def test_softcapped_head_falls_back_to_unchunked(model, monkeypatch):
 
 
 def test_chunk_rows_default_bounds_memory():
-    assert chunk_rows_for(49152) == (1 << 26) // 49152
+    assert chunk_rows_for(49152) == (1 << 24) // 49152 == 341
     assert chunk_rows_for(10) == 4096
     assert chunk_rows_for(1 << 40) == 1
 

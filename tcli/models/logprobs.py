@@ -89,9 +89,10 @@ def _accepts_logits_to_keep(model) -> bool:
         return False
 
 
-# Logits elements of one chunk of the LM head (2^26 fp32 = 256 MB): rows = this // vocabulary size,
-# at most MAX_CHUNK_ROWS. Memory beyond one chunk is O(tokens), not O(tokens x vocabulary).
-CHUNK_ELEMENTS = 1 << 26
+# Logits elements of one chunk of the LM head (2^24 fp32 = 64 MB; two such tensors are alive at
+# once): rows = this // vocabulary size (341 for a 49k vocabulary), at most MAX_CHUNK_ROWS.
+# Memory beyond one chunk is O(tokens), not O(tokens x vocabulary).
+CHUNK_ELEMENTS = 1 << 24
 MAX_CHUNK_ROWS = 4096
 
 
@@ -246,7 +247,7 @@ def _head_forward(ctx, hidden, weight, bias, targets, chunk, dtype, with_entropy
         logits.sub_(lse[s:e].unsqueeze(-1))                      # log-softmax, in place
         lp[s:e] = logits.gather(1, targets[s:e].unsqueeze(-1)).squeeze(-1)
         if with_entropy:
-            ent[s:e] = -(logits.exp() * logits).sum(-1)
+            ent[s:e] = -logits.exp().mul_(logits).sum(-1)
         del logits
     ctx.save_for_backward(hidden, weight, bias, targets, lse)
     ctx.chunk, ctx.dtype = chunk, dtype

@@ -24,6 +24,7 @@ from tcli.train.metrics import StepStats
 from tcli.train.samples import TrainSample, as_samples
 
 ADAM_BETAS = (0.9, 0.999)
+_LIBC: list = []
 ADAM_EPS = 1e-8
 
 
@@ -212,6 +213,8 @@ class Trainer:
             sync = k == len(micro) - 1 or not self.dist.enabled
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 self._micro_step(samples, idxs, denom, stats, ref_cache)
+            if self.device.type == "cpu":
+                release_heap()
         self._optimizer_step(stats)
 
     def _micro_step(self, samples: list[TrainSample], idxs: list[int], denom: float,
@@ -286,3 +289,21 @@ class Trainer:
 
             dist.barrier()
         return os.path.abspath(out_dir)
+
+
+def release_heap() -> None:
+    """Give the freed activations of a CPU micro-batch back to the OS (glibc ``malloc_trim``).
+
+    glibc keeps freed blocks below its mmap threshold (up to 32 MB: most activation tensors) in
+    the heap, so without this the next forward, or AdamW allocating its state, stacks on top of
+    the last backward's high-water mark: SmolLM2 at 16384 micro-batch tokens with gradient
+    checkpointing peaked at 4.1 GB instead of 2.7 GB. A no-op where glibc is not the allocator."""
+    if not _LIBC:
+        import ctypes
+
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
