@@ -10,8 +10,6 @@ BOXED = "{prompt}\nLet's think step by step and output the final answer within \
 CHOICE = ("{prompt}\n\n{choices}\n\nThink step by step, then give the letter of the correct option "
           "as <answer>X</answer>.")
 PROMPT_TEMPLATES = {"boxed": BOXED, "choice": CHOICE, "plain": "{prompt}"}
-TEMPLATE_HELP = ("auto (choice when the record has choices, else boxed) | boxed | choice | plain | "
-                 "a string with {prompt} (and optionally {choices})")
 _PLACEHOLDER = re.compile(r"\{(prompt|choices)\}")
 
 

@@ -34,3 +34,20 @@ def run_tcli(args, input: bytes | None = None, timeout: float = 120, env: dict |
 def tcli():
     """The ``run_tcli`` helper as a fixture."""
     return run_tcli
+
+
+def arith_run_dir(tmp_path_factory, name: str, files: dict, **model_kw) -> tuple:
+    """A directory with a tiny arith-alphabet model (``model/``) and prompt files
+    (``files``: file name -> records); returns (dir, model path)."""
+    import orjson
+
+    from examples.arith.task import ALPHABET
+    from tcli.models.tiny import init_tiny_model
+
+    d = tmp_path_factory.mktemp(name)
+    path = str(d / "model")
+    kw = {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 64, **model_kw}
+    init_tiny_model(path, seed=0, alphabet=ALPHABET, **kw)
+    for fname, recs in files.items():
+        (d / fname).write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    return d, path

@@ -168,3 +168,19 @@ def test_no_seed_flag_where_nothing_is_random():
 def test_every_command_has_help():
     for name, cmd in _commands().items():
         assert cmd.help and not re.match(r"^\s*$", cmd.help), name
+
+
+def test_no_function_over_sixty_lines():
+    """Short functions (the architecture issue's rule), across the whole package."""
+    import ast
+
+    from conftest import REPO
+
+    long = []
+    for path in sorted((REPO / "tcli").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long

@@ -14,7 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from examples.arith.task import ALPHABET  # noqa: E402
+from conftest import arith_run_dir  # noqa: E402
 from tcli.engines import ENGINES, Completion  # noqa: E402
 
 N = 4                                   # samples per prompt
@@ -71,15 +71,7 @@ if "scripted" not in ENGINES:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    d = tmp_path_factory.mktemp("inproc")
-    path = str(d / "model")
-    init_tiny_model(path, seed=0, alphabet=ALPHABET, hidden=32, layers=1, heads=2, kv_heads=1,
-                    intermediate=64)
-    with open(d / "prompts.jsonl", "wb") as f:
-        f.writelines(orjson.dumps(p) + b"\n" for p in PROMPTS)
-    return d, path
+    return arith_run_dir(tmp_path_factory, "inproc", {"prompts.jsonl": PROMPTS})
 
 
 def _config(model, run_dir, **flags):

@@ -13,10 +13,10 @@ import time
 import orjson
 import pytest
 
-from conftest import REPO, run_tcli
+from conftest import REPO, arith_run_dir, run_tcli
 
 sys.path.insert(0, str(REPO))
-from examples.arith.task import ALPHABET, make_prompts  # noqa: E402
+from examples.arith.task import make_prompts  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
@@ -39,15 +39,8 @@ def _signal_after(p, sig, ready) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    d = tmp_path_factory.mktemp("rel")
-    path = str(d / "model")
-    init_tiny_model(path, seed=0, alphabet=ALPHABET, hidden=32, layers=1, heads=2, kv_heads=1,
-                    intermediate=64)
-    with open(d / "train.jsonl", "wb") as f:
-        f.writelines(orjson.dumps(r) + b"\n" for r in make_prompts(16, seed=1, split="train"))
-    return d, path
+    return arith_run_dir(tmp_path_factory, "rel",
+                         {"train.jsonl": make_prompts(16, seed=1, split="train")})
 
 
 # ----------------------------------------------------------------------------- interrupts

@@ -27,7 +27,6 @@ Verifier = Callable[[str, str, dict], "tuple[float, dict]"]
 
 VERIFIERS: Registry[Verifier] = Registry("verifier")
 
-TASK_HELP = "auto | math | gsm8k | choice | arith | python:module:function"
 TAIL_CHARS = 16_384        # answers are at the end: never scan more than this much of a response
 MAX_ANSWER_CHARS = 400     # an extracted final answer longer than this is not an answer
 MAX_PARSED_CHARS = 200     # what a verdict echoes back of the parsed answer
