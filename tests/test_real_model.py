@@ -8,7 +8,6 @@ prompts, <= 48 new tokens): the model samples ~250 tokens/s on 2 cores.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import orjson

@@ -9,7 +9,7 @@ Needs the optional packages (``pip install 'tcli[real]'``); the conversion is
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
