@@ -280,7 +280,9 @@ def _head_backward(ctx, g_lp, g_ent):
             grad = grad.to(cdt)
             if need_h:
                 gh[s:e] = (grad @ w).to(hidden.dtype)
-            if need_w:
+            if need_w and cdt == f32:
+                gw.addmm_(grad.t(), hidden[s:e])               # no [V, H] temporary
+            elif need_w:
                 gw += (grad.t() @ hidden[s:e].to(cdt)).float()
             if gb is not None:
                 gb += grad.float().sum(0)
