@@ -177,8 +177,12 @@ class TrainOptions(Options):
     epochs: int = setting(1, "Passes over the rollouts.", check=at_least(1))
     mini_batches: int = setting(1, "Optimizer steps per epoch (the rollouts are split into this "
                                 "many mini-batches).", check=at_least(1))
-    micro_batch_tokens: int = setting(16384, "Padded tokens per forward/backward (gradient "
-                                      "accumulation above that).", check=at_least(1))
+    micro_batch_tokens: int = setting(16384, "Tokens per forward/backward (gradient "
+                                      "accumulation above that): unique packed tokens with "
+                                      "share_prefix, padded tokens without.", check=at_least(1))
+    share_prefix: bool = setting(True, "Run each prompt's responses as one packed prefix tree "
+                                 "(shared prompt and segments computed once, tree attention "
+                                 "mask, no padding); off = one right-padded row per response.")
     max_grad_norm: float = setting(1.0, "Gradient-norm clip (0 = none).", check=finite_at_least(0.0))
     weight_decay: float = setting(0.0, "AdamW weight decay.", check=finite_at_least(0.0))
     bf16: bool = setting(False, "bfloat16 autocast (fp32 master weights).")
