@@ -167,6 +167,7 @@ def test_reimport_replaces_tcli_checkpoint_in_bfloat16(tmp_path):
     (out / "tcli_state.json").write_text('{"step": 3}')
     r = run_tcli(["import-gguf", "--smollm2", out, "--dtype", "bfloat16", "-q"], timeout=600)
     assert r.returncode == 0, r.stderr.decode()
+    assert b"Converting" not in r.stderr and b"it/s" not in r.stderr  # no converter progress bar
     st = read_state(str(out))
     assert st["made_by"] == "import-gguf" and st["dtype"] == "bfloat16" and st["step"] == 0
     cfg = orjson.loads(Path(out, "config.json").read_bytes())

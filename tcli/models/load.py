@@ -12,6 +12,7 @@ torch and transformers are imported inside the functions (importing this module 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 
@@ -270,12 +271,33 @@ def load_gguf_model(path: str, dtype=None):
     quiet_transformers()
     d, name = os.path.split(os.path.abspath(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch_dtype(dtype),
-                                                     local_files_only=True)
+        with _no_gguf_progress_bar():
+            model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name,
+                                                         dtype=torch_dtype(dtype),
+                                                         local_files_only=True)
     except Exception as e:  # noqa: BLE001 - narrowed by _gguf_error
         raise _gguf_error(path, "weights", e) from None
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar():
+    """transformers' GGUF converter draws a plain tqdm bar that the hub switches do not reach;
+    stderr is for tcli's own logs, so the bar is turned off while the file converts."""
+    try:
+        import functools
+
+        from transformers import modeling_gguf_pytorch_utils as conv
+        bar = conv.tqdm
+    except (ImportError, AttributeError):
+        yield
+        return
+    conv.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        conv.tqdm = bar
 
 
 def load_gguf_tokenizer(path: str):
