@@ -71,12 +71,13 @@ def _run(engine, prompts=PROMPTS, cfg=None, template="auto", chunk_size=16, nati
     return list(sample_records(engine, prompts, opts, seed=cfg.seed, native=native))
 
 
-def _teacher_forced(engine, rec):
-    """Log-probs and logits of the response tokens from one full forward pass (no cache, no batch)."""
+def _teacher_forced(engine, rec, temperature=1.0):
+    """log_softmax(logits / T) and logits of the response tokens from one full forward pass (no
+    cache, no batch)."""
     p, t = rec["prompt_token_ids"], rec["token_ids"]
     with torch.inference_mode():
         logits = engine.model(input_ids=torch.tensor([p + t])).logits[0].float()
-    lp = torch.log_softmax(logits, -1)
+    lp = torch.log_softmax(logits / temperature, -1)
     rows = torch.arange(len(p) - 1, len(p) - 1 + len(t))
     return lp[rows, torch.tensor(t)], logits[rows]
 
@@ -193,7 +194,8 @@ def test_logprobs_match_teacher_forcing(request, mode, which):
     recs = _run(engine, mode=mode, n=3, width=2, depth=2, segment_tokens=4, cfg=cfg,
                 template="plain", chunk_size=3)
     for r in recs:
-        ref, _ = _teacher_forced(engine, r)
+        assert r["temperature"] == 0.8 and r["top_p"] == 0.9
+        ref, _ = _teacher_forced(engine, r, 0.8)
         got = torch.tensor(r["logprobs"])
         assert torch.allclose(got, ref, atol=1e-4, rtol=0), (r["node_path"], (got - ref).abs().max())
 

@@ -130,9 +130,14 @@ def test_seed_determinism(engine):
     assert ids(c) != ids(a)
 
 
-@pytest.mark.parametrize("temperature,top_p,min_new", [(1.0, 1.0, 0), (0.7, 0.8, 4), (0.0, 1.0, 0)])
+@pytest.mark.parametrize("temperature,top_p,min_new", [(1.0, 1.0, 0), (1.0, 0.8, 4), (0.0, 1.0, 0)])
 def test_logprobs_match_teacher_forced_hf(engine, models, temperature, top_p, min_new):
-    """Raw-logit log-probs (temperature 1, before top-p / min-tokens masking), like train-step."""
+    """log_softmax(logits / T) with T = 1 (greedy counts as 1), before top-p / min-tokens masking,
+    like train-step. The engine was opened for T = 1 (raw_logprobs): another T is refused."""
+    from tcli.errors import UsageError
+
+    with pytest.raises(UsageError, match="temperature 0.7"):
+        engine.generate(PROMPTS, 2, SamplingConfig(temperature=0.7, max_new_tokens=4))
     long_prompt = [3 + (i * 7) % 20 for i in range(LONG)]
     prompts = PROMPTS + [long_prompt]
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=20,

@@ -31,7 +31,8 @@ def _hf(model: str, opts: "SampleOptions", *, seed: int = 0, trainer=None) -> En
 def _vllm(model: str, opts: "SampleOptions", *, seed: int = 0, trainer=None) -> Engine:
     from tcli.engines.vllm_engine import VLLMEngine
 
-    return VLLMEngine(model, seed=seed, **({"dtype": opts.dtype} if opts.dtype else {}))
+    return VLLMEngine(model, seed=seed, sampling=opts.engine_config(seed),
+                      **({"dtype": opts.dtype} if opts.dtype else {}))
 
 
 def open_engine(model: str, opts: "SampleOptions", *, seed: int = 0, trainer=None) -> Engine:

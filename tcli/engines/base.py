@@ -30,10 +30,16 @@ class SamplingConfig:
     seed: int = 0
 
 
+def logprob_temperature(temperature: float) -> float:
+    """The T of the recorded log-probs, log_softmax(logits / T): the sampling temperature, or 1
+    for greedy decoding (T = 0), whose 'distribution' has no useful log-probs of its own."""
+    return float(temperature) if temperature > 0 else 1.0
+
+
 @dataclass
 class Completion:
     token_ids: list[int]
-    logprobs: list[float]        # log-prob of each generated token under the sampling policy
+    logprobs: list[float]        # log_softmax(logits / T) of each token, before top-p (see above)
     finish_reason: str           # "stop" (EOS) or "length"
 
 

@@ -1,7 +1,8 @@
 """The ``hf`` engine: a transformers causal LM driven by our own sampling loop over a KV cache.
 
-Why not ``model.generate``: we need the behaviour log-probs of the raw logits (the project's
-convention, so train-step can recompute them), a random stream per sample that does not depend on
+Why not ``model.generate``: we need the behaviour log-probs of the tempered logits,
+log-softmax(logits / T) before top-p (the project's convention, as in verl and TRL, so train-step
+can recompute them), a random stream per sample that does not depend on
 how samples were batched, and tree sampling that forks a node's KV cache to its children instead of
 re-encoding the shared prefix.
 
@@ -21,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tcli.engines.base import Completion, SamplingConfig
+from tcli.engines.base import Completion, SamplingConfig, logprob_temperature
 from tcli.stages.sample import TreeLeaf
 
 _MASK64 = (1 << 64) - 1
@@ -319,10 +320,11 @@ class HFEngine:
         st.mask = st.mask[:, k:]
 
     def _sample(self, logits, keys: np.ndarray, step: int, cfg: SamplingConfig):
-        """Next token per row and its log-prob under the raw logits (temperature 1, no top-p)."""
+        """Next token per row and its behaviour log-prob: log-softmax of logits / T (T = 1 when
+        greedy), before top-p and the min-tokens EOS mask, as train-step recomputes it."""
         import torch
 
-        logp = torch.log_softmax(logits, dim=-1)
+        logp = torch.log_softmax(logits / logprob_temperature(cfg.temperature), dim=-1)
         scores = logits
         if step < cfg.min_new_tokens and len(self.eos_token_ids):
             scores = logits.clone()

@@ -2,9 +2,13 @@
 
 Why these choices:
 
-- Log-probs use vLLM's ``logprobs_mode="raw_logprobs"``: log-softmax of the raw logits (before
-  temperature, top-p and the min-tokens EOS mask), which is the project convention, so train-step
-  recomputes them exactly with a teacher-forced forward pass.
+- Log-probs follow the project convention, log_softmax(logits / T) before top-p (T = 1 when
+  greedy), so train-step recomputes them with a teacher-forced pass. vLLM fixes its
+  ``logprobs_mode`` per engine: ``raw_logprobs`` (before temperature) is that quantity when T is 1
+  or 0; ``processed_logprobs`` is it for any other T only while top-p is off and no EOS is masked
+  (vLLM takes them after top-p renormalisation and the min-tokens mask). The engine picks the mode
+  from the sampling settings it is opened with and refuses a call whose log-probs it cannot give
+  exactly (:func:`logprobs_mode`).
 - ``dtype`` "auto" means float32 here (like the ``hf`` engine and the trainer); vLLM's own "auto"
   would silently downcast a float32 checkpoint to 16 bits and the log-probs would no longer match.
 - Randomness: every prompt gets its own request seed, a hash of (seed, prompt token ids); vLLM gives
@@ -51,6 +55,19 @@ def request_seed(seed: int, token_ids: Sequence[int]) -> int:
     for t in token_ids:
         h.update(int(t).to_bytes(8, "little", signed=True))
     return int.from_bytes(h.digest(), "little") & _SEED_MASK
+
+
+def logprobs_mode(cfg: SamplingConfig) -> str:
+    """The vLLM ``logprobs_mode`` whose values are log_softmax(logits / T) for ``cfg``; a
+    UsageError for settings where neither mode gives them."""
+    if cfg.temperature <= 0 or cfg.temperature == 1:
+        return "raw_logprobs"
+    if cfg.top_p < 1 or cfg.min_new_tokens > 0:
+        raise UsageError(
+            f"the vllm engine cannot record log-probs at temperature {cfg.temperature} with "
+            f"top_p {cfg.top_p} or min_new_tokens {cfg.min_new_tokens} (vLLM renormalises them "
+            "after top-p and the EOS mask); use top_p 1 and min_new_tokens 0, or the hf engine")
+    return "processed_logprobs"
 
 
 def _cpu_list() -> str:
@@ -162,7 +179,8 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  tensor_parallel_size: int = 1, enforce_eager: bool | None = None,
                  policy_version: int | None = None, kv_cache_memory_bytes: int | None = None,
-                 **kw):
+                 sampling: SamplingConfig | None = None, **kw):
+        """``sampling``: the settings the engine will sample with (picks the log-prob mode)."""
         import torch
 
         if dtype not in _DTYPES:
@@ -180,7 +198,8 @@ class VLLMEngine:
         if max_model_len is not None:
             kw["max_model_len"] = int(max_model_len)
         kw.setdefault("enable_prefix_caching", True)
-        kw.setdefault("logprobs_mode", "raw_logprobs")
+        kw.setdefault("logprobs_mode", logprobs_mode(sampling or SamplingConfig()))
+        self.logprobs_mode = kw["logprobs_mode"]
         kw.setdefault("worker_extension_cls", f"{__name__}.TcliWorkerExtension")
         self.seed = int(seed)
         self.model_path = model
@@ -211,12 +230,15 @@ class VLLMEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, cfg: SamplingConfig
                  ) -> list[list[Completion]]:
-        """n completions per token-id prompt, in order, with raw-logit log-probs of every token."""
+        """n completions per token-id prompt, in order, with log_softmax(logits / T) of every token."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if not prompts:
             return []
         greedy = cfg.temperature <= 0  # vLLM refuses n > 1 when greedy: sample once, copy n times
+        if not greedy and logprobs_mode(cfg) != self.logprobs_mode:  # greedy is right in both
+            raise UsageError(f"this vllm engine records {self.logprobs_mode} and cannot sample at "
+                             f"temperature {cfg.temperature}; open it with these settings")
         reqs, params = [], []
         for i, p in enumerate(prompts):
             ids = [int(t) for t in p]

@@ -6,8 +6,10 @@ submitting each frontier node's prefix (prompt + tokens so far) as a token promp
 an engine with a native ``sample_tree`` (the ``hf`` engine forks KV caches) is used directly.
 
 Token conventions: ``token_ids`` keep the EOS token when ``finish_reason == "stop"`` (so the policy
-learns to stop) and never contain padding; ``logprobs`` are log-softmax of the raw logits
-(temperature 1, before top-p) of exactly those tokens.
+learns to stop) and never contain padding; ``logprobs`` are log_softmax(logits / T) of exactly those
+tokens at the sampling temperature T, before top-p renormalisation (as verl and TRL compute them;
+greedy decoding records T = 1). Every record carries that ``temperature`` and the ``top_p`` it was
+sampled with, so train-step recomputes the same distribution.
 
 Randomness: each engine call gets the seed of ``cfg``; the ``hf`` engine derives every sample's
 random stream from (seed, prompt tokens, sample/node index), so results do not depend on batching.
@@ -22,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Sequence
 
 from tcli import SCHEMA
-from tcli.engines.base import SamplingConfig
+from tcli.engines.base import SamplingConfig, logprob_temperature
 from tcli.io import SeenKeys
 from tcli.errors import DataError
 from tcli.prompts import (check_prompt_record, encode_prompt, map_fields, prompt_messages,
@@ -82,7 +84,7 @@ def sample_tree_generic(engine, prompts: Sequence[Sequence[int]], width: int, de
 # ----------------------------------------------------------------------------- records
 
 def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: TreeLeaf,
-             tree: bool, template: str) -> dict:
+             tree: bool, template: str, cfg: SamplingConfig) -> dict:
     out = {k: v for k, v in rec.items() if k != "id"}  # unknown prompt fields travel along
     out.update({
         "schema": SCHEMA,
@@ -96,6 +98,8 @@ def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: Tre
         "node_path": list(leaf.node_path) if tree else [],
         "segment_ends": list(leaf.segment_ends) if tree else [],
         "finish_reason": leaf.finish_reason,
+        "temperature": logprob_temperature(cfg.temperature),
+        "top_p": float(cfg.top_p),
         "prompt_template": template_name(rec, template),
         "policy_version": int(getattr(engine, "policy_version", 0) or 0),
         "model": str(getattr(engine, "model_path", "")),
@@ -166,7 +170,7 @@ def sample_records(engine, prompt_records: Iterable[dict], opts, *, seed: int = 
         trees = _sample_chunk(engine, ids, opts, cfg, native)
         for rec, ptoks, leaves in zip(recs, ids, trees):
             group = [_rollout(rec, engine, ptoks, j, leaf, opts.mode == "tree",
-                              opts.prompt_template) for j, leaf in enumerate(leaves)]
+                              opts.prompt_template, cfg) for j, leaf in enumerate(leaves)]
             if on_group is not None:
                 on_group(group)
             yield from group
