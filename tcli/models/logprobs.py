@@ -1,7 +1,8 @@
 """Teacher-forced log-probs of response tokens: the one place that turns (prompt, response) into
 per-token log pi(token | prefix), shared by train-step (with gradients) and checks of sampled logprobs.
 
-Convention (project-wide): log-softmax of the model's RAW logits (temperature 1, no top-p), in
+Convention (project-wide): log-softmax of the model's logits divided by the sampling temperature T
+(``temperature``, default 1: the raw logits; never top-p renormalised, as verl and TRL do), in
 float32. Sequences are right-padded, so with causal attention no real token ever sees a pad and no
 attention mask is needed (the fast ``is_causal`` attention path stays available, and the padded
 batch gives the same numbers as one sequence at a time up to float rounding).
@@ -101,9 +102,10 @@ def chunk_rows_for(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int
 
 
 def batch_logprobs(model, batch: PaddedBatch, *, with_entropy: bool = False,
-                   chunked: bool = True, chunk_rows: int | None = None):
+                   chunked: bool = True, chunk_rows: int | None = None, temperature: float = 1.0):
     """Log-probs [B, R] (float32, zero where ``mask`` is False) of a padded batch, and the
-    per-token entropy of the full distribution when asked (computed without gradient).
+    per-token entropy of the full distribution when asked (computed without gradient), both of
+    softmax(logits / ``temperature``) (T = 1 computes exactly what it did before T existed).
 
     Runs in the caller's grad mode: train-step calls it with gradients on.
 
@@ -117,13 +119,14 @@ def batch_logprobs(model, batch: PaddedBatch, *, with_entropy: bool = False,
     and gradients equal the unchunked path's to float rounding.
     """
     if chunked:
-        out = _chunked_logprobs(model, batch, with_entropy, chunk_rows)
+        out = _chunked_logprobs(model, batch, with_entropy, chunk_rows, temperature)
         if out is not None:
             return out
-    return full_batch_logprobs(model, batch, with_entropy=with_entropy)
+    return full_batch_logprobs(model, batch, with_entropy=with_entropy, temperature=temperature)
 
 
-def full_batch_logprobs(model, batch: PaddedBatch, *, with_entropy: bool = False):
+def full_batch_logprobs(model, batch: PaddedBatch, *, with_entropy: bool = False,
+                        temperature: float = 1.0):
     """The unchunked path: [B, R, V] logits, log-softmax and gather (the reference for tests)."""
     import torch
 
@@ -140,6 +143,8 @@ def full_batch_logprobs(model, batch: PaddedBatch, *, with_entropy: bool = False
     B, R = batch.targets.shape
     idx = batch.gather_pos.unsqueeze(-1).expand(B, R, logits.shape[-1])
     picked = torch.gather(logits, 1, idx).float()            # [B, R, V] logits scoring targets
+    if temperature != 1.0:
+        picked = picked / temperature
     logp_all = torch.log_softmax(picked, dim=-1)
     logp = torch.gather(logp_all, -1, batch.targets.unsqueeze(-1)).squeeze(-1)
     logp = logp.masked_fill(~batch.mask, 0.0)
@@ -167,8 +172,12 @@ def _plain_head(core):
     return head, decoder
 
 
-def _chunked_logprobs(model, batch: PaddedBatch, with_entropy: bool, chunk_rows: int | None):
-    """The chunked path, or None when the model does not have a plain head (caller falls back)."""
+def final_hidden(model, **forward_kwargs):
+    """(final hidden states [B, L, H], LM head) of one forward through ``model`` (the DDP
+    wrapper, if any, so data parallelism sees a normal forward), or None when the model does not
+    have a plain linear head: only the last position's logits are computed there, and they are
+    checked against the head applied to the captured hidden states (softcapped or scaled heads
+    fall back)."""
     import torch
 
     core = getattr(model, "module", model)
@@ -184,12 +193,10 @@ def _chunked_logprobs(model, batch: PaddedBatch, with_entropy: bool, chunk_rows:
 
     handle = decoder.register_forward_hook(grab)
     try:
-        # through the (DDP) wrapper, so data parallelism sees a normal forward; only the last
-        # position's logits are computed there, and they check the head below
-        out = model(input_ids=batch.input_ids, use_cache=False, logits_to_keep=1)
+        out = model(use_cache=False, logits_to_keep=1, **forward_kwargs)
     finally:
         handle.remove()
-    B, L = batch.input_ids.shape
+    B, L = forward_kwargs["input_ids"].shape
     if len(captured) != 1 or tuple(captured[0].shape) != (B, L, head.in_features):
         return None
     hidden = captured[0]
@@ -199,19 +206,38 @@ def _chunked_logprobs(model, batch: PaddedBatch, with_entropy: bool, chunk_rows:
         if mine.shape != theirs.shape or not torch.allclose(
                 mine, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max().clamp(min=1.0))):
             return None  # the model transforms its head's output (softcap, scale): not plain
-    del out
-    R = batch.targets.shape[1]
-    rows, cols = batch.mask.nonzero(as_tuple=True)
-    pos = batch.gather_pos[rows, cols] + (L - batch.keep)
-    h = hidden[rows, pos]                                         # [N, H] real tokens only
-    targets = batch.targets[rows, cols]
+    return hidden, head
+
+
+def head_logprobs(h, head, targets, *, with_entropy: bool, temperature: float = 1.0,
+                  chunk_rows: int | None = None):
+    """log softmax(head(h) / T)[target] per row of h [N, H] (and the entropy, no gradient)
+    through :class:`ChunkedHeadLogprobs`: memory O(N) beyond one chunk."""
+    import torch
+
     dtype = None
     dev = h.device.type
     if torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
     rows_per_chunk = chunk_rows or chunk_rows_for(head.out_features)
-    lp, ent = ChunkedHeadLogprobs.apply(h, head.weight, head.bias, targets, rows_per_chunk, dtype,
-                                        with_entropy)
+    return ChunkedHeadLogprobs.apply(h, head.weight, head.bias, targets, rows_per_chunk, dtype,
+                                     with_entropy, 1.0 / float(temperature))
+
+
+def _chunked_logprobs(model, batch: PaddedBatch, with_entropy: bool, chunk_rows: int | None,
+                      temperature: float = 1.0):
+    """The chunked path, or None when the model does not have a plain head (caller falls back)."""
+    found = final_hidden(model, input_ids=batch.input_ids)
+    if found is None:
+        return None
+    hidden, head = found
+    B, L = batch.input_ids.shape
+    R = batch.targets.shape[1]
+    rows, cols = batch.mask.nonzero(as_tuple=True)
+    pos = batch.gather_pos[rows, cols] + (L - batch.keep)
+    lp, ent = head_logprobs(hidden[rows, pos], head, batch.targets[rows, cols],
+                            with_entropy=with_entropy, temperature=temperature,
+                            chunk_rows=chunk_rows)
     logp = lp.new_zeros((B, R)).index_put((rows, cols), lp)
     ent_full = None
     if with_entropy:
@@ -219,8 +245,9 @@ def _chunked_logprobs(model, batch: PaddedBatch, with_entropy: bool, chunk_rows:
     return logp, ent_full
 
 
-def _head_logits(h, weight, bias, dtype):
-    """float32 logits of one chunk, computed in ``dtype`` (the autocast dtype) when given."""
+def _head_logits(h, weight, bias, dtype, inv_t: float = 1.0):
+    """float32 logits of one chunk, computed in ``dtype`` (the autocast dtype) when given, and
+    multiplied by 1 / temperature unless that is 1."""
     import torch
     import torch.nn.functional as F
 
@@ -228,11 +255,13 @@ def _head_logits(h, weight, bias, dtype):
         if dtype is not None:
             h, weight = h.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        return F.linear(h, weight, bias).float()
+        logits = F.linear(h, weight, bias).float()
+    return logits if inv_t == 1.0 else logits.mul_(inv_t)
 
 
-def _head_forward(ctx, hidden, weight, bias, targets, chunk, dtype, with_entropy):
-    """log softmax(h W^T + b)[target] per row, and the entropy (no gradient), chunk by chunk."""
+def _head_forward(ctx, hidden, weight, bias, targets, chunk, dtype, with_entropy, inv_t=1.0):
+    """log softmax((h W^T + b) / T)[target] per row, and the entropy (no gradient), chunk by
+    chunk."""
     import torch
 
     N = hidden.shape[0]
@@ -242,7 +271,7 @@ def _head_forward(ctx, hidden, weight, bias, targets, chunk, dtype, with_entropy
     ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
-        logits = _head_logits(hidden[s:e], weight, bias, dtype)
+        logits = _head_logits(hidden[s:e], weight, bias, dtype, inv_t)
         lse[s:e] = torch.logsumexp(logits, dim=-1)
         logits.sub_(lse[s:e].unsqueeze(-1))                      # log-softmax, in place
         lp[s:e] = logits.gather(1, targets[s:e].unsqueeze(-1)).squeeze(-1)
@@ -250,19 +279,19 @@ def _head_forward(ctx, hidden, weight, bias, targets, chunk, dtype, with_entropy
             ent[s:e] = -logits.exp().mul_(logits).sum(-1)
         del logits
     ctx.save_for_backward(hidden, weight, bias, targets, lse)
-    ctx.chunk, ctx.dtype = chunk, dtype
+    ctx.chunk, ctx.dtype, ctx.inv_t = chunk, dtype, inv_t
     ctx.mark_non_differentiable(ent)
     return lp, ent
 
 
 def _head_backward(ctx, g_lp, g_ent):
     """Recompute each chunk's logits from the saved hidden states and log-sum-exp;
-    d log p_target / d logits = onehot(target) - softmax."""
+    d log p_target / d logits = (onehot(target) - softmax) / T."""
     import torch
 
     hidden, weight, bias, targets, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    chunk, dtype = ctx.chunk, ctx.dtype
+    chunk, dtype, inv_t = ctx.chunk, ctx.dtype, ctx.inv_t
     cdt = dtype or torch.float32
     f32 = torch.float32
     gh = torch.empty_like(hidden) if need_h else None
@@ -274,7 +303,9 @@ def _head_backward(ctx, g_lp, g_ent):
         for s in range(0, hidden.shape[0], chunk):
             e = min(hidden.shape[0], s + chunk)
             g = g_lp[s:e].float().unsqueeze(-1)
-            grad = _head_logits(hidden[s:e], weight, bias, dtype)
+            if inv_t != 1.0:
+                g = g * inv_t
+            grad = _head_logits(hidden[s:e], weight, bias, dtype, inv_t)
             grad.sub_(lse[s:e].unsqueeze(-1)).exp_().mul_(-g)
             grad.scatter_add_(1, targets[s:e].unsqueeze(-1), g)
             grad = grad.to(cdt)
@@ -288,7 +319,7 @@ def _head_backward(ctx, g_lp, g_ent):
                 gb += grad.float().sum(0)
             del grad
     return (gh, gw.to(weight.dtype) if gw is not None else None,
-            gb.to(bias.dtype) if gb is not None else None, None, None, None, None)
+            gb.to(bias.dtype) if gb is not None else None, None, None, None, None, None)
 
 
 def _chunked_head_logprobs_function():
@@ -321,7 +352,7 @@ ChunkedHeadLogprobs = _LazyFunction()
 
 def sequence_logprobs(model, prompt_ids_list: Sequence, response_ids_list: Sequence,
                       micro_batch_tokens: int = 8192, *, with_entropy: bool = False,
-                      grad: bool = False, pad_id: int | None = None):
+                      grad: bool = False, pad_id: int | None = None, temperature: float = 1.0):
     """Per-token log pi(response_t | prompt, response_<t) for every (prompt, response) pair.
 
     Returns a list of 1-D float32 tensors (one per pair, length = len(response), on the CPU unless
@@ -351,7 +382,8 @@ def sequence_logprobs(model, prompt_ids_list: Sequence, response_ids_list: Seque
         for idxs in pack_micro_batches(lengths, micro_batch_tokens):
             batch = make_batch([prompt_ids_list[i] for i in idxs],
                                [response_ids_list[i] for i in idxs], device, pad_id)
-            logp, ent = batch_logprobs(model, batch, with_entropy=with_entropy)
+            logp, ent = batch_logprobs(model, batch, with_entropy=with_entropy,
+                                       temperature=temperature)
             for row, i in enumerate(idxs):
                 T = batch.resp_lens[row]
                 v = logp[row, :T]

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 SUMS = ("loss", "pg_loss", "kl", "clipped", "dual_clipped", "entropy", "approx_kl", "tokens",
-        "seqs")
+        "seqs", "model_tokens", "real_tokens")
 
 
 @dataclass
@@ -28,6 +28,8 @@ class StepStats:
     approx_kl: float = 0.0
     tokens: float = 0.0
     seqs: float = 0.0
+    model_tokens: float = 0.0     # positions the model ran over (padding included)
+    real_tokens: float = 0.0      # of those, real (unique, when prefix-shared) tokens
     grad_norms: list[float] = field(default_factory=list)
     optimizer_steps: int = 0      # optimizer steps attempted (one per non-empty mini-batch)
     skipped: int = 0              # of those, skipped for a non-finite gradient norm
@@ -65,6 +67,9 @@ class StepStats:
             "lr": lr,
             "num_tokens": int(round(self.tokens / epochs)),
             "num_sequences": int(round(self.seqs / epochs)),
+            "model_tokens": int(round(self.model_tokens / epochs)),
+            "padding_share": 1.0 - self.real_tokens / self.model_tokens if self.model_tokens
+            else 0.0,
             "optimizer_steps": self.optimizer_steps - self.skipped,
             "skipped_steps": self.skipped,
             "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0,

@@ -2,12 +2,20 @@
 
 No torch here: the command validates every record before any weights load, so bad input fails
 in a fraction of a second with the file, line and field.
+
+``temperature`` is the sampling temperature T the record's ``logprobs`` were computed at
+(log-softmax of logits / T); train-step recomputes its log-probs at the same T. A record without
+it is T = 1 (older records); T = 0 (greedy) is read as 1 (a greedy sample has no tempered
+distribution; the sampler records raw log-probs for it). One batch has one T: mixed values are a
+data error naming the first record that differs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterable, Sequence
+
+import math
 
 import numpy as np
 
@@ -26,6 +34,7 @@ class TrainSample:
     old_logp: np.ndarray     # float32, behaviour policy
     adv: np.ndarray          # float32
     line: int = 0
+    temperature: float = 1.0  # sampling temperature of old_logp (0 is read as 1)
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.tokens)
@@ -41,10 +50,34 @@ def sample_from_record(rec: dict, vocab_size: int | None = None) -> TrainSample:
     if len(logp) and logp.max() > LOGPROB_TOLERANCE:
         raise DataError(f"log-probs must be <= 0, got {logp.max():.6g}", field="logprobs")
     adv = float_array(rec, "advantages", len(tokens))
-    sample = TrainSample(prompt, tokens, logp.astype(np.float32), adv.astype(np.float32))
+    sample = TrainSample(prompt, tokens, logp.astype(np.float32), adv.astype(np.float32),
+                         temperature=record_temperature(rec))
     if vocab_size is not None:
         check_vocab(sample, vocab_size)
     return sample
+
+
+def record_temperature(rec: dict) -> float:
+    """The record's sampling temperature: absent -> 1.0, 0 (greedy) -> 1.0."""
+    v = rec.get("temperature")
+    if v is None:
+        return 1.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise DataError(f"must be a finite number >= 0, got {v!r}", field="temperature")
+    return float(v) if v > 0 else 1.0
+
+
+def batch_temperature(samples: Sequence[TrainSample]) -> float:
+    """The one sampling temperature of a batch; DataError at the first sample that differs."""
+    if not samples:
+        return 1.0
+    t0 = samples[0].temperature
+    for s in samples:
+        if s.temperature != t0:
+            raise DataError(f"sampling temperature {s.temperature:g} differs from {t0:g} (line "
+                            f"{samples[0].line or 1}); one batch must have one temperature",
+                            line=s.line or None, field="temperature")
+    return t0
 
 
 def check_vocab(sample: TrainSample, vocab_size: int) -> None:
@@ -66,6 +99,10 @@ def samples_from_records(records: Iterable, source: str = "<records>",
         except DataError as e:
             raise e.located(source, line) from None
         s.line = line
+        if out and s.temperature != out[0].temperature:
+            raise DataError(f"sampling temperature {s.temperature:g} differs from "
+                            f"{out[0].temperature:g} (line {out[0].line}); one batch must have "
+                            "one temperature", field="temperature").located(source, line)
         out.append(s)
     return out
 
@@ -79,4 +116,5 @@ def as_samples(items: Sequence, vocab_size: int) -> list[TrainSample]:
         samples = items
     else:
         samples = samples_from_records(items, vocab_size=vocab_size)
+    batch_temperature(samples)
     return [s for s in samples if len(s.tokens) > 0]  # nothing to learn from empty responses

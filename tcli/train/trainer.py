@@ -5,7 +5,12 @@ Data parallelism: under ``torchrun`` every rank holds the same sample list and t
 deterministic, token-balanced shard of each mini-batch; the loss numerator is divided by the
 GLOBAL denominator (token or sequence count, all-reduced before the first backward) and scaled by
 the world size, so DDP's gradient averaging yields exactly the 1-process gradient. Micro-batches
-(by a padded-token budget) accumulate gradients under ``no_sync`` and only the last one syncs.
+accumulate gradients under ``no_sync`` and only the last one syncs.
+
+Layout (:mod:`tcli.train.batching`): with ``share_prefix`` each prompt's responses run as one
+packed prefix tree (unique tokens once, no padding; whole trees go to one rank), else one
+right-padded row per response. Log-probs and entropies are of softmax(logits / T), T the records'
+sampling temperature (:func:`tcli.train.samples.batch_temperature`).
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import numpy as np
 
 from tcli.config.stages import TrainOptions
 from tcli.errors import TcliError, UsageError
-from tcli.train.dist import DistInfo, init_distributed, resolve_device, shard_balanced
+from tcli.train.dist import DistInfo, init_distributed, resolve_device
 from tcli.train.metrics import StepStats
-from tcli.train.samples import TrainSample, as_samples
+from tcli.train.samples import TrainSample, as_samples, batch_temperature
 
 ADAM_BETAS = (0.9, 0.999)
 _LIBC: list = []
@@ -41,6 +46,7 @@ class Trainer:
 
         from tcli.models.checkpoint import read_counters
         from tcli.models.load import load_tokenizer
+        from tcli.train.batching import LAYOUTS, layout_name
         from tcli.train.loss import KL_ESTIMATORS, LOSS_AGGREGATIONS
 
         self.opts = opts = opts if opts is not None else TrainOptions()
@@ -49,6 +55,8 @@ class Trainer:
         self.dist = dist_info or init_distributed(opts.device)
         self.device = resolve_device(opts.device, self.dist.local_rank)
         self.agg = LOSS_AGGREGATIONS.get(opts.loss_agg)
+        self.layout = LAYOUTS.get(layout_name(opts.share_prefix))
+        self.temperature = 1.0
         self.kl_fn = KL_ESTIMATORS.get(opts.kl_estimator)
         torch.manual_seed(self.seed)
         counters = read_counters(model_dir)
@@ -144,19 +152,18 @@ class Trainer:
         dist.all_reduce(t)
         return t.tolist()
 
-    def _ref_logp(self, samples, idxs, batch, cache: dict):
+    def _ref_logp(self, samples, micro, mask, cache: dict):
         """Reference log-probs of a micro-batch, computed once per sample across epochs."""
         import torch
 
-        from tcli.models.logprobs import batch_logprobs
-
-        if any(i not in cache for i in idxs):
-            with torch.no_grad(), self._autocast():
-                lp, _ = batch_logprobs(self.ref_model, batch)
-            for row, i in enumerate(idxs):
+        if any(i not in cache for i in micro.idxs):
+            with torch.no_grad(), self._autocast(), micro.attention(self.ref_model):
+                lp, _, _ = micro.logprobs(self.ref_model, samples, self.device, pad_id=self.pad_id,
+                                          temperature=self.temperature, with_entropy=False)
+            for row, i in enumerate(micro.idxs):
                 cache[i] = lp[row, :len(samples[i].tokens)].float()
-        out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)
-        for row, i in enumerate(idxs):
+        out = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+        for row, i in enumerate(micro.idxs):
             out[row, :len(cache[i])] = cache[i]
         return out
 
@@ -174,6 +181,7 @@ class Trainer:
         """epochs x mini_batches optimizer steps on ``records`` (dicts or TrainSamples, the same
         list on every rank); returns one metrics dict (global over ranks)."""
         samples = as_samples(records, self.vocab_size)
+        self.temperature = batch_temperature(samples)
         stats = StepStats()
         ref_cache: dict = {}
         t0 = time.perf_counter()
@@ -195,46 +203,49 @@ class Trainer:
     def _mini_batch(self, samples: list[TrainSample], mb: list[int], stats: StepStats,
                     ref_cache: dict) -> None:
         """This rank's shard of one mini-batch: accumulate gradients, then one optimizer step."""
-        from tcli.models.logprobs import pack_micro_batches
-
-        mine = [mb[j] for j in shard_balanced([len(samples[i]) for i in mb],
-                                              self.dist.world_size, self.dist.rank)]
+        micro = self.layout(samples, mb, self.opts.micro_batch_tokens, self.dist.world_size,
+                            self.dist.rank)
+        mine = [i for m in micro for i in m.idxs]
         # global denominator first: every micro-batch divides by the same number
         g_tok, g_seq = self._allreduce([float(sum(len(samples[i].tokens) for i in mine)),
                                         float(len(mine))])
         denom = g_tok if self.agg.by_tokens else g_seq
         if denom <= 0:
             return  # an empty mini-batch on every rank: no optimizer step
-        micro = [[mine[j] for j in m] for m in
-                 pack_micro_batches([len(samples[i]) for i in mine], self.opts.micro_batch_tokens)]
         if not micro:
             self._dummy_backward()
-        for k, idxs in enumerate(micro):
+        for k, m in enumerate(micro):
             sync = k == len(micro) - 1 or not self.dist.enabled
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                self._micro_step(samples, idxs, denom, stats, ref_cache)
+                self._micro_step(samples, m, denom, stats, ref_cache)
             if self.device.type == "cpu":
                 release_heap()
         self._optimizer_step(stats)
 
-    def _micro_step(self, samples: list[TrainSample], idxs: list[int], denom: float,
-                    stats: StepStats, ref_cache: dict) -> None:
+    def _micro_step(self, samples: list[TrainSample], micro, denom: float, stats: StepStats,
+                    ref_cache: dict) -> None:
         """Forward + backward of one micro-batch (loss numerator / global denominator)."""
+        idxs = micro.idxs
+        with micro.attention(self.model):  # forward AND backward (checkpointing recomputes)
+            with self._autocast():
+                logp, ent, mask = micro.logprobs(self.ddp, samples, self.device, pad_id=self.pad_id,
+                                                 temperature=self.temperature, with_entropy=True)
+            R = mask.shape[1]
+            old = self._pad([samples[i].old_logp for i in idxs], R)
+            adv = self._pad([samples[i].adv for i in idxs], R)
+            ref = self._ref_logp(samples, micro, mask, ref_cache) if self.ref_model else None
+            self._loss_backward(logp, ent, mask, old, adv, ref, denom, stats, len(idxs))
+        stats.model_tokens += micro.model_tokens
+        stats.real_tokens += micro.real_tokens
+
+    def _loss_backward(self, logp, ent, mask, old, adv, ref, denom: float, stats: StepStats,
+                       n_seqs: int) -> None:
+        """Clipped policy loss (+ KL), backward of numerator / global denominator, the sums."""
         import torch
 
-        from tcli.models.logprobs import batch_logprobs, make_batch
         from tcli.train.loss import kl_k3, policy_loss
 
         o = self.opts
-        batch = make_batch([samples[i].prompt for i in idxs], [samples[i].tokens for i in idxs],
-                           self.device, self.pad_id)
-        R = batch.targets.shape[1]
-        old = self._pad([samples[i].old_logp for i in idxs], R)
-        adv = self._pad([samples[i].adv for i in idxs], R)
-        ref = self._ref_logp(samples, idxs, batch, ref_cache) if self.ref_model else None
-        mask = batch.mask
-        with self._autocast():
-            logp, ent = batch_logprobs(self.ddp, batch, with_entropy=True)
         pl = policy_loss(logp, old, adv, mask, clip_low=o.clip_low, clip_high=o.clip_high,
                          dual_clip=o.dual_clip or None)
         per_tok, kl = pl.loss, None
@@ -254,7 +265,7 @@ class Trainer:
             # KL(old || new) from the behaviour samples: k3 with r = pi_theta / pi_old
             stats.approx_kl += float(kl_k3(old, logp.detach()).masked_fill(~mask, 0).sum())
             stats.tokens += float(mask.sum())
-            stats.seqs += len(idxs)
+            stats.seqs += n_seqs
 
     def _optimizer_step(self, stats: StepStats) -> None:
         """Clip and apply the accumulated gradient; a non-finite norm skips the step (it would
