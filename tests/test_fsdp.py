@@ -1,0 +1,209 @@
+"""FSDP2 on CPU with gloo (tcli.train.parallel): 2 sharded processes train a tiny Qwen3 to the same
+weights and AdamW state as 1 unsharded process, hold about half the parameters each, write one
+ordinary checkpoint directory that transformers loads as is, and resume the sharded optimizer.
+
+The test runs this file itself under ``torch.distributed.run`` (see ``worker``): a minimal
+policy-gradient step of tcli's own pieces (``batch_logprobs`` + ``policy_loss``), not the Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+LR = 1e-3
+
+
+# ----------------------------------------------------------------------------- the worker
+
+def _data(vocab: int, n: int = 8):
+    """Fixed prompts/responses of different lengths and +-1 advantages (same on every rank)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        p = torch.randint(3, vocab, (3 + i % 3,), generator=g).tolist()
+        r = torch.randint(3, vocab, (4 + (i * 5) % 7,), generator=g).tolist()
+        rows.append((p, r, 1.0 if i % 2 else -1.0))
+    return rows
+
+
+def _train_step(model, optimizer, rows, rank: int, world: int, sharded: bool) -> float:
+    """One optimizer step: this rank's rows (i % world == rank), two micro-batches, token-mean
+    loss over the GLOBAL token count, scaled by world (gradient reduction averages)."""
+    import torch
+
+    from tcli.models.logprobs import batch_logprobs, make_batch
+    from tcli.train.loss import policy_loss
+    from tcli.train.parallel import clip_grad_norm, set_gradient_sync
+
+    mine = [r for i, r in enumerate(rows) if i % world == rank]
+    total = sum(len(r) for _, r, _ in rows)
+    micro = [mine[: len(mine) // 2], mine[len(mine) // 2:]]
+    for k, mb in enumerate(micro):
+        if sharded:
+            set_gradient_sync(model, k == len(micro) - 1)
+        batch = make_batch([p for p, _, _ in mb], [r for _, r, _ in mb], torch.device("cpu"), 0)
+        logp, _ = batch_logprobs(model, batch)
+        adv = torch.tensor([[a] * batch.targets.shape[1] for _, _, a in mb])
+        pl = policy_loss(logp, logp.detach(), adv, batch.mask)
+        (pl.loss.masked_fill(~batch.mask, 0).sum() * (world / total)).backward()
+    norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def worker(model_dir: str, out_dir: str, steps: int, fsdp: bool) -> None:
+    """Load, (shard,) resume the optimizer if model_dir has one, train ``steps``, save."""
+    import torch
+    import torch.distributed as dist
+
+    from tcli.models.checkpoint import OPTIMIZER_FILE, load_optimizer_state
+    from tcli.models.load import load_model, load_tokenizer
+    from tcli.train import parallel
+
+    torch.manual_seed(0)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    model = load_model(model_dir, train=True)
+    full_numel = parallel.local_numel(model)
+    if fsdp:
+        parallel.shard_model(model, torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    saved = os.path.join(model_dir, OPTIMIZER_FILE)
+    if os.path.exists(saved):
+        state = load_optimizer_state(saved, "cpu") if rank == 0 else None
+        if fsdp:
+            parallel.load_full_optimizer_state(model, opt, state)
+        else:
+            opt.load_state_dict(state)
+    rows = _data(int(model.config.vocab_size))
+    norms = [_train_step(model, opt, rows, rank, world, fsdp) for _ in range(steps)]
+    info = {"rank": rank, "local_numel": parallel.local_numel(model), "full_numel": full_numel,
+            "norms": norms}
+    with open(f"{out_dir}.rank{rank}.json", "w") as f:
+        json.dump(info, f)
+    tok = load_tokenizer(model_dir) if rank == 0 else None
+    if fsdp:
+        parallel.save_sharded_checkpoint(out_dir, model, tok, opt, state={"step": steps},
+                                         is_main=rank == 0)
+    else:
+        from tcli.models.checkpoint import save_pretrained_atomic
+
+        save_pretrained_atomic(out_dir, model, tok, state={"step": steps}, optimizer=opt)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    worker(a[0], a[1], int(a[2]), a[3] == "fsdp")
+
+
+# ----------------------------------------------------------------------------- the tests
+
+def _launch(model_dir, out_dir, steps: int, nproc: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    me = os.path.abspath(__file__)
+    if nproc == 1:
+        cmd = [sys.executable, me, str(model_dir), str(out_dir), str(steps), "plain"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               str(nproc), me, str(model_dir), str(out_dir), str(steps), "fsdp"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr.decode()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """base model; 2 steps by 1 plain process and by 2 FSDP processes; then 1 more step each,
+    resumed from those checkpoints (optimizer state included)."""
+    from tcli.models.tiny import init_tiny_model
+
+    d = tmp_path_factory.mktemp("fsdp")
+    base = init_tiny_model(str(d / "base"), seed=0, **TINY)
+    _launch(base, d / "one", 2, 1)
+    _launch(base, d / "two", 2, 2)
+    _launch(d / "one", d / "one3", 1, 1)
+    _launch(d / "two", d / "two3", 1, 2)
+    return d
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def _optim(path):
+    import torch
+
+    return torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_equal_one_process(runs):
+    w0, w1, w2 = _weights(runs / "base"), _weights(runs / "one"), _weights(runs / "two")
+    assert set(w2) == set(w1) == set(w0)  # the tied LM head is not written twice
+    assert max((w1[k] - w0[k]).abs().max().item() for k in w0) > 1e-3  # training moved them
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max().item() < 1e-5, k
+    o1, o2 = _optim(runs / "one"), _optim(runs / "two")
+    assert o2["param_groups"] == o1["param_groups"] and set(o2["state"]) == set(o1["state"])
+    for i, s in o1["state"].items():
+        assert float(o2["state"][i]["step"]) == float(s["step"]) == 2.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (s[key] - o2["state"][i][key]).abs().max().item() < 1e-6, (i, key)
+    r0, r1 = (json.load(open(f"{runs / 'two'}.rank{r}.json")) for r in (0, 1))
+    n1 = json.load(open(f"{runs / 'one'}.rank0.json"))
+    assert r0["norms"] == pytest.approx(n1["norms"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_rank_holds_half_the_parameters(runs):
+    r0, r1 = (json.load(open(f"{runs / 'two'}.rank{r}.json")) for r in (0, 1))
+    full = r0["full_numel"]
+    assert r0["local_numel"] + r1["local_numel"] == full
+    for r in (r0, r1):
+        assert 0.45 * full <= r["local_numel"] <= 0.55 * full
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_loads_in_transformers(runs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 9, 17, 33, 4]])
+    logits = []
+    for name in ("one", "two"):
+        m = AutoModelForCausalLM.from_pretrained(str(runs / name))
+        assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+        with torch.no_grad():
+            logits.append(m(input_ids=ids).logits)
+    assert (logits[0] - logits[1]).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_fsdp_resume_restores_sharded_optimizer(runs):
+    """One more step from each checkpoint: FSDP resumed from its own optimizer.pt lands where the
+    plain process resumed from its own does (a fresh AdamW would take a different first step)."""
+    w1, w2 = _weights(runs / "one3"), _weights(runs / "two3")
+    prev = _weights(runs / "one")
+    assert max((w1[k] - prev[k]).abs().max().item() for k in w1) > 1e-4
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max().item() < 1e-5, k
+    assert float(_optim(runs / "two3")["state"][0]["step"]) == 3.0
