@@ -74,8 +74,10 @@ def located(e: DataError, name: str, lines: list[int]) -> DataError:
 
 
 def run_groups(input: str, output: str, fmt: str | None, input_format: str | None,
-               fn: Callable[[list[dict]], Iterable[dict]]) -> int:
-    """Read groups of consecutive records by prompt_id, apply ``fn`` and write what it returns."""
+               fn: Callable[[list[dict]], Iterable[dict]],
+               finish: Callable[[], Iterable[dict]] | None = None) -> int:
+    """Read groups of consecutive records by prompt_id, apply ``fn`` and write what it returns,
+    then what ``finish()`` returns (for stages that need the whole input, e.g. whitening)."""
     reader = RecordReader(input, input_format)
     n = 0
     with RecordWriter(output, fmt) as writer:
@@ -86,6 +88,9 @@ def run_groups(input: str, output: str, fmt: str | None, input_format: str | Non
                     n += 1
             except DataError as e:
                 raise located(e, reader.name, lines) from None
+        for rec in finish() if finish else ():
+            writer.write(rec)
+            n += 1
     return n
 
 
