@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from tcli.errors import DataError
-from tcli.records import at_record, in_group, int_list, reward, token_array
+from tcli.records import at_record, float_array, in_group, int_list, reward, token_array
 from tcli.registry import Registry
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ class Advantages:
 
     per_token: list[np.ndarray]
     zero_variance: bool
+    returns: list[np.ndarray] | None = None  # value targets (gae only)
 
 
 Estimator = Callable[[Group, "AdvantageOptions"], Advantages]
@@ -233,10 +234,31 @@ def _sibling_advantages(value, children, opt, scale: float):
     return adv, zero_groups
 
 
+# ----------------------------------------------------------------------------- PPO
+
+@ESTIMATORS.register("gae")
+def gae(group: Group, opt) -> Advantages:
+    """GAE(gamma, lam) over a learned critic's ``critic_values`` (``tcli values``); writes
+    ``returns`` for ``train-critic``. Rewards are used as they are (no group normalisation)."""
+    from tcli.algos.gae import gae as gae_one
+
+    adv, ret = [], []
+    for i, (rec, toks, r) in enumerate(zip(group.records, group.tokens, group.rewards)):
+        with at_record(i):
+            if "critic_values" not in rec:
+                raise DataError("is missing; gae needs a critic's values: run `tcli values "
+                                "--critic DIR` first", field="critic_values")
+            v = float_array(rec, "critic_values", len(toks) + 1)
+        a, g = gae_one(float(r), v, opt.gamma, opt.lam)
+        adv.append(a)
+        ret.append(g)
+    return Advantages(adv, False, ret)
+
+
 def compute_advantages(group: Group, name: str, opt) -> Advantages:
     """Run the named estimator; an advantage that overflowed is a data error naming the reward."""
     out = ESTIMATORS.get(name)(group, opt)
-    for a in out.per_token:
+    for a in out.per_token + (out.returns or []):
         if not np.isfinite(a).all():
             raise DataError(f"rewards of this group are too large: {name} advantages overflow "
                             "(rescale the rewards)", field="reward")

@@ -41,11 +41,19 @@ def advantages(
     """Add per-token advantages with a registered estimator (DESIGN §4). Stored `values` from
     build-tree must match the records' tokens and rewards (exit 65 when stale)."""
     from tcli.algos.estimators import Group
-    from tcli.stages.advantages import AdvantageStats, advantages_group
+    from tcli.stages.advantages import AdvantageStats, advantages_group, whiten
 
     acc = AdvantageStats(branch=stats)
-    run_groups(input, output, format, input_format,
-               lambda recs: advantages_group(Group.from_records(recs), opts, acc))
+    held: list[dict] = []  # --whiten needs every token before the first record is written
+
+    def one(recs: list[dict]) -> list[dict]:
+        out = advantages_group(Group.from_records(recs), opts, acc)
+        if not opts.whiten:
+            return out
+        held.extend(out)
+        return []
+
+    run_groups(input, output, format, input_format, one, lambda: whiten(held))
     if stats:
         (stderr_console(quiet) or stderr_console(False)).print(acc.render(opts.estimator))
 

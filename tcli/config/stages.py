@@ -152,6 +152,11 @@ class AdvantageOptions(Options):
                         choices=lambda: ("std", "mean"))
     prune_std: float = setting(0.0, "TreeRPO: sibling groups with std below this get 0.",
                                check=finite_at_least(0.0))
+    gamma: float = setting(1.0, "GAE: discount per token.", check=in_range(0.0, 1.0))
+    lam: float = setting(0.95, "GAE: lambda (0 = one-step TD, 1 = Monte Carlo).",
+                         check=in_range(0.0, 1.0))
+    whiten: bool = setting(False, "Normalise advantages to mean 0, std 1 over all tokens of the "
+                           "input (buffers the whole input; PPO practice).")
 
 
 @dataclass(frozen=True)

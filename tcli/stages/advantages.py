@@ -80,8 +80,26 @@ def advantages_group(group: Group, opt, stats: AdvantageStats | None = None) -> 
     result = compute_advantages(group, opt.estimator, opt)
     if stats is not None:
         stats.add(group, result)
-    for rec, a in zip(group.records, result.per_token):
+    returns = result.returns or [None] * len(result.per_token)
+    for rec, a, g in zip(group.records, result.per_token, returns):
         rec["advantages"] = a.tolist()
+        if g is not None:
+            rec["returns"] = g.tolist()
         rec["estimator"] = opt.estimator
         rec["schema"] = SCHEMA
     return group.records
+
+
+def whiten(records: list[dict]) -> list[dict]:
+    """Advantages shifted and scaled to mean 0 and std 1 over every token of ``records`` (PPO's
+    batch whitening); ``returns`` keep the reward scale, they are the critic's targets."""
+    if not records:
+        return records
+    flat = np.concatenate([np.asarray(r["advantages"], dtype=np.float64) for r in records])
+    if flat.size == 0:
+        return records
+    mean, std = float(flat.mean()), float(flat.std())
+    for rec in records:
+        a = np.asarray(rec["advantages"], dtype=np.float64)
+        rec["advantages"] = ((a - mean) / (std + 1e-8)).tolist()
+    return records
