@@ -197,10 +197,12 @@ class Loop:
         with timer("write"):
             with RecordWriter(self.run.rollout_file(step)) as w:
                 w.write_all(rollouts)
-        sampled = sum(len(r["token_ids"]) for r in rollouts)
+        from tcli.stages.sample import token_counts
+
+        sampled, leaf = token_counts(rollouts)  # tree mode: shared segments count once
         budget.sampled += sampled
         return {
-            "kind": "train", "step": step, "sampled_tokens": sampled,
+            "kind": "train", "step": step, "sampled_tokens": sampled, "leaf_tokens": leaf,
             "sampled_tokens_total": budget.sampled,
             **{k: adv[k] for k in ("reward_mean", "zero_variance_share", "branch_token_share",
                                    "mean_abs_advantage", "groups_dropped")},

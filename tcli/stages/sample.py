@@ -107,6 +107,29 @@ def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: Tre
     return out
 
 
+def token_counts(records: Iterable[dict]) -> tuple[int, int]:
+    """(unique, leaf) generated tokens of rollout records.
+
+    ``leaf`` sums every response's length; ``unique`` counts each generated token once: a tree
+    node's segment (identified by prompt and node path) is generated once however many leaves
+    share it. Independent samples share nothing, so there both are equal. Token budgets and
+    tokens/s use ``unique``: that is the sampling work done."""
+    seen: set = set()
+    unique = leaf = 0
+    for r in records:
+        toks, path, ends = len(r["token_ids"]), r.get("node_path") or [], r.get("segment_ends") or []
+        leaf += toks
+        if not path:
+            unique += toks
+            continue
+        for k, end in enumerate(ends):
+            key = (r["prompt_id"], tuple(path[:k + 1]))
+            if key not in seen:
+                seen.add(key)
+                unique += end - (ends[k - 1] if k else 0)
+    return unique, leaf
+
+
 def _chunks(it: Iterable[dict], size: int) -> Iterator[list[tuple[int, dict]]]:
     buf: list[tuple[int, dict]] = []
     for i, rec in enumerate(it):
