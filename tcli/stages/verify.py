@@ -8,6 +8,12 @@ that raises anything (``SystemExit`` and ``KeyboardInterrupt`` included), calls 
 takes its worker down scores 0 with an error saying so. The stream never hangs and a bad record
 never ends the run; a real Ctrl-C or SIGTERM does end it, after every worker is gone.
 
+Verifiers whose work is bounded by construction (``INLINE_TASKS``: ``arith`` and ``gsm8k`` read
+at most the last 16 KB of a response with linear scans; worst adversarial case measured ~40 ms)
+run in this process instead, when the gold answer is short too: no message to a worker, no
+round trip. Their deadline is checked when they return (an overrun scores 0 with
+``verdict.error = "timeout"`` just the same); there is nothing to kill because nothing can hang.
+
 This module prepares records (validation, the verifier's view of a record) and turns verifier
 output or pool failures into ``(reward, verdict)``. Memory stays bounded: at most ``window``
 records are held, and workers receive only the fields a verifier reads, never token ids or
@@ -33,6 +39,11 @@ __all__ = ["verify_records", "start_pool", "prepare", "run_one", "default_worker
 HEAVY_FIELDS = frozenset({"token_ids", "prompt_token_ids", "logprobs", "values", "branch",
                           "advantages", "segment_ends", "ref_logprobs", "old_logprobs"})
 WINDOW_CHARS = 64 << 20  # characters of response text held at once (besides the record count)
+# verifiers that cannot hang: bounded work on a bounded tail of the response, measured on
+# adversarial inputs (tests/test_verify_inline.py keeps each under a bound); they run here
+INLINE_TASKS = frozenset({"arith", "gsm8k"})
+INLINE_ANSWER_CHARS = 1000  # ... when the gold answer is short (gsm8k's exact rationals of a
+#                            100,000-digit decimal gold take 0.6 s: those go to a worker)
 _FLOAT_EXACT = 2**53     # floats hold every integer below this exactly
 
 # ----------------------------------------------------------------------------- one record
@@ -220,6 +231,24 @@ def _run_payload(payload) -> tuple[float, dict]:
     return run_one(task, slim["text"], answer, slim)
 
 
+def _inline(payload) -> bool:
+    """Whether a record is verified in this process (see INLINE_TASKS)."""
+    task, answer, _ = payload
+    return task in INLINE_TASKS and len(answer) <= INLINE_ANSWER_CHARS
+
+
+def _run_here(payload) -> tuple[float, dict]:
+    """An inline record: as in a worker, except that only an Exception fails the record (these
+    verifiers never exit or raise KeyboardInterrupt: one arriving here is the user's Ctrl-C)."""
+    from tcli.verifiers import get_verifier
+
+    task, answer, slim = payload
+    try:
+        return _checked(task, get_verifier(task)(slim["text"], answer, slim))
+    except Exception as e:  # noqa: BLE001 - a verifier failure scores 0, never ends the stream
+        return _error(task, one_line(e))
+
+
 def _failed(task: str, f: Failure, timeout: float) -> tuple[float, dict]:
     if f.kind == "timeout":
         return _error(task, "timeout", timeout_s=timeout)
@@ -331,13 +360,17 @@ def start_pool(task: str = "auto", timeout: float = 5.0, workers: int | None = N
     n = default_workers() if workers is None else workers
     if n == 0:
         return None
+    pool = DeadlinePool(_run_payload, n, timeout, local_fn=_run_here)
+    if task in INLINE_TASKS:
+        return pool  # records run here; a worker forks only for an over-long gold answer
     _preload(task)
-    return DeadlinePool(_run_payload, n, timeout).start()
+    return pool.start()
 
 
 def _owned_pool(records, source_name: str, task: str, timeout: float, window: int, n: int
                 ) -> Iterator[dict]:
-    with DeadlinePool(_run_payload, n, timeout) as pool:  # every worker is gone when this ends
+    # every worker is gone when this ends; none starts while every record runs inline
+    with DeadlinePool(_run_payload, n, timeout, local_fn=_run_here) as pool:
         yield from _pooled(records, source_name, task, timeout, window, pool)
 
 
@@ -356,7 +389,7 @@ def _pooled(records, source_name: str, task: str, timeout: float, window: int,
             held.append((rec, name))
             yield (name, answer, slim), len(text) + 1
 
-    for result in pool.imap(payloads(), window, WINDOW_CHARS):
+    for result in pool.imap(payloads(), window, WINDOW_CHARS, here=_inline):
         rec, name = held.popleft()
         if isinstance(result, Failure):
             result = _failed(name, result, timeout)

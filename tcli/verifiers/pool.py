@@ -21,6 +21,14 @@ How it stays cheap and exact:
   and are named ``tcli-verify`` (``/proc/PID/comm``). On any exit from the pool, an exception
   included, every worker is killed and reaped before the exception goes on; SIGINT and SIGTERM
   wait while the parent forks or cleans up.
+- Chunks are as large as they can be without hurting balance: one worker takes everything queued
+  (up to ``max_chunk``); several workers take a shrinking share of the queue (guided), but never
+  less than ``CHUNK_SECONDS`` of work at the measured seconds per item, so cheap items do not pay
+  one message and one wake-up each. A busy worker's next chunk is sent ahead when its command
+  pipe (measured capacity) holds both chunks, so a send never blocks on a stuck worker.
+- Items that ``imap(here=...)`` marks as safe to run here (known-bounded work) run in this
+  process instead: no message at all. Their deadline is checked when they return (nothing to
+  kill), and busy workers' deadlines are still checked between them.
 - At most ``window`` items (and ``window_cost`` of their cost) are held: queued, running, or done
   and waiting for an earlier one.
 """
@@ -45,7 +53,8 @@ MAX_CHUNK_COST = 1 << 20  # summed item cost per message (the verify stage: char
 BELL_BYTES = 32 << 10     # a worker rings after a chunk and after this many bytes of results
 POLL_SECONDS = 0.02       # the parent reads busy workers' results at least this often
 PIPE_BYTES = 1 << 20      # pipe capacity asked for (Linux F_SETPIPE_SZ)
-PREFETCH_BYTES = 32 << 10  # a busy worker's next chunk is sent ahead only when this small
+PIPE_MARGIN = 64          # bytes of message headers allowed for when sending a chunk ahead
+CHUNK_SECONDS = 0.005     # a chunk holds at least this much work (once item times are known)
 WORKER_NAME = "tcli-verify"
 _PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # held while forking and cleaning up
 _FRAME_HEAD = 8           # little-endian byte length before each JSON result
@@ -132,15 +141,17 @@ def _set_up_worker(parent_pid: int, inherited) -> None:
         pass
 
 
-def _result_frame(seq: int, fn: Callable, payload) -> bytes:
+def _result_frame(seq: int, fn: Callable, payload, start: float) -> bytes:
+    """``[seq, ok, result or error text, seconds the item took]`` as JSON, length first."""
     try:
-        msg = (seq, True, fn(payload))
+        msg = [seq, True, fn(payload)]
     except BaseException as e:  # noqa: BLE001 - even sys.exit() in fn only fails this item
-        msg = (seq, False, one_line(e))
+        msg = [seq, False, one_line(e)]
+    msg.append(time.monotonic() - start)
     try:  # JSON, not pickle: the parent never unpickles what a worker (user code) sent
         data = orjson.dumps(msg, option=orjson.OPT_SERIALIZE_NUMPY)
     except Exception as e:  # noqa: BLE001 - a result that is not plain data
-        data = orjson.dumps((seq, False, f"result could not be sent back ({one_line(e)})"))
+        data = orjson.dumps((seq, False, f"result could not be sent back ({one_line(e)})", msg[3]))
     return len(data).to_bytes(_FRAME_HEAD, "little") + data
 
 
@@ -157,8 +168,8 @@ def _run_chunk(chunk, fn: Callable, slot, res_fd: int, bell_fd: int) -> None:
     for seq, payload in chunk:
         slot[1] = math.inf      # between items: the next start time is not valid yet
         slot[0] = seq
-        slot[1] = time.monotonic()
-        frame = _result_frame(seq, fn, payload)
+        slot[1] = start = time.monotonic()
+        frame = _result_frame(seq, fn, payload, start)
         slot[1] = math.inf      # writing: time spent here is not the item's
         _write_all(res_fd, frame)
         unrung += len(frame)
@@ -212,10 +223,11 @@ class _Worker:
         for c in (self.res, self.bell):
             os.set_blocking(c.fileno(), False)
         _grow_pipe(self.res.fileno())
-        _grow_pipe(self.cmd.fileno())
+        self.capacity = _grow_pipe(self.cmd.fileno())  # bytes the command pipe holds
         self.buf = bytearray()  # result bytes read, not yet a whole frame
         self.items: deque[tuple[int, Any, int]] = deque()  # (seq, payload, cost) unanswered
         self.chunk_ends: deque[int] = deque()  # last seq of each chunk sent and not done
+        self.chunk_bytes: deque[int] = deque()  # its message size (at most this sits unread)
         self.since = math.inf   # when the parent last saw it make progress
         self.retire = False     # replace it once its items are done
 
@@ -306,13 +318,21 @@ def _shared_slot(ctx):
     return ctx.RawArray("d", 2)  # pragma: no cover - spawn / forkserver
 
 
-def _grow_pipe(fd: int) -> None:
+def _grow_pipe(fd: int) -> int:
+    """Ask for a PIPE_BYTES pipe; return the capacity it has (4 KiB, POSIX's minimum, when the
+    system cannot say)."""
     try:
         import fcntl
-
+    except ImportError:  # pragma: no cover - not POSIX
+        return 4096
+    try:
         fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
-    except (OSError, ImportError):  # not Linux, or over /proc/sys/fs/pipe-max-size
+    except OSError:  # over /proc/sys/fs/pipe-max-size: keep what it has
         pass
+    try:
+        return fcntl.fcntl(fd, getattr(fcntl, "F_GETPIPE_SZ", 1032))
+    except OSError:  # pragma: no cover - not Linux
+        return 4096
 
 
 class _SignalsHeld:
@@ -337,15 +357,20 @@ class DeadlinePool:
     """
 
     def __init__(self, fn: Callable[[Any], Any], workers: int, timeout: float,
-                 max_chunk: int = MAX_CHUNK, max_chunk_cost: int = MAX_CHUNK_COST):
+                 max_chunk: int = MAX_CHUNK, max_chunk_cost: int = MAX_CHUNK_COST,
+                 local_fn: Callable[[Any], Any] | None = None):
+        """``local_fn`` runs the items ``imap(here=...)`` keeps in this process (default ``fn``)."""
         if workers < 1 or not timeout > 0:
             raise ValueError(f"need workers >= 1 and timeout > 0, got {workers}, {timeout}")
         self.fn, self.n, self.timeout = fn, workers, float(timeout)
+        self.local_fn = fn if local_fn is None else local_fn
         self.max_chunk, self.max_chunk_cost = max(1, max_chunk), max_chunk_cost
         self.ctx = _mp_context()
         self.workers: list[_Worker] = []
         self.queue: deque[tuple[int, Any, int]] = deque()  # (seq, payload, cost) not yet sent
         self.results: dict[int, Any] = {}
+        self.item_seconds: float | None = None  # running mean of what a worker item takes
+        self.next_check = 0.0  # when busy workers are next checked between local items
 
     def __enter__(self) -> "DeadlinePool":
         return self
@@ -354,20 +379,23 @@ class DeadlinePool:
         self.close(kill=exc_type is not None)
 
     def imap(self, items: Iterable[tuple[Any, int]], window: int = 256,
-             window_cost: float = math.inf) -> Iterator[Any]:
+             window_cost: float = math.inf, here: Callable[[Any], bool] | None = None
+             ) -> Iterator[Any]:
         """For each ``(payload, cost)`` of ``items`` (read lazily), yield ``fn(payload)`` or a
         :class:`Failure`, in order. At most ``window`` items and ``window_cost`` summed cost
         (but always one item) are held; ``cost`` also bounds a chunk (e.g. characters of text).
-        A pool serves one ``imap`` at a time, any number in turn; one left early (an exception,
-        or the caller stops reading) kills the workers still busy with its items."""
+        Items for which ``here(payload)`` is true run in this process (``local_fn``), for work
+        known to be fast and safe: an exception fails the item, an overrun is a timeout once it
+        returns. A pool serves one ``imap`` at a time, any number in turn; one left early (an
+        exception, or the caller stops reading) kills the workers still busy with its items."""
         self._reset()
         try:
-            yield from self._imap(iter(items), max(1, window), window_cost)
+            yield from self._imap(iter(items), max(1, window), window_cost, here)
         except BaseException:
             self._reset()
             raise
 
-    def _imap(self, it: Iterator, window: int, window_cost: float) -> Iterator[Any]:
+    def _imap(self, it: Iterator, window: int, window_cost: float, here) -> Iterator[Any]:
         costs: deque[int] = deque()  # cost of each item held, oldest first
         held_cost = next_out = 0
         exhausted = False
@@ -378,9 +406,13 @@ class DeadlinePool:
                 except StopIteration:
                     exhausted = True
                     break
-                self.queue.append((next_out + len(costs), payload, cost))
+                seq = next_out + len(costs)
                 costs.append(cost)
                 held_cost += cost
+                if here is not None and here(payload):
+                    self._run_here(seq, payload)
+                    continue
+                self.queue.append((seq, payload, cost))
                 if len(self.queue) >= self.max_chunk:
                     self._dispatch()  # a long stream: start work before the window is full
             self._dispatch()
@@ -393,6 +425,24 @@ class DeadlinePool:
                 return
             if not progressed or exhausted:
                 self._wait()
+
+    def _run_here(self, seq: int, payload) -> None:
+        """Run one item in this process; its deadline is checked when it returns. Between such
+        items (at most every POLL_SECONDS) queued items go out and busy workers are checked."""
+        start = time.monotonic()
+        try:
+            result = self.local_fn(payload)
+        except Exception as e:  # noqa: BLE001 - KeyboardInterrupt here is the user's: it goes on
+            result = Failure("error", one_line(e))
+        end = time.monotonic()
+        if end - start > self.timeout:
+            result = Failure("timeout", f"over {self.timeout:g} s")
+        self.results[seq] = result
+        if end >= self.next_check:
+            self.next_check = end + POLL_SECONDS
+            self._dispatch()
+            for w in [w for w in self.workers if w.items]:
+                self._check(w)
 
     def start(self) -> "DeadlinePool":
         """Start every worker now (they otherwise start with the first items)."""
@@ -457,10 +507,24 @@ class DeadlinePool:
             self.workers.append(w)
         return w
 
-    def _take_chunk(self) -> list[tuple[int, Any, int]]:
-        """Guided chunking: a share of what is queued (smaller as the queue drains, so workers
-        finish together), at most ``max_chunk`` items and ``max_chunk_cost`` cost (>= 1 item)."""
-        size = min(self.max_chunk, -(-len(self.queue) // (2 * self.n)))
+    def _chunk_size(self, w: _Worker) -> int:
+        """One worker: everything queued. Several: guided (a share of the queue, smaller as it
+        drains, so workers finish together), but at least CHUNK_SECONDS of work at the measured
+        seconds per item -- never more than ``w``'s even share of all outstanding items, so a
+        stale estimate (cheap items before, slow ones now) cannot leave a worker idle."""
+        queued = len(self.queue)
+        if self.n == 1:
+            return min(self.max_chunk, queued)
+        size = -(-queued // (2 * self.n))
+        if self.item_seconds is not None:
+            floor = math.ceil(CHUNK_SECONDS / max(self.item_seconds, 1e-6))
+            outstanding = queued + sum(len(x.items) for x in self.workers)
+            size = max(size, min(floor, -(-outstanding // self.n) - len(w.items)))
+        return min(self.max_chunk, size)
+
+    def _take_chunk(self, w: _Worker) -> list[tuple[int, Any, int]]:
+        """``w``'s next chunk: :meth:`_chunk_size` items, at most ``max_chunk_cost`` cost (>= 1)."""
+        size = self._chunk_size(w)
         chunk: list[tuple[int, Any, int]] = []
         cost = 0
         while self.queue and len(chunk) < size:
@@ -478,13 +542,15 @@ class DeadlinePool:
             if w is None:
                 return
             idle = not w.items
-            chunk = self._take_chunk()
+            chunk = self._take_chunk(w)
             data = ForkingPickler.dumps([(seq, payload) for seq, payload, _ in chunk])
-            if not idle and len(data) > PREFETCH_BYTES:  # could fill its pipe: wait till idle
-                self.queue.extendleft(reversed(chunk))
+            size = len(data) + PIPE_MARGIN
+            if not idle and sum(w.chunk_bytes) + size > w.capacity:
+                self.queue.extendleft(reversed(chunk))  # a send could block: wait till idle
                 return
             w.items.extend(chunk)
             w.chunk_ends.append(chunk[-1][0])
+            w.chunk_bytes.append(size)
             try:
                 w.cmd.send_bytes(data)
             except (OSError, ValueError):  # the worker died before it took this chunk
@@ -517,18 +583,26 @@ class DeadlinePool:
         got = False
         for data in w.frames():
             try:
-                seq, ok, value = orjson.loads(data)
+                seq, ok, value, seconds = orjson.loads(data)
+                self._took(float(seconds))
             except Exception as e:  # noqa: BLE001 - not a well-formed result
                 seq, ok, value = w.items[0][0], False, f"result could not be read ({one_line(e)})"
             first = w.items.popleft()[0]
             assert seq == first, (seq, first)
             if w.chunk_ends and w.chunk_ends[0] == seq:
                 w.chunk_ends.popleft()
+                w.chunk_bytes.popleft()
             self.results[seq] = value if ok else Failure("error", value)
             got = True
         if got or w.buf:
             w.since = time.monotonic()
         return ended
+
+    def _took(self, seconds: float) -> None:
+        """Fold one item's time into the running mean that sizes chunks."""
+        if math.isfinite(seconds) and seconds >= 0:
+            mean = self.item_seconds
+            self.item_seconds = seconds if mean is None else 0.9 * mean + 0.1 * seconds
 
     def _check(self, w: _Worker) -> None:
         """Take in ``w``'s results; replace it if it died, retired or overran its deadline."""
@@ -563,6 +637,7 @@ class DeadlinePool:
         self.queue.extendleft(reversed(w.items))
         w.items.clear()
         w.chunk_ends.clear()
+        w.chunk_bytes.clear()
         self._remove(w, kill=True)
 
     def _remove(self, w: _Worker, kill: bool) -> None:
