@@ -19,11 +19,12 @@ from __future__ import annotations
 import difflib
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Optional
 
-from tcli.config.spec import Options, at_least, coerce, finite_at_least, setting, settings_of
+from tcli.config.spec import (Options, at_least, coerce, finite_at_least, like, setting,
+                              settings_of)
 from tcli.config.stages import (AdvantageOptions, EvalOptions, PromptOptions, SampleOptions,
-                                TrainOptions, VerifyOptions)
+                                ThreadOptions, TrainOptions, VerifyOptions)
 from tcli.errors import UsageError
 
 
@@ -50,6 +51,7 @@ class RunOptions(Options):
     tensorboard: str = setting("", "Also write the metrics as TensorBoard event files to this "
                                "directory (needs the tensorboard package).")
     seed: int = setting(0, "Random seed (same inputs + seed = same output).")
+    threads: Optional[int] = like(ThreadOptions, "threads", None)
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,9 @@ class Loop:
 
         v = self.cfg.verify
         self.verify_pool = start_pool(v.task, v.timeout, v.workers)
+        from tcli.config.stages import ThreadOptions
+
+        ThreadOptions(self.cfg.run.threads).apply()  # before any model runs
         if self.cfg.run.tensorboard:
             from tcli.loop.tensorboard import TensorBoardSink
 
