@@ -9,7 +9,8 @@ import typer
 
 from tcli.commands.common import ModelOpt, QuietOpt, SeedOpt, stderr_console
 from tcli.config.flags import Without, options_command
-from tcli.config.stages import EvalOptions, PromptOptions, SampleOptions, VerifyOptions
+from tcli.config.stages import (EvalOptions, PromptOptions, SampleOptions, ThreadOptions,
+                                VerifyOptions)
 from tcli.errors import TcliError, UsageError
 
 # eval draws independent samples; n and temperature are EvalOptions' (greedy by default)
@@ -39,6 +40,7 @@ def eval_cmd(
     sample: EvalSampling,
     verify: VerifyOptions,
     fields: PromptOptions,
+    threads: ThreadOptions,
     fail_under: Annotated[Optional[float], typer.Option(help="Exit 1 when accuracy is below "
                           "this.")] = None,
     seed: SeedOpt = 0,
@@ -55,6 +57,7 @@ def eval_cmd(
     _check_target(output, "-o/--output")
     _check_target(summary, "--summary")
     prompts = read_prompts(data, ev.limit or None, fields)
+    threads.apply()
     records, summ = evaluate(open_engine(model, sample, seed=seed), prompts, sample, verify, ev,
                              seed=seed)
     summ = {"model": model, "data": data, "n": ev.n, "temperature": ev.temperature, **summ}

@@ -10,7 +10,7 @@ import typer
 from tcli.commands.common import (FormatOpt, InputArg, InputFormatOpt, ModelOpt, OutputOpt,
                                   QuietOpt, SeedOpt, group_progress)
 from tcli.config.flags import options_command
-from tcli.config.stages import PromptOptions, SampleOptions
+from tcli.config.stages import PromptOptions, SampleOptions, ThreadOptions
 from tcli.errors import DataError
 
 
@@ -22,6 +22,7 @@ def sample_tree(
     output: OutputOpt = "-",
     opts: SampleOptions,
     fields: PromptOptions,
+    threads: ThreadOptions,
     limit: Annotated[Optional[int], typer.Option(min=0, help="Read only the first N prompts.")] = None,
     format: FormatOpt = None,
     input_format: InputFormatOpt = None,
@@ -46,6 +47,7 @@ def sample_tree(
             lines.append(line)
             yield rec
 
+    threads.apply()
     engine = open_engine(model, opts, seed=seed)
     with group_progress("sample-tree", quiet, total=limit) as on_group, \
             RecordWriter(output, format) as writer:

@@ -15,7 +15,7 @@ import typer
 
 from tcli.commands.common import InputArg, InputFormatOpt, QuietOpt, SeedOpt, progress_enabled
 from tcli.config.flags import options_command
-from tcli.config.stages import TrainOptions
+from tcli.config.stages import ThreadOptions, TrainOptions
 from tcli.errors import UsageError
 
 
@@ -29,6 +29,7 @@ def train_step(
                       "(written to a temporary sibling, then renamed; an existing directory is "
                       "replaced only if it is a checkpoint).")] = ...,
     opts: TrainOptions,
+    threads: ThreadOptions,
     metrics: Annotated[Optional[str], typer.Option(help="Also append the metrics record (one JSON "
                        "line) to this file.")] = None,
     input_format: InputFormatOpt = None,
@@ -49,6 +50,7 @@ def train_step(
                          f"{os.path.dirname(os.path.abspath(metrics))}")
     with distributed(opts.device) as info:
         samples = run_on_main(lambda: _read_samples(input, input_format, model, opts), info)
+        threads.apply()
         trainer = Trainer(model, opts, seed=seed, dist_info=info)
         m = trainer.step(samples)
         trainer.save(output)
