@@ -38,12 +38,22 @@ def is_hub_name(path: str) -> bool:
 def check_model_dir(path: str) -> None:
     """A usable model directory, or a hub name: UsageError for a missing path or a file,
     DataError naming the file for missing weights/config or a corrupt/truncated file."""
-    if os.path.isdir(path):
+    if os.path.isdir(path) and _adapter_base(path):
+        check_safetensors(os.path.join(path, "adapter_model.safetensors"))
+        check_model_dir(_adapter_base(path))  # a LoRA adapter: its base must be usable too
+    elif os.path.isdir(path):
         _check_files(path)
     elif os.path.exists(path):
         raise UsageError(f"model path {path} is a file, not a checkpoint directory")
     elif not is_hub_name(path):  # fail now instead of asking a hub about a typo
         raise UsageError(f"model directory not found: {path}")
+
+
+def _adapter_base(path: str) -> str | None:
+    """The base model directory of a LoRA adapter directory (tcli.train.lora), else None."""
+    from tcli.train.lora import adapter_base, is_adapter_dir
+
+    return adapter_base(path) if is_adapter_dir(path) else None
 
 
 def _check_files(path: str) -> None:
@@ -131,6 +141,7 @@ def model_vocab_size(path: str) -> int:
     """Vocabulary size for input validation, from config.json without importing torch (bad input
     fails in a fraction of a second); AutoConfig for hub names and unusual configs."""
     check_model_dir(path)
+    path = (os.path.isdir(path) and _adapter_base(path)) or path
     if os.path.isdir(path):
         cfg = read_json_object(os.path.join(path, CONFIG_FILE))
         for d in (cfg, cfg.get("text_config") or {}):
@@ -146,6 +157,7 @@ def load_config(path: str):
 
     quiet_transformers()
     check_model_dir(path)
+    path = (os.path.isdir(path) and _adapter_base(path)) or path
     from transformers import AutoConfig
 
     try:
@@ -163,6 +175,7 @@ def load_model(path: str, *, device="cpu", dtype=None, train: bool = False,
     ``train=False``: eval mode, no gradients. ``train=True``: train mode with dropout forced off
     (the importance ratio must compare the same deterministic policy the sampler used) unless
     ``keep_dropout``. ``dtype`` is a torch dtype or a name (float32, bfloat16, float16).
+    A LoRA adapter directory loads as its base with the adapter merged in.
     """
     from transformers import AutoModelForCausalLM
 
@@ -170,6 +183,11 @@ def load_model(path: str, *, device="cpu", dtype=None, train: bool = False,
 
     quiet_transformers()
     check_model_dir(path)
+    if os.path.isdir(path) and _adapter_base(path):
+        from tcli.train.lora import load_merged
+
+        return load_merged(path, device=device, dtype=dtype, train=train,
+                           keep_dropout=keep_dropout, attn_implementation=attn_implementation)
     kw = {"dtype": torch_dtype(dtype)}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
