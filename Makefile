@@ -10,7 +10,7 @@ STAMP   = $(VENV)/.tcli-installed
 TORCH  ?= torch==2.13.0
 DATA   ?= ../shared/data
 
-.PHONY: install install-real test demo demo-real demo-pipeline bench test-vllm test-real bench-logprobs clean
+.PHONY: install install-real test demo demo-real demo-pipeline bench test-vllm test-real bench-logprobs bench-peer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,4 +59,21 @@ bench-logprobs: install-real
 	$(PY) bench/bench_logprobs.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(TRL_VENV) runs build *.egg-info
+
+# tcli loop vs TRL's GRPOTrainer, seconds per step on make demo's setting (issue 11: target <= 0.7).
+# TRL lives in its own venv (same torch CPU build and transformers as .venv, tcli installed -e);
+# the warm start is make demo's, built here with demo.sh's commands when missing.
+TRL_VENV ?= .venv-trl
+TRL_PKGS ?= trl==1.16.0 transformers==5.24.0 accelerate==1.15.0 datasets==5.2.0
+$(TRL_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install -q --disable-pip-version-check "$(TORCH)"
+	$(TRL_VENV)/bin/pip install -q --disable-pip-version-check $(TRL_PKGS) -e .
+	touch $@
+
+bench-peer: $(TRL_VENV)/.installed
+	[ -f runs/demo/sft/tcli_state.json ] || { \
+	  $(TRL_VENV)/bin/python -m examples.arith.make_data --out runs/demo/data --n-train 2000 --n-test 200 --seed 0 && \
+	  OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python -m examples.arith.warmstart --out runs/demo/sft --data runs/demo/data --eval-n 0 --seed 0; }
+	$(TRL_VENV)/bin/python bench/bench_peer_trl.py
