@@ -64,66 +64,94 @@ def _train_step(model, optimizer, rows, rank: int, world: int, sharded: bool) ->
     return norm
 
 
-def worker(model_dir: str, out_dir: str, steps: int, fsdp: bool) -> None:
-    """Load, (shard,) resume the optimizer if model_dir has one, train ``steps``, save."""
+def _load(model_dir: str, mode: str):
+    """(module the optimizer names its parameters from, module to run, trainable params)."""
+    import torch
+
+    from tcli.models.load import load_model
+    from tcli.train import lora, parallel
+
+    if mode.startswith("lora"):
+        holder = lora.load_trainable(model_dir, 4, 8, "all-linear")
+        model = holder.get_base_model()
+    else:
+        holder = model = load_model(model_dir, train=True)
+    full = parallel.local_numel(model)
+    if mode.endswith("fsdp"):
+        parallel.shard_model(model, torch.device("cpu"))
+    return holder, model, full
+
+
+def _save(out_dir, model_dir, holder, model, opt, tok, mode: str, steps: int) -> None:
+    from tcli.models.checkpoint import save_pretrained_atomic
+    from tcli.train import lora, parallel
+
+    sharded, state = mode.endswith("fsdp"), {"step": steps}
+    if mode.startswith("lora"):
+        base = lora.adapter_base(model_dir) if lora.is_adapter_dir(model_dir) else model_dir
+        m, o = parallel.gathered(holder, opt, trainable_only=True) if sharded else (None, opt)
+        if tok is not None:
+            lora.save_adapter(out_dir, holder, tok, base=base, state=state, optimizer=o, gathered=m)
+    elif sharded:
+        parallel.save_sharded_checkpoint(out_dir, model, tok, opt, state=state)
+    else:
+        save_pretrained_atomic(out_dir, model, tok, state=state, optimizer=opt)
+
+
+def worker(model_dir: str, out_dir: str, steps: int, mode: str) -> None:
+    """Load (plain | fsdp | lora | lora-fsdp), resume the optimizer if model_dir has one, train
+    ``steps``, save, and write this rank's parameter count and gradient norms beside the output."""
     import torch
     import torch.distributed as dist
 
     from tcli.models.checkpoint import OPTIMIZER_FILE, load_optimizer_state
-    from tcli.models.load import load_model, load_tokenizer
-    from tcli.train import parallel
+    from tcli.models.load import load_tokenizer
+    from tcli.train import lora, parallel
 
     torch.manual_seed(0)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
-    model = load_model(model_dir, train=True)
-    full_numel = parallel.local_numel(model)
-    if fsdp:
-        parallel.shard_model(model, torch.device("cpu"))
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    holder, model, full_numel = _load(model_dir, mode)
+    opt = torch.optim.AdamW(lora.trainable_parameters(model), lr=LR)
     saved = os.path.join(model_dir, OPTIMIZER_FILE)
     if os.path.exists(saved):
         state = load_optimizer_state(saved, "cpu") if rank == 0 else None
-        if fsdp:
-            parallel.load_full_optimizer_state(model, opt, state)
+        if mode.endswith("fsdp"):
+            parallel.load_full_optimizer_state(holder, opt, state)
         else:
             opt.load_state_dict(state)
     rows = _data(int(model.config.vocab_size))
-    norms = [_train_step(model, opt, rows, rank, world, fsdp) for _ in range(steps)]
+    norms = [_train_step(model, opt, rows, rank, world, mode.endswith("fsdp"))
+             for _ in range(steps)]
     info = {"rank": rank, "local_numel": parallel.local_numel(model), "full_numel": full_numel,
             "norms": norms}
     with open(f"{out_dir}.rank{rank}.json", "w") as f:
         json.dump(info, f)
     tok = load_tokenizer(model_dir) if rank == 0 else None
-    if fsdp:
-        parallel.save_sharded_checkpoint(out_dir, model, tok, opt, state={"step": steps},
-                                         is_main=rank == 0)
-    else:
-        from tcli.models.checkpoint import save_pretrained_atomic
-
-        save_pretrained_atomic(out_dir, model, tok, state={"step": steps}, optimizer=opt)
+    _save(out_dir, model_dir, holder, model, opt, tok, mode, steps)
     if world > 1:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    worker(a[0], a[1], int(a[2]), a[3] == "fsdp")
+    worker(a[0], a[1], int(a[2]), a[3])
 
 
 # ----------------------------------------------------------------------------- the tests
 
-def _launch(model_dir, out_dir, steps: int, nproc: int) -> None:
+def _launch(model_dir, out_dir, steps: int, nproc: int, lora: bool = False) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     me = os.path.abspath(__file__)
+    mode = ("lora-" if lora else "") + ("fsdp" if nproc > 1 else "plain")
     if nproc == 1:
-        cmd = [sys.executable, me, str(model_dir), str(out_dir), str(steps), "plain"]
+        cmd = [sys.executable, me, str(model_dir), str(out_dir), str(steps), mode]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               str(nproc), me, str(model_dir), str(out_dir), str(steps), "fsdp"]
+               str(nproc), me, str(model_dir), str(out_dir), str(steps), mode]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr.decode()[-4000:]
 
@@ -207,3 +235,38 @@ def test_fsdp_resume_restores_sharded_optimizer(runs):
     for k in w1:
         assert (w1[k] - w2[k]).abs().max().item() < 1e-5, k
     assert float(_optim(runs / "two3")["state"][0]["step"]) == 3.0
+
+
+@pytest.fixture(scope="module")
+def lora_runs(runs):
+    """LoRA: 2 steps by 1 plain process and by 2 FSDP processes, then 1 more step each."""
+    base = runs / "base"
+    _launch(base, runs / "lora1", 2, 1, lora=True)
+    _launch(base, runs / "lora2", 2, 2, lora=True)
+    _launch(runs / "lora1", runs / "lora1b", 1, 1, lora=True)
+    _launch(runs / "lora2", runs / "lora2b", 1, 2, lora=True)
+    return runs
+
+
+def _adapter(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_fsdp_with_lora_equals_one_process(lora_runs):
+    """An adapter trained on a sharded base: same adapter and AdamW state as one process; the
+    checkpoint is an adapter directory; the sharded resume continues the same way."""
+    for one, two in (("lora1", "lora2"), ("lora1b", "lora2b")):
+        a1, a2 = _adapter(lora_runs / one), _adapter(lora_runs / two)
+        assert set(a1) == set(a2) and len(a1) == 28
+        assert max(v.abs().max().item() for k, v in a1.items() if "lora_B" in k) > 1e-4
+        for k in a1:
+            assert (a1[k] - a2[k]).abs().max().item() < 1e-5, k
+        assert not os.path.exists(lora_runs / two / "model.safetensors")
+        o1, o2 = _optim(lora_runs / one), _optim(lora_runs / two)
+        assert len(o2["state"]) == len(o1["state"]) == 28
+        for i, s in o1["state"].items():
+            assert (s["exp_avg"] - o2["state"][i]["exp_avg"]).abs().max().item() < 1e-6
+    assert float(_optim(lora_runs / "lora2b")["state"][0]["step"]) == 3.0

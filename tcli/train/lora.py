@@ -143,14 +143,17 @@ def _target_names(model, targets: str) -> set[str]:
 
 
 def save_adapter(out_dir: str, peft_model, tokenizer, *, base: str, state: dict | None = None,
-                 optimizer=None) -> str:
+                 optimizer=None, gathered=None) -> str:
     """Write an adapter checkpoint atomically (never over user data, as full checkpoints):
-    adapter files whose config names ``base`` (absolute), tokenizer, state, optimizer."""
+    adapter files whose config names ``base`` (absolute), tokenizer, state, optimizer.
+    ``gathered``: the stand-in of a sharded model (``parallel.gathered``) that writes in its
+    place."""
     from tcli.models.checkpoint import save_pretrained_atomic
 
     for cfg in peft_model.peft_config.values():
         cfg.base_model_name_or_path = os.path.abspath(base)
-    return save_pretrained_atomic(out_dir, peft_model, tokenizer, state=state, optimizer=optimizer)
+    return save_pretrained_atomic(out_dir, gathered or peft_model, tokenizer, state=state,
+                                  optimizer=optimizer)
 
 
 def load_merged(path: str, *, device="cpu", dtype=None, train: bool = False, **load_kw):

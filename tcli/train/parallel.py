@@ -100,12 +100,14 @@ def _options(**kw):
     return StateDictOptions(**kw)
 
 
-def full_model_state(model) -> dict:
+def full_model_state(model, *, trainable_only: bool = False) -> dict:
     """The whole model's state dict on rank 0, on CPU ({} on the other ranks); every rank must
-    call it (the parameters are all-gathered one by one)."""
+    call it (the parameters are all-gathered one by one). ``trainable_only``: only parameters
+    that require gradients (a LoRA adapter), the frozen base is not gathered at all."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model, options=_options(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only))
 
 
 def full_optimizer_state(model, optimizer) -> dict:
@@ -185,14 +187,26 @@ class _GatheredOptimizer:
         return self._state
 
 
-def save_sharded_checkpoint(out_dir: str, model, tokenizer, optimizer, *, state: dict | None,
-                            is_main: bool) -> None:
+def gathered(model, optimizer, *, trainable_only: bool = False):
+    """Stand-ins for the model and optimizer that write their gathered state: what rank 0 hands
+    to ``save_pretrained_atomic`` (or ``lora.save_adapter``); (None, None) on the other ranks.
+    Every rank must call it. ``model`` is the module the optimizer's parameters are named from
+    (the PeftModel for LoRA)."""
+    import torch.distributed as dist
+
+    weights = full_model_state(model, trainable_only=trainable_only)
+    opt = full_optimizer_state(model, optimizer) if optimizer is not None else None
+    if dist.get_rank() != 0:
+        return None, None
+    return _GatheredModel(model, weights), (_GatheredOptimizer(opt) if opt is not None else None)
+
+
+def save_sharded_checkpoint(out_dir: str, model, tokenizer, optimizer, *,
+                            state: dict | None) -> None:
     """Gather weights and optimizer state to rank 0 and write one ordinary checkpoint directory
     there (atomically, as unsharded runs do). Every rank must call it; only rank 0 writes."""
     from tcli.models.checkpoint import save_pretrained_atomic
 
-    weights = full_model_state(model)
-    opt = full_optimizer_state(model, optimizer) if optimizer is not None else None
-    if is_main:
-        save_pretrained_atomic(out_dir, _GatheredModel(model, weights), tokenizer, state=state,
-                               optimizer=_GatheredOptimizer(opt) if opt is not None else None)
+    m, opt = gathered(model, optimizer)
+    if m is not None:
+        save_pretrained_atomic(out_dir, m, tokenizer, state=state, optimizer=opt)
