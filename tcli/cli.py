@@ -31,7 +31,7 @@ app = typer.Typer(
 )
 
 COMMAND_MODULES = ("streams", "verify", "sample", "train", "eval", "loop", "init_model",
-                   "import_gguf")
+                   "import_gguf", "critic")
 
 
 _registered = False

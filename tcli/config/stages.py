@@ -39,6 +39,11 @@ def _kl_estimators():
     return KL_ESTIMATORS.names()
 
 
+def _lr_schedules():
+    from tcli.train.schedule import LR_SCHEDULES
+    return LR_SCHEDULES.names()
+
+
 def _check_template(v: str) -> str | None:
     from tcli.prompts import PROMPT_TEMPLATES
 
@@ -206,6 +211,18 @@ class TrainOptions(Options):
     TABLE: ClassVar[str] = "train"
 
     lr: float = setting(1e-6, "AdamW learning rate.", check=finite_at_least(0.0))
+    lr_schedule: str = setting("constant", "Learning rate after warm-up, per optimizer step: "
+                               "constant, or linear / cosine decay to min_lr_ratio x lr at "
+                               "schedule_steps.", choices=_lr_schedules)
+    warmup_steps: int = setting(0, "Optimizer steps of linear warm-up (step k, 0-based, uses "
+                                "lr x (k+1) / warmup_steps).", check=at_least(0))
+    min_lr_ratio: float = setting(0.0, "linear/cosine: the final lr as a fraction of lr.",
+                                  check=in_range(0.0, 1.0))
+    schedule_steps: int = setting(0, "Optimizer steps the schedule spans, warm-up included, "
+                                  "counted by the checkpoint's optimizer_steps (chained "
+                                  "train-steps and loop --resume continue it exactly). "
+                                  "train-step: needed by linear/cosine; loop: 0 = steps x "
+                                  "epochs x mini_batches.", check=at_least(0))
     clip_low: float = setting(0.2, "PPO clip: ratio lower bound 1 - eps_low.",
                               check=in_range(0.0, 1.0, hi_open=True))
     clip_high: float = setting(0.28, "PPO clip: ratio upper bound 1 + eps_high.",
@@ -240,6 +257,36 @@ class TrainOptions(Options):
     def check(self) -> None:
         if self.kl_coef > 0 and not self.ref_model:
             raise UsageError(f"{self.label('kl_coef')} > 0 needs {self.flag('ref_model')}")
+        if self.schedule_steps and self.warmup_steps > self.schedule_steps:
+            raise UsageError(f"{self.label('warmup_steps')} must be <= "
+                             f"{self.label('schedule_steps')}, got {self.warmup_steps} > "
+                             f"{self.schedule_steps}")
+
+    def require_span(self) -> None:
+        """linear and cosine must know where they end (the loop fills schedule_steps in)."""
+        if self.lr_schedule != "constant" and not self.schedule_steps:
+            raise UsageError(f"{self.label('lr_schedule')} {self.lr_schedule} needs "
+                             f"{self.flag('schedule_steps')} (the optimizer steps it spans)")
+
+
+@dataclass(frozen=True)
+class CriticOptions(Options):
+    """The PPO critic's update (train-critic, and the loop's [critic] with estimator ppo); values
+    are fitted to GAE returns with a clipped squared error."""
+
+    TABLE: ClassVar[str] = "critic"
+
+    lr: float = like(TrainOptions, "lr", 1e-5)
+    value_clip: float = setting(0.2, "Clipped value loss: a value may move at most this far from "
+                                "the one recorded at sampling time (0 = no clip).",
+                                check=finite_at_least(0.0))
+    epochs: int = like(TrainOptions, "epochs", 1)
+    mini_batches: int = like(TrainOptions, "mini_batches", 1)
+    micro_batch_tokens: int = setting(2048, "Padded tokens per forward/backward (gradient "
+                                      "accumulation above that).", check=at_least(1))
+    max_grad_norm: float = like(TrainOptions, "max_grad_norm", 1.0)
+    weight_decay: float = like(TrainOptions, "weight_decay", 0.0)
+    device: str = like(TrainOptions, "device", "auto")
 
 
 @dataclass(frozen=True)
@@ -271,4 +318,5 @@ def parse_ks(k: str, n: int, label: str) -> list[int]:
     return ks
 
 
-STAGE_OPTIONS = (SampleOptions, PromptOptions, VerifyOptions, AdvantageOptions, TrainOptions, EvalOptions)
+STAGE_OPTIONS = (SampleOptions, PromptOptions, VerifyOptions, AdvantageOptions, TrainOptions,
+                 CriticOptions, EvalOptions)

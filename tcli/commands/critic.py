@@ -1,0 +1,169 @@
+"""PPO's critic as commands: `tcli init-critic`, `tcli values` (and `tcli train-critic`).
+
+    tcli init-critic --from runs/sft runs/critic
+    tcli sample-tree ... | tcli verify | tcli values --critic runs/critic \\
+        | tcli advantages -e gae | tee adv.jsonl | tcli train-step -m POLICY -o NEW
+    tcli train-critic adv.jsonl --critic runs/critic -o runs/critic-1
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Annotated, Iterator
+
+import typer
+
+from tcli.commands.common import (FormatOpt, InputArg, InputFormatOpt, OutputOpt, QuietOpt,
+                                  SeedOpt, stderr_console)
+from tcli.config.flags import Without, options_command
+from tcli.config.stages import CriticOptions
+from tcli.errors import DataError
+
+CriticOpt = Annotated[str, typer.Option("--critic", help="Critic directory (tcli init-critic).")]
+BATCH_RECORDS = 256  # records read ahead per batch of forwards (bounded memory)
+
+
+def init_critic(
+    out_dir: Annotated[str, typer.Argument(help="New critic directory (absent, empty, or a "
+                                           "checkpoint tcli wrote).")],
+    source: Annotated[str, typer.Option("--from", help="Policy (causal LM) checkpoint whose "
+                                        "backbone the critic starts from.")] = ...,
+    dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
+    = "float32",
+    quiet: QuietOpt = False,
+) -> None:
+    """A PPO critic: the policy's backbone with a zero-initialised scalar value head."""
+    from tcli.models.critic import init_critic as make
+
+    path = make(source, out_dir, dtype=dtype)
+    con = stderr_console(quiet)
+    if con:
+        con.print(f"init-critic: {path} (backbone of {source}, value head at 0)")
+
+
+@options_command
+def values(
+    input: InputArg = "-",
+    *,
+    critic: CriticOpt = ...,
+    output: OutputOpt = "-",
+    opts: Annotated[CriticOptions, Without("lr", "value_clip", "epochs", "mini_batches",
+                                           "max_grad_norm", "weight_decay")],
+    format: FormatOpt = None,
+    input_format: InputFormatOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Add ``critic_values`` (T + 1 per response: V before each token and after the last)."""
+    from tcli.io import RecordReader, RecordWriter
+    from tcli.models.critic import load_critic
+    from tcli.models.load import check_model_dir
+    from tcli.train.dist import resolve_device
+
+    check_model_dir(critic)
+    reader = RecordReader(input, input_format)
+    batches = _batches(iter(reader), reader.name)
+    first = next(batches, None)  # bad input fails before the model loads
+    with RecordWriter(output, format) as writer:
+        if first is None:
+            return
+        device = resolve_device(opts.device)
+        model = load_critic(critic, device=device)
+        vocab = int(model.config.vocab_size)
+        for batch in itertools.chain([first], batches):
+            for rec in _with_values(model, batch, reader.name, vocab, device, opts):
+                writer.write(rec)
+
+
+def _batches(records: Iterator, source: str) -> Iterator[list]:
+    """(line, record, prompt ids, response ids) in batches, validated as they are read."""
+    from tcli.records import token_array
+
+    batch: list = []
+    for line, rec in records:
+        try:
+            batch.append((line, rec, token_array(rec, "prompt_token_ids"), token_array(rec)))
+        except DataError as e:
+            raise e.located(source, line) from None
+        if len(batch) == BATCH_RECORDS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _with_values(model, batch: list, source: str, vocab: int, device, opts) -> list[dict]:
+    from tcli.models.critic import critic_values
+
+    for line, _, p, r in batch:
+        for name, arr in (("prompt_token_ids", p), ("token_ids", r)):
+            if name == "prompt_token_ids" and len(arr) == 0:
+                raise DataError("is empty; the first value needs a context", file=source,
+                                line=line, field=name)
+            if len(arr) and int(arr.max()) >= vocab:
+                raise DataError(f"token id {int(arr.max())} is outside the critic's vocabulary "
+                                f"(size {vocab})", file=source, line=line, field=name)
+    vals = critic_values(model, [b[2] for b in batch], [b[3] for b in batch], device=device,
+                         micro_batch_tokens=opts.micro_batch_tokens,
+                         pad_id=int(getattr(model.config, "pad_token_id", None) or 0))
+    out = []
+    for (_, rec, _, _), v in zip(batch, vals):
+        rec["critic_values"] = v.tolist()
+        out.append(rec)
+    return out
+
+
+@options_command
+def train_critic(
+    input: InputArg = "-",
+    *,
+    critic: CriticOpt = ...,
+    output: Annotated[str, typer.Option("-o", "--output", help="New critic directory (written "
+                      "to a temporary sibling, then renamed).")] = ...,
+    opts: CriticOptions,
+    input_format: InputFormatOpt = None,
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fit the critic to ``returns`` (from `advantages -e gae`) with the clipped value loss.
+
+    Prints one metrics record (JSON line) on stdout: value_loss, value_clip_frac,
+    explained_variance, grad_norm."""
+    import os
+    import sys
+
+    from tcli.io import dumps
+    from tcli.models.checkpoint import check_checkpoint_target
+    from tcli.train.dist import distributed, run_on_main
+    from tcli.train.critic import CriticTrainer
+
+    check_checkpoint_target(output, "-o/--output")
+    with distributed(opts.device) as info:
+        samples = run_on_main(lambda: _read_critic_samples(input, input_format, critic), info)
+        trainer = CriticTrainer(critic, opts, seed=seed, dist_info=info)
+        m = trainer.step(samples)
+        trainer.save(output)
+        if info.is_main:
+            sys.stdout.buffer.write(dumps({"kind": "train-critic",
+                                           "critic": os.path.abspath(output), **m}))
+            sys.stdout.buffer.flush()
+
+
+def _read_critic_samples(input: str, input_format: str | None, critic: str):
+    """Every record validated before the critic loads (exit 65 fast)."""
+    from tcli.io import RecordReader
+    from tcli.models.load import model_vocab_size
+    from tcli.train.critic import critic_samples
+
+    vocab = model_vocab_size(critic)
+    reader = RecordReader(input, input_format)
+    samples = critic_samples(iter(reader), reader.name, vocab)
+    if not any(len(s.tokens) for s in samples):
+        raise DataError("no response tokens to train on (empty input or empty responses)",
+                        file=reader.name)
+    return samples
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init-critic")(init_critic)
+    app.command("values")(values)
+    app.command("train-critic")(train_critic)
