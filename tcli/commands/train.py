@@ -44,6 +44,7 @@ def train_step(
     from tcli.train.dist import distributed, run_on_main
     from tcli.train.trainer import Trainer
 
+    opts.require_span()
     check_checkpoint_target(output, "-o/--output")
     if metrics and metrics != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(metrics))):
         raise UsageError(f"--metrics: directory does not exist: "

@@ -84,6 +84,11 @@ class LoopConfig:
         if self.advantages.estimator == "treerpo" and self.sample.mode != "tree":
             raise UsageError('estimator "treerpo" needs tree-sampled groups: set mode = "tree" '
                              "in [sample] (--mode tree)")
+        t = self.train
+        if not t.schedule_steps:  # the lr schedule spans the run (fixed in config.toml: a
+            #                       resumed run continues the same schedule)
+            span = self.run.steps * t.epochs * t.mini_batches
+            object.__setattr__(self, "train", t.replace(schedule_steps=span))
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name).to_dict() for name in ("run", *TABLES)}

@@ -93,7 +93,11 @@ class Trainer:
 
         from tcli.models.checkpoint import OPTIMIZER_FILE, load_optimizer_state
 
+        from tcli.train.schedule import lr_at
+
         o = self.opts
+        o.require_span()
+        self.lr_now = lr_at(o, self.optimizer_steps)  # the schedule's place: optimizer_steps
         opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
                                 weight_decay=o.weight_decay)
         path = os.path.join(model_dir, OPTIMIZER_FILE)
@@ -103,7 +107,7 @@ class Trainer:
             except (ValueError, KeyError, TypeError) as e:
                 raise TcliError(f"optimizer state {path} does not match the model: {e}") from None
         for g in opt.param_groups:
-            g.update(lr=o.lr, weight_decay=o.weight_decay, betas=ADAM_BETAS, eps=ADAM_EPS)
+            g.update(lr=self.lr_now, weight_decay=o.weight_decay, betas=ADAM_BETAS, eps=ADAM_EPS)
         return opt
 
     def _wrap_ddp(self):
@@ -196,7 +200,7 @@ class Trainer:
         if stats.optimizer_steps:
             self.policy_version += 1
         return stats.reduced(self._allreduce).to_metrics(
-            step=self.step_count, policy_version=self.policy_version, lr=self.opts.lr,
+            step=self.step_count, policy_version=self.policy_version, lr=self.lr_now,
             epochs=self.opts.epochs, elapsed=elapsed, world_size=self.dist.world_size,
             with_kl=self.ref_model is not None)
 
@@ -276,6 +280,11 @@ class Trainer:
         limit = self.opts.max_grad_norm if self.opts.max_grad_norm > 0 else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
         if stats.add_grad_norm(norm):
+            from tcli.train.schedule import lr_at
+
+            self.lr_now = lr_at(self.opts, self.optimizer_steps)  # this step's lr
+            for g in self.optimizer.param_groups:
+                g["lr"] = self.lr_now
             self.optimizer.step()
             self.optimizer_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
