@@ -14,7 +14,6 @@ round-off in batched matmuls, which can only flip a sample at an exact probabili
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 from dataclasses import dataclass
@@ -96,7 +95,9 @@ class HFEngine:
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, policy_version: int | None = None,
-                 attn_implementation: str | None = None, trainer=None):
+                 attn_implementation: str | None = None, trainer=None, kv_cache: str = "static"):
+        """``kv_cache``: ``static`` (preallocated buffers, tcli/engines/kv.py) or ``dynamic``
+        (transformers' DynamicCache, one concatenation per token; kept to compare)."""
         import torch
 
         from tcli.models.quiet import quiet_transformers
@@ -112,6 +113,9 @@ class HFEngine:
         self.dtype = torch_dtype(dtype)
         self.batch_tokens = int(batch_tokens)
         self.attn_implementation = attn_implementation
+        if kv_cache not in ("static", "dynamic"):
+            raise ValueError(f"kv_cache must be 'static' or 'dynamic', got {kv_cache!r}")
+        self.kv_cache = kv_cache
         self.generated_tokens = 0    # tokens sampled (shared tree prefixes count once)
         self._tokenizer = None
         self.model = None
@@ -217,7 +221,7 @@ class HFEngine:
                         pieces = [pairs[i:i + per] for i in range(0, len(pairs), per)]
                         stack.extend((parent, p) for p in reversed(pieces[1:]))
                         pairs = pieces[0]
-                    child = self._fork(parent, pairs)
+                    child = self._fork(parent, pairs, seg)
                     del parent
                     alive = self._segment(child, level == depth, seg, cfg, leaves)
                     if alive is not None:
@@ -252,14 +256,6 @@ class HFEngine:
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, **kw)
         return out.logits[:, -1, :].float()
 
-    def _new_cache(self):
-        from transformers import DynamicCache
-
-        try:
-            return DynamicCache(config=self.model.config)
-        except TypeError:  # older transformers
-            return DynamicCache()
-
     def _prefill(self, prompts, idx: list[int], seed: int) -> _State:
         import torch
 
@@ -272,19 +268,22 @@ class HFEngine:
             mask[r, width - len(s):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(1) - 1).clamp_(min=0)
-        cache = self._new_cache()
+        from tcli.engines.kv import new_cache
+
+        cache = new_cache(self.model.config, self.kv_cache)  # the root only feeds its children
         logits = self._forward(ids, mask, pos, cache)
         nodes = [_Node(i, (), [], [], [], prompt_key(seed, prompts[i])) for i in idx]
         return _State(cache, mask, pos[:, -1] + 1, logits, nodes)
 
-    def _fork(self, parent: _State, pairs: list[tuple[int, int]]) -> _State:
-        """Children (row, child index) of parent rows: the cache rows are gathered, never recomputed."""
+    def _fork(self, parent: _State, pairs: list[tuple[int, int]], room: int) -> _State:
+        """Children (row, child index) of parent rows: the cache rows are gathered, never
+        recomputed, into a cache with ``room`` free columns for the segment to come."""
         import torch
 
+        from tcli.engines.kv import fork_cache
+
         rows = torch.tensor([r for r, _ in pairs], dtype=torch.long, device=self.device)
-        cache = copy.copy(parent.cache)
-        cache.layers = [copy.copy(layer) for layer in parent.cache.layers]
-        cache.batch_select_indices(rows)  # new tensors per layer; the parent's stay untouched
+        cache = fork_cache(parent.cache, rows, room)  # the parent's tensors stay untouched
         nodes = []
         for r, c in pairs:
             p = parent.nodes[r]
@@ -306,25 +305,21 @@ class HFEngine:
 
     @staticmethod
     def _trim_left(st: _State) -> None:
-        """Remove left-pad columns no remaining row needs (only for plain dynamic layers)."""
-        from transformers.cache_utils import DynamicLayer
+        """Remove left-pad columns no remaining row needs (not for sliding-window layers)."""
+        from tcli.engines.kv import trim_left
 
         col = st.mask.any(0)
         k = int(col.int().argmax()) if bool(col.any()) else 0
-        if k == 0 or not all(type(layer) is DynamicLayer for layer in st.cache.layers):
-            return
-        for layer in st.cache.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.numel():
-                layer.keys = layer.keys[:, :, k:, :]
-                layer.values = layer.values[:, :, k:, :]
-        st.mask = st.mask[:, k:]
+        if k and trim_left(st.cache, k):
+            st.mask = st.mask[:, k:]
 
     def _sample(self, logits, keys: np.ndarray, step: int, cfg: SamplingConfig):
         """Next token per row and its behaviour log-prob: log-softmax of logits / T (T = 1 when
         greedy), before top-p and the min-tokens EOS mask, as train-step recomputes it."""
         import torch
 
-        logp = torch.log_softmax(logits / logprob_temperature(cfg.temperature), dim=-1)
+        t = logprob_temperature(cfg.temperature)
+        logp = torch.log_softmax(logits if t == 1 else logits / t, dim=-1)
         scores = logits
         if step < cfg.min_new_tokens and len(self.eos_token_ids):
             scores = logits.clone()
