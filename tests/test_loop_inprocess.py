@@ -214,3 +214,35 @@ def test_tensorboard_event_files(model, tmp_path):
 def _read(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as f:
         return [orjson.loads(x) for x in f.read().splitlines()]
+
+
+def test_ppo_trains_a_critic_beside_the_policy_and_resumes_exactly(model, tmp_path):
+    """estimator ppo: critic values -> GAE -> train-step + train-critic each step; critic_N is
+    saved with step_N, pruned with it, and a resumed run ends with the same policy AND critic."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from tcli.io import RecordReader
+    from tcli.loop import resume_config, run_loop
+
+    kw = dict(estimator="ppo", steps=3, eval_every=0, keep_last=1, critic_lr=1e-3, lam=1.0)
+    metrics = _run(_config(model, tmp_path / "ref", **kw))
+    ck = tmp_path / "ref" / "checkpoints"
+    assert sorted(os.listdir(ck)) == ["critic_0", "critic_3", "step_3"]
+    train = [m for m in metrics if m["kind"] == "train"]
+    assert all(m["critic_value_loss"] > 0 and "critic_explained_variance" in m for m in train)
+    assert all(m["seconds_critic"] > 0 for m in train)
+    recs = [r for _, r in RecordReader(str(tmp_path / "ref" / "rollouts" / "step_2.arrow"))]
+    for r in recs:  # lam = gamma = 1: returns are the reward; advantages = reward - V
+        assert len(r["critic_values"]) == len(r["token_ids"]) + 1
+        assert np.allclose(r["returns"], r["reward"])
+        assert np.allclose(r["advantages"], r["reward"] - np.array(r["critic_values"][:-1]))
+    assert any(v != 0 for r in recs for v in r["critic_values"])  # step 1 moved the critic
+    _run(_config(model, tmp_path / "run", **{**kw, "steps": 2, "keep_last": 2}))
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_2")  # killed before step 2 was saved
+    run_loop(resume_config(str(tmp_path / "run"), {"steps": 3}), resume=True, log=lambda s: None)
+    for name in ("step_3", "critic_3"):
+        a = load_file(str(ck / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "run" / "checkpoints" / name / "model.safetensors"))
+        assert all((a[k] == b[k]).all() for k in a), name

@@ -236,10 +236,15 @@ def _sibling_advantages(value, children, opt, scale: float):
 
 # ----------------------------------------------------------------------------- PPO
 
+CRITIC_ESTIMATORS = frozenset({"gae", "ppo"})  # estimators that read a critic's values
+
+
+@ESTIMATORS.register("ppo")
 @ESTIMATORS.register("gae")
 def gae(group: Group, opt) -> Advantages:
     """GAE(gamma, lam) over a learned critic's ``critic_values`` (``tcli values``); writes
-    ``returns`` for ``train-critic``. Rewards are used as they are (no group normalisation)."""
+    ``returns`` for ``train-critic``. Rewards are used as they are (no group normalisation).
+    ``ppo`` is the same estimator; in ``tcli loop`` either name also trains the critic."""
     from tcli.algos.gae import gae as gae_one
 
     adv, ret = [], []

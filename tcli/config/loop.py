@@ -23,8 +23,8 @@ from typing import Any, ClassVar, Iterator, Optional
 
 from tcli.config.spec import (Options, at_least, coerce, finite_at_least, like, setting,
                               settings_of)
-from tcli.config.stages import (AdvantageOptions, EvalOptions, PromptOptions, SampleOptions,
-                                ThreadOptions, TrainOptions, VerifyOptions)
+from tcli.config.stages import (AdvantageOptions, CriticOptions, EvalOptions, PromptOptions,
+                                SampleOptions, ThreadOptions, TrainOptions, VerifyOptions)
 from tcli.errors import UsageError
 
 
@@ -64,10 +64,25 @@ class LoopEvalOptions(EvalOptions):
                          check=at_least(0))
 
 
+@dataclass(frozen=True)
+class LoopCriticOptions(CriticOptions):
+    """The loop's [critic] table (used with estimator gae/ppo): train-critic's settings plus
+    where the critic starts; flags --critic-*."""
+
+    FLAG_PREFIX: ClassVar[str] = "critic-"
+
+    model: str = setting("", "Critic to start from (default: a new one from the policy's "
+                         "backbone, as `tcli init-critic`, saved as checkpoints/critic_0).")
+
+    def update_options(self) -> CriticOptions:
+        """The settings of one train-critic update (without where the critic starts)."""
+        return CriticOptions(**{k: v for k, v in self.to_dict().items() if k != "model"})
+
+
 TABLES: dict[str, type[Options]] = {"prompts": PromptOptions, "sample": SampleOptions,
                                     "verify": VerifyOptions,
                                     "advantages": AdvantageOptions, "train": TrainOptions,
-                                    "eval": LoopEvalOptions}
+                                    "critic": LoopCriticOptions, "eval": LoopEvalOptions}
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,7 @@ class LoopConfig:
     verify: VerifyOptions = field(default_factory=VerifyOptions)
     advantages: AdvantageOptions = field(default_factory=AdvantageOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
+    critic: LoopCriticOptions = field(default_factory=LoopCriticOptions)
     eval: LoopEvalOptions = field(default_factory=LoopEvalOptions)
 
     def __post_init__(self) -> None:

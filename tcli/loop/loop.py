@@ -75,6 +75,7 @@ class Loop:
         self.on_step = on_step
         self.sink = None
         self.verify_pool = None
+        self.critic = None
         if cfg.run.tensorboard:
             from tcli.loop.tensorboard import check_available
 
@@ -119,9 +120,28 @@ class Loop:
 
             self.sink = TensorBoardSink(self.cfg.run.tensorboard)
         self.trainer = Trainer(start_ckpt, self.cfg.train, seed=self.cfg.run.seed)
+        self.critic = self._start_critic(last, resume)
         self.engine = open_engine(start_ckpt, self.cfg.sample, seed=self.cfg.run.seed,
                                   trainer=self.trainer)
         return last + 1
+
+    def _start_critic(self, last: int, resume: bool):
+        """PPO (estimator gae/ppo): the critic beside the policy: on resume the one saved with the
+        last step, else [critic] model or a new critic from the policy (checkpoints/critic_0)."""
+        from tcli.algos.estimators import CRITIC_ESTIMATORS
+
+        if self.cfg.advantages.estimator not in CRITIC_ESTIMATORS:
+            return None
+        from tcli.models.critic import init_critic
+        from tcli.train.critic import CriticTrainer
+
+        c = self.cfg.critic
+        path = self.run.critic_ckpt(last)
+        if not resume and c.model:
+            path = c.model
+        elif not resume:
+            init_critic(self.cfg.run.model, path)
+        return CriticTrainer(path, c.update_options(), seed=self.cfg.run.seed)
 
     def _restore_metrics(self, last: int) -> None:
         """Keep metrics of completed steps only; restore a step's line lost between checkpoint
@@ -160,6 +180,8 @@ class Loop:
 
         stats = AdvantageStats()
         kept, dropped = [], 0
+        if self.critic is not None:
+            self._add_critic_values(records)
         for _, recs in iter_groups(enumerate(records, 1), "<loop>"):
             group = Group.from_records(recs)
             advantages_group(group, self.cfg.advantages, stats)
@@ -169,6 +191,20 @@ class Loop:
                 continue
             kept.extend(recs)
         return kept, {**stats.summary(), "groups_dropped": dropped}
+
+    def _add_critic_values(self, records: list[dict]) -> None:
+        """``critic_values`` of every rollout from the current critic (as `tcli values`)."""
+        import numpy as np
+
+        from tcli.models.critic import critic_values
+
+        vals = critic_values(self.critic.model, [np.asarray(r["prompt_token_ids"]) for r in records],
+                             [np.asarray(r["token_ids"]) for r in records],
+                             device=self.critic.device,
+                             micro_batch_tokens=self.cfg.critic.micro_batch_tokens,
+                             pad_id=self.critic.pad_id)
+        for rec, v in zip(records, vals):
+            rec["critic_values"] = v.tolist()
 
     def evaluate(self, step: int) -> dict | None:
         """An eval metrics record, or None when the run has no eval data."""
@@ -197,6 +233,10 @@ class Loop:
         with timer("train"):
             train = self.trainer.step(batch) if batch else {}
             self.engine.follow(self.trainer)
+        critic = {}
+        if self.critic is not None:
+            with timer("critic"):
+                critic = self.critic.step(batch) if batch else {}
         with timer("write"):
             with RecordWriter(self.run.rollout_file(step)) as w:
                 w.write_all(rollouts)
@@ -210,6 +250,8 @@ class Loop:
             **{k: adv[k] for k in ("reward_mean", "zero_variance_share", "branch_token_share",
                                    "mean_abs_advantage", "groups_dropped")},
             **{f"train_{k}": v for k, v in train.items() if isinstance(v, (int, float))},
+            **{f"critic_{k}": v for k, v in critic.items() if isinstance(v, (int, float))
+               and k not in ("step", "lr")},
             **{f"seconds_{k}": round(v, 4) for k, v in timer.seconds.items()},
             "tokens_per_s_sample": sampled / max(timer.seconds["sample"], 1e-9),
         }
@@ -244,6 +286,8 @@ class Loop:
         return step == self.cfg.run.steps or budget.exhausted(time.perf_counter() - t0) is not None
 
     def _save(self, step: int, records: list[dict], is_best: bool) -> None:
+        if self.critic is not None:  # first: a complete step_N always has its critic_N
+            self.critic.save(self.run.critic_ckpt(step), {"step": step})
         self.trainer.save(self.run.ckpt(step), {"step": step, "metrics": records,
                                                 "loop_config": self.cfg.to_dict()})
         if is_best:

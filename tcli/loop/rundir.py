@@ -3,6 +3,7 @@ survive a torn line, and no removal of anything the loop did not write.
 
     config.toml            resolved configuration
     checkpoints/step_N/    model + tokenizer + optimizer.pt + tcli_state.json (the last k, and best/)
+    checkpoints/critic_N/  PPO only: the critic saved with step N (critic_0: made from the policy)
     rollouts/step_N.arrow  every record of step N (inspect with `tcli show-tree`)
     metrics.jsonl          one record per step (and per evaluation)
     metrics.png            reward and eval accuracy vs step and vs wall time
@@ -40,6 +41,10 @@ class RunDir:
 
     def ckpt(self, step: int) -> str:
         return os.path.join(self.checkpoints, f"step_{step}")
+
+    def critic_ckpt(self, step: int) -> str:
+        """PPO's critic saved with step N (written just before step_N)."""
+        return os.path.join(self.checkpoints, f"critic_{step}")
 
     def rollout_file(self, step: int) -> str:
         return os.path.join(self.rollouts, f"step_{step}.arrow")
@@ -108,6 +113,7 @@ class RunDir:
         """Delete complete step checkpoints beyond the newest ``keep_last`` (only those)."""
         for s in self.complete_steps()[:-keep_last]:
             shutil.rmtree(self.ckpt(s), ignore_errors=True)
+            shutil.rmtree(self.critic_ckpt(s), ignore_errors=True)
 
     def set_best(self, step: int) -> None:
         """best/ becomes a copy of step_N, swapped in atomically; an existing best/ that is not a
