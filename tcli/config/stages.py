@@ -17,6 +17,7 @@ from tcli.errors import UsageError
 MODES = ("independent", "tree")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+PARALLEL_MODES = ("ddp", "fsdp")
 
 
 def _engines():
@@ -253,8 +254,24 @@ class TrainOptions(Options):
     bf16: bool = setting(False, "bfloat16 autocast (fp32 master weights).")
     grad_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.", check=_check_device)
+    parallel: str = setting("ddp", "Under torchrun: ddp (every rank holds the whole model) or "
+                            "fsdp (FSDP2: weights, gradients and AdamW state sharded over the "
+                            "ranks, one all-gather group per decoder layer).",
+                            choices=lambda: PARALLEL_MODES)
+    lora_rank: int = setting(0, "LoRA rank (peft): train only low-rank adapters, saved as an "
+                             "adapter directory that names its base model; 0 = all weights.",
+                             check=at_least(0))
+    lora_alpha: float = setting(32.0, "LoRA alpha: the adapters' update is scaled by "
+                                "alpha / rank.", check=lambda v: None if 0 < v < float("inf")
+                                else f"must be a finite number > 0, got {v}")
+    lora_targets: str = setting("all-linear", "Modules that get LoRA adapters: all-linear (every "
+                                "linear layer but the LM head) or names, comma-separated "
+                                "(q_proj,v_proj).")
 
     def check(self) -> None:
+        if not any(t.strip() for t in self.lora_targets.split(",")):
+            raise UsageError(f"{self.label('lora_targets')} must be all-linear or module names, "
+                             f"got {self.lora_targets!r}")
         if self.kl_coef > 0 and not self.ref_model:
             raise UsageError(f"{self.label('kl_coef')} > 0 needs {self.flag('ref_model')}")
         if self.schedule_steps and self.warmup_steps > self.schedule_steps:
