@@ -10,19 +10,22 @@ Loss aggregation: tcli ``token-mean`` = TRL ``loss_type="dapo"`` (sum over every
 token of the batch / number of those tokens). Rewards: the arith verifier (tcli's, inside the
 loop; TRL calls the same ``tcli.verifiers.arith.verify_arith`` from its reward function).
 
-- tcli side: ``tcli loop --estimator grpo`` (eval off, no checkpoint until the last step); a
-  step's time is the difference of consecutive ``wall_time`` in metrics.jsonl (sample, verify,
-  advantages, train, rollout writing and the metrics line: everything the loop does per step).
-- TRL side: ``GRPOTrainer.train``; a step's time is the difference of consecutive
-  ``on_step_end`` callbacks (generation, rewards, loss, backward, optimizer, logging).
+- tcli side: the loop library in a worker process (what ``tcli loop --estimator grpo`` runs; eval
+  off, no checkpoint before the last step); a step's time is the difference of consecutive
+  ``wall_time`` in its metrics.jsonl (sample, verify, advantages, train, rollout writing and the
+  metrics line: everything the loop does per step).
+- TRL side: ``GRPOTrainer.train`` in a worker process; a step runs from one ``on_step_begin``
+  callback to the next (generation, rewards, loss, backward, optimizer, the step's logging).
 
-Runs alternate (tcli, TRL, TRL, tcli, ...) in short runs from the warm start, so machine load
-falls on both alike; the first ``--warmup`` steps of every run are dropped and the medians of the
-remaining steps are compared. Generated tokens per step (EOS included) are printed for both, to
-show both sides did the same sampling work.
+Interleaving: both workers load, then run one training step at a time by turns (tcli step 1,
+TRL step 1, tcli step 2, ...; the pauses between turns are not timed), so a change in the load of
+a shared machine hits both sides alike; each round starts both fresh from the warm start, the
+first ``--warmup`` steps of a round are dropped and the medians of the remaining steps are
+compared. Generated tokens per step (EOS included) are printed for both, to show both sides did
+the same sampling work.
 
     make bench-peer      # builds .venv-trl (torch CPU + pinned trl), then runs this
-    .venv-trl/bin/python bench/bench_peer_trl.py [--rounds 4] [--steps 12] [--warmup 2]
+    .venv-trl/bin/python bench/bench_peer_trl.py [--rounds 2] [--steps 25] [--warmup 3]
 
 Prints one ``target`` line ending in PASS or FAIL; exit status 0 when it passes.
 """
@@ -57,6 +60,21 @@ def demo_settings(config: str) -> dict:
             "max_new_tokens": s.get("max_new_tokens", 256), "lr": t.get("lr", 1e-6),
             "clip_low": t.get("clip_low", 0.2), "clip_high": t.get("clip_high", 0.28),
             "max_grad_norm": t.get("max_grad_norm", 1.0)}
+
+
+# ------------------------------------------------------------------------------ lockstep
+
+class Baton:
+    """The worker's end of the lockstep: say "ready", wait for "go". The driver lets the two
+    sides run one step at a time by turns, so a change of machine load hits both alike."""
+
+    def __init__(self, spec: str):
+        self.go, self.ready = (int(x) for x in spec.split(","))
+
+    def pause(self) -> None:
+        os.write(self.ready, b"r")
+        if os.read(self.go, 1) != b"g":
+            raise SystemExit("bench driver went away")
 
 
 # ------------------------------------------------------------------------------ TRL side
@@ -109,39 +127,51 @@ def timed_trainer(stats: dict):
     return Timed
 
 
-def run_trl(model: str, data: str, s: dict, steps: int, seed: int) -> dict:
+def step_clock(stats: dict, baton: Baton):
+    """A step runs from the "go" at its on_step_begin to the next step's on_step_begin (or the end
+    of training): generation, rewards, loss, backward, optimizer and the step's logging."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        started = None
+
+        def stop(self):
+            if self.started is not None:
+                stats["seconds"].append(time.perf_counter() - self.started)
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.stop()
+            baton.pause()
+            self.started = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            self.stop()
+
+    return Clock()
+
+
+def run_trl(a, s: dict) -> dict:
     """One TRL run in this process; per-step seconds and tokens."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(1)
-    stats = {"step_end": [], "tokens": [], "reward_s": [], "generate_s": []}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            stats["step_end"].append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            stats["step_end"].append(time.perf_counter())
-
-    with open(data) as f:
+    stats = {"seconds": [], "tokens": [], "reward_s": [], "generate_s": []}
+    with open(a.data) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     ds = Dataset.from_list([{"prompt": r["prompt"], "answer": str(r["answer"])} for r in rows])
-    tok = AutoTokenizer.from_pretrained(model)
+    tok = AutoTokenizer.from_pretrained(a.model)
     check_tokenizer(tok, rows[0]["prompt"])
     with tempfile.TemporaryDirectory() as out:
         trainer = timed_trainer(stats)(
-            model=AutoModelForCausalLM.from_pretrained(model), processing_class=tok,
-            reward_funcs=[arith_reward(stats)], args=trl_config(s, out, steps, seed),
-            train_dataset=ds, callbacks=[Clock()])
+            model=AutoModelForCausalLM.from_pretrained(a.model), processing_class=tok,
+            reward_funcs=[arith_reward(stats)], args=trl_config(s, out, a.steps, a.seed),
+            train_dataset=ds, callbacks=[step_clock(stats, Baton(a.baton))])
         if trainer.args.bf16 or getattr(trainer.model, "is_gradient_checkpointing", False):
             raise SystemExit("TRL side must train in fp32 without gradient checkpointing, as tcli")
         trainer.train()
-    ends = stats["step_end"]
-    return {"seconds": [b - a for a, b in zip(ends, ends[1:])], "tokens": stats["tokens"],
-            "generate_s": stats["generate_s"], "reward_s": stats["reward_s"],
-            "threads": torch.get_num_threads()}
+    return {**stats, "threads": torch.get_num_threads()}
 
 
 def check_tokenizer(tok, prompt: str) -> None:
@@ -156,70 +186,104 @@ def check_tokenizer(tok, prompt: str) -> None:
 
 # ------------------------------------------------------------------------------ tcli side
 
-def tcli_supports(flag: str) -> bool:
-    from tcli.config.loop import loop_flags
+def run_tcli(a, s: dict) -> dict:
+    """``tcli loop --estimator grpo`` through the loop library in this process (eval off, no
+    checkpoint before the last step); per-step seconds from its metrics.jsonl ``wall_time``."""
+    import torch
 
-    return any(f.flag == flag for f in loop_flags())
+    from tcli.config.loop import load_config, loop_flags
+    from tcli.loop import Loop
 
-
-def run_tcli(a, steps: int, seed: int) -> dict:
-    """One ``tcli loop --estimator grpo`` run; per-step seconds from its metrics.jsonl."""
+    baton = Baton(a.baton)
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = os.path.join(tmp, "run")
-        cmd = [a.tcli, "loop", "--config", a.config, "--estimator", "grpo", "--model", a.model,
-               "--train-data", a.data, "--run-dir", run_dir, "--steps", str(steps),
-               "--seed", str(seed), "--eval-every", "0", "--save-every", "1000000",
-               "--keep-last", "1", "--max-wall-seconds", "0"]
-        if tcli_supports("--threads"):
-            cmd += ["--threads", "1"]
-        child(cmd)
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        flags = {"estimator": "grpo", "model": a.model, "train_data": a.data, "steps": a.steps,
+                 "run_dir": os.path.join(tmp, "run"), "seed": a.seed, "eval_every": 0,
+                 "save_every": 1_000_000, "keep_last": 1, "max_wall_seconds": 0.0}
+        if any(f.param == "threads" for f in loop_flags()):
+            flags["threads"] = 1
+        loop = Loop(load_config(a.config, flags), log=lambda _: None,
+                    on_step=lambda _: baton.pause())
+        try:
+            first = loop.start(resume=False)
+            baton.pause()
+            loop.run_steps(first)
+        finally:
+            loop.close()
+        with open(os.path.join(tmp, "run", "metrics.jsonl")) as f:
             ms = [m for m in map(json.loads, f) if m.get("kind") == "train"]
     walls = [0.0] + [m["wall_time"] for m in ms]
     return {"seconds": [b - w for w, b in zip(walls, walls[1:])],
             "tokens": [m["sampled_tokens"] for m in ms],
             "sample_s": [m["seconds_sample"] for m in ms],
             "verify_s": [m["seconds_verify"] for m in ms],
-            "train_s": [m["seconds_train"] for m in ms]}
+            "train_s": [m["seconds_train"] for m in ms], "threads": torch.get_num_threads()}
+
+
+SIDES = {"tcli": run_tcli, "trl": run_trl}
 
 
 # ------------------------------------------------------------------------------ driver
 
-def child(cmd: list[str]) -> None:
-    """Run a side in its own process, one torch thread; its output only when it fails."""
-    env = {**os.environ, **ENV_ONE_THREAD}
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.stderr.write(p.stdout[-4000:] + p.stderr[-4000:])
-        raise SystemExit(f"{cmd[0]} {cmd[1]} ... exited {p.returncode}")
+def spawn(a, side: str, seed: int, tmp: str) -> dict:
+    """Start one side's worker (one torch thread) with its two baton pipes."""
+    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    out, log = os.path.join(tmp, f"{side}.json"), open(os.path.join(tmp, f"{side}.log"), "w")
+    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--json", out,
+           "--baton", f"{go_r},{ready_w}", "--steps", str(a.steps), "--seed", str(seed),
+           "--model", a.model, "--data", a.data, "--config", a.config]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **ENV_ONE_THREAD}, stdout=log,
+                            stderr=subprocess.STDOUT, pass_fds=(go_r, ready_w))
+    os.close(go_r)
+    os.close(ready_w)
+    return {"side": side, "proc": proc, "go": go_w, "ready": ready_r, "out": out, "log": log.name,
+            "alive": True}
 
 
-def run_side(a, side: str, seed: int) -> dict:
-    if side == "tcli":
-        return run_tcli(a, a.steps, seed)
+def wait_ready(w: dict) -> None:
+    if os.read(w["ready"], 1) != b"r":  # EOF: the worker ran its last step (or failed)
+        w["alive"] = False
+
+
+def finish(w: dict) -> dict:
+    os.close(w["go"])
+    os.close(w["ready"])
+    if w["proc"].wait() != 0:
+        with open(w["log"]) as f:
+            sys.stderr.write(f.read()[-6000:])
+        raise SystemExit(f"{w['side']} worker exited {w['proc'].returncode}")
+    with open(w["out"]) as f:
+        return json.load(f)
+
+
+def lockstep_round(a, r: int) -> dict[str, dict]:
+    """Both sides start together, then run one step at a time by turns (who goes first flips
+    every round)."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "trl.json")
-        child([sys.executable, os.path.abspath(__file__), "--side", "trl", "--json", out,
-               "--steps", str(a.steps), "--seed", str(seed), "--model", a.model, "--data", a.data,
-               "--config", a.config])
-        with open(out) as f:
-            return json.load(f)
+        order = ("tcli", "trl") if r % 2 == 0 else ("trl", "tcli")
+        workers = [spawn(a, side, a.seed + r, tmp) for side in order]
+        for w in workers:
+            wait_ready(w)  # loaded and waiting before their first step
+        while any(w["alive"] for w in workers):
+            for w in workers:
+                if w["alive"]:
+                    os.write(w["go"], b"g")
+                    wait_ready(w)
+        return {w["side"]: finish(w) for w in workers}
 
 
 def interleave(a) -> dict[str, list[dict]]:
-    """Rounds of one short run per side, the order flipped every round (ABBA)."""
+    """``--rounds`` lockstep rounds of ``--steps`` steps per side, fresh from the warm start."""
     runs: dict[str, list[dict]] = {"tcli": [], "trl": []}
     for r in range(a.rounds):
-        order = ("tcli", "trl") if r % 2 == 0 else ("trl", "tcli")
-        for side in order:
-            t = time.perf_counter()
-            res = run_side(a, side, seed=a.seed + r)
-            runs[side].append(res)
-            kept = res["seconds"][a.warmup:]
-            print(f"round {r + 1}/{a.rounds} {side:4}: {len(res['seconds'])} steps, median "
-                  f"{statistics.median(kept):.3f} s/step after warm-up, "
-                  f"{statistics.mean(res['tokens']):.0f} tokens/step "
-                  f"({time.perf_counter() - t:.0f} s with start-up)", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        res = lockstep_round(a, r)
+        for side in ("tcli", "trl"):
+            runs[side].append(res[side])
+        med = {k: statistics.median(v["seconds"][a.warmup:]) for k, v in res.items()}
+        print(f"round {r + 1}/{a.rounds}: tcli {med['tcli']:.3f} s/step, trl {med['trl']:.3f} "
+              f"s/step ({time.perf_counter() - t:.0f} s with start-up)", file=sys.stderr,
+              flush=True)
     return runs
 
 
@@ -244,14 +308,16 @@ def report(a, s: dict, runs: dict[str, list[dict]]) -> bool:
     sec = {k: statistics.median(pooled(v, "seconds", a.warmup)) for k, v in runs.items()}
     tok = {k: statistics.mean(pooled(v, "tokens", a.warmup)) for k, v in runs.items()}
     ratio = sec["tcli"] / sec["trl"]
+    pairs = [x / y for t, r in zip(runs["tcli"], runs["trl"])
+             for x, y in zip(t["seconds"][a.warmup:], r["seconds"][a.warmup:])]
     per_round = [statistics.median(t["seconds"][a.warmup:]) / statistics.median(
         r["seconds"][a.warmup:]) for t, r in zip(runs["tcli"], runs["trl"])]
     n = len(pooled(runs["tcli"], "seconds", a.warmup))
     print("\n" + versions())
     print(f"setting: {s['prompts_per_step']} prompts x {s['n']} samples, max_new_tokens "
           f"{s['max_new_tokens']}, T {s['temperature']}, lr {s['lr']}, one torch thread; "
-          f"{a.rounds} rounds x {a.steps} steps, medians over {n} steps per side after "
-          f"{a.warmup} warm-up steps per run")
+          f"{a.rounds} lockstep rounds x {a.steps} steps, medians over {n} steps per side after "
+          f"{a.warmup} warm-up steps per round")
     for k in ("tcli", "trl"):
         tps = tok[k] / sec[k]
         print(f"{k:5} {sec[k]:.3f} s/step   {tok[k]:.0f} generated tokens/step   "
@@ -263,7 +329,10 @@ def report(a, s: dict, runs: dict[str, list[dict]]) -> bool:
     print(f"trl  breakdown (median s): generate {b('trl', 'generate_s'):.3f}  reward "
           f"{b('trl', 'reward_s'):.3f}  rest (logprobs, loss, backward, optimizer) "
           f"{sec['trl'] - b('trl', 'generate_s') - b('trl', 'reward_s'):.3f}")
-    print(f"per-round ratios: {' '.join(f'{x:.2f}' for x in per_round)}")
+    print(f"ratio per round: {' '.join(f'{x:.2f}' for x in per_round)};  median of the ratios of "
+          f"adjacent steps: {statistics.median(pairs):.2f} (quartiles "
+          f"{' '.join(f'{q:.2f}' for q in statistics.quantiles(pairs, n=4))})")
+    print(f"torch threads: tcli {runs['tcli'][0]['threads']}, trl {runs['trl'][0]['threads']}")
     ok = ratio <= TARGET
     print(f"target tcli/trl s/step <= {TARGET}: {sec['tcli']:.3f} / {sec['trl']:.3f} = "
           f"{ratio:.2f}  {'PASS' if ok else 'FAIL'}")
@@ -272,17 +341,16 @@ def report(a, s: dict, runs: dict[str, list[dict]]) -> bool:
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=4, help="runs per side, alternating")
-    ap.add_argument("--steps", type=int, default=12, help="training steps per run")
-    ap.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of each run")
+    ap.add_argument("--rounds", type=int, default=2, help="lockstep rounds (fresh processes)")
+    ap.add_argument("--steps", type=int, default=25, help="training steps per side and round")
+    ap.add_argument("--warmup", type=int, default=3, help="steps dropped at the start of a round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="runs/demo/sft", help="warm start (make demo builds it)")
     ap.add_argument("--data", default="runs/demo/data/train.jsonl")
     ap.add_argument("--config", default="examples/arith/demo.toml")
-    ap.add_argument("--tcli", default=os.path.join(os.path.dirname(sys.executable), "tcli"),
-                    help="the tcli executable (default: beside this python)")
-    ap.add_argument("--side", choices=["trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--json", help=argparse.SUPPRESS)
+    ap.add_argument("--baton", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     for name in ("model", "data", "config"):
         setattr(a, name, os.path.join(ROOT, getattr(a, name)))
@@ -294,9 +362,10 @@ def parse(argv=None):
 def main(argv=None) -> int:
     a = parse(argv)
     s = demo_settings(a.config)
-    if a.side == "trl":
+    if a.side:
+        result = SIDES[a.side](a, s)
         with open(a.json, "w") as f:
-            json.dump(run_trl(a.model, a.data, s, a.steps, a.seed), f)
+            json.dump(result, f)
         return 0
     for path in (a.model, a.data):
         if not os.path.exists(path):
