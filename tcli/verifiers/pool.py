@@ -584,9 +584,10 @@ class DeadlinePool:
         for data in w.frames():
             try:
                 seq, ok, value, seconds = orjson.loads(data)
-                self._took(float(seconds))
             except Exception as e:  # noqa: BLE001 - not a well-formed result
                 seq, ok, value = w.items[0][0], False, f"result could not be read ({one_line(e)})"
+                seconds = None
+            self._took(seconds)
             first = w.items.popleft()[0]
             assert seq == first, (seq, first)
             if w.chunk_ends and w.chunk_ends[0] == seq:
@@ -598,9 +599,9 @@ class DeadlinePool:
             w.since = time.monotonic()
         return ended
 
-    def _took(self, seconds: float) -> None:
+    def _took(self, seconds) -> None:
         """Fold one item's time into the running mean that sizes chunks."""
-        if math.isfinite(seconds) and seconds >= 0:
+        if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0:
             mean = self.item_seconds
             self.item_seconds = seconds if mean is None else 0.9 * mean + 0.1 * seconds
 
