@@ -246,3 +246,13 @@ def test_ppo_trains_a_critic_beside_the_policy_and_resumes_exactly(model, tmp_pa
         a = load_file(str(ck / name / "model.safetensors"))
         b = load_file(str(tmp_path / "run" / "checkpoints" / name / "model.safetensors"))
         assert all((a[k] == b[k]).all() for k in a), name
+
+
+def test_whiten_in_the_loop(model, tmp_path):
+    """advantages.whiten: the step's advantages have mean 0 and std 1 over all its tokens."""
+    from tcli.io import RecordReader
+
+    _run(_config(model, tmp_path / "run", estimator="ppo", whiten=True, steps=1, eval_every=0))
+    recs = [r for _, r in RecordReader(str(tmp_path / "run" / "rollouts" / "step_1.arrow"))]
+    flat = np.concatenate([r["advantages"] for r in recs])
+    assert abs(flat.mean()) < 1e-6 and abs(flat.std() - 1.0) < 1e-4

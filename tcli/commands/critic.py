@@ -16,7 +16,7 @@ import typer
 from tcli.commands.common import (FormatOpt, InputArg, InputFormatOpt, OutputOpt, QuietOpt,
                                   SeedOpt, stderr_console)
 from tcli.config.flags import Without, options_command
-from tcli.config.stages import CriticOptions
+from tcli.config.stages import CriticOptions, ThreadOptions
 from tcli.errors import DataError
 
 CriticOpt = Annotated[str, typer.Option("--critic", help="Critic directory (tcli init-critic).")]
@@ -49,6 +49,7 @@ def values(
     output: OutputOpt = "-",
     opts: Annotated[CriticOptions, Without("lr", "value_clip", "epochs", "mini_batches",
                                            "max_grad_norm", "weight_decay")],
+    threads: ThreadOptions,
     format: FormatOpt = None,
     input_format: InputFormatOpt = None,
     quiet: QuietOpt = False,
@@ -66,6 +67,7 @@ def values(
     with RecordWriter(output, format) as writer:
         if first is None:
             return
+        threads.apply()
         device = resolve_device(opts.device)
         model = load_critic(critic, device=device)
         vocab = int(model.config.vocab_size)
@@ -120,6 +122,7 @@ def train_critic(
     output: Annotated[str, typer.Option("-o", "--output", help="New critic directory (written "
                       "to a temporary sibling, then renamed).")] = ...,
     opts: CriticOptions,
+    threads: ThreadOptions,
     input_format: InputFormatOpt = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -139,6 +142,7 @@ def train_critic(
     check_checkpoint_target(output, "-o/--output")
     with distributed(opts.device) as info:
         samples = run_on_main(lambda: _read_critic_samples(input, input_format, critic), info)
+        threads.apply()
         trainer = CriticTrainer(critic, opts, seed=seed, dist_info=info)
         m = trainer.step(samples)
         trainer.save(output)

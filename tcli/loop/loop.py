@@ -190,6 +190,10 @@ class Loop:
                 dropped += 1
                 continue
             kept.extend(recs)
+        if self.cfg.advantages.whiten:
+            from tcli.stages.advantages import whiten
+
+            whiten(kept)
         return kept, {**stats.summary(), "groups_dropped": dropped}
 
     def _add_critic_values(self, records: list[dict]) -> None:

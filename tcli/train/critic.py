@@ -98,6 +98,7 @@ class CriticTrainer(Trainer):
     def _load_policy(self, model_dir: str):
         from tcli.models.critic import load_critic
 
+        self.peft = None  # the critic is trained in full (no LoRA, no FSDP yet)
         return load_critic(model_dir, device=self.device, train=True)
 
     def step(self, records: Sequence) -> dict:
