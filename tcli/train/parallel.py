@@ -129,7 +129,16 @@ def load_full_optimizer_state(model, optimizer, state: dict | None) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     names = _param_names(model, optimizer)
-    osd = _index_to_fqn(state, names) if dist.get_rank() == 0 else {}
+    osd, error = {}, None
+    if dist.get_rank() == 0:
+        try:
+            osd = _index_to_fqn(state, names)
+        except (KeyError, ValueError, TypeError) as e:
+            error = e
+    box = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(box, src=0)  # a state that does not fit fails on every rank
+    if box[0] is not None:
+        raise error if error is not None else ValueError(box[0])
     set_optimizer_state_dict(model, optimizer, osd,
                              options=_options(full_state_dict=True, broadcast_from_rank0=True))
 

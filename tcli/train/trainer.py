@@ -5,7 +5,13 @@ Data parallelism: under ``torchrun`` every rank holds the same sample list and t
 deterministic, token-balanced shard of each mini-batch; the loss numerator is divided by the
 GLOBAL denominator (token or sequence count, all-reduced before the first backward) and scaled by
 the world size, so DDP's gradient averaging yields exactly the 1-process gradient. Micro-batches
-accumulate gradients under ``no_sync`` and only the last one syncs.
+accumulate gradients under ``no_sync`` and only the last one syncs. With ``parallel = fsdp`` the
+model is sharded with FSDP2 (:mod:`tcli.train.parallel`): every micro-batch reduce-scatters its
+gradient into the shards, and every rank runs the same number of micro-batches (empty ones where
+it has fewer), since each forward all-gathers the layers' weights.
+
+LoRA (``lora_rank > 0``, :mod:`tcli.train.lora`): the policy carries peft's adapters, AdamW holds
+only them, and checkpoints are adapter directories naming the base model.
 
 Layout (:mod:`tcli.train.batching`): with ``share_prefix`` each prompt's responses run as one
 packed prefix tree (unique tokens once, no padding; whole trees go to one rank), else one
@@ -73,10 +79,29 @@ class Trainer:
         self.ref_model = self._load_reference()
 
     # -- setup --------------------------------------------------------------------------------
-    def _load_policy(self, model_dir: str):
-        from tcli.models.load import load_model
+    @property
+    def sharded(self) -> bool:
+        return self.opts.parallel == "fsdp" and self.dist.enabled
 
-        model = load_model(model_dir, device=self.device, train=True)
+    def _load_policy(self, model_dir: str):
+        """The checkpoint's model; with lora_rank, peft's LoRA layers on it (a new adapter, or an
+        adapter directory's own); sharded (FSDP2) under torchrun with parallel = fsdp."""
+        from tcli.models.load import load_model
+        from tcli.train import lora
+
+        o = self.opts
+        self.peft = None  # the PeftModel around the policy (it saves and names the adapter)
+        self.lora_base = lora.adapter_base(model_dir) if lora.is_adapter_dir(model_dir) else None
+        if o.lora_rank:
+            self.peft = lora.load_trainable(model_dir, o.lora_rank, o.lora_alpha, o.lora_targets,
+                                            device=self.device)
+            self.lora_base = self.lora_base or model_dir
+            model = self.peft.get_base_model()
+        elif self.lora_base:
+            raise UsageError(f"{model_dir} holds a LoRA adapter: pass --lora-rank (its rank) to "
+                             "go on training it, or train all weights from its merged export")
+        else:
+            model = load_model(model_dir, device=self.device, train=True)
         model.config.use_cache = False
         if self.opts.grad_checkpointing:
             kw = {"use_reentrant": False}
@@ -84,6 +109,10 @@ class Trainer:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        if self.sharded:
+            from tcli.train.parallel import shard_model
+
+            shard_model(model, self.device)
         return model
 
     def _make_optimizer(self, model_dir: str):
@@ -91,27 +120,39 @@ class Trainer:
         over the saved hyper-parameters."""
         import torch
 
-        from tcli.models.checkpoint import OPTIMIZER_FILE, load_optimizer_state
-
+        from tcli.models.checkpoint import OPTIMIZER_FILE
+        from tcli.train.lora import trainable_parameters
         from tcli.train.schedule import lr_at
 
         o = self.opts
         o.require_span()
         self.lr_now = lr_at(o, self.optimizer_steps)  # the schedule's place: optimizer_steps
-        opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                                weight_decay=o.weight_decay)
+        opt = torch.optim.AdamW(trainable_parameters(self.model), lr=o.lr, betas=ADAM_BETAS,
+                                eps=ADAM_EPS, weight_decay=o.weight_decay)
         path = os.path.join(model_dir, OPTIMIZER_FILE)
         if os.path.isdir(model_dir) and os.path.exists(path):
             try:
-                opt.load_state_dict(load_optimizer_state(path, self.device))
+                self._load_optimizer_state(opt, path)
             except (ValueError, KeyError, TypeError) as e:
                 raise TcliError(f"optimizer state {path} does not match the model: {e}") from None
         for g in opt.param_groups:
             g.update(lr=self.lr_now, weight_decay=o.weight_decay, betas=ADAM_BETAS, eps=ADAM_EPS)
         return opt
 
+    def _load_optimizer_state(self, opt, path: str) -> None:
+        """optimizer.pt into AdamW: as is, or (sharded) read on rank 0 and scattered."""
+        from tcli.models.checkpoint import load_optimizer_state
+
+        if not self.sharded:
+            opt.load_state_dict(load_optimizer_state(path, self.device))
+            return
+        from tcli.train.parallel import load_full_optimizer_state
+
+        state = load_optimizer_state(path, "cpu") if self.dist.is_main else None
+        load_full_optimizer_state(self.peft or self.model, opt, state)
+
     def _wrap_ddp(self):
-        if not self.dist.enabled:
+        if not self.dist.enabled or self.sharded:
             return self.model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -172,7 +213,8 @@ class Trainer:
         return out
 
     def _dummy_backward(self) -> None:
-        """A rank with no data in this mini-batch still joins DDP's gradient all-reduce."""
+        """A rank with no data (left) in this mini-batch still joins DDP's gradient all-reduce
+        (FSDP's all-gathers and reduce-scatters)."""
         import torch
 
         ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
@@ -216,15 +258,26 @@ class Trainer:
         denom = g_tok if self.agg.by_tokens else g_seq
         if denom <= 0:
             return  # an empty mini-batch on every rank: no optimizer step
-        if not micro:
-            self._dummy_backward()
-        for k, m in enumerate(micro):
-            sync = k == len(micro) - 1 or not self.dist.enabled
+        n = self._micro_batch_count(len(micro))
+        for k in range(n):
+            sync = k == n - 1 or not self.dist.enabled or self.sharded
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                self._micro_step(samples, m, denom, stats, ref_cache)
+                if k < len(micro):
+                    self._micro_step(samples, micro[k], denom, stats, ref_cache)
+                else:
+                    self._dummy_backward()
             if self.device.type == "cpu":
                 release_heap()
         self._optimizer_step(stats)
+
+    def _micro_batch_count(self, n: int) -> int:
+        """Micro-batches this rank runs: its own, at least one (DDP's all-reduce), and under
+        FSDP as many as the busiest rank (every forward/backward is a collective there)."""
+        if self.sharded:
+            from tcli.train.parallel import micro_batches_to_match
+
+            return max(1, micro_batches_to_match(n))
+        return max(1, n)
 
     def _micro_step(self, samples: list[TrainSample], micro, denom: float, stats: StepStats,
                     ref_cache: dict) -> None:
@@ -274,11 +327,11 @@ class Trainer:
     def _optimizer_step(self, stats: StepStats) -> None:
         """Clip and apply the accumulated gradient; a non-finite norm skips the step (it would
         poison the weights and Adam's moments)."""
-        import torch
+        from tcli.train.parallel import clip_grad_norm
 
         params = [p for p in self.model.parameters() if p.grad is not None]
         limit = self.opts.max_grad_norm if self.opts.max_grad_norm > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+        norm = clip_grad_norm(params, limit)
         if stats.add_grad_norm(norm):
             from tcli.train.schedule import lr_at
 
@@ -298,12 +351,21 @@ class Trainer:
 
     def save(self, out_dir: str, extra_state: Mapping | None = None) -> str:
         """Atomic checkpoint (weights, tokenizer, optimizer.pt, tcli_state.json) from rank 0;
-        the other ranks wait for it so nobody reads a half-written directory."""
+        the other ranks wait for it so nobody reads a half-written directory. Sharded: weights
+        and optimizer state are gathered to rank 0 first. LoRA: an adapter directory."""
         from tcli.models.checkpoint import save_pretrained_atomic
+        from tcli.train import lora, parallel
 
-        if self.dist.is_main:
-            save_pretrained_atomic(out_dir, self.model, self.tokenizer,
-                                   state=self.state(extra_state), optimizer=self.optimizer)
+        model, opt, stand_in = self.peft or self.model, self.optimizer, None
+        if self.sharded:
+            stand_in, opt = parallel.gathered(model, opt, trainable_only=self.peft is not None)
+        state = self.state(extra_state)
+        if self.dist.is_main and self.peft is not None:
+            lora.save_adapter(out_dir, self.peft, self.tokenizer, base=self.lora_base, state=state,
+                              optimizer=opt, gathered=stand_in)
+        elif self.dist.is_main:
+            save_pretrained_atomic(out_dir, stand_in or model, self.tokenizer, state=state,
+                                   optimizer=opt)
         if self.dist.enabled:
             import torch.distributed as dist
 
