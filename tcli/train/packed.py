@@ -1,18 +1,20 @@
 """Forward of a packed prefix-tree row (see :mod:`tcli.train.trie`) through a transformers model.
 
-The row holds several tries back to back. Each trie is one block: its tokens attend to their
-ancestors only (a boolean [n, n] mask from the pre-order ``end`` array, ``j <= i < end[j]``) and
-their position ids are their depths, so every token sees exactly the context it has in its own
-(prompt + response) sequence and gets the same hidden state, to float rounding. Blocks never see
-each other: attention runs block by block (varlen), so its cost is the sum of the blocks' n^2,
-not the row's, and no padding is ever computed.
+The row holds several tries back to back. Every token attends to its ancestors only (token j is
+an ancestor-or-self of i iff ``j <= i < end[j]``, ``end`` from the pre-order layout) and its
+position id is its depth, so it sees exactly the context it has in its own (prompt + response)
+sequence and gets the same hidden state, to float rounding. Attention runs in query tiles of
+QUERY_TILE positions, each against the keys it can see: the tile itself and the path above it
+(:func:`tcli.train.trie.tile_plan`), batched into one SDPA call per layer. Its cost is
+O(tokens x (depth + tile)), not the O(tokens^2) of one dense tree mask, tries of one row never
+see each other, and no padding is computed beyond the last tile's rows.
 
 How it plugs into transformers (5.x): the decoder layers pass unknown forward kwargs through to
 the attention function they look up by ``config._attn_implementation``. :func:`tree_attention`
 switches the model's implementation to ``tcli_tree`` for the duration of the forward AND the
-backward (gradient checkpointing recomputes the forward inside backward), and the blocks ride
-along as the ``tcli_tree_blocks`` kwarg. With an implementation name that has no mask function,
-transformers builds no [L, L] mask of its own. Models with sliding-window or softcapped
+backward (gradient checkpointing recomputes the forward inside backward), and the tile plan
+rides along as the ``tcli_tree_blocks`` kwarg. With an implementation name that has no mask
+function, transformers builds no [L, L] mask of its own. Models with sliding-window or softcapped
 attention are refused there (the per-sequence path handles them).
 """
 
@@ -32,28 +34,32 @@ _registered: list = []
 
 def _tree_attention_forward(module, query, key, value, attention_mask, scaling=None,
                             dropout: float = 0.0, **kwargs):
-    """Block-by-block SDPA with each block's tree mask; falls back to transformers' SDPA when
-    called without blocks (any other forward while the switch is on)."""
-    import torch
+    """Tiled tree attention (see :func:`tcli.train.trie.tile_plan`): one batched SDPA call over
+    the query tiles, each with its gathered keys; transformers' SDPA when called without a plan
+    (any other forward while the switch is on)."""
     import torch.nn.functional as F
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    blocks = kwargs.pop(KWARG, None)
-    if blocks is None:
+    plan = kwargs.pop(KWARG, None)
+    if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None \
             or getattr(module, "sinks", None) is not None:
         raise TcliError("share_prefix: this model's attention (sliding window, softcap or sinks) "
                         "is not supported; use --no-share-prefix")
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    p = dropout if module.training else 0.0
-    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-                                           attn_mask=mask, dropout_p=p, scale=scaling)
-            for s, e, mask in blocks]
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    kidx, mask = plan
+    T, q, _ = mask.shape
+    _, H, N, d = query.shape
+    Hkv, K = key.shape[1], kidx.shape[1]
+    qt = F.pad(query[0], (0, 0, 0, T * q - N)).view(H, T, q, d).transpose(0, 1)   # [T, H, q, d]
+    flat = kidx.reshape(-1)
+    kt = key[0].index_select(1, flat).view(Hkv, T, K, d).transpose(0, 1)          # [T, Hkv, K, d]
+    vt = value[0].index_select(1, flat).view(Hkv, T, K, d).transpose(0, 1)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None],
+                                         dropout_p=dropout if module.training else 0.0,
+                                         scale=scaling, enable_gqa=Hkv != H)      # [T, H, q, d]
+    return out.permute(0, 2, 1, 3).reshape(1, T * q, H, d)[:, :N], None
 
 
 def _register() -> None:
@@ -80,16 +86,17 @@ def tree_attention(*models):
             c._attn_implementation = impl
 
 
-def block_masks(row: PackedRow, device) -> list:
-    """(start, stop, bool mask [n, n]) per block: token i attends to j iff j <= i < end[j]."""
+QUERY_TILE = 64  # attention cost per position ~ its depth + this
+
+
+def attention_plan(row: PackedRow, device) -> tuple:
+    """(key index [T, K], mask [T, q, K]) tensors of the row's tiled tree attention."""
     import torch
 
-    out = []
-    for (s, e), end in zip(row.blocks, row.ends):
-        ar = torch.arange(e - s, device=device)
-        end_t = torch.from_numpy(end).to(device)
-        out.append((s, e, (ar[None, :] <= ar[:, None]) & (ar[:, None] < end_t[None, :])))
-    return out
+    from tcli.train.trie import tile_plan
+
+    kidx, mask = tile_plan(row.end, QUERY_TILE)
+    return torch.from_numpy(kidx).to(device), torch.from_numpy(mask).to(device)
 
 
 def packed_node_logprobs(model, row: PackedRow, device, *, with_entropy: bool,
@@ -104,7 +111,7 @@ def packed_node_logprobs(model, row: PackedRow, device, *, with_entropy: bool,
     pos = torch.from_numpy(row.position_ids).to(device).unsqueeze(0)
     node_pos = torch.from_numpy(row.node_pos).to(device)
     targets = torch.from_numpy(row.node_tok).to(device)
-    kw = {"input_ids": ids, "position_ids": pos, KWARG: block_masks(row, device)}
+    kw = {"input_ids": ids, "position_ids": pos, KWARG: attention_plan(row, device)}
     found = final_hidden(model, **kw)
     if found is not None:
         hidden, head = found

@@ -156,8 +156,8 @@ class PackedRow:
 
     input_ids: np.ndarray                 # int64[N]
     position_ids: np.ndarray              # int64[N]
+    end: np.ndarray = None                # int64[N] one past the last descendant (row-global)
     blocks: list[tuple[int, int]] = field(default_factory=list)  # [start, stop) per trie
-    ends: list[np.ndarray] = field(default_factory=list)         # local ``end`` per trie
     node_pos: np.ndarray = None           # int64[U] row position scoring node u
     node_tok: np.ndarray = None           # int64[U] the node's token (the target)
     members: list[int] = field(default_factory=list)
@@ -168,17 +168,18 @@ def pack_row(tries: Sequence[Trie]) -> PackedRow:
     """Concatenate tries into one row; node ids and positions become row-global."""
     row = PackedRow(np.concatenate([t.tokens for t in tries]),
                     np.concatenate([t.depth for t in tries]))
-    pos, node_pos, node_tok, nodes = 0, [], [], 0
+    pos, node_pos, node_tok, nodes, ends = 0, [], [], 0, []
     for t in tries:
         P = t.size - len(t.node_pos)
         row.blocks.append((pos, pos + t.size))
-        row.ends.append(t.end)
+        ends.append(pos + t.end)
         node_pos.append(pos + t.node_pos)
         node_tok.append(t.tokens[P:])
         row.members.extend(t.members)
         row.node_of.extend(n + nodes for n in t.node_of)
         pos += t.size
         nodes += len(t.node_pos)
+    row.end = np.concatenate(ends)
     row.node_pos = np.concatenate(node_pos)
     row.node_tok = np.concatenate(node_tok)
     return row
@@ -200,3 +201,29 @@ def bin_units(sizes: Sequence[int], budget: int) -> list[list[int]]:
             bins.append([u])
             room.append(budget - n)
     return bins
+
+
+def tile_plan(end: np.ndarray, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tree attention of a packed row in query tiles of ``q`` positions: per tile the key
+    positions it needs, ``kidx`` [T, K] (0-padded), and the mask [T, q, K].
+
+    In pre-order, an ancestor j < s of a node at or after s is an ancestor of s itself, so the
+    keys of tile [s, e) are {j < e : end[j] > s}: the tile and the path above it, never the rest
+    of the tree (and never another trie of the row, whose nodes all end before s). Attention then
+    costs O(N x (depth + q)) instead of the O(N^2) of one dense tree mask. Rows past N attend to
+    key 0 only (their output is dropped; a fully masked row would be NaN)."""
+    n = len(end)
+    T = -(-n // q)
+    s = np.arange(T, dtype=np.int64) * q
+    ar = np.arange(n, dtype=np.int64)
+    need = (ar[None, :] < np.minimum(s + q, n)[:, None]) & (end[None, :] > s[:, None])
+    counts = need.sum(1)
+    K = int(counts.max())
+    valid = np.arange(K)[None, :] < counts[:, None]
+    kidx = np.zeros((T, K), dtype=np.int64)
+    kidx[valid] = np.nonzero(need)[1]
+    qpos = s[:, None] + np.arange(q)[None, :]
+    mask = (valid[:, None, :] & (kidx[:, None, :] <= qpos[:, :, None])
+            & (qpos[:, :, None] < end[kidx][:, None, :]))
+    mask[:, :, 0] |= qpos >= n
+    return kidx, mask
