@@ -118,6 +118,29 @@ def test_units_split_big_groups_and_bin_without_padding():
         assert (row.node_tok[row.node_of[j]] == resps[m]).all()
 
 
+@pytest.mark.parametrize("q", [1, 5, 64])
+def test_tile_plan_is_the_block_diagonal_ancestor_mask(q):
+    """Query tiles (straddling tries too) see exactly their ancestors, nothing of another trie."""
+    from tcli.train.trie import tile_plan
+
+    rng = np.random.default_rng(6)
+    pairs = BATCHES["mixed"](rng)
+    units = group_units([np.asarray(p) for p, _ in pairs], [np.asarray(r) for _, r in pairs],
+                        range(len(pairs)), budget=10_000)
+    row = pack_row(units)
+    n = len(row.input_ids)
+    want = np.zeros((n, n), dtype=bool)
+    for (s, e), u in zip(row.blocks, units):
+        ar = np.arange(e - s)
+        want[s:e, s:e] = (ar[None, :] <= ar[:, None]) & (ar[:, None] < u.end[None, :])
+    kidx, mask = tile_plan(row.end, q)
+    got = np.zeros((kidx.shape[0] * q, n), dtype=bool)
+    for t in range(kidx.shape[0]):
+        np.logical_or.at(got[t * q:(t + 1) * q], (slice(None), kidx[t]), mask[t])
+    assert (got[:n] == want).all()
+    assert kidx.shape[1] < n or q >= n  # tiles gather a path, not the whole row
+
+
 # ----------------------------------------------------------------------------- the model
 
 @pytest.fixture(scope="module")
