@@ -38,7 +38,9 @@ def train_step(
 ) -> None:
     """Recompute log-probs, apply the clipped policy loss (DESIGN §4) and write a new checkpoint.
 
-    Prints one metrics record (JSON line) on stdout.
+    Log-probs are recomputed at the records' sampling `temperature` T, as log_softmax(logits / T)
+    (absent, or 0 for greedy: T = 1; one T per batch). Prints one metrics record (JSON line) on
+    stdout.
     """
     from tcli.models.checkpoint import check_checkpoint_target
     from tcli.train.dist import distributed, run_on_main
