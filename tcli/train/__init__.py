@@ -5,6 +5,9 @@
 - ``dist``: torchrun process group, rank-0 broadcast, token-balanced shards
 - ``metrics``: the per-step metrics record
 - ``trainer``: the Trainer (model + AdamW + optional reference model; step and save)
+- ``trie``: a group's responses as one packed prefix tree and its attention tile plan (no torch)
+- ``packed``: the packed row's forward (tiled tree attention through transformers)
+- ``batching``: packed (prefix-shared) or padded micro-batches, the layout registry
 
 Importing this package is cheap; torch and transformers load inside the functions that need them.
 """
