@@ -25,7 +25,7 @@ compared. Generated tokens per step (EOS included) are printed for both, to show
 the same sampling work.
 
     make bench-peer      # builds .venv-trl (torch CPU + pinned trl), then runs this
-    .venv-trl/bin/python bench/bench_peer_trl.py [--rounds 2] [--steps 25] [--warmup 3]
+    .venv-trl/bin/python bench/bench_peer_trl.py [--rounds 2] [--steps 20] [--warmup 3]
 
 Prints one ``target`` line ending in PASS or FAIL; exit status 0 when it passes.
 """
@@ -342,7 +342,7 @@ def report(a, s: dict, runs: dict[str, list[dict]]) -> bool:
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2, help="lockstep rounds (fresh processes)")
-    ap.add_argument("--steps", type=int, default=25, help="training steps per side and round")
+    ap.add_argument("--steps", type=int, default=20, help="training steps per side and round")
     ap.add_argument("--warmup", type=int, default=3, help="steps dropped at the start of a round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="runs/demo/sft", help="warm start (make demo builds it)")
