@@ -44,7 +44,9 @@ def test_help_lists_every_setting_with_its_default():
         assert line is not None, f"{flag} missing from train-step -h"
         if f.default is None:
             continue
-        shown = f"no-{f.name.replace('_', '-')}" if f.default is False else str(f.default)
+        name = f.name.replace("_", "-")
+        shown = {False: f"no-{name}", True: name}.get(f.default, str(f.default)) \
+            if isinstance(f.default, bool) else str(f.default)
         block = out[out.index(line):].split("\n  -")[0]
         assert f"[default: {shown}]" in " ".join(block.split()), (flag, block)
     for other in ("--model", "--output", "--metrics", "--input-format", "--seed", "--quiet"):
