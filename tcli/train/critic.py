@@ -108,12 +108,7 @@ class CriticTrainer(Trainer):
                    if len(s.tokens)]
         stats, self.sums = StepStats(), ValueSums()
         t0 = time.perf_counter()
-        self.model.train()
-        for epoch in range(self.opts.epochs):
-            rng = np.random.default_rng([self.seed, self.step_count, epoch])
-            perm = rng.permutation(len(samples)) if samples else np.zeros(0, dtype=np.int64)
-            for mb in np.array_split(perm, self.opts.mini_batches):
-                self._mini_batch(samples, [int(i) for i in mb], stats, {})
+        self._run_epochs(samples, stats, {})
         self.step_count += 1
         return self._metrics(stats, time.perf_counter() - t0)
 

@@ -231,12 +231,7 @@ class Trainer:
         stats = StepStats()
         ref_cache: dict = {}
         t0 = time.perf_counter()
-        self.model.train()
-        for epoch in range(self.opts.epochs):
-            rng = np.random.default_rng([self.seed, self.step_count, epoch])
-            perm = rng.permutation(len(samples)) if samples else np.zeros(0, dtype=np.int64)
-            for mb in np.array_split(perm, self.opts.mini_batches):
-                self._mini_batch(samples, [int(i) for i in mb], stats, ref_cache)
+        self._run_epochs(samples, stats, ref_cache)
         elapsed = time.perf_counter() - t0
         self.step_count += 1
         if stats.optimizer_steps:
@@ -245,6 +240,15 @@ class Trainer:
             step=self.step_count, policy_version=self.policy_version, lr=self.lr_now,
             epochs=self.opts.epochs, elapsed=elapsed, world_size=self.dist.world_size,
             with_kl=self.ref_model is not None)
+
+    def _run_epochs(self, samples: Sequence, stats: StepStats, ref_cache: dict) -> None:
+        """epochs x mini_batches: a fresh permutation per epoch from (seed, step, epoch)."""
+        self.model.train()
+        for epoch in range(self.opts.epochs):
+            rng = np.random.default_rng([self.seed, self.step_count, epoch])
+            perm = rng.permutation(len(samples)) if samples else np.zeros(0, dtype=np.int64)
+            for mb in np.array_split(perm, self.opts.mini_batches):
+                self._mini_batch(samples, [int(i) for i in mb], stats, ref_cache)
 
     def _mini_batch(self, samples: list[TrainSample], mb: list[int], stats: StepStats,
                     ref_cache: dict) -> None:
