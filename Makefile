@@ -10,7 +10,7 @@ STAMP   = $(VENV)/.tcli-installed
 TORCH  ?= torch==2.13.0
 DATA   ?= ../shared/data
 
-.PHONY: install install-real test demo demo-real demo-pipeline bench test-vllm test-real bench-logprobs bench-peer clean
+.PHONY: install install-real test demo demo-real demo-pipeline compare bench test-vllm test-real bench-logprobs bench-peer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ demo-pipeline: install
 
 bench: install
 	$(PY) bench/bench_tree.py
+
+# paired comparison of RL methods on a task (examples/compare.sh), e.g.
+#   make compare TASK=countdown ARGS="--methods grpo,tempo --seeds 0,1,2 --token-budget 60000"
+TASK ?= countdown
+compare: install
+	TASK=$(TASK) bash examples/compare.sh $(ARGS)
 
 # vllm is an optional extra in its own environment (it pins transformers < 5.20).
 VLLM_VENV ?= .venv-vllm
