@@ -52,14 +52,14 @@ def eval_cmd(
     from tcli.engines import open_engine
     from tcli.io import RecordWriter, write_atomic_bytes
     from tcli.prompts import read_prompts
-    from tcli.stages.evaluate import evaluate
+    from tcli.stages.evaluate import eval_sampling, evaluate
 
     _check_target(output, "-o/--output")
     _check_target(summary, "--summary")
     prompts = read_prompts(data, ev.limit or None, fields)
     threads.apply()
-    records, summ = evaluate(open_engine(model, sample, seed=seed), prompts, sample, verify, ev,
-                             seed=seed)
+    engine = open_engine(model, eval_sampling(sample, ev), seed=seed)  # vllm: its logprobs_mode
+    records, summ = evaluate(engine, prompts, sample, verify, ev, seed=seed)
     summ = {"model": model, "data": data, "n": ev.n, "temperature": ev.temperature, **summ}
     blob = orjson.dumps(summ, option=orjson.OPT_INDENT_2 if summary else 0)
     if summary:
