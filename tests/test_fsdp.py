@@ -64,89 +64,61 @@ def _train_step(model, optimizer, rows, rank: int, world: int, sharded: bool) ->
     return norm
 
 
-def _load(model_dir: str, mode: str):
-    """(module the optimizer names its parameters from, module to run, trainable params)."""
-    import torch
-
-    from tcli.models.load import load_model
-    from tcli.train import lora, parallel
-
-    if mode.startswith("lora"):
-        holder = lora.load_trainable(model_dir, 4, 8, "all-linear")
-        model = holder.get_base_model()
-    else:
-        holder = model = load_model(model_dir, train=True)
-    full = parallel.local_numel(model)
-    if mode.endswith("fsdp"):
-        parallel.shard_model(model, torch.device("cpu"))
-    return holder, model, full
-
-
-def _save(out_dir, model_dir, holder, model, opt, tok, mode: str, steps: int) -> None:
+def _save(out_dir, model, opt, tok, sharded: bool, steps: int) -> None:
     from tcli.models.checkpoint import save_pretrained_atomic
-    from tcli.train import lora, parallel
+    from tcli.train import parallel
 
-    sharded, state = mode.endswith("fsdp"), {"step": steps}
-    if mode.startswith("lora"):
-        base = lora.adapter_base(model_dir) if lora.is_adapter_dir(model_dir) else model_dir
-        m, o = parallel.gathered(holder, opt, trainable_only=True) if sharded else (None, opt)
-        if tok is not None:
-            lora.save_adapter(out_dir, holder, tok, base=base, state=state, optimizer=o, gathered=m)
-    elif sharded:
-        parallel.save_sharded_checkpoint(out_dir, model, tok, opt, state=state)
+    if sharded:
+        parallel.save_sharded_checkpoint(out_dir, model, tok, opt, state={"step": steps})
     else:
-        save_pretrained_atomic(out_dir, model, tok, state=state, optimizer=opt)
+        save_pretrained_atomic(out_dir, model, tok, state={"step": steps}, optimizer=opt)
 
 
 def worker(model_dir: str, out_dir: str, steps: int, mode: str) -> None:
-    """Load (plain | fsdp | lora | lora-fsdp), resume the optimizer if model_dir has one, train
-    ``steps``, save, and write this rank's parameter count and gradient norms beside the output."""
+    """Load (plain | fsdp), resume the optimizer if model_dir has one, train ``steps``, save, and
+    write this rank's parameter count and gradient norms beside the output."""
     import torch
     import torch.distributed as dist
 
     from tcli.models.checkpoint import OPTIMIZER_FILE, load_optimizer_state
-    from tcli.models.load import load_tokenizer
-    from tcli.train import lora, parallel
+    from tcli.models.load import load_model, load_tokenizer
+    from tcli.train import parallel
 
     torch.manual_seed(0)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, sharded = int(os.environ.get("WORLD_SIZE", "1")), mode == "fsdp"
     if world > 1:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
-    holder, model, full_numel = _load(model_dir, mode)
-    opt = torch.optim.AdamW(lora.trainable_parameters(model), lr=LR)
+    model = load_model(model_dir, train=True)
+    full_numel = parallel.local_numel(model)
+    if sharded:
+        parallel.shard_model(model, torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
     saved = os.path.join(model_dir, OPTIMIZER_FILE)
     if os.path.exists(saved):
         state = load_optimizer_state(saved, "cpu") if rank == 0 else None
-        if mode.endswith("fsdp"):
-            parallel.load_full_optimizer_state(holder, opt, state)
+        if sharded:
+            parallel.load_full_optimizer_state(model, opt, state)
         else:
             opt.load_state_dict(state)
     rows = _data(int(model.config.vocab_size))
-    norms = [_train_step(model, opt, rows, rank, world, mode.endswith("fsdp"))
-             for _ in range(steps)]
+    norms = [_train_step(model, opt, rows, rank, world, sharded) for _ in range(steps)]
     info = {"rank": rank, "local_numel": parallel.local_numel(model), "full_numel": full_numel,
             "norms": norms}
     with open(f"{out_dir}.rank{rank}.json", "w") as f:
         json.dump(info, f)
-    tok = load_tokenizer(model_dir) if rank == 0 else None
-    _save(out_dir, model_dir, holder, model, opt, tok, mode, steps)
+    _save(out_dir, model, opt, load_tokenizer(model_dir) if rank == 0 else None, sharded, steps)
     if world > 1:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
-    a = sys.argv[1:]
-    worker(a[0], a[1], int(a[2]), a[3])
-
-
 # ----------------------------------------------------------------------------- the tests
 
-def _launch(model_dir, out_dir, steps: int, nproc: int, lora: bool = False) -> None:
+def _launch(model_dir, out_dir, steps: int, nproc: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     me = os.path.abspath(__file__)
-    mode = ("lora-" if lora else "") + ("fsdp" if nproc > 1 else "plain")
+    mode = "fsdp" if nproc > 1 else "plain"
     if nproc == 1:
         cmd = [sys.executable, me, str(model_dir), str(out_dir), str(steps), mode]
     else:
@@ -158,16 +130,13 @@ def _launch(model_dir, out_dir, steps: int, nproc: int, lora: bool = False) -> N
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """base model; 2 steps by 1 plain process and by 2 FSDP processes; then 1 more step each,
-    resumed from those checkpoints (optimizer state included)."""
+    """base model; 2 steps by 1 plain process and by 2 FSDP processes."""
     from tcli.models.tiny import init_tiny_model
 
     d = tmp_path_factory.mktemp("fsdp")
     base = init_tiny_model(str(d / "base"), seed=0, **TINY)
     _launch(base, d / "one", 2, 1)
     _launch(base, d / "two", 2, 2)
-    _launch(d / "one", d / "one3", 1, 1)
-    _launch(d / "two", d / "two3", 1, 2)
     return d
 
 
@@ -225,27 +194,70 @@ def test_fsdp_checkpoint_loads_in_transformers(runs):
     assert (logits[0] - logits[1]).abs().max().item() < 1e-4
 
 
-@pytest.mark.slow
-def test_fsdp_resume_restores_sharded_optimizer(runs):
-    """One more step from each checkpoint: FSDP resumed from its own optimizer.pt lands where the
-    plain process resumed from its own does (a fresh AdamW would take a different first step)."""
-    w1, w2 = _weights(runs / "one3"), _weights(runs / "two3")
-    prev = _weights(runs / "one")
-    assert max((w1[k] - prev[k]).abs().max().item() for k in w1) > 1e-4
-    for k in w1:
-        assert (w1[k] - w2[k]).abs().max().item() < 1e-5, k
-    assert float(_optim(runs / "two3")["state"][0]["step"]) == 3.0
+# ----------------------------------------------------------------------------- train-step
+
+TRAIN_ARGS = ["--lr", "1e-3", "--micro-batch-tokens", "24", "--mini-batches", "2", "--epochs", "2",
+              "--seed", "1"]
+
+
+def _rollouts(model_dir, path) -> None:
+    """12 on-policy rollouts in 3 groups (prompts of 3 lengths), +-advantages."""
+    import orjson
+    import torch
+
+    from tcli.models.load import load_model
+    from tcli.models.logprobs import sequence_logprobs
+
+    rows = _data(int(load_model(model_dir).config.vocab_size), 12)
+    P = [[5, 6, 7][: 1 + i % 3] for i in range(12)]
+    R = [r for _, r, _ in rows]
+    with torch.no_grad():
+        lps = sequence_logprobs(load_model(model_dir), P, R, micro_batch_tokens=64)
+    with open(path, "wb") as f:
+        for i, (p, r, lp) in enumerate(zip(P, R, lps)):
+            f.write(orjson.dumps({"schema": "tcli.rollout/1", "prompt_id": i % 3, "sample_id": i,
+                                  "prompt_token_ids": p, "token_ids": r, "logprobs": lp.tolist(),
+                                  "advantages": [(1.0 if i % 2 else -1.0)] * len(r)}) + b"\n")
+
+
+def _cli_train_step(rollouts, model, out, nproc: int, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(nproc)] if nproc > 1 else [sys.executable])
+    r = subprocess.run([*run, "-m", "tcli", "train-step", str(rollouts), "-m", str(model), "-o",
+                        str(out), *TRAIN_ARGS, *extra], cwd=REPO, capture_output=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr.decode()[-4000:]
+    return json.loads(r.stdout)
 
 
 @pytest.fixture(scope="module")
-def lora_runs(runs):
-    """LoRA: 2 steps by 1 plain process and by 2 FSDP processes, then 1 more step each."""
+def roll(runs):
+    path = runs / "roll.jsonl"
+    _rollouts(runs / "base", path)
+    return path
+
+
+@pytest.mark.slow
+def test_train_step_fsdp_equals_one_process(runs, roll):
+    """tcli train-step --parallel fsdp under torchrun (2 ranks, uneven micro-batch counts):
+    metrics and weights of one process, then a second step resumed from each checkpoint."""
     base = runs / "base"
-    _launch(base, runs / "lora1", 2, 1, lora=True)
-    _launch(base, runs / "lora2", 2, 2, lora=True)
-    _launch(runs / "lora1", runs / "lora1b", 1, 1, lora=True)
-    _launch(runs / "lora2", runs / "lora2b", 1, 2, lora=True)
-    return runs
+    m1 = _cli_train_step(roll, base, runs / "t1", 1)
+    m2 = _cli_train_step(roll, base, runs / "t2", 2, "--parallel", "fsdp")
+    assert (m1["world_size"], m2["world_size"]) == (1, 2)
+    for k in ("loss", "clip_frac", "approx_kl", "entropy", "grad_norm", "num_tokens"):
+        assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+    n1 = _cli_train_step(roll, runs / "t1", runs / "t1b", 1)
+    n2 = _cli_train_step(roll, runs / "t2", runs / "t2b", 2, "--parallel", "fsdp")
+    assert n2["grad_norm"] == pytest.approx(n1["grad_norm"], rel=1e-4)
+    for a, b in (("t1", "t2"), ("t1b", "t2b")):
+        w1, w2 = _weights(runs / a), _weights(runs / b)
+        assert set(w1) == set(w2)
+        for k in w1:
+            assert (w1[k] - w2[k]).abs().max().item() < 1e-5, (a, k)
+    w0, w = _weights(runs / "base"), _weights(runs / "t1b")
+    assert max((w[k] - w0[k]).abs().max().item() for k in w0) > 1e-3
 
 
 def _adapter(path):
@@ -255,18 +267,29 @@ def _adapter(path):
 
 
 @pytest.mark.slow
-def test_fsdp_with_lora_equals_one_process(lora_runs):
-    """An adapter trained on a sharded base: same adapter and AdamW state as one process; the
-    checkpoint is an adapter directory; the sharded resume continues the same way."""
-    for one, two in (("lora1", "lora2"), ("lora1b", "lora2b")):
-        a1, a2 = _adapter(lora_runs / one), _adapter(lora_runs / two)
+def test_train_step_fsdp_with_lora(runs, roll):
+    """--parallel fsdp --lora-rank: an adapter on a sharded base gives the 1-process adapter and
+    AdamW state (adapter parameters only) to 1e-5, resume included; no full weights written."""
+    lora = ["--lora-rank", "4", "--lora-alpha", "8"]
+    fsdp = ["--parallel", "fsdp", *lora]
+    _cli_train_step(roll, runs / "base", runs / "l1", 1, *lora)
+    _cli_train_step(roll, runs / "base", runs / "l2", 2, *fsdp)
+    _cli_train_step(roll, runs / "l1", runs / "l1b", 1, *lora)
+    _cli_train_step(roll, runs / "l2", runs / "l2b", 2, *fsdp)
+    for one, two in (("l1", "l2"), ("l1b", "l2b")):
+        a1, a2 = _adapter(runs / one), _adapter(runs / two)
         assert set(a1) == set(a2) and len(a1) == 28
         assert max(v.abs().max().item() for k, v in a1.items() if "lora_B" in k) > 1e-4
         for k in a1:
-            assert (a1[k] - a2[k]).abs().max().item() < 1e-5, k
-        assert not os.path.exists(lora_runs / two / "model.safetensors")
-        o1, o2 = _optim(lora_runs / one), _optim(lora_runs / two)
+            assert (a1[k] - a2[k]).abs().max().item() < 1e-5, (one, k)
+        assert not os.path.exists(runs / two / "model.safetensors")
+        o1, o2 = _optim(runs / one), _optim(runs / two)
         assert len(o2["state"]) == len(o1["state"]) == 28
         for i, s in o1["state"].items():
             assert (s["exp_avg"] - o2["state"][i]["exp_avg"]).abs().max().item() < 1e-6
-    assert float(_optim(lora_runs / "lora2b")["state"][0]["step"]) == 3.0
+    assert float(_optim(runs / "l2b")["state"][0]["step"]) == 8.0  # 2 x (2 epochs x 2 minis)
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    worker(a[0], a[1], int(a[2]), a[3])
