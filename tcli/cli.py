@@ -31,7 +31,7 @@ app = typer.Typer(
 )
 
 COMMAND_MODULES = ("streams", "verify", "sample", "train", "eval", "loop", "init_model",
-                   "import_gguf", "critic")
+                   "import_gguf", "critic", "merge_lora")
 
 
 _registered = False

@@ -322,3 +322,28 @@ def test_loop_resume_with_lora(tmp_path_factory, tmp_path):
         assert torch.equal(a[k], b[k]), k
     after = load_file(os.path.join(model, "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_merge_lora_command(saved, base, tmp_path):
+    """tcli merge-lora ADAPTER OUT: a full checkpoint equal to the merged model; a directory
+    without an adapter is a usage error."""
+    from safetensors.torch import load_file
+
+    out, pm, _ = saved
+    r = _tcli(["merge-lora", out, tmp_path / "m"])
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert r.stdout.decode().strip() == str(tmp_path / "m")
+    w = load_file(str(tmp_path / "m" / "model.safetensors"))
+    ref = lora_merged_state(pm)
+    assert set(w) <= set(ref)
+    for k in w:
+        assert torch.allclose(w[k], ref[k], atol=1e-6), k
+    r = _tcli(["merge-lora", base, tmp_path / "x"])
+    assert r.returncode == 2 and b"not a LoRA adapter" in r.stderr
+
+
+def lora_merged_state(pm) -> dict:
+    """The merged weights of a live PeftModel (on a copy: the live one keeps its adapter)."""
+    import copy
+
+    return copy.deepcopy(pm).merge_and_unload().state_dict()

@@ -1,0 +1,51 @@
+"""`tcli merge-lora`: a LoRA adapter checkpoint (train-step/loop with --lora-rank) merged into its
+base model, written as a full ordinary checkpoint that vllm or any transformers user loads
+without peft.
+
+    tcli merge-lora runs/x/checkpoints/step_20 merged/
+
+The conversion is :func:`tcli.train.lora.export_merged`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tcli.commands.common import QuietOpt, progress_enabled
+from tcli.errors import UsageError
+
+
+def merge_lora(
+    adapter_dir: Annotated[str, typer.Argument(help="An adapter checkpoint (adapter_config.json "
+                           "+ adapter_model.safetensors naming its base model).")],
+    out_dir: Annotated[str, typer.Argument(help="Checkpoint directory to write: absent, empty or "
+                       "a tcli checkpoint (replaced atomically).")],
+    quiet: QuietOpt = False,
+) -> None:
+    """Merge a LoRA adapter into its base weights (float32) and save a full checkpoint with the
+    adapter's tokenizer and state (prints the directory on stdout). A directory without an
+    adapter is a usage error (exit 2); a broken adapter or base exits 65."""
+    import os
+
+    from tcli.models.checkpoint import check_checkpoint_target
+    from tcli.models.load import check_model_dir
+    from tcli.train import lora
+
+    check_model_dir(adapter_dir)
+    if not lora.is_adapter_dir(adapter_dir):
+        raise UsageError(f"{adapter_dir} is not a LoRA adapter directory (no "
+                         f"{lora.ADAPTER_CONFIG})")
+    check_checkpoint_target(out_dir)
+    path = lora.export_merged(adapter_dir, out_dir)
+    if progress_enabled(quiet):
+        from tcli.commands.common import stderr_console
+
+        stderr_console().print(f"merge-lora: {adapter_dir} + {lora.adapter_base(adapter_dir)} "
+                               f"-> {path}")
+    typer.echo(os.path.abspath(path))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge-lora")(merge_lora)
