@@ -38,9 +38,9 @@ from tcli.errors import UsageError  # noqa: E402
 from tcli.plot import read_metrics  # noqa: E402
 
 TREE = {"mode": "tree", "width": 2, "depth": 3, "segment_tokens": 8}   # 8 leaves per prompt
-# entropy branching (issue 14 item 1): split where the policy hesitates, same leaf budget
-ENTROPY_TREE = {"mode": "tree", "width": 2, "depth": 3, "branch": "entropy",
-                "branch_entropy": 1.0, "min_segment_tokens": 2}
+# entropy branching (issue 14 item 1): split where the policy hesitates, same leaf budget; its
+# threshold and minimum segment are tcli's defaults (--set tempo-entropy.branch_entropy=0.8 ...)
+ENTROPY_TREE = {"mode": "tree", "width": 2, "depth": 3, "branch": "entropy"}
 METHODS: dict[str, dict] = {
     "grpo": {"estimator": "grpo"},
     "tempo": {"estimator": "tempo"},                  # the config's sampling (prefix tree built)
