@@ -193,6 +193,36 @@ def test_packed_logprobs_and_grads_equal_per_sequence(model, kind, temperature):
         assert (ga[k] - gb[k]).norm() <= 1e-5 * gb[k].norm() + 1e-9, k
 
 
+@pytest.mark.parametrize("arch", ["llama-sdpa", "qwen3-eager"])
+def test_packed_equals_per_sequence_on_llama_and_eager(tiny, arch):
+    """The real models are Llama; eager attention too: the tree attention replaces both."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tcli.train.batching import LAYOUTS
+
+    if arch == "llama-sdpa":
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                          max_position_embeddings=512, pad_token_id=0)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="eager").eval()
+    rng = np.random.default_rng(7)
+    samples = _samples(BATCHES["mixed"](rng), rng)
+    idx = list(range(len(samples)))
+    packed = LAYOUTS.get("packed")(samples, idx, 10_000, 1, 0)[0]
+    padded = LAYOUTS.get("padded")(samples, idx, 10_000, 1, 0)[0]
+    padded.idxs = list(packed.idxs)
+    a, ga = _grid_and_grads(model, packed, samples)
+    b, gb = _grid_and_grads(model, padded, samples)
+    assert model.config._attn_implementation == arch.split("-")[1]  # restored after the step
+    for i in idx:
+        assert torch.allclose(a[i][0], b[i][0], rtol=1e-5, atol=1e-5), i
+    for k in ga:
+        assert (ga[k] - gb[k]).norm() <= 1e-5 * gb[k].norm() + 1e-9, k
+
+
 def _step(tiny, samples, **kw):
     from tcli.config.stages import TrainOptions
     from tcli.train.trainer import Trainer
