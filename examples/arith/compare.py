@@ -4,7 +4,7 @@ Each (estimator, seed) run gets the same sampled-token budget; accuracy is then 
 equal sampled tokens and at equal wall-clock time (the shortest run's wall time), with the spread
 across seeds, as a table (stdout + compare.md) and a plot (compare.png).
 
-    python examples/arith/compare.py --out runs/compare --estimators grpo,tempo,treerpo --seeds 0,1,2
+    python examples/arith/compare.py --out runs/compare --estimators grpo,tempo,treerpo,ppo --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from tcli.loop import run_loop  # noqa: E402
 from tcli.plot import plot_runs, read_metrics  # noqa: E402
 
 TREE = {"mode": "tree", "width": 2, "depth": 3, "segment_tokens": 8}  # 8 leaves per prompt
+# PPO as usually run: GAE(gamma 1, lambda 0.95) over a critic made from the warm start, advantages
+# whitened over the step; the critic's lr is 5x the policy's (its value head starts at zero).
+PPO = {"whiten": True, "critic_lr": 1e-3}
+METHOD = {"treerpo": TREE, "ppo": PPO}
 
 
 
@@ -31,7 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=os.path.join(ROOT, "examples/arith/demo.toml"))
     ap.add_argument("--out", default="runs/compare")
-    ap.add_argument("--estimators", default="grpo,tempo,treerpo")
+    ap.add_argument("--estimators", default="grpo,tempo,treerpo,ppo")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--token-budget", type=int, default=250_000, help="sampled tokens per run")
     ap.add_argument("--eval-every", type=int, default=10)
@@ -45,7 +49,7 @@ def main() -> None:
             run_dir = os.path.join(a.out, f"{est}-s{seed}")
             over = {"estimator": est, "seed": seed, "run_dir": run_dir, "steps": 10_000,
                     "max_wall_seconds": 0.0, "max_sampled_tokens": a.token_budget,
-                    "eval_every": a.eval_every, **(TREE if est == "treerpo" else {})}
+                    "eval_every": a.eval_every, **METHOD.get(est, {})}
             if a.model:
                 over["model"] = a.model
             cfg = load_config(a.config, over)
