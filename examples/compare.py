@@ -95,11 +95,12 @@ def at(xs, ys, x: float) -> float:
 
 # ----------------------------------------------------------------------------- runs
 
-def overrides(method: str, seed: int, a: argparse.Namespace) -> dict:
-    """The loop settings of one run: budget and bookkeeping, the method's row, then --set."""
+def overrides(method: str | None, seed: int, a: argparse.Namespace) -> dict:
+    """The loop settings of one run: budget and bookkeeping, the method's row, then --set
+    (``method`` None: without the method's row and method-scoped --set)."""
     over = {"seed": seed, "run_dir": os.path.join(a.out, f"{method}-s{seed}"), "steps": 100_000,
             "max_wall_seconds": 0.0, "max_sampled_tokens": a.token_budget,
-            "eval_every": a.eval_every, **METHODS[method]}
+            "eval_every": a.eval_every, **METHODS.get(method, {})}
     if a.model:
         over["model"] = a.model
     for item in a.set:
@@ -296,7 +297,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    try:
+        return compare(a)
+    except UsageError as e:  # a bad config, model path or leftover: one line, exit 2
+        print(f"compare: error: {e}", file=sys.stderr)
+        return 2
+
+
+def compare(a: argparse.Namespace) -> int:
+    """Run every (seed, method), then write the table, the JSON summary and the plot."""
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    load_config(a.config, overrides(None, a.seeds[0], a))  # the task's config must load: only
+    #                                                     a method's own settings are skipped
     os.makedirs(a.out, exist_ok=True)
     runs: dict[str, dict[int, str]] = {}
     skipped: set[str] = set()
