@@ -20,9 +20,6 @@ optimizer step (:func:`micro_batches_to_match`).
 
 from __future__ import annotations
 
-PARALLEL_MODES = ("ddp", "fsdp")
-
-
 def decoder_layers(model) -> list:
     """The modules to shard one by one: instances of the model's ``_no_split_modules`` classes
     (transformers' own list of blocks that must stay whole: the decoder layers)."""
@@ -47,12 +44,6 @@ def shard_model(model, device):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def local_numel(model) -> int:
