@@ -103,6 +103,10 @@ class SampleOptions(Options):
                                     check=_check_device)
     dtype: Optional[str] = setting(None, "Weights dtype for sampling (default float32).",
                                    choices=lambda: DTYPES)
+    gpu_memory_utilization: float = setting(0.9, "vllm: fraction of the GPU's memory its engine "
+                                            "takes (weights + KV cache); lower it when the "
+                                            "trainer shares the GPU (loop, one GPU).",
+                                            check=in_range(0.0, 1.0, lo_open=True))
 
     def engine_config(self, seed: int):
         """The settings of one engine call."""

@@ -32,6 +32,7 @@ def _vllm(model: str, opts: "SampleOptions", *, seed: int = 0, trainer=None) -> 
     from tcli.engines.vllm_engine import VLLMEngine
 
     return VLLMEngine(model, seed=seed, sampling=opts.engine_config(seed),
+                      gpu_memory_utilization=opts.gpu_memory_utilization,
                       **({"dtype": opts.dtype} if opts.dtype else {}))
 
 
