@@ -121,9 +121,9 @@ def _value(s: str):
         return s
 
 
-def run_one(method: str, seed: int, a: argparse.Namespace, log) -> str | None:
-    """Run (or resume, or skip when done) one (method, seed); its run directory, or None when
-    the installed tcli rejects the method's settings."""
+def run_one(method: str, seed: int, a: argparse.Namespace, log) -> tuple[str | None, str]:
+    """Run (or resume, or skip when done) one (method, seed): (its run directory, "") or
+    (None, why) when the installed tcli rejects the method's settings."""
     from tcli.loop.loop import run_loop
     from tcli.loop.rundir import RunDir
 
@@ -134,12 +134,12 @@ def run_one(method: str, seed: int, a: argparse.Namespace, log) -> str | None:
             if json.load(f) != over:
                 raise UsageError(f"{done}: finished with other settings; delete it and "
                                  f"{run_dir} to rerun")
-        return run_dir
+        return run_dir, ""
     try:
         cfg = load_config(a.config, over)
     except UsageError as e:
         log(f"skipping {method}: the installed tcli rejects its settings ({e})")
-        return None
+        return None, str(e)
     resume = os.path.isdir(run_dir) and bool(RunDir(run_dir).complete_steps())
     if os.path.isdir(run_dir) and not resume:
         shutil.rmtree(run_dir)  # started, nothing complete: this harness's own leftovers
@@ -148,7 +148,7 @@ def run_one(method: str, seed: int, a: argparse.Namespace, log) -> str | None:
     with open(done + ".tmp", "w") as f:
         json.dump(over, f)
     os.replace(done + ".tmp", done)
-    return run_dir
+    return run_dir, ""
 
 
 # ----------------------------------------------------------------------------- summary
@@ -311,14 +311,14 @@ def compare(a: argparse.Namespace) -> int:
     #                                                     a method's own settings are skipped
     os.makedirs(a.out, exist_ok=True)
     runs: dict[str, dict[int, str]] = {}
-    skipped: set[str] = set()
+    skipped: dict[str, str] = {}
     for seed in a.seeds:  # seeds outer: a load change on the shared machine hits every method
         for m in a.methods:
             if m in skipped:
                 continue
-            d = run_one(m, seed, a, log)
+            d, why = run_one(m, seed, a, log)
             if d is None:
-                skipped.add(m)
+                skipped[m] = why
             else:
                 runs.setdefault(m, {})[seed] = d
     if not runs:
@@ -326,7 +326,8 @@ def compare(a: argparse.Namespace) -> int:
         return 1
     s = summarise(runs)
     md = table(s)
-    notes = [f"skipped {m}: the installed tcli rejects its settings" for m in sorted(skipped)]
+    notes = [f"skipped {m}: the installed tcli rejects its settings ({why})"
+             for m, why in sorted(skipped.items())]
     with open(os.path.join(a.out, "compare.md"), "w") as f:
         f.write(f"config {a.config}, seeds {a.seeds}, token budget {a.token_budget} per run; "
                 f"Δ: paired bootstrap over seeds, * = CI excludes 0\n\n{md}\n"
