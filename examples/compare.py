@@ -141,8 +141,11 @@ def run_one(method: str, seed: int, a: argparse.Namespace, log) -> tuple[str | N
         log(f"skipping {method}: the installed tcli rejects its settings ({e})")
         return None, str(e)
     resume = os.path.isdir(run_dir) and bool(RunDir(run_dir).complete_steps())
-    if os.path.isdir(run_dir) and not resume:
-        shutil.rmtree(run_dir)  # started, nothing complete: this harness's own leftovers
+    if os.path.isdir(run_dir) and not resume:  # started, nothing complete: our leftovers,
+        rd = RunDir(run_dir)                      # unless a live loop holds them (then exit 2)
+        rd.acquire()
+        rd.release()
+        shutil.rmtree(run_dir)
     log(f"== {method} seed {seed} -> {run_dir}" + (" (resuming)" if resume else ""))
     run_loop(cfg, resume=resume, log=lambda s: None)
     with open(done + ".tmp", "w") as f:
