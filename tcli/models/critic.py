@@ -28,17 +28,14 @@ def init_critic(source: str, out_dir: str, *, dtype: str | None = None) -> str:
     from transformers import AutoModelForTokenClassification
 
     from tcli.models.checkpoint import check_checkpoint_target, save_pretrained_atomic
-    from tcli.models.load import _load_error, check_model_dir, load_tokenizer, torch_dtype
+    from tcli.models.load import check_model_dir, load_tokenizer, pretrained, torch_dtype
     from tcli.models.quiet import quiet_transformers
 
     quiet_transformers()
     check_model_dir(source)
     check_checkpoint_target(out_dir, "DIR")
-    try:
-        model = AutoModelForTokenClassification.from_pretrained(
-            source, num_labels=1, dtype=torch_dtype(dtype))
-    except Exception as e:  # noqa: BLE001 - narrowed by _load_error
-        raise _load_error(source, "critic backbone", e) from None
+    model = pretrained(AutoModelForTokenClassification, source, path=source,
+                       what="critic backbone", num_labels=1, dtype=torch_dtype(dtype))
     with torch.no_grad():
         model.score.weight.zero_()
         if model.score.bias is not None:
@@ -53,7 +50,7 @@ def load_critic(path: str, *, device="cpu", dtype=None, train: bool = False):
     error that says how to make one."""
     from transformers import AutoModelForTokenClassification
 
-    from tcli.models.load import (_load_error, check_model_dir, disable_dropout, load_config,
+    from tcli.models.load import (check_model_dir, disable_dropout, load_config, pretrained,
                                   torch_dtype)
     from tcli.models.quiet import quiet_transformers
 
@@ -65,10 +62,8 @@ def load_critic(path: str, *, device="cpu", dtype=None, train: bool = False):
         raise UsageError(f"--critic {path} is not a critic (a one-label *ForTokenClassification "
                          f"model, found {', '.join(archs) or 'no architecture'}); make one with "
                          f"`tcli init-critic --from POLICY {path}`")
-    try:
-        model = AutoModelForTokenClassification.from_pretrained(path, dtype=torch_dtype(dtype))
-    except Exception as e:  # noqa: BLE001 - narrowed by _load_error
-        raise _load_error(path, "critic", e) from None
+    model = pretrained(AutoModelForTokenClassification, path, path=path, what="critic",
+                       dtype=torch_dtype(dtype))
     model.to(device)
     if train:
         model.train()

@@ -255,6 +255,15 @@ def torch_dtype(dtype):
     return table[dtype]
 
 
+def pretrained(cls, *args, path: str, what: str, **kw):
+    """``cls.from_pretrained(*args, **kw)``: the one place tcli calls it (causal LMs here, PPO
+    critics, LoRA adapters), so every loading failure becomes the same one-line error."""
+    try:
+        return cls.from_pretrained(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - narrowed by _load_error (bugs re-raise)
+        raise _load_error(path, what, e) from None
+
+
 def _load_error(path: str, what: str, e: Exception) -> Exception:
     """A loading failure as one line: DataError naming the directory when it exists (its files are
     broken), UsageError for a hub name that cannot be resolved. Programming errors and running

@@ -102,7 +102,7 @@ def load_trainable(path: str, rank: int, alpha: float, targets: str, *, device="
     """The PeftModel to train from ``path``: a full model gets a new adapter; an adapter
     directory continues its own adapter (its base loaded from the base it names), which must
     have the rank, alpha and targets asked for (a usage error names the difference)."""
-    from tcli.models.load import disable_dropout, load_model
+    from tcli.models.load import disable_dropout, load_model, pretrained
 
     if not is_adapter_dir(path):
         model = load_model(path, device=device, train=True)
@@ -111,12 +111,8 @@ def load_trainable(path: str, rank: int, alpha: float, targets: str, *, device="
 
     base = load_model(adapter_base(path), device=device, train=True)
     want = _target_names(base, targets)
-    try:
-        with _quiet():
-            pm = PeftModel.from_pretrained(base, path, is_trainable=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise DataError(f"cannot load LoRA adapter: {' '.join(str(e).split())[:300]}",
-                        file=path) from None
+    with _quiet():
+        pm = pretrained(PeftModel, base, path, path=path, what="LoRA adapter", is_trainable=True)
     cfg = pm.peft_config["default"]
     have = {n.split(".")[-1] for n, m in pm.get_base_model().named_modules()
             if hasattr(m, "lora_A")}
@@ -162,15 +158,11 @@ def load_merged(path: str, *, device="cpu", dtype=None, train: bool = False, **l
     float32, then cast to ``dtype``; ``load_kw`` go to the base's ``load_model``."""
     from peft import PeftModel
 
-    from tcli.models.load import load_model, torch_dtype
+    from tcli.models.load import load_model, pretrained, torch_dtype
 
     base = load_model(adapter_base(path), device="cpu", train=train, **load_kw)
-    try:
-        with _quiet():
-            pm = PeftModel.from_pretrained(base, path)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise DataError(f"cannot load LoRA adapter: {' '.join(str(e).split())[:300]}",
-                        file=path) from None
+    with _quiet():
+        pm = pretrained(PeftModel, base, path, path=path, what="LoRA adapter")
     model = pm.merge_and_unload()
     model.to(device=device, dtype=torch_dtype(dtype))
     if not train:
