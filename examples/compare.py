@@ -4,10 +4,11 @@ Every (method, seed) run is ``tcli loop`` on ``--config`` with the method's over
 METHODS table: adding a method is one line) and the same sampled-token budget. Seeds are paired:
 seed s of every method starts from the same checkpoint, draws the same prompts per step and is
 compared with seed s of the baseline (GRPO). Reported per method: greedy eval accuracy at equal
-sampled tokens and at equal wall time (linear between evaluations, at the smallest final value
-over all runs), the mean paired difference to the baseline with a paired bootstrap 95 % CI over
-seeds, and the branch-token share (tokens where the estimator's advantage differs from the
-sequence-level one). Writes ``compare.md``, ``compare.json`` and ``compare.png`` in ``--out``.
+sampled tokens (the smallest final count over all runs) and at equal wall time (the shortest run
+of each seed: a seed's methods run back to back under about the same load), linear between
+evaluations; the mean paired difference to the baseline with a paired bootstrap 95 % CI over
+seeds, and the branch-token share (tcli's ``branch_token_share``: response tokens at branch
+points of each group's prefix tree, where TEMPO's correction can be non-zero). Writes ``compare.md``, ``compare.json`` and ``compare.png`` in ``--out``.
 
 A finished run (``<method>-s<seed>.done`` beside its run directory) is never rerun; an
 interrupted one resumes from its last checkpoint. A method whose settings the installed tcli
@@ -173,27 +174,31 @@ def curves(run_dir: str) -> dict:
 
 
 def summarise(runs: dict[str, dict[int, str]], baseline: str = BASELINE) -> dict:
-    """Per method: accuracies at the common token count and wall time, paired differences to
-    the baseline over the seeds both have, branch share, steps."""
+    """Per method: accuracies at the common token count and at each seed's common wall time,
+    paired differences to the baseline over the seeds both have, branch share, steps.
+
+    Equal wall time is per seed (the shortest run of that seed): a seed's methods run one after
+    the other under about the same machine load, different seeds may not."""
     cs = {m: {s: curves(d) for s, d in by_seed.items()} for m, by_seed in runs.items()}
-    flat = [c for by_seed in cs.values() for c in by_seed.values()]
-    tok = min(c["tokens"][-1] for c in flat)
-    wall = min(c["wall"][-1] for c in flat)
+    tok = min(c["tokens"][-1] for by_seed in cs.values() for c in by_seed.values())
+    wall: dict[int, float] = {}
+    for by_seed in cs.values():
+        for s, c in by_seed.items():
+            wall[s] = min(wall.get(s, math.inf), float(c["wall"][-1]))
     out = {"equal_tokens": tok, "equal_wall_s": wall, "baseline": baseline, "methods": {}}
+    base = cs.get(baseline, {})
     for m, by_seed in cs.items():
         row = {"seeds": sorted(by_seed)}
-        for key, x, axis in (("tokens", tok, "tokens"), ("wall", wall, "wall")):
-            acc = {s: at(c[axis], c["acc"], x) for s, c in by_seed.items()}
+        for key, x in (("tokens", lambda s: tok), ("wall", lambda s: wall[s])):
+            acc = {s: at(c[key], c["acc"], x(s)) for s, c in by_seed.items()}
             row[f"acc_{key}"] = acc
-            base = cs.get(baseline, {})
             paired = sorted(set(acc) & set(base))
             if m != baseline and paired:
-                ref = [at(base[s][axis], base[s]["acc"], x) for s in paired]
+                ref = [at(base[s][key], base[s]["acc"], x(s)) for s in paired]
                 row[f"diff_{key}"] = paired_bootstrap([acc[s] for s in paired], ref)
-        row["initial"] = float(np.mean([c["acc"][0] for c in by_seed.values()]))
-        row["branch_share"] = float(np.mean([c["branch_share"] for c in by_seed.values()]))
-        row["steps"] = float(np.mean([c["steps"] for c in by_seed.values()]))
-        row["wall_s"] = float(np.mean([c["wall"][-1] for c in by_seed.values()]))
+        for k, f in (("initial", lambda c: c["acc"][0]), ("branch_share", lambda c: c["branch_share"]),
+                     ("steps", lambda c: c["steps"]), ("wall_s", lambda c: c["wall"][-1])):
+            row[k] = float(np.mean([f(c) for c in by_seed.values()]))
         out["methods"][m] = row
     return out
 
@@ -211,10 +216,16 @@ def _ci(d) -> str:
     return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark}"
 
 
+def _span(by_seed: dict) -> str:
+    lo, hi = min(by_seed.values()), max(by_seed.values())
+    return f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}–{hi:.0f}"
+
+
 def table(s: dict) -> str:
     """The markdown table of :func:`summarise`."""
     head = (f"| method | seeds | initial | acc @ {s['equal_tokens']:.0f} tokens | Δ vs "
-            f"{s['baseline']} (95 % CI) | acc @ {s['equal_wall_s']:.0f} s | Δ vs "
+            f"{s['baseline']} (95 % CI) | acc @ equal wall time ({_span(s['equal_wall_s'])} s) "
+            f"| Δ vs "
             f"{s['baseline']} (95 % CI) | branch-token share | steps | wall s |")
     rows = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in s["methods"].items():

@@ -94,12 +94,15 @@ def test_harness_end_to_end_tiny_budget(task_dir, monkeypatch, capsys):
     assert tempo["diff_tokens"] == pytest.approx(
         list(paired_bootstrap([t["0"], t["1"]], [g["0"], g["1"]])))
     assert "diff_tokens" not in s["methods"]["grpo"] and s["skipped"] == ["bogus"]
+    final_wall = {}
     for m in ("grpo", "tempo"):
         for seed in (0, 1):
             ms = [json.loads(x) for x in open(out / f"{m}-s{seed}" / "metrics.jsonl")]
             train = [x for x in ms if x["kind"] == "train"]
             assert 2 <= len(train) <= 6 and train[-1]["sampled_tokens_total"] >= 250
             assert sum(x["kind"] == "eval" for x in ms) >= 2  # step 0 and the last step
+            final_wall[str(seed)] = min(final_wall.get(str(seed), 1e9), ms[-1]["wall_time"])
+    assert s["equal_wall_s"] == pytest.approx(final_wall)  # per seed: its shortest run
     assert (out / "compare.png").stat().st_size > 10_000
     # rerun: every finished run is reused, nothing is sampled again
     stamp = {p: p.stat().st_mtime_ns for p in out.glob("*-s*/metrics.jsonl")}
