@@ -134,14 +134,16 @@ def train_critic(
     import os
     import sys
 
+    from tcli.commands.train import read_train_input
     from tcli.io import dumps
     from tcli.models.checkpoint import check_checkpoint_target
+    from tcli.train.critic import CriticTrainer, critic_samples
     from tcli.train.dist import distributed, run_on_main
-    from tcli.train.critic import CriticTrainer
 
     check_checkpoint_target(output, "-o/--output")
     with distributed(opts.device) as info:
-        samples = run_on_main(lambda: _read_critic_samples(input, input_format, critic), info)
+        samples = run_on_main(lambda: read_train_input(input, input_format, critic,
+                                                       critic_samples), info)
         threads.apply()
         trainer = CriticTrainer(critic, opts, seed=seed, dist_info=info)
         m = trainer.step(samples)
@@ -150,21 +152,6 @@ def train_critic(
             sys.stdout.buffer.write(dumps({"kind": "train-critic",
                                            "critic": os.path.abspath(output), **m}))
             sys.stdout.buffer.flush()
-
-
-def _read_critic_samples(input: str, input_format: str | None, critic: str):
-    """Every record validated before the critic loads (exit 65 fast)."""
-    from tcli.io import RecordReader
-    from tcli.models.load import model_vocab_size
-    from tcli.train.critic import critic_samples
-
-    vocab = model_vocab_size(critic)
-    reader = RecordReader(input, input_format)
-    samples = critic_samples(iter(reader), reader.name, vocab)
-    if not any(len(s.tokens) for s in samples):
-        raise DataError("no response tokens to train on (empty input or empty responses)",
-                        file=reader.name)
-    return samples
 
 
 def register(app: typer.Typer) -> None:

@@ -63,16 +63,25 @@ def train_step(
 
 def _read_samples(input: str, input_format: str | None, model: str, opts: TrainOptions):
     """Validate the model directories and every record before any weights load (exit 65 fast)."""
-    from tcli.errors import DataError
-    from tcli.io import RecordReader
-    from tcli.models.load import check_model_dir, model_vocab_size
+    from tcli.models.load import check_model_dir
     from tcli.train.samples import samples_from_records
 
-    vocab = model_vocab_size(model)
     if opts.ref_model:
         check_model_dir(opts.ref_model)
+    return read_train_input(input, input_format, model, samples_from_records)
+
+
+def read_train_input(input: str, input_format: str | None, model_dir: str, parse) -> list:
+    """Every record parsed and validated by ``parse(records, source, vocab_size)`` against the
+    model directory's vocabulary, before any weights load; no response token at all is exit 65.
+    Shared by train-step and train-critic."""
+    from tcli.errors import DataError
+    from tcli.io import RecordReader
+    from tcli.models.load import model_vocab_size
+
+    vocab = model_vocab_size(model_dir)
     reader = RecordReader(input, input_format)
-    samples = samples_from_records(iter(reader), reader.name, vocab)
+    samples = parse(iter(reader), reader.name, vocab)
     if not any(len(s.tokens) for s in samples):
         raise DataError("no response tokens to train on (empty input or empty responses)",
                         file=reader.name)
