@@ -209,3 +209,22 @@ def test_values_bad_input(critic, tmp_path):
     r = run_tcli(["values", str(bad), "--critic", crit, "-o", str(tmp_path / "o.jsonl")])
     assert r.returncode == 65 and "bad.jsonl:2: field 'token_ids'" in r.stderr.decode()
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_init_critic_bad_input(critic, tmp_path):
+    """A missing source, a source that is not a model, and a target tcli did not write: one line,
+    exit 2 or 65, nothing written."""
+    policy, _ = critic
+    r = run_tcli(["init-critic", "--from", str(tmp_path / "nope"), str(tmp_path / "c1")])
+    assert r.returncode == 2 and r.stderr.count(b"\n") == 1, r.stderr
+    (tmp_path / "notmodel").mkdir()
+    (tmp_path / "notmodel" / "config.json").write_text("{not json")
+    r = run_tcli(["init-critic", "--from", str(tmp_path / "notmodel"), str(tmp_path / "c2")])
+    assert r.returncode in (2, 65) and r.stderr.count(b"\n") == 1, r.stderr
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("user data")
+    r = run_tcli(["init-critic", "--from", policy, str(keep)])
+    assert r.returncode == 2 and b"refusing to replace" in r.stderr, r.stderr
+    assert os.listdir(keep) == ["notes.txt"]
+    assert not (tmp_path / "c1").exists() and not (tmp_path / "c2").exists()
