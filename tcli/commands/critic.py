@@ -95,15 +95,13 @@ def _batches(records: Iterator, source: str) -> Iterator[list]:
 
 def _with_values(model, batch: list, source: str, vocab: int, device, opts) -> list[dict]:
     from tcli.models.critic import critic_values
+    from tcli.train.critic import check_critic_tokens
 
     for line, _, p, r in batch:
-        for name, arr in (("prompt_token_ids", p), ("token_ids", r)):
-            if name == "prompt_token_ids" and len(arr) == 0:
-                raise DataError("is empty; the first value needs a context", file=source,
-                                line=line, field=name)
-            if len(arr) and int(arr.max()) >= vocab:
-                raise DataError(f"token id {int(arr.max())} is outside the critic's vocabulary "
-                                f"(size {vocab})", file=source, line=line, field=name)
+        try:
+            check_critic_tokens(p, r, vocab)
+        except DataError as e:
+            raise e.located(source, line) from None
     vals = critic_values(model, [b[2] for b in batch], [b[3] for b in batch], device=device,
                          micro_batch_tokens=opts.micro_batch_tokens,
                          pad_id=int(getattr(model.config, "pad_token_id", None) or 0))

@@ -50,19 +50,23 @@ def critic_samples(records: Iterable, source: str = "<records>",
         line, rec = item if isinstance(item, tuple) else (i, item)
         try:
             prompt, toks = token_array(rec, "prompt_token_ids"), token_array(rec)
-            if len(prompt) == 0:
-                raise DataError("is empty; the first value needs a context",
-                                field="prompt_token_ids")
-            for name, arr in (("prompt_token_ids", prompt), ("token_ids", toks)):
-                if vocab_size is not None and len(arr) and int(arr.max()) >= vocab_size:
-                    raise DataError(f"token id {int(arr.max())} is outside the critic's "
-                                    f"vocabulary (size {vocab_size})", field=name)
+            check_critic_tokens(prompt, toks, vocab_size)
             old = float_array(rec, "critic_values", len(toks) + 1)[:-1]
             ret = float_array(rec, "returns", len(toks))
         except DataError as e:
             raise e.located(source, line) from None
         out.append(CriticSample(prompt, toks, old.astype(np.float32), ret.astype(np.float32), line))
     return out
+
+
+def check_critic_tokens(prompt: np.ndarray, tokens: np.ndarray, vocab_size: int | None) -> None:
+    """A value needs a context (non-empty prompt) and ids inside the critic's vocabulary."""
+    if len(prompt) == 0:
+        raise DataError("is empty; the first value needs a context", field="prompt_token_ids")
+    for name, arr in (("prompt_token_ids", prompt), ("token_ids", tokens)):
+        if vocab_size is not None and len(arr) and int(arr.max()) >= vocab_size:
+            raise DataError(f"token id {int(arr.max())} is outside the critic's vocabulary "
+                            f"(size {vocab_size})", field=name)
 
 
 def _as_train_options(o: CriticOptions) -> TrainOptions:
