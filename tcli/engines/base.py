@@ -9,7 +9,11 @@ additionally implements ``sample_tree`` natively by forking KV caches.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+
+ENTROPY_TOP_K = 20   # log-probs per token behind the generic entropy estimate (vLLM's default cap)
 
 
 def _default(name: str):
@@ -36,11 +40,33 @@ def logprob_temperature(temperature: float) -> float:
     return float(temperature) if temperature > 0 else 1.0
 
 
+def topk_entropy(top_logprobs) -> np.ndarray:
+    """Entropy estimate (nats) per row from the k largest log-probs of each row's distribution
+    (any order; ``-inf`` entries allowed), as engines that return only top-k log-probs can give.
+
+    The mass r outside the top k is counted as if packed into tokens as likely as the k-th largest
+    (or into one token when r is smaller): H_k = -sum_i p_i log p_i - r log min(p_k, r). That is
+    the least entropy any distribution with these top-k values can have (up to the last partial
+    token), so H_k <= H, with equality when the top k hold all the mass. A split on H_k > tau
+    therefore never happens where the exact entropy is <= tau; it may miss a few that do.
+    """
+    lp = np.asarray(top_logprobs, dtype=np.float64)
+    lp = lp.reshape(1, -1) if lp.ndim == 1 else lp
+    p = np.exp(lp)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        head = -np.where(p > 0, p * lp, 0.0).sum(-1)
+        rest = np.clip(1.0 - p.sum(-1), 0.0, 1.0)
+        pk = p.min(-1, where=p > 0, initial=1.0)
+        tail = np.where(rest > 0, -rest * np.log(np.minimum(pk, rest)), 0.0)
+    return np.maximum(head + tail, 0.0)
+
+
 @dataclass
 class Completion:
     token_ids: list[int]
     logprobs: list[float]        # log_softmax(logits / T) of each token, before top-p (see above)
     finish_reason: str           # "stop" (EOS) or "length"
+    entropies: Optional[list[float]] = None  # per token, from ``generate_entropy`` only
 
 
 class Engine(Protocol):
@@ -54,6 +80,28 @@ class Engine(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], n: int, cfg: SamplingConfig
                  ) -> list[list[Completion]]:
         """n completions for each prompt (token ids), in order."""
+
+    def generate_entropy(self, prompts: Sequence[Sequence[int]], n: int, cfg: SamplingConfig, *,
+                         top_k: Optional[int] = ENTROPY_TOP_K,
+                         seeds: Optional[Sequence[int]] = None) -> list[list[Completion]]:
+        """``generate``, and every Completion also carries ``entropies``: one float per token.
+
+        Contract (sample-tree's ``--branch entropy`` on engines without a native entropy tree,
+        and ``--record-entropy``, rely on it):
+
+        - ``entropies[t]`` is the *sampling entropy* of token t: the entropy in nats of
+          softmax(logits_t / T), T = ``logprob_temperature(cfg.temperature)`` -- the distribution
+          whose log-probs ``logprobs`` records: before top-p and before the min-tokens EOS mask.
+        - It is ``topk_entropy`` of the ``top_k`` largest of those log-probs (a lower bound of
+          the exact entropy, equal when the top k hold all the mass), or the exact entropy when
+          ``top_k`` is None or covers the vocabulary. An engine that cannot return ``top_k``
+          log-probs per token raises UsageError (never a different estimate silently).
+        - ``seeds``: one per prompt; prompt i's random stream is a function of ``seeds[i]`` and
+          its token ids alone (None: ``cfg.seed`` for every prompt). Callers give distinct seeds
+          to identical prefixes that must not share samples (e.g. sibling tree nodes).
+        - Everything else is ``generate``'s: n completions per prompt in order, same token,
+          log-prob and finish semantics; a prompt's output does not depend on the other prompts.
+        """
 
     def load_weights(self, model_dir: str, policy_version: int) -> None:
         """Switch to new weights (after a train step) and drop any cached prefixes."""
