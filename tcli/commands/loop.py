@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from contextlib import contextmanager
 from typing import Annotated, List, Optional
 
@@ -23,19 +24,50 @@ _OWN = [
 
 
 def loop(**kw) -> None:
-    """Train in one process: sample -> verify -> advantages -> train-step, with periodic eval,
-    checkpoints, metrics.jsonl and metrics.png; --resume continues a run."""
-    from rich.console import Console
-
-    from tcli.config.loop import load_config
-    from tcli.loop import resume_config, run_loop
+    """Train: sample -> verify -> advantages -> train-step, with periodic eval, checkpoints,
+    metrics.jsonl and metrics.png; --resume continues a run. Under `torchrun --nproc-per-node N`
+    every rank samples its share of the prompts and trains with DDP (or FSDP: --parallel fsdp);
+    rank 0 writes the run directory."""
+    from tcli.train.dist import distributed
 
     config, resume, quiet = kw.pop("config"), kw.pop("resume"), kw.pop("quiet")
     if config and resume:
         raise typer.BadParameter("give --config or --resume, not both")
-    cfg = resume_config(resume, kw) if resume else load_config(config, kw)
+    cfg = _load(config, resume, kw)  # under torchrun every rank reads the same files and flags
+    with distributed(cfg.train.device) as info:
+        try:
+            _run(cfg, bool(resume), quiet or not info.is_main, info)
+        except Exception as e:
+            if not getattr(e, "tcli_agreed", False):
+                raise
+            raise typer.Exit(_report_once(e, info)) from None
+
+
+def _report_once(e: Exception, info) -> int:
+    """An error every rank raised together: rank 0 prints its one line, then all ranks leave
+    together (torchrun stops the others as soon as one exits, which could cut rank 0 short)."""
+    import torch.distributed as dist
+
+    from tcli.cli import _failure
+
+    code = _failure(e, os.environ.get("TCLI_DEBUG") == "1") if info.is_main else \
+        int(getattr(e, "exit_code", 1))
+    dist.barrier()
+    return code
+
+
+def _load(config, resume, kw):
+    from tcli.config.loop import load_config
+    from tcli.loop import resume_config
+
+    return resume_config(resume, kw) if resume else load_config(config, kw)
+
+
+def _run(cfg, resume: bool, quiet: bool, info) -> None:
+    from tcli.loop import run_loop
+
     with _reporting(cfg.run.steps, quiet) as (log, on_step):
-        result = run_loop(cfg, resume=bool(resume), log=log, on_step=on_step)
+        result = run_loop(cfg, resume=resume, log=log, on_step=on_step, dist=info)
     log(f"run directory: {cfg.run.run_dir}  best eval accuracy: {result['best_accuracy']:.3f}")
 
 

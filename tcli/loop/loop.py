@@ -1,8 +1,15 @@
-"""`tcli loop`: sample -> verify -> advantages -> train-step in one process, per step.
+"""`tcli loop`: sample -> verify -> advantages -> train-step, per step, in one process or under
+``torchrun`` (N processes).
 
 The loop calls the same stage functions as the commands, with the same option objects. Every
 step's randomness derives from (seed, step), so a run killed at any moment and resumed from its
 last complete step ends with the same checkpoint as an uninterrupted run.
+
+Under torchrun every rank samples, verifies and scores its block of the step's prompts (whole
+groups; sampling depends on (seed, prompt, path) only, so the rollouts are the 1-process ones),
+the blocks are gathered in prompt order onto every rank, and the trainer's DDP/FSDP update runs
+on the whole batch (global token counts). Rank 0 alone writes the run directory and decides
+when the run stops; an error on any rank ends every rank (:mod:`tcli.train.dist`).
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tcli.config.loop import LoopConfig, dump_toml, load_config
-from tcli.errors import UsageError
+from tcli.errors import DataError, UsageError
 from tcli.io import RecordWriter, write_atomic_bytes
 from tcli.loop.rundir import RunDir
 from tcli.prompts import read_prompts
+from tcli.train.dist import DistInfo, block_share, gather_or_raise, run_on_main
 
 
 def step_prompts(prompts: list[dict], k: int, seed: int, step: int) -> list[dict]:
@@ -68,14 +76,21 @@ class Loop:
     """Owns the engine, trainer and run directory of one training run."""
 
     def __init__(self, cfg: LoopConfig, log: Callable[[str], None] = lambda s: None,
-                 on_step: Callable[[list[dict]], None] | None = None):
-        """Everything that can be checked without touching disk is checked here."""
+                 on_step: Callable[[list[dict]], None] | None = None,
+                 dist: DistInfo | None = None):
+        """Everything that can be checked without touching disk is checked here. ``dist``: this
+        process's rank under torchrun (default: one process)."""
         self.cfg = cfg
+        self.dist = dist or DistInfo()
         self.log = log
         self.on_step = on_step
         self.sink = None
         self.verify_pool = None
         self.critic = None
+        self.weights = None  # under torchrun: what this rank's engine samples from
+        if self.dist.enabled and cfg.sample.engine != "hf":
+            raise UsageError(f"loop under torchrun samples with the hf engine (each rank from its "
+                             f"own copy of the policy), not {cfg.sample.engine!r}")
         if cfg.run.tensorboard:
             from tcli.loop.tensorboard import check_available
 
@@ -87,14 +102,58 @@ class Loop:
         ev = cfg.eval
         self.eval_prompts = (read_prompts(cfg.run.eval_data, ev.limit or None, cfg.prompts)
                              if cfg.run.eval_data and ev.every else [])
+        self.record_no = {id(r): (path, i) for path, recs in
+                          ((cfg.run.train_data, self.train_prompts),
+                           (cfg.run.eval_data, self.eval_prompts)) for i, r in enumerate(recs, 1)}
         self.best = -1.0
+
+    # -- ranks ---------------------------------------------------------------------------
+    def _on_main(self, fn: Callable):
+        """``fn()`` on rank 0 (the run directory's writer); its result, or its error, on every
+        rank. The identity in one process."""
+        return run_on_main(fn, self.dist)
+
+    def _share(self, items: list) -> list:
+        """This rank's contiguous block of ``items`` (all of them in one process)."""
+        return [items[i] for i in block_share(len(items), self.dist)]
+
+    def _gathered(self, fn: Callable[[], list]) -> list:
+        """``fn()`` on every rank (its share of the work), the ranks' lists concatenated in rank
+        order on every rank; an error on any rank is raised on all of them."""
+        return [x for part in gather_or_raise(fn, self.dist) for x in part]
 
     # -- start ---------------------------------------------------------------------------
     def start(self, resume: bool) -> int:
-        """Take the run directory, load trainer and engine; return the first step to run."""
+        """Take the run directory (rank 0), load trainer and engine; return the first step."""
         from tcli.engines import open_engine
         from tcli.train.trainer import Trainer
 
+        last, start_ckpt = self._on_main(lambda: self._take_run_dir(resume))
+        # verifier workers fork now, before any model exists, and serve every step
+        from tcli.stages.verify import start_pool
+
+        v = self.cfg.verify
+        self.verify_pool = start_pool(v.task, v.timeout, v.workers)
+        from tcli.config.stages import ThreadOptions
+
+        ThreadOptions(self.cfg.run.threads).apply()  # before any model runs
+        if self.cfg.run.tensorboard and self.dist.is_main:
+            from tcli.loop.tensorboard import TensorBoardSink
+
+            self.sink = TensorBoardSink(self.cfg.run.tensorboard)
+        self.trainer = Trainer(start_ckpt, self.cfg.train, seed=self.cfg.run.seed,
+                               dist_info=self.dist)
+        self.critic = self._start_critic(last, resume)
+        if self.dist.enabled:
+            from tcli.loop.ranks import SamplingWeights
+
+            self.weights = SamplingWeights(self.trainer, start_ckpt)
+        self.engine = open_engine(start_ckpt, self.cfg.sample, seed=self.cfg.run.seed,
+                                  trainer=self.weights or self.trainer)
+        return last + 1
+
+    def _take_run_dir(self, resume: bool) -> tuple[int, str]:
+        """Lock the run directory and check it (resumable or empty); (last step, its weights)."""
         self.run.acquire()
         if resume:
             last = self.run.check_resumable()
@@ -107,23 +166,7 @@ class Loop:
             write_atomic_bytes(self.run.config, dump_toml(self.cfg).encode())
             self.run.write_metrics([])
         self.run.make_dirs()
-        # verifier workers fork now, before any model exists, and serve every step
-        from tcli.stages.verify import start_pool
-
-        v = self.cfg.verify
-        self.verify_pool = start_pool(v.task, v.timeout, v.workers)
-        from tcli.config.stages import ThreadOptions
-
-        ThreadOptions(self.cfg.run.threads).apply()  # before any model runs
-        if self.cfg.run.tensorboard:
-            from tcli.loop.tensorboard import TensorBoardSink
-
-            self.sink = TensorBoardSink(self.cfg.run.tensorboard)
-        self.trainer = Trainer(start_ckpt, self.cfg.train, seed=self.cfg.run.seed)
-        self.critic = self._start_critic(last, resume)
-        self.engine = open_engine(start_ckpt, self.cfg.sample, seed=self.cfg.run.seed,
-                                  trainer=self.trainer)
-        return last + 1
+        return last, start_ckpt
 
     def _start_critic(self, last: int, resume: bool):
         """PPO (estimator gae/ppo): the critic beside the policy: on resume the one saved with the
@@ -140,8 +183,8 @@ class Loop:
         if not resume and c.model:
             path = c.model
         elif not resume:
-            init_critic(self.cfg.run.model, path)
-        return CriticTrainer(path, c.update_options(), seed=self.cfg.run.seed)
+            self._on_main(lambda: init_critic(self.cfg.run.model, path))
+        return CriticTrainer(path, c.update_options(), seed=self.cfg.run.seed, dist_info=self.dist)
 
     def _restore_metrics(self, last: int) -> None:
         """Keep metrics of completed steps only; restore a step's line lost between checkpoint
@@ -160,8 +203,18 @@ class Loop:
     def sample(self, prompts: list[dict], step: int) -> list[dict]:
         from tcli.stages.sample import sample_records
 
-        return list(sample_records(self.engine, prompts, self.cfg.sample,
-                                   seed=step_seed(self.cfg.run.seed, step)))
+        try:
+            return list(sample_records(self.engine, prompts, self.cfg.sample,
+                                       seed=step_seed(self.cfg.run.seed, step)))
+        except DataError as e:
+            raise self._locate(e, prompts) from None
+
+    def _locate(self, e: DataError, prompts: list[dict]) -> DataError:
+        """A bad prompt found while sampling, named by its file and record number."""
+        i = getattr(e, "index", None)
+        if e.file is None and isinstance(i, int) and 0 <= i < len(prompts):
+            e.located(*self.record_no.get(id(prompts[i]), (None, None)))
+        return e
 
     def verify(self, records: list[dict]) -> list[dict]:
         from tcli.stages.verify import verify_records
@@ -173,28 +226,43 @@ class Loop:
     def advantages(self, records: list[dict]) -> tuple[list[dict], dict]:
         """Advantages per group (the tree is built once and written for show-tree); drops
         zero-variance groups with ``filter_groups``."""
+        return self.batch(records, self.group_advantages(records))
+
+    def group_advantages(self, records: list[dict]) -> list[tuple]:
+        """Per group of ``records`` (in order): (size, its AdvantageStats, kept?); the records
+        get their advantages (and critic values) in place."""
         from tcli.algos.estimators import Group
         from tcli.io import iter_groups
         from tcli.stages.advantages import AdvantageStats, advantages_group
         from tcli.stages.tree import write_tree
 
-        stats = AdvantageStats()
-        kept, dropped = [], 0
         if self.critic is not None:
             self._add_critic_values(records)
+        out = []
         for _, recs in iter_groups(enumerate(records, 1), "<loop>"):
-            group = Group.from_records(recs)
+            group, stats = Group.from_records(recs), AdvantageStats()
             advantages_group(group, self.cfg.advantages, stats)
             write_tree(group)
-            if self.cfg.run.filter_groups and len(set(group.rewards.tolist())) < 2:
-                dropped += 1
-                continue
-            kept.extend(recs)
+            keep = not (self.cfg.run.filter_groups and len(set(group.rewards.tolist())) < 2)
+            out.append((len(recs), stats, keep))
+        return out
+
+    def batch(self, records: list[dict], groups: list[tuple]) -> tuple[list[dict], dict]:
+        """The records to train on and the step's advantage metrics, from ``group_advantages``
+        of all the step's records (whitening over all kept tokens: global statistics)."""
+        from tcli.loop.ranks import fold_stats
+
+        kept, at = [], 0
+        for size, _, keep in groups:
+            if keep:
+                kept.extend(records[at:at + size])
+            at += size
         if self.cfg.advantages.whiten:
             from tcli.stages.advantages import whiten
 
             whiten(kept)
-        return kept, {**stats.summary(), "groups_dropped": dropped}
+        dropped = sum(not keep for _, _, keep in groups)
+        return kept, {**fold_stats([s for _, s, _ in groups]).summary(), "groups_dropped": dropped}
 
     def _add_critic_values(self, records: list[dict]) -> None:
         """``critic_values`` of every rollout from the current critic (as `tcli values`)."""
@@ -211,39 +279,60 @@ class Loop:
             rec["critic_values"] = v.tolist()
 
     def evaluate(self, step: int) -> dict | None:
-        """An eval metrics record, or None when the run has no eval data."""
-        from tcli.stages.evaluate import evaluate
+        """An eval metrics record, or None when the run has no eval data (every rank evaluates
+        its block of the prompts; the summary is over all of them)."""
+        from tcli.stages.evaluate import evaluate, summarise
 
         if not self.eval_prompts:
             return None
         c = self.cfg
-        _, summary = evaluate(self.engine, self.eval_prompts, c.sample, c.verify, c.eval,
-                              seed=step_seed(c.run.seed, step, evaluation=True),
-                              pool=self.verify_pool)
-        return {"kind": "eval", "step": step, **summary}
+        seed = step_seed(c.run.seed, step, evaluation=True)
+        records = self._gathered(lambda: evaluate(
+            self.engine, self._share(self.eval_prompts), c.sample, c.verify, c.eval, seed=seed,
+            pool=self.verify_pool)[0])
+        return {"kind": "eval", "step": step, **summarise(records, ks=c.eval.ks, seed=seed)}
 
     # -- steps ---------------------------------------------------------------------------
+    def rollouts(self, step: int, timer: StepTimer) -> tuple[list[dict], list[dict], dict]:
+        """The step's rollouts (all ranks' blocks, in prompt order), the batch to train on and
+        the advantage metrics. Timers: this rank's own work; ``gather``: waiting for the others."""
+        prompts = self._share(step_prompts(self.train_prompts, self.cfg.run.prompts_per_step,
+                                           self.cfg.run.seed, step))
+
+        def mine() -> list[tuple[list[dict], list[tuple]]]:
+            with timer("sample"):
+                recs = self.sample(prompts, step)
+            with timer("verify"):
+                recs = self.verify(recs)
+            with timer("advantages"):
+                groups = self.group_advantages(recs)
+            return [(recs, groups)]
+
+        t0, before = time.perf_counter(), sum(timer.seconds.values())
+        parts = self._gathered(mine)
+        if self.dist.enabled:
+            timer.seconds["gather"] = (time.perf_counter() - t0
+                                       - (sum(timer.seconds.values()) - before))
+        rollouts = [r for recs, _ in parts for r in recs]
+        with timer("advantages"):
+            batch, adv = self.batch(rollouts, [g for _, groups in parts for g in groups])
+        return rollouts, batch, adv
+
     def train_step(self, step: int, budget: Budget) -> dict:
         """Sample, verify, advantages, train, follow: the step's train metrics record."""
         timer = StepTimer()
-        prompts = step_prompts(self.train_prompts, self.cfg.run.prompts_per_step,
-                               self.cfg.run.seed, step)
-        with timer("sample"):
-            rollouts = self.sample(prompts, step)
-        with timer("verify"):
-            rollouts = self.verify(rollouts)
-        with timer("advantages"):
-            batch, adv = self.advantages(rollouts)
+        rollouts, batch, adv = self.rollouts(step, timer)
         with timer("train"):
             train = self.trainer.step(batch) if batch else {}
-            self.engine.follow(self.trainer)
+            if self.weights is not None:
+                self.weights.refresh()
+            self.engine.follow(self.weights or self.trainer)
         critic = {}
         if self.critic is not None:
             with timer("critic"):
                 critic = self.critic.step(batch) if batch else {}
         with timer("write"):
-            with RecordWriter(self.run.rollout_file(step)) as w:
-                w.write_all(rollouts)
+            self._on_main(lambda: self._write_rollouts(step, rollouts))
         from tcli.stages.sample import token_counts
 
         sampled, leaf = token_counts(rollouts)  # tree mode: shared segments count once
@@ -266,12 +355,13 @@ class Loop:
         t0 = time.perf_counter()
         records = [self.train_step(step, budget)]
         every = self.cfg.eval.every
-        if every and (step % every == 0 or self._final(step, budget, t0)):
+        if every and (step % every == 0 or self._agreed_final(step, budget, t0)):
             ev = self.evaluate(step)
             if ev is not None:
                 records.append(ev)
         is_best = self._note_best(records)
-        save = is_best or step % self.cfg.run.save_every == 0 or self._final(step, budget, t0)
+        save = (is_best or step % self.cfg.run.save_every == 0
+                or self._agreed_final(step, budget, t0))
         t1 = time.perf_counter()
         budget.elapsed += t1 - t0
         for m in records:
@@ -279,21 +369,35 @@ class Loop:
             m["sampled_tokens_total"] = budget.sampled
         if save:
             self._save(step, records, is_best)
+        self._on_main(lambda: self._publish(records))
+        budget.elapsed += time.perf_counter() - t1  # saving counts too (from the next record on)
+        return records
+
+    def _agreed_final(self, step: int, budget: Budget, t0: float) -> bool:
+        """Is this the run's last step? Rank 0's clock decides for every rank (a budget must
+        stop all ranks at the same step)."""
+        return self._on_main(lambda: step == self.cfg.run.steps
+                             or budget.exhausted(time.perf_counter() - t0) is not None)
+
+    def _publish(self, records: list[dict]) -> None:
+        """metrics.jsonl (and TensorBoard): rank 0."""
         for m in records:
             self.run.append_metrics(m)
         if self.sink is not None:
             self.sink.write(records)
-        budget.elapsed += time.perf_counter() - t1  # saving counts too (from the next record on)
-        return records
 
-    def _final(self, step: int, budget: Budget, t0: float) -> bool:
-        return step == self.cfg.run.steps or budget.exhausted(time.perf_counter() - t0) is not None
+    def _write_rollouts(self, step: int, rollouts: list[dict]) -> None:
+        with RecordWriter(self.run.rollout_file(step)) as w:
+            w.write_all(rollouts)
 
     def _save(self, step: int, records: list[dict], is_best: bool) -> None:
         if self.critic is not None:  # first: a complete step_N always has its critic_N
             self.critic.save(self.run.critic_ckpt(step), {"step": step})
         self.trainer.save(self.run.ckpt(step), {"step": step, "metrics": records,
                                                 "loop_config": self.cfg.to_dict()})
+        self._on_main(lambda: self._keep(step, is_best))
+
+    def _keep(self, step: int, is_best: bool) -> None:
         if is_best:
             self.run.set_best(step)
         self.run.prune(self.cfg.run.keep_last)
@@ -308,7 +412,7 @@ class Loop:
     def run_steps(self, first: int) -> dict:
         """Steps ``first``..``steps`` until a budget ends the run; a resumed run continues its
         clocks and best accuracy from the completed steps' metrics."""
-        done = self.run.read_metrics()
+        done = self._on_main(self.run.read_metrics)
         budget = Budget(self.cfg.run.max_wall_seconds, self.cfg.run.max_sampled_tokens,
                         elapsed=max((m.get("wall_time", 0.0) for m in done), default=0.0),
                         sampled=max((m.get("sampled_tokens_total", 0) for m in done), default=0))
@@ -316,8 +420,9 @@ class Loop:
         if first == 1 and self.cfg.eval.every:
             self._initial_eval(budget)
         for step in range(first, self.cfg.run.steps + 1):
-            if budget.exhausted():
-                self.log(budget.exhausted())
+            why = self._on_main(budget.exhausted)
+            if why:
+                self.log(why)
                 break
             records = self.run_step(step, budget)
             self.log(format_step(records))
@@ -331,7 +436,7 @@ class Loop:
             self.verify_pool.close()
         if self.sink is not None:
             self.sink.close()
-        self.run.release()
+        self.run.release()  # a no-op where the lock was not taken (ranks > 0)
 
     def _initial_eval(self, budget: Budget) -> None:
         t0 = time.perf_counter()
@@ -340,9 +445,7 @@ class Loop:
         if ev is not None:
             self.best = max(self.best, ev["accuracy"])
             rec = {**ev, "wall_time": round(budget.elapsed, 3), "sampled_tokens_total": 0}
-            self.run.append_metrics(rec)
-            if self.sink is not None:
-                self.sink.write([rec])
+            self._on_main(lambda: self._publish([rec]))
             self.log(f"step 0 eval accuracy {ev['accuracy']:.3f}")
 
 
@@ -357,12 +460,16 @@ def format_step(records: list[dict]) -> str:
 
 
 def run_loop(cfg: LoopConfig, resume: bool = False, log: Callable[[str], None] = print,
-             on_step: Callable[[list[dict]], None] | None = None) -> dict:
-    loop = Loop(cfg, log=log, on_step=on_step)
+             on_step: Callable[[list[dict]], None] | None = None,
+             dist: DistInfo | None = None) -> dict:
+    """The whole run; under torchrun (``dist``) every rank calls this, rank 0 draws the plot."""
+    loop = Loop(cfg, log=log, on_step=on_step, dist=dist)
     try:
         result = loop.run_steps(loop.start(resume))
     finally:
         loop.close()
+    if not loop.dist.is_main:
+        return result
     try:
         from tcli.plot import plot_runs
 

@@ -99,10 +99,44 @@ def run_on_main(fn: Callable[[], T], info: DistInfo) -> T:
             payload = ("error", _error_payload(e))
     payload = broadcast_object(payload, info)
     if error is not None:
-        raise error
+        raise agreed(error)
     if payload[0] == "error":
-        raise _error_from_payload(payload[1])
+        raise agreed(_error_from_payload(payload[1]))
     return payload[1]
+
+
+def gather_or_raise(fn: Callable[[], T], info: DistInfo) -> list[T]:
+    """``fn()`` on every rank, every rank's result on every rank (in rank order); when any rank
+    failed, all ranks raise the lowest failing rank's error (that rank its own exception) instead
+    of leaving the others waiting in the next collective."""
+    if not info.enabled:
+        return [fn()]
+    import torch.distributed as dist
+
+    error = None
+    try:
+        mine = ("ok", fn())
+    except Exception as e:  # noqa: BLE001 - shipped to the other ranks, re-raised below
+        error, mine = e, ("error", _error_payload(e))
+    parts: list = [None] * info.world_size
+    dist.all_gather_object(parts, mine)
+    first = next((r for r, p in enumerate(parts) if p[0] == "error"), None)
+    if first is not None:
+        raise agreed(error if first == info.rank else _error_from_payload(parts[first][1]))
+    return [p[1] for p in parts]
+
+
+def agreed(e: Exception) -> Exception:
+    """Mark an error that every rank raises together: rank 0 reports it, the others exit with its
+    code without printing it again (``tcli loop``)."""
+    e.tcli_agreed = True
+    return e
+
+
+def block_share(n: int, info: DistInfo) -> range:
+    """This rank's contiguous block of ``n`` items (sizes differ by at most one); the blocks of
+    ranks 0, 1, ... concatenated are 0..n-1 in order, so gathered results keep the input order."""
+    return range(info.rank * n // info.world_size, (info.rank + 1) * n // info.world_size)
 
 
 def _error_payload(e: Exception) -> tuple:
