@@ -61,6 +61,17 @@ def float_array(rec: dict, field: str, length: int | None = None) -> np.ndarray:
     return arr
 
 
+def entropies(rec: dict, length: int) -> np.ndarray | None:
+    """The optional per-token sampling entropies (``sample-tree --record-entropy``): None when the
+    record has none; otherwise one finite, non-negative float per response token."""
+    if rec.get("entropies") is None:
+        return None
+    arr = float_array(rec, "entropies", length)
+    if len(arr) and arr.min() < 0:
+        raise DataError(f"entropies must be >= 0, got {arr.min():.6g}", field="entropies")
+    return arr
+
+
 def reward(rec: dict) -> float:
     v = require(rec, "reward")
     if isinstance(v, bool) or not isinstance(v, (int, float)):

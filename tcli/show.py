@@ -16,6 +16,7 @@ import numpy as np
 
 from tcli.algos.estimators import Group
 from tcli.algos.tree import PrefixTree, build_prefix_tree
+from tcli.records import at_record, entropies
 
 _LABEL_COLUMNS = 40  # room kept for labels when the display depth follows the console width
 
@@ -69,14 +70,16 @@ class _Walk:
 def render_group(recs: list[dict], decode: Optional[Callable] = None, max_run: int = 24,
                  max_levels: Optional[int] = None):
     """A rich Tree of one group: a node per run of shared tokens, its V, δ and branch mark, a leaf
-    line per response. ``max_levels``: node levels shown below the root (default: as many as the
-    console width leaves ``_LABEL_COLUMNS`` columns of label room for)."""
+    line per response; with recorded ``entropies``, H = the sampling entropy of the token where a
+    node's children start. ``max_levels``: node levels shown below the root (default: as many as
+    the console width leaves ``_LABEL_COLUMNS`` columns of label room for)."""
     from rich.markup import escape
     from rich.tree import Tree
 
     group = Group.from_records(recs)
     tree = build_prefix_tree(group.tokens, group.rewards)
     walk = _Walk(group.tokens, tree)
+    ents = _entropies(recs, group.tokens)
     r = group.rewards
     if max_levels is None:
         from rich.console import Console
@@ -98,6 +101,8 @@ def render_group(recs: list[dict], decode: Optional[Callable] = None, max_run: i
             label += f"  [magenta]δ={v - parent_v:+.3f}[/]"
         if len(kids) + bool(len(ended)) >= 2:
             label += "  [yellow]⑂ branch[/]"
+        if kids and ents[int(kids[0][0])] is not None:  # entropy of the token the children start at
+            label += f"  [blue]H={ents[int(kids[0][0])][t_end]:.2f}[/]"
         node = parent.add(label)
         for i in ended.tolist():
             node.add(f"[green]■ leaf[/] sample {escape(str(recs[i].get('sample_id', i)))}  r={r[i]:g}")
@@ -110,6 +115,15 @@ def render_group(recs: list[dict], decode: Optional[Callable] = None, max_run: i
         for members_k in reversed(kids):  # popped in order, so children keep their order
             stack.append((node, members_k, t_end, v, level + 1))
     return root
+
+
+def _entropies(recs: list[dict], tokens: list[np.ndarray]) -> list[Optional[np.ndarray]]:
+    """Each record's validated ``entropies`` (None where it has none)."""
+    out = []
+    for i, (rec, toks) in enumerate(zip(recs, tokens)):
+        with at_record(i):
+            out.append(entropies(rec, len(toks)))
+    return out
 
 
 def _levels_below(walk: _Walk, kids: list[np.ndarray], t: int) -> int:

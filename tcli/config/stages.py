@@ -18,11 +18,18 @@ MODES = ("independent", "tree")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 PARALLEL_MODES = ("ddp", "fsdp")
+ENTROPY_THRESHOLD = 1.0  # --branch entropy defaults; README "sample-tree" has the measurements
+MIN_SEGMENT = 1
 
 
 def _engines():
     from tcli.engines import ENGINES
     return ENGINES.names()
+
+
+def _branch_rules():
+    from tcli.stages.sample import BRANCH_RULES
+    return BRANCH_RULES.names()
 
 
 def _estimators():
@@ -81,10 +88,30 @@ class SampleOptions(Options):
                         choices=lambda: MODES)
     n: int = setting(8, "independent: samples per prompt.", check=at_least(1), short="-n")
     width: int = setting(2, "tree: children drawn from every node.", check=at_least(1))
-    depth: int = setting(3, "tree: levels; the last runs to EOS or --max-new-tokens.",
+    depth: int = setting(3, "tree: levels; the last runs to EOS or --max-new-tokens "
+                         "(--branch entropy: splits per path at most; leaves <= width^depth).",
                          check=at_least(1))
-    segment_tokens: int = setting(32, "tree: max tokens per segment of levels 1..depth-1.",
-                                  check=at_least(1))
+    segment_tokens: int = setting(32, "tree: max tokens per segment of levels 1..depth-1 "
+                                  "(--branch entropy on an engine without native entropy trees, "
+                                  "e.g. vllm: tokens decoded per probe).", check=at_least(1))
+    branch: str = setting("segments", "tree: where a node splits into --width children. "
+                          "segments: after every --segment-tokens tokens; entropy: at the first "
+                          "token, after --min-segment-tokens of the node's segment, whose sampling "
+                          "entropy exceeds --branch-entropy (each child samples that token), at "
+                          "most --depth splits per path, no split = one path.",
+                          choices=_branch_rules)
+    branch_entropy: float = setting(ENTROPY_THRESHOLD, "--branch entropy: threshold in nats. The "
+                                    "sampling entropy of a token is that of softmax(logits / T), "
+                                    "the distribution it is drawn from before top-p (the one whose "
+                                    "log-probs are recorded; T = 1 when greedy); exact on hf, "
+                                    "estimated from the top-20 log-probs on other engines (a "
+                                    "lower bound).", check=finite_at_least(0.0))
+    min_segment_tokens: int = setting(MIN_SEGMENT, "--branch entropy: tokens a segment holds "
+                                      "before it may split (0: the root may split at the first "
+                                      "response token; a child's segment always holds its own "
+                                      "first token).", check=at_least(0))
+    record_entropy: bool = setting(False, "Add `entropies` to every rollout record: the sampling "
+                                   "entropy (nats, see --branch-entropy) of each response token.")
     temperature: float = setting(1.0, "Sampling temperature; 0 = greedy.",
                                  check=finite_at_least(0.0))
     top_p: float = setting(1.0, "Nucleus sampling mass (1 = off).",
@@ -107,6 +134,11 @@ class SampleOptions(Options):
                                             "takes (weights + KV cache); lower it when the "
                                             "trainer shares the GPU (loop, one GPU).",
                                             check=in_range(0.0, 1.0, lo_open=True))
+
+    def check(self) -> None:
+        if self.branch != "segments" and self.mode != "tree":
+            raise UsageError(f"{self.label('branch')} {self.branch} needs {self.flag('mode')} "
+                             f"tree, got {self.mode}")
 
     def engine_config(self, seed: int):
         """The settings of one engine call."""

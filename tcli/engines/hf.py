@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from tcli.engines.base import Completion, SamplingConfig, logprob_temperature
-from tcli.stages.sample import TreeLeaf
+from tcli.engines.base import (ENTROPY_TOP_K, Completion, SamplingConfig, logprob_temperature,
+                               topk_entropy)
+from tcli.stages.sample import EntropyRule, TreeLeaf
 
 _MASK64 = (1 << 64) - 1
 DEFAULT_BATCH_TOKENS = 65536
@@ -75,6 +76,8 @@ class _Node:
     logprobs: list[float]
     ends: list[int]              # segment ends so far
     key: int                     # random-stream key of this node
+    entropies: Optional[list[float]] = None  # per token, when recorded
+    start: int = 0               # where this node's segment starts (its parent's length)
 
 
 @dataclass
@@ -189,12 +192,46 @@ class HFEngine:
         return [[Completion(lf.token_ids, lf.logprobs, lf.finish_reason) for lf in leaves]
                 for leaves in trees]
 
+    def generate_entropy(self, prompts: Sequence[Sequence[int]], n: int, cfg: SamplingConfig, *,
+                         top_k: Optional[int] = ENTROPY_TOP_K,
+                         seeds: Optional[Sequence[int]] = None) -> list[list[Completion]]:
+        """``generate`` with per-token entropies (the contract in engines/base.py): the same
+        samples as ``generate`` when ``seeds`` is None."""
+        trees = self.sample_tree(prompts, width=n, depth=1, segment_tokens=cfg.max_new_tokens,
+                                 cfg=cfg, seeds=seeds, entropy=True, top_k=top_k)
+        return [[Completion(lf.token_ids, lf.logprobs, lf.finish_reason, lf.entropies)
+                 for lf in leaves] for leaves in trees]
+
+    def sample_entropy_tree(self, prompts: Sequence[Sequence[int]], rule: EntropyRule,
+                            cfg: SamplingConfig, record: bool = False) -> list[list[TreeLeaf]]:
+        """``--branch entropy`` natively: all paths decode in one batch and a row that splits
+        becomes ``rule.width`` rows of the same KV cache (tcli/engines/entropy_tree.py)."""
+        from tcli.engines.entropy_tree import sample_entropy_tree
+
+        return sample_entropy_tree(self, prompts, rule, cfg, record)
+
+    def entropies(self, logits, cfg: SamplingConfig, top_k: Optional[int] = None) -> list[float]:
+        """Sampling entropy (nats) per row: of softmax(logits / T) before top-p and the EOS mask
+        (T = 1 when greedy), exact, or ``topk_entropy`` of its ``top_k`` largest log-probs."""
+        import torch
+
+        t = logprob_temperature(cfg.temperature)
+        logp = torch.log_softmax(logits if t == 1 else logits / t, dim=-1)
+        if top_k is not None and top_k < logp.shape[-1]:
+            return topk_entropy(logp.topk(top_k, dim=-1).values.double().cpu().numpy()).tolist()
+        h = -torch.where(logp > float("-inf"), logp.exp() * logp, 0.0).sum(-1)
+        return h.clamp_(min=0.0).tolist()
+
     def sample_tree(self, prompts: Sequence[Sequence[int]], width: int, depth: int,
-                    segment_tokens: int, cfg: SamplingConfig) -> list[list[TreeLeaf]]:
+                    segment_tokens: int, cfg: SamplingConfig, *,
+                    seeds: Optional[Sequence[int]] = None, entropy: bool = False,
+                    top_k: Optional[int] = None) -> list[list[TreeLeaf]]:
         """Tree sampling with KV-cache forking; per prompt, its leaves sorted by node path.
 
         Work is depth-first over chunks of rows so memory stays near ``batch_tokens`` cached tokens
-        per chunk; rows of different prompts share a chunk (and every forward pass).
+        per chunk; rows of different prompts share a chunk (and every forward pass). ``seeds``:
+        one per prompt instead of ``cfg.seed``; ``entropy``: record each token's sampling entropy
+        (exact, or from the ``top_k`` largest log-probs).
         """
         import torch
 
@@ -203,12 +240,13 @@ class HFEngine:
         leaves: list[list[TreeLeaf]] = [[] for _ in prompts]
         if cfg.max_new_tokens <= 0:
             for out in leaves:
-                out.extend(TreeLeaf((c,), [], [], [0], "length") for c in range(width))
+                out.extend(TreeLeaf((c,), [], [], [0], "length", [] if entropy else None)
+                           for c in range(width))
             return leaves
         first_seg = cfg.max_new_tokens if depth == 1 else min(segment_tokens, cfg.max_new_tokens)
         with torch.inference_mode():
             for chunk in self._prefill_chunks(prompts, width, first_seg):
-                root = self._prefill(prompts, chunk, cfg.seed)
+                root = self._prefill(prompts, chunk, cfg.seed, seeds, entropy)
                 stack = [(root, [(r, c) for r in range(len(root.nodes)) for c in range(width)])]
                 while stack:
                     parent, pairs = stack.pop()
@@ -223,7 +261,8 @@ class HFEngine:
                         pairs = pieces[0]
                     child = self._fork(parent, pairs, seg)
                     del parent
-                    alive = self._segment(child, level == depth, seg, cfg, leaves)
+                    alive = self._segment(child, level == depth, seg, cfg, leaves,
+                                          top_k if entropy else False)
                     if alive is not None:
                         stack.append((alive, [(r, c) for r in range(len(alive.nodes))
                                               for c in range(width)]))
@@ -256,7 +295,8 @@ class HFEngine:
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, **kw)
         return out.logits[:, -1, :].float()
 
-    def _prefill(self, prompts, idx: list[int], seed: int) -> _State:
+    def _prefill(self, prompts, idx: list[int], seed: int, seeds=None, record: bool = False
+                 ) -> _State:
         import torch
 
         seqs = [list(prompts[i]) for i in idx]
@@ -272,7 +312,8 @@ class HFEngine:
 
         cache = new_cache(self.model.config, self.kv_cache)  # the root only feeds its children
         logits = self._forward(ids, mask, pos, cache)
-        nodes = [_Node(i, (), [], [], [], prompt_key(seed, prompts[i])) for i in idx]
+        nodes = [_Node(i, (), [], [], [], prompt_key(seed if seeds is None else seeds[i], prompts[i]),
+                       [] if record else None) for i in idx]
         return _State(cache, mask, pos[:, -1] + 1, logits, nodes)
 
     def _fork(self, parent: _State, pairs: list[tuple[int, int]], room: int) -> _State:
@@ -288,7 +329,8 @@ class HFEngine:
         for r, c in pairs:
             p = parent.nodes[r]
             nodes.append(_Node(p.prompt, p.path + (c,), list(p.tokens), list(p.logprobs),
-                               list(p.ends), child_key(p.key, c)))
+                               list(p.ends), child_key(p.key, c),
+                               None if p.entropies is None else list(p.entropies), len(p.tokens)))
         st = _State(cache, parent.mask[rows], parent.pos[rows], parent.logits[rows], nodes)
         self._trim_left(st)
         return st
@@ -341,8 +383,9 @@ class HFEngine:
         return tok, logp.gather(1, tok.unsqueeze(1)).squeeze(1)
 
     def _segment(self, st: _State, last_level: bool, seg: int, cfg: SamplingConfig,
-                 leaves: list[list[TreeLeaf]]) -> _State | None:
-        """Generate up to ``seg`` tokens for every row; finished rows become leaves.
+                 leaves: list[list[TreeLeaf]], top_k=False) -> _State | None:
+        """Generate up to ``seg`` tokens for every row; finished rows become leaves; ``top_k``
+        (False: none) is how each token's entropy is recorded (``entropies``).
 
         Returns the rows still running (their cache includes the last token and ``logits`` is the
         distribution of the next one), or None when all finished.
@@ -353,6 +396,9 @@ class HFEngine:
         for t in range(seg):
             step = start + t
             keys = np.fromiter((n.key for n in st.nodes), dtype=np.uint64, count=len(st.nodes))
+            if top_k is not False:
+                for node, h in zip(st.nodes, self.entropies(st.logits, cfg, top_k)):
+                    node.entropies.append(h)
             tok, lp = self._sample(st.logits, keys, step, cfg)
             self.generated_tokens += len(st.nodes)
             toks, lps = tok.tolist(), lp.tolist()
@@ -365,7 +411,8 @@ class HFEngine:
                 if eos[i] or final_len:
                     node.ends.append(len(node.tokens))
                     leaves[node.prompt].append(TreeLeaf(node.path, node.tokens, node.logprobs,
-                                                        node.ends, "stop" if eos[i] else "length"))
+                                                        node.ends, "stop" if eos[i] else "length",
+                                                        node.entropies))
                 else:
                     keep.append(i)
             if not keep:

@@ -20,13 +20,15 @@ No torch import here: this module is imported by engines and by the CLI.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from tcli import SCHEMA
-from tcli.engines.base import SamplingConfig, logprob_temperature
+from tcli.engines.base import ENTROPY_TOP_K, SamplingConfig, logprob_temperature
 from tcli.io import SeenKeys
-from tcli.errors import DataError
+from tcli.errors import DataError, UsageError
+from tcli.registry import Registry
 from tcli.prompts import (check_prompt_record, encode_prompt, map_fields, prompt_messages,
                           prompt_text, resolve_template, source_field, template_name)
 
@@ -39,6 +41,27 @@ class TreeLeaf:
     logprobs: list[float]
     segment_ends: list[int]
     finish_reason: str
+    entropies: Optional[list[float]] = None   # sampling entropy per token (--record-entropy)
+
+
+@dataclass(frozen=True)
+class EntropyRule:
+    """Where ``--branch entropy`` splits a path (DESIGN §4): at token t of a node whose segment
+    started at ``start``, when the node has split fewer than ``depth`` times on its way from the
+    root, t - start >= ``min_segment`` (and t > start for a child: its first token is its own
+    forking token) and the sampling entropy of token t exceeds ``threshold``. The node then ends
+    before t and ``width`` children each sample token t independently."""
+
+    width: int
+    depth: int
+    threshold: float
+    min_segment: int
+    top_k: Optional[int] = None   # generic engines: log-probs behind the estimate (None: exact)
+
+    def splits(self, path_len: int, start: int, t: int, entropy: float) -> bool:
+        """``path_len``: the node's node_path length (the root's path is (0,): 1 + splits so far)."""
+        first = max(self.min_segment, 1 if path_len > 1 else 0)
+        return path_len <= self.depth and t - start >= first and entropy > self.threshold
 
 
 # ----------------------------------------------------------------------------- tree on any engine
@@ -47,13 +70,28 @@ def _level_seed(seed: int, level: int) -> int:
     return (seed * 1_000_003 + level) & 0x7FFFFFFF
 
 
+def _generator(engine, record: bool, top_k: Optional[int] = ENTROPY_TOP_K):
+    """``engine.generate``, or ``generate_entropy`` when entropies are wanted (UsageError if the
+    engine has none)."""
+    if not record:
+        return engine.generate
+    fn = getattr(engine, "generate_entropy", None)
+    if fn is None:
+        raise UsageError(f"the {getattr(engine, 'name', type(engine).__name__)} engine gives no "
+                         "sampling entropies (generate_entropy)")
+    return lambda prompts, n, cfg, seeds=None: fn(prompts, n, cfg, top_k=top_k, seeds=seeds)
+
+
 def sample_tree_generic(engine, prompts: Sequence[Sequence[int]], width: int, depth: int,
-                        segment_tokens: int, cfg: SamplingConfig) -> list[list[TreeLeaf]]:
+                        segment_tokens: int, cfg: SamplingConfig, record: bool = False
+                        ) -> list[list[TreeLeaf]]:
     """Tree sampling through ``engine.generate`` only, level by level (prefix caching, if the engine
-    has it, shares the work between siblings). Leaves per prompt, sorted by node path."""
+    has it, shares the work between siblings). Leaves per prompt, sorted by node path.
+    ``record``: through ``generate_entropy``, with each leaf's ``entropies``."""
+    gen = _generator(engine, record)
     leaves: list[list[TreeLeaf]] = [[] for _ in prompts]
-    # frontier node: (prompt index, path, tokens, logprobs, ends)
-    frontier = [(i, (), [], [], []) for i in range(len(prompts))]
+    # frontier node: (prompt index, path, tokens, logprobs, ends, entropies)
+    frontier = [(i, (), [], [], [], []) for i in range(len(prompts))]
     for level in range(1, depth + 1):
         if not frontier:
             break
@@ -62,20 +100,113 @@ def sample_tree_generic(engine, prompts: Sequence[Sequence[int]], width: int, de
         seg = room if level == depth else min(segment_tokens, room)
         lvl = replace(cfg, max_new_tokens=seg, min_new_tokens=max(0, min(cfg.min_new_tokens - done, seg)),
                       seed=_level_seed(cfg.seed, level))
-        outs = engine.generate([list(prompts[p]) + toks for p, _, toks, _, _ in frontier], width, lvl)
+        outs = gen([list(prompts[f[0]]) + f[2] for f in frontier], width, lvl)
         nxt = []
-        for (p, path, toks, lps, ends), comps in zip(frontier, outs):
+        for (p, path, toks, lps, ends, ents), comps in zip(frontier, outs):
             for c, comp in enumerate(comps):
                 t2 = toks + list(comp.token_ids)
                 l2 = lps + list(comp.logprobs)
                 e2 = ends + [len(t2)]
+                h2 = ents + list(comp.entropies) if record else None
                 stop = comp.finish_reason == "stop"
                 if stop or level == depth or len(t2) >= cfg.max_new_tokens or not comp.token_ids:
                     reason = "stop" if stop else "length"
-                    leaves[p].append(TreeLeaf(path + (c,), t2, l2, e2, reason))
+                    leaves[p].append(TreeLeaf(path + (c,), t2, l2, e2, reason, h2))
                 else:
-                    nxt.append((p, path + (c,), t2, l2, e2))
+                    nxt.append((p, path + (c,), t2, l2, e2, h2))
         frontier = nxt
+    for out in leaves:
+        out.sort(key=lambda lf: lf.node_path)
+    return leaves
+
+
+# ----------------------------------------------------------------------------- entropy tree, generic
+
+@dataclass
+class _Path:
+    """A running node of the generic entropy tree: its tokens from the response's start."""
+
+    prompt: int
+    path: tuple[int, ...]
+    tokens: list[int]
+    logprobs: list[float]
+    entropies: list[float]
+    ends: list[int]
+    start: int
+
+
+def _path_seed(seed: int, path: tuple[int, ...]) -> int:
+    """A node's random-stream seed for ``generate_entropy``: distinct for every node, so siblings
+    that drew the same tokens still continue independently (the engine adds the prefix tokens)."""
+    h = hashlib.blake2b(digest_size=8, person=b"tcli-etree")
+    h.update(int(seed).to_bytes(16, "little", signed=True))
+    h.update(",".join(map(str, path)).encode())
+    return int.from_bytes(h.digest(), "little") >> 2
+
+
+def _absorb(node: _Path, comp, rule: EntropyRule, cfg: SamplingConfig):
+    """Append a probe's tokens to ``node`` up to its first split point. Returns "split" (the node
+    ends before that token), "leaf" (EOS, the length budget or nothing generated) or "more"."""
+    t0 = len(node.tokens)
+    for j, h in enumerate(comp.entropies):
+        if rule.splits(len(node.path), node.start, t0 + j, h):
+            node.tokens += comp.token_ids[:j]
+            node.logprobs += comp.logprobs[:j]
+            node.entropies += comp.entropies[:j]
+            return "split"
+    node.tokens += comp.token_ids
+    node.logprobs += comp.logprobs
+    node.entropies += comp.entropies
+    done = comp.finish_reason == "stop" or len(node.tokens) >= cfg.max_new_tokens
+    return "leaf" if done or not comp.token_ids else "more"
+
+
+def _probe(gen, prompts, requests, probe_tokens: int, cfg: SamplingConfig):
+    """One generate_entropy call per (n, max_new, min_new) among ``requests`` [(node, n)]: the
+    completions of each request, in order."""
+    calls: dict[tuple[int, int, int], list[int]] = {}
+    for i, (node, n) in enumerate(requests):
+        done = len(node.tokens)
+        key = (n, min(probe_tokens, cfg.max_new_tokens - done), max(0, cfg.min_new_tokens - done))
+        calls.setdefault(key, []).append(i)
+    out: list = [None] * len(requests)
+    for (n, new, least), idx in calls.items():
+        nodes = [requests[i][0] for i in idx]
+        comps = gen([list(prompts[x.prompt]) + x.tokens for x in nodes], n,
+                    replace(cfg, max_new_tokens=new, min_new_tokens=least),
+                    seeds=[_path_seed(cfg.seed, x.path) for x in nodes])
+        for i, c in zip(idx, comps):
+            out[i] = c
+    return out
+
+
+def sample_entropy_tree_generic(engine, prompts: Sequence[Sequence[int]], rule: EntropyRule,
+                                probe_tokens: int, cfg: SamplingConfig, record: bool = False
+                                ) -> list[list[TreeLeaf]]:
+    """``--branch entropy`` through ``engine.generate_entropy`` (entropies estimated from the
+    top ``rule.top_k`` log-probs): every running node is extended by probes of ``probe_tokens``
+    tokens until its first split point (the probe's tokens from there on are dropped) or its end;
+    a split asks for ``width`` completions of the node's prefix, one per child. Each node has its
+    own seed (see ``_path_seed``), so nothing depends on batching. Leaves sorted by node path."""
+    gen = _generator(engine, True, rule.top_k)
+    leaves: list[list[TreeLeaf]] = [[] for _ in prompts]
+    requests = [(_Path(i, (0,), [], [], [], [], 0), 1) for i in range(len(prompts))]
+    while requests:
+        nxt = []
+        for (node, n), comps in zip(requests, _probe(gen, prompts, requests, probe_tokens, cfg)):
+            for c, comp in enumerate(comps):
+                kid = node if n == 1 else _Path(node.prompt, node.path + (c,), list(node.tokens),
+                                                list(node.logprobs), list(node.entropies),
+                                                node.ends + [len(node.tokens)], len(node.tokens))
+                state = _absorb(kid, comp, rule, cfg)
+                if state == "leaf":
+                    reason = "stop" if comp.finish_reason == "stop" else "length"
+                    leaves[kid.prompt].append(TreeLeaf(
+                        kid.path, kid.tokens, kid.logprobs, kid.ends + [len(kid.tokens)], reason,
+                        kid.entropies if record else None))
+                else:
+                    nxt.append((kid, rule.width if state == "split" else 1))
+        requests = nxt
     for out in leaves:
         out.sort(key=lambda lf: lf.node_path)
     return leaves
@@ -98,6 +229,7 @@ def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: Tre
         "node_path": list(leaf.node_path) if tree else [],
         "segment_ends": list(leaf.segment_ends) if tree else [],
         "finish_reason": leaf.finish_reason,
+        **({"entropies": [float(x) for x in leaf.entropies]} if leaf.entropies is not None else {}),
         "temperature": logprob_temperature(cfg.temperature),
         "top_p": float(cfg.top_p),
         "prompt_template": template_name(rec, template),
@@ -161,16 +293,40 @@ def _encode_chunk(chunk, tok, tmpl: str, chat_template, seen: SeenKeys, fields=N
     return recs, ids
 
 
+TreeSampler = Callable[..., "list[list[TreeLeaf]]"]
+BRANCH_RULES: Registry[TreeSampler] = Registry("branch rule")
+
+
+@BRANCH_RULES.register("segments")
+def _segments_tree(engine, ids, opts, cfg: SamplingConfig, native: bool) -> list[list[TreeLeaf]]:
+    """Every node gets ``width`` children of at most ``segment_tokens`` tokens."""
+    fn = getattr(engine, "sample_tree", None) if native else None
+    if fn is not None:
+        extra = {"entropy": True} if opts.record_entropy else {}
+        return fn(ids, width=opts.width, depth=opts.depth, segment_tokens=opts.segment_tokens,
+                  cfg=cfg, **extra)
+    return sample_tree_generic(engine, ids, opts.width, opts.depth, opts.segment_tokens, cfg,
+                               opts.record_entropy)
+
+
+@BRANCH_RULES.register("entropy")
+def _entropy_tree(engine, ids, opts, cfg: SamplingConfig, native: bool) -> list[list[TreeLeaf]]:
+    """Nodes split where the sampling entropy exceeds ``branch_entropy`` (``EntropyRule``)."""
+    rule = EntropyRule(opts.width, opts.depth, opts.branch_entropy, opts.min_segment_tokens)
+    fn = getattr(engine, "sample_entropy_tree", None) if native else None
+    if fn is not None:
+        return fn(ids, rule, cfg, record=opts.record_entropy)
+    return sample_entropy_tree_generic(engine, ids, replace(rule, top_k=ENTROPY_TOP_K),
+                                       opts.segment_tokens, cfg, opts.record_entropy)
+
+
 def _sample_chunk(engine, ids, opts, cfg: SamplingConfig, native: bool) -> list[list[TreeLeaf]]:
-    """Leaves per prompt: a tree (native or level by level) or n independent samples."""
+    """Leaves per prompt: a tree (its branch rule, native or generic) or n independent samples."""
     if opts.mode == "tree":
-        fn = getattr(engine, "sample_tree", None) if native else None
-        if fn is not None:
-            return fn(ids, width=opts.width, depth=opts.depth, segment_tokens=opts.segment_tokens,
-                      cfg=cfg)
-        return sample_tree_generic(engine, ids, opts.width, opts.depth, opts.segment_tokens, cfg)
-    return [[TreeLeaf((j,), c.token_ids, c.logprobs, [], c.finish_reason)
-             for j, c in enumerate(comps)] for comps in engine.generate(ids, opts.n, cfg)]
+        return BRANCH_RULES.get(opts.branch)(engine, ids, opts, cfg, native)
+    gen = _generator(engine, opts.record_entropy)
+    return [[TreeLeaf((j,), c.token_ids, c.logprobs, [], c.finish_reason, c.entropies)
+             for j, c in enumerate(comps)] for comps in gen(ids, opts.n, cfg)]
 
 
 def sample_records(engine, prompt_records: Iterable[dict], opts, *, seed: int = 0,
@@ -179,8 +335,10 @@ def sample_records(engine, prompt_records: Iterable[dict], opts, *, seed: int = 
     """Yield rollout records (DESIGN §3), one group of consecutive records per prompt, in input order.
 
     ``opts`` is a ``SampleOptions``: independent (``n`` samples per prompt) or tree mode
-    (``width`` children per node, ``depth`` levels of at most ``segment_tokens`` tokens; the last
-    level runs to EOS or ``max_new_tokens``), ``prompts_per_batch`` prompts per engine call.
+    (``width`` children per node; ``branch`` segments: ``depth`` levels of at most
+    ``segment_tokens`` tokens, the last level runs to EOS or ``max_new_tokens``; ``branch``
+    entropy: see ``EntropyRule``), ``prompts_per_batch`` prompts per engine call;
+    ``record_entropy`` adds ``entropies``.
     A bad prompt record raises DataError with ``index`` = its 0-based position in the input.
     ``native=False`` forces the generic level-by-level tree even if the engine has ``sample_tree``.
     ``fields`` (PromptOptions) maps another schema's id/prompt/answer fields.

@@ -1,0 +1,126 @@
+"""``--branch entropy`` on the hf engine: split a path where the policy hesitates, with KV forking.
+
+Every path of a chunk of prompts decodes token by token in one batch, all at the same response
+position. Before token t is drawn, each row's sampling entropy (``HFEngine.entropies``: of
+softmax(logits / T), before top-p) is compared with the rule (``EntropyRule.splits``); a row that
+splits ends its node before t and becomes ``width`` rows -- its KV-cache row gathered, never
+recomputed, and its next-token logits copied -- and each child samples token t with its own random
+stream. Rows that end (EOS, length) leave in the same gather, so each step costs at most one.
+
+Randomness is the hf engine's counter-based stream: the root path (0,) has key
+child_key(prompt_key(seed, prompt), 0) -- so without a split the one path equals ``generate``'s
+first sample -- a child c of a node with key k has child_key(k, c), and token t of a node uses
+uniforms(key, t). Nothing depends on batching.
+
+Memory: a prompt's rows are never split across batches here (they can grow to width^depth), so
+prompts are chunked to keep chunk x width^depth x (prompt + max_new_tokens) within batch_tokens
+(at least one prompt per chunk).
+
+Imports torch: import this module only where an engine is created.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tcli.engines.base import SamplingConfig
+from tcli.engines.hf import _Node, _State, child_key
+from tcli.stages.sample import EntropyRule, TreeLeaf
+
+
+def sample_entropy_tree(engine, prompts: Sequence[Sequence[int]], rule: EntropyRule,
+                        cfg: SamplingConfig, record: bool = False) -> list[list[TreeLeaf]]:
+    """Leaves per prompt, sorted by node path (see the module docstring)."""
+    leaves: list[list[TreeLeaf]] = [[] for _ in prompts]
+    if cfg.max_new_tokens <= 0:
+        for out in leaves:
+            out.append(TreeLeaf((0,), [], [], [0], "length", [] if record else None))
+        return leaves
+    with torch.inference_mode():
+        for chunk in engine._prefill_chunks(prompts, rule.width ** rule.depth, cfg.max_new_tokens):
+            root = engine._prefill(prompts, chunk, cfg.seed, None, record)
+            st = engine._fork(root, [(r, 0) for r in range(len(chunk))], cfg.max_new_tokens)
+            del root
+            _decode(engine, st, rule, cfg, record, leaves)
+    for out in leaves:
+        out.sort(key=lambda lf: lf.node_path)
+    return leaves
+
+
+def _split(st: _State, rule: EntropyRule, step: int, entropies) -> list[int] | None:
+    """Replace every row that splits at ``step`` by its ``width`` children (nodes and logits);
+    the source row of each new row, or None when nothing split."""
+    src: list[int] = []
+    nodes: list[_Node] = []
+    for i, node in enumerate(st.nodes):
+        if entropies is None or not rule.splits(len(node.path), node.start, step, entropies[i]):
+            src.append(i)
+            nodes.append(node)
+            continue
+        node.ends.append(step)
+        for c in range(rule.width):
+            src.append(i)
+            nodes.append(_Node(node.prompt, node.path + (c,), list(node.tokens),
+                               list(node.logprobs), list(node.ends), child_key(node.key, c),
+                               None if node.entropies is None else list(node.entropies), step))
+    if len(nodes) == len(st.nodes):
+        return None
+    st.nodes = nodes
+    st.logits = st.logits[torch.tensor(src, dtype=torch.long, device=st.logits.device)]
+    return src
+
+
+def _entropies(engine, st: _State, rule: EntropyRule, cfg: SamplingConfig, record: bool):
+    """This step's entropies, or None when no row needs them (nothing recorded, no split left)."""
+    if record or any(len(n.path) <= rule.depth for n in st.nodes):
+        return engine.entropies(st.logits, cfg, rule.top_k)
+    return None
+
+
+def _decode(engine, st: _State, rule: EntropyRule, cfg: SamplingConfig, record: bool,
+            leaves: list[list[TreeLeaf]]) -> None:
+    """Decode every row to its end, splitting rows where the rule says."""
+    for step in range(cfg.max_new_tokens):
+        ent = _entropies(engine, st, rule, cfg, record)
+        src = _split(st, rule, step, ent)
+        if record:
+            for node, i in zip(st.nodes, src if src is not None else range(len(st.nodes))):
+                node.entropies.append(ent[i])
+        keys = np.fromiter((n.key for n in st.nodes), dtype=np.uint64, count=len(st.nodes))
+        tok, lp = engine._sample(st.logits, keys, step, cfg)
+        engine.generated_tokens += len(st.nodes)
+        toks, lps = tok.tolist(), lp.tolist()
+        eos = torch.isin(tok, engine._eos_t).tolist()
+        last = step + 1 >= cfg.max_new_tokens
+        keep = []
+        for i, node in enumerate(st.nodes):
+            node.tokens.append(toks[i])
+            node.logprobs.append(lps[i])
+            if eos[i] or last:
+                node.ends.append(len(node.tokens))
+                leaves[node.prompt].append(TreeLeaf(node.path, node.tokens, node.logprobs,
+                                                    node.ends, "stop" if eos[i] else "length",
+                                                    node.entropies))
+            else:
+                keep.append(i)
+        if not keep:
+            return
+        rows = [src[i] for i in keep] if src is not None else keep
+        if rows != list(range(st.mask.shape[0])):
+            _select(engine, st, rows, keep)
+            tok = tok[torch.tensor(keep, dtype=torch.long, device=tok.device)]
+        st.mask = torch.cat([st.mask, st.mask.new_ones((len(keep), 1))], dim=1)
+        st.logits = engine._forward(tok.unsqueeze(1), st.mask, st.pos.unsqueeze(1), st.cache)
+        st.pos = st.pos + 1
+
+
+def _select(engine, st: _State, rows: list[int], keep: list[int]) -> None:
+    """New batch = cache rows ``rows`` of the old batch (repeats fork a row) for nodes ``keep``."""
+    idx = torch.tensor(rows, dtype=torch.long, device=st.mask.device)
+    st.cache.batch_select_indices(idx)
+    st.mask, st.pos = st.mask[idx], st.pos[idx]
+    st.nodes = [st.nodes[i] for i in keep]
+    engine._trim_left(st)
