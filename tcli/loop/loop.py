@@ -147,7 +147,7 @@ class Loop:
         if self.dist.enabled:
             from tcli.loop.ranks import SamplingWeights
 
-            self.weights = SamplingWeights(self.trainer, start_ckpt)
+            self.weights = SamplingWeights(self.trainer, start_ckpt, dtype=self.cfg.sample.dtype)
         self.engine = open_engine(start_ckpt, self.cfg.sample, seed=self.cfg.run.seed,
                                   trainer=self.weights or self.trainer)
         return last + 1

@@ -7,8 +7,9 @@ own forwards. Under DDP the trainer's module is whole on every rank and is share
 all-gather that every rank must join in step; ranks generating different prompts would deadlock.
 :class:`SamplingWeights` then keeps an unsharded copy on every rank, refreshed after each update
 by gathering one parameter at a time (the weight sync of verl's FSDP -> rollout engine, here into
-a plain transformers module): costs one full copy of the weights per rank (4 bytes per parameter
-in float32; LoRA: only the adapter is gathered, the frozen base is loaded once).
+a plain transformers module): costs one full copy of the weights per rank, 4 bytes per parameter
+in float32 or 2 with ``[sample] dtype = "bfloat16"`` (LoRA: only the adapter is gathered each
+step, the frozen base is loaded once).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ class SamplingWeights:
     """The engine's view of the policy on one rank: ``model``, ``tokenizer``, ``policy_version``
     (what :class:`tcli.engines.hf.HFEngine` reads from a trainer)."""
 
-    def __init__(self, trainer, model_dir: str):
+    def __init__(self, trainer, model_dir: str, dtype: str | None = None):
+        """``dtype``: of the unsharded copy (None: float32, the trainer's own weights' dtype)."""
         from tcli.models.load import load_tokenizer
 
         self.trainer = trainer
         self.tokenizer = trainer.tokenizer or load_tokenizer(model_dir, required=True)
-        self.model = _unsharded_like(trainer, model_dir) if trainer.sharded else trainer.model
+        self.model = (_unsharded_like(trainer, model_dir, dtype) if trainer.sharded
+                      else trainer.model)
         self.policy_version = int(trainer.policy_version)
         self.refresh()
 
@@ -45,13 +48,13 @@ class SamplingWeights:
                 if lora and not p.requires_grad:
                     continue  # the frozen base is the loaded one
                 full = p.full_tensor() if isinstance(p, DTensor) else p
-                own[name].copy_(full.detach())
+                own[name].copy_(full.detach())  # casts to the copy's dtype
 
 
-def _unsharded_like(trainer, model_dir: str):
+def _unsharded_like(trainer, model_dir: str, dtype: str | None):
     """A plain module with the trainer's structure (LoRA layers included) and parameter names,
     for sampling only (eval mode, no gradients)."""
-    from tcli.models.load import load_model
+    from tcli.models.load import load_model, torch_dtype
     from tcli.train import lora
 
     o = trainer.opts
@@ -60,6 +63,7 @@ def _unsharded_like(trainer, model_dir: str):
                                     device=trainer.device).get_base_model()
     else:
         model = load_model(model_dir, device=trainer.device, train=False)
+    model.to(torch_dtype(dtype))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
