@@ -169,33 +169,33 @@ def load_config(path: str):
 # ----------------------------------------------------------------------------- weights, tokenizer
 
 def load_model(path: str, *, device="cpu", dtype=None, train: bool = False,
-               keep_dropout: bool = False, attn_implementation: str | None = None):
+               keep_dropout: bool = False, attn_implementation: str | None = None,
+               meta: bool = False):
     """A causal LM on ``device`` (float32 by default: master weights; autocast gives bf16 compute).
 
     ``train=False``: eval mode, no gradients. ``train=True``: train mode with dropout forced off
     (the importance ratio must compare the same deterministic policy the sampler used) unless
     ``keep_dropout``. ``dtype`` is a torch dtype or a name (float32, bfloat16, float16).
     A LoRA adapter directory loads as its base with the adapter merged in.
+    ``meta``: the architecture only, on the meta device, no weights read (``device`` ignored):
+    what ranks > 0 of a sharded load build before rank 0's weights fill their shards.
     """
-    from transformers import AutoModelForCausalLM
-
     from tcli.models.quiet import quiet_transformers
 
     quiet_transformers()
     check_model_dir(path)
-    if os.path.isdir(path) and _adapter_base(path):
+    kw = {"dtype": torch_dtype(dtype)}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    if meta:  # an adapter directory merged keeps its base's architecture and names
+        model = _empty_model(path, kw)
+    elif os.path.isdir(path) and _adapter_base(path):
         from tcli.train.lora import load_merged
 
         return load_merged(path, device=device, dtype=dtype, train=train,
                            keep_dropout=keep_dropout, attn_implementation=attn_implementation)
-    kw = {"dtype": torch_dtype(dtype)}
-    if attn_implementation:
-        kw["attn_implementation"] = attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    except Exception as e:  # noqa: BLE001 - narrowed by _load_error (bugs re-raise)
-        raise _load_error(path, "model", e) from None
-    model.to(device)
+    else:
+        model = _from_pretrained(path, kw).to(device)
     if train:
         model.train()
         if not keep_dropout:
@@ -204,6 +204,29 @@ def load_model(path: str, *, device="cpu", dtype=None, train: bool = False,
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+def _from_pretrained(path: str, kw: dict):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kw)
+    except Exception as e:  # noqa: BLE001 - narrowed by _load_error (bugs re-raise)
+        raise _load_error(path, "model", e) from None
+
+
+def _empty_model(path: str, kw: dict):
+    """The model of ``path``'s config with every tensor on the meta device (no memory, no
+    file reads beyond config.json)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(path)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg, **kw)
+    except (ValueError, KeyError) as e:
+        raise _load_error(path, "model", e) from None
 
 
 def load_tokenizer(path: str, *, required: bool = False):

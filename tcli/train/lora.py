@@ -98,18 +98,20 @@ def base_state(peft_model) -> dict:
             for k, v in peft_model.get_base_model().state_dict().items() if "lora_" not in k}
 
 
-def load_trainable(path: str, rank: int, alpha: float, targets: str, *, device="cpu"):
+def load_trainable(path: str, rank: int, alpha: float, targets: str, *, device="cpu",
+                   **load_kw):
     """The PeftModel to train from ``path``: a full model gets a new adapter; an adapter
     directory continues its own adapter (its base loaded from the base it names), which must
-    have the rank, alpha and targets asked for (a usage error names the difference)."""
+    have the rank, alpha and targets asked for (a usage error names the difference).
+    ``load_kw`` go to ``load_model`` (``meta`` for a sharded load's ranks > 0)."""
     from tcli.models.load import disable_dropout, load_model, pretrained
 
     if not is_adapter_dir(path):
-        model = load_model(path, device=device, train=True)
+        model = load_model(path, device=device, train=True, **load_kw)
         return wrap(model, rank, alpha, targets)
     from peft import PeftModel
 
-    base = load_model(adapter_base(path), device=device, train=True)
+    base = load_model(adapter_base(path), device=device, train=True, **load_kw)
     want = _target_names(base, targets)
     with _quiet():
         pm = pretrained(PeftModel, base, path, path=path, what="LoRA adapter", is_trainable=True)
@@ -120,7 +122,8 @@ def load_trainable(path: str, rank: int, alpha: float, targets: str, *, device="
         raise UsageError(f"{path} holds a LoRA adapter of rank {cfg.r}, alpha {cfg.lora_alpha} on "
                          f"{','.join(sorted(have))}; the options ask for rank {rank}, alpha "
                          f"{alpha} on {','.join(sorted(want))}")
-    pm.to(device)
+    if not load_kw.get("meta"):  # a meta base stays there until its shards are filled
+        pm.to(device)
     pm.train()
     disable_dropout(pm)
     return pm

@@ -46,6 +46,35 @@ def shard_model(model, device):
     return model
 
 
+def shard_from_rank0(model, device, *, root=None):
+    """Shard ``model`` and fill every rank's shards from rank 0's weights, so that only rank 0
+    ever holds the whole model in host memory (as accelerate's and torchtitan's FSDP2 loading).
+
+    Rank 0 passes the loaded model; the others the same architecture on the meta device
+    (``load_model(meta=True)``). After ``fully_shard`` the others allocate their shards only
+    (``to_empty``), then rank 0's full state dict is broadcast tensor by tensor, each rank
+    keeping its rows (``set_model_state_dict(full_state_dict, broadcast_from_rank0)``); buffers
+    outside the state dict (rotary ``inv_freq``) are broadcast too. ``to_empty`` keeps a tied
+    LM head tied (loading with ``assign`` would not). ``root``: the module whose state dict
+    names the weights (the PeftModel around a LoRA policy); ``model`` is what gets sharded.
+    Every rank must call it; returns ``model``."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    root = model if root is None else root
+    main = dist.get_rank() == 0
+    full = root.state_dict() if main else {}  # holds rank 0's full tensors while it shards
+    shard_model(model, device)
+    if not main:
+        root.to_empty(device=device)
+    set_model_state_dict(root, full, options=_options(full_state_dict=True,
+                                                      broadcast_from_rank0=True))
+    del full
+    for buf in root.buffers():
+        dist.broadcast(buf, src=0)
+    return model
+
+
 def local_numel(model) -> int:
     """Parameter elements held by this rank (its shards; everything for an unsharded model)."""
     from torch.distributed.tensor import DTensor

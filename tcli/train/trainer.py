@@ -83,6 +83,13 @@ class Trainer:
     def sharded(self) -> bool:
         return self.opts.parallel == "fsdp" and self.dist.enabled
 
+    def _load_kw(self) -> dict:
+        """Sharded: rank 0 reads the weights on CPU, the others build the model on the meta
+        device (:func:`tcli.train.parallel.shard_from_rank0` fills their shards)."""
+        if not self.sharded:
+            return {"device": self.device}
+        return {"device": "cpu", "meta": not self.dist.is_main}
+
     def _load_policy(self, model_dir: str):
         """The checkpoint's model; with lora_rank, peft's LoRA layers on it (a new adapter, or an
         adapter directory's own); sharded (FSDP2) under torchrun with parallel = fsdp."""
@@ -94,14 +101,14 @@ class Trainer:
         self.lora_base = lora.adapter_base(model_dir) if lora.is_adapter_dir(model_dir) else None
         if o.lora_rank:
             self.peft = lora.load_trainable(model_dir, o.lora_rank, o.lora_alpha, o.lora_targets,
-                                            device=self.device)
+                                            **self._load_kw())
             self.lora_base = self.lora_base or model_dir
             model = self.peft.get_base_model()
         elif self.lora_base:
             raise UsageError(f"{model_dir} holds a LoRA adapter: pass --lora-rank (its rank) to "
                              "go on training it, or train all weights from its merged export")
         else:
-            model = load_model(model_dir, device=self.device, train=True)
+            model = load_model(model_dir, train=True, **self._load_kw())
         model.config.use_cache = False
         if self.opts.grad_checkpointing:
             kw = {"use_reentrant": False}
@@ -110,9 +117,9 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         if self.sharded:
-            from tcli.train.parallel import shard_model
+            from tcli.train.parallel import shard_from_rank0
 
-            shard_model(model, self.device)
+            shard_from_rank0(model, self.device, root=self.peft)
         return model
 
     def _make_optimizer(self, model_dir: str):
@@ -160,14 +167,19 @@ class Trainer:
                    else None)
 
     def _load_reference(self):
+        """The frozen reference model; sharded like the policy under FSDP (no optimizer)."""
         if not self.opts.ref_model:
             return None
         from tcli.models.load import load_model
 
-        ref = load_model(self.opts.ref_model, device=self.device, train=False)
+        ref = load_model(self.opts.ref_model, train=False, **self._load_kw())
         if int(ref.config.vocab_size) != self.vocab_size:
             raise UsageError(f"--ref-model {self.opts.ref_model} has vocabulary size "
                              f"{ref.config.vocab_size}, the policy {self.vocab_size}")
+        if self.sharded:
+            from tcli.train.parallel import shard_from_rank0
+
+            shard_from_rank0(ref, self.device)
         return ref
 
     # -- helpers ------------------------------------------------------------------------------
@@ -197,16 +209,37 @@ class Trainer:
         dist.all_reduce(t)
         return t.tolist()
 
-    def _ref_logp(self, samples, micro, mask, cache: dict):
-        """Reference log-probs of a micro-batch, computed once per sample across epochs."""
+    def _ref_fill(self, samples, micro, cache: dict) -> None:
+        """Reference log-probs of a micro-batch (None: this rank has none left), computed once
+        per sample across epochs. A sharded reference forward is a collective: when any rank
+        misses a sample every rank runs one (its own micro-batch, or a one-token dummy)."""
         import torch
 
-        if any(i not in cache for i in micro.idxs):
-            with torch.no_grad(), self._autocast(), micro.attention(self.ref_model):
-                lp, _, _ = micro.logprobs(self.ref_model, samples, self.device, pad_id=self.pad_id,
-                                          temperature=self.temperature, with_entropy=False)
-            for row, i in enumerate(micro.idxs):
-                cache[i] = lp[row, :len(samples[i].tokens)].float()
+        if self.ref_model is None:
+            return
+        need = micro is not None and any(i not in cache for i in micro.idxs)
+        if self.sharded:
+            need = self._allreduce([float(need)])[0] > 0
+        if not need:
+            return
+        with torch.no_grad(), self._autocast():
+            if micro is None:
+                ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
+                self.ref_model(input_ids=ids, use_cache=False)
+            else:
+                with micro.attention(self.ref_model):
+                    lp, _, _ = micro.logprobs(self.ref_model, samples, self.device,
+                                              pad_id=self.pad_id, temperature=self.temperature,
+                                              with_entropy=False)
+                for row, i in enumerate(micro.idxs):
+                    cache[i] = lp[row, :len(samples[i].tokens)].float()
+        if self.sharded:
+            self.ref_model.reshard()  # the root group stays gathered after a forward otherwise
+
+    def _ref_logp(self, micro, mask, cache: dict):
+        """The cached reference log-probs of a micro-batch, padded like ``mask``."""
+        import torch
+
         out = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
         for row, i in enumerate(micro.idxs):
             out[row, :len(cache[i])] = cache[i]
@@ -269,6 +302,7 @@ class Trainer:
                 if k < len(micro):
                     self._micro_step(samples, micro[k], denom, stats, ref_cache)
                 else:
+                    self._ref_fill(samples, None, ref_cache)
                     self._dummy_backward()
             if self.device.type == "cpu":
                 release_heap()
@@ -287,6 +321,7 @@ class Trainer:
                     ref_cache: dict) -> None:
         """Forward + backward of one micro-batch (loss numerator / global denominator)."""
         idxs = micro.idxs
+        self._ref_fill(samples, micro, ref_cache)  # before the policy's collectives (FSDP)
         with micro.attention(self.model):  # forward AND backward (checkpointing recomputes)
             with self._autocast():
                 logp, ent, mask = micro.logprobs(self.ddp, samples, self.device, pad_id=self.pad_id,
@@ -294,7 +329,7 @@ class Trainer:
             R = mask.shape[1]
             old = self._pad([samples[i].old_logp for i in idxs], R)
             adv = self._pad([samples[i].adv for i in idxs], R)
-            ref = self._ref_logp(samples, micro, mask, ref_cache) if self.ref_model else None
+            ref = self._ref_logp(micro, mask, ref_cache) if self.ref_model else None
             self._loss_backward(logp, ent, mask, old, adv, ref, denom, stats, len(idxs))
         stats.model_tokens += micro.model_tokens
         stats.real_tokens += micro.real_tokens
