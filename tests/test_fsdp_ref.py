@@ -47,6 +47,7 @@ def _compare(old, new) -> dict:
 
     from tcli.train import parallel
 
+    numel = parallel.local_numel(new)  # before a forward leaves the root group gathered
     a, b = parallel.full_model_state(old), parallel.full_model_state(new)
     ids = torch.tensor([[5, 9, 17, 33, 4, 8]])
     with torch.no_grad():
@@ -60,8 +61,21 @@ def _compare(old, new) -> dict:
         == [p.requires_grad for p in new.parameters()],
         "tied": core.lm_head.weight is core.model.embed_tokens.weight,
         "logits_max_diff": (la - lb).abs().max().item(),
-        "local_numel": parallel.local_numel(new),
+        "local_numel": numel,
     }
+
+
+def _trainer_numels(model_dir: str) -> dict:
+    """Parameter elements this rank holds of the Trainer's policy and reference under FSDP."""
+    from tcli.config.stages import TrainOptions
+    from tcli.train.dist import init_distributed
+    from tcli.train.parallel import local_numel
+    from tcli.train.trainer import Trainer
+
+    t = Trainer(model_dir, TrainOptions(parallel="fsdp", ref_model=model_dir),
+                dist_info=init_distributed())
+    return {"policy": local_numel(t.model), "ref": local_numel(t.ref_model),
+            "full": sum(p.numel() for p in t.model.parameters())}
 
 
 def worker(model_dir: str, out: str) -> None:
@@ -90,6 +104,7 @@ def worker(model_dir: str, out: str) -> None:
     info = {}
     for name, make in (("policy", policy), ("ref", ref), ("lora", adapter)):
         info[name] = _compare(*_load_both_ways(model_dir, make))
+    info["trainer"] = _trainer_numels(model_dir)
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(info, f)
     dist.destroy_process_group()
@@ -192,12 +207,12 @@ def test_rank0_load_equals_every_rank_loading(models):
     """shard_from_rank0 vs every rank reading the whole model, for a policy, a reference and a
     LoRA PeftModel (rank 0's adapter reaches the others): the same gathered state bit for bit,
     the same buffers (rotary inv_freq is not in the state dict), the LM head still tied, the
-    same logits, half the parameters per rank."""
+    same logits, half the parameters per rank; the Trainer shards its --ref-model the same way."""
     out = models / "load"
     _run([*_torchrun(2), os.path.abspath(__file__), str(models / "base"), str(out)])
     ranks = [json.load(open(f"{out}.rank{r}.json")) for r in (0, 1)]
     for rank, info in enumerate(ranks):
-        for name, c in info.items():
+        for name, c in ((n, info[n]) for n in ("policy", "ref", "lora")):
             assert c["state_keys_equal"] and c["buffers_equal"] and c["tied"], (rank, name)
             assert c["requires_grad_equal"], (rank, name)
             assert c["logits_max_diff"] == 0.0, (rank, name, c["logits_max_diff"])
@@ -206,6 +221,11 @@ def test_rank0_load_equals_every_rank_loading(models):
     for name in ("policy", "ref"):
         full = ranks[0][name]["local_numel"] + ranks[1][name]["local_numel"]
         assert all(0.45 * full <= r[name]["local_numel"] <= 0.55 * full for r in ranks), name
+    # the Trainer shards its reference model like the policy
+    full = ranks[0]["policy"]["local_numel"] + ranks[1]["policy"]["local_numel"]
+    for r in ranks:
+        assert r["trainer"]["ref"] == r["trainer"]["policy"] == r["policy"]["local_numel"]
+        assert r["trainer"]["ref"] <= 0.55 * full
 
 
 if __name__ == "__main__":
