@@ -73,6 +73,8 @@ class Engine(Protocol):
     name: str
     model_path: str
     policy_version: int
+    # optional: exact_entropy = True when generate_entropy(top_k=None) gives exact entropies;
+    # sample-tree then records exact ones (else the top-ENTROPY_TOP_K estimate)
 
     @property
     def tokenizer(self): ...

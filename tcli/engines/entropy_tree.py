@@ -108,19 +108,21 @@ def _decode(engine, st: _State, rule: EntropyRule, cfg: SamplingConfig, record: 
                 keep.append(i)
         if not keep:
             return
+        if len(keep) < len(st.nodes):
+            st.nodes = [st.nodes[i] for i in keep]
+            tok = tok[torch.tensor(keep, dtype=torch.long, device=tok.device)]
         rows = [src[i] for i in keep] if src is not None else keep
         if rows != list(range(st.mask.shape[0])):
-            _select(engine, st, rows, keep)
-            tok = tok[torch.tensor(keep, dtype=torch.long, device=tok.device)]
+            _select(engine, st, rows)
         st.mask = torch.cat([st.mask, st.mask.new_ones((len(keep), 1))], dim=1)
         st.logits = engine._forward(tok.unsqueeze(1), st.mask, st.pos.unsqueeze(1), st.cache)
         st.pos = st.pos + 1
 
 
-def _select(engine, st: _State, rows: list[int], keep: list[int]) -> None:
-    """New batch = cache rows ``rows`` of the old batch (repeats fork a row) for nodes ``keep``."""
+def _select(engine, st: _State, rows: list[int]) -> None:
+    """The cache, mask and positions of the new batch = rows ``rows`` of the old one (a row
+    repeated is forked to children, a row left out has ended)."""
     idx = torch.tensor(rows, dtype=torch.long, device=st.mask.device)
     st.cache.batch_select_indices(idx)
     st.mask, st.pos = st.mask[idx], st.pos[idx]
-    st.nodes = [st.nodes[i] for i in keep]
     engine._trim_left(st)

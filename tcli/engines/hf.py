@@ -95,6 +95,7 @@ class HFEngine:
     """transformers causal LM with batched KV-cache sampling and native tree sampling."""
 
     name = "hf"
+    exact_entropy = True   # the full next-token distribution is at hand
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, policy_version: int | None = None,

@@ -72,7 +72,7 @@ def _level_seed(seed: int, level: int) -> int:
 
 def _generator(engine, record: bool, top_k: Optional[int] = ENTROPY_TOP_K):
     """``engine.generate``, or ``generate_entropy`` when entropies are wanted (UsageError if the
-    engine has none)."""
+    engine has none); ``top_k`` None asks for exact entropies."""
     if not record:
         return engine.generate
     fn = getattr(engine, "generate_entropy", None)
@@ -324,7 +324,8 @@ def _sample_chunk(engine, ids, opts, cfg: SamplingConfig, native: bool) -> list[
     """Leaves per prompt: a tree (its branch rule, native or generic) or n independent samples."""
     if opts.mode == "tree":
         return BRANCH_RULES.get(opts.branch)(engine, ids, opts, cfg, native)
-    gen = _generator(engine, opts.record_entropy)
+    exact = native and getattr(engine, "exact_entropy", False)
+    gen = _generator(engine, opts.record_entropy, None if exact else ENTROPY_TOP_K)
     return [[TreeLeaf((j,), c.token_ids, c.logprobs, [], c.finish_reason, c.entropies)
              for j, c in enumerate(comps)] for comps in gen(ids, opts.n, cfg)]
 
