@@ -15,7 +15,8 @@ from tcli.errors import TcliError, UsageError
 
 # eval draws independent samples; n and temperature are EvalOptions' (greedy by default)
 EvalSampling = Annotated[SampleOptions, Without("mode", "width", "depth", "segment_tokens", "n",
-                                                "temperature", "min_new_tokens")]
+                                                "temperature", "min_new_tokens", "branch",
+                                                "branch_entropy", "min_segment_tokens")]
 
 
 def _check_target(path: str | None, flag: str) -> None:
