@@ -401,10 +401,10 @@ def test_loop_sample_table_takes_the_settings(tmp_path):
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('[sample]\nmode = "tree"\nbranch = "entropy"\nbranch_entropy = 0.5\n'
-                   'min_segment_tokens = 0\nrecord_entropy = true\n')
+                   'min_segment_tokens = 3\nrecord_entropy = true\n')
     s = load_config(str(cfg)).sample
     assert (s.branch, s.branch_entropy, s.min_segment_tokens, s.record_entropy) == \
-        ("entropy", 0.5, 0, True)
+        ("entropy", 0.5, 3, True)
     cfg.write_text('model = "x"\nrun_dir = "' + str(tmp_path / "run") + '"\n'
                    '[sample]\nbranch = "entropy"\n')
     r = run_tcli(["loop", "--config", cfg])

@@ -18,8 +18,8 @@ MODES = ("independent", "tree")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 PARALLEL_MODES = ("ddp", "fsdp")
-ENTROPY_THRESHOLD = 1.0  # --branch entropy defaults; README "sample-tree" has the measurements
-MIN_SEGMENT = 1
+ENTROPY_THRESHOLD = 0.3  # --branch entropy defaults: real trees on countdown and arith (README)
+MIN_SEGMENT = 0
 
 
 def _engines():
