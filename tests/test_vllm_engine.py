@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="optional vllm extra not installed (make test-vllm)")
 
+import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 import torch  # noqa: E402
 
@@ -228,3 +229,166 @@ def test_greedy_records_match_hf_engine(engine, models):
         assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < TOL
         assert {k: a[k] for k in a if k not in ("logprobs", "model")} == \
             {k: b[k] for k in b if k not in ("logprobs", "model")}
+
+
+# ----------------------------------------------------------------------------- LoRA adapters
+
+@pytest.fixture(scope="module")
+def adapters(models, tmp_path_factory):
+    """Two LoRA adapter directories on the tiny base, written as train-step --lora-rank writes
+    them (rank 4, vLLM's slot 8; B drawn at random so that they move the logits), and each one's
+    merged model (what the hf engine samples)."""
+    from tcli.models.load import load_model, load_tokenizer
+    from tcli.train import lora
+
+    root = tmp_path_factory.mktemp("lora")
+    out = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        pm = lora.wrap(load_model(models["base"], train=True), 4, 8.0)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0.0, 0.3)
+        out[name] = lora.save_adapter(str(root / name), pm, load_tokenizer(models["base"]),
+                                      base=models["base"], state={"policy_version": 5})
+        out[name + "_merged"] = load_model(out[name])
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_engine(adapters):
+    """A second engine, on adapter a. Module-scoped: closing a vLLM engine resets vLLM's
+    process-wide parallel state, which the module's other engine still needs."""
+    from tcli.engines.vllm_engine import VLLMEngine
+
+    return VLLMEngine(adapters["a"], seed=0, kv_cache_memory_bytes=64 << 20)
+
+
+def test_lora_adapter_through_vllm_matches_hf_merged(engine, lora_engine, models, adapters,
+                                                     tmp_path):
+    """vLLM serves a base + adapter directory with its own LoRA support (not merged): greedy
+    tokens equal the hf engine's on the merged model, log-probs equal the merged model's
+    teacher-forced ones; switching adapter (from a directory deleted right after, as ``follow``
+    does) serves the new one; full checkpoints and adapters do not replace each other."""
+    import shutil
+
+    from tcli.engines.hf import HFEngine
+    from tcli.errors import UsageError
+
+    long_prompt = [3 + (i * 7) % 20 for i in range(LONG)]
+    prompts = PROMPTS + [long_prompt]
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=16)
+    eng = lora_engine
+    assert eng.lora is not None and eng.max_lora_rank == 8 and eng.policy_version == 5
+    assert eng.base_path == os.path.abspath(models["base"])
+    toks = lambda outs: [[c.token_ids for c in cs] for cs in outs]  # noqa: E731
+    for name in ("a", "b"):
+        if name == "b":
+            copy = str(tmp_path / "b-copy")
+            shutil.copytree(adapters["b"], copy)
+            eng.load_weights(copy, 6)
+            shutil.rmtree(copy)
+            assert eng.policy_version == 6 and eng.lora.lora_int_id == 2
+        v = eng.generate(prompts, 2, cfg)
+        assert toks(v) == toks(HFEngine(adapters[name]).generate(prompts, 2, cfg)), name
+        err = max_logprob_error(adapters[name + "_merged"], prompts, v)
+        print(f"adapter {name}: max |logprob vllm lora - hf merged| = {err:.3g}")
+        assert err < TOL
+        assert max_logprob_error(models["model"], prompts, v) > 1e-2  # the adapter is applied
+    with pytest.raises(UsageError, match="serves LoRA adapters"):
+        eng.load_weights(models["base"], 7)
+    with pytest.raises(UsageError, match="serves full checkpoints"):
+        engine.load_weights(adapters["a"], 7)
+    assert engine.lora is None and engine.policy_version == 3
+
+
+@pytest.fixture(scope="module")
+def base_lora_engine(models):
+    """A third engine: the base with LoRA enabled for adapters to come (what the loop opens for a
+    LoRA trainer). Module-scoped for the same reason as ``lora_engine``."""
+    from tcli.engines.vllm_engine import VLLMEngine
+
+    return VLLMEngine(models["base"], seed=0, kv_cache_memory_bytes=64 << 20, lora_rank=4)
+
+
+def test_base_engine_with_lora_takes_adapters_later(engine, base_lora_engine, models, adapters):
+    """Opened on the base with lora_rank: samples the base until load_weights hands it an adapter
+    (as the loop's follow does after a LoRA train step), then the adapter's merged model."""
+    eng = base_lora_engine
+    assert eng.lora is None and eng.max_lora_rank == 8
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=16)
+    before = eng.generate(PROMPTS, 1, greedy)
+    assert [cs[0].token_ids for cs in before] == \
+        [cs[0].token_ids for cs in engine.generate(PROMPTS, 1, greedy)]
+    assert max_logprob_error(models["model"], PROMPTS, before) < TOL
+    eng.load_weights(adapters["a"], 5)
+    after = eng.generate(PROMPTS, 1, greedy)
+    assert max_logprob_error(adapters["a_merged"], PROMPTS, after) < TOL
+    assert max_logprob_error(models["model"], PROMPTS, after) > 1e-2
+
+
+# ----------------------------------------------------------------------------- entropies
+
+def test_generate_entropy_is_topk_entropy_of_hf_distribution(engine, models):
+    """generate_entropy (engines/base.py contract): the same samples as generate, and per token
+    the topk_entropy of the k largest log_softmax(logits) values of a teacher-forced pass."""
+    from tcli.engines.base import topk_entropy
+    from tcli.errors import UsageError
+
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=12, seed=7)
+    outs = engine.generate_entropy(PROMPTS, 3, cfg, top_k=5)
+    plain = engine.generate(PROMPTS, 3, cfg)
+    err, gap = 0.0, 0.0
+    for p, comps, ref in zip(PROMPTS, outs, plain):
+        for c, r in zip(comps, ref):
+            assert c.token_ids == r.token_ids and c.logprobs == r.logprobs
+            assert len(c.entropies) == len(c.token_ids)
+            ids = torch.tensor([list(p) + c.token_ids])
+            with torch.no_grad():
+                lp = torch.log_softmax(models["model"](ids).logits[0].float(), -1)
+            lp = lp[len(p) - 1:-1]
+            want = topk_entropy(lp.topk(5, -1).values.double().numpy())
+            exact = -(lp.exp() * lp).sum(-1).double().numpy()
+            got = np.asarray(c.entropies)
+            err = max(err, float(abs(want - got).max()))
+            gap = max(gap, float((exact - got).max()))
+            assert (got <= exact + 1e-5).all()  # a lower bound of the exact entropy
+    print(f"max |entropy vllm - hf top-5| = {err:.3g}, largest exact - top-5 estimate {gap:.3g}")
+    assert err < TOL and gap > 1e-3
+    a, b = engine.generate_entropy([PROMPTS[0]] * 2, 3, cfg, top_k=5, seeds=[1, 2])
+    assert [c.token_ids for c in a] != [c.token_ids for c in b]  # seeds split identical prompts
+    same = engine.generate_entropy([PROMPTS[0]], 3, cfg, top_k=5, seeds=[cfg.seed])
+    assert [c.token_ids for c in same[0]] == [c.token_ids for c in outs[0]]
+    greedy = engine.generate_entropy(PROMPTS, 2, SamplingConfig(temperature=0.0,
+                                                                max_new_tokens=8), top_k=3)
+    assert all(cs[0].entropies == cs[1].entropies and len(cs[0].entropies) for cs in greedy)
+    for k in (None, 0, 21):
+        with pytest.raises(UsageError, match="max_logprobs"):
+            engine.generate_entropy(PROMPTS, 1, cfg, top_k=k)
+
+
+def test_sample_tree_branch_entropy_through_vllm(engine, models):
+    """sample-tree --branch entropy --record-entropy on the vllm engine (the generic probe path
+    through generate_entropy, top-20 estimate): same records for the same seed, splits happen,
+    and every recorded entropy equals the top-20 estimate of a teacher-forced hf pass."""
+    from tcli.engines.base import ENTROPY_TOP_K, topk_entropy
+    from tcli.stages.sample import sample_records
+
+    opts = SampleOptions(mode="tree", branch="entropy", width=2, depth=2, branch_entropy=2.0,
+                         segment_tokens=4, record_entropy=True, prompt_template="plain",
+                         temperature=1.0, max_new_tokens=10)
+    recs = list(sample_records(engine, RECORDS, opts, seed=3))
+    assert recs == list(sample_records(engine, RECORDS, opts, seed=3))
+    assert any(len(r["node_path"]) > 1 for r in recs)  # some path split
+    err = 0.0
+    for r in recs:
+        assert len(r["entropies"]) == len(r["token_ids"]) == len(r["logprobs"])
+        p = r["prompt_token_ids"]
+        ids = torch.tensor([p + r["token_ids"]])
+        with torch.no_grad():
+            lp = torch.log_softmax(models["model"](ids).logits[0].float(), -1)[len(p) - 1:-1]
+        want = topk_entropy(lp.topk(ENTROPY_TOP_K, -1).values.double().numpy())
+        err = max(err, float(abs(want - np.asarray(r["entropies"])).max()))
+    print(f"branch entropy records: {len(recs)} leaves, max |entropy - hf top-20| = {err:.3g}")
+    assert err < TOL

@@ -29,10 +29,13 @@ def _hf(model: str, opts: "SampleOptions", *, seed: int = 0, trainer=None) -> En
 
 @ENGINES.register("vllm")
 def _vllm(model: str, opts: "SampleOptions", *, seed: int = 0, trainer=None) -> Engine:
+    """With a LoRA trainer, vLLM's LoRA support is on from the start (follow hands adapters)."""
     from tcli.engines.vllm_engine import VLLMEngine
 
+    train = getattr(trainer, "opts", None)
     return VLLMEngine(model, seed=seed, sampling=opts.engine_config(seed),
                       gpu_memory_utilization=opts.gpu_memory_utilization,
+                      lora_rank=int(getattr(train, "lora_rank", 0) or 0),
                       **({"dtype": opts.dtype} if opts.dtype else {}))
 
 

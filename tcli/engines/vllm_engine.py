@@ -27,6 +27,16 @@ Why these choices:
   weights iterator, run inside each worker through a worker extension), rebuilds a tied output
   head's kernel state (vLLM skips it; see ``TcliWorkerExtension``) and resets the prefix cache:
   cached prefixes were computed with the old weights.
+- A LoRA adapter directory (train-step ``--lora-rank``) is served with vLLM's own LoRA support, not
+  merged: the engine starts on the base the adapter names with ``enable_lora`` (``max_lora_rank``
+  the adapter's rank rounded up to a size vLLM accepts) and every request carries the adapter's
+  ``LoRARequest``. ``lora_rank`` > 0 opens a base model the same way, for adapters to come (the
+  loop's LoRA trainer hands them over through ``follow``). ``load_weights`` of an adapter directory
+  of the same base registers it at once under a fresh id (``add_lora``: ``follow`` deletes its
+  temporary directory afterwards) and drops the previous one; an adapter on an engine opened
+  without LoRA, or a full checkpoint replacing an adapter, is a UsageError.
+- ``generate_entropy`` asks vLLM for the ``top_k`` largest log-probs of every sampled position (of
+  the same distribution as the recorded log-probs) and returns their ``topk_entropy``.
 """
 
 from __future__ import annotations
@@ -34,9 +44,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
-from tcli.engines.base import Completion, SamplingConfig
+from tcli.engines.base import ENTROPY_TOP_K, Completion, SamplingConfig, topk_entropy
 from tcli.errors import TcliError, UsageError
 
 INSTALL_HINT = "pip install 'tcli[vllm]' (or run `make test-vllm`, which builds a separate venv)"
@@ -45,6 +55,8 @@ _DTYPES = {None: "float32", "auto": "float32", "float32": "float32", "fp32": "fl
            "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16"}
 _SEED_MASK = (1 << 62) - 1
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
+MAX_LOGPROBS = 20  # vLLM's default cap on log-probs per token (max_logprobs)
 
 
 def request_seed(seed: int, token_ids: Sequence[int]) -> int:
@@ -170,6 +182,47 @@ class TcliWorkerExtension:
         return 1
 
 
+def adapter_of(path: str) -> tuple[str, int] | None:
+    """(absolute base directory, rank) of a LoRA adapter directory; None for anything else."""
+    from tcli.errors import DataError
+    from tcli.models.load import read_json_object
+    from tcli.train.lora import ADAPTER_CONFIG, adapter_base, is_adapter_dir
+
+    if not os.path.isdir(path) or not is_adapter_dir(path):
+        return None
+    cfg_path = os.path.join(path, ADAPTER_CONFIG)
+    rank = read_json_object(cfg_path).get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise DataError(f"LoRA rank {rank!r} is not a positive integer", file=cfg_path, field="r")
+    return os.path.abspath(adapter_base(path)), rank
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank``."""
+    for r in LORA_RANKS:
+        if r >= rank:
+            return r
+    raise UsageError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
+
+
+def _llm_kwargs(kw: dict, *, on_cpu: bool, kv_cache_memory_bytes, max_model_len, sampling,
+                lora_rank: int) -> dict:
+    """vLLM engine arguments beyond the explicit ones (CPU KV cache, log-prob mode, LoRA)."""
+    if on_cpu and kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+    if kv_cache_memory_bytes is not None:
+        kw["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+    if max_model_len is not None:
+        kw["max_model_len"] = int(max_model_len)
+    kw.setdefault("enable_prefix_caching", True)
+    kw.setdefault("logprobs_mode", logprobs_mode(sampling or SamplingConfig()))
+    kw.setdefault("worker_extension_cls", f"{__name__}.TcliWorkerExtension")
+    if lora_rank > 0:
+        kw.update(enable_lora=True, max_loras=1)
+        kw.setdefault("max_lora_rank", lora_rank_slot(lora_rank))
+    return kw
+
+
 class VLLMEngine:
     """vLLM offline engine implementing the ``Engine`` protocol (tcli/engines/base.py)."""
 
@@ -179,8 +232,10 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  tensor_parallel_size: int = 1, enforce_eager: bool | None = None,
                  policy_version: int | None = None, kv_cache_memory_bytes: int | None = None,
-                 sampling: SamplingConfig | None = None, **kw):
-        """``sampling``: the settings the engine will sample with (picks the log-prob mode)."""
+                 sampling: SamplingConfig | None = None, lora_rank: int = 0, **kw):
+        """``sampling``: the settings the engine will sample with (picks the log-prob mode).
+        ``model``: a checkpoint directory (or hub name), or a LoRA adapter directory.
+        ``lora_rank``: serve adapters up to this rank later (``load_weights``/``follow``)."""
         import torch
 
         if dtype not in _DTYPES:
@@ -188,28 +243,26 @@ class VLLMEngine:
         on_cpu = not torch.cuda.is_available()
         _configure_env(on_cpu, tensor_parallel_size)
         LLM, self._SamplingParams, self._TokensPrompt = _import_vllm()
-
-        if enforce_eager is None:
-            enforce_eager = on_cpu  # no CUDA graphs / compilation on CPU
-        if on_cpu and kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
-        if kv_cache_memory_bytes is not None:
-            kw["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
-        if max_model_len is not None:
-            kw["max_model_len"] = int(max_model_len)
-        kw.setdefault("enable_prefix_caching", True)
-        kw.setdefault("logprobs_mode", logprobs_mode(sampling or SamplingConfig()))
+        adapter = adapter_of(model)
+        self.base_path = adapter[0] if adapter else model
+        kw = _llm_kwargs(kw, on_cpu=on_cpu, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                         max_model_len=max_model_len, sampling=sampling,
+                         lora_rank=max(int(lora_rank), adapter[1] if adapter else 0))
         self.logprobs_mode = kw["logprobs_mode"]
-        kw.setdefault("worker_extension_cls", f"{__name__}.TcliWorkerExtension")
+        self.max_lora_rank = kw.get("max_lora_rank", 0)
+        self.max_logprobs = int(kw.get("max_logprobs", MAX_LOGPROBS))
         self.seed = int(seed)
         self.model_path = model
         with _preserve_global_rng():
-            self.llm = LLM(model, seed=self.seed, dtype=_DTYPES[dtype],
+            self.llm = LLM(self.base_path, seed=self.seed, dtype=_DTYPES[dtype],
                            gpu_memory_utilization=gpu_memory_utilization,
-                           tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
-                           **kw)
+                           tensor_parallel_size=tensor_parallel_size,
+                           enforce_eager=on_cpu if enforce_eager is None else enforce_eager, **kw)
+        self.lora, self._lora_serial = None, 0  # the LoRARequest every request carries
+        if adapter:
+            self._use_adapter(model)
         self._tokenizer = None
-        self.eos_token_ids = self._eos_ids(model)
+        self.eos_token_ids = self._eos_ids(self.base_path)
         if policy_version is None:
             from tcli.models.checkpoint import read_state
 
@@ -223,14 +276,34 @@ class VLLMEngine:
     def tokenizer(self):
         """The Hugging Face tokenizer of the model (loaded on first use)."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            from tcli.models.load import load_tokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            # an adapter directory written by tcli has the tokenizer; a bare one uses the base's
+            self._tokenizer = (load_tokenizer(self.model_path)
+                               or load_tokenizer(self.base_path, required=True))
         return self._tokenizer
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, cfg: SamplingConfig
                  ) -> list[list[Completion]]:
         """n completions per token-id prompt, in order, with log_softmax(logits / T) of every token."""
+        return self._generate(prompts, n, cfg)
+
+    def generate_entropy(self, prompts: Sequence[Sequence[int]], n: int, cfg: SamplingConfig, *,
+                         top_k: Optional[int] = ENTROPY_TOP_K,
+                         seeds: Optional[Sequence[int]] = None) -> list[list[Completion]]:
+        """``generate`` with each token's sampling entropy (contract: engines/base.py), the
+        ``topk_entropy`` of the ``top_k`` largest log-probs vLLM returns for its position."""
+        if top_k is None or not 1 <= int(top_k) <= self.max_logprobs:
+            raise UsageError(f"the vllm engine returns at most {self.max_logprobs} log-probs per "
+                             f"token (vLLM's max_logprobs), not top_k={top_k}: the entropy "
+                             "estimate needs a top_k in 1..that")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        return self._generate(prompts, n, cfg, top_k=int(top_k), seeds=seeds)
+
+    def _generate(self, prompts, n: int, cfg: SamplingConfig, *, top_k: int = 0,
+                  seeds=None) -> list[list[Completion]]:
+        """``generate``; ``top_k`` > 0: entropies too; ``seeds``: one per prompt (else cfg.seed)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if not prompts:
@@ -244,29 +317,62 @@ class VLLMEngine:
             ids = [int(t) for t in p]
             if not ids:
                 raise ValueError(f"prompt #{i} has no tokens")
+            seed = request_seed(cfg.seed if seeds is None else seeds[i], ids)
             reqs.append(self._TokensPrompt(prompt_token_ids=ids))
             params.append(self._SamplingParams(
                 n=1 if greedy else n, temperature=max(0.0, float(cfg.temperature)),
                 top_p=float(cfg.top_p), max_tokens=int(cfg.max_new_tokens),
-                min_tokens=int(cfg.min_new_tokens), seed=request_seed(cfg.seed, ids),
-                logprobs=0, stop_token_ids=list(self.eos_token_ids), detokenize=False))
-        outs = self.llm.generate(reqs, params, use_tqdm=False)
+                min_tokens=int(cfg.min_new_tokens), seed=seed, logprobs=top_k,
+                stop_token_ids=list(self.eos_token_ids), detokenize=False))
+        outs = self.llm.generate(reqs, params, use_tqdm=False, lora_request=self.lora)
         result = []
         for out in outs:
-            comps = [self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)]
+            comps = [self._completion(c, top_k) for c in sorted(out.outputs, key=lambda c: c.index)]
             if greedy:
-                comps = [Completion(list(comps[0].token_ids), list(comps[0].logprobs),
-                                    comps[0].finish_reason) for _ in range(n)]
+                c = comps[0]
+                comps = [Completion(list(c.token_ids), list(c.logprobs), c.finish_reason,
+                                    None if c.entropies is None else list(c.entropies))
+                         for _ in range(n)]
             result.append(comps)
         return result
 
     def load_weights(self, model_dir: str, policy_version: int) -> None:
-        """Reload the weights in place (same architecture), then drop the prefix cache."""
-        # each worker (this process on CPU) reads the files itself: see TcliWorkerExtension
-        self.llm.collective_rpc("tcli_load_weights", args=(os.path.abspath(model_dir),))
+        """Reload the weights in place (same architecture), or switch to another adapter of the
+        same base; then drop the prefix cache."""
+        adapter = adapter_of(model_dir)
+        fits = (self.max_lora_rank and adapter[0] == os.path.abspath(self.base_path)
+                if adapter else self.lora is None)
+        if not fits:
+            serves = (f"LoRA adapters of {self.base_path}" if self.max_lora_rank else
+                      "full checkpoints (opened without LoRA)")
+            given = f"an adapter of {adapter[0]}" if adapter else "a full checkpoint"
+            raise UsageError(f"this vllm engine serves {serves}; {model_dir} is {given}: open a "
+                             "new engine on it")
+        if adapter:
+            self._use_adapter(model_dir)
+        else:  # each worker (this process on CPU) reads the files itself: TcliWorkerExtension
+            self.llm.collective_rpc("tcli_load_weights", args=(os.path.abspath(model_dir),))
         self.llm.reset_prefix_cache()
         self.model_path = model_dir
         self.policy_version = int(policy_version)
+
+    def _use_adapter(self, path: str) -> None:
+        """Serve the adapter in ``path`` from now on: registered (read) at once under a fresh
+        id, since ``follow`` deletes its directory afterwards; the previous one is dropped."""
+        from vllm.lora.request import LoRARequest
+
+        rank = adapter_of(path)[1]
+        if rank > self.max_lora_rank:
+            raise UsageError(f"{path}: LoRA rank {rank} is above this engine's max_lora_rank "
+                             f"{self.max_lora_rank}; open a new engine on it")
+        self._lora_serial += 1
+        req = LoRARequest(f"tcli-{self._lora_serial}", self._lora_serial, os.path.abspath(path))
+        engine = self.llm.llm_engine
+        if not engine.add_lora(req):
+            raise TcliError(f"vLLM did not load the LoRA adapter in {path}")
+        if self.lora is not None:
+            engine.remove_lora(self.lora.lora_int_id)
+        self.lora = req
 
     def follow(self, trainer) -> None:
         """vLLM holds its own copy of the weights: save the trainer's and reload them."""
@@ -303,11 +409,22 @@ class VLLMEngine:
         return sorted(eos)
 
     @staticmethod
-    def _completion(c) -> Completion:
+    def _completion(c, top_k: int = 0) -> Completion:
+        """A vLLM CompletionOutput; ``top_k`` > 0: its positions hold the top-k log-probs (and
+        the sampled token's, ranked), whose ``topk_entropy`` is each token's entropy."""
         if c.finish_reason not in ("stop", "length"):
             raise TcliError(f"vLLM ended a completion with finish_reason={c.finish_reason!r}")
         toks = [int(t) for t in c.token_ids]
         if c.logprobs is None or len(c.logprobs) != len(toks):
             raise TcliError("vLLM returned no log-prob for some sampled tokens")
         lps = [float(pos[t].logprob) for t, pos in zip(toks, c.logprobs)]
-        return Completion(toks, lps, c.finish_reason)
+        if not top_k:
+            return Completion(toks, lps, c.finish_reason)
+        import numpy as np
+
+        top = np.full((len(toks), top_k), -np.inf)
+        for row, pos in enumerate(c.logprobs):
+            vals = [lp.logprob for lp in pos.values() if lp.rank is not None and lp.rank <= top_k]
+            top[row, :len(vals)] = vals[:top_k]
+        ent = topk_entropy(top).tolist() if toks else []
+        return Completion(toks, lps, c.finish_reason, ent)
