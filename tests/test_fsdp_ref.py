@@ -198,6 +198,9 @@ def test_train_step_fsdp_ref_model_equals_one_process(models):
         assert m2[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-7), k
     w0, w1, w2 = (_weights(models / n) for n in ("base", "one", "two"))
     assert set(w1) == set(w2) and max((w1[k] - w0[k]).abs().max().item() for k in w0) > 1e-3
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    print(f"kl {m1['kl']:.6g} vs {m2['kl']:.6g}, loss {m1['loss']:.6g} vs {m2['loss']:.6g}, "
+          f"max weight difference {diff:.3g}")
     for k in w1:
         assert (w1[k] - w2[k]).abs().max().item() < 1e-5, k
 
