@@ -135,11 +135,6 @@ class SampleOptions(Options):
                                             "trainer shares the GPU (loop, one GPU).",
                                             check=in_range(0.0, 1.0, lo_open=True))
 
-    def check(self) -> None:
-        if self.branch != "segments" and self.mode != "tree":
-            raise UsageError(f"{self.label('branch')} {self.branch} needs {self.flag('mode')} "
-                             f"tree, got {self.mode}")
-
     def engine_config(self, seed: int):
         """The settings of one engine call."""
         from tcli.engines.base import SamplingConfig
