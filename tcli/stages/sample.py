@@ -4,6 +4,9 @@
 with any engine of the ``Engine`` protocol: tree sampling on a generic engine goes level by level,
 submitting each frontier node's prefix (prompt + tokens so far) as a token prompt with ``n=width``;
 an engine with a native ``sample_tree`` (the ``hf`` engine forks KV caches) is used directly.
+Where a tree splits is a registered branch rule (``BRANCH_RULES``): ``segments`` (every
+``segment_tokens``) or ``entropy`` (``EntropyRule``: where the sampling entropy exceeds a
+threshold; native ``sample_entropy_tree`` or probes through ``generate_entropy``).
 
 Token conventions: ``token_ids`` keep the EOS token when ``finish_reason == "stop"`` (so the policy
 learns to stop) and never contain padding; ``logprobs`` are log_softmax(logits / T) of exactly those
