@@ -17,7 +17,7 @@ import orjson  # noqa: E402
 import torch  # noqa: E402
 
 from tcli.config.stages import SampleOptions  # noqa: E402
-from tcli.engines.base import SamplingConfig  # noqa: E402
+from tcli.engines.base import Completion, SamplingConfig  # noqa: E402
 from tcli.models.checkpoint import STATE_FILE  # noqa: E402
 
 ALPHABET = "abcdefghij0123456789 "   # ~24 tokens: EOS is likely enough that both finish reasons occur
@@ -392,3 +392,47 @@ def test_sample_tree_branch_entropy_through_vllm(engine, models):
         err = max(err, float(abs(want - np.asarray(r["entropies"])).max()))
     print(f"branch entropy records: {len(recs)} leaves, max |entropy - hf top-20| = {err:.3g}")
     assert err < TOL
+
+
+def test_loop_with_lora_samples_through_vllm_adapter(tmp_path):
+    """`tcli loop --engine vllm --lora-rank 4` (own process: it opens and closes its own vLLM):
+    after every LoRA train step ``follow`` hands the new adapter to vLLM, so step k's recorded
+    log-probs are those of step k-1's adapter (merged, teacher-forced), not of the base (step 1
+    has no reward variance and leaves the adapter at zero; step 2 moves it)."""
+    import subprocess
+    import sys
+
+    from examples.arith.task import ALPHABET
+    from tcli.io import RecordReader
+    from tcli.models.load import load_model
+    from tcli.models.tiny import init_tiny_model
+
+    base = init_tiny_model(str(tmp_path / "model"), seed=0, alphabet=ALPHABET, hidden=64,
+                           layers=1, heads=2, kv_heads=1, intermediate=64)  # vLLM CPU: head_dim 32
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b"".join(orjson.dumps({"id": f"p{i}", "prompt": f"{i}+{i}=?",
+                                               "answer": str(2 * i)}) + b"\n" for i in range(4)))
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "tcli", "loop", "--model", base, "--train-data",
+                        str(prompts), "--run-dir", str(run), "--steps", "3", "--prompts-per-step",
+                        "4", "--n", "8", "--engine", "vllm", "--task", "arith", "--workers", "0",
+                        "--prompt-template", "plain", "--max-new-tokens", "6", "--lr", "0.05",
+                        "--lora-rank", "4", "--lora-alpha", "8", "--estimator", "grpo",
+                        "--eval-every", "0", "--keep-last", "3", "--temperature", "1",
+                        "--seed", "1"], capture_output=True, timeout=900,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    moved = 0.0
+    for step in (2, 3):
+        ckpt = str(run / "checkpoints" / f"step_{step - 1}")
+        assert os.path.isfile(os.path.join(ckpt, "adapter_config.json"))
+        recs = [rec for _, rec in RecordReader(str(run / "rollouts" / f"step_{step}.arrow"))]
+        assert recs and all(rec["policy_version"] == step - 1 for rec in recs)
+        ids = [rec["prompt_token_ids"] for rec in recs]
+        outs = [[Completion(rec["token_ids"], rec["logprobs"], "stop")] for rec in recs]
+        err = max_logprob_error(load_model(ckpt), ids, outs)
+        moved = max(moved, max_logprob_error(load_model(base), ids, outs))
+        print(f"loop step {step} through vLLM's LoRA: |logprob - step_{step - 1} merged| "
+              f"{err:.3g}, vs the base {moved:.3g}")
+        assert err < TOL
+    assert moved > 1e-3
