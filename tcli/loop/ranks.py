@@ -30,11 +30,14 @@ class SamplingWeights:
         self.model = (_unsharded_like(trainer, model_dir, dtype) if trainer.sharded
                       else trainer.model)
         self.policy_version = int(trainer.policy_version)
-        self.refresh()
+        if self.model is not trainer.model:
+            self.refresh(everything=True)
 
-    def refresh(self) -> None:
+    def refresh(self, everything: bool = False) -> None:
         """After an update: copy the trainer's new weights (gathered shards under FSDP; every rank
-        calls this, the parameters are all-gathered in the same order everywhere)."""
+        calls this, the parameters are all-gathered in the same order everywhere). Only trained
+        parameters change (LoRA: the adapter); ``everything``: the frozen ones and the buffers
+        too (the first fill of the copy)."""
         self.policy_version = int(self.trainer.policy_version)
         if self.model is self.trainer.model:
             return
@@ -42,18 +45,27 @@ class SamplingWeights:
         from torch.distributed.tensor import DTensor
 
         own = dict(self.model.named_parameters())
-        lora = self.trainer.peft is not None
+        theirs = dict(self.trainer.model.named_parameters())
+        if everything and own.keys() != theirs.keys():  # never sample from unfilled memory
+            raise RuntimeError(f"sampling copy and trainer differ in parameters: "
+                               f"{sorted(own.keys() ^ theirs.keys())[:4]}")
         with torch.no_grad():
-            for name, p in self.trainer.model.named_parameters():
-                if lora and not p.requires_grad:
-                    continue  # the frozen base is the loaded one
-                full = p.full_tensor() if isinstance(p, DTensor) else p
-                own[name].copy_(full.detach())  # casts to the copy's dtype
+            for name, p in theirs.items():
+                if everything or p.requires_grad:
+                    full = p.full_tensor() if isinstance(p, DTensor) else p
+                    own[name].copy_(full.detach())  # casts to the copy's dtype
+            if everything:
+                bufs = dict(self.model.named_buffers())
+                for name, b in self.trainer.model.named_buffers():
+                    bufs[name].copy_(b)
 
 
 def _unsharded_like(trainer, model_dir: str, dtype: str | None):
     """A plain module with the trainer's structure (LoRA layers included) and parameter names,
-    for sampling only (eval mode, no gradients)."""
+    for sampling only (eval mode, no gradients). It is read from the checkpoint like the
+    1-process trainer's module, not allocated afresh: CPU matmuls round differently for
+    differently aligned weights (safetensors' mmap slices sit 24 bytes past a 64-byte boundary,
+    a new tensor on one), and the copy must sample what one process samples, bit for bit."""
     from tcli.models.load import load_model, torch_dtype
     from tcli.train import lora
 
@@ -63,7 +75,9 @@ def _unsharded_like(trainer, model_dir: str, dtype: str | None):
                                     device=trainer.device).get_base_model()
     else:
         model = load_model(model_dir, device=trainer.device, train=False)
-    model.to(torch_dtype(dtype))
+    if dtype is not None:
+        model.to(torch_dtype(dtype))
+    model.config.use_cache = trainer.model.config.use_cache  # as on the trainer's module
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
