@@ -230,3 +230,40 @@ def test_a_bad_prompt_on_one_rank_ends_every_rank(setup, tmp_path):
                      "given)"], err[-3000:]
     assert "exitcode  : 65" in err  # the workers' own exit code (torchrun's is 1)
     assert os.listdir(run / "checkpoints") == []
+
+
+def test_blocks_cover_the_prompts_in_order():
+    """Rank r's block; the blocks of ranks 0..N-1 concatenated are the prompts in order (what
+    makes the gathered rollouts the 1-process ones), sizes within one of each other."""
+    from tcli.train.dist import DistInfo, block_share
+
+    for n in (0, 1, 2, 5, 16, 17):
+        for world in (1, 2, 3, 4, 8):
+            blocks = [list(block_share(n, DistInfo(r, world))) for r in range(world)]
+            assert [i for b in blocks for i in b] == list(range(n))
+            assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def test_folded_group_stats_equal_one_accumulator():
+    """The ranks' per-group AdvantageStats folded in order give the very floats of one
+    accumulator that saw the groups one after another (the 1-process metrics, not just close)."""
+    from tcli.algos.estimators import Group
+    from tcli.loop.ranks import fold_stats
+    from tcli.stages.advantages import AdvantageStats, advantages_group
+    from tcli.config.stages import AdvantageOptions
+
+    rng = np.random.default_rng(0)
+    groups = []
+    for g in range(7):
+        recs = [{"prompt_id": f"p{g}", "sample_id": j, "prompt_token_ids": [1, 2],
+                 "token_ids": rng.integers(3, 9, size=int(rng.integers(1, 9))).tolist(),
+                 "reward": float(rng.random())} for j in range(4)]
+        groups.append(Group.from_records(recs))
+    one, parts = AdvantageStats(), []
+    opts = AdvantageOptions(estimator="tempo")
+    for g in groups:
+        advantages_group(g, opts, one)
+        parts.append(AdvantageStats())
+        advantages_group(g, opts, parts[-1])
+    assert fold_stats(parts).summary() == one.summary()
+    assert fold_stats(parts[:3]).summary() != one.summary()
