@@ -2,8 +2,11 @@
 weights and AdamW state as 1 unsharded process, hold about half the parameters each, write one
 ordinary checkpoint directory that transformers loads as is, and resume the sharded optimizer.
 
-The test runs this file itself under ``torch.distributed.run`` (see ``worker``): a minimal
-policy-gradient step of tcli's own pieces (``batch_logprobs`` + ``policy_loss``), not the Trainer.
+The test runs this file itself twice: once as 1 plain process and once under
+``torch.distributed.run`` with 2 ranks (see ``driver``). Each launch first runs ``worker`` (a minimal
+policy-gradient step of tcli's own pieces, ``batch_logprobs`` + ``policy_loss``, not the Trainer),
+then the real ``tcli train-step`` command line in-process for every train-step test (full model
+and LoRA, each resumed once), so 2 launches produce what every test below reads.
 """
 
 from __future__ import annotations
@@ -86,8 +89,6 @@ def worker(model_dir: str, out_dir: str, steps: int, mode: str) -> None:
 
     torch.manual_seed(0)
     world, sharded = int(os.environ.get("WORLD_SIZE", "1")), mode == "fsdp"
-    if world > 1:
-        dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
     model = load_model(model_dir, train=True)
     full_numel = parallel.local_numel(model)
@@ -108,35 +109,98 @@ def worker(model_dir: str, out_dir: str, steps: int, mode: str) -> None:
     with open(f"{out_dir}.rank{rank}.json", "w") as f:
         json.dump(info, f)
     _save(out_dir, model, opt, load_tokenizer(model_dir) if rank == 0 else None, sharded, steps)
+
+
+# ----------------------------------------------------------------------------- the launches
+
+TRAIN_ARGS = ["--lr", "1e-3", "--micro-batch-tokens", "24", "--mini-batches", "2", "--epochs", "2",
+              "--seed", "1"]
+LORA = ["--lora-rank", "4", "--lora-alpha", "8"]
+
+
+def cli_jobs(n: int) -> list[tuple[str, str, list[str]]]:
+    """(output, start checkpoint, extra flags) of every train-step run for ``n`` processes, in
+    order: full model and LoRA from the base, then each resumed from its own checkpoint."""
+    fsdp = ["--parallel", "fsdp"] if n > 1 else []
+    return [(f"t{n}", "base", fsdp), (f"t{n}b", f"t{n}", fsdp),
+            (f"l{n}", "base", fsdp + LORA), (f"l{n}b", f"l{n}", fsdp + LORA)]
+
+
+def _cli_in_process(argv: list[str], out_file: str, err_file: str) -> int:
+    """``tcli *argv`` through tcli.cli.main in this process, fd 1/2 into files; the exit code."""
+    from tcli.cli import main
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(out_file, "wb") as out, open(err_file, "wb") as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+    return code
+
+
+def driver(root: str) -> None:
+    """One launch: ``worker`` (2 steps), then every train-step of :func:`cli_jobs` in one process
+    group (kept alive across commands: re-creating the default group in one process races on the
+    store's keys), each job's exit code, stdout and stderr written beside its output."""
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    base = os.path.join(root, "base")
+    worker(base, os.path.join(root, "one" if world == 1 else "two"), 2,
+           "plain" if world == 1 else "fsdp")
+    with mock.patch.object(dist, "destroy_process_group"):
+        for out, start, extra in cli_jobs(world):
+            o = os.path.join(root, out)
+            argv = ["train-step", os.path.join(root, "roll.jsonl"), "-m",
+                    os.path.join(root, start), "-o", o, *TRAIN_ARGS, *extra]
+            code = _cli_in_process(argv, f"{o}.stdout", f"{o}.rank{rank}.stderr")
+            with open(f"{o}.rank{rank}.rc", "w") as f:
+                f.write(str(code))
+            if world > 1:
+                dist.barrier()
     if world > 1:
         dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------- the tests
-
-def _launch(model_dir, out_dir, steps: int, nproc: int) -> None:
+def _launch(root, nproc: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     me = os.path.abspath(__file__)
-    mode = "fsdp" if nproc > 1 else "plain"
-    if nproc == 1:
-        cmd = [sys.executable, me, str(model_dir), str(out_dir), str(steps), mode]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               str(nproc), me, str(model_dir), str(out_dir), str(steps), mode]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300, env=env)
+    run = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(nproc)] if nproc > 1 else [sys.executable])
+    r = subprocess.run([*run, me, str(root)], cwd=REPO, capture_output=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr.decode()[-4000:]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """base model; 2 steps by 1 plain process and by 2 FSDP processes."""
+    """base model and rollouts; 1 plain process and 2 FSDP processes each run the worker's 2
+    steps and every train-step job."""
     from tcli.models.tiny import init_tiny_model
 
     d = tmp_path_factory.mktemp("fsdp")
     base = init_tiny_model(str(d / "base"), seed=0, **TINY)
-    _launch(base, d / "one", 2, 1)
-    _launch(base, d / "two", 2, 2)
+    _rollouts(base, d / "roll.jsonl")
+    _launch(d, 1)
+    _launch(d, 2)
     return d
 
 
@@ -196,10 +260,6 @@ def test_fsdp_checkpoint_loads_in_transformers(runs):
 
 # ----------------------------------------------------------------------------- train-step
 
-TRAIN_ARGS = ["--lr", "1e-3", "--micro-batch-tokens", "24", "--mini-batches", "2", "--epochs", "2",
-              "--seed", "1"]
-
-
 def _rollouts(model_dir, path) -> None:
     """12 on-policy rollouts in 3 groups (prompts of 3 lengths), +-advantages."""
     import orjson
@@ -220,36 +280,25 @@ def _rollouts(model_dir, path) -> None:
                                   "advantages": [(1.0 if i % 2 else -1.0)] * len(r)}) + b"\n")
 
 
-def _cli_train_step(rollouts, model, out, nproc: int, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            str(nproc)] if nproc > 1 else [sys.executable])
-    r = subprocess.run([*run, "-m", "tcli", "train-step", str(rollouts), "-m", str(model), "-o",
-                        str(out), *TRAIN_ARGS, *extra], cwd=REPO, capture_output=True,
-                       timeout=600, env=env)
-    assert r.returncode == 0, r.stderr.decode()[-4000:]
-    return json.loads(r.stdout)
-
-
-@pytest.fixture(scope="module")
-def roll(runs):
-    path = runs / "roll.jsonl"
-    _rollouts(runs / "base", path)
-    return path
+def _metrics(runs, out: str, nproc: int) -> dict:
+    """The train-step job's metrics line (stdout: rank 0 only) after checking every rank's exit."""
+    for r in range(nproc):
+        err = (runs / f"{out}.rank{r}.stderr").read_text()
+        assert (runs / f"{out}.rank{r}.rc").read_text() == "0", err[-4000:]
+    lines = (runs / f"{out}.stdout").read_bytes().splitlines()
+    assert len(lines) == 1, lines
+    return json.loads(lines[0])
 
 
 @pytest.mark.slow
-def test_train_step_fsdp_equals_one_process(runs, roll):
+def test_train_step_fsdp_equals_one_process(runs):
     """tcli train-step --parallel fsdp under torchrun (2 ranks, uneven micro-batch counts):
     metrics and weights of one process, then a second step resumed from each checkpoint."""
-    base = runs / "base"
-    m1 = _cli_train_step(roll, base, runs / "t1", 1)
-    m2 = _cli_train_step(roll, base, runs / "t2", 2, "--parallel", "fsdp")
+    m1, m2 = _metrics(runs, "t1", 1), _metrics(runs, "t2", 2)
     assert (m1["world_size"], m2["world_size"]) == (1, 2)
     for k in ("loss", "clip_frac", "approx_kl", "entropy", "grad_norm", "num_tokens"):
         assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
-    n1 = _cli_train_step(roll, runs / "t1", runs / "t1b", 1)
-    n2 = _cli_train_step(roll, runs / "t2", runs / "t2b", 2, "--parallel", "fsdp")
+    n1, n2 = _metrics(runs, "t1b", 1), _metrics(runs, "t2b", 2)
     assert n2["grad_norm"] == pytest.approx(n1["grad_norm"], rel=1e-4)
     for a, b in (("t1", "t2"), ("t1b", "t2b")):
         w1, w2 = _weights(runs / a), _weights(runs / b)
@@ -267,15 +316,12 @@ def _adapter(path):
 
 
 @pytest.mark.slow
-def test_train_step_fsdp_with_lora(runs, roll):
+def test_train_step_fsdp_with_lora(runs):
     """--parallel fsdp --lora-rank: an adapter on a sharded base gives the 1-process adapter and
     AdamW state (adapter parameters only) to 1e-5, resume included; no full weights written."""
-    lora = ["--lora-rank", "4", "--lora-alpha", "8"]
-    fsdp = ["--parallel", "fsdp", *lora]
-    _cli_train_step(roll, runs / "base", runs / "l1", 1, *lora)
-    _cli_train_step(roll, runs / "base", runs / "l2", 2, *fsdp)
-    _cli_train_step(roll, runs / "l1", runs / "l1b", 1, *lora)
-    _cli_train_step(roll, runs / "l2", runs / "l2b", 2, *fsdp)
+    for one, two in (("l1", "l2"), ("l1b", "l2b")):
+        _metrics(runs, one, 1)
+        _metrics(runs, two, 2)
     for one, two in (("l1", "l2"), ("l1b", "l2b")):
         a1, a2 = _adapter(runs / one), _adapter(runs / two)
         assert set(a1) == set(a2) and len(a1) == 28
@@ -291,5 +337,4 @@ def test_train_step_fsdp_with_lora(runs, roll):
 
 
 if __name__ == "__main__":
-    a = sys.argv[1:]
-    worker(a[0], a[1], int(a[2]), a[3])
+    driver(sys.argv[1])
