@@ -90,8 +90,9 @@ def test_values_equal_a_single_sequence_forward(critic, tmp_path):
 
 
 def test_critic_learns_the_prompt_value(critic, tmp_path):
-    """Returns = the reward (gamma = lam = 1): after 150 updates the critic explains most of the
-    variance of the returns from the prompt (explained variance > 0.3)."""
+    """Returns = the reward (gamma = lam = 1): after 25 updates the critic explains the variance of
+    the returns from the prompt (measured: value loss 0.001x the first, explained variance 0.997
+    and a good-bad gap of 1.0 at 20-25 updates; 5 updates give 0.36x, 0.28)."""
     from tcli.algos.gae import gae
     from tcli.config.stages import CriticOptions
     from tcli.models.critic import critic_values
@@ -103,7 +104,7 @@ def test_critic_learns_the_prompt_value(critic, tmp_path):
     P = [np.array(r["prompt_token_ids"]) for r in recs]
     R = [np.array(r["token_ids"]) for r in recs]
     first = last = None
-    for step in range(150):
+    for step in range(25):
         with __import__("torch").no_grad():
             vals = critic_values(t.model, P, R)
         for rec, v in zip(recs, vals):
@@ -112,13 +113,13 @@ def test_critic_learns_the_prompt_value(critic, tmp_path):
         m = t.step(recs)
         first = first or m
         last = m
-    assert last["value_loss"] < 0.2 * first["value_loss"], (first, last)
-    assert last["explained_variance"] > 0.3, last
+    assert last["value_loss"] < 0.05 * first["value_loss"], (first, last)
+    assert last["explained_variance"] > 0.8, last
     t.model.eval()
     v = critic_values(t.model, P, R)
     good = np.mean([x[0] for x, r in zip(v, recs) if r["reward"] == 1.0])
     bad = np.mean([x[0] for x, r in zip(v, recs) if r["reward"] == 0.0])
-    assert good - bad > 0.5, (good, bad)
+    assert good - bad > 0.7, (good, bad)
 
 
 def test_value_loss_clipping():
