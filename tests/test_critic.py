@@ -149,6 +149,14 @@ def _advantaged(crit, recs, tmp_path) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def small_advantaged(critic, tmp_path_factory) -> list[dict]:
+    """Two records through the real values | advantages -e gae pipeline (once per module; each
+    bad-input case mutates its own copy)."""
+    path = _advantaged(critic[1], _records(1, 2), tmp_path_factory.mktemp("adv"))
+    return [orjson.loads(x) for x in open(path, "rb")]
+
+
 ARGS = ["--lr", "1e-3", "--micro-batch-tokens", "40", "--mini-batches", "2", "--seed", "3"]
 
 
@@ -188,9 +196,9 @@ def test_train_critic_cli_and_torchrun_equal(critic, tmp_path):
     (lambda r: r.update(token_ids=[10 ** 6] * len(r["token_ids"])), "token_ids", 65),
     (lambda r: r.update(prompt_token_ids=[]), "prompt_token_ids", 65),
 ])
-def test_train_critic_bad_input(critic, tmp_path, mutate, field, code):
+def test_train_critic_bad_input(critic, small_advantaged, tmp_path, mutate, field, code):
     _, crit = critic
-    recs = [orjson.loads(x) for x in open(_advantaged(crit, _records(1, 2), tmp_path), "rb")]
+    recs = [dict(r) for r in small_advantaged]
     mutate(recs[1])
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(_jsonl(recs))
