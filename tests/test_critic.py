@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.conftest import REPO, run_tcli
+from conftest import REPO, run_tcli
 
 TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
 

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from tcli.algos.gae import discounted_suffix_sum, gae
-from tests.conftest import run_tcli
+from conftest import run_tcli
 
 
 def oracle(reward, values, gamma, lam):

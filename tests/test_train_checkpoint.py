@@ -23,7 +23,7 @@ from unittest import mock
 import orjson
 import pytest
 
-from conftest import REPO, run_tcli
+from conftest import REPO, run_python, run_tcli
 
 torch = pytest.importorskip("torch")
 
@@ -192,8 +192,7 @@ time.sleep(60)
 
 
 def _killed_write(tiny: str, target: Path) -> Path:
-    r = subprocess.run([sys.executable, "-c", KILLED_WRITER, tiny, str(target)], cwd=REPO,
-                       capture_output=True, timeout=120)
+    r = run_python(KILLED_WRITER, [tiny, target])
     assert r.returncode == -signal.SIGKILL, r.stderr.decode()
     left = [p for p in target.parent.iterdir() if p.name.startswith(target.name + ".tmp-")]
     assert len(left) == 1 and (left[0] / "model.safetensors").exists()
@@ -362,8 +361,7 @@ def test_sigterm_with_default_handler_still_cleans_up(tiny, pair, tmp_path):
     target = tmp_path / "ck"
     save(target, pair, v=1)
     before = snapshot(target)
-    r = subprocess.run([sys.executable, "-c", SIGTERM_DEFAULT, tiny, str(target)], cwd=REPO,
-                       capture_output=True, timeout=120)
+    r = run_python(SIGTERM_DEFAULT, [tiny, target])
     assert r.returncode == 143, r.stderr.decode()
     assert snapshot(target) == before and os.listdir(tmp_path) == ["ck"]
 
@@ -418,9 +416,8 @@ def test_cli_interrupt_keeps_checkpoints(where, sig, code, tiny, tmp_path):
     shutil.copytree(tiny, out)
     (out / "tcli_state.json").write_bytes(b'{"step": 7}')
     before = {p: snapshot(p) for p in (model, out)}
-    r = subprocess.run([sys.executable, "-c", CLI_DRIVER, where, sig, "train-step", str(src),
-                        "-m", str(model), "-o", str(out), "--lr", "1e-3"], cwd=REPO,
-                       capture_output=True, timeout=120)
+    r = run_python(CLI_DRIVER, [where, sig, "train-step", src, "-m", model, "-o", out,
+                                "--lr", "1e-3"])
     assert r.returncode == code, r.stderr.decode()
     assert r.stdout == b""
     assert "Traceback" not in r.stderr.decode()
