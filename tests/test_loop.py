@@ -14,7 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from conftest import arith_run_dir  # noqa: E402
+from conftest import arith_run_dir, run_tcli  # noqa: E402
 from examples.arith.task import make_prompts  # noqa: E402
 
 
@@ -37,10 +37,8 @@ def _args(d, model, run, steps, **extra):
     return out
 
 
-def _tcli(args, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "tcli", *args], cwd=ROOT, env=env,
-                          capture_output=True, **kw)
+def _tcli(args, timeout: float = 120):
+    return run_tcli(args, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}, timeout=timeout)
 
 
 def _weights(ckpt):
@@ -49,11 +47,22 @@ def _weights(ckpt):
     return load_file(os.path.join(ckpt, "model.safetensors"))
 
 
-def test_loop_end_to_end(setup, tmp_path):
+RUN = dict(estimator="tempo")  # 3 steps, evaluation at 0, 2 and 3
+
+
+@pytest.fixture(scope="module")
+def full_run(setup, tmp_path_factory):
+    """An uninterrupted 3-step run: checked end to end, and the reference for kill + resume."""
     d, model = setup
-    run = tmp_path / "run"
-    p = _tcli(["loop", *_args(d, model, run, 3, estimator="tempo")], timeout=600)
+    run = tmp_path_factory.mktemp("full") / "run"
+    p = _tcli(["loop", *_args(d, model, run, 3, **RUN)], timeout=600)
     assert p.returncode == 0, p.stderr.decode()
+    return run
+
+
+def test_loop_end_to_end(setup, full_run, tmp_path):
+    d, model = setup
+    run = full_run
     assert (run / "config.toml").exists()
     assert (run / "metrics.png").exists()
     for s in (1, 2, 3):
@@ -95,17 +104,15 @@ def test_unknown_config_key_is_usage_error(setup, tmp_path):
     assert b"lerning_rate" in p.stderr and b"Traceback" not in p.stderr
 
 
-def test_kill_and_resume_gives_same_checkpoint(setup, tmp_path):
+def test_kill_and_resume_gives_same_checkpoint(setup, full_run, tmp_path):
+    """SIGKILL inside step 2 (after an evaluation), --resume: the uninterrupted run's weights and
+    rewards, evaluations included."""
     d, model = setup
-    steps = 3
-    ref = tmp_path / "ref"
-    p = _tcli(["loop", *_args(d, model, ref, steps, **{"eval-every": 0})], timeout=600)
-    assert p.returncode == 0, p.stderr.decode()
-
+    steps, ref = 3, full_run
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.Popen([sys.executable, "-m", "tcli", "loop",
-                             *_args(d, model, run, steps, **{"eval-every": 0})],
+                             *_args(d, model, run, steps, **RUN)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "checkpoints" / "step_1" / "tcli_state.json").exists():
@@ -124,3 +131,6 @@ def test_kill_and_resume_gives_same_checkpoint(setup, tmp_path):
     assert [m["step"] for m in m_run if m["kind"] == "train"] == [1, 2, 3]
     assert [m["reward_mean"] for m in m_run if m["kind"] == "train"] == \
         [m["reward_mean"] for m in m_ref if m["kind"] == "train"]
+    evals = [[(m["step"], m["accuracy"], m["mean_response_tokens"], m["sampled_tokens_total"])
+              for m in ms if m["kind"] == "eval"] for ms in (m_ref, m_run)]
+    assert evals[0] == evals[1] and [e[0] for e in evals[0]] == [0, 2, 3]

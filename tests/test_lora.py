@@ -206,15 +206,10 @@ def test_broken_adapter_directory_is_bad_data(saved, tmp_path):
 
 # ----------------------------------------------------------------------------- train-step, loop
 
-def _tcli(args, **kw):
-    import subprocess
-    import sys
+def _tcli(args):
+    from conftest import run_tcli
 
-    from conftest import REPO
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "tcli", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, timeout=600, **kw)
+    return run_tcli(args, env={"OMP_NUM_THREADS": "1"}, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -338,9 +338,10 @@ def test_kl_to_reference_model(tiny, rollouts):
 
 # ----------------------------------------------------------------------------- CLI and torchrun
 
-def _run(args, **kw):
-    return subprocess.run([sys.executable, "-m", "tcli", *args], cwd=REPO, capture_output=True,
-                          timeout=120, **kw)
+def _run(args, input: bytes | None = None):
+    from conftest import run_tcli
+
+    return run_tcli(args, input=input)
 
 
 TRAIN_ARGS = ["--lr", "1e-3", "--micro-batch-tokens", "64", "--mini-batches", "2", "--epochs", "2",
@@ -355,7 +356,7 @@ def one_proc(tiny, rollouts, tmp_path_factory):
     metrics = out + ".metrics.jsonl"
     with open(path, "rb") as f:
         r = _run(["train-step", "-m", tiny, "-o", out, "--metrics", metrics, *TRAIN_ARGS],
-                 stdin=f)
+                 input=f.read())
     assert r.returncode == 0, r.stderr.decode()
     return out, r, metrics
 

@@ -15,6 +15,7 @@ import orjson
 import pytest
 import torch
 
+from conftest import run_tcli
 from tcli.errors import DataError
 from tcli.train.samples import TrainSample, batch_temperature, samples_from_records
 from tcli.train.trie import bin_units, build_trie, group_units, pack_row
@@ -334,8 +335,7 @@ def test_cli_mixed_temperature_exit_65(tiny, tmp_path):
            "advantages": [1.0, 1.0], "temperature": 0.7}
     path = tmp_path / "roll.jsonl"
     path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in (rec, {**rec, "temperature": 1})))
-    r = subprocess.run([sys.executable, "-m", "tcli", "train-step", str(path), "-m", tiny,
-                        "-o", str(tmp_path / "ck")], cwd=REPO, capture_output=True, timeout=120)
+    r = run_tcli(["train-step", path, "-m", tiny, "-o", tmp_path / "ck"])
     assert r.returncode == 65, r.stderr.decode()
     err = r.stderr.decode()
     assert f"{path}:2" in err and "temperature" in err and not (tmp_path / "ck").exists()
@@ -355,8 +355,7 @@ def test_torchrun_packed_equals_one_process_per_sequence(tiny, tmp_path):
     path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
     args = ["train-step", str(path), "-m", tiny, "--lr", "1e-3", "--micro-batch-tokens", "60"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "tcli", *args, "-o", str(tmp_path / "a"),
-                          "--no-share-prefix"], cwd=REPO, capture_output=True, timeout=120, env=env)
+    one = run_tcli([*args, "-o", tmp_path / "a", "--no-share-prefix"], env=env)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc-per-node", "2", "-m", "tcli", *args, "-o", str(tmp_path / "b")],
                          cwd=REPO, capture_output=True, timeout=180, env=env)
