@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,16 @@ def _run(code, args, input, timeout, env, fresh: bool = False, **kwargs):
     return subprocess.run([sys.executable, *head, *argv], cwd=REPO,
                           input=input, stdin=None if input is not None else subprocess.DEVNULL,
                           capture_output=True, timeout=timeout, env=full_env, **kwargs)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def sigint_raises():
+    """A runner started as a background job (``cmd &`` in a script, CI) inherits SIGINT ignored,
+    and Python then never raises KeyboardInterrupt: restore the default so the Ctrl-C tests test
+    tcli, not how pytest was launched."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture
