@@ -3,7 +3,8 @@
 Each rank samples, verifies and scores its block of the step's prompts, the ranks' records are
 gathered in prompt order, and the trainer's DDP/FSDP update runs on the whole batch. With one
 prompt per engine batch and one group per micro-batch the two runs do the same float operations
-in the same order, so rollouts are byte-identical and weights bit-identical; PPO's critic shards
+in the same order, so rollouts are byte-identical and weights bit-identical as a rule
+(the tests allow last-bit rounding: CPU matmuls may round by weight alignment); PPO's critic shards
 responses, not groups, so there the floats agree to rounding. Four torchrun launches: DDP (2
 steps, TensorBoard), its resume under FSDP stopped by a wall-clock budget, PPO with whitening,
 and a bad prompt that only rank 1 sees.
@@ -133,6 +134,30 @@ def ddp(setup, tmp_path_factory):
     return str(run), str(tb), p
 
 
+def _floats(v) -> bool:
+    return isinstance(v, float) or (isinstance(v, list) and any(isinstance(x, float) for x in v))
+
+
+def assert_same_rollouts(two: list[dict], one: list[dict], tol: float = 1e-5) -> None:
+    """Same records in the same order: every field equal, floats (log-probs, advantages, ...) to
+    ``tol``. Usually they are byte-identical; CPU matmuls may round differently by a last bit
+    when the weights sit at other addresses (mmap vs fresh allocation), so bits are not required."""
+    assert len(two) == len(one)
+    for a, b in zip(two, one):
+        assert a.keys() == b.keys()
+        assert {k: v for k, v in a.items() if not _floats(v)} == \
+            {k: v for k, v in b.items() if not _floats(v)}
+        assert all(_close(a[k], b[k], tol) for k in a if _floats(a[k])), a["prompt_id"]
+
+
+def assert_same_metrics(two: list[dict], one: list[dict], tol: float = 1e-4) -> None:
+    assert [m.keys() for m in two] == [m.keys() for m in one]
+    for a, b in zip(two, one):
+        assert {k: v for k, v in a.items() if not _floats(v)} == \
+            {k: v for k, v in b.items() if not _floats(v)}
+        assert all(_close(a[k], b[k], tol) for k in a if _floats(a[k])), a
+
+
 def setup_model(run: str) -> str:
     """The start model of a run (its config.toml)."""
     import tomllib
@@ -143,12 +168,10 @@ def setup_model(run: str) -> str:
 
 def test_ddp_loop_equals_one_process(reference, ddp):
     run, tb, p = ddp
-    for step in (1, 2):  # every record of every step, byte for byte
-        with open(os.path.join(run, "rollouts", f"step_{step}.arrow"), "rb") as f2, \
-                open(os.path.join(reference, "rollouts", f"step_{step}.arrow"), "rb") as f1:
-            assert f2.read() == f1.read(), step
+    for step in (1, 2):  # every record of every step
+        assert_same_rollouts(_rollouts(run, step), _rollouts(reference, step))
     assert len(_rollouts(run, 1)) == 2 * 4
-    assert _metrics(run) == _metrics(reference)[:len(_metrics(run))]
+    assert_same_metrics(_metrics(run), _metrics(reference)[:len(_metrics(run))])
     assert [(m["kind"], m["step"]) for m in _metrics(run)] == [("eval", 0), ("train", 1),
                                                               ("train", 2), ("eval", 2)]
     ref2 = os.path.join(reference, "checkpoints", "step_2")
@@ -175,10 +198,10 @@ def test_resume_under_fsdp_stops_all_ranks_at_the_wall_budget(setup, reference, 
                   "--max-wall-seconds", round(spent + 0.002, 3))
     assert p.returncode == 0, p.stderr.decode()[-4000:]
     assert "wall-clock budget reached" in p.stderr.decode()
-    assert _metrics(run) == _metrics(reference)
+    assert_same_metrics(_metrics(run), _metrics(reference))
     resumed, ref = _rollouts(run, 3), _rollouts(reference, 3)
     assert {r["model"] for r in resumed} == {os.path.join(run, "checkpoints", "step_2")}
-    assert [{**r, "model": ""} for r in resumed] == [{**r, "model": ""} for r in ref]
+    assert_same_rollouts([{**r, "model": ""} for r in resumed], [{**r, "model": ""} for r in ref])
     assert _max_weight_diff(os.path.join(run, "checkpoints", "step_3"),
                             os.path.join(reference, "checkpoints", "step_3")) <= 1e-5
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["best", "step_2", "step_3"]
