@@ -136,14 +136,15 @@ def source_field(e: DataError, fields=None) -> DataError:
 def read_prompts(path: str, limit: int | None = None, fields=None) -> list[dict]:
     """Prompt records with answers, validated here so later stages never see a bad one: every
     error names this file and line (missing/ill-typed id, prompt or answer, a repeated id).
-    ``fields`` (PromptOptions) maps another schema's field names."""
-    from tcli.io import RecordReader, SeenKeys
+    ``path`` may name a shipped benchmark; ``fields`` (PromptOptions) maps another schema's
+    field names."""
+    from tcli.io import RecordReader, SeenKeys, resolve_data
 
     if not path:
         raise UsageError("no prompt file given (train_data / eval_data)")
     out = []
     seen = SeenKeys()
-    reader = RecordReader(path)
+    reader = RecordReader(resolve_data(path))
     for line, rec in reader:
         try:
             rec = map_fields(rec, fields)

@@ -1,4 +1,4 @@
-"""`tcli eval`: accuracy / pass@k of a checkpoint on a prompt file (../shared/data format)."""
+"""`tcli eval`: accuracy / pass@k of a checkpoint on a prompt file or a shipped benchmark."""
 
 from __future__ import annotations
 
@@ -27,12 +27,23 @@ def _check_target(path: str | None, flag: str) -> None:
             raise UsageError(f"{flag}: directory does not exist: {d}")
 
 
+def _list_benchmarks(value: bool) -> None:
+    """Eager: print the shipped benchmarks and exit before --model/--data are required."""
+    if value:
+        from tcli.io.benchmarks import benchmark_table
+
+        typer.echo(benchmark_table(), nl=False)
+        raise typer.Exit(0)
+
+
 @options_command
 def eval_cmd(
     *,
     model: ModelOpt,
     data: Annotated[str, typer.Option("--data", "-d", help="Prompt records (JSONL/Arrow): id, "
-                                      "prompt, answer, optional choices.")],
+                                      "prompt, answer, optional choices; or a shipped benchmark "
+                                      "name (--list-benchmarks). An existing path wins over a "
+                                      "name.")],
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write per-sample "
                       "records (with reward and verdict) here.")] = None,
     summary: Annotated[Optional[str], typer.Option("--summary", help="Write the summary JSON here "
@@ -46,6 +57,9 @@ def eval_cmd(
                           "this.")] = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
+    list_benchmarks: Annotated[bool, typer.Option(
+        "--list-benchmarks", is_eager=True, callback=_list_benchmarks, expose_value=False,
+        help="Print the shipped benchmarks (name, rows, size, task) and exit.")] = False,
 ) -> None:
     """Sample (greedy by default), verify and report accuracy, pass@k, length and a 95% bootstrap CI."""
     import orjson

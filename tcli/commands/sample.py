@@ -7,16 +7,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from tcli.commands.common import (FormatOpt, InputArg, InputFormatOpt, ModelOpt, OutputOpt,
-                                  QuietOpt, SeedOpt, group_progress)
+from tcli.commands.common import (FormatOpt, InputFormatOpt, ModelOpt, OutputOpt, QuietOpt,
+                                  SeedOpt, group_progress)
 from tcli.config.flags import options_command
 from tcli.config.stages import PromptOptions, SampleOptions, ThreadOptions
 from tcli.errors import DataError
 
+PromptInputArg = Annotated[str, typer.Argument(
+    help="Prompt records (JSONL, Arrow, Parquet, or a saved Hugging Face dataset directory), or "
+         "a shipped benchmark name (tcli eval --list-benchmarks); '-' = stdin.",
+    show_default=True)]
+
 
 @options_command
 def sample_tree(
-    input: InputArg = "-",
+    input: PromptInputArg = "-",
     *,
     model: ModelOpt,
     output: OutputOpt = "-",
@@ -31,10 +36,10 @@ def sample_tree(
 ) -> None:
     """Sample responses with behaviour log-probs: independent groups or TreeRPO-style trees."""
     from tcli.engines import open_engine
-    from tcli.io import RecordReader, RecordWriter
+    from tcli.io import RecordReader, RecordWriter, resolve_data
     from tcli.stages.sample import sample_records
 
-    reader = RecordReader(input, input_format)
+    reader = RecordReader(resolve_data(input), input_format)
     records = iter(reader)
     head = next(records, None)  # open and sniff the input before the (slow) model load
     if head is None or limit == 0:  # nothing to sample: an empty output, no model load

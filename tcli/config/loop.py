@@ -33,8 +33,10 @@ class RunOptions(Options):
     """What a run trains, where it writes, and when it stops (the TOML file's top level)."""
 
     model: str = setting("", "Start checkpoint (a Hugging Face causal LM directory).")
-    train_data: str = setting("", "Prompt records to train on (JSONL or Arrow: id, prompt, answer).")
-    eval_data: str = setting("", "Held-out prompt records for evaluation (empty = no evaluation).")
+    train_data: str = setting("", "Prompt records to train on (JSONL or Arrow: id, prompt, answer), "
+                              "or a shipped benchmark name such as gsm8k_train.")
+    eval_data: str = setting("", "Held-out prompt records for evaluation, or a shipped benchmark "
+                             "name such as gsm8k (empty = no evaluation).")
     run_dir: str = setting("runs/run", "Run directory (checkpoints/, rollouts/, metrics.jsonl, "
                            "metrics.png).")
     steps: int = setting(20, "Training steps.", check=at_least(1))

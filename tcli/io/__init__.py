@@ -8,11 +8,13 @@ Records are plain dicts. One job per module:
 - ``target``: where output bytes go (atomic rename for files, straight through for devices)
 - ``write``: ``RecordWriter``, output format, ``write_atomic_bytes``
 - ``groups``: consecutive groups of one prompt, ``SeenKeys``, sample-id checks
+- ``benchmarks``: the benchmarks shipped in the package, found by name (``resolve_data``)
 
 This package re-exports the names the rest of tcli imports.
 """
 
 from tcli.io.arrow import EXTRA_COLUMN, MISSING_COLUMN
+from tcli.io.benchmarks import BENCHMARKS, resolve_data
 from tcli.io.codec import dumps
 from tcli.io.groups import SeenKeys, iter_groups
 from tcli.io.read import (ARROW_FILE_MAGIC, ARROW_STREAM_MAGIC, RecordReader, check_schema,
@@ -21,7 +23,7 @@ from tcli.io.target import write_atomic_bytes
 from tcli.io.write import FORMATS, JsonlSink, RecordWriter, output_format
 
 
-__all__ = ["ARROW_FILE_MAGIC", "ARROW_STREAM_MAGIC", "EXTRA_COLUMN", "FORMATS", "MISSING_COLUMN",
-           "JsonlSink", "RecordReader", "RecordWriter", "SeenKeys", "check_schema",
+__all__ = ["ARROW_FILE_MAGIC", "ARROW_STREAM_MAGIC", "BENCHMARKS", "EXTRA_COLUMN", "FORMATS",
+           "MISSING_COLUMN", "JsonlSink", "RecordReader", "RecordWriter", "SeenKeys", "check_schema",
            "detect_format", "display_name", "dumps", "iter_groups", "output_format",
-           "write_atomic_bytes"]
+           "resolve_data", "write_atomic_bytes"]

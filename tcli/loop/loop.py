@@ -23,7 +23,7 @@ from typing import Callable
 
 from tcli.config.loop import LoopConfig, dump_toml, load_config
 from tcli.errors import DataError, UsageError
-from tcli.io import RecordWriter, write_atomic_bytes
+from tcli.io import RecordWriter, resolve_data, write_atomic_bytes
 from tcli.loop.rundir import RunDir
 from tcli.prompts import read_prompts
 from tcli.train.dist import DistInfo, block_share, gather_or_raise, run_on_main
@@ -102,9 +102,10 @@ class Loop:
         ev = cfg.eval
         self.eval_prompts = (read_prompts(cfg.run.eval_data, ev.limit or None, cfg.prompts)
                              if cfg.run.eval_data and ev.every else [])
-        self.record_no = {id(r): (path, i) for path, recs in
-                          ((cfg.run.train_data, self.train_prompts),
-                           (cfg.run.eval_data, self.eval_prompts)) for i, r in enumerate(recs, 1)}
+        read = [(resolve_data(path), recs) for path, recs in  # errors name the file read
+                ((cfg.run.train_data, self.train_prompts), (cfg.run.eval_data, self.eval_prompts))
+                if recs]
+        self.record_no = {id(r): (path, i) for path, recs in read for i, r in enumerate(recs, 1)}
         self.best = -1.0
 
     # -- ranks ---------------------------------------------------------------------------
