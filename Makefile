@@ -8,7 +8,6 @@ PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 STAMP   = $(VENV)/.tcli-installed
 TORCH  ?= torch==2.13.0
-DATA   ?= ../shared/data
 
 .PHONY: install install-real test demo demo-real demo-pipeline compare bench test-vllm test-real bench-logprobs bench-peer clean
 

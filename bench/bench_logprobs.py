@@ -25,9 +25,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
 
 
 def model_dir(path: str | None) -> str:
@@ -46,12 +43,12 @@ def model_dir(path: str | None) -> str:
 def make_records(model: str, prompts: int, responses: int, response_tokens: int, seed: int = 0):
     import numpy as np
 
-    from tcli.io import RecordReader
+    from tcli.io import RecordReader, resolve_data
     from tcli.models.load import load_tokenizer
     from tcli.prompts import BOXED, encode_prompt, prompt_messages
 
     tok = load_tokenizer(model, required=True)
-    recs = [r for _, r in RecordReader(str(DATA / "gsm8k_test.jsonl"))][:prompts]
+    recs = [r for _, r in RecordReader(resolve_data("gsm8k"))][:prompts]
     rng = np.random.default_rng(seed)
     V = len(tok)
     out = []

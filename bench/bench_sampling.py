@@ -27,7 +27,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-DATA = os.path.join(ROOT, "..", "shared", "data", "gsm8k_test.jsonl")
 KV_TARGET = 1.2      # static / dynamic tokens per second, each mode
 
 
@@ -107,10 +106,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from tcli.config.stages import SampleOptions
     from tcli.engines.hf import HFEngine
+    from tcli.io import resolve_data
     from tcli.models.tiny import init_tiny_model
     from tcli.stages.sample import sample_records
 
-    with open(DATA, "rb") as f:
+    with open(resolve_data("gsm8k"), "rb") as f:
         prompts = [orjson.loads(line) for line, _ in zip(f, range(args.prompts))]
     leaves = args.width ** args.depth
     max_new = args.depth * args.segment_tokens

@@ -13,12 +13,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Real data lives beside the checkout (CI: <clone>/../shared/data); /work/shared/data in dev sessions.
-DATA = REPO.parent / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
 if str(REPO) not in sys.path:  # the package is used from the checkout, not installed
     sys.path.insert(0, str(REPO))
+
+from tcli.io.benchmarks import BENCHMARK_DIR, BENCHMARKS  # noqa: E402
+
+DATA = Path(BENCHMARK_DIR)  # the shipped benchmarks' directory (files keep their source names)
+
+
+def benchmark(name: str) -> Path:
+    """A shipped benchmark's file, found by its name in the registry."""
+    return Path(BENCHMARKS[name].path)
 
 
 def _base_env() -> dict:

@@ -22,6 +22,7 @@ from tcli.config.loop import load_config
 from tcli.config.spec import settings_of
 from tcli.config.stages import (AdvantageOptions, EvalOptions, SampleOptions, TrainOptions,
                                 VerifyOptions)
+from tcli.io.benchmarks import BENCHMARKS, resolve_data
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE_DIRS = [ROOT / "examples" / "gsm8k", ROOT / "examples" / "math"]
@@ -78,8 +79,8 @@ def _tcli_argv(line: str) -> list[str]:
 def test_recipe_toml_loads_with_gpu_settings(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load_config(str(path), {"model": "/models/any"})
-    assert os.path.isfile(cfg.run.train_data) and os.path.isfile(cfg.run.eval_data)
-    assert cfg.run.train_data.startswith("../shared/data/")
+    assert cfg.run.train_data == "gsm8k_train" and cfg.run.eval_data in BENCHMARKS  # shipped
+    assert os.path.isfile(resolve_data(cfg.run.train_data))
     t, s = cfg.train, cfg.sample
     assert t.bf16 and t.grad_checkpointing and t.device == "cuda"
     if t.lora_rank:  # LoRA: the vllm engine does not read adapter directories yet

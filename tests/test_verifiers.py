@@ -1,4 +1,4 @@
-"""Verifiers on the real answers of ../shared/data, and the verify stage (tcli.stages.verify) in-process.
+"""Verifiers on the real answers of the shipped benchmarks, and the verify stage (tcli.stages.verify) in-process.
 
 Every data file contributes a deterministic sample of rows; each gold answer is written in the
 surface forms models produce (boxed, "The answer is", commas and dollars, decimals for fractions,
@@ -26,9 +26,8 @@ from tcli.errors import DataError, UsageError
 from tcli.verifiers import VERIFIERS, get_verifier, pick_task
 from tcli.stages.verify import verify_records
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not DATA.is_dir():  # the checkout next to shared/ (repo at /work/main, data at /work/shared)
-    DATA = Path("/work/shared/data")
+from conftest import DATA
+
 SAMPLE = 100
 
 

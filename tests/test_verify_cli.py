@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import os
 import textwrap
-from pathlib import Path
 
 import orjson
 
-from conftest import run_tcli
+from conftest import DATA, run_tcli
 from tcli.io import RecordReader, RecordWriter
-
-DATA = Path("/work/shared/data")
-if not DATA.is_dir():  # pragma: no cover
-    DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def rows(name: str, n: int) -> list[dict]:

@@ -1,5 +1,5 @@
 """Write the arith task's prompt files: ``train.jsonl`` and ``test.jsonl`` in the prompt-record
-format of ``../shared/data`` (id, prompt, answer, meta).
+format of the shipped benchmarks in ``tcli/benchmarks`` (id, prompt, answer, meta).
 
     python -m examples.arith.make_data --out runs/arith/data --n-train 2000 --n-test 200 --seed 0
 """

@@ -12,8 +12,8 @@ cd "$(dirname "$0")/../.."
 NGPU="${NGPU:-4}"
 STEPS="${STEPS:-200}"
 PROMPTS="${PROMPTS:-32}"
-DATA="${DATA:-../shared/data/gsm8k_train.jsonl}"
-EVAL_DATA="${EVAL_DATA:-../shared/data/gsm8k_test.jsonl}"
+DATA="${DATA:-tcli/benchmarks/gsm8k_train.jsonl}"  # a JSONL file: each step takes its next lines
+EVAL_DATA="${EVAL_DATA:-gsm8k}"                    # a file or a shipped benchmark name
 TASK="${TASK:-gsm8k}"
 MAX_NEW="${MAX_NEW:-512}"
 EVAL_EVERY="${EVAL_EVERY:-20}"

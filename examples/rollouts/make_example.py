@@ -1,9 +1,9 @@
 """Write examples/rollouts/gsm8k_example.jsonl: hand-written responses to three real GSM8K test
-prompts (../shared/data/gsm8k_test.jsonl), tokenised as UTF-8 bytes so the demo needs no model.
+prompts (the shipped benchmark ``gsm8k``), tokenised as UTF-8 bytes so the demo needs no model.
 
 The responses of one prompt share prefixes and diverge at the step that decides the answer, which is
 exactly where P2T/TEMPO put their credit. Run from the repository root:
-    python examples/rollouts/make_example.py [--data ../shared/data]
+    python examples/rollouts/make_example.py [--data gsm8k]
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tcli.io import resolve_data  # noqa: E402  (run from a checkout, installed or not)
 
 RESPONSES = {
     "gsm8k-test-0000": [
@@ -36,11 +40,12 @@ RESPONSES = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--data", default="gsm8k", help="GSM8K test prompts: a file or a shipped "
+                    "benchmark name")
     ap.add_argument("-o", "--output", default="examples/rollouts/gsm8k_example.jsonl")
     args = ap.parse_args()
     prompts = {}
-    with open(os.path.join(args.data, "gsm8k_test.jsonl"), encoding="utf-8") as f:
+    with open(resolve_data(args.data), encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
             if rec["id"] in RESPONSES:

@@ -42,8 +42,8 @@ def eval_cmd(
     model: ModelOpt,
     data: Annotated[str, typer.Option("--data", "-d", help="Prompt records (JSONL/Arrow): id, "
                                       "prompt, answer, optional choices; or a shipped benchmark "
-                                      "name (--list-benchmarks). An existing path wins over a "
-                                      "name.")],
+                                      "name (--list-benchmarks). An existing file or saved "
+                                      "dataset wins over a name.")],
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write per-sample "
                       "records (with reward and verdict) here.")] = None,
     summary: Annotated[Optional[str], typer.Option("--summary", help="Write the summary JSON here "

@@ -3,10 +3,12 @@ real data without downloading anything.
 
 Wherever prompt records are read (``tcli eval --data``, ``tcli sample-tree INPUT``, the loop's
 ``train_data`` / ``eval_data``) the value goes through :func:`resolve_data`: an existing path is
-read as given, otherwise a name below picks the shipped file. A path that exists always wins, so
-a local file or directory called ``gsm8k`` is read instead of the shipped test split; pass the
-shipped file's path (``tcli eval --list-benchmarks`` prints the directory) to pick it then.
-Provenance and licences: ``tcli/benchmarks/README.md``.
+read as given, otherwise a name below picks the shipped file. When a value is both, the path
+wins if it can hold records: a file, or a saved Hugging Face dataset directory, called ``gsm8k``
+is read instead of the shipped test split (pass the shipped file's path, printed by
+``tcli eval --list-benchmarks``, to pick that one); any other directory of that name (such as
+``examples/gsm8k`` seen from ``examples/``) does not hide the benchmark. Provenance and licences:
+``tcli/benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from tcli.errors import UsageError
+from tcli.io.datasets import is_saved_dataset
 
 BENCHMARK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "benchmarks")
@@ -66,13 +69,15 @@ def benchmark_names() -> str:
 def resolve_data(spec: str) -> str:
     """The path to open for a prompt-data value: ``-`` (stdin) or an existing path as given,
     else the shipped file of that name; neither is a usage error that lists the names."""
-    if spec == "-" or os.path.exists(spec):
-        return spec
     bench = BENCHMARKS.get(spec)
-    if bench is not None:
-        return bench.path
-    raise UsageError(f"prompt data {spec!r} is neither an existing file nor a shipped benchmark "
-                     f"(one of: {benchmark_names()})")
+    if bench is None:
+        if spec == "-" or os.path.exists(spec):
+            return spec
+        raise UsageError(f"prompt data {spec!r} is neither an existing file nor a shipped "
+                         f"benchmark (one of: {benchmark_names()})")
+    if os.path.isfile(spec) or is_saved_dataset(spec):  # a readable path wins over the name
+        return spec
+    return bench.path
 
 
 def _size(path: str) -> str:

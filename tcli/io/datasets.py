@@ -22,6 +22,11 @@ def _splits(path: str) -> list[str]:
         return []
 
 
+def is_saved_dataset(path: str) -> bool:
+    """A directory written by ``save_to_disk`` (one split, or a DatasetDict)."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+
+
 def data_files(path: str) -> list[str]:
     """The Arrow files of a saved dataset, in order; a usage error for other directories."""
     state = os.path.join(path, "state.json")
