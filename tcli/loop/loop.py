@@ -102,9 +102,8 @@ class Loop:
         ev = cfg.eval
         self.eval_prompts = (read_prompts(cfg.run.eval_data, ev.limit or None, cfg.prompts)
                              if cfg.run.eval_data and ev.every else [])
-        read = [(resolve_data(path), recs) for path, recs in  # errors name the file read
-                ((cfg.run.train_data, self.train_prompts), (cfg.run.eval_data, self.eval_prompts))
-                if recs]
+        read = [(resolve_data(p), recs) for p, recs in ((cfg.run.train_data, self.train_prompts),
+                (cfg.run.eval_data, self.eval_prompts)) if recs]  # errors name the file read
         self.record_no = {id(r): (path, i) for path, recs in read for i, r in enumerate(recs, 1)}
         self.best = -1.0
 
