@@ -1,6 +1,7 @@
 # tcli — the two commands a new user needs are `make demo` and `make test`.
-# Everything installs into a local virtual environment (.venv); torch is pinned to the CPU build
-# 2.13.0 so CI and laptops never pull multi-GB CUDA wheels.
+# Everything installs into a local virtual environment (.venv); torch is pinned to 2.13.0 (TORCH).
+# Which build pip gets depends on its index: the README's set-up says how to get the CPU build on a
+# machine without a GPU.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -66,7 +67,7 @@ bench-logprobs: install-real
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(TRL_VENV) runs build *.egg-info
 
-# tcli loop vs TRL's GRPOTrainer, seconds per step on make demo's setting (issue 11: target <= 0.7).
+# tcli loop vs TRL's GRPOTrainer, seconds per step on make demo's setting (target: <= 0.7).
 # TRL lives in its own venv (same torch CPU build and transformers as .venv, tcli installed -e);
 # the warm start is make demo's, built here with demo.sh's commands when missing.
 TRL_VENV ?= .venv-trl

@@ -1,4 +1,5 @@
-"""tcli loop vs TRL's GRPOTrainer on make demo's setting: seconds per training step (issue 11).
+"""tcli loop vs TRL's GRPOTrainer on make demo's setting: seconds per training step
+(target: tcli s/step <= 0.7 x TRL s/step).
 
 Both sides train the same warm start (make demo's tiny char-level arith model, runs/demo/sft) on
 the same prompts (runs/demo/data/train.jsonl) with the settings of examples/arith/demo.toml, read
@@ -43,7 +44,7 @@ import time
 import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TARGET = 0.7  # issue 11: tcli s/step <= 0.7 x TRL s/step
+TARGET = 0.7  # tcli s/step <= 0.7 x TRL s/step
 ENV_ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                   "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                   "TRANSFORMERS_VERBOSITY": "error", "WANDB_DISABLED": "true",

@@ -5,7 +5,7 @@ Three ways to verify the same records, taking turns round by round so that the l
 machine falls on all of them alike (median over rounds):
 
 - ``per-record``: one message per answer to a worker (the pool with ``max_chunk=1``, nothing
-  inline) -- the round-trip tax issue 11 measured (0.05-0.07 s per step);
+  inline) -- the round-trip tax once measured (0.05-0.07 s per step);
 - ``chunked``: chunks of records per message, nothing inline (what math and user verifiers get);
 - ``inline``: the stage's default: bounded verifiers (arith, gsm8k) run in the loop's own
   process, other tasks in chunks.
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tcli.stages import verify as stage  # noqa: E402
 from tcli.verifiers.pool import DeadlinePool  # noqa: E402
 
-TARGET_SHARE = 0.02  # issue 11: verify costs < 2 % of a demo step
+TARGET_SHARE = 0.02  # verify costs < 2 % of a demo step
 
 
 def arith_records(n: int, seed: int) -> list[dict]:

@@ -39,7 +39,7 @@ from tcli.errors import UsageError  # noqa: E402
 from tcli.plot import read_metrics  # noqa: E402
 
 TREE = {"mode": "tree", "width": 2, "depth": 3, "segment_tokens": 8}   # 8 leaves per prompt
-# entropy branching (issue 14 item 1): split where the policy hesitates, same leaf budget; its
+# entropy branching: split where the policy hesitates, same leaf budget; its
 # threshold and minimum segment are tcli's defaults (--set tempo-entropy.branch_entropy=0.8 ...)
 ENTROPY_TREE = {"mode": "tree", "width": 2, "depth": 3, "branch": "entropy"}
 METHODS: dict[str, dict] = {
