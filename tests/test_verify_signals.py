@@ -181,9 +181,9 @@ def _os_exit(text, answer, record):
 
 
 def test_in_process_tells_a_real_ctrl_c_from_a_verifier_raising_one(monkeypatch):
-    from tcli import verifiers
+    from tcli.verifiers import tasks
 
-    monkeypatch.setattr(verifiers, "_import_user", lambda spec: {
+    monkeypatch.setattr(tasks, "load_plugin", lambda spec: {
         "python:t:kbint": _raise_kbint, "python:t:sigint": _real_sigint,
         "python:t:exit": _os_exit}[spec])
     recs = [(i, {"text": "x", "answer": "1"}) for i in (1, 2, 3)]

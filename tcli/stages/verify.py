@@ -31,7 +31,8 @@ from decimal import Decimal
 from typing import Iterable, Iterator
 
 from tcli.errors import DataError
-from tcli.verifiers.pool import DeadlinePool, Failure, default_workers, one_line
+from tcli.verifiers.pool import DeadlinePool, Failure, default_workers
+from tcli.verifiers.pool_worker import one_line
 
 __all__ = ["verify_records", "start_pool", "prepare", "run_one", "default_workers", "HEAVY_FIELDS"]
 
@@ -95,7 +96,7 @@ def _choices(v, file: str, line: int):
 
 def prepare(line: int, rec: dict, file: str, task: str):
     """Validate a record and pick its verifier: (task, text, answer, slim record for the worker)."""
-    from tcli.verifiers import pick_task
+    from tcli.verifiers.auto import pick_task
 
     if not isinstance(rec, dict):
         raise DataError("record is not an object", file=file, line=line)
@@ -208,7 +209,7 @@ def run_one(task: str, text: str, answer: str, rec: dict, watch=None) -> tuple[f
     verdict). ``watch`` is for runs in the caller's own process: a :class:`_SignalWatch` (real
     signals re-raise), and ``os._exit`` fails the record instead of ending the process. (In a
     worker, ``os._exit`` ends the worker, which the pool reports as the record's error.)"""
-    from tcli.verifiers import get_verifier
+    from tcli.verifiers.tasks import get_verifier
 
     try:
         fn = get_verifier(task)
@@ -241,7 +242,7 @@ def _inline(payload) -> bool:
 def _run_here(payload) -> tuple[float, dict]:
     """An inline record: as in a worker, except that only an Exception fails the record (these
     verifiers never exit or raise KeyboardInterrupt: one arriving here is the user's Ctrl-C)."""
-    from tcli.verifiers import get_verifier
+    from tcli.verifiers.tasks import get_verifier
 
     task, answer, slim = payload
     try:
@@ -309,7 +310,7 @@ _PRELOADED: set[str] = set()
 def _preload(task: str) -> bool:
     """Import (and warm up) what a task's verifier needs, in this process, before workers fork
     from it; True when something was loaded just now (workers forked earlier lack it)."""
-    from tcli.verifiers import uses_math_verify
+    from tcli.verifiers.tasks import uses_math_verify
 
     if not uses_math_verify(task) or "math_verify" in _PRELOADED:
         return False
@@ -333,7 +334,7 @@ def verify_records(records: Iterable[tuple[int, dict]], source_name: str, task: 
     ``pool``: workers from :func:`start_pool` to use (and keep) instead of starting new ones.
     """
     from tcli.errors import UsageError
-    from tcli.verifiers import check_task
+    from tcli.verifiers.tasks import check_task
 
     check_task(task)  # an unknown task fails here, before any record is read
     if timeout is None or not (timeout > 0):
@@ -355,7 +356,7 @@ def start_pool(task: str = "auto", timeout: float = 5.0, workers: int | None = N
     started now, with what ``task`` needs already imported. None for ``workers=0``. Close it (or
     use it as a context manager) when done. Workers hold on to the memory of the process they
     were forked from: start the pool before loading a model."""
-    from tcli.verifiers import check_task
+    from tcli.verifiers.tasks import check_task
 
     check_task(task)
     n = default_workers() if workers is None else workers
