@@ -4,10 +4,10 @@ to a verifier function or refused with the list of valid names (exit 2)."""
 from __future__ import annotations
 
 # importing a built-in registers it (their heavy imports stay inside their functions)
-from tcli.verifiers import arith as _arith  # noqa: F401
-from tcli.verifiers import choice as _choice  # noqa: F401
-from tcli.verifiers import gsm8k as _gsm8k  # noqa: F401
-from tcli.verifiers import math as _math  # noqa: F401
+import tcli.verifiers.arith  # noqa: F401
+import tcli.verifiers.choice  # noqa: F401
+import tcli.verifiers.gsm8k  # noqa: F401
+import tcli.verifiers.math  # noqa: F401
 from tcli.errors import UsageError
 from tcli.verifiers.plugin import PREFIX, load_plugin
 from tcli.verifiers.registry import VERIFIERS, Verifier
