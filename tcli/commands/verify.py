@@ -44,7 +44,8 @@ def verify(
         n = stats["n"]
         stderr_console(quiet).print(
             f"verified {n} records: mean reward {stats['reward'] / max(n, 1):.4f}, no answer "
-            f"{stats['no_answer']}, timeouts {stats['timeout']}, verifier crashes {stats['crashed']}")
+            f"{stats['no_answer']}, timeouts {stats['timeout']}, "
+            f"verifier crashes {stats['crashed']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -224,7 +224,7 @@ class _Crashes:
     def __init__(self, source_name: str, max_share: float, report: Callable[[str], None]):
         self.source_name, self.max_share, self.report = source_name, max_share, report
         self.n = self.count = 0
-        self.name = self.first = ""  # "verifier X ...; first at WHERE: ERROR" once one crashed
+        self.name = self.first = ""  # the first crash's verifier and "WHERE: ERROR"
 
     def see(self, line: int, rec: dict) -> None:
         self.n += 1

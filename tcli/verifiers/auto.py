@@ -1,4 +1,4 @@
-"""``--task auto``: which built-in verifier a record gets, from what the record says about itself."""
+"""``--task auto``: which built-in verifier a record gets, from what the record says of itself."""
 
 from __future__ import annotations
 

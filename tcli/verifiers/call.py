@@ -73,7 +73,8 @@ def _reward(value) -> float:
     try:
         reward = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"verifier returned a {type(value).__name__} reward, not a number") from None
+        kind = type(value).__name__
+        raise TypeError(f"verifier returned a {kind} reward, not a number") from None
     if not math.isfinite(reward):
         raise ValueError(f"verifier returned a non-finite reward {reward}")
     return reward
