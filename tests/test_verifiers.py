@@ -301,20 +301,23 @@ def test_timeout_kills_and_keeps_order(user_verifier):
             assert r["reward"] == 1.0 and r["verdict"]["correct"] is True, r
 
 
-def test_crash_exception_and_junk_do_not_end_the_stream(user_verifier):
+def test_crash_exception_and_junk_do_not_end_the_stream_when_allowed(user_verifier):
     texts = ["1", "die", "2", "raise", "junk", "weird", "3"]
-    out = list(verify_records(iter(_recs(texts)), "<t>", task=user_verifier, timeout=5.0, workers=2))
+    out = list(verify_records(iter(_recs(texts)), "<t>", task=user_verifier, timeout=5.0, workers=2,
+                              max_verifier_errors=0.5, report=lambda s: None))
     by = {r["text"]: r for r in out}
     assert [r["text"] for r in out] == texts
     assert by["die"]["reward"] == 0.0 and "worker died" in by["die"]["verdict"]["error"]
     assert by["raise"]["verdict"]["error"] == "ValueError: boom second line"  # one line
-    assert by["junk"]["reward"] == 0.0 and by["junk"]["verdict"]["error"].startswith("ValueError")
+    assert by["junk"]["reward"] == 0.0 and by["junk"]["verdict"]["error"].startswith("TypeError")
+    assert all(by[t]["verdict"]["crashed"] is True for t in ("die", "raise", "junk"))
     assert by["weird"]["reward"] == 1.0
     assert by["weird"]["verdict"]["n"] == str(10 ** 30)  # JSON-safe: orjson cannot hold it as int
     assert all(by[t]["reward"] == 1.0 for t in ("1", "2", "3"))
     # the same stream in-process (no pool) gives the same records, except the crash
     rest = [t for t in texts if t != "die"]
-    inproc = list(verify_records(iter(_recs(rest)), "<t>", task=user_verifier, workers=0))
+    inproc = list(verify_records(iter(_recs(rest)), "<t>", task=user_verifier, workers=0,
+                                 max_verifier_errors=0.5, report=lambda s: None))
     pooled = [r for r in out if r["text"] != "die"]
     assert [(r["reward"], r["verdict"]) for r in inproc] == [(r["reward"], r["verdict"]) for r in pooled]
 

@@ -160,3 +160,20 @@ def test_user_verifier_timeout_through_cli(tmp_path):
         else:
             assert r["reward"] == 1.0
     assert b"verifier chatter" in p.stderr
+
+
+def test_verify_never_imports_torch():
+    """`tcli verify` (math-verify included) runs where torch is not installed."""
+    from conftest import run_python
+
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: sys.stderr.write('heavy: %s' % sorted(m for m in "
+            "('torch', 'transformers') if m in sys.modules)))\n"
+            "from tcli.cli import main\n"
+            "main(['verify', '-q', '-j', '1'])\n")
+    recs = [{"text": "\\boxed{2}", "answer": "2"},
+            {"text": "#### 2", "answer": "2", "meta": {"source": "gsm8k"}}]
+    p = run_python(code, input=jsonl(recs), fresh=True, env={"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr
+    assert [r["reward"] for r in parse(p.stdout)] == [1.0, 1.0]
+    assert p.stderr.decode().strip().endswith("heavy: []"), p.stderr

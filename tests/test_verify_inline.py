@@ -123,14 +123,14 @@ def test_long_gold_answers_go_to_a_worker():
 
 def _count_messages(monkeypatch) -> list[int]:
     sent: list[int] = []
-    real = pool_mod._Worker.__init__
+    real = pool_mod.Worker.__init__
 
     def counting_init(self, *a, **kw):
         real(self, *a, **kw)
         send_bytes = self.cmd.send_bytes
         self.cmd.send_bytes = lambda b: (sent.append(len(pickle.loads(b))), send_bytes(b))[1]
 
-    monkeypatch.setattr(pool_mod._Worker, "__init__", counting_init)
+    monkeypatch.setattr(pool_mod.Worker, "__init__", counting_init)
     return sent
 
 

@@ -78,14 +78,14 @@ def test_results_in_order_and_workers_gone():
 
 def test_items_travel_in_chunks(monkeypatch):
     sent: list[int] = []
-    real = pool_mod._Worker.__init__
+    real = pool_mod.Worker.__init__
 
     def counting_init(self, *a, **kw):
         real(self, *a, **kw)
         send_bytes = self.cmd.send_bytes
         self.cmd.send_bytes = lambda b: (sent.append(len(pickle.loads(b))), send_bytes(b))[1]
 
-    monkeypatch.setattr(pool_mod._Worker, "__init__", counting_init)
+    monkeypatch.setattr(pool_mod.Worker, "__init__", counting_init)
     out = run([("ok", i) for i in range(256)], workers=2)
     assert out == [2 * i for i in range(256)]
     chunks = [n for n in sent if n]

@@ -3,7 +3,8 @@
 Ctrl-C (SIGINT to the process group, as a terminal sends it) ends the command with 130 and one
 line from the parent; SIGTERM to the parent ends it with 143; either way no worker process is left
 and no worker prints a traceback. A verifier that exits or raises SystemExit/KeyboardInterrupt
-only fails its own record, with workers and in-process (--workers 0).
+has crashed on that record, with workers and in-process (--workers 0): within
+--max-verifier-errors only that record fails, and a real Ctrl-C is never taken for a crash.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import orjson
 import pytest
 
 from conftest import REPO
-from tcli.stages.verify import verify_records
+from tcli.stages.verify import VerifierCrashed, verify_records
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, sessions")
 
@@ -126,7 +127,7 @@ def test_interrupt_ends_with_130_or_143_and_leaves_nothing(plugin, workers, how)
 
 
 @pytest.mark.parametrize("workers", ["2", "0"])
-def test_exiting_and_interrupting_verifiers_only_fail_their_record(plugin, workers):
+def test_exiting_and_interrupting_verifiers_only_fail_their_record_when_allowed(plugin, workers):
     mod, env, tmp = plugin
     rude = ["sys.exit(0)", "sys.exit(3)", "raise SystemExit", "raise KeyboardInterrupt",
             "os._exit(0)", "os._exit(7)"]
@@ -137,8 +138,8 @@ def test_exiting_and_interrupting_verifiers_only_fail_their_record(plugin, worke
     src = tmp / "in.jsonl"
     src.write_bytes(b"".join(orjson.dumps({"i": i, "text": t, "answer": t}) + b"\n"
                              for i, t in enumerate(texts)))
-    p = start_verify(["--task", f"python:{mod}:rude", "--workers", workers, "--timeout", "20"],
-                     env, src)
+    p = start_verify(["--task", f"python:{mod}:rude", "--workers", workers, "--timeout", "20",
+                      "--max-verifier-errors", "0.5"], env, src)
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 0, stderr
     assert b"Traceback" not in stderr and b"Process tcli-verify" not in stderr, stderr
@@ -151,6 +152,7 @@ def test_exiting_and_interrupting_verifiers_only_fail_their_record(plugin, worke
             assert by[t]["reward"] == 1.0, by[t]
     for t in rude:
         assert by[t]["reward"] == 0.0 and by[t]["verdict"]["correct"] is False, by[t]
+        assert by[t]["verdict"]["crashed"] is True, by[t]
     err = {t: by[t]["verdict"]["error"] for t in rude}
     assert err["sys.exit(0)"] == "verifier called sys.exit(0)"
     assert err["sys.exit(3)"] == "verifier called sys.exit(3)"
@@ -181,17 +183,17 @@ def _os_exit(text, answer, record):
 
 
 def test_in_process_tells_a_real_ctrl_c_from_a_verifier_raising_one(monkeypatch):
-    from tcli import verifiers
+    from tcli.verifiers import tasks
 
-    monkeypatch.setattr(verifiers, "_import_user", lambda spec: {
+    monkeypatch.setattr(tasks, "load_plugin", lambda spec: {
         "python:t:kbint": _raise_kbint, "python:t:sigint": _real_sigint,
         "python:t:exit": _os_exit}[spec])
     recs = [(i, {"text": "x", "answer": "1"}) for i in (1, 2, 3)]
     real_exit, handler = os._exit, signal.getsignal(signal.SIGINT)
-    out = list(verify_records(iter(recs), "<t>", task="python:t:kbint", workers=0))
-    assert [r["verdict"]["error"] for r in out] == ["verifier raised KeyboardInterrupt"] * 3
-    out = list(verify_records(iter(recs), "<t>", task="python:t:exit", workers=0))
-    assert [r["verdict"]["error"] for r in out] == ["verifier called os._exit(5)"] * 3
+    with pytest.raises(VerifierCrashed, match="<t>:1: verifier raised KeyboardInterrupt"):
+        list(verify_records(iter(recs), "<t>", task="python:t:kbint", workers=0))
+    with pytest.raises(VerifierCrashed, match=r"<t>:1: verifier called os\._exit\(5\)"):
+        list(verify_records(iter(recs), "<t>", task="python:t:exit", workers=0))
     assert os._exit is real_exit and signal.getsignal(signal.SIGINT) is handler
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):  # a real Ctrl-C is not a verifier failure

@@ -21,20 +21,21 @@ def verify(
     quiet: QuietOpt = False,
 ) -> None:
     """Score each response against its record's answer: adds `reward` (1.0/0.0) and `verdict`
-    (what was parsed, whether it was correct, and why not), in input order."""
+    (what was parsed, whether it was correct, and why not), in input order. A verifier that
+    crashes fails the command (exit 1, no output file) unless --max-verifier-errors allows it."""
     from tcli.stages.verify import verify_records
 
-    stats = {"n": 0, "reward": 0.0, "timeout": 0, "error": 0, "no_answer": 0}
+    stats = {"n": 0, "reward": 0.0, "timeout": 0, "crashed": 0, "no_answer": 0}
 
     def stage(records, name):
         for rec in verify_records(records, name, task=opts.task, timeout=opts.timeout,
-                                  workers=opts.workers):
+                                  workers=opts.workers,
+                                  max_verifier_errors=opts.max_verifier_errors):
             v = rec["verdict"]
-            err = v.get("error")
             stats["n"] += 1
             stats["reward"] += rec["reward"]
-            stats["timeout"] += err == "timeout"
-            stats["error"] += bool(err) and err != "timeout"
+            stats["timeout"] += v.get("error") == "timeout"
+            stats["crashed"] += v.get("crashed") is True
             stats["no_answer"] += v.get("reason") == "no answer found"
             yield rec
 
@@ -43,7 +44,8 @@ def verify(
         n = stats["n"]
         stderr_console(quiet).print(
             f"verified {n} records: mean reward {stats['reward'] / max(n, 1):.4f}, no answer "
-            f"{stats['no_answer']}, timeouts {stats['timeout']}, errors {stats['error']}")
+            f"{stats['no_answer']}, timeouts {stats['timeout']}, "
+            f"verifier crashes {stats['crashed']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -213,6 +213,13 @@ class VerifyOptions(Options):
     workers: Optional[int] = setting(None, "Verifier processes (default: all cores); 0 = in this "
                                      "process without a timeout (debugging).", check=at_least(0),
                                      short="-j")
+    max_verifier_errors: float = setting(
+        0.0, "Largest share (0-1) of answers, of the input or of a loop step's batch, on which "
+        "the verifier may crash (raise, return a non-number, exit) before verification fails "
+        "with exit 1. Default 0: a crash is a bug in the verifier, not a wrong answer, so the "
+        "first one stops the run instead of training on rewards of 0. Crashed records score 0 "
+        "with verdict.crashed = true; every answer crashing always fails; time-outs are the "
+        "answer's fault and never count.", check=in_range(0.0, 1.0))
 
 
 @dataclass(frozen=True)

@@ -221,7 +221,8 @@ class Loop:
 
         v = self.cfg.verify
         return list(verify_records(iter(enumerate(records, 1)), "<loop>", task=v.task,
-                                   timeout=v.timeout, workers=v.workers, pool=self.verify_pool))
+                                   timeout=v.timeout, workers=v.workers, pool=self.verify_pool,
+                                   max_verifier_errors=v.max_verifier_errors))
 
     def advantages(self, records: list[dict]) -> tuple[list[dict], dict]:
         """Advantages per group (the tree is built once and written for show-tree); drops

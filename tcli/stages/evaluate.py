@@ -70,5 +70,6 @@ def evaluate(engine, prompts: list[dict], sample, verify, ev, *, seed: int = 0, 
 
     rollouts = sample_records(engine, prompts, eval_sampling(sample, ev), seed=seed)
     verified = list(verify_records(enumerate(rollouts, 1), "<eval>", task=verify.task,
-                                   timeout=verify.timeout, workers=verify.workers, pool=pool))
+                                   timeout=verify.timeout, workers=verify.workers, pool=pool,
+                                   max_verifier_errors=verify.max_verifier_errors))
     return verified, summarise(verified, ks=ev.ks, seed=seed)

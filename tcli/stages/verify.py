@@ -3,10 +3,14 @@
 Verifiers run model text through regexes, sympy and users' code, any of which can hang, crash or
 try to exit on adversarial input. So verifications run in worker processes
 (:class:`tcli.verifiers.pool.DeadlinePool`) with a hard deadline per record: a worker that overruns
-is SIGKILLed and replaced, and its record scores 0 with ``verdict.error = "timeout"``. A verifier
-that raises anything (``SystemExit`` and ``KeyboardInterrupt`` included), calls ``os._exit`` or
-takes its worker down scores 0 with an error saying so. The stream never hangs and a bad record
-never ends the run; a real Ctrl-C or SIGTERM does end it, after every worker is gone.
+is SIGKILLed and replaced, and its record scores 0 with ``verdict.error = "timeout"`` (the
+answer's fault: the stream goes on). A verifier that raises anything (``SystemExit`` and
+``KeyboardInterrupt`` included), returns something that is not a reward, calls ``os._exit`` or
+takes its worker down has crashed: a bug in the verifier, not a wrong answer. Its record scores 0
+with ``verdict.crashed = true``; the first few crashes are reported on stderr, and when they are
+more than ``max_verifier_errors`` of the records (by default: any) the stage raises
+:class:`VerifierCrashed` (exit 1) rather than let a broken verifier hand out rewards of 0. The
+stream never hangs; a real Ctrl-C or SIGTERM ends it, after every worker is gone.
 
 Verifiers whose work is bounded by construction (``INLINE_TASKS``: ``arith`` and ``gsm8k`` read
 at most the last 16 KB of a response with linear scans; worst adversarial case measured ~40 ms)
@@ -14,8 +18,9 @@ run in this process instead, when the gold answer is short too: no message to a 
 round trip. Their deadline is checked when they return (an overrun scores 0 with
 ``verdict.error = "timeout"`` just the same); there is nothing to kill because nothing can hang.
 
-This module prepares records (validation, the verifier's view of a record) and turns verifier
-output or pool failures into ``(reward, verdict)``. Memory stays bounded: at most ``window``
+This module prepares records (validation, the verifier's view of a record), turns pool failures
+into ``(reward, verdict)`` (one call of a verifier: :mod:`tcli.verifiers.call`) and counts
+crashes. Memory stays bounded: at most ``window``
 records are held, and workers receive only the fields a verifier reads, never token ids or
 log-probs.
 """
@@ -23,17 +28,20 @@ log-probs.
 from __future__ import annotations
 
 import math
-import os
 import signal
+import sys
 import threading
 from collections import deque
 from decimal import Decimal
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from tcli.errors import DataError
-from tcli.verifiers.pool import DeadlinePool, Failure, default_workers, one_line
+from tcli.errors import DataError, TcliError
+from tcli.verifiers.call import checked, crashed, int_str, is_crash, run_one, timed_out
+from tcli.verifiers.pool import DeadlinePool, Failure, default_workers
+from tcli.verifiers.pool_worker import one_line
 
-__all__ = ["verify_records", "start_pool", "prepare", "run_one", "default_workers", "HEAVY_FIELDS"]
+__all__ = ["verify_records", "start_pool", "prepare", "run_one", "default_workers", "HEAVY_FIELDS",
+           "VerifierCrashed"]
 
 # fields that are large and that no verifier needs: never copied to the workers
 HEAVY_FIELDS = frozenset({"token_ids", "prompt_token_ids", "logprobs", "values", "branch",
@@ -50,14 +58,6 @@ _FLOAT_EXACT = 2**53     # floats hold every integer below this exactly
 # ----------------------------------------------------------------------------- one record
 
 
-def _int_str(v: int) -> str:
-    """Digits of an int of any size (``str`` refuses more than 4,300 digits)."""
-    try:
-        return str(v)
-    except ValueError:
-        return str(Decimal(v))
-
-
 def _answer_str(v, file: str, line: int) -> str:
     """A gold answer as text, exactly: ints of any size keep every digit, floats their shortest
     decimal (``1e30`` -> ``1`` and 30 zeros, ``1.95766e-05`` -> ``0.0000195766``)."""
@@ -68,7 +68,7 @@ def _answer_str(v, file: str, line: int) -> str:
         raise DataError(f"must be a string (or a number), got {kind}", file=file, line=line,
                         field="answer")
     if isinstance(v, int):
-        return _int_str(v)
+        return int_str(v)
     if not math.isfinite(v):
         raise DataError(f"must be finite, got {v}", file=file, line=line, field="answer")
     if v.is_integer() and abs(v) < _FLOAT_EXACT:
@@ -95,7 +95,7 @@ def _choices(v, file: str, line: int):
 
 def prepare(line: int, rec: dict, file: str, task: str):
     """Validate a record and pick its verifier: (task, text, answer, slim record for the worker)."""
-    from tcli.verifiers import pick_task
+    from tcli.verifiers.auto import pick_task
 
     if not isinstance(rec, dict):
         raise DataError("record is not an object", file=file, line=line)
@@ -118,114 +118,6 @@ def prepare(line: int, rec: dict, file: str, task: str):
 
 # ----------------------------------------------------------------------------- one result
 
-_INT64 = 2**63
-
-
-def _jsonable(v, depth: int = 0):
-    """A verdict as JSON can store it (users' verifiers may return sets, numpy, huge ints)."""
-    if depth > 8:
-        return str(v)
-    if v is None or isinstance(v, (bool, str)):
-        return v
-    if isinstance(v, int):
-        return v if -_INT64 <= v < _INT64 else _int_str(v)
-    if isinstance(v, float):
-        return v if math.isfinite(v) else str(v)
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x, depth + 1) for k, x in list(v.items())[:100]}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x, depth + 1) for x in list(v)[:100]]
-    item = getattr(v, "item", None)  # numpy scalars
-    if callable(item):
-        try:
-            return _jsonable(item(), depth + 1)
-        except Exception:  # noqa: BLE001
-            pass
-    return str(v)
-
-
-def _error(task: str, error: str, **extra) -> tuple[float, dict]:
-    return 0.0, {"task": task, "parsed": None, "correct": False, "error": error, **extra}
-
-
-def _checked(task: str, out) -> tuple[float, dict]:
-    """A verifier's return value as (reward, verdict); junk raises ValueError/TypeError."""
-    if isinstance(out, tuple) and len(out) == 2:
-        reward, verdict = out
-    else:  # a bare number or bool is accepted as the reward
-        reward, verdict = out, {}
-    reward = float(reward)
-    if not math.isfinite(reward):
-        raise ValueError(f"verifier returned a non-finite reward {reward}")
-    if not isinstance(verdict, dict):
-        raise TypeError(f"verifier returned a {type(verdict).__name__} verdict, not a dict")
-    full = {"task": task, "parsed": None, "correct": reward > 0}
-    full.update(_jsonable(verdict))
-    return reward, full
-
-
-class _Exited(BaseException):
-    """``os._exit(code)`` called by a verifier, turned into an exception while it runs."""
-
-    def __init__(self, code):
-        super().__init__(code)
-        self.code = code
-
-
-class _NoExit:
-    """While a verifier runs, ``os._exit`` raises :class:`_Exited` instead of ending this process
-    (a process the verifier forks still exits for real)."""
-
-    __slots__ = ("real", "pid")
-
-    def __enter__(self):
-        self.real, self.pid = os._exit, os.getpid()
-        real, pid = self.real, self.pid
-
-        def refuse(code):
-            if os.getpid() != pid:
-                real(code)
-            raise _Exited(code)
-
-        os._exit = refuse
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os._exit = self.real
-
-
-def _escape_message(e: BaseException) -> str:
-    """What a verifier did when it raised something that is not an Exception."""
-    if isinstance(e, SystemExit):
-        return f"verifier called sys.exit({e.code!r})"
-    if isinstance(e, _Exited):
-        return f"verifier called os._exit({e.code!r})"
-    return f"verifier raised {one_line(e)}"
-
-
-def run_one(task: str, text: str, answer: str, rec: dict, watch=None) -> tuple[float, dict]:
-    """Run one verifier; whatever it does (raise, exit, return junk) the result is (reward,
-    verdict). ``watch`` is for runs in the caller's own process: a :class:`_SignalWatch` (real
-    signals re-raise), and ``os._exit`` fails the record instead of ending the process. (In a
-    worker, ``os._exit`` ends the worker, which the pool reports as the record's error.)"""
-    from tcli.verifiers import get_verifier
-
-    try:
-        fn = get_verifier(task)
-        if watch is None:
-            out = fn(text, answer, rec)
-        else:
-            with _NoExit():
-                out = fn(text, answer, rec)
-        return _checked(task, out)
-    except Exception as e:  # noqa: BLE001 - a verifier failure scores 0, never ends the stream
-        return _error(task, one_line(e))
-    except BaseException as e:  # SystemExit, KeyboardInterrupt, os._exit from the verifier
-        if watch is not None and watch.arrived:
-            raise  # a real Ctrl-C / SIGTERM while the verifier ran: that ends the stream
-        return _error(task, _escape_message(e))
-
-
 def _run_payload(payload) -> tuple[float, dict]:
     """What a pool worker runs for one record."""
     task, answer, slim = payload
@@ -241,21 +133,22 @@ def _inline(payload) -> bool:
 def _run_here(payload) -> tuple[float, dict]:
     """An inline record: as in a worker, except that only an Exception fails the record (these
     verifiers never exit or raise KeyboardInterrupt: one arriving here is the user's Ctrl-C)."""
-    from tcli.verifiers import get_verifier
+    from tcli.verifiers.tasks import get_verifier
 
     task, answer, slim = payload
     try:
-        return _checked(task, get_verifier(task)(slim["text"], answer, slim))
-    except Exception as e:  # noqa: BLE001 - a verifier failure scores 0, never ends the stream
-        return _error(task, one_line(e))
+        return checked(task, get_verifier(task)(slim["text"], answer, slim))
+    except Exception as e:  # noqa: BLE001 - counted as a crash by the stage
+        return crashed(task, one_line(e))
 
 
 def _failed(task: str, f: Failure, timeout: float) -> tuple[float, dict]:
+    """A pool failure: a time-out is the answer's (reward 0); a dead worker is a crash."""
     if f.kind == "timeout":
-        return _error(task, "timeout", timeout_s=timeout)
+        return timed_out(task, timeout)
     if f.kind == "died":
-        return _error(task, f"verifier worker died ({f.detail})")
-    return _error(task, f"verifier worker failed ({f.detail})")
+        return crashed(task, f"verifier worker died ({f.detail})")
+    return crashed(task, f"verifier worker failed ({f.detail})")
 
 
 # ----------------------------------------------------------------------------- in this process
@@ -292,13 +185,85 @@ class _SignalWatch:
         self.installed = []
 
 
-def _in_process(records, source_name: str, task: str) -> Iterator[dict]:
+def _in_process(records, source_name: str, task: str) -> Iterator[tuple[int, dict]]:
     with _SignalWatch() as watch:
         for line, rec in records:
             name, text, answer, slim = prepare(line, rec, source_name, task)
             watch.arrived = False
             rec["reward"], rec["verdict"] = run_one(name, text, answer, slim, watch)
+            yield line, rec
+
+
+# ----------------------------------------------------------------------------- crashes
+
+MAX_REPORTED = 3  # crashes reported on stderr one line each; the rest are only counted
+_ID_FIELDS = ("id", "prompt_id", "sample_id")
+
+
+class VerifierCrashed(TcliError):
+    """The verifier crashed on more answers than ``max_verifier_errors`` allows (exit 1)."""
+
+
+def _warn(msg: str) -> None:
+    sys.stderr.write(f"tcli: warning: {msg}\n")
+    sys.stderr.flush()
+
+
+def _where(source_name: str, line: int, rec: dict) -> str:
+    """``<stdin>:3 (prompt_id=p1 sample_id=2)``: the record as the user can find it."""
+    ids = " ".join(f"{k}={str(rec[k])[:40]}" for k in _ID_FIELDS
+                   if isinstance(rec.get(k), (str, int)))
+    return f"{source_name}:{line}" + (f" ({ids})" if ids else "")
+
+
+class _Crashes:
+    """A stream's verifier crashes: counted, the first few reported, and an error once they are
+    more than ``max_share`` of the answers (at the first crash when it is 0; at the end
+    otherwise, when the share is known; always when every answer crashed)."""
+
+    def __init__(self, source_name: str, max_share: float, report: Callable[[str], None]):
+        self.source_name, self.max_share, self.report = source_name, max_share, report
+        self.n = self.count = 0
+        self.name = self.first = ""  # the first crash's verifier and "WHERE: ERROR"
+
+    def see(self, line: int, rec: dict) -> None:
+        self.n += 1
+        v = rec["verdict"]
+        if not is_crash(v):
+            return
+        self.count += 1
+        where = _where(self.source_name, line, rec)
+        if self.count == 1:
+            self.name, self.first = v.get("task"), f"{where}: {v.get('error')}"
+        if self.max_share == 0:
+            raise self._error(" (max-verifier-errors 0 allows none)", first=True)
+        if self.count <= MAX_REPORTED:
+            self.report(f"verifier {v.get('task')} crashed at {where}: {v.get('error')}")
+        elif self.count == MAX_REPORTED + 1:
+            self.report("more verifier crashes follow: counted, not shown")
+
+    def finish(self) -> None:
+        if self.count and self.count == self.n:
+            raise self._error(" (every answer)")
+        if self.count and self.count / self.n > self.max_share:  # exact for 29/100 vs 0.29
+            raise self._error(f" ({self.count / self.n:.1%}, more than max-verifier-errors "
+                              f"{self.max_share:g})")
+
+    def _error(self, why: str, first: bool = False) -> VerifierCrashed:
+        of = f"{self.count} of the first {self.n}" if first else f"{self.count} of {self.n}"
+        return VerifierCrashed(f"verifier {self.name} crashed on {of} answers{why}; "
+                               f"first at {self.first}")
+
+
+def _guarded(stream: Iterator[tuple[int, dict]], crashes: _Crashes) -> Iterator[dict]:
+    """The records of ``stream``; its workers go (the stream is closed) if this stops early."""
+    try:
+        for line, rec in stream:
+            crashes.see(line, rec)
             yield rec
+        crashes.finish()
+    finally:
+        stream.close()
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -309,7 +274,7 @@ _PRELOADED: set[str] = set()
 def _preload(task: str) -> bool:
     """Import (and warm up) what a task's verifier needs, in this process, before workers fork
     from it; True when something was loaded just now (workers forked earlier lack it)."""
-    from tcli.verifiers import uses_math_verify
+    from tcli.verifiers.tasks import uses_math_verify
 
     if not uses_math_verify(task) or "math_verify" in _PRELOADED:
         return False
@@ -323,7 +288,9 @@ def _preload(task: str) -> bool:
 
 def verify_records(records: Iterable[tuple[int, dict]], source_name: str, task: str = "auto",
                    timeout: float = 5.0, workers: int | None = None,
-                   window: int | None = None, pool: DeadlinePool | None = None) -> Iterator[dict]:
+                   window: int | None = None, pool: DeadlinePool | None = None,
+                   max_verifier_errors: float = 0.0,
+                   report: Callable[[str], None] = _warn) -> Iterator[dict]:
     """Yield each record with ``reward`` and ``verdict`` added, in input order.
 
     ``records`` yields ``(line, record)``. ``task`` is a verifier name, ``python:module:function``
@@ -331,22 +298,28 @@ def verify_records(records: Iterable[tuple[int, dict]], source_name: str, task: 
     this process without a timeout (for debugging). ``timeout`` is the hard per-record limit in
     seconds. Bad records raise DataError naming ``source_name``, the line and the field.
     ``pool``: workers from :func:`start_pool` to use (and keep) instead of starting new ones.
+    A verifier crash (not a wrong answer, not a time-out) scores 0 with ``verdict.crashed``;
+    more than ``max_verifier_errors`` (a share of the records) raise :class:`VerifierCrashed`,
+    and ``report`` gets one line for each of the first crashes.
     """
     from tcli.errors import UsageError
-    from tcli.verifiers import check_task
+    from tcli.verifiers.tasks import check_task
 
     check_task(task)  # an unknown task fails here, before any record is read
     if timeout is None or not (timeout > 0):
         raise UsageError(f"timeout must be a positive number of seconds, got {timeout}")
     if workers is not None and workers < 0:
         raise UsageError(f"workers must be >= 0, got {workers}")
+    if not 0.0 <= max_verifier_errors <= 1.0:
+        raise UsageError(f"max_verifier_errors must be in [0, 1], got {max_verifier_errors}")
+    crashes = _Crashes(source_name, max_verifier_errors, report)
     n = (pool.n if pool is not None else default_workers()) if workers is None else workers
     if n == 0:
-        return _in_process(records, source_name, task)
+        return _guarded(_in_process(records, source_name, task), crashes)
     window = window or max(256, 32 * n)
     if pool is not None:
-        return _pooled(records, source_name, task, float(timeout), window, pool)
-    return _owned_pool(records, source_name, task, float(timeout), window, n)
+        return _guarded(_pooled(records, source_name, task, float(timeout), window, pool), crashes)
+    return _guarded(_owned_pool(records, source_name, task, float(timeout), window, n), crashes)
 
 
 def start_pool(task: str = "auto", timeout: float = 5.0, workers: int | None = None
@@ -355,7 +328,7 @@ def start_pool(task: str = "auto", timeout: float = 5.0, workers: int | None = N
     started now, with what ``task`` needs already imported. None for ``workers=0``. Close it (or
     use it as a context manager) when done. Workers hold on to the memory of the process they
     were forked from: start the pool before loading a model."""
-    from tcli.verifiers import check_task
+    from tcli.verifiers.tasks import check_task
 
     check_task(task)
     n = default_workers() if workers is None else workers
@@ -369,30 +342,30 @@ def start_pool(task: str = "auto", timeout: float = 5.0, workers: int | None = N
 
 
 def _owned_pool(records, source_name: str, task: str, timeout: float, window: int, n: int
-                ) -> Iterator[dict]:
+                ) -> Iterator[tuple[int, dict]]:
     # every worker is gone when this ends; none starts while every record runs inline
     with DeadlinePool(_run_payload, n, timeout, local_fn=_run_here) as pool:
         yield from _pooled(records, source_name, task, timeout, window, pool)
 
 
 def _pooled(records, source_name: str, task: str, timeout: float, window: int,
-            pool: DeadlinePool) -> Iterator[dict]:
+            pool: DeadlinePool) -> Iterator[tuple[int, dict]]:
     if task != "auto" and _preload(task):
         pool.refresh()  # workers forked before the import lack it
     pool.timeout = timeout
-    held: deque[tuple[dict, str]] = deque()  # records read and not yet yielded, with their task
+    held: deque[tuple[int, dict, str]] = deque()  # records read and not yet yielded, with task
 
     def payloads():
         for line, rec in records:
             name, text, answer, slim = prepare(line, rec, source_name, task)
             if task == "auto" and _preload(name):
                 pool.refresh()  # the first math record: new workers fork with math-verify
-            held.append((rec, name))
+            held.append((line, rec, name))
             yield (name, answer, slim), len(text) + 1
 
     for result in pool.imap(payloads(), window, WINDOW_CHARS, here=_inline):
-        rec, name = held.popleft()
+        line, rec, name = held.popleft()
         if isinstance(result, Failure):
             result = _failed(name, result, timeout)
         rec["reward"], rec["verdict"] = result
-        yield rec
+        yield line, rec

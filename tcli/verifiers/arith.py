@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 
-from tcli.verifiers import VERIFIERS, tail, verdict
+from tcli.verifiers.extract import tail
+from tcli.verifiers.registry import VERIFIERS, verdict
 
 _NUMBER = r"(\d+)(?:\.(\d+))?"
 _INT = re.compile(r"(?<![\w)\]}])[-\u2212]?" + _NUMBER + "|" + _NUMBER)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-from tcli.verifiers import VERIFIERS, after_last, last_boxed, tail, verdict
+from tcli.verifiers.extract import after_last, last_boxed, tail
+from tcli.verifiers.registry import VERIFIERS, verdict
 
 DEFAULT_LETTERS = tuple("ABCDEFGHIJ")
 TAIL = 8192

@@ -15,7 +15,8 @@ import re
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-from tcli.verifiers import VERIFIERS, final_answer, tail, verdict
+from tcli.verifiers.extract import final_answer, tail
+from tcli.verifiers.registry import VERIFIERS, verdict
 
 REL_TOL = Fraction(1, 10**14)  # float artefacts of GSM-Hard targets: 3244047.0999999996 == 3244047.1
 FLOAT_EXACT = 2**53            # ... which only exist where a float still holds fractions

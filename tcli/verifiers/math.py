@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import re
 
-from tcli.verifiers import (MAX_ANSWER_CHARS, VERIFIERS, _balanced, final_answer, nesting_depth,
-                            tail, verdict)
+from tcli.verifiers.extract import (MAX_ANSWER_CHARS, balanced_end, final_answer, nesting_depth,
+                                    tail)
+from tcli.verifiers.registry import VERIFIERS, verdict
 
 MAX_DEPTH = 6     # bracket nesting; gold answers of MATH-500 need at most 2
 MAX_FRACS = 8     # \frac commands in one answer
@@ -136,7 +137,7 @@ def _numeric_tower(s: str) -> bool:
     """An exponent that itself holds a numeric power (2^{2^{10}}, 9^{9^{9}}): sympy would try to
     compute it exactly. Symbolic ones (e^{x^2}, 2^{2^n}) stay unevaluated and are fine."""
     for m in _EXP_GROUP.finditer(s):
-        end = _balanced(s, m.end() - 1, len(s))
+        end = balanced_end(s, m.end() - 1, len(s))
         body = s[m.end():end - 1] if end else s[m.end():]
         if "^" in body and not re.search(r"[A-Za-z]", _COMMAND.sub("", body)):
             return True

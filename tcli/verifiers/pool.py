@@ -5,6 +5,9 @@ processes and yields one result per item, in input order: ``fn``'s return value,
 :class:`Failure` when the item overran its deadline (``"timeout"``), took its worker down
 (``"died"``) or raised (``"error"``). The pool knows nothing else about its payloads.
 
+This module schedules; :mod:`tcli.verifiers.pool_worker` is what a worker process runs and
+:mod:`tcli.verifiers.pool_handle` the parent's handle on one worker.
+
 How it stays cheap and exact:
 
 - Items travel in chunks, one message per chunk. A worker writes each item's result to its
@@ -37,7 +40,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 from collections import deque
@@ -46,18 +48,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 import orjson
 
-KILL_GRACE = 5.0          # seconds to wait for a SIGKILLed worker to be reaped
-STOP_GRACE = 0.5          # seconds an idle worker gets to exit on its own before SIGKILL
+from tcli.verifiers.pool_handle import KILL_GRACE, SignalsHeld, Worker, mp_context
+from tcli.verifiers.pool_worker import load_libc, one_line
+
 MAX_CHUNK = 64            # items per message
 MAX_CHUNK_COST = 1 << 20  # summed item cost per message (the verify stage: characters of text)
-BELL_BYTES = 32 << 10     # a worker rings after a chunk and after this many bytes of results
 POLL_SECONDS = 0.02       # the parent reads busy workers' results at least this often
-PIPE_BYTES = 1 << 20      # pipe capacity asked for (Linux F_SETPIPE_SZ)
 PIPE_MARGIN = 64          # bytes of message headers allowed for when sending a chunk ahead
 CHUNK_SECONDS = 0.005     # a chunk holds at least this much work (once item times are known)
-WORKER_NAME = "tcli-verify"
-_PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # held while forking and cleaning up
-_FRAME_HEAD = 8           # little-endian byte length before each JSON result
 
 
 @dataclass(frozen=True)
@@ -75,281 +73,6 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def one_line(e: BaseException) -> str:
-    """``Type: message`` on one line, at most ~300 characters."""
-    msg = " ".join(str(e).split())
-    if len(msg) > 300:
-        msg = msg[:300] + "..."
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-
-
-def exit_status(code: int | None) -> str:
-    """A worker's end in words: ``exit code 3`` or ``signal SIGSEGV``."""
-    if code is None:
-        return "no exit code"
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
-
-
-# ----------------------------------------------------------------------------- worker side
-
-_LIBC: list = []  # [libc] once loaded: the parent loads it before forking, so workers need not
-
-
-def _load_libc():
-    if not _LIBC and sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            _LIBC.append(ctypes.CDLL(None, use_errno=True))
-        except (OSError, ImportError):  # pragma: no cover - no libc
-            _LIBC.append(None)
-    return _LIBC[0] if _LIBC else None
-
-
-def _linux_prctl(option: int, arg) -> None:
-    try:
-        _load_libc().prctl(option, arg, 0, 0, 0)
-    except AttributeError:  # pragma: no cover - no libc prctl
-        pass
-
-
-def _set_up_worker(parent_pid: int, inherited) -> None:
-    """Runs first in a fresh worker (forked with SIGINT and SIGTERM held)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: just die
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    if sys.platform.startswith("linux"):
-        _linux_prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG: die with the parent
-        _linux_prctl(15, WORKER_NAME.encode())  # PR_SET_NAME: what ps and /proc/PID/comm show
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-    for c in inherited:  # the parent's ends of this and other workers' pipes, copied by fork
-        try:
-            c.close()
-        except OSError:
-            pass
-    # the parent may write its results to stdout: nothing printed here may land there
-    sys.stdout = sys.stderr
-    try:
-        os.dup2(2, 1)
-    except OSError:
-        pass
-
-
-def _result_frame(seq: int, fn: Callable, payload, start: float) -> bytes:
-    """``[seq, ok, result or error text, seconds the item took]`` as JSON, length first."""
-    try:
-        msg = [seq, True, fn(payload)]
-    except BaseException as e:  # noqa: BLE001 - even sys.exit() in fn only fails this item
-        msg = [seq, False, one_line(e)]
-    msg.append(time.monotonic() - start)
-    try:  # JSON, not pickle: the parent never unpickles what a worker (user code) sent
-        data = orjson.dumps(msg, option=orjson.OPT_SERIALIZE_NUMPY)
-    except Exception as e:  # noqa: BLE001 - a result that is not plain data
-        data = orjson.dumps((seq, False, f"result could not be sent back ({one_line(e)})", msg[3]))
-    return len(data).to_bytes(_FRAME_HEAD, "little") + data
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _run_chunk(chunk, fn: Callable, slot, res_fd: int, bell_fd: int) -> None:
-    """Run a chunk's items in order: stamp each in the slot, write each result as it is done,
-    ring the bell when the chunk is done (and whenever BELL_BYTES of results wait unread)."""
-    unrung = 0
-    for seq, payload in chunk:
-        slot[1] = math.inf      # between items: the next start time is not valid yet
-        slot[0] = seq
-        slot[1] = start = time.monotonic()
-        frame = _result_frame(seq, fn, payload, start)
-        slot[1] = math.inf      # writing: time spent here is not the item's
-        _write_all(res_fd, frame)
-        unrung += len(frame)
-        if unrung >= BELL_BYTES:
-            os.write(bell_fd, b"!")
-            unrung = 0
-    os.write(bell_fd, b".")
-
-
-def _worker_main(cmd, res, bell, slot, fn: Callable, inherited, parent_pid: int) -> None:
-    """Receive chunks [(seq, payload), ...] until None; results go out through ``res``."""
-    try:
-        _set_up_worker(parent_pid, inherited)
-        res_fd, bell_fd = res.fileno(), bell.fileno()
-        while True:
-            chunk = cmd.recv()
-            if chunk is None:
-                break
-            _run_chunk(chunk, fn, slot, res_fd, bell_fd)
-    except BaseException:  # noqa: BLE001 - parent gone or pipe closed: leave without a traceback
-        os._exit(1)
-    os._exit(0)
-
-
-# ----------------------------------------------------------------------------- parent side
-
-def _mp_context():
-    import multiprocessing as mp
-
-    if sys.platform.startswith("linux"):
-        return mp.get_context("fork")  # workers inherit what the parent imported and warmed up
-    return mp.get_context()  # pragma: no cover
-
-
-class _Worker:
-    """One worker process: its command pipe, result pipe, bell, slot and the items it holds."""
-
-    def __init__(self, ctx, fn: Callable, others: list):
-        cmd_r, self.cmd = ctx.Pipe(duplex=False)
-        self.res, res_w = ctx.Pipe(duplex=False)
-        self.bell, bell_w = ctx.Pipe(duplex=False)
-        self.slot = _shared_slot(ctx)  # [seq of the running item, its start (inf: none)]
-        self.slot[0], self.slot[1] = -1.0, math.inf
-        ends = [self.cmd, self.res, self.bell]
-        self.proc = ctx.Process(target=_worker_main, name=WORKER_NAME, daemon=True,
-                                args=(cmd_r, res_w, bell_w, self.slot, fn,
-                                      ends + others, os.getpid()))
-        self.proc.start()
-        for c in (cmd_r, res_w, bell_w):
-            c.close()
-        for c in (self.res, self.bell):
-            os.set_blocking(c.fileno(), False)
-        _grow_pipe(self.res.fileno())
-        self.capacity = _grow_pipe(self.cmd.fileno())  # bytes the command pipe holds
-        self.buf = bytearray()  # result bytes read, not yet a whole frame
-        self.items: deque[tuple[int, Any, int]] = deque()  # (seq, payload, cost) unanswered
-        self.chunk_ends: deque[int] = deque()  # last seq of each chunk sent and not done
-        self.chunk_bytes: deque[int] = deque()  # its message size (at most this sits unread)
-        self.since = math.inf   # when the parent last saw it make progress
-        self.retire = False     # replace it once its items are done
-
-    def ends(self) -> list:
-        return [self.cmd, self.res, self.bell]
-
-    def running(self) -> tuple[int, float]:
-        """(seq, start) of the item being run, start = inf when none is."""
-        seq = self.slot[0]
-        start = self.slot[1]
-        if self.slot[0] != seq:  # it moved on while we read: nothing is overdue
-            return int(seq), math.inf
-        return int(seq), start
-
-    def read(self) -> bool:
-        """Append what the result pipe holds to ``buf``; True at end of file (worker gone)."""
-        fd = self.res.fileno()
-        while True:
-            try:
-                data = os.read(fd, PIPE_BYTES)
-            except BlockingIOError:
-                return False
-            except OSError:
-                return True
-            if not data:
-                return True
-            self.buf += data
-
-    def frames(self) -> Iterator[bytes]:
-        """Whole JSON results in ``buf``, oldest first (a partial one stays)."""
-        buf, pos = self.buf, 0
-        while len(buf) - pos >= _FRAME_HEAD:
-            size = int.from_bytes(buf[pos:pos + _FRAME_HEAD], "little")
-            if len(buf) - pos - _FRAME_HEAD < size:
-                break
-            yield bytes(buf[pos + _FRAME_HEAD:pos + _FRAME_HEAD + size])
-            pos += _FRAME_HEAD + size
-        del buf[:pos]
-
-    def hush(self) -> None:
-        try:
-            while os.read(self.bell.fileno(), 4096):
-                pass
-        except OSError:
-            pass
-
-    def ask_stop(self) -> None:
-        try:
-            self.cmd.send(None)  # an idle worker reads this and exits on its own
-        except (OSError, ValueError):
-            pass
-
-    def sigkill(self) -> None:
-        if self.proc.exitcode is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-    def reap(self) -> None:
-        """Wait for the process to end (SIGKILL it after STOP_GRACE) and release everything."""
-        self.proc.join(STOP_GRACE)
-        if self.proc.exitcode is None:
-            self.sigkill()
-            self.proc.join(KILL_GRACE)
-        for c in self.ends():
-            try:
-                c.close()
-            except OSError:
-                pass
-        try:
-            self.proc.close()
-        except ValueError:  # still running after SIGKILL + grace: leave it to init
-            pass
-
-    def status(self) -> str:
-        if self.proc.exitcode is None:
-            self.proc.join(0.1)
-        return exit_status(self.proc.exitcode)
-
-
-def _shared_slot(ctx):
-    """Two doubles shared with a worker: an anonymous shared mapping (fork) or a RawArray."""
-    if ctx.get_start_method() == "fork":
-        import mmap
-
-        return memoryview(mmap.mmap(-1, 16)).cast("d")
-    return ctx.RawArray("d", 2)  # pragma: no cover - spawn / forkserver
-
-
-def _grow_pipe(fd: int) -> int:
-    """Ask for a PIPE_BYTES pipe; return the capacity it has (4 KiB, POSIX's minimum, when the
-    system cannot say)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        return 4096
-    try:
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
-    except OSError:  # over /proc/sys/fs/pipe-max-size: keep what it has
-        pass
-    try:
-        return fcntl.fcntl(fd, getattr(fcntl, "F_GETPIPE_SZ", 1032))
-    except OSError:  # pragma: no cover - not Linux
-        return 4096
-
-
-class _SignalsHeld:
-    """Hold SIGINT/SIGTERM for the parent while it forks or cleans up; they arrive right after."""
-
-    def __enter__(self):
-        try:
-            self.old = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)
-        except (AttributeError, ValueError, OSError):  # pragma: no cover - no sigmask
-            self.old = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.old is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
-
-
 class DeadlinePool:
     """``workers`` processes running ``fn(payload)``, each item under a hard ``timeout``.
 
@@ -365,8 +88,8 @@ class DeadlinePool:
         self.fn, self.n, self.timeout = fn, workers, float(timeout)
         self.local_fn = fn if local_fn is None else local_fn
         self.max_chunk, self.max_chunk_cost = max(1, max_chunk), max_chunk_cost
-        self.ctx = _mp_context()
-        self.workers: list[_Worker] = []
+        self.ctx = mp_context()
+        self.workers: list[Worker] = []
         self.queue: deque[tuple[int, Any, int]] = deque()  # (seq, payload, cost) not yet sent
         self.results: dict[int, Any] = {}
         self.item_seconds: float | None = None  # running mean of what a worker item takes
@@ -469,7 +192,7 @@ class DeadlinePool:
     def close(self, kill: bool = False) -> None:
         """End every worker: idle ones are asked to exit, busy ones (all, with ``kill``) are
         SIGKILLed; then all are reaped. SIGINT/SIGTERM wait until this is done."""
-        with _SignalsHeld():
+        with SignalsHeld():
             workers, self.workers = self.workers, []
             for w in workers:
                 if kill or w.items:
@@ -483,7 +206,7 @@ class DeadlinePool:
 
     # ------------------------------------------------------------------ dispatch
 
-    def _next_worker(self) -> _Worker | None:
+    def _next_worker(self) -> Worker | None:
         """An idle worker, else a new one, else one busy with its last chunk (its next chunk
         waits in its pipe, so it never sits idle while the parent sleeps)."""
         for w in self.workers:
@@ -496,18 +219,18 @@ class DeadlinePool:
                 return w
         return None
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self) -> Worker:
         try:  # a forked child may flush a copy of stdout's buffer: empty it first
             sys.stdout.flush()
         except (OSError, ValueError, AttributeError):
             pass
-        _load_libc()
-        with _SignalsHeld():  # a Ctrl-C now reaches the parent once the worker is listed
-            w = _Worker(self.ctx, self.fn, [c for x in self.workers for c in x.ends()])
+        load_libc()
+        with SignalsHeld():  # a Ctrl-C now reaches the parent once the worker is listed
+            w = Worker(self.ctx, self.fn, [c for x in self.workers for c in x.ends()])
             self.workers.append(w)
         return w
 
-    def _chunk_size(self, w: _Worker) -> int:
+    def _chunk_size(self, w: Worker) -> int:
         """One worker: everything queued. Several: guided (a share of the queue, smaller as it
         drains, so workers finish together), but at least CHUNK_SECONDS of work at the measured
         seconds per item -- never more than ``w``'s even share of all outstanding items, so a
@@ -522,7 +245,7 @@ class DeadlinePool:
             size = max(size, min(floor, -(-outstanding // self.n) - len(w.items)))
         return min(self.max_chunk, size)
 
-    def _take_chunk(self, w: _Worker) -> list[tuple[int, Any, int]]:
+    def _take_chunk(self, w: Worker) -> list[tuple[int, Any, int]]:
         """``w``'s next chunk: :meth:`_chunk_size` items, at most ``max_chunk_cost`` cost (>= 1)."""
         size = self._chunk_size(w)
         chunk: list[tuple[int, Any, int]] = []
@@ -561,7 +284,7 @@ class DeadlinePool:
 
     # ------------------------------------------------------------------ results
 
-    def _deadline(self, w: _Worker) -> float:
+    def _deadline(self, w: Worker) -> float:
         _, start = w.running()
         return (start if start != math.inf else w.since) + self.timeout
 
@@ -577,7 +300,7 @@ class DeadlinePool:
         for w in busy:
             self._check(w)
 
-    def _collect(self, w: _Worker) -> bool:
+    def _collect(self, w: Worker) -> bool:
         """Take in the results ``w`` has written; True when it has ended."""
         ended = w.read()
         got = False
@@ -605,7 +328,7 @@ class DeadlinePool:
             mean = self.item_seconds
             self.item_seconds = seconds if mean is None else 0.9 * mean + 0.1 * seconds
 
-    def _check(self, w: _Worker) -> None:
+    def _check(self, w: Worker) -> None:
         """Take in ``w``'s results; replace it if it died, retired or overran its deadline."""
         w.hush()
         ended = self._collect(w) or w.proc.exitcode is not None
@@ -624,12 +347,12 @@ class DeadlinePool:
             self._collect(w)  # results written before the kill still count
             self._lost(w, Failure("timeout", f"over {self.timeout:g} s"), only=running)
 
-    def _died(self, w: _Worker) -> None:
+    def _died(self, w: Worker) -> None:
         status = w.status()
         self._collect(w)  # everything it wrote before it ended counts
         self._lost(w, Failure("died", status))
 
-    def _lost(self, w: _Worker, failure: Failure, only: int | None = None) -> None:
+    def _lost(self, w: Worker, failure: Failure, only: int | None = None) -> None:
         """``w`` is dead or being killed: its running item fails (unless ``only`` names another
         item, which then finished in time), the rest of its items go back to the front of the
         queue, and the worker goes (a new one starts on demand)."""
@@ -641,8 +364,8 @@ class DeadlinePool:
         w.chunk_bytes.clear()
         self._remove(w, kill=True)
 
-    def _remove(self, w: _Worker, kill: bool) -> None:
-        with _SignalsHeld():
+    def _remove(self, w: Worker, kill: bool) -> None:
+        with SignalsHeld():
             self.workers.remove(w)
             if kill:
                 w.sigkill()

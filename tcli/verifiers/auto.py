@@ -1,0 +1,43 @@
+"""``--task auto``: which built-in verifier a record gets, from what the record says of itself."""
+
+from __future__ import annotations
+
+import re
+
+_GSM_SOURCE = re.compile(r"grade-school-math|gsm|\bpal\b", re.IGNORECASE)
+_PLAIN_NUMBER = re.compile(r"\s*[-+]?\d[\d,]*(\.\d+)?\s*")
+
+
+def _asks_for_boxed(record: dict) -> bool:
+    """Whether the prompt asked for \\boxed{} (unknown when the record does not say: assume so)."""
+    from tcli.prompts import PROMPT_TEMPLATES
+
+    tmpl = record.get("prompt_template")
+    if not isinstance(tmpl, str):
+        return True
+    return "\\boxed" in PROMPT_TEMPLATES.get(tmpl, tmpl)
+
+
+def _numeric(answer) -> bool:
+    if isinstance(answer, bool):
+        return False
+    return isinstance(answer, (int, float)) or (isinstance(answer, str)
+                                                and _PLAIN_NUMBER.fullmatch(answer) is not None)
+
+
+def pick_task(record: dict) -> str:
+    """``--task auto``: choices -> choice; GSM8K / GSM-Hard (PAL) sources -> gsm8k;
+    ``tcli-arith`` -> arith; a numeric answer to a prompt that did not ask for \\boxed{} -> gsm8k
+    (the final number); everything else -> math."""
+    if record.get("choices"):
+        return "choice"
+    meta = record.get("meta")
+    source = meta.get("source") if isinstance(meta, dict) else None
+    if isinstance(source, str):
+        if source.strip().lower() == "tcli-arith":
+            return "arith"
+        if _GSM_SOURCE.search(source):
+            return "gsm8k"
+    if not _asks_for_boxed(record) and _numeric(record.get("answer")):
+        return "gsm8k"
+    return "math"
