@@ -14,8 +14,6 @@ stages never drop unknown fields), so each case runs on the commands that read i
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
 import shutil
@@ -23,88 +21,21 @@ import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-from unittest import mock
 
 import orjson
 import pytest
 
-from conftest import REPO, run_tcli
+from conftest import REPO, cli, jsonl, one_error_line, prompts, rollouts, run_tcli
 
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
 ROLLOUT_COMMANDS = ("verify", "build-tree", "advantages", "train-step", "show-tree")
 PROMPT_COMMANDS = ("sample-tree", "eval")
 GROUP_COMMANDS = ("build-tree", "advantages", "show-tree")
 
 
-# ----------------------------------------------------------------------------- running tcli
-
-@dataclass
-class Result:
-    code: int
-    err: str
-    out: bytes
-
-
-_registered = False
-
-
-def cli(argv) -> Result:
-    """``tcli *argv`` in this process: main()'s parsing, error mapping and exit code."""
-    import tcli.cli as tcli_cli
-
-    global _registered
-    if not _registered:  # main() registers the subcommands on every call; once is enough here
-        tcli_cli._register_commands()
-        _registered = True
-    out, err = io.BytesIO(), io.StringIO()
-    stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
-    code = 0
-    with mock.patch.object(tcli_cli, "_register_commands", lambda: None), \
-            contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(err):
-        try:
-            tcli_cli.main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    stdout.flush()
-    return Result(code, err.getvalue(), out.getvalue())
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith("tcli: error: "), lines[0]
-    assert "Traceback" not in err
-    return lines[0]
-
-
 # ----------------------------------------------------------------------------- inputs
-
-def prompts() -> list[dict]:
-    return [{"id": "p1", "prompt": "1+1=", "answer": "2"},
-            {"id": "p2", "prompt": "2+3=", "answer": "5"},
-            {"id": "p3", "prompt": "4+4=", "answer": "8"}]
-
-
-def rollouts() -> list[dict]:
-    """Two groups of three responses with every field any stage reads (token ids < vocab 99)."""
-    recs = []
-    for g in range(2):
-        for s in range(3):
-            recs.append({"schema": "tcli.rollout/1", "prompt_id": f"p{g}", "sample_id": s,
-                         "prompt": "1+1=", "answer": "2", "prompt_token_ids": [21, 15, 21, 33],
-                         "token_ids": [30 + s, 40 + g, 1], "text": f"so {s} #### {2 if s % 2 else 3}",
-                         "logprobs": [-4.5, -4.4, -4.6], "node_path": [], "segment_ends": [],
-                         "finish_reason": "stop", "reward": float(s % 2),
-                         "advantages": [0.5 - s / 2] * 3})
-    return recs
-
 
 def base(cmd: str) -> list[dict]:
     return prompts() if cmd in PROMPT_COMMANDS else rollouts()
-
-
-def jsonl(recs) -> bytes:
-    return b"".join(orjson.dumps(r) + b"\n" for r in recs)
 
 
 def arrow(recs) -> bytes:
@@ -262,13 +193,6 @@ def _params():
                 if (name, cmd) in XFAIL else []
             out.append(pytest.param(name, cmd, id=f"{name}-{cmd}", marks=marks))
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    return init_tiny_model(str(tmp_path_factory.mktemp("tiny") / "m"), seed=0, **TINY)
 
 
 def argv_for(cmd: str, src: Path, out: Path, tiny: str, model: str | None = None) -> list:

@@ -19,14 +19,10 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from conftest import REPO, run_tcli
+from conftest import HEAVY, REPO, imported_modules, jsonl, run_tcli
 
 ORACLE_TOKENS = [[5, 7, 9, 2], [5, 7, 8, 2], [5, 6, 9, 2], [4, 6, 2]]
 ORACLE_REWARDS = [1, 0, 1, 0]
-
-
-def jsonl(recs) -> bytes:
-    return b"".join(orjson.dumps(r) + b"\n" for r in recs)
 
 
 def parse(out: bytes) -> list[dict]:
@@ -342,17 +338,6 @@ def test_missing_input_file_is_usage_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- import weight
-
-HEAVY = ("torch", "transformers", "vllm")
-
-
-def imported_modules(importtime_stderr: bytes) -> set[str]:
-    mods = set()
-    for line in importtime_stderr.decode().splitlines():
-        if line.startswith("import time:") and "|" in line:
-            mods.add(line.rsplit("|", 1)[1].strip().split(".")[0])
-    return mods
-
 
 @pytest.mark.parametrize("args", [["--help"], ["advantages", "--help"], ["build-tree"], ["advantages"]])
 def test_cpu_stages_do_not_import_torch(args):

@@ -11,19 +11,14 @@ import numpy as np
 import orjson
 import pytest
 
-from conftest import REPO, run_tcli
-
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+from conftest import REPO, jsonl as _jsonl, run_tcli
 
 
 @pytest.fixture(scope="module")
-def critic(tmp_path_factory):
+def critic(tmp_path_factory, tiny_model):
     """A tiny policy and a critic made from it by the CLI."""
-    from tcli.models.tiny import init_tiny_model
-
     d = tmp_path_factory.mktemp("critic")
-    policy = str(d / "policy")
-    init_tiny_model(policy, seed=0, **TINY)
+    policy = tiny_model
     r = run_tcli(["init-critic", "--from", policy, str(d / "critic"), "-q"])
     assert r.returncode == 0, r.stderr.decode()
     return policy, str(d / "critic")
@@ -42,10 +37,6 @@ def _records(n_prompts: int = 8, per: int = 4, seed: int = 0) -> list[dict]:
                         "prompt_token_ids": prompt, "token_ids": toks,
                         "logprobs": [-1.0] * len(toks), "reward": float(p % 2 == 0)})
     return out
-
-
-def _jsonl(recs) -> bytes:
-    return b"".join(orjson.dumps(r) + b"\n" for r in recs)
 
 
 def test_init_critic_values_are_zero_and_shaped(critic):

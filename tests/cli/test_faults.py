@@ -28,20 +28,12 @@ from unittest import mock
 import orjson
 import pytest
 
-from conftest import REPO
-from test_bad_input import TINY, cli, jsonl, one_error_line, prompts, rollouts
+from conftest import REPO, cli, jsonl, one_error_line, prompts, rollouts
 
 torch = pytest.importorskip("torch")
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    return init_tiny_model(str(tmp_path_factory.mktemp("tiny") / "m"), seed=0, **TINY)
-
 
 @pytest.fixture(scope="module")
 def trio(tiny):

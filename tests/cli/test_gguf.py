@@ -13,8 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from conftest import REPO, run_tcli
-from test_real_model import needs_real, smollm2_checkpoint
+from conftest import REPO, needs_real, run_tcli, smollm2_checkpoint
 
 from tcli.errors import DataError
 from tcli.models.gguf import read_gguf_header

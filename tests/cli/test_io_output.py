@@ -14,16 +14,11 @@ import sys
 import threading
 from pathlib import Path
 
-import orjson
 import pytest
 
-from conftest import REPO, run_tcli
+from conftest import REPO, jsonl, run_tcli
 from tcli.errors import TcliError, UsageError
 from tcli.io import RecordReader, RecordWriter, write_atomic_bytes
-
-
-def jsonl(recs) -> bytes:
-    return b"".join(orjson.dumps(r) + b"\n" for r in recs)
 
 
 def rollouts() -> list[dict]:

@@ -11,11 +11,10 @@ import time
 import orjson
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from conftest import arith_run_dir, run_tcli  # noqa: E402
+from conftest import REPO, arith_run_dir, run_tcli  # noqa: E402
 from examples.arith.task import make_prompts  # noqa: E402
+
+ROOT = str(REPO)
 
 
 @pytest.fixture(scope="module")

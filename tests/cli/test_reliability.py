@@ -15,7 +15,6 @@ import pytest
 
 from conftest import REPO, arith_run_dir, run_tcli
 
-sys.path.insert(0, str(REPO))
 from examples.arith.task import make_prompts  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

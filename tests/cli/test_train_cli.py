@@ -17,7 +17,6 @@ import pytest
 
 from conftest import REPO, run_tcli
 
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
 OWN = [*sorted((REPO / "tcli" / "train").glob("*.py")), *sorted((REPO / "tcli" / "models").glob("*.py")),
        REPO / "tcli" / "sft.py", REPO / "tcli" / "commands" / "train.py"]
 
@@ -78,14 +77,12 @@ def test_metrics_directory_must_exist(tmp_path):
     assert r.returncode == 2 and "--metrics" in error_line(r.stderr)
 
 
-def test_flags_reach_the_trainer(tmp_path):
+def test_flags_reach_the_trainer(tiny, tmp_path):
     """Every TrainOptions flag given on the command line ends up in the checkpoint's config,
     and the metrics record agrees with the options."""
     from tcli.config.stages import TrainOptions
     from tcli.models.checkpoint import read_state
-    from tcli.models.tiny import init_tiny_model
 
-    tiny = init_tiny_model(str(tmp_path / "m"), seed=0, **TINY)
     recs = [{"prompt_token_ids": [21, 15, 21, 33], "token_ids": [30 + s, 40, 1],
              "logprobs": [-4.5, -4.4, -4.6], "advantages": [0.5 - s / 2] * 3} for s in range(4)]
     src = tmp_path / "in.jsonl"
@@ -152,12 +149,10 @@ def test_train_modules_do_not_import_torch():
     assert r.stdout.strip() == b"[]"
 
 
-def test_trainer_state_records_options_and_seed(tmp_path):
+def test_trainer_state_records_options_and_seed(tiny, tmp_path):
     from tcli.config.stages import TrainOptions
-    from tcli.models.tiny import init_tiny_model
     from tcli.train.trainer import Trainer
 
-    tiny = init_tiny_model(str(tmp_path / "m"), seed=0, **TINY)
     tr = Trainer(tiny, TrainOptions(lr=1e-4), seed=9)
     st = tr.state({"note": 1})
     assert st["seed"] == 9 and st["config"] == dataclasses.asdict(TrainOptions(lr=1e-4))

@@ -16,15 +16,6 @@ from conftest import run_tcli
 
 torch = pytest.importorskip("torch")
 
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    return init_tiny_model(str(tmp_path_factory.mktemp("tiny") / "m"), seed=0, **TINY)
-
 
 def rollouts() -> bytes:
     recs = [{"prompt_token_ids": [21, 15, 21, 33], "token_ids": [30 + s, 40, 1],

@@ -13,7 +13,7 @@ from tcli.io import RecordReader, RecordWriter
 
 DATA = Path("/work/shared/data")
 if not DATA.is_dir():  # pragma: no cover
-    DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+    DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def rows(name: str, n: int) -> list[dict]:

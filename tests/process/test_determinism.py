@@ -19,8 +19,7 @@ import numpy as np
 import orjson
 import pytest
 
-from conftest import REPO
-from test_bad_input import TINY, jsonl, prompts
+from conftest import REPO, jsonl, prompts
 
 torch = pytest.importorskip("torch")
 
@@ -74,12 +73,9 @@ def advantaged_rollouts(n: int = 10) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny):
     """Run the command list in two separate processes; returns their output directories."""
-    from tcli.models.tiny import init_tiny_model
-
     root = tmp_path_factory.mktemp("det")
-    tiny = init_tiny_model(str(root / "tiny"), seed=0, **TINY)
     data = root / "prompts.jsonl"
     data.write_bytes(jsonl(prompts()))
     adv = root / "adv.jsonl"

@@ -18,11 +18,10 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
 LR = 1e-3
 
 
@@ -191,13 +190,13 @@ def _launch(root, nproc: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_model):
     """base model and rollouts; 1 plain process and 2 FSDP processes each run the worker's 2
     steps and every train-step job."""
-    from tcli.models.tiny import init_tiny_model
+    import shutil
 
     d = tmp_path_factory.mktemp("fsdp")
-    base = init_tiny_model(str(d / "base"), seed=0, **TINY)
+    base = shutil.copytree(tiny_model, d / "base")
     _rollouts(base, d / "roll.jsonl")
     _launch(d, 1)
     _launch(d, 2)

@@ -16,11 +16,10 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
 TRAIN_ARGS = ["--lr", "1e-3", "--micro-batch-tokens", "24", "--mini-batches", "2", "--epochs", "2",
               "--seed", "1"]
 
@@ -153,13 +152,13 @@ def _weights(path):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tiny_model, tiny_model_seed1):
     """A tiny policy, a different tiny model of the same shape as the reference, rollouts."""
-    from tcli.models.tiny import init_tiny_model
+    import shutil
 
     d = tmp_path_factory.mktemp("fsdp_ref")
-    init_tiny_model(str(d / "base"), seed=0, **TINY)
-    init_tiny_model(str(d / "ref"), seed=1, **TINY)
+    shutil.copytree(tiny_model, d / "base")
+    shutil.copytree(tiny_model_seed1, d / "ref")
     _rollouts(d / "base", d / "roll.jsonl")
     return d
 

@@ -20,12 +20,10 @@ import numpy as np
 import orjson
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from conftest import arith_run_dir  # noqa: E402
+from conftest import REPO, arith_run_dir  # noqa: E402
 from examples.arith.task import make_prompts  # noqa: E402
 
+ROOT = str(REPO)
 REWARD_MODULE = "tcli_test_parity_reward"
 # every setting the comparison depends on; the rest are flags of each run
 CONFIG = """

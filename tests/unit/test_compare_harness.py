@@ -5,16 +5,11 @@ plot, paired rows, a rejected method skipped with a note, a finished run never r
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 
 import numpy as np
 import orjson
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from examples import compare  # noqa: E402
 from examples.compare import paired_bootstrap  # noqa: E402

@@ -4,15 +4,10 @@ and the warm start's SFT data."""
 
 from __future__ import annotations
 
-import os
 import random
-import sys
 import time
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from examples.countdown.task import (MAX_GOOD_SHARE, attempt, first_moves, good_moves,  # noqa: E402
                                      make_prompts, parse_prompt, sft_response, solution,

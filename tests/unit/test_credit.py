@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import orjson
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from examples import credit  # noqa: E402
 from tcli.algos.estimators import Group, compute_advantages  # noqa: E402

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from tcli.algos.gae import discounted_suffix_sum, gae
-from conftest import run_tcli
+from conftest import jsonl as _jsonl, run_tcli
 
 
 def oracle(reward, values, gamma, lam):
@@ -72,10 +72,6 @@ def _rec(pid, i, toks, reward, values):
     return {"schema": "tcli.rollout/1", "prompt_id": pid, "sample_id": i, "prompt_token_ids": [1, 2],
             "token_ids": toks, "logprobs": [-0.5] * len(toks), "reward": reward,
             "critic_values": values}
-
-
-def _jsonl(recs):
-    return b"".join(orjson.dumps(r) + b"\n" for r in recs)
 
 
 def test_cli_writes_advantages_and_returns_with_early_eos(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "tcli"
+ROOT = Path(__file__).resolve().parents[2] / "tcli"
 
 # Units are sub-packages and top-level modules. The lower layers never import the upper ones.
 LOWER = {"io", "algos", "models", "engines", "verifiers", "records", "registry", "errors"}

@@ -10,16 +10,6 @@ import torch
 from tcli.models.load import load_model
 from tcli.models.logprobs import (batch_logprobs, chunk_rows_for, full_batch_logprobs, make_batch,
                                   sequence_logprobs)
-from tcli.models.tiny import init_tiny_model
-
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("chunk") / "m"
-    init_tiny_model(str(d), seed=0, **TINY)
-    return str(d)
 
 
 @pytest.fixture

@@ -12,16 +12,16 @@ import torch
 
 from tcli.errors import DataError, UsageError
 
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+from conftest import TINY  # noqa: E402
+
 GOOD = ([5, 6, 7], [10, 11, 12, 13])   # advantage +1
 BAD = ([5, 6, 7], [20, 21, 22, 23])    # advantage -1
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    return init_tiny_model(str(tmp_path_factory.mktemp("lora") / "base"), seed=0, **TINY)
+def base(tiny_model):
+    """The base model the adapters train on (the shared tiny model: never written)."""
+    return tiny_model
 
 
 def _logp(model, rows):
@@ -296,7 +296,7 @@ def test_loop_resume_with_lora(tmp_path_factory, tmp_path):
     def loop(run, steps, *extra):
         args = {"model": model, "train-data": d / "train.jsonl", "run-dir": run, "steps": steps,
                 "prompts-per-step": 2, "n": 4, "max-new-tokens": 8, "min-new-tokens": 2,
-                "lr": 1e-2, "eval-every": 0, "task": "python:tests.test_lora:even_length",
+                "lr": 1e-2, "eval-every": 0, "task": "python:tests.unit.test_lora:even_length",
                 "workers": 0, "prompt-template": "plain",
                 "seed": 3, "lora-rank": 4, "lora-alpha": 8, "keep-last": 5}
         r = _tcli(["loop", *[x for k, v in args.items() for x in (f"--{k}", v)], *extra])

@@ -12,13 +12,11 @@ import shutil
 import orjson
 import pytest
 
-from conftest import run_tcli
-from test_loop_inprocess import _config, _read, model  # noqa: F401 - model is a fixture
+from conftest import SMALL, loop_config as _config, read_metrics as _read, run_tcli, shared_model
 from tcli.config.stages import TrainOptions
 from tcli.errors import UsageError
 from tcli.train.schedule import LR_SCHEDULES, lr_at
 
-TINY = dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
 RECS = [{"prompt_token_ids": [21, 15, 21, 33], "token_ids": [30 + s, 40 + g, 1],
          "logprobs": [-4.5, -4.4, -4.6], "advantages": [0.5 - s / 2] * 3,
          "prompt_id": f"p{g}", "sample_id": s} for g in range(2) for s in range(3)]
@@ -71,9 +69,8 @@ def test_decay_equals_transformers_schedules(name):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    return init_tiny_model(str(tmp_path_factory.mktemp("sched") / "m"), seed=0, **TINY)
+    """The SMALL model (shared, read-only)."""
+    return shared_model(tmp_path_factory, seed=0, **SMALL)
 
 
 def _weights(path: str) -> dict:
@@ -114,12 +111,12 @@ def test_chained_train_steps_continue_the_schedule_exactly(tiny, tmp_path):
     assert not all((a[k] == _weights(tiny)[k]).all() for k in a)  # it did train
 
 
-def test_loop_resume_continues_the_schedule_exactly(model, tmp_path):  # noqa: F811
+def test_loop_resume_continues_the_schedule_exactly(loop_model, tmp_path):
     """A cosine run of 4 steps, and a copy of it resumed after step 2 (its checkpoints 3 and 4
     gone, as if killed): the same lr at every step and bit-identical final weights."""
     from tcli.loop import resume_config, run_loop
 
-    ref = _config(model, tmp_path / "ref", steps=4, eval_every=0, keep_last=5,
+    ref = _config(loop_model, tmp_path / "ref", steps=4, eval_every=0, keep_last=5,
                   lr_schedule="cosine", warmup_steps=1, min_lr_ratio=0.1)
     assert ref.train.schedule_steps == 4  # the loop's span: steps x epochs x mini_batches
     run_loop(ref, log=lambda s: None)
@@ -150,6 +147,6 @@ def test_bad_schedule_settings_are_usage_errors_before_anything(args, words, tmp
     assert os.listdir(tmp_path) == []
 
 
-def test_loop_warmup_longer_than_the_run_is_a_usage_error(model):  # noqa: F811
+def test_loop_warmup_longer_than_the_run_is_a_usage_error(loop_model):
     with pytest.raises(UsageError, match="warmup_steps"):
-        _config(model, "unused", steps=3, lr_schedule="linear", warmup_steps=10)
+        _config(loop_model, "unused", steps=3, lr_schedule="linear", warmup_steps=10)

@@ -4,13 +4,7 @@ the model's usual answer shapes."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from examples.real.make_data import make_prompts, split_of  # noqa: E402
 

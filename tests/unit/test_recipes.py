@@ -23,7 +23,7 @@ from tcli.config.spec import settings_of
 from tcli.config.stages import (AdvantageOptions, EvalOptions, SampleOptions, TrainOptions,
                                 VerifyOptions)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE_DIRS = [ROOT / "examples" / "gsm8k", ROOT / "examples" / "math"]
 TOMLS = sorted(p for d in RECIPE_DIRS for p in d.glob("*.toml"))
 STAGE_OPTIONS = {"train-step": [TrainOptions], "sample-tree": [SampleOptions],

@@ -5,13 +5,9 @@ once and ``leaf_tokens`` beside it sums the full responses. Independent sampling
 from __future__ import annotations
 
 import os
-import sys
 
 import orjson
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from conftest import arith_run_dir  # noqa: E402
 from tcli.engines import ENGINES, Completion  # noqa: E402

@@ -17,7 +17,7 @@ import torch
 from examples.arith import task
 from examples.arith.warmstart import extracted_answer, is_correct
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64)
 STEP = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+)")
 

@@ -12,11 +12,8 @@ import orjson
 import pytest
 import torch
 
-from conftest import REPO
-from test_cli_streams import HEAVY, imported_modules
-from test_loop_inprocess import ScriptedEngine, _config, model  # noqa: F401 - model is a fixture
+from conftest import HEAVY, REPO, ScriptedEngine, imported_modules, loop_config as _config, register_engine
 from tcli.config.stages import ThreadOptions
-from tcli.engines import ENGINES
 
 SEEN: list[int] = []  # torch's thread count each time the probe engine sampled
 
@@ -29,8 +26,7 @@ class ThreadProbe(ScriptedEngine):
         return super().generate(prompts, n, cfg)
 
 
-if "threads-probe" not in ENGINES:
-    ENGINES.register("threads-probe")(ThreadProbe)
+register_engine("threads-probe", ThreadProbe)
 
 
 @pytest.fixture(autouse=True)
@@ -62,12 +58,12 @@ def test_bad_value_is_a_usage_error():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_loop_sets_torch_threads_before_sampling(model, tmp_path, threads):  # noqa: F811
+def test_loop_sets_torch_threads_before_sampling(loop_model, tmp_path, threads):
     from tcli.loop import run_loop
 
     torch.set_num_threads(3 - threads)
     SEEN.clear()
-    cfg = _config(model, tmp_path / "run", steps=1, eval_every=0, engine="threads-probe",
+    cfg = _config(loop_model, tmp_path / "run", steps=1, eval_every=0, engine="threads-probe",
                   threads=threads)
     run_loop(cfg, log=lambda s: None)
     assert SEEN and set(SEEN) == {threads}
@@ -75,13 +71,13 @@ def test_loop_sets_torch_threads_before_sampling(model, tmp_path, threads):  # n
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_train_step_sets_torch_threads_before_training(model, tmp_path, monkeypatch,  # noqa: F811
+def test_train_step_sets_torch_threads_before_training(loop_model, tmp_path, monkeypatch,
                                                        threads):
     """In process, through the real command: the trainer's step sees the requested count."""
     from tcli.cli import main
     from tcli.train.trainer import Trainer
 
-    _, path = model
+    _, path = loop_model
     recs = [{"prompt_token_ids": [5, 6, 7], "token_ids": [8 + s, 9, 2],
              "logprobs": [-2.0, -2.1, -2.2], "advantages": [0.5 - s / 3] * 3} for s in range(4)]
     src = tmp_path / "in.jsonl"

@@ -19,8 +19,7 @@ from tcli.models.logprobs import pack_micro_batches, sequence_logprobs
 from tcli.train.loss import (KL_ESTIMATORS, LOSS_AGGREGATIONS, aggregate, kl_penalty,
                              policy_loss)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ----------------------------------------------------------------------------- pure loss maths
@@ -114,13 +113,6 @@ def test_pack_micro_batches_budget():
 
 
 # ----------------------------------------------------------------------------- tiny model fixtures
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    return init_tiny_model(str(tmp_path_factory.mktemp("tiny") / "m"), seed=0, **TINY)
-
 
 @pytest.fixture(scope="module")
 def policy(tiny):

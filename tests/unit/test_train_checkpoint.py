@@ -27,17 +27,8 @@ from conftest import REPO, run_python, run_tcli
 
 torch = pytest.importorskip("torch")
 
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
-
 
 # ----------------------------------------------------------------------------- fixtures, helpers
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    return init_tiny_model(str(tmp_path_factory.mktemp("tiny") / "m"), seed=0, **TINY)
-
 
 @pytest.fixture(scope="module")
 def pair(tiny):

@@ -20,8 +20,7 @@ from tcli.errors import DataError
 from tcli.train.samples import TrainSample, batch_temperature, samples_from_records
 from tcli.train.trie import bin_units, build_trie, group_units, pack_row
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EOS = 1
 
 
@@ -145,13 +144,6 @@ def test_tile_plan_is_the_block_diagonal_ancestor_mask(q):
 # ----------------------------------------------------------------------------- the model
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    return init_tiny_model(str(tmp_path_factory.mktemp("tiny") / "m"), seed=0, **TINY)
-
-
-@pytest.fixture(scope="module")
 def model(tiny):
     from transformers import AutoModelForCausalLM
 
@@ -248,15 +240,8 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def ref_dir(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    return init_tiny_model(str(tmp_path_factory.mktemp("ref") / "m"), seed=1, **TINY)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_trainer_step_equals_per_sequence(tiny, ref_dir, case):
+def test_trainer_step_equals_per_sequence(tiny, tiny_model_seed1, case):
     """A whole train step: loss, metrics, every optimizer step's gradient and the new weights.
     The first optimizer step's gradient agrees to 1e-5; a later one starts from weights that
     Adam's first, sign-like step moved apart by float noise, so it is held to 1e-3."""
@@ -264,7 +249,7 @@ def test_trainer_step_equals_per_sequence(tiny, ref_dir, case):
     samples = _samples(BATCHES["mixed"](rng), rng)
     kw = dict(CASES[case])
     if "kl_coef" in kw:
-        kw["ref_model"] = ref_dir  # a different model: the KL term has a gradient
+        kw["ref_model"] = tiny_model_seed1  # a different model: the KL term has a gradient
     m1, g1, w1 = _step(tiny, samples, share_prefix=False, **kw)
     m2, g2, w2 = _step(tiny, samples, share_prefix=True, **kw)
     rel = 1e-5 if len(g1) == 1 else 1e-4

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ADVERSARIAL
 from tcli.errors import DataError, UsageError
 from tcli.verifiers import VERIFIERS, get_verifier, pick_task
 from tcli.stages.verify import verify_records
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 if not DATA.is_dir():  # the checkout next to shared/ (repo at /work/main, data at /work/shared)
     DATA = Path("/work/shared/data")
 SAMPLE = 100
@@ -359,21 +360,6 @@ def test_bad_records_raise_data_errors():
     assert [r["reward"] for r in out] == [1.0, 1.0]
 
 
-ADVERSARIAL = {
-    "5 MB response": ("".join(random.Random(0).choices("ab 12 \\frac{1}{2} $ {} ()\n", k=5000))
-                      * 1000) + " so the answer is \\boxed{18}",
-    "deeply nested frac": "\\boxed{" + "\\frac{1}{" * 40 + "2" + "}" * 40 + "}",
-    "long nested frac": "\\boxed{" + "\\frac{1}{" * 5000 + "2" + "}" * 5000 + "}",
-    "nested parens": "The answer is $" + "(" * 30 + "1" + ")" * 30 + "$",
-    "unclosed boxed": "The answer is \\boxed{" + "{1" * 100_000,
-    "10,000 boxed": "\\boxed{18}" * 10_000,
-    "10,000 unclosed boxed": "\\boxed{" * 10_000,
-    "10,000-digit number": "The answer is \\boxed{" + "9" * 10_000 + "}\n#### " + "9" * 10_000,
-    "power tower": "\\boxed{9^{9^{9^{9}}}}",
-    "huge factorial": "\\boxed{100000000!}",
-    "control characters": "".join(map(chr, range(32))) * 2000 + "\x00\\boxed{18\x00}\x1b[31m #### 18",
-    "many answer tags": "<answer>" * 100_000 + "The answer is " * 10_000,
-}
 
 
 def test_adversarial_texts_finish_fast():
@@ -430,7 +416,7 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     script = ("import sys; from tcli.stages.verify import verify_records\n"
               "recs = iter([(i, {'text': 'x', 'answer': '1'}) for i in (1, 2)])\n"
               "list(verify_records(recs, 'x', task='python:spinverifier:score', timeout=600, workers=2))\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1])])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[2])])}
     parent = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     pids: list[int] = []

@@ -10,16 +10,15 @@ import time
 
 import pytest
 
+from conftest import ADVERSARIAL, children, work
 from tcli.stages import verify as stage
 from tcli.stages.verify import start_pool, verify_records
 from tcli.verifiers import pool as pool_mod
 from tcli.verifiers.pool import DeadlinePool, Failure
-from tests.test_verifiers import ADVERSARIAL
-from tests.test_verify_pool import children, work
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork, /proc")
 
-# inputs built to make regexes and number parsing work hard (besides tests.test_verifiers')
+# inputs built to make regexes and number parsing work hard (besides conftest.ADVERSARIAL)
 CRAFTED = {
     "answer tags": "<answer>" * 2000, "open tags": "<answer>x" * 2000, "commas": "1,111" * 4000,
     "exponents": "1e" * 8000, "dots": "1." * 8000, "minus": "-" * 16000 + "1",

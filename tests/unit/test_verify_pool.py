@@ -5,68 +5,22 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import children, work
 from tcli.verifiers import pool as pool_mod
 from tcli.verifiers.pool import DeadlinePool, Failure
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork, /proc")
 
 
-def work(payload):
-    """payload = (kind, value): what the function under test does with one item."""
-    kind, v = payload
-    if kind == "ok":
-        return v * 2
-    if kind == "sleep":
-        time.sleep(v)
-        return "slept"
-    if kind == "spin":
-        while True:
-            pass
-    if kind == "exit":
-        os._exit(v)
-    if kind == "sysexit":
-        sys.exit(v)
-    if kind == "kbint":
-        raise KeyboardInterrupt
-    if kind == "raise":
-        raise ValueError(f"bad {v}")
-    if kind == "pid":
-        return os.getpid()
-    if kind == "big":
-        return "x" * v
-    if kind == "unpicklable":
-        return lambda: None
-    if kind == "sigint_self":
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.2)
-        return "survived"
-    raise AssertionError(kind)
-
-
 def run(items, workers=2, timeout=5.0, window=256, **kw):
     with DeadlinePool(work, workers, timeout, **kw) as pool:
         return list(pool.imap(((p, 1) for p in items), window))
-
-
-def children() -> set[int]:
-    """Live (not zombie) child processes of this test process."""
-    me, out = os.getpid(), set()
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == me and fields[0] not in "ZX":
-                out.add(int(d))
-    return out
 
 
 def test_results_in_order_and_workers_gone():
