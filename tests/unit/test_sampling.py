@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import orjson
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import DATA, REPO  # noqa: E402
+from conftest import DATA, run_tcli  # noqa: E402
 from tcli.engines.base import SamplingConfig  # noqa: E402
 from tcli.stages.sample import sample_records  # noqa: E402
 
-MAIN = str(REPO)
 GSM8K = str(DATA / "gsm8k_test.jsonl")
 
 PROMPTS = [
@@ -291,9 +286,9 @@ def test_load_weights_sets_policy_version(ab_engine, tmp_path):
 # ----------------------------------------------------------------------------- CLI
 
 def _cli(args, stdin=None, input=None):
-    return subprocess.run([sys.executable, "-m", "tcli", *args], cwd=MAIN, stdin=stdin,
-                          input=input, capture_output=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": MAIN, "OMP_NUM_THREADS": "1"})
+    """``tcli *args`` (in this process, see conftest.run_tcli); ``stdin``: a file to read from."""
+    return run_tcli(args, input=stdin.read() if stdin is not None else input,
+                    env={"OMP_NUM_THREADS": "1"})
 
 
 def test_cli_tree_through_pipes(text_engine):

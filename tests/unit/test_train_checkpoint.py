@@ -183,7 +183,7 @@ time.sleep(60)
 
 
 def _killed_write(tiny: str, target: Path) -> Path:
-    r = run_python(KILLED_WRITER, [tiny, target])
+    r = run_python(KILLED_WRITER, [tiny, target], fresh=True)  # it SIGKILLs itself
     assert r.returncode == -signal.SIGKILL, r.stderr.decode()
     left = [p for p in target.parent.iterdir() if p.name.startswith(target.name + ".tmp-")]
     assert len(left) == 1 and (left[0] / "model.safetensors").exists()
@@ -352,7 +352,7 @@ def test_sigterm_with_default_handler_still_cleans_up(tiny, pair, tmp_path):
     target = tmp_path / "ck"
     save(target, pair, v=1)
     before = snapshot(target)
-    r = run_python(SIGTERM_DEFAULT, [tiny, target])
+    r = run_python(SIGTERM_DEFAULT, [tiny, target], fresh=True)  # SIGTERM, default handler
     assert r.returncode == 143, r.stderr.decode()
     assert snapshot(target) == before and os.listdir(tmp_path) == ["ck"]
 
