@@ -1,86 +1,24 @@
 """The CPU stream commands through the real CLI: build-tree, advantages, show-tree.
 
-Each test runs the command through ``run_tcli`` (in this process, fds 0-2 on files) or, for pipes
-between processes and a pseudo-terminal, as ``python -m tcli``, so exit codes, stderr and what lands
-on disk are the real ones.
+Each test runs the command through ``run_tcli`` (stdin, stdout and stderr are files on fds 0-2, as
+a process has them: files, Arrow, stdin), so exit codes, stderr and what lands on disk are the real
+ones. Pipes between processes, a terminal on stdin and start-up imports are in tests/process.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
-import pty
-import subprocess
-import sys
-import time
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import pytest
 
-from conftest import HEAVY, REPO, imported_modules, jsonl, run_tcli
-
-ORACLE_TOKENS = [[5, 7, 9, 2], [5, 7, 8, 2], [5, 6, 9, 2], [4, 6, 2]]
-ORACLE_REWARDS = [1, 0, 1, 0]
-
-
-def parse(out: bytes) -> list[dict]:
-    return [orjson.loads(line) for line in out.splitlines() if line.strip()]
-
-
-def oracle_records(prompt_id="oracle"):
-    return [{"schema": "tcli.rollout/1", "prompt_id": prompt_id, "sample_id": i, "token_ids": t,
-             "reward": r, "meta": {"k": i}} for i, (t, r) in enumerate(zip(ORACLE_TOKENS, ORACLE_REWARDS))]
-
-
-def example_records():
-    """The shipped GSM8K example with a reward per response (the answer appears in the text)."""
-    recs = [json.loads(line) for line in (REPO / "examples/rollouts/gsm8k_example.jsonl").open()]
-    for r in recs:
-        r["reward"] = float(r["answer"].replace(",", "") in r["text"].replace(",", ""))
-    return recs
-
-
-def stream_input() -> bytes:
-    return jsonl(oracle_records() + example_records())
-
-
-def one_error_line(stderr: bytes) -> str:
-    lines = stderr.decode().strip().splitlines()
-    assert len(lines) == 1, stderr.decode()
-    assert "Traceback" not in lines[0]
-    return lines[0]
-
+from conftest import example_records, jsonl, oracle_records, parse, run_tcli
+from conftest import stderr_one_line as one_error_line, stream_input
 
 # ----------------------------------------------------------------------------- happy paths
-
-def test_pipe_build_tree_into_advantages():
-    """stdin -> build-tree -> real OS pipe -> advantages -> stdout."""
-    p1 = subprocess.Popen([sys.executable, "-m", "tcli", "build-tree"], cwd=REPO, stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    p2 = subprocess.Popen([sys.executable, "-m", "tcli", "advantages", "-e", "tempo"], cwd=REPO,
-                          stdin=p1.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    p1.stdout.close()
-    p1.stdin.write(stream_input())
-    p1.stdin.close()
-    out, err2 = p2.communicate(timeout=60)
-    assert p1.wait(timeout=60) == 0, p1.stderr.read()
-    assert p2.returncode == 0, err2
-    recs = parse(out)
-    assert len(recs) == 16
-    oracle = recs[:4]
-    np.testing.assert_allclose(oracle[0]["advantages"], [1.154701, 0.577350, 1.732051, 0.866025], atol=1e-5)
-    np.testing.assert_allclose(oracle[2]["advantages"], [1.154701, 1.443376, 0.866025, 0.866025], atol=1e-5)
-    np.testing.assert_allclose(oracle[3]["advantages"], [-1.732051, -0.866025, -0.866025], atol=1e-5)
-    for r in recs:
-        assert r["estimator"] == "tempo" and r["schema"] == "tcli.rollout/1"
-        assert len(r["values"]) == len(r["token_ids"]) + 1
-        assert len(r["branch"]) == len(r["advantages"]) == len(r["token_ids"])
-    # unknown fields travel through untouched
-    assert oracle[1]["meta"] == {"k": 1} and recs[5]["text"] == example_records()[1]["text"]
-
 
 def test_files_arrow_and_jsonl_agree(tmp_path):
     src = tmp_path / "in.jsonl"
@@ -181,54 +119,6 @@ def test_show_tree():
     assert r.returncode == 2 and "nope" in one_error_line(r.stderr)
     r = run_tcli(["show-tree"], input=with_line2("reward", drop=True))
     assert r.returncode == 65 and "<stdin>:2: field 'reward'" in one_error_line(r.stderr)
-
-
-# ----------------------------------------------------------------------------- Unix behaviour
-
-def test_stdin_terminal_exits_2_quickly():
-    master, slave = pty.openpty()
-    try:
-        for cmd in (["build-tree"], ["advantages", "-e", "grpo"]):
-            t0 = time.monotonic()
-            r = subprocess.run([sys.executable, "-m", "tcli", *cmd], cwd=REPO, stdin=slave,
-                               capture_output=True, timeout=30)
-            assert time.monotonic() - t0 < 20
-            assert r.returncode == 2, (cmd, r.stderr)
-            assert "terminal" in one_error_line(r.stderr)
-            assert r.stdout == b""
-    finally:
-        os.close(master)
-        os.close(slave)
-
-
-@pytest.mark.parametrize("fmt", ["jsonl", "arrow"])
-def test_closed_stdout_ends_quietly(tmp_path, fmt):
-    """`tcli build-tree big | head -1`: the reader leaves early; exit 0, nothing on stderr."""
-    rng = np.random.default_rng(0)
-    recs = [{"prompt_id": f"g{i // 8}", "token_ids": rng.integers(0, 9, 300).tolist(),
-             "reward": float(i % 2)} for i in range(320)]
-    src = tmp_path / "big.jsonl"
-    src.write_bytes(jsonl(recs))
-    p = subprocess.Popen([sys.executable, "-m", "tcli", "build-tree", src, "--format", fmt], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    p.stdout.read(100)
-    p.stdout.close()
-    err = p.stderr.read()
-    assert p.wait(timeout=60) == 0, err
-    assert err == b""
-
-
-def test_shell_pipe_into_head(tmp_path):
-    src = tmp_path / "in.jsonl"
-    src.write_bytes(jsonl([dict(r, prompt_id=f"{r['prompt_id']}-{k}") for k in range(40)
-                           for r in parse(stream_input())]))
-    cmd = (f"{sys.executable} -m tcli build-tree {src} | {sys.executable} -m tcli advantages | head -1; "
-           "echo \"status=${PIPESTATUS[0]},${PIPESTATUS[1]}\"")
-    r = subprocess.run(["bash", "-c", cmd], cwd=REPO, capture_output=True, timeout=60)
-    lines = r.stdout.decode().splitlines()
-    assert len(lines) == 2 and lines[-1] == "status=0,0", r.stdout + r.stderr
-    assert "advantages" in orjson.loads(lines[0])
-    assert r.stderr == b""
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -333,18 +223,3 @@ def test_usage_errors_exit_2(tmp_path, args):
 def test_missing_input_file_is_usage_error(tmp_path):
     r = run_tcli(["build-tree", tmp_path / "nope.jsonl"])
     assert r.returncode == 2 and "nope.jsonl" in one_error_line(r.stderr)
-
-
-# ----------------------------------------------------------------------------- import weight
-
-@pytest.mark.parametrize("args", [["--help"], ["advantages", "--help"], ["build-tree"], ["advantages"]])
-def test_cpu_stages_do_not_import_torch(args):
-    src = jsonl(oracle_records())
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "tcli", *args], cwd=REPO,
-                       input=src, capture_output=True, timeout=60)
-    assert r.returncode == 0, r.stderr[-500:]
-    mods = imported_modules(r.stderr)
-    assert "tcli" in mods
-    if args[-1] != "--help":
-        assert "numpy" in mods  # the stage really ran
-    assert not mods & set(HEAVY), sorted(mods & set(HEAVY))

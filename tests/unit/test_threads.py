@@ -5,14 +5,12 @@ import torch for it."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import orjson
 import pytest
 import torch
 
-from conftest import HEAVY, REPO, ScriptedEngine, imported_modules, loop_config as _config, register_engine
+from conftest import ScriptedEngine, loop_config as _config, register_engine
 from tcli.config.stages import ThreadOptions
 
 SEEN: list[int] = []  # torch's thread count each time the probe engine sampled
@@ -94,15 +92,3 @@ def test_train_step_sets_torch_threads_before_training(loop_model, tmp_path, mon
     assert seen == [threads]
 
 
-@pytest.mark.parametrize("args", [["sample-tree", "--help"], ["loop", "--help"],
-                                  ["verify", "--task", "arith"]])
-def test_cpu_only_paths_do_not_import_torch(args):
-    src = b'{"text": "#### 4", "answer": "4"}\n'
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "tcli", *args], cwd=REPO,
-                       input=src, capture_output=True, timeout=60)
-    assert r.returncode == 0, r.stderr[-500:]
-    if args[0] == "verify":
-        assert orjson.loads(r.stdout)["reward"] == 1.0
-    else:
-        assert b"--threads" in r.stdout
-    assert not imported_modules(r.stderr) & set(HEAVY)
