@@ -386,12 +386,12 @@ def test_real_process_stdin(cmd):
     recs[1]["token_ids"] = "31 40 1"
     recs[1]["text"] = 7
     args = [cmd] + (["--task", "arith", "--workers", "1"] if cmd == "verify" else [])
-    r = run_tcli(args, input=jsonl(recs), timeout=60)
+    r = run_tcli(args, input=jsonl(recs), timeout=60, fresh=True)
     assert r.returncode == 65, r.stderr
     fld = "text" if cmd == "verify" else "token_ids"
     assert f"<stdin>:2: field '{fld}'" in one_error_line(r.stderr.decode())
     assert r.stdout == b""
-    d = run_tcli(args + ["--debug"], input=jsonl(recs), timeout=60)
+    d = run_tcli(args + ["--debug"], input=jsonl(recs), timeout=60, fresh=True)
     assert d.returncode != 0 and b"Traceback" in d.stderr and b"DataError" in d.stderr
 
 

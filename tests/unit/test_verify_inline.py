@@ -178,7 +178,7 @@ def test_big_chunks_never_block_on_a_stuck_worker():
 
 def test_workers_are_watched_between_local_items():
     """A worker's item that hangs is killed on time even while the parent runs local items."""
-    seen, before = [], children()  # other children of this process (the tests' fork server)
+    seen, before = [], children()  # other children of this process, if any
 
     def local(payload):
         time.sleep(payload[1])
