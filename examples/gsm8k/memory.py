@@ -80,7 +80,7 @@ class Arch:
 
     def act_bytes_per_token_layer(self) -> int:
         """Tensors kept for backward under bf16 autocast, per layer and token (counted with
-        saved_tensors_hooks on a small Qwen3, tests/test_recipes.py): 30h (fp32 residual stream and
+        saved_tensors_hooks on a small Qwen3, tests/unit/test_recipes.py): 30h (fp32 residual stream and
         RMSNorm internals, bf16 matmul inputs), 10d(H+K) (q/k/v, q/k norm, rotary, attention
         output), 8I (gate, up, silu(gate), their product). SDPA/flash attention: no seq^2 term."""
         return 30 * self.h + 10 * self.d * (self.H + self.K) + 8 * self.I

@@ -5,7 +5,7 @@
 # Per step: the next PROMPTS prompts -> sample-tree (vllm, bf16) -> verify -> build-tree ->
 # advantages -> torchrun train-step --parallel fsdp -> a normal checkpoint the next step samples from.
 # Memory per GPU (examples/gsm8k/memory.py): trainer 10.3 GB on 4 GPUs; vllm alone on GPU 0.
-# DRY_RUN=1 prints the tcli commands instead of running them (tests/test_recipes.py parses them).
+# DRY_RUN=1 prints the tcli commands instead of running them (tests/unit/test_recipes.py parses them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 : "${MODEL:?give MODEL=DIR, a local Hugging Face causal LM directory}"

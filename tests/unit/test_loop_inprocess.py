@@ -1,0 +1,181 @@
+"""`tcli loop` in process, with a scripted engine whose answers are known in advance, so every
+metric is exact: rewards, zero-variance share, branching tokens, dropped groups, token budgets,
+evaluation accuracy, best/ selection and keep_last pruning. The trainer is the real one."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import orjson
+import pytest
+
+from conftest import CORRECT, LOOP_N as N, LOOP_PROMPTS as PROMPTS, loop_config as _config
+from conftest import read_metrics as _read
+
+
+def _run(cfg):
+    from tcli.loop import run_loop
+
+    run_loop(cfg, log=lambda s: None)
+    with open(os.path.join(cfg.run.run_dir, "metrics.jsonl"), "rb") as f:
+        return [orjson.loads(x) for x in f.read().splitlines()]
+
+
+def _tokens(answer: int) -> int:
+    return len(f"#### {answer}") + 1  # char tokenizer + EOS
+
+
+def test_exact_metrics_best_and_keep_last(loop_model, tmp_path):
+    metrics = _run(_config(loop_model, tmp_path / "run"))
+    train = [m for m in metrics if m["kind"] == "train"]
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    assert [m["step"] for m in train] == [1, 2, 3, 4]
+    assert [m["step"] for m in evals] == [0, 1, 2, 3, 4]
+    # sampling at step s uses policy version s - 1 (one optimizer step per train step)
+    for m, v in zip(train, range(4)):
+        c = CORRECT[v]
+        assert m["reward_mean"] == sum(c) / (N * len(c))
+        assert m["zero_variance_share"] == sum(k in (0, N) for k in c) / len(c)
+        tokens = sum(a * _tokens(2 * (i + 1)) + (N - a) * _tokens(2 * (i + 1) + 1)
+                     for i, a in enumerate(c))
+        assert m["sampled_tokens"] == tokens
+        # one branching token (the first answer digit) per response of a mixed group
+        branch = sum(N for k in c if 0 < k < N)
+        assert m["branch_token_share"] == branch / tokens
+        assert m["groups_dropped"] == 0
+    assert [m["sampled_tokens_total"] for m in train] == list(np.cumsum([m["sampled_tokens"]
+                                                                         for m in train]))
+    # greedy eval = sample 0 of each prompt: correct when the prompt has any correct answer
+    assert [m["accuracy"] for m in evals] == [0.75, 1.0, 0.25, 1.0, 1.0]
+    ckpts = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    assert ckpts == ["best", "step_3", "step_4"]
+    from tcli.models.checkpoint import read_state
+
+    assert read_state(str(tmp_path / "run" / "checkpoints" / "best"))["step"] == 4  # last of ties
+
+
+def test_filter_groups_drops_zero_variance_groups(loop_model, tmp_path):
+    metrics = _run(_config(loop_model, tmp_path / "run", filter_groups=True, steps=2, eval_every=0))
+    train = [m for m in metrics if m["kind"] == "train"]
+    assert [m["groups_dropped"] for m in train] == [2, 1]   # CORRECT[0]: 0 and 4; CORRECT[1]: 4
+    assert train[0]["train_num_sequences"] == 2 * N and train[1]["train_num_sequences"] == 3 * N
+
+
+def test_sampled_token_budget_stops_after_the_step_that_crosses_it(loop_model, tmp_path):
+    first = sum(a * _tokens(2 * (i + 1)) + (N - a) * _tokens(2 * (i + 1) + 1)
+                for i, a in enumerate(CORRECT[0]))
+    metrics = _run(_config(loop_model, tmp_path / "run", max_sampled_tokens=first + 1, eval_every=3))
+    train = [m for m in metrics if m["kind"] == "train"]
+    assert [m["step"] for m in train] == [1, 2]
+    assert train[-1]["sampled_tokens_total"] > first + 1
+    # the last step of a run evaluates even when it is not a multiple of eval.every
+    assert [m["step"] for m in metrics if m["kind"] == "eval"] == [0, 2]
+
+
+def test_wall_budget_counts_evaluation_time(loop_model, tmp_path):
+    metrics = _run(_config(loop_model, tmp_path / "run", max_wall_seconds=1e-6, eval_every=3))
+    train = [m for m in metrics if m["kind"] == "train"]
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    # the initial evaluation already spends the budget: no step runs
+    assert train == [] and [m["step"] for m in evals] == [0]
+    assert evals[0]["wall_time"] > 0
+    metrics = _run(_config(loop_model, tmp_path / "run2", max_wall_seconds=1e-6, eval_every=0))
+    assert [m["step"] for m in metrics if m["kind"] == "train"] == [1]
+
+
+def test_treerpo_inside_the_loop_matches_the_stage(loop_model, tmp_path):
+    """TreeRPO in the loop on a real engine's trees: the advantages written to the rollout file
+    are exactly what the advantages stage computes from that file."""
+    from tcli.algos.estimators import Group
+    from tcli.io import RecordReader, iter_groups
+    from tcli.stages.advantages import advantages_group
+
+    cfg = _config(loop_model, tmp_path / "run", engine="hf", mode="tree", width=2, depth=2,
+                  segment_tokens=3, max_new_tokens=8, estimator="treerpo", steps=1, eval_every=0)
+    _run(cfg)
+    recs = [r for _, r in RecordReader(str(tmp_path / "run" / "rollouts" / "step_1.arrow"))]
+    assert len(recs) == len(PROMPTS) * 4 and all(r["estimator"] == "treerpo" for r in recs)
+    assert all(len(r["node_path"]) >= 1 for r in recs)
+    for _, group in iter_groups(enumerate(recs, 1), "rollouts"):
+        stored = [list(r["advantages"]) for r in group]
+        again = advantages_group(Group.from_records([dict(r) for r in group]), cfg.advantages)
+        assert stored == [r["advantages"] for r in again]
+
+
+def test_save_every_writes_fewer_checkpoints_and_resume_is_exact(loop_model, tmp_path):
+    """save_every = 3 over 5 steps: checkpoints at 3 and 5 only (no eval, so no best); a run
+    stopped after step 4 resumes from step 3 and ends with the same weights."""
+    from safetensors.numpy import load_file
+
+    ref = _config(loop_model, tmp_path / "ref", steps=5, save_every=3, eval_every=0, keep_last=5)
+    _run(ref)
+    assert sorted(os.listdir(tmp_path / "ref" / "checkpoints")) == ["step_3", "step_5"]
+    part = _config(loop_model, tmp_path / "run", steps=4, save_every=3, eval_every=0, keep_last=5)
+    _run(part)  # step 4 is the last of this run: saved
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_4")  # as if killed before saving 4
+    from tcli.loop import resume_config, run_loop
+
+    run_loop(resume_config(str(tmp_path / "run"), {"steps": 5}), resume=True, log=lambda s: None)
+    a = load_file(str(tmp_path / "ref" / "checkpoints" / "step_5" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "checkpoints" / "step_5" / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+    steps = [m["step"] for m in _read(tmp_path / "run") if m["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_tensorboard_event_files(loop_model, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    _run(_config(loop_model, tmp_path / "run", steps=2, eval_every=1, tensorboard=str(tb)))
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    rewards = [e.value for e in acc.Scalars("train/reward_mean")]
+    assert rewards == pytest.approx([sum(CORRECT[0]) / 16, sum(CORRECT[1]) / 16])
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [0, 1, 2]
+
+
+def test_ppo_trains_a_critic_beside_the_policy_and_resumes_exactly(loop_model, tmp_path):
+    """estimator ppo: critic values -> GAE -> train-step + train-critic each step; critic_N is
+    saved with step_N, pruned with it, and a resumed run ends with the same policy AND critic."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from tcli.io import RecordReader
+    from tcli.loop import resume_config, run_loop
+
+    kw = dict(estimator="ppo", steps=3, eval_every=0, keep_last=1, critic_lr=1e-3, lam=1.0)
+    metrics = _run(_config(loop_model, tmp_path / "ref", **kw))
+    ck = tmp_path / "ref" / "checkpoints"
+    assert sorted(os.listdir(ck)) == ["critic_0", "critic_3", "step_3"]
+    train = [m for m in metrics if m["kind"] == "train"]
+    assert all(m["critic_value_loss"] > 0 and "critic_explained_variance" in m for m in train)
+    assert all(m["seconds_critic"] > 0 for m in train)
+    recs = [r for _, r in RecordReader(str(tmp_path / "ref" / "rollouts" / "step_2.arrow"))]
+    for r in recs:  # lam = gamma = 1: returns are the reward; advantages = reward - V
+        assert len(r["critic_values"]) == len(r["token_ids"]) + 1
+        assert np.allclose(r["returns"], r["reward"])
+        assert np.allclose(r["advantages"], r["reward"] - np.array(r["critic_values"][:-1]))
+    assert any(v != 0 for r in recs for v in r["critic_values"])  # step 1 moved the critic
+    _run(_config(loop_model, tmp_path / "run", **{**kw, "steps": 2, "keep_last": 2}))
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_2")  # killed before step 2 was saved
+    run_loop(resume_config(str(tmp_path / "run"), {"steps": 3}), resume=True, log=lambda s: None)
+    for name in ("step_3", "critic_3"):
+        a = load_file(str(ck / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "run" / "checkpoints" / name / "model.safetensors"))
+        assert all((a[k] == b[k]).all() for k in a), name
+
+
+def test_whiten_in_the_loop(loop_model, tmp_path):
+    """advantages.whiten: the step's advantages have mean 0 and std 1 over all its tokens."""
+    from tcli.io import RecordReader
+
+    _run(_config(loop_model, tmp_path / "run", estimator="ppo", whiten=True, steps=1, eval_every=0))
+    recs = [r for _, r in RecordReader(str(tmp_path / "run" / "rollouts" / "step_1.arrow"))]
+    flat = np.concatenate([r["advantages"] for r in recs])
+    assert abs(flat.mean()) < 1e-6 and abs(flat.std() - 1.0) < 1e-4
