@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 DESIGN = REPO / "docs" / "design.md"
 MARKER = re.compile(r"<!-- readme-test: (run|run-if-benchmarks|file [\w./-]+) -->")
