@@ -49,7 +49,7 @@ HEAVY_FIELDS = frozenset({"token_ids", "prompt_token_ids", "logprobs", "values",
                           "entropies"})
 WINDOW_CHARS = 64 << 20  # characters of response text held at once (besides the record count)
 # verifiers that cannot hang: bounded work on a bounded tail of the response, measured on
-# adversarial inputs (tests/test_verify_inline.py keeps each under a bound); they run here
+# adversarial inputs (tests/unit/test_verify_inline.py keeps each under a bound); they run here
 INLINE_TASKS = frozenset({"arith", "gsm8k"})
 INLINE_ANSWER_CHARS = 1000  # ... when the gold answer is short (gsm8k's exact rationals of a
 #                            100,000-digit decimal gold take 0.6 s: those go to a worker)
