@@ -46,9 +46,17 @@ def progress_enabled(quiet: bool) -> bool:
 
 @contextmanager
 def group_progress(label: str, quiet: bool, total: int | None = None):
-    """A progress bar on a terminal's stderr; yields the per-group callback (or None)."""
-    if not progress_enabled(quiet):
+    """A progress bar on a terminal's stderr, else plain lines at a bounded rate (logs); yields
+    the per-group callback (None when quiet)."""
+    if quiet:
         yield None
+        return
+    if not progress_enabled(quiet):
+        from tcli.progress import LineProgress
+
+        lines = LineProgress(label, total)
+        yield lambda group: lines.advance(1, tokens=sum(len(r["token_ids"]) for r in group))
+        lines.finish()
         return
     from rich.progress import (BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn)
 
@@ -64,6 +72,23 @@ def group_progress(label: str, quiet: bool, total: int | None = None):
 
     with bar:
         yield on_group
+
+
+def input_total(path: str, limit: int | None = None) -> int | None:
+    """How many records a JSONL file holds (at most ``limit``), for progress lines; None for
+    stdin and other formats. One cheap pass over the bytes, no parsing."""
+    import os
+
+    from tcli.io import detect_format
+
+    if path == "-" or not os.path.isfile(path):
+        return limit
+    with open(path, "rb") as f:
+        if detect_format(f.read(8)) != "jsonl":
+            return limit
+        f.seek(0)
+        n = sum(1 for line in f if not line.isspace())
+    return min(n, limit) if limit else n
 
 
 def located(e: DataError, name: str, lines: list[int]) -> DataError:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from tcli.commands.common import (FormatOpt, InputFormatOpt, ModelOpt, OutputOpt, QuietOpt,
-                                  SeedOpt, group_progress)
+                                  SeedOpt, group_progress, input_total)
 from tcli.config.flags import options_command
 from tcli.config.stages import PromptOptions, SampleOptions, ThreadOptions
 from tcli.errors import DataError
@@ -39,7 +39,8 @@ def sample_tree(
     from tcli.io import RecordReader, RecordWriter, resolve_data
     from tcli.stages.sample import sample_records
 
-    reader = RecordReader(resolve_data(input), input_format)
+    path = resolve_data(input)
+    reader = RecordReader(path, input_format)
     records = iter(reader)
     head = next(records, None)  # open and sniff the input before the (slow) model load
     if head is None or limit == 0:  # nothing to sample: an empty output, no model load
@@ -54,7 +55,8 @@ def sample_tree(
 
     threads.apply()
     engine = open_engine(model, opts, seed=seed)
-    with group_progress("sample-tree", quiet, total=limit) as on_group, \
+    total = input_total(path, limit) if input_format in (None, "auto", "jsonl") else limit
+    with group_progress("sample-tree", quiet, total=total) as on_group, \
             RecordWriter(output, format) as writer:
         try:
             for rec in sample_records(engine, prompts(), opts, seed=seed, on_group=on_group,
