@@ -91,6 +91,21 @@ def input_total(path: str, limit: int | None = None) -> int | None:
     return min(n, limit) if limit else n
 
 
+def checkpoint_sampling(opts, model: str, quiet: bool):
+    """``opts`` with the checkpoint's recorded prompt template, chat-template choice and response
+    cap wherever the user gave none; one line on stderr says which were taken."""
+    from tcli.models.load import check_model_dir
+    from tcli.models.recorded import notice, with_recorded
+
+    check_model_dir(model)  # a bad --model fails here, before torch is imported
+    opts, changed = with_recorded(opts, model)
+    line = notice(changed, opts)
+    if line and not quiet:
+        sys.stderr.write(f"tcli: {line}\n")
+        sys.stderr.flush()
+    return opts
+
+
 def located(e: DataError, name: str, lines: list[int]) -> DataError:
     """A stage's error (which knows the record's index in its group) at the record's line."""
     idx = getattr(e, "index", None)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from tcli.commands.common import (FormatOpt, InputFormatOpt, ModelOpt, OutputOpt, QuietOpt,
-                                  SeedOpt, group_progress, input_total)
+                                  SeedOpt, checkpoint_sampling, group_progress, input_total)
 from tcli.config.flags import options_command
 from tcli.config.stages import PromptOptions, SampleOptions, ThreadOptions
 from tcli.errors import DataError
@@ -53,6 +53,7 @@ def sample_tree(
             lines.append(line)
             yield rec
 
+    opts = checkpoint_sampling(opts, model, quiet)
     threads.apply()
     engine = open_engine(model, opts, seed=seed)
     total = input_total(path, limit) if input_format in (None, "auto", "jsonl") else limit

@@ -14,9 +14,14 @@ from typing import Annotated, Optional
 import typer
 
 from tcli.commands.common import InputArg, InputFormatOpt, QuietOpt, SeedOpt, progress_enabled
-from tcli.config.flags import options_command
-from tcli.config.stages import ThreadOptions, TrainOptions
+from tcli.config.flags import Without, options_command
+from tcli.config.spec import settings_of
+from tcli.config.stages import SampleOptions, ThreadOptions, TrainOptions
 from tcli.errors import UsageError
+
+# what the new checkpoint records about how it is meant to be sampled (default: the start's)
+Recorded = Annotated[SampleOptions, Without(*(f.name for f in settings_of(SampleOptions)
+                                               if f.name not in SampleOptions.RECORDED))]
 
 
 @options_command
@@ -30,6 +35,7 @@ def train_step(
                       "replaced only if it is a checkpoint).")] = ...,
     opts: TrainOptions,
     threads: ThreadOptions,
+    sampling: Recorded,
     metrics: Annotated[Optional[str], typer.Option(help="Also append the metrics record (one JSON "
                        "line) to this file.")] = None,
     input_format: InputFormatOpt = None,
@@ -40,7 +46,8 @@ def train_step(
 
     Log-probs are recomputed at the records' sampling `temperature` T, as log_softmax(logits / T)
     (absent, or 0 for greedy: T = 1; one T per batch). Prints one metrics record (JSON line) on
-    stdout.
+    stdout. The new checkpoint records the start checkpoint's prompt template, chat-template
+    choice and max new tokens (those given here win), which sample-tree, eval and loop then use.
     """
     from tcli.models.checkpoint import check_checkpoint_target
     from tcli.train.dist import distributed, run_on_main
@@ -56,9 +63,18 @@ def train_step(
         threads.apply()
         trainer = Trainer(model, opts, seed=seed, dist_info=info)
         m = trainer.step(samples)
-        trainer.save(output)
+        trainer.save(output, _recorded(model, sampling))
         if info.is_main:
             _report({"kind": "train-step", "model": os.path.abspath(output), **m}, metrics, quiet)
+
+
+def _recorded(model: str, sampling: SampleOptions) -> dict:
+    """The new checkpoint's ``sampling`` record: the start checkpoint's, with the given flags."""
+    from tcli.models.recorded import SAMPLING, recorded_sampling, sampling_state
+
+    given = {k: v for k, v in sampling_state(sampling).items() if k not in sampling.unset}
+    merged = {**recorded_sampling(model), **given}
+    return {SAMPLING: merged} if merged else {}
 
 
 def _read_samples(input: str, input_format: str | None, model: str, opts: TrainOptions):

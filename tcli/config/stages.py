@@ -82,6 +82,9 @@ class SampleOptions(Options):
     """How responses are drawn (sample-tree, eval, loop)."""
 
     TABLE: ClassVar[str] = "sample"
+    # how prompts are rendered and how long answers may be: what a checkpoint was trained with
+    # records these, and a stage the user gives none of them uses the checkpoint's
+    RECORDED: ClassVar[tuple[str, ...]] = ("prompt_template", "chat_template", "max_new_tokens")
 
     engine: str = setting("hf", "Generation engine.", choices=_engines)
     mode: str = setting("independent", "independent (n samples per prompt) or tree (TreeRPO).",
