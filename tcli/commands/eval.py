@@ -72,7 +72,7 @@ def eval_cmd(
 
     _check_target(output, "-o/--output")
     _check_target(summary, "--summary")
-    prompts = read_prompts(data, ev.limit or None, fields)
+    prompts = read_prompts(data, ev.limit, fields)
     sample = checkpoint_sampling(sample, model, quiet)
     threads.apply()
     engine = open_engine(model, eval_sampling(sample, ev), seed=seed)  # vllm: its logprobs_mode

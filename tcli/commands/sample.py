@@ -28,7 +28,8 @@ def sample_tree(
     opts: SampleOptions,
     fields: PromptOptions,
     threads: ThreadOptions,
-    limit: Annotated[Optional[int], typer.Option(min=0, help="Read only the first N prompts.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Read only the first N prompts, "
+                                                 "N >= 1 (default: all).")] = None,
     format: FormatOpt = None,
     input_format: InputFormatOpt = None,
     seed: SeedOpt = 0,
@@ -43,7 +44,7 @@ def sample_tree(
     reader = RecordReader(path, input_format)
     records = iter(reader)
     head = next(records, None)  # open and sniff the input before the (slow) model load
-    if head is None or limit == 0:  # nothing to sample: an empty output, no model load
+    if head is None:  # nothing to sample: an empty output, no model load
         with RecordWriter(output, format):
             return
     lines: list[int] = []

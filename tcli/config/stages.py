@@ -349,7 +349,8 @@ class EvalOptions(Options):
     n: int = like(SampleOptions, "n", 1)
     temperature: float = like(SampleOptions, "temperature", 0.0)
     k: str = setting("1", "Comma-separated k for unbiased pass@k (each between 1 and n).")
-    limit: int = setting(0, "Evaluate only the first N prompts (0 = all).", check=at_least(0))
+    limit: Optional[int] = setting(None, "Evaluate only the first N prompts, N >= 1 (default: "
+                                   "all).", check=at_least(0))
 
     @property
     def ks(self) -> list[int]:
@@ -357,6 +358,9 @@ class EvalOptions(Options):
 
     def check(self) -> None:
         parse_ks(self.k, self.n, self.label("k"))
+        if self.limit == 0:  # as in sample-tree: a limit is a number of prompts, never "all"
+            raise UsageError(f"{self.label('limit')} must be >= 1 (leave it out for all "
+                             "prompts), got 0")
 
 
 def parse_ks(k: str, n: int, label: str) -> list[int]:
