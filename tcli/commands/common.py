@@ -28,7 +28,9 @@ InputFormatOpt = Annotated[Optional[str], typer.Option("--input-format", help="F
                                                        "Face dataset saved with save_to_disk).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (same inputs + seed = same output).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model or checkpoint directory.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model or checkpoint directory, or a "
+                                       "Hugging Face Hub name already in the local cache "
+                                       "(TCLI_ALLOW_DOWNLOADS=1 lets tcli download it).")]
 
 
 def stderr_console(quiet: bool = False):
