@@ -55,6 +55,7 @@ def train_step(
 
     opts.require_span()
     check_checkpoint_target(output, "-o/--output")
+    _check_not_input(model, output)
     if metrics and metrics != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(metrics))):
         raise UsageError(f"--metrics: directory does not exist: "
                          f"{os.path.dirname(os.path.abspath(metrics))}")
@@ -66,6 +67,13 @@ def train_step(
         trainer.save(output, _recorded(model, sampling))
         if info.is_main:
             _report({"kind": "train-step", "model": os.path.abspath(output), **m}, metrics, quiet)
+
+
+def _check_not_input(model: str, output: str) -> None:
+    """Writing the new checkpoint over the one it starts from would lose the start for good."""
+    if os.path.realpath(model) == os.path.realpath(output):
+        raise UsageError(f"-o/--output {output} is the input checkpoint --model {model}; write "
+                         "the new checkpoint to another directory")
 
 
 def _recorded(model: str, sampling: SampleOptions) -> dict:
