@@ -97,7 +97,11 @@ class Loop:
 
             check_available()
         self.run = RunDir(cfg.run.run_dir, warn=log)
-        if not cfg.run.model or not os.path.isdir(cfg.run.model):
+        for name in ("model", "train_data"):  # required: nothing could stand in for them
+            if not getattr(cfg.run, name):
+                raise UsageError(f"no {name}: give {cfg.run.flag(name)} or `{name} = ...` in the "
+                                 "--config file")
+        if not os.path.isdir(cfg.run.model):
             raise UsageError(f"model directory not found: {cfg.run.model!r}")
         self.cfg = cfg = with_recorded_sampling(cfg, log)  # before config.toml is written
         self.train_prompts = read_prompts(cfg.run.train_data, fields=cfg.prompts)
