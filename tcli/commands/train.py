@@ -38,6 +38,9 @@ def train_step(
     sampling: Recorded,
     metrics: Annotated[Optional[str], typer.Option(help="Also append the metrics record (one JSON "
                        "line) to this file.")] = None,
+    overwrite_model: Annotated[bool, typer.Option("--overwrite-model", help="Let -o name --model "
+                               "itself: the new checkpoint then replaces the one it started from "
+                               "(atomically). Without it that is a usage error.")] = False,
     input_format: InputFormatOpt = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -55,7 +58,8 @@ def train_step(
 
     opts.require_span()
     check_checkpoint_target(output, "-o/--output")
-    _check_not_input(model, output)
+    if not overwrite_model:
+        _check_not_input(model, output)
     if metrics and metrics != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(metrics))):
         raise UsageError(f"--metrics: directory does not exist: "
                          f"{os.path.dirname(os.path.abspath(metrics))}")
@@ -73,7 +77,7 @@ def _check_not_input(model: str, output: str) -> None:
     """Writing the new checkpoint over the one it starts from would lose the start for good."""
     if os.path.realpath(model) == os.path.realpath(output):
         raise UsageError(f"-o/--output {output} is the input checkpoint --model {model}; write "
-                         "the new checkpoint to another directory")
+                         "the new checkpoint to another directory (or give --overwrite-model)")
 
 
 def _recorded(model: str, sampling: SampleOptions) -> dict:
