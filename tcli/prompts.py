@@ -39,13 +39,20 @@ def _check_messages(v) -> None:
                         field="messages")
 
 
+def missing(rec: dict, key: str) -> DataError:
+    """A missing id/prompt/answer, with the record's own fields and the flag that maps one."""
+    have = ", ".join(list(rec)[:8]) + (", ..." if len(rec) > 8 else "") if rec else "none"
+    return DataError(f"missing required field (the record has: {have}; --{key}-field NAME reads "
+                     "it from another field)", field=key)
+
+
 def check_prompt_record(rec: dict) -> None:
     """Raise DataError naming the field when a prompt record lacks ``id`` or a prompt (a
     ``prompt`` string, or chat ``messages`` passed to the chat template as they are)."""
     if not isinstance(rec, dict):
         raise DataError(f"record must be an object, got {type(rec).__name__}")
     if "id" not in rec:
-        raise DataError("missing required field", field="id")
+        raise missing(rec, "id")
     pid = rec["id"]
     if isinstance(pid, bool) or not isinstance(pid, (str, int)):
         raise DataError(f"must be a string or integer, got {type(pid).__name__}", field="id")
@@ -53,7 +60,7 @@ def check_prompt_record(rec: dict) -> None:
         _check_messages(rec["messages"])
         return
     if "prompt" not in rec:
-        raise DataError("missing required field", field="prompt")
+        raise missing(rec, "prompt")
     if not isinstance(rec["prompt"], str):
         raise DataError(f"must be a string, got {type(rec['prompt']).__name__}", field="prompt")
 
@@ -150,7 +157,7 @@ def read_prompts(path: str, limit: int | None = None, fields=None) -> list[dict]
             rec = map_fields(rec, fields)
             check_prompt_record(rec)
             if "answer" not in rec:
-                raise DataError("missing required field", field="answer")
+                raise missing(rec, "answer")
             if isinstance(rec["answer"], bool) or not isinstance(rec["answer"], (str, int, float)):
                 raise DataError(f"must be a string or number, got {type(rec['answer']).__name__}",
                                 field="answer")

@@ -96,7 +96,7 @@ def sft(model_dir: str, examples: Sequence[tuple[str, str]], out_dir: str, steps
         schedule: str = "cosine", min_lr_ratio: float = 0.1, weight_decay: float = 0.0,
         max_grad_norm: float = 1.0, micro_batch_tokens: int = 16384,
         callback: Callable[[int, float, object], None] | None = None, log_every: int = 0,
-        extra_state: dict | None = None) -> dict:
+        extra_state: dict | None = None, max_new_tokens: int | None = None) -> dict:
     """Train ``model_dir`` on ``examples`` for ``steps`` AdamW steps and save to ``out_dir``.
 
     Batches are drawn by shuffling the examples each epoch (deterministic for ``seed``).
@@ -104,6 +104,7 @@ def sft(model_dir: str, examples: Sequence[tuple[str, str]], out_dir: str, steps
     linear ``warmup``. ``callback(step, mean_loss, model)`` runs after every ``log_every`` steps
     (0 = never), e.g. to log, to evaluate (put the model back in train mode afterwards) or to stop
     early by raising StopIteration (the model so far is then saved).
+    The checkpoint records its plain prompts, no chat template (and ``max_new_tokens``) for eval.
     Returns ``{"steps", "loss_first", "loss_last", "time_s", "out_dir"}``.
     """
     import torch
@@ -143,6 +144,8 @@ def sft(model_dir: str, examples: Sequence[tuple[str, str]], out_dir: str, steps
              "sft": {"steps": len(losses), "lr": lr, "batch_size": batch_size,
                      "schedule": schedule, "warmup": warmup, "examples": len(examples),
                      "loss_last": last},
+             "sampling": {"prompt_template": "plain", "chat_template": False,
+                          **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})},
              **dict(extra_state or {})}
     save_pretrained_atomic(out_dir, model, tok, state=state)
     return {"steps": len(losses), "loss_first": losses[0] if losses else None, "loss_last": last,

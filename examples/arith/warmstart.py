@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-n", type=int, default=200, help="Test prompts to evaluate (0 = skip).")
     ap.add_argument("--samples", type=int, default=4,
                     help="Samples per test prompt at temperature 1.")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=48,
+                    help="Response cap of the accuracy check, recorded in the checkpoint for "
+                    "tcli eval / sample-tree / loop (default 48).")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1; 0 = torch's default). Two threads are "
                     "~1.5x faster on an idle 2-core machine but many times slower on a busy one.")
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                         intermediate=3 * a.hidden, max_positions=256)
         res = sft(init_dir, examples, a.out, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
                   seed=a.seed, warmup=min(50, a.steps // 10), callback=progress,
-                  log_every=max(1, a.steps // 10),
+                  log_every=max(1, a.steps // 10), max_new_tokens=a.max_new_tokens,
                   extra_state={"warmstart": {"task": "arith", "error_rate": a.error_rate,
                                              "carry_error_rate": a.carry_error_rate,
                                              "hidden": a.hidden, "layers": a.layers}})

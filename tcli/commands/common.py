@@ -28,7 +28,9 @@ InputFormatOpt = Annotated[Optional[str], typer.Option("--input-format", help="F
                                                        "Face dataset saved with save_to_disk).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (same inputs + seed = same output).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model or checkpoint directory.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model or checkpoint directory, or a "
+                                       "Hugging Face Hub name already in the local cache "
+                                       "(TCLI_ALLOW_DOWNLOADS=1 lets tcli download it).")]
 
 
 def stderr_console(quiet: bool = False):
@@ -46,9 +48,17 @@ def progress_enabled(quiet: bool) -> bool:
 
 @contextmanager
 def group_progress(label: str, quiet: bool, total: int | None = None):
-    """A progress bar on a terminal's stderr; yields the per-group callback (or None)."""
-    if not progress_enabled(quiet):
+    """A progress bar on a terminal's stderr, else plain lines at a bounded rate (logs); yields
+    the per-group callback (None when quiet)."""
+    if quiet:
         yield None
+        return
+    if not progress_enabled(quiet):
+        from tcli.progress import LineProgress
+
+        lines = LineProgress(label, total)
+        yield lambda group: lines.advance(1, tokens=sum(len(r["token_ids"]) for r in group))
+        lines.finish()
         return
     from rich.progress import (BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn)
 
@@ -64,6 +74,38 @@ def group_progress(label: str, quiet: bool, total: int | None = None):
 
     with bar:
         yield on_group
+
+
+def input_total(path: str, limit: int | None = None) -> int | None:
+    """How many records a JSONL file holds (at most ``limit``), for progress lines; None for
+    stdin and other formats. One cheap pass over the bytes, no parsing."""
+    import os
+
+    from tcli.io import detect_format
+
+    if path == "-" or not os.path.isfile(path):
+        return limit
+    with open(path, "rb") as f:
+        if detect_format(f.read(8)) != "jsonl":
+            return limit
+        f.seek(0)
+        n = sum(1 for line in f if not line.isspace())
+    return min(n, limit) if limit else n
+
+
+def checkpoint_sampling(opts, model: str, quiet: bool):
+    """``opts`` with the checkpoint's recorded prompt template, chat-template choice and response
+    cap wherever the user gave none; one line on stderr says which were taken."""
+    from tcli.models.load import check_model_dir
+    from tcli.models.recorded import notice, with_recorded
+
+    check_model_dir(model)  # a bad --model fails here, before torch is imported
+    opts, changed = with_recorded(opts, model)
+    line = notice(changed, opts)
+    if line and not quiet:
+        sys.stderr.write(f"tcli: {line}\n")
+        sys.stderr.flush()
+    return opts
 
 
 def located(e: DataError, name: str, lines: list[int]) -> DataError:

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from tcli.commands.common import ModelOpt, QuietOpt, SeedOpt, stderr_console
+from tcli.commands.common import (ModelOpt, QuietOpt, SeedOpt, checkpoint_sampling,
+                                  group_progress, stderr_console)
 from tcli.config.flags import Without, options_command
 from tcli.config.stages import (EvalOptions, PromptOptions, SampleOptions, ThreadOptions,
                                 VerifyOptions)
@@ -71,10 +72,12 @@ def eval_cmd(
 
     _check_target(output, "-o/--output")
     _check_target(summary, "--summary")
-    prompts = read_prompts(data, ev.limit or None, fields)
+    prompts = read_prompts(data, ev.limit, fields)
+    sample = checkpoint_sampling(sample, model, quiet)
     threads.apply()
     engine = open_engine(model, eval_sampling(sample, ev), seed=seed)  # vllm: its logprobs_mode
-    records, summ = evaluate(engine, prompts, sample, verify, ev, seed=seed)
+    with group_progress("eval", quiet, total=len(prompts)) as on_group:
+        records, summ = evaluate(engine, prompts, sample, verify, ev, seed=seed, on_group=on_group)
     summ = {"model": model, "data": data, "n": ev.n, "temperature": ev.temperature, **summ}
     blob = orjson.dumps(summ, option=orjson.OPT_INDENT_2 if summary else 0)
     if summary:

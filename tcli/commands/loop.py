@@ -80,8 +80,21 @@ def _reporting(steps: int, quiet: bool):
     if quiet:
         yield (lambda s: None), None
         return
-    if not console.is_terminal:
-        yield (lambda s: console.print(s, highlight=False)), None
+    if not console.is_terminal:  # a log: the step lines, and k/N with ETA at a bounded rate
+        from tcli.progress import LineProgress
+
+        print_ = lambda s: console.print(s, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+        lines = LineProgress("loop", steps, unit="steps", write=print_)
+
+        def on_plain_step(records: list[dict]) -> None:
+            if not lines.done:  # a resumed run starts past step 1
+                lines.done = lines.start = records[0]["step"] - 1
+            ev = next((m for m in records if m["kind"] == "eval"), None)
+            note = f"last eval acc {ev['accuracy']:.3f} (step {ev['step']})" if ev else None
+            lines.advance(1, note=note)
+
+        yield print_, on_plain_step
+        lines.finish()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -94,7 +107,7 @@ def _reporting(steps: int, quiet: bool):
         bar.update(task, completed=m["step"], status=f"reward {m['reward_mean']:.3f}")
 
     with bar:
-        yield (lambda s: bar.console.print(s, highlight=False)), on_step
+        yield (lambda s: bar.console.print(s, highlight=False, markup=False)), on_step
 
 
 def _loop_signature() -> inspect.Signature:

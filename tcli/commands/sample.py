@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from tcli.commands.common import (FormatOpt, InputFormatOpt, ModelOpt, OutputOpt, QuietOpt,
-                                  SeedOpt, group_progress)
+                                  SeedOpt, checkpoint_sampling, group_progress, input_total)
 from tcli.config.flags import options_command
 from tcli.config.stages import PromptOptions, SampleOptions, ThreadOptions
 from tcli.errors import DataError
@@ -28,7 +28,8 @@ def sample_tree(
     opts: SampleOptions,
     fields: PromptOptions,
     threads: ThreadOptions,
-    limit: Annotated[Optional[int], typer.Option(min=0, help="Read only the first N prompts.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Read only the first N prompts, "
+                                                 "N >= 1 (default: all).")] = None,
     format: FormatOpt = None,
     input_format: InputFormatOpt = None,
     seed: SeedOpt = 0,
@@ -39,10 +40,11 @@ def sample_tree(
     from tcli.io import RecordReader, RecordWriter, resolve_data
     from tcli.stages.sample import sample_records
 
-    reader = RecordReader(resolve_data(input), input_format)
+    path = resolve_data(input)
+    reader = RecordReader(path, input_format)
     records = iter(reader)
     head = next(records, None)  # open and sniff the input before the (slow) model load
-    if head is None or limit == 0:  # nothing to sample: an empty output, no model load
+    if head is None:  # nothing to sample: an empty output, no model load
         with RecordWriter(output, format):
             return
     lines: list[int] = []
@@ -52,9 +54,11 @@ def sample_tree(
             lines.append(line)
             yield rec
 
+    opts = checkpoint_sampling(opts, model, quiet)
     threads.apply()
     engine = open_engine(model, opts, seed=seed)
-    with group_progress("sample-tree", quiet, total=limit) as on_group, \
+    total = input_total(path, limit) if input_format in (None, "auto", "jsonl") else limit
+    with group_progress("sample-tree", quiet, total=total) as on_group, \
             RecordWriter(output, format) as writer:
         try:
             for rec in sample_records(engine, prompts(), opts, seed=seed, on_group=on_group,

@@ -99,6 +99,7 @@ def show_tree(
     from tcli.show import render_group
 
     reader = RecordReader(input, input_format)
+    i = -1
     for i, (lines, recs) in enumerate(iter_groups(reader, reader.name)):
         if (str(recs[0]["prompt_id"]) == group) if group is not None else i == index:
             try:
@@ -111,7 +112,11 @@ def show_tree(
                 console.print("prompt:", repr(recs[0]["prompt"]), highlight=False)
             console.print(rendered)
             return
-    raise UsageError(f"group {group!r} not found" if group is not None else f"no group #{index}")
+    if i < 0:
+        raise UsageError(f"{reader.name} holds no records: no group to show")
+    held = f"{reader.name} holds {i + 1} group{'s' if i else ''}"
+    raise UsageError(f"group {group!r} not found ({held})" if group is not None else
+                     f"no group #{index} ({held}, numbered from 0)")
 
 
 def register(app: typer.Typer) -> None:

@@ -14,9 +14,14 @@ from typing import Annotated, Optional
 import typer
 
 from tcli.commands.common import InputArg, InputFormatOpt, QuietOpt, SeedOpt, progress_enabled
-from tcli.config.flags import options_command
-from tcli.config.stages import ThreadOptions, TrainOptions
+from tcli.config.flags import Without, options_command
+from tcli.config.spec import settings_of
+from tcli.config.stages import SampleOptions, ThreadOptions, TrainOptions
 from tcli.errors import UsageError
+
+# what the new checkpoint records about how it is meant to be sampled (default: the start's)
+Recorded = Annotated[SampleOptions, Without(*(f.name for f in settings_of(SampleOptions)
+                                               if f.name not in SampleOptions.RECORDED))]
 
 
 @options_command
@@ -30,8 +35,12 @@ def train_step(
                       "replaced only if it is a checkpoint).")] = ...,
     opts: TrainOptions,
     threads: ThreadOptions,
+    sampling: Recorded,
     metrics: Annotated[Optional[str], typer.Option(help="Also append the metrics record (one JSON "
                        "line) to this file.")] = None,
+    overwrite_model: Annotated[bool, typer.Option("--overwrite-model", help="Let -o name --model "
+                               "itself: the new checkpoint then replaces the one it started from "
+                               "(atomically). Without it that is a usage error.")] = False,
     input_format: InputFormatOpt = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -40,7 +49,8 @@ def train_step(
 
     Log-probs are recomputed at the records' sampling `temperature` T, as log_softmax(logits / T)
     (absent, or 0 for greedy: T = 1; one T per batch). Prints one metrics record (JSON line) on
-    stdout.
+    stdout. The new checkpoint records the start checkpoint's prompt template, chat-template
+    choice and max new tokens (those given here win), which sample-tree, eval and loop then use.
     """
     from tcli.models.checkpoint import check_checkpoint_target
     from tcli.train.dist import distributed, run_on_main
@@ -48,6 +58,8 @@ def train_step(
 
     opts.require_span()
     check_checkpoint_target(output, "-o/--output")
+    if not overwrite_model:
+        _check_not_input(model, output)
     if metrics and metrics != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(metrics))):
         raise UsageError(f"--metrics: directory does not exist: "
                          f"{os.path.dirname(os.path.abspath(metrics))}")
@@ -56,9 +68,25 @@ def train_step(
         threads.apply()
         trainer = Trainer(model, opts, seed=seed, dist_info=info)
         m = trainer.step(samples)
-        trainer.save(output)
+        trainer.save(output, _recorded(model, sampling))
         if info.is_main:
             _report({"kind": "train-step", "model": os.path.abspath(output), **m}, metrics, quiet)
+
+
+def _check_not_input(model: str, output: str) -> None:
+    """Writing the new checkpoint over the one it starts from would lose the start for good."""
+    if os.path.realpath(model) == os.path.realpath(output):
+        raise UsageError(f"-o/--output {output} is the input checkpoint --model {model}; write "
+                         "the new checkpoint to another directory (or give --overwrite-model)")
+
+
+def _recorded(model: str, sampling: SampleOptions) -> dict:
+    """The new checkpoint's ``sampling`` record: the start checkpoint's, with the given flags."""
+    from tcli.models.recorded import SAMPLING, recorded_sampling, sampling_state
+
+    given = {k: v for k, v in sampling_state(sampling).items() if k not in sampling.unset}
+    merged = {**recorded_sampling(model), **given}
+    return {SAMPLING: merged} if merged else {}
 
 
 def _read_samples(input: str, input_format: str | None, model: str, opts: TrainOptions):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from tcli.commands.common import (FormatOpt, InputArg, InputFormatOpt, OutputOpt, QuietOpt,
-                                  progress_enabled, run_records, stderr_console)
+                                  input_total, progress_enabled, run_records, stderr_console)
 from tcli.config.flags import options_command
 from tcli.config.stages import VerifyOptions
 
@@ -26,6 +26,12 @@ def verify(
     from tcli.stages.verify import verify_records
 
     stats = {"n": 0, "reward": 0.0, "timeout": 0, "crashed": 0, "no_answer": 0}
+    lines = None
+    if not quiet and not progress_enabled(quiet):  # a log, not a terminal: plain lines
+        from tcli.progress import LineProgress
+
+        jsonl = input_format in (None, "auto", "jsonl")
+        lines = LineProgress("verify", input_total(input) if jsonl else None, unit="records")
 
     def stage(records, name):
         for rec in verify_records(records, name, task=opts.task, timeout=opts.timeout,
@@ -37,9 +43,14 @@ def verify(
             stats["timeout"] += v.get("error") == "timeout"
             stats["crashed"] += v.get("crashed") is True
             stats["no_answer"] += v.get("reason") == "no answer found"
+            if lines is not None:
+                lines.advance()
             yield rec
 
     run_records(input, output, format, input_format, stage)
+    if lines is not None:
+        lines.note = f"mean reward {stats['reward'] / max(stats['n'], 1):.4f}"
+        lines.finish()
     if progress_enabled(quiet):
         n = stats["n"]
         stderr_console(quiet).print(

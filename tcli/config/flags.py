@@ -35,6 +35,8 @@ def help_text(cls: type[Options], f, *, overrides: bool = False) -> str:
     text = spec.help
     if spec.choices is not None:
         text += f" One of: {', '.join(spec.choices())}."
+    if f.name in cls.RECORDED:
+        text += " When not given, a checkpoint that records it supplies it."
     if overrides and f.default not in (None, ""):
         shown = str(f.default).lower() if isinstance(f.default, bool) else f.default
         text += f" [default: {shown}]"
@@ -80,6 +82,20 @@ def _options_params(fn) -> dict[str, tuple[type[Options], tuple[str, ...]]]:
     return found
 
 
+def _given(param: str) -> bool:
+    """Was the flag on the command line (not its default)? True outside a click command."""
+    try:  # typer >= 0.20 vendors click
+        from typer._click.core import ParameterSource
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover
+        from click import get_current_context
+        from click.core import ParameterSource
+
+    ctx = get_current_context(silent=True)
+    source = ctx.get_parameter_source(param) if ctx is not None else ParameterSource.COMMANDLINE
+    return source not in (None, ParameterSource.DEFAULT)
+
+
 def options_command(fn):
     """Expand ``Options``-typed parameters of ``fn`` into flags; call ``fn`` with instances."""
     groups = _options_params(fn)
@@ -95,7 +111,11 @@ def options_command(fn):
     @functools.wraps(fn)
     def command(**kw: Any):
         for name, (cls, without) in groups.items():
-            kw[name] = cls(**{f.name: kw.pop(param_name(cls, f.name)) for f in offered(cls, without)})
+            values = {f.name: kw.pop(param_name(cls, f.name)) for f in offered(cls, without)}
+            for n in cls.RECORDED:  # not given: None, for a checkpoint to fill in
+                if n in values and not _given(param_name(cls, n)):
+                    values[n] = None
+            kw[name] = cls.given(values)
         return fn(**kw)
 
     command.__signature__ = inspect.Signature(params)

@@ -200,7 +200,7 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> LoopCo
             raise UsageError(f"unknown loop setting {param!r}")
         lf = by_param[param]
         values[lf.table][lf.name] = value
-    parts = {t: c(**values[t]) for t, c in TABLES.items()}
+    parts = {t: c.given(values[t]) for t, c in TABLES.items()}  # unset: the checkpoint's
     return LoopConfig(run=RunOptions(**values[""]), **parts)
 
 

@@ -111,6 +111,8 @@ class Options:
 
     TABLE: ClassVar[str] = ""
     FLAG_PREFIX: ClassVar[str] = ""
+    RECORDED: ClassVar[tuple[str, ...]] = ()  # settings a checkpoint records (tcli.models.recorded)
+    unset: ClassVar[frozenset] = frozenset()  # of RECORDED, those the user left out (see given)
 
     def __post_init__(self) -> None:
         for f in settings_of(type(self)):
@@ -137,6 +139,14 @@ class Options:
         """How errors name a setting: its flag, and its TOML key when it lives in a table."""
         key = f"{cls.TABLE}.{name}" if cls.TABLE else name
         return f"{cls.flag(name)} ({key})"
+
+    @classmethod
+    def given(cls, values: dict[str, Any]):
+        """An instance from what the user gave (None = not given: the default), remembering which
+        RECORDED settings were left out, so that a checkpoint's own values can fill them in."""
+        inst = cls(**{k: v for k, v in values.items() if v is not None})
+        object.__setattr__(inst, "unset", frozenset(n for n in cls.RECORDED if values.get(n) is None))
+        return inst
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in settings_of(type(self))}

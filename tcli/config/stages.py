@@ -82,6 +82,9 @@ class SampleOptions(Options):
     """How responses are drawn (sample-tree, eval, loop)."""
 
     TABLE: ClassVar[str] = "sample"
+    # how prompts are rendered and how long answers may be: what a checkpoint was trained with
+    # records these, and a stage the user gives none of them uses the checkpoint's
+    RECORDED: ClassVar[tuple[str, ...]] = ("prompt_template", "chat_template", "max_new_tokens")
 
     engine: str = setting("hf", "Generation engine.", choices=_engines)
     mode: str = setting("independent", "independent (n samples per prompt) or tree (TreeRPO).",
@@ -353,7 +356,8 @@ class EvalOptions(Options):
     n: int = like(SampleOptions, "n", 1)
     temperature: float = like(SampleOptions, "temperature", 0.0)
     k: str = setting("1", "Comma-separated k for unbiased pass@k (each between 1 and n).")
-    limit: int = setting(0, "Evaluate only the first N prompts (0 = all).", check=at_least(0))
+    limit: Optional[int] = setting(None, "Evaluate only the first N prompts, N >= 1 (default: "
+                                   "all).", check=at_least(0))
 
     @property
     def ks(self) -> list[int]:
@@ -361,6 +365,9 @@ class EvalOptions(Options):
 
     def check(self) -> None:
         parse_ks(self.k, self.n, self.label("k"))
+        if self.limit == 0:  # as in sample-tree: a limit is a number of prompts, never "all"
+            raise UsageError(f"{self.label('limit')} must be >= 1 (leave it out for all "
+                             "prompts), got 0")
 
 
 def parse_ks(k: str, n: int, label: str) -> list[int]:

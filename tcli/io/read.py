@@ -71,7 +71,14 @@ def detect_format(head: bytes) -> str:
     return "jsonl"
 
 
+def _looks_tabular(name: str, raw: bytes) -> bool:
+    """A first line that is no JSON at all, from a .csv/.tsv file or with comma/tab columns."""
+    return (name.lower().endswith((".csv", ".tsv"))
+            or (not raw.lstrip().startswith((b"{", b"[", b'"')) and (b"," in raw or b"\t" in raw)))
+
+
 def iter_jsonl(f: IO[bytes], name: str) -> Iterator[tuple[int, dict]]:
+    first = True
     for lineno, raw in enumerate(f, 1):
         if raw.isspace():
             continue  # blank lines are allowed and ignored (documented in the README)
@@ -81,7 +88,12 @@ def iter_jsonl(f: IO[bytes], name: str) -> Iterator[tuple[int, dict]]:
             what = e.message
             if e.syntax and not raw.endswith(b"\n"):
                 what = "truncated JSON (no newline at end of input)"
+            if e.syntax and first and _looks_tabular(name, raw):
+                what = ("not JSON Lines: this looks like CSV/TSV, which tcli does not read; give "
+                        "JSONL (one JSON object per line), Arrow, Parquet or a saved Hugging Face "
+                        "dataset directory")
             raise DataError(what, file=name, line=lineno, field=e.field) from None
+        first = False
         if not isinstance(rec, dict):
             raise DataError(f"record is a JSON {type(rec).__name__}, not an object", file=name,
                             line=lineno)

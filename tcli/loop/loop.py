@@ -25,6 +25,7 @@ from tcli.config.loop import LoopConfig, dump_toml, load_config
 from tcli.errors import DataError, UsageError
 from tcli.io import RecordWriter, resolve_data, write_atomic_bytes
 from tcli.loop.rundir import RunDir
+from tcli.models.recorded import sampling_state, with_recorded_sampling
 from tcli.prompts import read_prompts
 from tcli.train.dist import DistInfo, block_share, gather_or_raise, run_on_main
 
@@ -96,8 +97,13 @@ class Loop:
 
             check_available()
         self.run = RunDir(cfg.run.run_dir, warn=log)
-        if not cfg.run.model or not os.path.isdir(cfg.run.model):
+        for name in ("model", "train_data"):  # required: nothing could stand in for them
+            if not getattr(cfg.run, name):
+                raise UsageError(f"no {name}: give {cfg.run.flag(name)} or `{name} = ...` in the "
+                                 "--config file")
+        if not os.path.isdir(cfg.run.model):
             raise UsageError(f"model directory not found: {cfg.run.model!r}")
+        self.cfg = cfg = with_recorded_sampling(cfg, log)  # before config.toml is written
         self.train_prompts = read_prompts(cfg.run.train_data, fields=cfg.prompts)
         ev = cfg.eval
         self.eval_prompts = (read_prompts(cfg.run.eval_data, ev.limit or None, cfg.prompts)
@@ -395,7 +401,8 @@ class Loop:
         if self.critic is not None:  # first: a complete step_N always has its critic_N
             self.critic.save(self.run.critic_ckpt(step), {"step": step})
         self.trainer.save(self.run.ckpt(step), {"step": step, "metrics": records,
-                                                "loop_config": self.cfg.to_dict()})
+                                                "loop_config": self.cfg.to_dict(),
+                                                "sampling": sampling_state(self.cfg.sample)})
         self._on_main(lambda: self._keep(step, is_best))
 
     def _keep(self, step: int, is_best: bool) -> None:

@@ -79,6 +79,7 @@ def save_pretrained_atomic(out_dir: str, model, tokenizer, *, state: dict | None
             with _deferred_signals():
                 tmp = _Temp.create(parent, os.path.basename(out_dir))
             _write(tmp.path, model, tokenizer, state, optimizer)
+            _modes_from_umask(tmp.path)
             _fsync_tree(tmp.path)
             with _deferred_signals() as pending:
                 tmp.unmark()
@@ -325,6 +326,34 @@ def _exchange(a: str, b: str) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), b)
+
+
+def _umask() -> int:
+    """The process's umask, read from /proc where it can be (setting it to read it back would
+    race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _modes_from_umask(path: str) -> None:
+    """mkdtemp makes the directory 0700 and some writers (safetensors) make files 0600: give the
+    checkpoint the modes a plain mkdir and open would, 0777 and 0666 less the umask, so that a
+    shared group can read it when the user's umask says so."""
+    mask = _umask()
+    for root, _, files in os.walk(path):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
 
 
 def _fsync_dir(path: str) -> None:

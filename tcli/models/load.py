@@ -25,6 +25,7 @@ WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX, "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+ALLOW_DOWNLOADS_ENV = "TCLI_ALLOW_DOWNLOADS"  # =1: a hub name may be downloaded
 
 
 # ----------------------------------------------------------------------------- checks (no torch)
@@ -47,6 +48,24 @@ def check_model_dir(path: str) -> None:
         raise UsageError(f"model path {path} is a file, not a checkpoint directory")
     elif not is_hub_name(path):  # fail now instead of asking a hub about a typo
         raise UsageError(f"model directory not found: {path}")
+    elif not downloads_allowed() and not _in_hub_cache(path):  # not a minute of retries offline
+        raise UsageError(f"model directory not found: {path} (not a local directory nor in the "
+                         f"Hugging Face cache; set {ALLOW_DOWNLOADS_ENV}=1 to download it)")
+
+
+def downloads_allowed() -> bool:
+    """Models are read from local files only unless the user asks for downloads."""
+    return os.environ.get(ALLOW_DOWNLOADS_ENV, "") == "1"
+
+
+def _hub_kw() -> dict:
+    return {} if downloads_allowed() else {"local_files_only": True}
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, CONFIG_FILE), str)
 
 
 def _adapter_base(path: str) -> str | None:
@@ -161,7 +180,7 @@ def load_config(path: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, **_hub_kw())
     except Exception as e:  # noqa: BLE001 - narrowed by _load_error (bugs re-raise)
         raise _load_error(path, "config", e) from None
 
@@ -210,7 +229,7 @@ def _from_pretrained(path: str, kw: dict):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kw)
+        return AutoModelForCausalLM.from_pretrained(path, **kw, **_hub_kw())
     except Exception as e:  # noqa: BLE001 - narrowed by _load_error (bugs re-raise)
         raise _load_error(path, "model", e) from None
 
@@ -247,7 +266,7 @@ def load_tokenizer(path: str, *, required: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **_hub_kw())
     except Exception as e:  # noqa: BLE001 - narrowed by _load_error (bugs re-raise)
         raise _load_error(path, "tokenizer", e) from None
 

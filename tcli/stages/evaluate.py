@@ -59,16 +59,18 @@ def eval_sampling(sample, ev):
     return sample.replace(mode="independent", n=ev.n, temperature=ev.temperature, min_new_tokens=0)
 
 
-def evaluate(engine, prompts: list[dict], sample, verify, ev, *, seed: int = 0, pool=None
-             ) -> tuple[list[dict], dict]:
+def evaluate(engine, prompts: list[dict], sample, verify, ev, *, seed: int = 0, pool=None,
+             on_group=None) -> tuple[list[dict], dict]:
     """Per-sample records (with reward and verdict) and the summary.
 
     ``sample``/``verify``/``ev``: the stage's SampleOptions, VerifyOptions and EvalOptions;
-    ``pool``: running verifier workers to reuse (the loop's)."""
+    ``pool``: running verifier workers to reuse (the loop's); ``on_group``: called with each
+    prompt's samples as they are drawn (progress)."""
     from tcli.stages.sample import sample_records
     from tcli.stages.verify import verify_records
 
-    rollouts = sample_records(engine, prompts, eval_sampling(sample, ev), seed=seed)
+    rollouts = sample_records(engine, prompts, eval_sampling(sample, ev), seed=seed,
+                              on_group=on_group)
     verified = list(verify_records(enumerate(rollouts, 1), "<eval>", task=verify.task,
                                    timeout=verify.timeout, workers=verify.workers, pool=pool,
                                    max_verifier_errors=verify.max_verifier_errors))

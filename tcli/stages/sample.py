@@ -11,8 +11,9 @@ threshold; native ``sample_entropy_tree`` or probes through ``generate_entropy``
 Token conventions: ``token_ids`` keep the EOS token when ``finish_reason == "stop"`` (so the policy
 learns to stop) and never contain padding; ``logprobs`` are log_softmax(logits / T) of exactly those
 tokens at the sampling temperature T, before top-p renormalisation (as verl and TRL compute them;
-greedy decoding records T = 1). Every record carries that ``temperature`` and the ``top_p`` it was
-sampled with, so train-step recomputes the same distribution.
+greedy decoding, T = 0, has T = 1 log-probs). Every record carries the ``temperature`` it was
+sampled at (0 when greedy, which train-step reads as 1) and its ``top_p``, so train-step
+recomputes the same distribution.
 
 Randomness: each engine call gets the seed of ``cfg``; the ``hf`` engine derives every sample's
 random stream from (seed, prompt tokens, sample/node index), so results do not depend on batching.
@@ -28,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from tcli import SCHEMA
-from tcli.engines.base import ENTROPY_TOP_K, SamplingConfig, logprob_temperature
+from tcli.engines.base import ENTROPY_TOP_K, SamplingConfig
 from tcli.io import SeenKeys
 from tcli.errors import DataError, UsageError
 from tcli.registry import Registry
@@ -233,7 +234,7 @@ def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: Tre
         "segment_ends": list(leaf.segment_ends) if tree else [],
         "finish_reason": leaf.finish_reason,
         **({"entropies": [float(x) for x in leaf.entropies]} if leaf.entropies is not None else {}),
-        "temperature": logprob_temperature(cfg.temperature),
+        "temperature": float(cfg.temperature),  # as sampled: 0 = greedy (log-probs at T = 1)
         "top_p": float(cfg.top_p),
         "prompt_template": template_name(rec, template),
         "policy_version": int(getattr(engine, "policy_version", 0) or 0),

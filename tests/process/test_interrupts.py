@@ -50,7 +50,8 @@ def test_train_step_interrupted_keeps_the_previous_checkpoint(arith, tmp_path):
     r = run_tcli(["train-step", src, "-m", model, "-o", out, "--lr", "1e-3"], timeout=300)
     assert r.returncode == 0, r.stderr
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
-    p = _popen(["train-step", src, "-m", out, "-o", out, "--lr", "1e-3", "--epochs", "1000"])
+    p = _popen(["train-step", src, "-m", out, "-o", out, "--overwrite-model", "--lr", "1e-3",
+                "--epochs", "1000"])
     rc, err = _signal_after(p, signal.SIGINT, lambda: time.sleep(4) or True)
     assert rc == 130 and "interrupted" in err and "Traceback" not in err
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before

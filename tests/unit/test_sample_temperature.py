@@ -68,10 +68,11 @@ def test_temperature_one_is_the_raw_distribution(engine, mode):
                               atol=1e-5, rtol=0)
 
 
-def test_greedy_records_temperature_one(engine):
+def test_greedy_records_temperature_zero_with_logprobs_at_one(engine):
+    """A greedy record says it was greedy (temperature 0); its log-probs are those at T = 1."""
     recs = _sample(engine, "independent", temperature=0.0, top_p=0.5)
     for r in recs:
-        assert r["temperature"] == 1.0 and r["top_p"] == 0.5
+        assert r["temperature"] == 0.0 and r["top_p"] == 0.5
         assert torch.allclose(torch.tensor(r["logprobs"]), _teacher_forced(engine, r, 1.0),
                               atol=1e-5, rtol=0)
 
