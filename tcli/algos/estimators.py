@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -24,7 +24,6 @@ from tcli.registry import Registry
 
 if TYPE_CHECKING:
     from tcli.algos.tree import PrefixTree
-    from tcli.config.stages import AdvantageOptions
 
 EPS = 1e-6
 HUGE = 1e100  # rewards beyond this are rescaled by a power of two before any arithmetic
@@ -86,7 +85,7 @@ class Advantages:
     returns: list[np.ndarray] | None = None  # value targets (gae only)
 
 
-Estimator = Callable[[Group, "AdvantageOptions"], Advantages]
+Estimator = Callable[[Group, Any], Advantages]  # (group, the advantage settings: AdvantageOptions)
 ESTIMATORS: Registry[Estimator] = Registry("estimator")
 TREE_ESTIMATORS = frozenset({"tempo"})  # estimators that read the P2T tree
 

@@ -46,7 +46,7 @@ import hashlib
 import os
 from typing import Iterator, Optional, Sequence
 
-from tcli.engines.base import ENTROPY_TOP_K, Completion, SamplingConfig, topk_entropy
+from tcli.engines.base import ENTROPY_TOP_K, Completion, Engine, SamplingConfig, topk_entropy
 from tcli.errors import TcliError, UsageError
 
 INSTALL_HINT = "pip install 'tcli[vllm]' (or run `make test-vllm`, which builds a separate venv)"
@@ -223,8 +223,9 @@ def _llm_kwargs(kw: dict, *, on_cpu: bool, kv_cache_memory_bytes, max_model_len,
     return kw
 
 
-class VLLMEngine:
-    """vLLM offline engine implementing the ``Engine`` protocol (tcli/engines/base.py)."""
+class VLLMEngine(Engine):
+    """vLLM offline engine on the ``Engine`` base (tcli/engines/base.py): trees are sampled by
+    the base's generic samplers, with vLLM's prefix caching sharing the work."""
 
     name = "vllm"
 
