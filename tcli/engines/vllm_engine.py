@@ -185,8 +185,7 @@ class TcliWorkerExtension:
 def adapter_of(path: str) -> tuple[str, int] | None:
     """(absolute base directory, rank) of a LoRA adapter directory; None for anything else."""
     from tcli.errors import DataError
-    from tcli.models.load import read_json_object
-    from tcli.train.lora import ADAPTER_CONFIG, adapter_base, is_adapter_dir
+    from tcli.models.files import ADAPTER_CONFIG, adapter_base, is_adapter_dir, read_json_object
 
     if not os.path.isdir(path) or not is_adapter_dir(path):
         return None
