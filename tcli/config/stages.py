@@ -41,12 +41,12 @@ def _estimators():
 
 
 def _loss_aggs():
-    from tcli.train.loss import LOSS_AGGREGATIONS
+    from tcli.algos.losses import LOSS_AGGREGATIONS
     return LOSS_AGGREGATIONS.names()
 
 
 def _kl_estimators():
-    from tcli.train.loss import KL_ESTIMATORS
+    from tcli.algos.losses import KL_ESTIMATORS
     return KL_ESTIMATORS.names()
 
 

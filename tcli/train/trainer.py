@@ -52,7 +52,7 @@ class Trainer:
         from tcli.models.checkpoint import read_counters
         from tcli.models.load import load_tokenizer
         from tcli.train.batching import LAYOUTS, layout_name
-        from tcli.train.loss import KL_ESTIMATORS, LOSS_AGGREGATIONS
+        from tcli.algos.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
 
         self.opts = opts
         self.seed = int(seed)
