@@ -14,16 +14,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from tcli.algos.gae import gae as gae_one
+from tcli.algos.tree import PrefixTree, build_prefix_tree
 from tcli.errors import DataError
 from tcli.records import at_record, float_array, in_group, int_list, reward, token_array
 from tcli.registry import Registry
-
-if TYPE_CHECKING:
-    from tcli.algos.tree import PrefixTree
 
 EPS = 1e-6
 HUGE = 1e100  # rewards beyond this are rescaled by a power of two before any arithmetic
@@ -61,10 +60,8 @@ class Group:
         return self.rewards / self.scale
 
     @cached_property
-    def tree(self) -> "PrefixTree":
+    def tree(self) -> PrefixTree:
         """The P2T prefix tree in units of ``scaled_rewards``."""
-        from tcli.algos.tree import build_prefix_tree
-
         return build_prefix_tree(self.tokens, self.scaled_rewards)
 
     @property
@@ -275,8 +272,6 @@ def gae(group: Group, opt) -> Advantages:
     """GAE(gamma, lam) over a learned critic's ``critic_values`` (``tcli values``); writes
     ``returns`` for ``train-critic``. Rewards are used as they are (no group normalisation).
     ``ppo`` is the same estimator; in ``tcli loop`` either name also trains the critic."""
-    from tcli.algos.gae import gae as gae_one
-
     adv, ret = [], []
     for i, (rec, toks, r) in enumerate(zip(group.records, group.tokens, group.rewards)):
         with at_record(i):
