@@ -6,8 +6,8 @@ can recompute them), a random stream per sample that does not depend on
 how samples were batched, and tree sampling that forks a node's KV cache to its children instead of
 re-encoding the shared prefix.
 
-Sampling randomness is counter-based: the uniform number for token ``t`` of a node is a hash of
-(seed, prompt token ids, node path, t). The same prompt with the same seed therefore gives the same
+Sampling randomness is counter-based (tcli/engines/rng.py): the uniform number for token ``t`` of
+a node is a hash of (seed, prompt token ids, node path, t). The same prompt with the same seed therefore gives the same
 samples whatever else is in the batch or how ``--batch-tokens`` splits the work (up to float
 round-off in batched matmuls, which can only flip a sample at an exact probability boundary).
 """
