@@ -104,6 +104,8 @@ class Adapted(Engine):
         self.name = getattr(inner, "name", type(inner).__name__)
 
     def __getattr__(self, attr: str):
+        if attr == "inner":  # not set yet (e.g. while copying): no recursion through itself
+            raise AttributeError(attr)
         return getattr(self.inner, attr)
 
     @property

@@ -125,7 +125,8 @@ def sample_records(engine, prompt_records: Iterable[dict], opts, *, seed: int = 
     entropy: see ``EntropyRule``), ``prompts_per_batch`` prompts per engine call;
     ``record_entropy`` adds ``entropies``.
     A bad prompt record raises DataError with ``index`` = its 0-based position in the input.
-    ``native=False`` forces the generic level-by-level tree even if the engine has ``sample_tree``.
+    ``native=False`` forces the ``Engine`` base's generic samplers even on an engine with its own
+    (hf).
     ``fields`` (PromptOptions) maps another schema's id/prompt/answer fields.
     """
     cfg = opts.engine_config(seed)
