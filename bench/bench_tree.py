@@ -4,7 +4,7 @@ Groups of G responses x T tokens (default 16 x 2,048) that share prefixes the wa
 do: each response copies the prefix of an earlier one up to a random point, then continues with
 its own tokens. Measures tcli.algos.tree.build_prefix_tree in tokens/s on one pinned core, for Python-list
 input (what records parsed from JSON hold) and numpy input, and the speed-up over
-tcli.algos.tree.reference_prefix_tree on the same list input in the same run. The machine is shared, so
+tcli.algos.tree_oracle.reference_prefix_tree on the same list input in the same run. The machine is shared, so
 the implementations take turns over several rounds and each group counts with its best round (a
 burst of load elsewhere then spoils one group's time in one round, not a whole round).
 
@@ -29,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tcli.algos.tree import build_prefix_tree, reference_prefix_tree  # noqa: E402
+from tcli.algos.tree import build_prefix_tree  # noqa: E402
+from tcli.algos.tree_oracle import reference_prefix_tree  # noqa: E402
 
 TARGET_TOKENS_PER_S = 20e6
 TARGET_SPEEDUP = 50.0

@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import traceback
 
 import typer
 
 from tcli import __version__
-from tcli.errors import EXIT_DATA, EXIT_RUNTIME, EXIT_USAGE, DataError, TcliError
+from tcli.commands.report import failure, one_line, report, stdout_closed
+from tcli.errors import EXIT_DATA, EXIT_USAGE, DataError
 
 app = typer.Typer(
     name="tcli",
@@ -68,28 +68,6 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
         raise typer.Exit(0)
 
 
-def _report(msg: str) -> None:
-    sys.stderr.write(f"tcli: error: {msg}\n")
-    sys.stderr.flush()
-
-
-def _stdout_closed() -> None:
-    """The reader went away (`| head`): that is success. Point stdout at /dev/null so the
-    interpreter's final flush of the buffered data cannot print a BrokenPipeError at exit."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass
-
-
-def _one_line(msg: str, limit: int = 500) -> str:
-    """Errors are one line: join a library's multi-line message and cap its length."""
-    msg = " ".join(msg.split())
-    return msg if len(msg) <= limit else msg[: limit - 1] + "…"
-
-
 def _run(argv: list[str]) -> int:
     """Run the command; control-flow exits (help, usage, interrupts) become exit codes."""
     try:  # typer >= 0.20 vendors click
@@ -100,49 +78,29 @@ def _run(argv: list[str]) -> int:
     try:
         rv = app(args=argv, prog_name="tcli", standalone_mode=False)
         if rv == 130:  # typer turns a KeyboardInterrupt raised by user code into a return value
-            _report("interrupted")
+            report("interrupted")
         return rv if isinstance(rv, int) else 0
     except typer.Exit as e:
         return e.exit_code
     except SystemExit as e:
         # click answers EPIPE (`| head` closed stdout) by wrapping the streams and exiting 1
         if type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):
-            _stdout_closed()
+            stdout_closed()
             return 0
         return 0 if e.code is None else e.code if isinstance(e.code, int) else 1
     except (typer.Abort, KeyboardInterrupt):
-        _report("interrupted")
+        report("interrupted")
         return 130
     except Interrupted as e:
-        _report(e.what)
+        report(e.what)
         return e.exit_code
     except click_exc.ClickException as e:
         if isinstance(e, getattr(click_exc, "NoArgsIsHelpError", ())):
             e.show()  # `tcli` alone: the help text is the answer
         else:
             cmd = next((a for a in argv if not a.startswith("-")), "")
-            _report(f"{_one_line(e.format_message())} (see 'tcli {cmd} -h')".replace("tcli  -h", "tcli -h"))
+            report(f"{one_line(e.format_message())} (see 'tcli {cmd} -h')".replace("tcli  -h", "tcli -h"))
         return EXIT_USAGE
-
-
-def _failure(e: Exception, debug: bool) -> int:
-    """One line for a failure (a traceback only with --debug) and its exit code."""
-    if debug and not isinstance(e, (BrokenPipeError, MemoryError)):
-        traceback.print_exc()
-    if isinstance(e, TcliError):
-        _report(e.one_line())
-        return e.exit_code
-    if isinstance(e, BrokenPipeError):
-        _stdout_closed()
-        return 0
-    if isinstance(e, MemoryError):
-        _report("out of memory")
-    elif isinstance(e, OSError):
-        _report(f"{e.strerror or e} ({e.filename})" if getattr(e, "filename", None)
-                else _one_line(str(e)))
-    else:
-        _report(f"{type(e).__name__}: {_one_line(str(e))} (run with --debug for a traceback)")
-    return EXIT_RUNTIME
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,21 +110,21 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv or os.environ.get("TCLI_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     if sys.stdout is None:  # started with stdout closed (`>&-`): say so once, write nothing
-        _report("standard output is closed; redirect it or use -o FILE")
+        report("standard output is closed; redirect it or use -o FILE")
         sys.exit(EXIT_USAGE)
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     _register_commands()
     try:
         code = _run(argv)
     except Exception as e:  # noqa: BLE001 - every failure is one line and an exit code
-        code = _failure(e, debug)
+        code = failure(e, debug)
     finally:  # in-process callers (tests, notebooks) get their own handlers back
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     try:
         sys.stdout.flush()
     except BrokenPipeError:
-        _stdout_closed()
+        stdout_closed()
     sys.exit(code)
 
 

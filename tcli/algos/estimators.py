@@ -14,17 +14,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from tcli.algos.gae import gae as gae_one
+from tcli.algos.tree import PrefixTree, build_prefix_tree
 from tcli.errors import DataError
 from tcli.records import at_record, float_array, in_group, int_list, reward, token_array
 from tcli.registry import Registry
-
-if TYPE_CHECKING:
-    from tcli.algos.tree import PrefixTree
-    from tcli.config.stages import AdvantageOptions
 
 EPS = 1e-6
 HUGE = 1e100  # rewards beyond this are rescaled by a power of two before any arithmetic
@@ -62,10 +60,8 @@ class Group:
         return self.rewards / self.scale
 
     @cached_property
-    def tree(self) -> "PrefixTree":
+    def tree(self) -> PrefixTree:
         """The P2T prefix tree in units of ``scaled_rewards``."""
-        from tcli.algos.tree import build_prefix_tree
-
         return build_prefix_tree(self.tokens, self.scaled_rewards)
 
     @property
@@ -86,9 +82,44 @@ class Advantages:
     returns: list[np.ndarray] | None = None  # value targets (gae only)
 
 
-Estimator = Callable[[Group, "AdvantageOptions"], Advantages]
+@dataclass(frozen=True)
+class Needs:
+    """What an estimator reads besides the group's tokens and rewards; stages, the loop and its
+    configuration ask the registry (``needs``) instead of keeping lists of names."""
+
+    prefix_tree: bool = False   # the P2T tree (stored build-tree ``values`` must match it)
+    tree_sampled: bool = False  # ``node_path``/``segment_ends``: groups sampled as trees
+    critic: bool = False        # ``critic_values`` of a learned critic (the loop trains one)
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A registered estimator: ``fn(group, opt)`` (``opt``: the advantage settings,
+    ``AdvantageOptions``) and what it needs."""
+
+    fn: Callable[[Group, Any], Advantages]
+    needs: Needs
+
+    def __call__(self, group: Group, opt) -> Advantages:
+        return self.fn(group, opt)
+
+
 ESTIMATORS: Registry[Estimator] = Registry("estimator")
-TREE_ESTIMATORS = frozenset({"tempo"})  # estimators that read the P2T tree
+
+
+def estimator(*names: str, **wants: bool):
+    """Register a function under ``names``, with what it needs (``Needs`` fields)."""
+    def deco(fn):
+        for name in names:
+            ESTIMATORS.register(name)(Estimator(fn, Needs(**wants)))
+        return fn
+
+    return deco
+
+
+def needs(name: str) -> Needs:
+    """What the estimator ``name`` needs (UsageError naming the valid ones if unknown)."""
+    return ESTIMATORS.get(name).needs
 
 
 def group_std(r: np.ndarray, mode: str) -> float:
@@ -113,7 +144,7 @@ def _sigma(group: Group, opt) -> float | None:
     return None if len(group.rewards) < 2 or sigma == 0.0 else sigma
 
 
-@ESTIMATORS.register("grpo")
+@estimator("grpo")
 def grpo(group: Group, opt) -> Advantages:
     """Group-normalised sequence reward, the same for every token."""
     r, sigma = group.scaled_rewards, _sigma(group, opt)
@@ -122,7 +153,7 @@ def grpo(group: Group, opt) -> Advantages:
     return _per_token(group, (r - r.mean()) / (sigma + EPS / group.scale))
 
 
-@ESTIMATORS.register("dr_grpo")
+@estimator("dr_grpo")
 def dr_grpo(group: Group, opt) -> Advantages:
     """GRPO without the std division (Dr. GRPO): r - mean."""
     r = group.scaled_rewards
@@ -131,7 +162,7 @@ def dr_grpo(group: Group, opt) -> Advantages:
     return _per_token(group, (r - r.mean()) * group.scale)
 
 
-@ESTIMATORS.register("rloo")
+@estimator("rloo")
 def rloo(group: Group, opt) -> Advantages:
     """Leave-one-out baseline: r_i minus the mean of the other G-1 rewards."""
     r, g = group.scaled_rewards, len(group.rewards)
@@ -140,7 +171,7 @@ def rloo(group: Group, opt) -> Advantages:
     return _per_token(group, (r * g - r.sum()) / (g - 1) * group.scale)
 
 
-@ESTIMATORS.register("tempo")
+@estimator("tempo", prefix_tree=True)
 def tempo(group: Group, opt) -> Advantages:
     """GRPO plus the temporal-difference correction delta = V(s_{t+1}) - V(s_t) from the P2T tree."""
     r, sigma = group.scaled_rewards, _sigma(group, opt)
@@ -178,7 +209,7 @@ def _tree_paths(group: Group) -> tuple[list[tuple[int, ...]], list[np.ndarray]]:
     return paths, seg_ends
 
 
-@ESTIMATORS.register("treerpo")
+@estimator("treerpo", tree_sampled=True)
 def treerpo(group: Group, opt) -> Advantages:
     """Step-level advantages: V(node) = mean of its children's V, normalised among siblings."""
     paths, seg_ends = _tree_paths(group)
@@ -236,17 +267,11 @@ def _sibling_advantages(value, children, opt, scale: float):
 
 # ----------------------------------------------------------------------------- PPO
 
-CRITIC_ESTIMATORS = frozenset({"gae", "ppo"})  # estimators that read a critic's values
-
-
-@ESTIMATORS.register("ppo")
-@ESTIMATORS.register("gae")
+@estimator("gae", "ppo", critic=True)
 def gae(group: Group, opt) -> Advantages:
     """GAE(gamma, lam) over a learned critic's ``critic_values`` (``tcli values``); writes
     ``returns`` for ``train-critic``. Rewards are used as they are (no group normalisation).
     ``ppo`` is the same estimator; in ``tcli loop`` either name also trains the critic."""
-    from tcli.algos.gae import gae as gae_one
-
     adv, ret = [], []
     for i, (rec, toks, r) in enumerate(zip(group.records, group.tokens, group.rewards)):
         with at_record(i):

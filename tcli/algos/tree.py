@@ -7,7 +7,7 @@ of every response whose token ids begin with that prefix (leaf-count weighted, V
 two or more children (different next tokens, or some response ends there).
 
 How it is vectorised, in O(total tokens + G log G) time and memory (the build never makes a G x G
-array; ``lcp_matrix`` does, for tests):
+array; ``tree_oracle.lcp_matrix`` does, for tests):
 
 1. Sort the responses lexicographically: rows of an END-padded token matrix compared as raw bytes
    (any fixed order on token ids will do), so responses sharing a prefix become neighbours, and
@@ -33,8 +33,8 @@ array; ``lcp_matrix`` does, for tests):
    A pair with d_u < T also flags the branch at slot d_u, and each response's last slot gets its
    own leaf's value.
 
-No Python loop touches tokens; the dict-trie ``reference_prefix_tree`` is the oracle the tests
-compare against.
+No Python loop touches tokens; the dict-trie ``reference_prefix_tree`` (tcli/algos/tree_oracle.py)
+is the oracle the tests compare against.
 """
 
 from __future__ import annotations
@@ -248,7 +248,8 @@ def _order_adj(flat: np.ndarray, fst: np.ndarray, lens: np.ndarray, end: int
     return order, adj
 
 
-def _sorted(seqs: Sequence[Sequence[int]], lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sort_responses(seqs: Sequence[Sequence[int]], lens: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Lexicographic order of the responses and ``adj[k]`` = LCP of sorted responses k, k + 1."""
     g = len(lens)
     n_lens = lens.tolist()
@@ -400,7 +401,7 @@ def build_prefix_tree(seqs: Sequence[Sequence[int]], rewards: Sequence[float]) -
     starts = ends - (lens + 1)
     if g == 0:
         return PrefixTree(np.zeros(0), np.zeros(0, dtype=bool), starts, lens)
-    order, adj = _sorted(seqs, lens)  # sorted order from here on
+    order, adj = sort_responses(seqs, lens)  # sorted order from here on
     total = int(ends[-1])
     rs = r[order]
     slens = lens[order]
@@ -437,51 +438,3 @@ def build_prefix_tree(seqs: Sequence[Sequence[int]], rewards: Sequence[float]) -
     else:
         flat_v[base + slens] = rs
     return PrefixTree(flat_v, flat_b, starts, lens)
-
-
-def lcp_matrix(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """G x G longest-common-prefix lengths (diagonal = own length) and the lengths.
-
-    O(G^2) memory: for tests and small groups only; ``build_prefix_tree`` never builds it.
-    """
-    lens = np.array([len(s) for s in seqs], dtype=np.int64)
-    g = len(seqs)
-    if not g:
-        return np.zeros((0, 0), dtype=np.int64), lens
-    order, adj = _sorted(seqs, lens)
-    m = np.full((g, g), np.iinfo(np.int64).max, dtype=np.int64)
-    for p in range(g - 1):  # row p, column q > p: min(adj[p:q])
-        m[p, p + 1 :] = np.minimum.accumulate(adj[p:])
-    m = np.triu(m, 1)
-    m += m.T
-    m[np.arange(g), np.arange(g)] = lens[order]
-    inv = np.empty_like(order)
-    inv[order] = np.arange(g)
-    return m[np.ix_(inv, inv)], lens
-
-
-def reference_prefix_tree(seqs: Sequence[Sequence[int]], rewards: Sequence[float]) -> PrefixTree:
-    """The straightforward dict-trie, kept as the oracle for tests and the benchmark baseline."""
-    root: dict = {"n": 0, "s": 0.0, "kids": {}, "ends": 0, "end_s": 0.0}
-    for seq, rw in zip(seqs, rewards):
-        node = root
-        node["n"] += 1
-        node["s"] += rw
-        for tok in seq:
-            node = node["kids"].setdefault(tok, {"n": 0, "s": 0.0, "kids": {}, "ends": 0, "end_s": 0.0})
-            node["n"] += 1
-            node["s"] += rw
-        node["ends"] += 1
-        node["end_s"] += rw
-    values, branch = [], []
-    for seq in seqs:
-        node = root
-        vs, bs = [], []
-        for tok in seq:
-            vs.append(node["s"] / node["n"])
-            bs.append(len(node["kids"]) + (1 if node["ends"] else 0) >= 2)
-            node = node["kids"][tok]
-        vs.append(node["end_s"] / node["ends"])
-        values.append(vs)
-        branch.append(bs)
-    return PrefixTree.from_lists(values, branch)

@@ -58,6 +58,7 @@ def values(
     from tcli.io import RecordReader, RecordWriter
     from tcli.models.critic import load_critic
     from tcli.models.load import check_model_dir
+    from tcli.stages.values import add_critic_values
     from tcli.train.dist import resolve_device
 
     check_model_dir(critic)
@@ -70,10 +71,9 @@ def values(
         threads.apply()
         device = resolve_device(opts.device)
         model = load_critic(critic, device=device)
-        vocab = int(model.config.vocab_size)
         for batch in itertools.chain([first], batches):
-            for rec in _with_values(model, batch, reader.name, vocab, device, opts):
-                writer.write(rec)
+            writer.write_all(add_critic_values(model, batch, device=device, source=reader.name,
+                                               micro_batch_tokens=opts.micro_batch_tokens))
 
 
 def _batches(records: Iterator, source: str) -> Iterator[list]:
@@ -91,25 +91,6 @@ def _batches(records: Iterator, source: str) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
-
-
-def _with_values(model, batch: list, source: str, vocab: int, device, opts) -> list[dict]:
-    from tcli.models.critic import critic_values
-    from tcli.train.critic import check_critic_tokens
-
-    for line, _, p, r in batch:
-        try:
-            check_critic_tokens(p, r, vocab)
-        except DataError as e:
-            raise e.located(source, line) from None
-    vals = critic_values(model, [b[2] for b in batch], [b[3] for b in batch], device=device,
-                         micro_batch_tokens=opts.micro_batch_tokens,
-                         pad_id=int(getattr(model.config, "pad_token_id", None) or 0))
-    out = []
-    for (_, rec, _, _), v in zip(batch, vals):
-        rec["critic_values"] = v.tolist()
-        out.append(rec)
-    return out
 
 
 @options_command

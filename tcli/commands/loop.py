@@ -48,9 +48,9 @@ def _report_once(e: Exception, info) -> int:
     together (torchrun stops the others as soon as one exits, which could cut rank 0 short)."""
     import torch.distributed as dist
 
-    from tcli.cli import _failure
+    from tcli.commands.report import failure
 
-    code = _failure(e, os.environ.get("TCLI_DEBUG") == "1") if info.is_main else \
+    code = failure(e, os.environ.get("TCLI_DEBUG") == "1") if info.is_main else \
         int(getattr(e, "exit_code", 1))
     dist.barrier()
     return code

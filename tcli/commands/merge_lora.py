@@ -4,7 +4,7 @@ without peft.
 
     tcli merge-lora runs/x/checkpoints/step_20 merged/
 
-The conversion is :func:`tcli.train.lora.export_merged`.
+The conversion is :func:`tcli.models.adapter.export_merged`.
 """
 
 from __future__ import annotations
@@ -29,20 +29,20 @@ def merge_lora(
     adapter is a usage error (exit 2); a broken adapter or base exits 65."""
     import os
 
+    from tcli.models import adapter
     from tcli.models.checkpoint import check_checkpoint_target
     from tcli.models.load import check_model_dir
-    from tcli.train import lora
 
     check_model_dir(adapter_dir)
-    if not lora.is_adapter_dir(adapter_dir):
+    if not adapter.is_adapter_dir(adapter_dir):
         raise UsageError(f"{adapter_dir} is not a LoRA adapter directory (no "
-                         f"{lora.ADAPTER_CONFIG})")
+                         f"{adapter.ADAPTER_CONFIG})")
     check_checkpoint_target(out_dir)
-    path = lora.export_merged(adapter_dir, out_dir)
+    path = adapter.export_merged(adapter_dir, out_dir)
     if progress_enabled(quiet):
         from tcli.commands.common import stderr_console
 
-        stderr_console().print(f"merge-lora: {adapter_dir} + {lora.adapter_base(adapter_dir)} "
+        stderr_console().print(f"merge-lora: {adapter_dir} + {adapter.adapter_base(adapter_dir)} "
                                f"-> {path}")
     typer.echo(os.path.abspath(path))
 

@@ -40,20 +40,19 @@ def advantages(
 ) -> None:
     """Add per-token advantages with a registered estimator (DESIGN §4). Stored `values` from
     build-tree must match the records' tokens and rewards (exit 65 when stale)."""
-    from tcli.algos.estimators import Group
-    from tcli.stages.advantages import AdvantageStats, advantages_group, whiten
+    from tcli.stages.advantages import AdvantageStats, stage_end, stage_group
 
     acc = AdvantageStats(branch=stats)
     held: list[dict] = []  # --whiten needs every token before the first record is written
 
     def one(recs: list[dict]) -> list[dict]:
-        out = advantages_group(Group.from_records(recs), opts, acc)
+        out = stage_group(recs, opts, acc).records
         if not opts.whiten:
             return out
         held.extend(out)
         return []
 
-    run_groups(input, output, format, input_format, one, lambda: whiten(held))
+    run_groups(input, output, format, input_format, one, lambda: stage_end(held, opts))
     if stats:
         (stderr_console(quiet) or stderr_console(False)).print(acc.render(opts.estimator))
 

@@ -21,6 +21,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Optional
 
+from tcli.algos.estimators import needs
 from tcli.config.spec import (Options, at_least, coerce, finite_at_least, like, setting,
                               settings_of)
 from tcli.config.stages import (AdvantageOptions, CriticOptions, EvalOptions, PromptOptions,
@@ -99,8 +100,9 @@ class LoopConfig:
     eval: LoopEvalOptions = field(default_factory=LoopEvalOptions)
 
     def __post_init__(self) -> None:
-        if self.advantages.estimator == "treerpo" and self.sample.mode != "tree":
-            raise UsageError('estimator "treerpo" needs tree-sampled groups: set mode = "tree" '
+        est = self.advantages.estimator
+        if needs(est).tree_sampled and self.sample.mode != "tree":
+            raise UsageError(f'estimator "{est}" needs tree-sampled groups: set mode = "tree" '
                              "in [sample] (--mode tree)")
         t = self.train
         if not t.schedule_steps:  # the lr schedule spans the run (fixed in config.toml: a

@@ -3,7 +3,9 @@
 ``tcli sample-tree``, ``verify``, ``advantages``, ``train-step`` and ``eval`` take their flags from
 these classes, and ``tcli loop`` takes its ``[sample]``, ``[verify]``, ``[advantages]``, ``[train]``
 and ``[eval]`` tables from the same classes, so the pipeline and the loop cannot drift apart.
-Registries are imported only when a name is checked or a help text is shown (no torch here).
+Config sits above what it validates: engines, algos, train and verifiers take plain values or
+these objects (duck-typed) and never import config. Registries are imported only when a name is
+checked or a help text is shown (no torch here).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 from tcli.config.spec import (Options, at_least, finite, finite_at_least, in_range, like, setting)
+from tcli.engines.sampling import SamplingConfig
 from tcli.errors import UsageError
 
 MODES = ("independent", "tree")
@@ -28,7 +31,7 @@ def _engines():
 
 
 def _branch_rules():
-    from tcli.stages.sample import BRANCH_RULES
+    from tcli.engines.trees import BRANCH_RULES
     return BRANCH_RULES.names()
 
 
@@ -38,12 +41,12 @@ def _estimators():
 
 
 def _loss_aggs():
-    from tcli.train.loss import LOSS_AGGREGATIONS
+    from tcli.algos.losses import LOSS_AGGREGATIONS
     return LOSS_AGGREGATIONS.names()
 
 
 def _kl_estimators():
-    from tcli.train.loss import KL_ESTIMATORS
+    from tcli.algos.losses import KL_ESTIMATORS
     return KL_ESTIMATORS.names()
 
 
@@ -115,13 +118,14 @@ class SampleOptions(Options):
                                       "first token).", check=at_least(0))
     record_entropy: bool = setting(False, "Add `entropies` to every rollout record: the sampling "
                                    "entropy (nats, see --branch-entropy) of each response token.")
-    temperature: float = setting(1.0, "Sampling temperature; 0 = greedy.",
+    temperature: float = setting(SamplingConfig.temperature, "Sampling temperature; 0 = greedy.",
                                  check=finite_at_least(0.0))
-    top_p: float = setting(1.0, "Nucleus sampling mass (1 = off).",
+    top_p: float = setting(SamplingConfig.top_p, "Nucleus sampling mass (1 = off).",
                            check=in_range(0.0, 1.0, lo_open=True))
-    max_new_tokens: int = setting(256, "Max response tokens (the whole path in tree mode).",
-                                  check=at_least(1))
-    min_new_tokens: int = setting(0, "EOS is masked before this many tokens.", check=at_least(0))
+    max_new_tokens: int = setting(SamplingConfig.max_new_tokens, "Max response tokens (the whole "
+                                  "path in tree mode).", check=at_least(1))
+    min_new_tokens: int = setting(SamplingConfig.min_new_tokens, "EOS is masked before this many "
+                                  "tokens.", check=at_least(0))
     prompt_template: str = setting("auto", _TEMPLATE_HELP, check=_check_template)
     chat_template: Optional[bool] = setting(
         None, "Wrap the prompt in the tokenizer's chat template (default: when it has one).")
@@ -138,10 +142,8 @@ class SampleOptions(Options):
                                             "trainer shares the GPU (loop, one GPU).",
                                             check=in_range(0.0, 1.0, lo_open=True))
 
-    def engine_config(self, seed: int):
+    def engine_config(self, seed: int) -> SamplingConfig:
         """The settings of one engine call."""
-        from tcli.engines.base import SamplingConfig
-
         return SamplingConfig(temperature=self.temperature, top_p=self.top_p,
                               max_new_tokens=self.max_new_tokens,
                               min_new_tokens=self.min_new_tokens, seed=seed)
@@ -345,6 +347,13 @@ class CriticOptions(Options):
     max_grad_norm: float = like(TrainOptions, "max_grad_norm", 1.0)
     weight_decay: float = like(TrainOptions, "weight_decay", 0.0)
     device: str = like(TrainOptions, "device", "auto")
+
+    def train_options(self) -> TrainOptions:
+        """The Trainer settings the critic shares; the padded layout (values are per row)."""
+        return TrainOptions(lr=self.lr, epochs=self.epochs, mini_batches=self.mini_batches,
+                            micro_batch_tokens=self.micro_batch_tokens,
+                            max_grad_norm=self.max_grad_norm, weight_decay=self.weight_decay,
+                            device=self.device, share_prefix=False)
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,23 @@
 """Generation engines, registered by name: ``hf`` (transformers) and ``vllm`` (optional extra).
 
-Every caller opens an engine with :func:`open_engine` from the stage's ``SampleOptions``; engine
-modules import torch/transformers/vllm only when an engine is created.
+Every caller opens an engine with :func:`open_engine` from the stage's sample settings
+(``SampleOptions`` or any object with its fields); engine modules import torch/transformers/vllm
+only when an engine is created.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from tcli.engines.base import Completion, Engine, SamplingConfig  # noqa: F401
 from tcli.registry import Registry
-
-if TYPE_CHECKING:
-    from tcli.config.stages import SampleOptions
 
 Factory = Callable[..., Engine]
 ENGINES: Registry[Factory] = Registry("engine")
 
 
 @ENGINES.register("hf")
-def _hf(model: str, opts: "SampleOptions", *, seed: int = 0, trainer=None) -> Engine:
+def _hf(model: str, opts, *, seed: int = 0, trainer=None) -> Engine:
     """With a trainer the engine samples from the trainer's own module (no second copy)."""
     from tcli.engines.hf import HFEngine
 
@@ -28,7 +26,7 @@ def _hf(model: str, opts: "SampleOptions", *, seed: int = 0, trainer=None) -> En
 
 
 @ENGINES.register("vllm")
-def _vllm(model: str, opts: "SampleOptions", *, seed: int = 0, trainer=None) -> Engine:
+def _vllm(model: str, opts, *, seed: int = 0, trainer=None) -> Engine:
     """With a LoRA trainer, vLLM's LoRA support is on from the start (follow hands adapters)."""
     from tcli.engines.vllm_engine import VLLMEngine
 
@@ -39,6 +37,6 @@ def _vllm(model: str, opts: "SampleOptions", *, seed: int = 0, trainer=None) -> 
                       **({"dtype": opts.dtype} if opts.dtype else {}))
 
 
-def open_engine(model: str, opts: "SampleOptions", *, seed: int = 0, trainer=None) -> Engine:
+def open_engine(model: str, opts, *, seed: int = 0, trainer=None) -> Engine:
     """The engine named by ``opts.engine`` on ``model`` (or on ``trainer``'s weights)."""
     return ENGINES.get(opts.engine)(model, opts, seed=seed, trainer=trainer)

@@ -1,87 +1,40 @@
-"""The engine contract shared by sample-tree, eval and loop.
+"""The engine contract shared by sample-tree, eval and loop, and the tree samplers every engine
+gets from it.
 
 An engine turns token-id prompts into completions with behaviour-policy log-probs. Tree sampling is
 expressed with the same call: the frontier's prefixes (prompt + tokens so far) are the prompts of
-the next level, so any engine with prefix caching shares work between siblings; the ``hf`` engine
-additionally implements ``sample_tree`` natively by forking KV caches.
+the next level, so any engine with prefix caching shares work between siblings. ``Engine`` carries
+these generic samplers; the ``hf`` engine overrides them with native ones that fork KV caches.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Optional, Protocol, Sequence
+import hashlib
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
 
-import numpy as np
-
-ENTROPY_TOP_K = 20   # log-probs per token behind the generic entropy estimate (vLLM's default cap)
-
-
-def _default(name: str):
-    """SampleOptions holds the one default of every sampling setting."""
-    from tcli.config.stages import SampleOptions
-
-    return next(f.default for f in fields(SampleOptions) if f.name == name)
+from tcli.engines.sampling import (ENTROPY_TOP_K, Completion, EntropyRule,  # noqa: F401
+                                   SamplingConfig, TreeLeaf, logprob_temperature, topk_entropy)
+from tcli.errors import UsageError
 
 
-@dataclass
-class SamplingConfig:
-    """One engine call's settings (``SampleOptions.engine_config`` builds it for a stage)."""
+class Engine:
+    """Base of the engines: ``generate`` is theirs; entropies, trees and independent samples
+    default to what ``generate`` (and ``generate_entropy``) can give."""
 
-    temperature: float = _default("temperature")   # 0 = greedy
-    top_p: float = _default("top_p")
-    max_new_tokens: int = _default("max_new_tokens")
-    min_new_tokens: int = _default("min_new_tokens")
-    seed: int = 0
-
-
-def logprob_temperature(temperature: float) -> float:
-    """The T of the recorded log-probs, log_softmax(logits / T): the sampling temperature, or 1
-    for greedy decoding (T = 0), whose 'distribution' has no useful log-probs of its own."""
-    return float(temperature) if temperature > 0 else 1.0
-
-
-def topk_entropy(top_logprobs) -> np.ndarray:
-    """Entropy estimate (nats) per row from the k largest log-probs of each row's distribution
-    (any order; ``-inf`` entries allowed), as engines that return only top-k log-probs can give.
-
-    The mass r outside the top k is counted as if packed into tokens as likely as the k-th largest
-    (or into one token when r is smaller): H_k = -sum_i p_i log p_i - r log min(p_k, r). That is
-    the least entropy any distribution with these top-k values can have (up to the last partial
-    token), so H_k <= H, with equality when the top k hold all the mass. A split on H_k > tau
-    therefore never happens where the exact entropy is <= tau; it may miss a few that do.
-    """
-    lp = np.asarray(top_logprobs, dtype=np.float64)
-    lp = lp.reshape(1, -1) if lp.ndim == 1 else lp
-    p = np.exp(lp)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        head = -np.where(p > 0, p * lp, 0.0).sum(-1)
-        rest = np.clip(1.0 - p.sum(-1), 0.0, 1.0)
-        pk = p.min(-1, where=p > 0, initial=1.0)
-        tail = np.where(rest > 0, -rest * np.log(np.minimum(pk, rest)), 0.0)
-    return np.maximum(head + tail, 0.0)
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    logprobs: list[float]        # log_softmax(logits / T) of each token, before top-p (see above)
-    finish_reason: str           # "stop" (EOS) or "length"
-    entropies: Optional[list[float]] = None  # per token, from ``generate_entropy`` only
-
-
-class Engine(Protocol):
     name: str
     model_path: str
     policy_version: int
-    # optional: exact_entropy = True when generate_entropy(top_k=None) gives exact entropies;
-    # sample-tree then records exact ones (else the top-ENTROPY_TOP_K estimate)
+    exact_entropy = False   # generate_entropy(top_k=None) gives exact entropies
 
     @property
-    def tokenizer(self): ...
+    def tokenizer(self):
+        raise NotImplementedError
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, cfg: SamplingConfig
                  ) -> list[list[Completion]]:
         """n completions for each prompt (token ids), in order."""
+        raise NotImplementedError
 
     def generate_entropy(self, prompts: Sequence[Sequence[int]], n: int, cfg: SamplingConfig, *,
                          top_k: Optional[int] = ENTROPY_TOP_K,
@@ -103,10 +56,217 @@ class Engine(Protocol):
           to identical prefixes that must not share samples (e.g. sibling tree nodes).
         - Everything else is ``generate``'s: n completions per prompt in order, same token,
           log-prob and finish semantics; a prompt's output does not depend on the other prompts.
+
+        An engine without entropies keeps this default: a usage error.
         """
+        raise UsageError(f"the {self.name} engine gives no sampling entropies (generate_entropy)")
 
     def load_weights(self, model_dir: str, policy_version: int) -> None:
         """Switch to new weights (after a train step) and drop any cached prefixes."""
+        raise NotImplementedError
 
     def follow(self, trainer) -> None:
         """Sample from the trainer's current weights from now on (after each train step)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ samplers
+
+    def sample_independent(self, prompts: Sequence[Sequence[int]], n: int, cfg: SamplingConfig,
+                           *, entropy: bool = False, native: bool = True) -> list[list[TreeLeaf]]:
+        """n independent samples per prompt as one-node leaves; ``entropy`` records exact
+        entropies where the engine has them (``native``), else the top-k estimate."""
+        exact = native and self.exact_entropy
+        gen = _generator(self, entropy, None if exact else ENTROPY_TOP_K)
+        return [[TreeLeaf((j,), c.token_ids, c.logprobs, [], c.finish_reason, c.entropies)
+                 for j, c in enumerate(comps)] for comps in gen(prompts, n, cfg)]
+
+    def sample_tree(self, prompts: Sequence[Sequence[int]], width: int, depth: int,
+                    segment_tokens: int, cfg: SamplingConfig, *, entropy: bool = False
+                    ) -> list[list[TreeLeaf]]:
+        """``width`` children per node, segments of at most ``segment_tokens`` (generic)."""
+        return sample_tree_generic(self, prompts, width, depth, segment_tokens, cfg, entropy)
+
+    def sample_entropy_tree(self, prompts: Sequence[Sequence[int]], rule: EntropyRule,
+                            cfg: SamplingConfig, record: bool = False, *,
+                            probe_tokens: int) -> list[list[TreeLeaf]]:
+        """Splits where the sampling entropy exceeds the rule's threshold (generic: top-k
+        estimates from probes of ``probe_tokens`` tokens)."""
+        return sample_entropy_tree_generic(self, prompts, replace(rule, top_k=ENTROPY_TOP_K),
+                                           probe_tokens, cfg, record)
+
+
+class Adapted(Engine):
+    """An engine registered as a plain class with ``generate`` (and perhaps
+    ``generate_entropy``), given the base's samplers; its other attributes pass through."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name = getattr(inner, "name", type(inner).__name__)
+
+    def __getattr__(self, attr: str):
+        if attr == "inner":  # not set yet (e.g. while copying): no recursion through itself
+            raise AttributeError(attr)
+        return getattr(self.inner, attr)
+
+    @property
+    def tokenizer(self):
+        return self.inner.tokenizer
+
+    def generate(self, prompts, n, cfg):
+        return self.inner.generate(prompts, n, cfg)
+
+    def generate_entropy(self, prompts, n, cfg, *, top_k=ENTROPY_TOP_K, seeds=None):
+        own = getattr(type(self.inner), "generate_entropy", None)
+        if own is None:
+            return super().generate_entropy(prompts, n, cfg, top_k=top_k, seeds=seeds)
+        return own(self.inner, prompts, n, cfg, top_k=top_k, seeds=seeds)
+
+
+def as_engine(engine) -> Engine:
+    """``engine`` itself, or a plain class's instance adapted to the base (``Adapted``)."""
+    return engine if isinstance(engine, Engine) else Adapted(engine)
+
+
+# ----------------------------------------------------------------------------- tree on any engine
+
+def _level_seed(seed: int, level: int) -> int:
+    return (seed * 1_000_003 + level) & 0x7FFFFFFF
+
+
+def _generator(engine: Engine, record: bool, top_k: Optional[int] = ENTROPY_TOP_K):
+    """``engine.generate``, or ``generate_entropy`` when entropies are wanted (UsageError if the
+    engine has none); ``top_k`` None asks for exact entropies."""
+    if not record:
+        return engine.generate
+    fn = engine.generate_entropy
+    return lambda prompts, n, cfg, seeds=None: fn(prompts, n, cfg, top_k=top_k, seeds=seeds)
+
+
+def sample_tree_generic(engine: Engine, prompts: Sequence[Sequence[int]], width: int, depth: int,
+                        segment_tokens: int, cfg: SamplingConfig, record: bool = False
+                        ) -> list[list[TreeLeaf]]:
+    """Tree sampling through ``engine.generate`` only, level by level (prefix caching, if the engine
+    has it, shares the work between siblings). Leaves per prompt, sorted by node path.
+    ``record``: through ``generate_entropy``, with each leaf's ``entropies``."""
+    gen = _generator(engine, record)
+    leaves: list[list[TreeLeaf]] = [[] for _ in prompts]
+    # frontier node: (prompt index, path, tokens, logprobs, ends, entropies)
+    frontier = [(i, (), [], [], [], []) for i in range(len(prompts))]
+    for level in range(1, depth + 1):
+        if not frontier:
+            break
+        done = len(frontier[0][2])
+        room = cfg.max_new_tokens - done
+        seg = room if level == depth else min(segment_tokens, room)
+        lvl = replace(cfg, max_new_tokens=seg, min_new_tokens=max(0, min(cfg.min_new_tokens - done, seg)),
+                      seed=_level_seed(cfg.seed, level))
+        outs = gen([list(prompts[f[0]]) + f[2] for f in frontier], width, lvl)
+        nxt = []
+        for (p, path, toks, lps, ends, ents), comps in zip(frontier, outs):
+            for c, comp in enumerate(comps):
+                t2 = toks + list(comp.token_ids)
+                l2 = lps + list(comp.logprobs)
+                e2 = ends + [len(t2)]
+                h2 = ents + list(comp.entropies) if record else None
+                stop = comp.finish_reason == "stop"
+                if stop or level == depth or len(t2) >= cfg.max_new_tokens or not comp.token_ids:
+                    reason = "stop" if stop else "length"
+                    leaves[p].append(TreeLeaf(path + (c,), t2, l2, e2, reason, h2))
+                else:
+                    nxt.append((p, path + (c,), t2, l2, e2, h2))
+        frontier = nxt
+    for out in leaves:
+        out.sort(key=lambda lf: lf.node_path)
+    return leaves
+
+
+# ----------------------------------------------------------------------------- entropy tree, generic
+
+@dataclass
+class _Path:
+    """A running node of the generic entropy tree: its tokens from the response's start."""
+
+    prompt: int
+    path: tuple[int, ...]
+    tokens: list[int]
+    logprobs: list[float]
+    entropies: list[float]
+    ends: list[int]
+    start: int
+
+
+def _path_seed(seed: int, path: tuple[int, ...]) -> int:
+    """A node's random-stream seed for ``generate_entropy``: distinct for every node, so siblings
+    that drew the same tokens still continue independently (the engine adds the prefix tokens)."""
+    h = hashlib.blake2b(digest_size=8, person=b"tcli-etree")
+    h.update(int(seed).to_bytes(16, "little", signed=True))
+    h.update(",".join(map(str, path)).encode())
+    return int.from_bytes(h.digest(), "little") >> 2
+
+
+def _absorb(node: _Path, comp, rule: EntropyRule, cfg: SamplingConfig):
+    """Append a probe's tokens to ``node`` up to its first split point. Returns "split" (the node
+    ends before that token), "leaf" (EOS, the length budget or nothing generated) or "more"."""
+    t0 = len(node.tokens)
+    for j, h in enumerate(comp.entropies):
+        if rule.splits(len(node.path), node.start, t0 + j, h):
+            node.tokens += comp.token_ids[:j]
+            node.logprobs += comp.logprobs[:j]
+            node.entropies += comp.entropies[:j]
+            return "split"
+    node.tokens += comp.token_ids
+    node.logprobs += comp.logprobs
+    node.entropies += comp.entropies
+    done = comp.finish_reason == "stop" or len(node.tokens) >= cfg.max_new_tokens
+    return "leaf" if done or not comp.token_ids else "more"
+
+
+def _probe(gen, prompts, requests, probe_tokens: int, cfg: SamplingConfig):
+    """One generate_entropy call per (n, max_new, min_new) among ``requests`` [(node, n)]: the
+    completions of each request, in order."""
+    calls: dict[tuple[int, int, int], list[int]] = {}
+    for i, (node, n) in enumerate(requests):
+        done = len(node.tokens)
+        key = (n, min(probe_tokens, cfg.max_new_tokens - done), max(0, cfg.min_new_tokens - done))
+        calls.setdefault(key, []).append(i)
+    out: list = [None] * len(requests)
+    for (n, new, least), idx in calls.items():
+        nodes = [requests[i][0] for i in idx]
+        comps = gen([list(prompts[x.prompt]) + x.tokens for x in nodes], n,
+                    replace(cfg, max_new_tokens=new, min_new_tokens=least),
+                    seeds=[_path_seed(cfg.seed, x.path) for x in nodes])
+        for i, c in zip(idx, comps):
+            out[i] = c
+    return out
+
+
+def sample_entropy_tree_generic(engine: Engine, prompts: Sequence[Sequence[int]],
+                                rule: EntropyRule, probe_tokens: int, cfg: SamplingConfig,
+                                record: bool = False) -> list[list[TreeLeaf]]:
+    """``--branch entropy`` through ``engine.generate_entropy`` (entropies estimated from the
+    top ``rule.top_k`` log-probs): every running node is extended by probes of ``probe_tokens``
+    tokens until its first split point (the probe's tokens from there on are dropped) or its end;
+    a split asks for ``width`` completions of the node's prefix, one per child. Each node has its
+    own seed (see ``_path_seed``), so nothing depends on batching. Leaves sorted by node path."""
+    gen = _generator(engine, True, rule.top_k)
+    leaves: list[list[TreeLeaf]] = [[] for _ in prompts]
+    requests = [(_Path(i, (0,), [], [], [], [], 0), 1) for i in range(len(prompts))]
+    while requests:
+        nxt = []
+        for (node, n), comps in zip(requests, _probe(gen, prompts, requests, probe_tokens, cfg)):
+            for c, comp in enumerate(comps):
+                kid = node if n == 1 else _Path(node.prompt, node.path + (c,), list(node.tokens),
+                                                list(node.logprobs), list(node.entropies),
+                                                node.ends + [len(node.tokens)], len(node.tokens))
+                state = _absorb(kid, comp, rule, cfg)
+                if state == "leaf":
+                    reason = "stop" if comp.finish_reason == "stop" else "length"
+                    leaves[kid.prompt].append(TreeLeaf(
+                        kid.path, kid.tokens, kid.logprobs, kid.ends + [len(kid.tokens)], reason,
+                        kid.entropies if record else None))
+                else:
+                    nxt.append((kid, rule.width if state == "split" else 1))
+        requests = nxt
+    for out in leaves:
+        out.sort(key=lambda lf: lf.node_path)
+    return leaves

@@ -23,26 +23,25 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from tcli.engines.base import SamplingConfig
-from tcli.engines.hf import _Node, _State, child_key
-from tcli.stages.sample import EntropyRule, TreeLeaf
+from tcli.engines.rows import Node, Rows, append_tokens
+from tcli.engines.sampling import EntropyRule, SamplingConfig, TreeLeaf
 
 
 def sample_entropy_tree(engine, prompts: Sequence[Sequence[int]], rule: EntropyRule,
                         cfg: SamplingConfig, record: bool = False) -> list[list[TreeLeaf]]:
-    """Leaves per prompt, sorted by node path (see the module docstring)."""
+    """Leaves per prompt, sorted by node path (see the module docstring); ``engine`` is an
+    ``HFEngine``, driven through its sampling-state methods."""
     leaves: list[list[TreeLeaf]] = [[] for _ in prompts]
     if cfg.max_new_tokens <= 0:
         for out in leaves:
             out.append(TreeLeaf((0,), [], [], [0], "length", [] if record else None))
         return leaves
     with torch.inference_mode():
-        for chunk in engine._prefill_chunks(prompts, rule.width ** rule.depth, cfg.max_new_tokens):
-            root = engine._prefill(prompts, chunk, cfg.seed, None, record)
-            st = engine._fork(root, [(r, 0) for r in range(len(chunk))], cfg.max_new_tokens)
+        for chunk in engine.prefill_chunks(prompts, rule.width ** rule.depth, cfg.max_new_tokens):
+            root = engine.prefill(prompts, chunk, cfg.seed, None, record)
+            st = engine.fork(root, [(r, 0) for r in range(len(chunk))], cfg.max_new_tokens)
             del root
             _decode(engine, st, rule, cfg, record, leaves)
     for out in leaves:
@@ -50,11 +49,11 @@ def sample_entropy_tree(engine, prompts: Sequence[Sequence[int]], rule: EntropyR
     return leaves
 
 
-def _split(st: _State, rule: EntropyRule, step: int, entropies) -> list[int] | None:
+def _split(st: Rows, rule: EntropyRule, step: int, entropies) -> list[int] | None:
     """Replace every row that splits at ``step`` by its ``width`` children (nodes and logits);
     the source row of each new row, or None when nothing split."""
     src: list[int] = []
-    nodes: list[_Node] = []
+    nodes: list[Node] = []
     for i, node in enumerate(st.nodes):
         if entropies is None or not rule.splits(len(node.path), node.start, step, entropies[i]):
             src.append(i)
@@ -63,9 +62,7 @@ def _split(st: _State, rule: EntropyRule, step: int, entropies) -> list[int] | N
         node.ends.append(step)
         for c in range(rule.width):
             src.append(i)
-            nodes.append(_Node(node.prompt, node.path + (c,), list(node.tokens),
-                               list(node.logprobs), list(node.ends), child_key(node.key, c),
-                               None if node.entropies is None else list(node.entropies), step))
+            nodes.append(node.child(c))
     if len(nodes) == len(st.nodes):
         return None
     st.nodes = nodes
@@ -73,14 +70,14 @@ def _split(st: _State, rule: EntropyRule, step: int, entropies) -> list[int] | N
     return src
 
 
-def _entropies(engine, st: _State, rule: EntropyRule, cfg: SamplingConfig, record: bool):
+def _entropies(engine, st: Rows, rule: EntropyRule, cfg: SamplingConfig, record: bool):
     """This step's entropies, or None when no row needs them (nothing recorded, no split left)."""
     if record or any(len(n.path) <= rule.depth for n in st.nodes):
         return engine.entropies(st.logits, cfg, rule.top_k)
     return None
 
 
-def _decode(engine, st: _State, rule: EntropyRule, cfg: SamplingConfig, record: bool,
+def _decode(engine, st: Rows, rule: EntropyRule, cfg: SamplingConfig, record: bool,
             leaves: list[list[TreeLeaf]]) -> None:
     """Decode every row to its end, splitting rows where the rule says."""
     for step in range(cfg.max_new_tokens):
@@ -89,23 +86,8 @@ def _decode(engine, st: _State, rule: EntropyRule, cfg: SamplingConfig, record: 
         if record:
             for node, i in zip(st.nodes, src if src is not None else range(len(st.nodes))):
                 node.entropies.append(ent[i])
-        keys = np.fromiter((n.key for n in st.nodes), dtype=np.uint64, count=len(st.nodes))
-        tok, lp = engine._sample(st.logits, keys, step, cfg)
-        engine.generated_tokens += len(st.nodes)
-        toks, lps = tok.tolist(), lp.tolist()
-        eos = torch.isin(tok, engine._eos_t).tolist()
-        last = step + 1 >= cfg.max_new_tokens
-        keep = []
-        for i, node in enumerate(st.nodes):
-            node.tokens.append(toks[i])
-            node.logprobs.append(lps[i])
-            if eos[i] or last:
-                node.ends.append(len(node.tokens))
-                leaves[node.prompt].append(TreeLeaf(node.path, node.tokens, node.logprobs,
-                                                    node.ends, "stop" if eos[i] else "length",
-                                                    node.entropies))
-            else:
-                keep.append(i)
+        tok, toks, lps, eos = engine.draw(st, step, cfg)
+        keep = append_tokens(st.nodes, toks, lps, eos, step + 1 >= cfg.max_new_tokens, leaves)
         if not keep:
             return
         if len(keep) < len(st.nodes):
@@ -113,16 +95,5 @@ def _decode(engine, st: _State, rule: EntropyRule, cfg: SamplingConfig, record: 
             tok = tok[torch.tensor(keep, dtype=torch.long, device=tok.device)]
         rows = [src[i] for i in keep] if src is not None else keep
         if rows != list(range(st.mask.shape[0])):
-            _select(engine, st, rows)
-        st.mask = torch.cat([st.mask, st.mask.new_ones((len(keep), 1))], dim=1)
-        st.logits = engine._forward(tok.unsqueeze(1), st.mask, st.pos.unsqueeze(1), st.cache)
-        st.pos = st.pos + 1
-
-
-def _select(engine, st: _State, rows: list[int]) -> None:
-    """The cache, mask and positions of the new batch = rows ``rows`` of the old one (a row
-    repeated is forked to children, a row left out has ended)."""
-    idx = torch.tensor(rows, dtype=torch.long, device=st.mask.device)
-    st.cache.batch_select_indices(idx)
-    st.mask, st.pos = st.mask[idx], st.pos[idx]
-    engine._trim_left(st)
+            engine.select(st, rows)
+        engine.advance(st, tok)

@@ -6,93 +6,40 @@ can recompute them), a random stream per sample that does not depend on
 how samples were batched, and tree sampling that forks a node's KV cache to its children instead of
 re-encoding the shared prefix.
 
-Sampling randomness is counter-based: the uniform number for token ``t`` of a node is a hash of
-(seed, prompt token ids, node path, t). The same prompt with the same seed therefore gives the same
+Sampling randomness is counter-based (tcli/engines/rng.py): the uniform number for token ``t`` of
+a node is a hash of (seed, prompt token ids, node path, t). The same prompt with the same seed therefore gives the same
 samples whatever else is in the batch or how ``--batch-tokens`` splits the work (up to float
 round-off in batched matmuls, which can only flip a sample at an exact probability boundary).
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-from dataclasses import dataclass
+import os
 from typing import Optional, Sequence
 
-import numpy as np
+import torch
 
-from tcli.engines.base import (ENTROPY_TOP_K, Completion, SamplingConfig, logprob_temperature,
-                               topk_entropy)
-from tcli.stages.sample import EntropyRule, TreeLeaf
+from tcli.engines.base import Engine
+from tcli.engines.entropy_tree import sample_entropy_tree
+from tcli.engines.kv import fork_cache, new_cache, trim_left
+from tcli.engines.rng import prompt_key, uniforms
+from tcli.engines.rows import Node, Rows, append_tokens
+from tcli.engines.sampling import (ENTROPY_TOP_K, Completion, EntropyRule, SamplingConfig, TreeLeaf,
+                                   logprob_temperature, topk_entropy)
+from tcli.models.checkpoint import read_state
+from tcli.models.load import load_model, load_tokenizer, torch_dtype
+from tcli.models.quiet import quiet_transformers
 
-_MASK64 = (1 << 64) - 1
 DEFAULT_BATCH_TOKENS = 65536
 
 
-# ----------------------------------------------------------------------------- counter-based RNG
+class HFEngine(Engine):
+    """transformers causal LM with batched KV-cache sampling and native tree sampling.
 
-def _splitmix_int(x: int) -> int:
-    """splitmix64 finaliser on a Python int (used for per-node keys, not per token)."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _splitmix_np(x: np.ndarray) -> np.ndarray:
-    """The same finaliser vectorised over uint64 arrays (wrap-around multiplication)."""
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def prompt_key(seed: int, token_ids: Sequence[int]) -> int:
-    """The random-stream key of a prompt: a hash of the seed and the prompt's token ids."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(int(seed).to_bytes(16, "little", signed=True))
-    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
-    return int.from_bytes(h.digest(), "little")
-
-
-def child_key(parent: int, child: int) -> int:
-    return _splitmix_int(parent ^ _splitmix_int(child + 1))
-
-
-def uniforms(keys: np.ndarray, step: int) -> np.ndarray:
-    """One U[0,1) number per key for token position ``step`` (53-bit resolution)."""
-    z = _splitmix_np(keys ^ np.uint64(_splitmix_int(step)))
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-# ----------------------------------------------------------------------------- engine state
-
-@dataclass
-class _Node:
-    prompt: int                  # index of the prompt in the current call
-    path: tuple[int, ...]        # child index taken at each level
-    tokens: list[int]
-    logprobs: list[float]
-    ends: list[int]              # segment ends so far
-    key: int                     # random-stream key of this node
-    entropies: Optional[list[float]] = None  # per token, when recorded
-    start: int = 0               # where this node's segment starts (its parent's length)
-
-
-@dataclass
-class _State:
-    """Rows generated in lock-step: one KV cache, left-padded, all rows the same cache length."""
-
-    cache: object
-    mask: "torch.Tensor"         # (R, S) 1 = real token, 0 = left pad  # noqa: F821
-    pos: "torch.Tensor"          # (R,) position id of the next token  # noqa: F821
-    logits: "torch.Tensor"       # (R, V) float32 raw logits of the next token  # noqa: F821
-    nodes: list[_Node]
-
-
-class HFEngine:
-    """transformers causal LM with batched KV-cache sampling and native tree sampling."""
+    Besides the engine contract it offers its sampling state (``Rows``, engines/rows.py) to the
+    native samplers: ``prefill_chunks``, ``prefill``, ``fork``, ``draw``, ``select``,
+    ``advance`` and ``entropies``."""
 
     name = "hf"
     exact_entropy = True   # the full next-token distribution is at hand
@@ -102,18 +49,12 @@ class HFEngine:
                  attn_implementation: str | None = None, trainer=None, kv_cache: str = "static"):
         """``kv_cache``: ``static`` (preallocated buffers, tcli/engines/kv.py) or ``dynamic``
         (transformers' DynamicCache, one concatenation per token; kept to compare)."""
-        import torch
-
-        from tcli.models.quiet import quiet_transformers
-
         quiet_transformers()
         if trainer is not None:
             device = str(next(trainer.model.parameters()).device)
         elif device in (None, "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        from tcli.models.load import torch_dtype
-
         self.dtype = torch_dtype(dtype)
         self.batch_tokens = int(batch_tokens)
         self.attn_implementation = attn_implementation
@@ -130,16 +71,13 @@ class HFEngine:
             return
         self._load(model)
         if policy_version is None:
-            from tcli.models.checkpoint import read_state
-
-            policy_version = int(read_state(model).get("policy_version", 0)) if _is_dir(model) else 0
+            policy_version = (int(read_state(model).get("policy_version", 0))
+                              if os.path.isdir(model) else 0)
         self.policy_version = int(policy_version)
 
     # ------------------------------------------------------------------ loading
 
     def _load(self, model_dir: str) -> None:
-        from tcli.models.load import load_model, load_tokenizer
-
         model = load_model(model_dir, device=self.device, dtype=self.dtype,
                            attn_implementation=self.attn_implementation)
         if self._tokenizer is None:
@@ -148,8 +86,6 @@ class HFEngine:
 
     def _attach(self, model, model_dir: str) -> None:
         """Sample from ``model`` (loaded here or shared with a trainer)."""
-        import torch
-
         self.model = model
         self.model_path = model_dir
         params = inspect.signature(model.forward).parameters
@@ -184,7 +120,7 @@ class HFEngine:
     def tokenizer(self):
         return self._tokenizer
 
-    # ------------------------------------------------------------------ public sampling API
+    # ------------------------------------------------------------------ the engine contract
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, cfg: SamplingConfig
                  ) -> list[list[Completion]]:
@@ -204,24 +140,12 @@ class HFEngine:
                  for lf in leaves] for leaves in trees]
 
     def sample_entropy_tree(self, prompts: Sequence[Sequence[int]], rule: EntropyRule,
-                            cfg: SamplingConfig, record: bool = False) -> list[list[TreeLeaf]]:
+                            cfg: SamplingConfig, record: bool = False, *,
+                            probe_tokens: int | None = None) -> list[list[TreeLeaf]]:
         """``--branch entropy`` natively: all paths decode in one batch and a row that splits
-        becomes ``rule.width`` rows of the same KV cache (tcli/engines/entropy_tree.py)."""
-        from tcli.engines.entropy_tree import sample_entropy_tree
-
+        becomes ``rule.width`` rows of the same KV cache (tcli/engines/entropy_tree.py; exact
+        entropies, so no probes: ``probe_tokens`` is not used)."""
         return sample_entropy_tree(self, prompts, rule, cfg, record)
-
-    def entropies(self, logits, cfg: SamplingConfig, top_k: Optional[int] = None) -> list[float]:
-        """Sampling entropy (nats) per row: of softmax(logits / T) before top-p and the EOS mask
-        (T = 1 when greedy), exact, or ``topk_entropy`` of its ``top_k`` largest log-probs."""
-        import torch
-
-        t = logprob_temperature(cfg.temperature)
-        logp = torch.log_softmax(logits if t == 1 else logits / t, dim=-1)
-        if top_k is not None and top_k < logp.shape[-1]:
-            return topk_entropy(logp.topk(top_k, dim=-1).values.double().cpu().numpy()).tolist()
-        h = -torch.where(logp > float("-inf"), logp.exp() * logp, 0.0).sum(-1)
-        return h.clamp_(min=0.0).tolist()
 
     def sample_tree(self, prompts: Sequence[Sequence[int]], width: int, depth: int,
                     segment_tokens: int, cfg: SamplingConfig, *,
@@ -234,8 +158,6 @@ class HFEngine:
         one per prompt instead of ``cfg.seed``; ``entropy``: record each token's sampling entropy
         (exact, or from the ``top_k`` largest log-probs).
         """
-        import torch
-
         if width < 1 or depth < 1 or segment_tokens < 1:
             raise ValueError("width, depth and segment_tokens must be >= 1")
         leaves: list[list[TreeLeaf]] = [[] for _ in prompts]
@@ -246,34 +168,49 @@ class HFEngine:
             return leaves
         first_seg = cfg.max_new_tokens if depth == 1 else min(segment_tokens, cfg.max_new_tokens)
         with torch.inference_mode():
-            for chunk in self._prefill_chunks(prompts, width, first_seg):
-                root = self._prefill(prompts, chunk, cfg.seed, seeds, entropy)
-                stack = [(root, [(r, c) for r in range(len(root.nodes)) for c in range(width)])]
-                while stack:
-                    parent, pairs = stack.pop()
-                    level = len(parent.nodes[0].path) + 1
-                    done = len(parent.nodes[0].tokens)
-                    room = cfg.max_new_tokens - done
-                    seg = room if level == depth else min(segment_tokens, room)
-                    per = max(1, self.batch_tokens // (parent.mask.shape[1] + seg))
-                    if len(pairs) > per:
-                        pieces = [pairs[i:i + per] for i in range(0, len(pairs), per)]
-                        stack.extend((parent, p) for p in reversed(pieces[1:]))
-                        pairs = pieces[0]
-                    child = self._fork(parent, pairs, seg)
-                    del parent
-                    alive = self._segment(child, level == depth, seg, cfg, leaves,
-                                          top_k if entropy else False)
-                    if alive is not None:
-                        stack.append((alive, [(r, c) for r in range(len(alive.nodes))
-                                              for c in range(width)]))
+            for chunk in self.prefill_chunks(prompts, width, first_seg):
+                root = self.prefill(prompts, chunk, cfg.seed, seeds, entropy)
+                self._tree_from(root, width, depth, segment_tokens, cfg, leaves,
+                                top_k if entropy else False)
         for out in leaves:
             out.sort(key=lambda lf: lf.node_path)
         return leaves
 
-    # ------------------------------------------------------------------ internals
+    def _tree_from(self, root: Rows, width: int, depth: int, segment_tokens: int,
+                   cfg: SamplingConfig, leaves: list[list[TreeLeaf]], top_k) -> None:
+        """Depth-first over the subtrees of ``root``'s rows, ``width`` children per node, in
+        pieces of rows that fit ``batch_tokens``."""
+        stack = [(root, [(r, c) for r in range(len(root.nodes)) for c in range(width)])]
+        while stack:
+            parent, pairs = stack.pop()
+            level = len(parent.nodes[0].path) + 1
+            room = cfg.max_new_tokens - len(parent.nodes[0].tokens)
+            seg = room if level == depth else min(segment_tokens, room)
+            per = max(1, self.batch_tokens // (parent.mask.shape[1] + seg))
+            if len(pairs) > per:
+                pieces = [pairs[i:i + per] for i in range(0, len(pairs), per)]
+                stack.extend((parent, p) for p in reversed(pieces[1:]))
+                pairs = pieces[0]
+            child = self.fork(parent, pairs, seg)
+            del parent
+            alive = self._segment(child, level == depth, seg, cfg, leaves, top_k)
+            if alive is not None:
+                stack.append((alive, [(r, c) for r in range(len(alive.nodes))
+                                      for c in range(width)]))
 
-    def _prefill_chunks(self, prompts, width: int, first_seg: int):
+    # ------------------------------------------------------------------ sampling state
+
+    def entropies(self, logits, cfg: SamplingConfig, top_k: Optional[int] = None) -> list[float]:
+        """Sampling entropy (nats) per row: of softmax(logits / T) before top-p and the EOS mask
+        (T = 1 when greedy), exact, or ``topk_entropy`` of its ``top_k`` largest log-probs."""
+        t = logprob_temperature(cfg.temperature)
+        logp = torch.log_softmax(logits if t == 1 else logits / t, dim=-1)
+        if top_k is not None and top_k < logp.shape[-1]:
+            return topk_entropy(logp.topk(top_k, dim=-1).values.double().cpu().numpy()).tolist()
+        h = -torch.where(logp > float("-inf"), logp.exp() * logp, 0.0).sum(-1)
+        return h.clamp_(min=0.0).tolist()
+
+    def prefill_chunks(self, prompts, width: int, first_seg: int):
         """Consecutive prompts packed so that their first fork fits in ``batch_tokens``."""
         chunk: list[int] = []
         longest = 0
@@ -296,10 +233,9 @@ class HFEngine:
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, **kw)
         return out.logits[:, -1, :].float()
 
-    def _prefill(self, prompts, idx: list[int], seed: int, seeds=None, record: bool = False
-                 ) -> _State:
-        import torch
-
+    def prefill(self, prompts, idx: list[int], seed: int, seeds=None, record: bool = False
+                ) -> Rows:
+        """The root rows of prompts ``idx``: their cache and the logits of the first token."""
         seqs = [list(prompts[i]) for i in idx]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
@@ -309,58 +245,56 @@ class HFEngine:
             mask[r, width - len(s):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(1) - 1).clamp_(min=0)
-        from tcli.engines.kv import new_cache
-
         cache = new_cache(self.model.config, self.kv_cache)  # the root only feeds its children
         logits = self._forward(ids, mask, pos, cache)
-        nodes = [_Node(i, (), [], [], [], prompt_key(seed if seeds is None else seeds[i], prompts[i]),
-                       [] if record else None) for i in idx]
-        return _State(cache, mask, pos[:, -1] + 1, logits, nodes)
+        nodes = [Node(i, (), [], [], [], prompt_key(seed if seeds is None else seeds[i], prompts[i]),
+                      [] if record else None) for i in idx]
+        return Rows(cache, mask, pos[:, -1] + 1, logits, nodes)
 
-    def _fork(self, parent: _State, pairs: list[tuple[int, int]], room: int) -> _State:
+    def fork(self, parent: Rows, pairs: list[tuple[int, int]], room: int) -> Rows:
         """Children (row, child index) of parent rows: the cache rows are gathered, never
         recomputed, into a cache with ``room`` free columns for the segment to come."""
-        import torch
-
-        from tcli.engines.kv import fork_cache
-
         rows = torch.tensor([r for r, _ in pairs], dtype=torch.long, device=self.device)
         cache = fork_cache(parent.cache, rows, room)  # the parent's tensors stay untouched
-        nodes = []
-        for r, c in pairs:
-            p = parent.nodes[r]
-            nodes.append(_Node(p.prompt, p.path + (c,), list(p.tokens), list(p.logprobs),
-                               list(p.ends), child_key(p.key, c),
-                               None if p.entropies is None else list(p.entropies), len(p.tokens)))
-        st = _State(cache, parent.mask[rows], parent.pos[rows], parent.logits[rows], nodes)
+        nodes = [parent.nodes[r].child(c) for r, c in pairs]
+        st = Rows(cache, parent.mask[rows], parent.pos[rows], parent.logits[rows], nodes)
         self._trim_left(st)
         return st
 
-    def _keep(self, st: _State, keep: list[int]) -> None:
-        """Drop finished rows in place."""
-        import torch
-
-        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+    def select(self, st: Rows, rows: list[int]) -> None:
+        """The cache, mask and positions become rows ``rows`` of the old ones, in place (a row
+        repeated is forked, a row left out has ended); the caller keeps ``nodes`` and
+        ``logits`` in step."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
         st.cache.batch_select_indices(idx)
-        st.mask, st.pos, st.logits = st.mask[idx], st.pos[idx], st.logits[idx]
-        st.nodes = [st.nodes[i] for i in keep]
+        st.mask, st.pos = st.mask[idx], st.pos[idx]
         self._trim_left(st)
 
     @staticmethod
-    def _trim_left(st: _State) -> None:
+    def _trim_left(st: Rows) -> None:
         """Remove left-pad columns no remaining row needs (not for sliding-window layers)."""
-        from tcli.engines.kv import trim_left
-
         col = st.mask.any(0)
         k = int(col.int().argmax()) if bool(col.any()) else 0
         if k and trim_left(st.cache, k):
             st.mask = st.mask[:, k:]
 
-    def _sample(self, logits, keys: np.ndarray, step: int, cfg: SamplingConfig):
+    def draw(self, st: Rows, step: int, cfg: SamplingConfig):
+        """Every row's next token (response position ``step``): the token tensor, and as lists
+        the tokens, their behaviour log-probs and whether each is EOS."""
+        tok, lp = self._sample(st.logits, st.keys(), step, cfg)
+        self.generated_tokens += len(st.nodes)
+        return tok, tok.tolist(), lp.tolist(), torch.isin(tok, self._eos_t).tolist()
+
+    def advance(self, st: Rows, tok) -> None:
+        """Feed each row its new token ``tok``: the cache grows by one column, ``logits`` are
+        the next token's."""
+        st.mask = torch.cat([st.mask, st.mask.new_ones((len(st.nodes), 1))], dim=1)
+        st.logits = self._forward(tok.unsqueeze(1), st.mask, st.pos.unsqueeze(1), st.cache)
+        st.pos = st.pos + 1
+
+    def _sample(self, logits, keys, step: int, cfg: SamplingConfig):
         """Next token per row and its behaviour log-prob: log-softmax of logits / T (T = 1 when
         greedy), before top-p and the min-tokens EOS mask, as train-step recomputes it."""
-        import torch
-
         t = logprob_temperature(cfg.temperature)
         logp = torch.log_softmax(logits if t == 1 else logits / t, dim=-1)
         scores = logits
@@ -383,53 +317,31 @@ class HFEngine:
             tok = (si.gather(1, idx) if si is not None else idx).squeeze(1)
         return tok, logp.gather(1, tok.unsqueeze(1)).squeeze(1)
 
-    def _segment(self, st: _State, last_level: bool, seg: int, cfg: SamplingConfig,
-                 leaves: list[list[TreeLeaf]], top_k=False) -> _State | None:
+    def _segment(self, st: Rows, last_level: bool, seg: int, cfg: SamplingConfig,
+                 leaves: list[list[TreeLeaf]], top_k=False) -> Rows | None:
         """Generate up to ``seg`` tokens for every row; finished rows become leaves; ``top_k``
         (False: none) is how each token's entropy is recorded (``entropies``).
 
         Returns the rows still running (their cache includes the last token and ``logits`` is the
         distribution of the next one), or None when all finished.
         """
-        import torch
-
         start = len(st.nodes[0].tokens)
         for t in range(seg):
             step = start + t
-            keys = np.fromiter((n.key for n in st.nodes), dtype=np.uint64, count=len(st.nodes))
             if top_k is not False:
                 for node, h in zip(st.nodes, self.entropies(st.logits, cfg, top_k)):
                     node.entropies.append(h)
-            tok, lp = self._sample(st.logits, keys, step, cfg)
-            self.generated_tokens += len(st.nodes)
-            toks, lps = tok.tolist(), lp.tolist()
-            eos = torch.isin(tok, self._eos_t).tolist()
+            tok, toks, lps, eos = self.draw(st, step, cfg)
             final_len = step + 1 >= cfg.max_new_tokens or (last_level and t == seg - 1)
-            keep = []
-            for i, node in enumerate(st.nodes):
-                node.tokens.append(toks[i])
-                node.logprobs.append(lps[i])
-                if eos[i] or final_len:
-                    node.ends.append(len(node.tokens))
-                    leaves[node.prompt].append(TreeLeaf(node.path, node.tokens, node.logprobs,
-                                                        node.ends, "stop" if eos[i] else "length",
-                                                        node.entropies))
-                else:
-                    keep.append(i)
+            keep = append_tokens(st.nodes, toks, lps, eos, final_len, leaves)
             if not keep:
                 return None
             if len(keep) < len(st.nodes):
                 tok = tok[torch.tensor(keep, dtype=torch.long, device=tok.device)]
-                self._keep(st, keep)
-            st.mask = torch.cat([st.mask, st.mask.new_ones((len(keep), 1))], dim=1)
-            st.logits = self._forward(tok.unsqueeze(1), st.mask, st.pos.unsqueeze(1), st.cache)
-            st.pos = st.pos + 1
+                st.nodes = [st.nodes[i] for i in keep]
+                st.logits = st.logits[torch.tensor(keep, dtype=torch.long, device=self.device)]
+                self.select(st, keep)
+            self.advance(st, tok)
         for node in st.nodes:
             node.ends.append(len(node.tokens))
         return st
-
-
-def _is_dir(path: str) -> bool:
-    import os
-
-    return os.path.isdir(path)

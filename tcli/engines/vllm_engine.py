@@ -44,10 +44,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
+import tempfile
 from typing import Iterator, Optional, Sequence
 
-from tcli.engines.base import ENTROPY_TOP_K, Completion, SamplingConfig, topk_entropy
-from tcli.errors import TcliError, UsageError
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from tcli.engines.base import ENTROPY_TOP_K, Completion, Engine, SamplingConfig, topk_entropy
+from tcli.errors import DataError, TcliError, UsageError
+from tcli.models.checkpoint import read_state
+from tcli.models.files import ADAPTER_CONFIG, adapter_base, is_adapter_dir, read_json_object
+from tcli.models.load import load_tokenizer
 
 INSTALL_HINT = "pip install 'tcli[vllm]' (or run `make test-vllm`, which builds a separate venv)"
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -108,11 +117,6 @@ def _configure_env(on_cpu: bool, tensor_parallel_size: int) -> None:
 def _preserve_global_rng():
     """vLLM seeds the global random/numpy/torch generators when it starts; in-process that would
     reset the caller's (e.g. the trainer's) random state, so put them back afterwards."""
-    import random
-
-    import numpy as np
-    import torch
-
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
@@ -139,10 +143,8 @@ def _import_vllm():
     return LLM, SamplingParams, TokensPrompt
 
 
-def safetensors_weights(model_dir: str) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
+def safetensors_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of the ``*.safetensors`` files in ``model_dir``."""
-    from safetensors import safe_open
-
     files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
     if not files:
         raise TcliError(f"{model_dir}: no *.safetensors weights to load")
@@ -184,10 +186,6 @@ class TcliWorkerExtension:
 
 def adapter_of(path: str) -> tuple[str, int] | None:
     """(absolute base directory, rank) of a LoRA adapter directory; None for anything else."""
-    from tcli.errors import DataError
-    from tcli.models.load import read_json_object
-    from tcli.train.lora import ADAPTER_CONFIG, adapter_base, is_adapter_dir
-
     if not os.path.isdir(path) or not is_adapter_dir(path):
         return None
     cfg_path = os.path.join(path, ADAPTER_CONFIG)
@@ -223,8 +221,9 @@ def _llm_kwargs(kw: dict, *, on_cpu: bool, kv_cache_memory_bytes, max_model_len,
     return kw
 
 
-class VLLMEngine:
-    """vLLM offline engine implementing the ``Engine`` protocol (tcli/engines/base.py)."""
+class VLLMEngine(Engine):
+    """vLLM offline engine on the ``Engine`` base (tcli/engines/base.py): trees are sampled by
+    the base's generic samplers, with vLLM's prefix caching sharing the work."""
 
     name = "vllm"
 
@@ -236,8 +235,6 @@ class VLLMEngine:
         """``sampling``: the settings the engine will sample with (picks the log-prob mode).
         ``model``: a checkpoint directory (or hub name), or a LoRA adapter directory.
         ``lora_rank``: serve adapters up to this rank later (``load_weights``/``follow``)."""
-        import torch
-
         if dtype not in _DTYPES:
             raise UsageError(f"unknown dtype {dtype!r}; valid: float32, bfloat16, float16")
         on_cpu = not torch.cuda.is_available()
@@ -264,8 +261,6 @@ class VLLMEngine:
         self._tokenizer = None
         self.eos_token_ids = self._eos_ids(self.base_path)
         if policy_version is None:
-            from tcli.models.checkpoint import read_state
-
             state = read_state(model) if os.path.isdir(model) else {}
             policy_version = int(state.get("policy_version", 0))
         self.policy_version = int(policy_version)
@@ -276,8 +271,6 @@ class VLLMEngine:
     def tokenizer(self):
         """The Hugging Face tokenizer of the model (loaded on first use)."""
         if self._tokenizer is None:
-            from tcli.models.load import load_tokenizer
-
             # an adapter directory written by tcli has the tokenizer; a bare one uses the base's
             self._tokenizer = (load_tokenizer(self.model_path)
                                or load_tokenizer(self.base_path, required=True))
@@ -376,8 +369,6 @@ class VLLMEngine:
 
     def follow(self, trainer) -> None:
         """vLLM holds its own copy of the weights: save the trainer's and reload them."""
-        import tempfile
-
         path = self.model_path
         with tempfile.TemporaryDirectory(prefix="tcli-sync-") as tmp:
             ckpt = os.path.join(tmp, "weights")
@@ -420,8 +411,6 @@ class VLLMEngine:
         lps = [float(pos[t].logprob) for t, pos in zip(toks, c.logprobs)]
         if not top_k:
             return Completion(toks, lps, c.finish_reason)
-        import numpy as np
-
         top = np.full((len(toks), top_k), -np.inf)
         for row, pos in enumerate(c.logprobs):
             vals = [lp.logprob for lp in pos.values() if lp.rank is not None and lp.rank <= top_k]

@@ -3,6 +3,7 @@
 Records are plain dicts. One job per module:
 
 - ``codec``: exact JSON (orjson fast path; big integers and repeated keys via the stdlib)
+- ``schema``: the schema tag every reader checks
 - ``read``: open the input, detect its format, decode JSONL, ``RecordReader``
 - ``arrow``: Arrow IPC encoding (schema inference, side columns) and decoding
 - ``target``: where output bytes go (atomic rename for files, straight through for devices)
@@ -17,8 +18,9 @@ from tcli.io.arrow import EXTRA_COLUMN, MISSING_COLUMN
 from tcli.io.benchmarks import BENCHMARKS, resolve_data
 from tcli.io.codec import dumps
 from tcli.io.groups import SeenKeys, iter_groups
-from tcli.io.read import (ARROW_FILE_MAGIC, ARROW_STREAM_MAGIC, RecordReader, check_schema,
-                          detect_format, display_name)
+from tcli.io.read import (ARROW_FILE_MAGIC, ARROW_STREAM_MAGIC, RecordReader, detect_format,
+                          display_name)
+from tcli.io.schema import check_schema
 from tcli.io.target import write_atomic_bytes
 from tcli.io.write import FORMATS, JsonlSink, RecordWriter, output_format
 

@@ -14,7 +14,7 @@ from typing import IO, Iterator
 from tcli import SCHEMA
 from tcli.errors import DataError
 from tcli.io.codec import BadJson, dumps_value, loads
-from tcli.io.read import check_schema
+from tcli.io.schema import check_schema
 
 EXTRA_COLUMN = "_tcli_extra"  # JSON of fields that did not fit the Arrow schema of the stream
 MISSING_COLUMN = "_tcli_missing"  # keys absent from a record whose column exists

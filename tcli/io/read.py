@@ -10,9 +10,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import IO, Iterator
 
-from tcli import SCHEMA, SCHEMA_MAJOR
 from tcli.errors import DataError, UsageError
 from tcli.io.codec import BadJson, loads
+from tcli.io.schema import check_schema
 
 ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"
 ARROW_FILE_MAGIC = b"ARROW1"
@@ -21,22 +21,6 @@ PARQUET_MAGIC = b"PAR1"
 
 def display_name(path: str) -> str:
     return "<stdin>" if path == "-" else path
-
-
-def check_schema(rec: dict, file: str, line: int) -> None:
-    """A record of a newer major schema than this tcli knows is refused, not misread."""
-    tag = rec.get("schema")
-    if tag is None:
-        return
-    if not isinstance(tag, str) or not tag.startswith("tcli.rollout/"):
-        raise DataError(f"unknown schema tag {tag!r} (expected {SCHEMA!r})", file=file, line=line,
-                        field="schema")
-    major = tag.rsplit("/", 1)[1].split(".")[0]
-    if not major.isdigit():
-        raise DataError(f"malformed schema tag {tag!r}", file=file, line=line, field="schema")
-    if int(major) > SCHEMA_MAJOR:
-        raise DataError(f"schema {tag!r} is newer than this tcli understands ({SCHEMA!r}); upgrade tcli",
-                        file=file, line=line, field="schema")
 
 
 def _open_binary(path: str) -> IO[bytes]:
@@ -133,7 +117,7 @@ class RecordReader:
             if fmt == "jsonl":
                 yield from iter_jsonl(f, self.name)
             else:
-                from tcli.io.arrow import iter_arrow  # (arrow.py imports this module)
+                from tcli.io.arrow import iter_arrow
 
                 kind = "parquet" if fmt == "parquet" else fmt == "arrow-file"
                 yield from iter_arrow(f, self.name, file_format=kind)

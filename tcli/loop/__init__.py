@@ -1,4 +1,6 @@
-"""`tcli loop`: the training loop in one process (``loop``) and its run directory (``rundir``)."""
+"""`tcli loop`: the training loop (``loop``), what a step is (``steps``), its run directory
+(``rundir``) and what torchrun's ranks add (``ranks``)."""
 
-from tcli.loop.loop import Loop, run_loop, resume_config, step_prompts  # noqa: F401
+from tcli.loop.loop import Loop, run_loop, resume_config  # noqa: F401
 from tcli.loop.rundir import RunDir  # noqa: F401
+from tcli.loop.steps import step_prompts  # noqa: F401

@@ -15,62 +15,34 @@ when the run stops; an error on any rank ends every rank (:mod:`tcli.train.dist`
 from __future__ import annotations
 
 import os
-import random
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
+from tcli.algos.estimators import needs
 from tcli.config.loop import LoopConfig, dump_toml, load_config
+from tcli.config.stages import ThreadOptions
+from tcli.engines import open_engine
 from tcli.errors import DataError, UsageError
-from tcli.io import RecordWriter, resolve_data, write_atomic_bytes
+from tcli.io import RecordWriter, iter_groups, resolve_data, write_atomic_bytes
+from tcli.loop.ranks import SamplingWeights, fold_stats
 from tcli.loop.rundir import RunDir
+from tcli.loop.steps import Budget, StepTimer, format_step, step_prompts, step_seed
+from tcli.loop.tensorboard import TensorBoardSink, check_available
+from tcli.models.checkpoint import read_state
+from tcli.models.critic import init_critic
 from tcli.models.recorded import sampling_state, with_recorded_sampling
+from tcli.plot import plot_runs
 from tcli.prompts import read_prompts
+from tcli.stages.advantages import AdvantageStats, stage_end, stage_group
+from tcli.stages.evaluate import evaluate, summarise
+from tcli.stages.sample import sample_records, token_counts
+from tcli.stages.values import add_critic_values
+from tcli.stages.verify import start_pool, verify_records
+from tcli.train.critic import CriticTrainer
 from tcli.train.dist import DistInfo, block_share, gather_or_raise, run_on_main
-
-
-def step_prompts(prompts: list[dict], k: int, seed: int, step: int) -> list[dict]:
-    """The prompts of one step: a deterministic function of (seed, step), so resume repeats it."""
-    rng = random.Random(f"{seed}:{step}")
-    if k >= len(prompts):
-        return list(prompts)
-    return rng.sample(prompts, k)
-
-
-def step_seed(seed: int, step: int, evaluation: bool = False) -> int:
-    return (seed * 1_000_003 + step * 7919 + int(evaluation)) % (2**31)
-
-
-@dataclass
-class Budget:
-    """When the run stops besides ``steps``: wall time (everything counted) and sampled tokens."""
-
-    max_wall_seconds: float
-    max_sampled_tokens: int
-    elapsed: float = 0.0
-    sampled: int = 0
-
-    def exhausted(self, pending: float = 0.0) -> str | None:
-        """Why the run must stop (``pending``: seconds of the current step not yet counted)."""
-        if self.max_wall_seconds and self.elapsed + pending >= self.max_wall_seconds:
-            return f"wall-clock budget reached at {self.elapsed + pending:.0f}s"
-        if self.max_sampled_tokens and self.sampled >= self.max_sampled_tokens:
-            return f"sampled-token budget reached ({self.sampled} tokens)"
-        return None
-
-
-@dataclass
-class StepTimer:
-    seconds: dict = field(default_factory=dict)
-
-    @contextmanager
-    def __call__(self, name: str):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+from tcli.train.trainer import Trainer
 
 
 class Loop:
@@ -93,8 +65,6 @@ class Loop:
             raise UsageError(f"loop under torchrun samples with the hf engine (each rank from its "
                              f"own copy of the policy), not {cfg.sample.engine!r}")
         if cfg.run.tensorboard:
-            from tcli.loop.tensorboard import check_available
-
             check_available()
         self.run = RunDir(cfg.run.run_dir, warn=log)
         for name in ("model", "train_data"):  # required: nothing could stand in for them
@@ -131,28 +101,17 @@ class Loop:
     # -- start ---------------------------------------------------------------------------
     def start(self, resume: bool) -> int:
         """Take the run directory (rank 0), load trainer and engine; return the first step."""
-        from tcli.engines import open_engine
-        from tcli.train.trainer import Trainer
-
         last, start_ckpt = self._on_main(lambda: self._take_run_dir(resume))
         # verifier workers fork now, before any model exists, and serve every step
-        from tcli.stages.verify import start_pool
-
         v = self.cfg.verify
         self.verify_pool = start_pool(v.task, v.timeout, v.workers)
-        from tcli.config.stages import ThreadOptions
-
         ThreadOptions(self.cfg.run.threads).apply()  # before any model runs
         if self.cfg.run.tensorboard and self.dist.is_main:
-            from tcli.loop.tensorboard import TensorBoardSink
-
             self.sink = TensorBoardSink(self.cfg.run.tensorboard)
         self.trainer = Trainer(start_ckpt, self.cfg.train, seed=self.cfg.run.seed,
                                dist_info=self.dist)
         self.critic = self._start_critic(last, resume)
         if self.dist.enabled:
-            from tcli.loop.ranks import SamplingWeights
-
             self.weights = SamplingWeights(self.trainer, start_ckpt, dtype=self.cfg.sample.dtype)
         self.engine = open_engine(start_ckpt, self.cfg.sample, seed=self.cfg.run.seed,
                                   trainer=self.weights or self.trainer)
@@ -177,13 +136,8 @@ class Loop:
     def _start_critic(self, last: int, resume: bool):
         """PPO (estimator gae/ppo): the critic beside the policy: on resume the one saved with the
         last step, else [critic] model or a new critic from the policy (checkpoints/critic_0)."""
-        from tcli.algos.estimators import CRITIC_ESTIMATORS
-
-        if self.cfg.advantages.estimator not in CRITIC_ESTIMATORS:
+        if not needs(self.cfg.advantages.estimator).critic:
             return None
-        from tcli.models.critic import init_critic
-        from tcli.train.critic import CriticTrainer
-
         c = self.cfg.critic
         path = self.run.critic_ckpt(last)
         if not resume and c.model:
@@ -195,8 +149,6 @@ class Loop:
     def _restore_metrics(self, last: int) -> None:
         """Keep metrics of completed steps only; restore a step's line lost between checkpoint
         and metrics append from the copy kept in its checkpoint state."""
-        from tcli.models.checkpoint import read_state
-
         kept = [m for m in self.run.read_metrics() if m.get("step", 0) <= last]
         have = {(m.get("kind"), m.get("step")) for m in kept}
         for m in read_state(self.run.ckpt(last)).get("metrics", []):
@@ -207,8 +159,6 @@ class Loop:
 
     # -- stages --------------------------------------------------------------------------
     def sample(self, prompts: list[dict], step: int) -> list[dict]:
-        from tcli.stages.sample import sample_records
-
         try:
             return list(sample_records(self.engine, prompts, self.cfg.sample,
                                        seed=step_seed(self.cfg.run.seed, step)))
@@ -223,8 +173,6 @@ class Loop:
         return e
 
     def verify(self, records: list[dict]) -> list[dict]:
-        from tcli.stages.verify import verify_records
-
         v = self.cfg.verify
         return list(verify_records(iter(enumerate(records, 1)), "<loop>", task=v.task,
                                    timeout=v.timeout, workers=v.workers, pool=self.verify_pool,
@@ -238,18 +186,12 @@ class Loop:
     def group_advantages(self, records: list[dict]) -> list[tuple]:
         """Per group of ``records`` (in order): (size, its AdvantageStats, kept?); the records
         get their advantages (and critic values) in place."""
-        from tcli.algos.estimators import Group
-        from tcli.io import iter_groups
-        from tcli.stages.advantages import AdvantageStats, advantages_group
-        from tcli.stages.tree import write_tree
-
         if self.critic is not None:
             self._add_critic_values(records)
         out = []
         for _, recs in iter_groups(enumerate(records, 1), "<loop>"):
-            group, stats = Group.from_records(recs), AdvantageStats()
-            advantages_group(group, self.cfg.advantages, stats)
-            write_tree(group)
+            stats = AdvantageStats()
+            group = stage_group(recs, self.cfg.advantages, stats, tree=True)
             keep = not (self.cfg.run.filter_groups and len(set(group.rewards.tolist())) < 2)
             out.append((len(recs), stats, keep))
         return out
@@ -257,39 +199,25 @@ class Loop:
     def batch(self, records: list[dict], groups: list[tuple]) -> tuple[list[dict], dict]:
         """The records to train on and the step's advantage metrics, from ``group_advantages``
         of all the step's records (whitening over all kept tokens: global statistics)."""
-        from tcli.loop.ranks import fold_stats
-
         kept, at = [], 0
         for size, _, keep in groups:
             if keep:
                 kept.extend(records[at:at + size])
             at += size
-        if self.cfg.advantages.whiten:
-            from tcli.stages.advantages import whiten
-
-            whiten(kept)
+        kept = stage_end(kept, self.cfg.advantages)
         dropped = sum(not keep for _, _, keep in groups)
         return kept, {**fold_stats([s for _, s, _ in groups]).summary(), "groups_dropped": dropped}
 
     def _add_critic_values(self, records: list[dict]) -> None:
         """``critic_values`` of every rollout from the current critic (as `tcli values`)."""
-        import numpy as np
-
-        from tcli.models.critic import critic_values
-
-        vals = critic_values(self.critic.model, [np.asarray(r["prompt_token_ids"]) for r in records],
-                             [np.asarray(r["token_ids"]) for r in records],
-                             device=self.critic.device,
-                             micro_batch_tokens=self.cfg.critic.micro_batch_tokens,
-                             pad_id=self.critic.pad_id)
-        for rec, v in zip(records, vals):
-            rec["critic_values"] = v.tolist()
+        batch = [(i, r, np.asarray(r["prompt_token_ids"]), np.asarray(r["token_ids"]))
+                 for i, r in enumerate(records, 1)]
+        add_critic_values(self.critic.model, batch, device=self.critic.device, source="<loop>",
+                          micro_batch_tokens=self.cfg.critic.micro_batch_tokens)
 
     def evaluate(self, step: int) -> dict | None:
         """An eval metrics record, or None when the run has no eval data (every rank evaluates
         its block of the prompts; the summary is over all of them)."""
-        from tcli.stages.evaluate import evaluate, summarise
-
         if not self.eval_prompts:
             return None
         c = self.cfg
@@ -340,8 +268,6 @@ class Loop:
                 critic = self.critic.step(batch) if batch else {}
         with timer("write"):
             self._on_main(lambda: self._write_rollouts(step, rollouts))
-        from tcli.stages.sample import token_counts
-
         sampled, leaf = token_counts(rollouts)  # tree mode: shared segments count once
         budget.sampled += sampled
         return {
@@ -457,16 +383,6 @@ class Loop:
             self.log(f"step 0 eval accuracy {ev['accuracy']:.3f}")
 
 
-def format_step(records: list[dict]) -> str:
-    m = records[0]
-    s = (f"step {m['step']:>4}  reward {m['reward_mean']:.3f}  zero-var "
-         f"{m['zero_variance_share']:.2f}  branch {m['branch_token_share']:.2f}  "
-         f"{m['wall_time']:.0f}s")
-    if len(records) > 1:
-        s += f"  eval acc {records[1]['accuracy']:.3f}"
-    return s
-
-
 def run_loop(cfg: LoopConfig, resume: bool = False, log: Callable[[str], None] = print,
              on_step: Callable[[list[dict]], None] | None = None,
              dist: DistInfo | None = None) -> dict:
@@ -479,8 +395,6 @@ def run_loop(cfg: LoopConfig, resume: bool = False, log: Callable[[str], None] =
     if not loop.dist.is_main:
         return result
     try:
-        from tcli.plot import plot_runs
-
         plot_runs([cfg.run.run_dir], os.path.join(cfg.run.run_dir, "metrics.png"))
     except ImportError:  # matplotlib missing: metrics.jsonl is still there
         pass

@@ -27,6 +27,7 @@ import threading
 import orjson
 
 from tcli.errors import DataError, TcliError, UsageError
+from tcli.models.files import read_json_object
 
 STATE_FILE = "tcli_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -388,8 +389,6 @@ def read_state(ckpt: str) -> dict:
     p = os.path.join(ckpt, STATE_FILE)
     if not os.path.exists(p):
         return {}
-    from tcli.models.load import read_json_object
-
     return read_json_object(p)
 
 

@@ -14,36 +14,25 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 
 from tcli.errors import DataError, UsageError
+from tcli.models.files import (ADAPTER_WEIGHTS, CONFIG_FILE, TOKENIZER_FILES, base_of,
+                               check_files, check_safetensors, is_hub_name, read_json_object)
+from tcli.models.quiet import quiet_peft, quiet_transformers
 
-CONFIG_FILE = "config.json"
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX, "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 ALLOW_DOWNLOADS_ENV = "TCLI_ALLOW_DOWNLOADS"  # =1: a hub name may be downloaded
 
 
 # ----------------------------------------------------------------------------- checks (no torch)
 
-def is_hub_name(path: str) -> bool:
-    """``org/name``: something only a hub can resolve (never an existing local path)."""
-    return (not os.path.exists(path) and not os.path.isabs(path) and not path.startswith(".")
-            and path.count("/") == 1)
-
-
 def check_model_dir(path: str) -> None:
     """A usable model directory, or a hub name: UsageError for a missing path or a file,
     DataError naming the file for missing weights/config or a corrupt/truncated file."""
-    if os.path.isdir(path) and _adapter_base(path):
-        check_safetensors(os.path.join(path, "adapter_model.safetensors"))
-        check_model_dir(_adapter_base(path))  # a LoRA adapter: its base must be usable too
+    if base_of(path):
+        check_safetensors(os.path.join(path, ADAPTER_WEIGHTS))
+        check_model_dir(base_of(path))  # a LoRA adapter: its base must be usable too
     elif os.path.isdir(path):
-        _check_files(path)
+        check_files(path)
     elif os.path.exists(path):
         raise UsageError(f"model path {path} is a file, not a checkpoint directory")
     elif not is_hub_name(path):  # fail now instead of asking a hub about a typo
@@ -68,99 +57,13 @@ def _in_hub_cache(name: str) -> bool:
     return isinstance(try_to_load_from_cache(name, CONFIG_FILE), str)
 
 
-def _adapter_base(path: str) -> str | None:
-    """The base model directory of a LoRA adapter directory (tcli.train.lora), else None."""
-    from tcli.train.lora import adapter_base, is_adapter_dir
-
-    return adapter_base(path) if is_adapter_dir(path) else None
-
-
-def _check_files(path: str) -> None:
-    names = os.listdir(path)
-    shards = sorted(n for n in names if n.endswith(".safetensors"))
-    if not any(n in names for n in WEIGHT_FILES) and not shards:
-        raise DataError(f"checkpoint directory has no model weights (expected {SAFETENSORS_FILE})",
-                        file=path)
-    if CONFIG_FILE not in names:
-        raise DataError(f"checkpoint directory has no {CONFIG_FILE}", file=path)
-    read_json_object(os.path.join(path, CONFIG_FILE))
-    if SAFETENSORS_INDEX in names:
-        index = read_json_object(os.path.join(path, SAFETENSORS_INDEX))
-        wmap = index.get("weight_map")
-        if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-            raise DataError("has no weight_map of tensor name -> file",
-                            file=os.path.join(path, SAFETENSORS_INDEX))
-        for shard in sorted(set(wmap.values())):
-            p = os.path.join(path, shard)
-            if os.path.basename(shard) != shard or not os.path.isfile(p):
-                raise DataError(f"names shard {shard!r}, which is missing",
-                                file=os.path.join(path, SAFETENSORS_INDEX))
-    for name in shards:
-        check_safetensors(os.path.join(path, name))
-
-
-def read_json_object(path: str) -> dict:
-    """A JSON file that must hold an object; DataError naming the file otherwise."""
-    import orjson
-
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DataError(f"cannot read: {e.strerror or e}", file=path) from None
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError as e:
-        raise DataError(f"is not valid JSON ({e}); the file is corrupt or truncated",
-                        file=path) from None
-    if not isinstance(obj, dict):
-        raise DataError("must hold a JSON object", file=path)
-    return obj
-
-
-def check_safetensors(path: str) -> None:
-    """Read a safetensors header (8-byte length + JSON) and check that the tensors it lists fill
-    the file exactly, as the safetensors library requires: catches random bytes and truncation
-    without reading any weights."""
-    import orjson
-
-    bad = "is not a valid safetensors file ({}); the file is corrupt or truncated"
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-            if n is None or n > min(size - 8, _MAX_HEADER):
-                raise DataError(bad.format(f"header length {n} does not fit a {size}-byte file"
-                                           if n is not None else f"only {size} bytes"), file=path)
-            header = orjson.loads(f.read(n))
-    except OSError as e:
-        raise DataError(f"cannot read: {e.strerror or e}", file=path) from None
-    except orjson.JSONDecodeError:
-        raise DataError(bad.format("the header is not JSON"), file=path) from None
-    if not isinstance(header, dict):
-        raise DataError(bad.format("the header is not a JSON object"), file=path)
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offsets)):
-            raise DataError(bad.format(f"tensor {name!r} has no valid data_offsets"), file=path)
-        end = max(end, offsets[1])
-    if 8 + n + end != size:
-        raise DataError(bad.format(f"the header lists {8 + n + end} bytes, the file has {size}"),
-                        file=path)
-
-
 # ----------------------------------------------------------------------------- config
 
 def model_vocab_size(path: str) -> int:
     """Vocabulary size for input validation, from config.json without importing torch (bad input
     fails in a fraction of a second); AutoConfig for hub names and unusual configs."""
     check_model_dir(path)
-    path = (os.path.isdir(path) and _adapter_base(path)) or path
+    path = base_of(path) or path
     if os.path.isdir(path):
         cfg = read_json_object(os.path.join(path, CONFIG_FILE))
         for d in (cfg, cfg.get("text_config") or {}):
@@ -172,11 +75,9 @@ def model_vocab_size(path: str) -> int:
 
 def load_config(path: str):
     """The model's transformers config."""
-    from tcli.models.quiet import quiet_transformers
-
     quiet_transformers()
     check_model_dir(path)
-    path = (os.path.isdir(path) and _adapter_base(path)) or path
+    path = base_of(path) or path
     from transformers import AutoConfig
 
     try:
@@ -199,8 +100,6 @@ def load_model(path: str, *, device="cpu", dtype=None, train: bool = False,
     ``meta``: the architecture only, on the meta device, no weights read (``device`` ignored):
     what ranks > 0 of a sharded load build before rank 0's weights fill their shards.
     """
-    from tcli.models.quiet import quiet_transformers
-
     quiet_transformers()
     check_model_dir(path)
     kw = {"dtype": torch_dtype(dtype)}
@@ -208,9 +107,7 @@ def load_model(path: str, *, device="cpu", dtype=None, train: bool = False,
         kw["attn_implementation"] = attn_implementation
     if meta:  # an adapter directory merged keeps its base's architecture and names
         model = _empty_model(path, kw)
-    elif os.path.isdir(path) and _adapter_base(path):
-        from tcli.train.lora import load_merged
-
+    elif base_of(path):
         return load_merged(path, device=device, dtype=dtype, train=train,
                            keep_dropout=keep_dropout, attn_implementation=attn_implementation)
     else:
@@ -221,6 +118,22 @@ def load_model(path: str, *, device="cpu", dtype=None, train: bool = False,
             disable_dropout(model)
     else:
         model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def load_merged(path: str, *, device="cpu", dtype=None, train: bool = False, **load_kw):
+    """Base + adapter of a LoRA adapter directory, merged into the base weights in memory: a
+    plain transformers model (what sampling and eval run; no LoRA overhead per forward). Merged
+    in float32, then cast to ``dtype``; ``load_kw`` go to the base's ``load_model``."""
+    from peft import PeftModel
+
+    base = load_model(base_of(path), device="cpu", train=train, **load_kw)
+    with quiet_peft():
+        pm = pretrained(PeftModel, base, path, path=path, what="LoRA adapter")
+    model = pm.merge_and_unload()
+    model.to(device=device, dtype=torch_dtype(dtype))
+    if not train:
         model.requires_grad_(False)
     return model
 
@@ -251,8 +164,6 @@ def _empty_model(path: str, kw: dict):
 def load_tokenizer(path: str, *, required: bool = False):
     """The directory's tokenizer; None for a weights-only directory (no tokenizer files) unless
     ``required``. Tokenizer files that exist but do not load are bad data, never ignored."""
-    from tcli.models.quiet import quiet_transformers
-
     quiet_transformers()
     local = os.path.isdir(path)
     if local and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
@@ -335,8 +246,6 @@ def load_gguf_model(path: str, dtype=None):
     quantized, so it cannot be saved): the reference for the converted checkpoint's logits."""
     from transformers import AutoModelForCausalLM
 
-    from tcli.models.quiet import quiet_transformers
-
     quiet_transformers()
     d, name = os.path.split(os.path.abspath(path))
     try:
@@ -372,8 +281,6 @@ def _no_gguf_progress_bar():
 def load_gguf_tokenizer(path: str):
     """The tokenizer (with its chat template) transformers builds from a GGUF file's metadata."""
     from transformers import AutoTokenizer
-
-    from tcli.models.quiet import quiet_transformers
 
     quiet_transformers()
     d, name = os.path.split(os.path.abspath(path))

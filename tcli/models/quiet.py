@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 
 def quiet_transformers() -> None:
@@ -22,3 +24,13 @@ def quiet_transformers() -> None:
         disable_progress_bars()
     except Exception:  # pragma: no cover
         pass
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft 0.21 asks transformers 5.x a deprecated question (``is_gradient_checkpointing``):
+    the FutureWarning is theirs, not the user's, and a CLI's stderr stays clean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                category=FutureWarning)
+        yield

@@ -1,4 +1,7 @@
-"""The advantages stage: per-token advantages for a group of records, and their running summary."""
+"""The advantages stage: per-token advantages for a group of records, and their running summary.
+
+``stage_group`` and ``stage_end`` are the stage as ``tcli advantages`` and ``tcli loop`` both run
+it: group by group, then (``whiten``) once over every record kept."""
 
 from __future__ import annotations
 
@@ -7,9 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from tcli import SCHEMA
-from tcli.algos.estimators import TREE_ESTIMATORS, Advantages, Group, compute_advantages
+from tcli.algos.estimators import Advantages, Group, compute_advantages, needs
 from tcli.errors import DataError
 from tcli.records import at_record, float_array
+from tcli.stages.tree import write_tree
 
 
 @dataclass
@@ -75,7 +79,7 @@ def check_stored_values(group: Group) -> None:
 
 def advantages_group(group: Group, opt, stats: AdvantageStats | None = None) -> list[dict]:
     """Add ``advantages`` and ``estimator`` to the group's records (``opt``: AdvantageOptions)."""
-    if opt.estimator in TREE_ESTIMATORS:
+    if needs(opt.estimator).prefix_tree:
         check_stored_values(group)
     result = compute_advantages(group, opt.estimator, opt)
     if stats is not None:
@@ -103,3 +107,19 @@ def whiten(records: list[dict]) -> list[dict]:
         a = np.asarray(rec["advantages"], dtype=np.float64)
         rec["advantages"] = ((a - mean) / (std + 1e-8)).tolist()
     return records
+
+
+def stage_group(recs: list[dict], opt, stats: AdvantageStats | None = None, *,
+                tree: bool = False) -> Group:
+    """The stage on one group of records (validated here): their advantages in place, counted
+    in ``stats``; ``tree`` also writes build-tree's ``values`` and ``branch`` (for show-tree)."""
+    group = Group.from_records(recs)
+    advantages_group(group, opt, stats)
+    if tree:
+        write_tree(group)
+    return group
+
+
+def stage_end(records: list[dict], opt) -> list[dict]:
+    """The stage's last step over all the records kept: ``whiten`` when the options ask."""
+    return whiten(records) if opt.whiten else records

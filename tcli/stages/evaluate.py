@@ -7,6 +7,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from tcli.stages.sample import sample_records
+from tcli.stages.verify import verify_records
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), computed as a stable product."""
@@ -66,9 +69,6 @@ def evaluate(engine, prompts: list[dict], sample, verify, ev, *, seed: int = 0, 
     ``sample``/``verify``/``ev``: the stage's SampleOptions, VerifyOptions and EvalOptions;
     ``pool``: running verifier workers to reuse (the loop's); ``on_group``: called with each
     prompt's samples as they are drawn (progress)."""
-    from tcli.stages.sample import sample_records
-    from tcli.stages.verify import verify_records
-
     rollouts = sample_records(engine, prompts, eval_sampling(sample, ev), seed=seed,
                               on_group=on_group)
     verified = list(verify_records(enumerate(rollouts, 1), "<eval>", task=verify.task,

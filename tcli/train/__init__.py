@@ -1,7 +1,7 @@
 """Policy-gradient training (train-step).
 
 - ``samples``: rollout records -> validated TrainSamples (no torch)
-- ``loss``: the clipped policy loss, aggregations, KL estimators
+- ``loss``: the clipped policy loss (aggregations, KL estimators: ``tcli.algos.losses``)
 - ``dist``: torchrun process group, rank-0 broadcast, token-balanced shards
 - ``metrics``: the per-step metrics record
 - ``trainer``: the Trainer (model + AdamW + optional reference model; step and save)

@@ -19,7 +19,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from tcli.config.stages import CriticOptions, TrainOptions
 from tcli.errors import DataError
 from tcli.train.dist import DistInfo
 from tcli.train.metrics import StepStats
@@ -69,13 +68,6 @@ def check_critic_tokens(prompt: np.ndarray, tokens: np.ndarray, vocab_size: int 
                             f"(size {vocab_size})", field=name)
 
 
-def _as_train_options(o: CriticOptions) -> TrainOptions:
-    """The Trainer settings the critic shares; the padded layout (values are per row)."""
-    return TrainOptions(lr=o.lr, epochs=o.epochs, mini_batches=o.mini_batches,
-                        micro_batch_tokens=o.micro_batch_tokens, max_grad_norm=o.max_grad_norm,
-                        weight_decay=o.weight_decay, device=o.device, share_prefix=False)
-
-
 @dataclass
 class ValueSums:
     """Per-step sums for the critic's metrics (all-reduced once)."""
@@ -93,10 +85,11 @@ class ValueSums:
 class CriticTrainer(Trainer):
     """A Trainer whose model is the critic and whose loss is the clipped value loss."""
 
-    def __init__(self, critic_dir: str, opts: CriticOptions | None = None, *, seed: int = 0,
-                 dist_info: DistInfo | None = None):
-        self.copts = opts if opts is not None else CriticOptions()
-        super().__init__(critic_dir, _as_train_options(self.copts), seed=seed, dist_info=dist_info)
+    def __init__(self, critic_dir: str, opts, *, seed: int = 0, dist_info: DistInfo | None = None):
+        """``opts``: the critic's settings (``CriticOptions``); its ``train_options()`` are the
+        Trainer settings the critic shares."""
+        self.copts = opts
+        super().__init__(critic_dir, opts.train_options(), seed=seed, dist_info=dist_info)
         self.sums = ValueSums()
 
     def _load_policy(self, model_dir: str):

@@ -28,7 +28,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from tcli.config.stages import TrainOptions
 from tcli.errors import TcliError, UsageError
 from tcli.train.dist import DistInfo, init_distributed, resolve_device
 from tcli.train.metrics import StepStats
@@ -46,16 +45,16 @@ class Trainer:
     writes checkpoints.
     """
 
-    def __init__(self, model_dir: str, opts: TrainOptions | None = None, *, seed: int = 0,
-                 dist_info: DistInfo | None = None):
+    def __init__(self, model_dir: str, opts, *, seed: int = 0, dist_info: DistInfo | None = None):
+        """``opts``: the train settings (``TrainOptions``, or any object with its fields)."""
         import torch
 
         from tcli.models.checkpoint import read_counters
         from tcli.models.load import load_tokenizer
         from tcli.train.batching import LAYOUTS, layout_name
-        from tcli.train.loss import KL_ESTIMATORS, LOSS_AGGREGATIONS
+        from tcli.algos.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
 
-        self.opts = opts = opts if opts is not None else TrainOptions()
+        self.opts = opts
         self.seed = int(seed)
         self.model_dir = model_dir
         self.dist = dist_info or init_distributed(opts.device)

@@ -57,12 +57,13 @@ def test_values_equal_a_single_sequence_forward(critic, tmp_path):
     """Batching (padding) does not change a response's values: each equals its own forward."""
     import torch
 
+    from tcli.config.stages import CriticOptions
     from tcli.models.critic import critic_values, load_critic
     from tcli.train.critic import CriticTrainer
 
     _, crit = critic
     moved = str(tmp_path / "moved")
-    t = CriticTrainer(crit, seed=0)
+    t = CriticTrainer(crit, CriticOptions(), seed=0)
     with torch.no_grad():
         for p in t.model.parameters():
             p.add_(torch.randn_like(p) * 0.05)

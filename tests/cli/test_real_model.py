@@ -169,7 +169,7 @@ def test_train_step_recomputes_sampled_logprobs(ckpt, tmp_path, mode):
 def test_build_tree_equals_trie_oracle_on_bpe_tokens(ckpt, tmp_path):
     import numpy as np
 
-    from tcli.algos.tree import reference_prefix_tree
+    from tcli.algos.tree_oracle import reference_prefix_tree
 
     p = _write(tmp_path / "p.jsonl", _prompts("gsm8k_test.jsonl", 1))
     roll = tmp_path / "roll.jsonl"

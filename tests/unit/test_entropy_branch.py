@@ -20,9 +20,9 @@ torch = pytest.importorskip("torch")
 
 from conftest import DATA, run_tcli  # noqa: E402
 from tcli.config.stages import SampleOptions  # noqa: E402
-from tcli.engines.base import SamplingConfig, topk_entropy  # noqa: E402
-from tcli.stages.sample import (EntropyRule, sample_entropy_tree_generic,  # noqa: E402
-                                sample_records)
+from tcli.engines.base import (EntropyRule, SamplingConfig,  # noqa: E402
+                               sample_entropy_tree_generic, topk_entropy)
+from tcli.stages.sample import sample_records  # noqa: E402
 
 PROMPTS = [
     {"id": "p0", "prompt": "What is 2+3?", "answer": "5"},

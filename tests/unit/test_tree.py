@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tcli.algos.tree as tree_mod
-from tcli.algos.tree import PrefixTree, build_prefix_tree, lcp_matrix, reference_prefix_tree
+from tcli.algos.tree import PrefixTree, build_prefix_tree
+from tcli.algos.tree_oracle import lcp_matrix, reference_prefix_tree
 
 ORACLE_TOKENS = [[5, 7, 9, 2], [5, 7, 8, 2], [5, 6, 9, 2], [4, 6, 2]]
 ORACLE_REWARDS = [1.0, 0.0, 1.0, 0.0]
