@@ -501,7 +501,7 @@ ORACLE_REWARDS = [1, 0, 1, 0]
 
 
 def oracle_records(prompt_id="oracle"):
-    """The design's hand-computed group (DESIGN §4): four responses sharing prefixes."""
+    """The design's hand-computed group (docs/design.md §4): four responses sharing prefixes."""
     return [{"schema": "tcli.rollout/1", "prompt_id": prompt_id, "sample_id": i, "token_ids": t,
              "reward": r, "meta": {"k": i}} for i, (t, r) in enumerate(zip(ORACLE_TOKENS, ORACLE_REWARDS))]
 

@@ -1,4 +1,4 @@
-"""Advantage estimators (DESIGN §4), registered by name.
+"""Advantage estimators (docs/design.md §4), registered by name.
 
 An estimator maps one prompt's group to an :class:`Advantages` result: one float64 array per
 response (one value per response token). Every estimator is vectorised over the group; the only

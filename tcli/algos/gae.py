@@ -1,4 +1,5 @@
-"""Generalised advantage estimation (GAE) over a learned critic's values, for PPO (DESIGN §4).
+"""Generalised advantage estimation (GAE) over a learned critic's values, for PPO
+(docs/design.md §4.7).
 
 A response of T tokens gets its verifiable reward r at the last token; ``critic_values`` holds
 T + 1 critic values: V_t before response token t, and V_T after the last token. A finished

@@ -1,4 +1,4 @@
-"""KL estimators and loss aggregations (DESIGN §4), registered by name.
+"""KL estimators and loss aggregations (docs/design.md §4), registered by name.
 
 Configuration checks ``--kl-estimator`` and ``--loss-agg`` against these registries at start-up,
 so this module imports no torch: its functions use only the methods of the tensors they get.

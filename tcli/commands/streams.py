@@ -38,8 +38,8 @@ def advantages(
     input_format: InputFormatOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Add per-token advantages with a registered estimator (DESIGN §4). Stored `values` from
-    build-tree must match the records' tokens and rewards (exit 65 when stale)."""
+    """Add per-token advantages with a registered estimator (docs/design.md §4). Stored
+    `values` from build-tree must match the records' tokens and rewards (exit 65 when stale)."""
     from tcli.stages.advantages import AdvantageStats, stage_end, stage_group
 
     acc = AdvantageStats(branch=stats)

@@ -45,7 +45,8 @@ def train_step(
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
-    """Recompute log-probs, apply the clipped policy loss (DESIGN §4) and write a new checkpoint.
+    """Recompute log-probs, apply the clipped policy loss (docs/design.md §4.8) and write a new
+    checkpoint.
 
     Log-probs are recomputed at the records' sampling `temperature` T, as log_softmax(logits / T)
     (absent, or 0 for greedy: T = 1; one T per batch). Prints one metrics record (JSON line) on

@@ -229,7 +229,7 @@ class VerifyOptions(Options):
 
 @dataclass(frozen=True)
 class AdvantageOptions(Options):
-    """How rewards become per-token advantages (advantages, loop); DESIGN §4."""
+    """How rewards become per-token advantages (advantages, loop); docs/design.md §4."""
 
     TABLE: ClassVar[str] = "advantages"
 

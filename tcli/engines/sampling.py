@@ -78,11 +78,11 @@ class TreeLeaf:
 
 @dataclass(frozen=True)
 class EntropyRule:
-    """Where ``--branch entropy`` splits a path (DESIGN §4): at token t of a node whose segment
-    started at ``start``, when the node has split fewer than ``depth`` times on its way from the
-    root, t - start >= ``min_segment`` (and t > start for a child: its first token is its own
-    forking token) and the sampling entropy of token t exceeds ``threshold``. The node then ends
-    before t and ``width`` children each sample token t independently."""
+    """Where ``--branch entropy`` splits a path (docs/design.md §4.6): at token t of a node
+    whose segment started at ``start``, when the node has split fewer than ``depth`` times on its
+    way from the root, t - start >= ``min_segment`` (and t > start for a child: its first token
+    is its own forking token) and the sampling entropy of token t exceeds ``threshold``. The node
+    then ends before t and ``width`` children each sample token t independently."""
 
     width: int
     depth: int

@@ -1,4 +1,4 @@
-"""Checkpoint directories: written whole or not at all, never over user data (DESIGN §5).
+"""Checkpoint directories: written whole or not at all, never over user data (docs/design.md §5).
 
 A checkpoint is written into a temporary sibling ``<name>.tmp-XXXXXXXX`` and then put in place by
 one rename (or, over an existing checkpoint, an atomic exchange of the two directories), so a

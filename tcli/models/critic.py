@@ -5,9 +5,9 @@ checkpoint that ``AutoModelForTokenClassification`` loads as is. ``init-critic``
 of a policy (or any causal LM of the same family) and starts the head at zero, so every initial
 value is 0 and the first updates move the head before the backbone.
 
-Values of a response of T tokens (DESIGN §4, GAE): ``V_t`` before response token t is the head's
-output at the last context position before it (prompt + tokens < t), for t = 0..T; ``V_T`` is the
-value after the last token.
+Values of a response of T tokens (docs/design.md §4.7): ``V_t`` before response token t is the
+head's output at the last context position before it (prompt + tokens < t), for t = 0..T; ``V_T``
+is the value after the last token.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The sample stage: prompt records in, rollout records out, in independent groups or
-TreeRPO-style trees (DESIGN §3, §4).
+TreeRPO-style trees (docs/design.md §3, §4).
 
 ``sample_records`` is the library entry point used by ``tcli sample-tree`` and by ``loop``: it
 reads and encodes prompts, asks the engine for each prompt's leaves (``engines.trees``: n
@@ -118,7 +118,8 @@ def _encode_chunk(chunk, tok, tmpl: str, chat_template, seen: SeenKeys, fields=N
 def sample_records(engine, prompt_records: Iterable[dict], opts, *, seed: int = 0,
                    native: bool = True, fields=None,
                    on_group: Callable[[list[dict]], None] | None = None) -> Iterator[dict]:
-    """Yield rollout records (DESIGN §3), one group of consecutive records per prompt, in input order.
+    """Yield rollout records (docs/design.md §3.2), one group of consecutive records per prompt,
+    in input order.
 
     ``opts`` is a ``SampleOptions``: independent (``n`` samples per prompt) or tree mode
     (``width`` children per node; ``branch`` segments: ``depth`` levels of at most

@@ -1,4 +1,4 @@
-"""train-critic as a library: fit the PPO critic's values to GAE returns (DESIGN §4, PPO).
+"""train-critic as a library: fit the PPO critic's values to GAE returns (docs/design.md §4, PPO).
 
 The clipped value loss, per response token t (V = the critic now, V_old = ``critic_values`` at
 sampling time, R = ``returns``, c = ``value_clip``)::

@@ -1,5 +1,5 @@
-"""The clipped policy loss (DESIGN §4) as a pure tensor function, with the KL estimators and loss
-aggregations the trainer combines it with (registered in ``tcli.algos.losses``).
+"""The clipped policy loss (docs/design.md §4.8) as a pure tensor function, with the KL
+estimators and loss aggregations the trainer combines it with (registered in ``tcli.algos.losses``).
 
 Everything here works on [B, T] tensors with a boolean ``mask`` of real response tokens, so the
 trainer can call it per micro-batch and the tests can check it on hand-computed numbers.

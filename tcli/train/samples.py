@@ -1,4 +1,4 @@
-"""Rollout records to training samples: validate the fields train-step reads (DESIGN §3).
+"""Rollout records to training samples: validate the fields train-step reads (docs/design.md §3).
 
 No torch here: the command validates every record before any weights load, so bad input fails
 in a fraction of a second with the file, line and field.

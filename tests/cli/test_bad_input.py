@@ -8,7 +8,7 @@ input gives empty output with exit 0 for the record stages.
 The commands run in this process through ``tcli.cli.main`` (the real option parsing and error
 mapping), so the model commands load the tiny model in a fraction of a second instead of
 importing torch once per case; a few cases run as real processes to check the exit status,
-stdin naming and ``--debug``. Fields a stage does not read pass through unchanged (DESIGN §3:
+stdin naming and ``--debug``. Fields a stage does not read pass through unchanged (design §3:
 stages never drop unknown fields), so each case runs on the commands that read its field.
 """
 

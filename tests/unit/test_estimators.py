@@ -1,4 +1,4 @@
-"""Advantage estimators (DESIGN §4) on hand-computed groups and with property tests."""
+"""Advantage estimators (docs/design.md §4) on hand-computed groups and with property tests."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def close(got, want, tol=1e-5):
         np.testing.assert_allclose(g, w, rtol=0, atol=tol)
 
 
-# ----------------------------------------------------------------------------- DESIGN §4 oracle
+# ------------------------------------------------------------------ docs/design.md §4.4 oracle
 
 def test_design_oracle_grpo():
     a = adv(group(ORACLE_TOKENS, ORACLE_REWARDS), "grpo")
