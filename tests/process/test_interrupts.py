@@ -78,7 +78,9 @@ def test_loop_terminated_exits_143_and_resumes(arith, tmp_path):
 
 def test_eval_interrupted(arith, tmp_path):
     d, model = arith
-    p = _popen(["eval", "-m", model, "-d", d / "train.jsonl", "--task", "arith", "--n", "64",
+    # minutes of sampling uninterrupted (16 prompts x 1024 samples x 256 tokens), so the signal
+    # always lands mid-run, however fast the machine
+    p = _popen(["eval", "-m", model, "-d", d / "train.jsonl", "--task", "arith", "--n", "1024",
                 "--temperature", "1", "--max-new-tokens", "256", "--prompt-template", "plain"])
     rc, err = _signal_after(p, signal.SIGINT, lambda: time.sleep(5) or True)
     assert rc == 130 and err.strip().endswith("tcli: error: interrupted")
