@@ -45,6 +45,11 @@ def _loss_aggs():
     return LOSS_AGGREGATIONS.names()
 
 
+def _ratio_levels():
+    from tcli.algos.losses import RATIO_LEVELS
+    return RATIO_LEVELS.names()
+
+
 def _kl_estimators():
     from tcli.algos.losses import KL_ESTIMATORS
     return KL_ESTIMATORS.names()
@@ -267,10 +272,18 @@ class TrainOptions(Options):
                                   "train-steps and loop --resume continue it exactly). "
                                   "train-step: needed by linear/cosine; loop: 0 = steps x "
                                   "epochs x mini_batches.", check=at_least(0))
-    clip_low: float = setting(0.2, "PPO clip: ratio lower bound 1 - eps_low.",
-                              check=in_range(0.0, 1.0, hi_open=True))
-    clip_high: float = setting(0.28, "PPO clip: ratio upper bound 1 + eps_high.",
-                               check=finite_at_least(0.0))
+    ratio_level: str = setting("token", "Importance ratio: token (PPO: pi/pi_old per token) or "
+                               "sequence (GSPO: s = exp(mean over the response's tokens of "
+                               "log pi - log pi_old), one clipped ratio for all its tokens; "
+                               "GSPO's own objective also averages per response: loss_agg "
+                               "seq-mean-token-mean).",
+                               choices=_ratio_levels)
+    clip_low: Optional[float] = setting(None, "Clip: ratio lower bound 1 - eps_low. Default: the "
+                                        "ratio level's (token 0.2, sequence 3e-4).",
+                                        check=in_range(0.0, 1.0, hi_open=True))
+    clip_high: Optional[float] = setting(None, "Clip: ratio upper bound 1 + eps_high. Default: "
+                                         "the ratio level's (token 0.28, sequence 4e-4).",
+                                         check=finite_at_least(0.0))
     dual_clip: float = setting(3.0, "Dual-clip bound c for A < 0 (0 = off).",
                                check=lambda v: None if v == 0 or (v > 1 and v < float("inf"))
                                else f"must be > 1 (or 0 to disable), got {v}")
@@ -321,6 +334,14 @@ class TrainOptions(Options):
             raise UsageError(f"{self.label('warmup_steps')} must be <= "
                              f"{self.label('schedule_steps')}, got {self.warmup_steps} > "
                              f"{self.schedule_steps}")
+
+    def clip_range(self) -> tuple[float, float]:
+        """(eps_low, eps_high): the given ones, else the ratio level's defaults."""
+        from tcli.algos.losses import RATIO_LEVELS
+
+        level = RATIO_LEVELS.get(self.ratio_level)
+        return (level.clip_low if self.clip_low is None else self.clip_low,
+                level.clip_high if self.clip_high is None else self.clip_high)
 
     def require_span(self) -> None:
         """linear and cosine must know where they end (the loop fills schedule_steps in)."""

@@ -341,8 +341,9 @@ class Trainer:
         from tcli.train.loss import kl_k3, policy_loss
 
         o = self.opts
-        pl = policy_loss(logp, old, adv, mask, clip_low=o.clip_low, clip_high=o.clip_high,
-                         dual_clip=o.dual_clip or None)
+        lo, hi = o.clip_range()
+        pl = policy_loss(logp, old, adv, mask, clip_low=lo, clip_high=hi,
+                         dual_clip=o.dual_clip or None, ratio_level=o.ratio_level)
         per_tok, kl = pl.loss, None
         if ref is not None:
             kl = self.kl_fn(logp, ref).masked_fill(~mask, 0.0)
