@@ -238,7 +238,9 @@ class AdvantageOptions(Options):
 
     TABLE: ClassVar[str] = "advantages"
 
-    estimator: str = setting("tempo", "Advantage estimator.", choices=_estimators, short="-e")
+    estimator: str = setting("tempo", "Advantage estimator (reinforce_pp and "
+                             "reinforce_pp_baseline normalise over the whole input, or the "
+                             "loop's step, as whiten does).", choices=_estimators, short="-e")
     std: str = setting("unbiased", "Group std: unbiased (divides by G-1) or population (G).",
                        choices=lambda: ("unbiased", "population"))
     td_coef: float = setting(1.0, "TEMPO: weight lambda of the TD correction.", check=finite)

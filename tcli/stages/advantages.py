@@ -1,16 +1,18 @@
 """The advantages stage: per-token advantages for a group of records, and their running summary.
 
 ``stage_group`` and ``stage_end`` are the stage as ``tcli advantages`` and ``tcli loop`` both run
-it: group by group, then (``whiten``) once over every record kept."""
+it: group by group, then (``whiten``, REINFORCE++) once over every record kept: the whole input,
+or the loop's step gathered from every rank."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from tcli import SCHEMA
-from tcli.algos.estimators import Advantages, Group, compute_advantages, needs
+from tcli.algos.estimators import HUGE, Advantages, Group, compute_advantages, needs
 from tcli.errors import DataError
 from tcli.records import at_record, float_array
 from tcli.stages.tree import write_tree
@@ -96,17 +98,28 @@ def advantages_group(group: Group, opt, stats: AdvantageStats | None = None) -> 
 
 def whiten(records: list[dict]) -> list[dict]:
     """Advantages shifted and scaled to mean 0 and std 1 over every token of ``records`` (PPO's
-    batch whitening); ``returns`` keep the reward scale, they are the critic's targets."""
+    batch whitening, REINFORCE++'s batch normalisation); ``returns`` keep the reward scale, they
+    are the critic's targets. Huge values are divided by a power of two first (exact), so the
+    mean and the squares cannot overflow."""
     if not records:
         return records
     flat = np.concatenate([np.asarray(r["advantages"], dtype=np.float64) for r in records])
     if flat.size == 0:
         return records
+    top = float(np.abs(flat).max())
+    scale = 1.0 if top <= HUGE else math.ldexp(1.0, math.frexp(top)[1] - 1)
+    flat /= scale
     mean, std = float(flat.mean()), float(flat.std())
     for rec in records:
-        a = np.asarray(rec["advantages"], dtype=np.float64)
+        a = np.asarray(rec["advantages"], dtype=np.float64) / scale
         rec["advantages"] = ((a - mean) / (std + 1e-8)).tolist()
     return records
+
+
+def batch_wide(opt) -> bool:
+    """Does the stage need every record before it writes one (``whiten``, or an estimator whose
+    statistics span the batch)?"""
+    return opt.whiten or needs(opt.estimator).batch_stats
 
 
 def stage_group(recs: list[dict], opt, stats: AdvantageStats | None = None, *,
@@ -120,6 +133,13 @@ def stage_group(recs: list[dict], opt, stats: AdvantageStats | None = None, *,
     return group
 
 
-def stage_end(records: list[dict], opt) -> list[dict]:
-    """The stage's last step over all the records kept: ``whiten`` when the options ask."""
-    return whiten(records) if opt.whiten else records
+def stage_end(records: list[dict], opt, stats: AdvantageStats | None = None) -> list[dict]:
+    """The stage's last step over all the records kept: whitening when ``whiten`` asks or the
+    estimator's statistics span the batch (REINFORCE++). ``stats`` then reports the mean |A| of
+    the whitened advantages (tokens of groups not in ``records`` count as 0)."""
+    if not batch_wide(opt):
+        return records
+    whiten(records)
+    if stats is not None:
+        stats.abs_adv_sum = float(sum(np.abs(r["advantages"]).sum() for r in records))
+    return records

@@ -179,3 +179,23 @@ def test_whiten_in_the_loop(loop_model, tmp_path):
     recs = [r for _, r in RecordReader(str(tmp_path / "run" / "rollouts" / "step_1.arrow"))]
     flat = np.concatenate([r["advantages"] for r in recs])
     assert abs(flat.mean()) < 1e-6 and abs(flat.std() - 1.0) < 1e-4
+
+
+def test_reinforce_pp_baseline_in_the_loop(loop_model, tmp_path):
+    """REINFORCE++-baseline (DESIGN §4.14): r minus its group's mean, normalised over every token
+    of the step (all groups), and the step's mean |A| is that of the normalised advantages."""
+    from tcli.io import RecordReader
+
+    metrics = _run(_config(loop_model, tmp_path / "run", estimator="reinforce_pp_baseline",
+                           steps=1, eval_every=0))
+    recs = [r for _, r in RecordReader(str(tmp_path / "run" / "rollouts" / "step_1.arrow"))]
+    base = {}
+    for r in recs:
+        base.setdefault(r["prompt_id"], []).append(r["reward"])
+    centred = [r["reward"] - np.mean(base[r["prompt_id"]]) for r in recs]
+    flat = np.concatenate([[c] * len(r["token_ids"]) for c, r in zip(centred, recs)])
+    for c, r in zip(centred, recs):
+        want = (c - flat.mean()) / (flat.std() + 1e-8)
+        np.testing.assert_allclose(r["advantages"], [want] * len(r["token_ids"]), atol=1e-12)
+    got = np.concatenate([r["advantages"] for r in recs])
+    assert metrics[0]["mean_abs_advantage"] == pytest.approx(np.abs(got).mean(), rel=1e-12)
