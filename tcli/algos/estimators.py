@@ -72,6 +72,13 @@ class Group:
     def branch_tokens(self) -> int:
         return int(np.count_nonzero(self.tree.flat_branch))
 
+    def shaped(self, added: np.ndarray) -> "Group":
+        """The group the estimator sees when shaping adds ``added`` to the rewards (itself when
+        nothing is added; the records keep their ``reward``)."""
+        if not added.any():
+            return self
+        return Group(self.records, self.tokens, self.rewards + added)
+
 
 @dataclass
 class Advantages:

@@ -251,6 +251,13 @@ class AdvantageOptions(Options):
     gamma: float = setting(1.0, "GAE: discount per token.", check=in_range(0.0, 1.0))
     lam: float = setting(0.95, "GAE: lambda (0 = one-step TD, 1 = Monte Carlo).",
                          check=in_range(0.0, 1.0))
+    overlong_buffer: int = setting(0, "Overlong reward shaping (DAPO): a response longer than "
+                                   "its sampling cap (the record's max_new_tokens) minus this many "
+                                   "tokens is penalised, linearly from 0 to -overlong_penalty at "
+                                   "the cap, before the estimator sees its reward (the record's "
+                                   "reward is kept); 0 = off.", check=at_least(0))
+    overlong_penalty: float = setting(1.0, "Overlong shaping: the penalty of a response that "
+                                      "reaches the cap.", check=finite_at_least(0.0))
     whiten: bool = setting(False, "Normalise advantages to mean 0, std 1 over all tokens of the "
                            "input (buffers the whole input; PPO practice).")
 

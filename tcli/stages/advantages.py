@@ -13,6 +13,7 @@ import numpy as np
 
 from tcli import SCHEMA
 from tcli.algos.estimators import HUGE, Advantages, Group, compute_advantages, needs
+from tcli.algos.shaping import overlong_penalty
 from tcli.errors import DataError
 from tcli.records import at_record, float_array
 from tcli.stages.tree import write_tree
@@ -80,17 +81,23 @@ def check_stored_values(group: Group) -> None:
 
 
 def advantages_group(group: Group, opt, stats: AdvantageStats | None = None) -> list[dict]:
-    """Add ``advantages`` and ``estimator`` to the group's records (``opt``: AdvantageOptions)."""
+    """Add ``advantages`` and ``estimator`` to the group's records (``opt``: AdvantageOptions);
+    with ``overlong_buffer`` the estimator sees the shaped rewards, and the records get
+    ``overlong_penalty``. Stored ``values`` and ``stats`` stay those of the recorded rewards."""
     if needs(opt.estimator).prefix_tree:
         check_stored_values(group)
-    result = compute_advantages(group, opt.estimator, opt)
+    penalty = overlong_penalty(group.records, group.lens, opt.overlong_buffer,
+                               opt.overlong_penalty)
+    result = compute_advantages(group.shaped(penalty), opt.estimator, opt)
     if stats is not None:
         stats.add(group, result)
     returns = result.returns or [None] * len(result.per_token)
-    for rec, a, g in zip(group.records, result.per_token, returns):
+    for rec, a, g, p in zip(group.records, result.per_token, returns, penalty.tolist()):
         rec["advantages"] = a.tolist()
         if g is not None:
             rec["returns"] = g.tolist()
+        if opt.overlong_buffer:
+            rec["overlong_penalty"] = p
         rec["estimator"] = opt.estimator
         rec["schema"] = SCHEMA
     return group.records

@@ -279,6 +279,57 @@ def test_reinforce_pp_huge_rewards_stay_finite():
     assert a == pytest.approx([1.0, -1.0], abs=1e-6)
 
 
+# ----------------------------------------------------------------------------- overlong shaping
+
+def test_overlong_penalty_hand_computed():
+    """DESIGN §4.15: L_max 10, buffer 4: 0 up to 6 tokens, then -(L - 6) / 4 down to -1 at 10."""
+    from tcli.algos.shaping import overlong_penalty
+
+    lens = np.array([0, 5, 6, 7, 9, 10])
+    recs = [{"token_ids": [1] * n, "max_new_tokens": 10} for n in lens]
+    assert overlong_penalty(recs, lens, 4, 1.0).tolist() == [0, 0, 0, -0.25, -0.75, -1.0]
+    assert overlong_penalty(recs, lens, 4, 0.5).tolist() == [0, 0, 0, -0.125, -0.375, -0.5]
+    assert overlong_penalty(recs, lens, 0, 1.0).tolist() == [0.0] * 6  # off: the cap is not read
+
+
+def test_overlong_shaping_feeds_the_estimator_and_keeps_the_reward():
+    """rewards 1, 1, 0, 0 with 5, 8, 9, 10 tokens (cap 10, buffer 4): penalties 0, -0.5, -0.75, -1;
+    shaped 1, 0.5, -0.75, -1, mean -0.0625; dr_grpo = shaped - mean."""
+    from tcli.stages.advantages import AdvantageStats, stage_group
+
+    recs = group([[1] * 5, [2] * 8, [3] * 9, [4] * 10], [1, 1, 0, 0], max_new_tokens=10)
+    stats = AdvantageStats()
+    out = stage_group(recs, AdvantageOptions(estimator="dr_grpo", overlong_buffer=4), stats).records
+    close([r["advantages"] for r in out], [[1.0625] * 5, [0.5625] * 8, [-0.6875] * 9,
+                                           [-0.9375] * 10], tol=1e-12)
+    assert [r["overlong_penalty"] for r in out] == [0.0, -0.5, -0.75, -1.0]
+    assert [r["reward"] for r in out] == [1, 1, 0, 0]
+    assert stats.summary()["reward_mean"] == 0.5  # the verifier's rewards
+
+
+def test_overlong_shaping_keeps_stored_values_of_the_recorded_rewards():
+    """build-tree's values are V of the recorded rewards; shaping does not make them stale."""
+    from tcli.stages.advantages import stage_group
+
+    recs = build_tree_group(group(ORACLE_TOKENS, ORACLE_REWARDS, max_new_tokens=4))
+    out = stage_group(recs, AdvantageOptions(estimator="tempo", overlong_buffer=1)).records
+    assert [r["overlong_penalty"] for r in out] == [-1.0, -1.0, -1.0, 0.0]
+
+
+@pytest.mark.parametrize("cap, words", [(None, "is missing"), (2, "has 3 tokens"),
+                                        (True, "integer"), (0, "integer")])
+def test_overlong_shaping_needs_the_sampling_cap(cap, words):
+    from tcli.stages.advantages import stage_group
+
+    recs = group([[1, 2], [1, 2, 3]], [1, 0])
+    if cap is not None:
+        recs[1]["max_new_tokens"] = cap
+    recs[0]["max_new_tokens"] = 5
+    with pytest.raises(DataError, match=words) as e:
+        stage_group(recs, AdvantageOptions(estimator="grpo", overlong_buffer=1))
+    assert e.value.field == "max_new_tokens" and e.value.index == 1
+
+
 # ----------------------------------------------------------------------------- TreeRPO
 
 def tree_group(leaves):
