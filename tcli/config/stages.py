@@ -297,6 +297,16 @@ class TrainOptions(Options):
                                check=lambda v: None if v == 0 or (v > 1 and v < float("inf"))
                                else f"must be > 1 (or 0 to disable), got {v}")
     loss_agg: str = setting("token-mean", "Loss aggregation.", choices=_loss_aggs)
+    mask_truncated: bool = setting(False, "Leave responses that hit the length cap "
+                                   "(finish_reason length) out of the loss: no policy loss, no KL, "
+                                   "and not counted by the loss aggregation's denominator.")
+    tis_cap: float = setting(0.0, "Truncated importance sampling against sampler/trainer "
+                             "mismatch (another engine or precision): recompute the policy's own "
+                             "log-probs before the update (pi_train_old), use them in the ratio, "
+                             "and weight each token's loss by min(pi_train_old / pi_sampler, C) "
+                             "with C this cap; 0 = off. The mismatch metrics are reported "
+                             "either way.", check=lambda v: None if v == 0 or 1 <= v < float("inf")
+                             else f"must be >= 1 (or 0 to disable), got {v}")
     kl_coef: float = setting(0.0, "Weight of the KL-to-reference term (needs --ref-model).",
                              check=finite_at_least(0.0))
     kl_estimator: str = setting("k3", "KL estimator.", choices=_kl_estimators)

@@ -47,3 +47,24 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
         dual = torch.zeros_like(mask)
     loss = loss.masked_fill(~mask, 0.0)
     return PolicyLossOut(loss, ratio, clipped, dual)
+
+
+def tis_weights(train_old, sampler_logp, mask, cap: float):
+    """Truncated importance sampling: min(pi_train_old / pi_sampler, C) per token (0 outside
+    ``mask``), a constant factor on each token's loss that corrects for the sampler's numerics
+    (another engine or precision) without letting one token's ratio blow up (DESIGN §4.16)."""
+    log_w = (train_old - sampler_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return log_w.exp().clamp(max=cap).masked_fill(~mask, 0.0)
+
+
+def mismatch_sums(train_logp, sampler_logp, mask, cap: float = 0.0) -> tuple[float, float, float,
+                                                                            float]:
+    """(sum |log pi_train - log pi_sampler|, the largest log ratio, tokens whose ratio exceeds
+    ``cap`` (0 when cap is 0), tokens) over the real tokens: the sampler/trainer mismatch."""
+    d = (train_logp.detach() - sampler_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    n = float(mask.sum())
+    if not n:
+        return 0.0, float("-inf"), 0.0, 0.0
+    top = float(d.masked_fill(~mask, float("-inf")).max())
+    capped = float(((d.exp() > cap) & mask).sum()) if cap > 0 else 0.0
+    return float(d.abs().masked_fill(~mask, 0.0).sum()), top, capped, n
