@@ -63,6 +63,7 @@ class Trainer(NoGradPasses):
         self.agg = LOSS_AGGREGATIONS.get(opts.loss_agg)
         self.layout = LAYOUTS.get(layout_name(opts.share_prefix))
         self.temperature = 1.0
+        self.train_old = None  # per sample: pi_train_old with tis_cap (set by every step)
         self.kl_fn = KL_ESTIMATORS.get(opts.kl_estimator)
         torch.manual_seed(self.seed)
         counters = read_counters(model_dir)
