@@ -72,6 +72,13 @@ class Group:
     def branch_tokens(self) -> int:
         return int(np.count_nonzero(self.tree.flat_branch))
 
+    def shaped(self, added: np.ndarray) -> "Group":
+        """The group the estimator sees when shaping adds ``added`` to the rewards (itself when
+        nothing is added; the records keep their ``reward``)."""
+        if not added.any():
+            return self
+        return Group(self.records, self.tokens, self.rewards + added)
+
 
 @dataclass
 class Advantages:
@@ -90,6 +97,7 @@ class Needs:
     prefix_tree: bool = False   # the P2T tree (stored build-tree ``values`` must match it)
     tree_sampled: bool = False  # ``node_path``/``segment_ends``: groups sampled as trees
     critic: bool = False        # ``critic_values`` of a learned critic (the loop trains one)
+    batch_stats: bool = False   # finished over the whole batch: whitened in the stage's last step
 
 
 @dataclass(frozen=True)
@@ -184,6 +192,24 @@ def tempo(group: Group, opt) -> Advantages:
     flat_adv = (base + opt.td_coef * flat_delta) / (sigma + EPS / group.scale)
     return Advantages([flat_adv[s : s + n] for s, n in zip(tree.starts.tolist(), lens.tolist())],
                       False)
+
+
+# ----------------------------------------------------------------------------- REINFORCE++
+# The group step only; the advantages stage then whitens over every token of the batch
+# (``batch_stats``), so the statistics span all groups of a step, on all ranks
+# (docs/design.md §4.14).
+
+@estimator("reinforce_pp", batch_stats=True)
+def reinforce_pp(group: Group, opt) -> Advantages:
+    """REINFORCE++: the reward itself; the batch mean is its only baseline."""
+    return _per_token(group, group.rewards.copy(), zero=_sigma(group, opt) is None)
+
+
+@estimator("reinforce_pp_baseline", batch_stats=True)
+def reinforce_pp_baseline(group: Group, opt) -> Advantages:
+    """REINFORCE++-baseline: r - group mean (no std division), then the batch whitening."""
+    r = group.scaled_rewards
+    return _per_token(group, (r - r.mean()) * group.scale, zero=_sigma(group, opt) is None)
 
 
 # ----------------------------------------------------------------------------- TreeRPO

@@ -1,9 +1,10 @@
-"""KL estimators and loss aggregations (docs/design.md §4), registered by name.
+"""Importance-ratio levels, KL estimators and loss aggregations (docs/design.md §4), registered by
+name.
 
-Configuration checks ``--kl-estimator`` and ``--loss-agg`` against these registries at start-up,
-so this module imports no torch: its functions use only the methods of the tensors they get.
-They work on [B, T] tensors with a boolean ``mask`` of real response tokens; the clipped policy
-loss itself is ``tcli.train.loss``.
+Configuration checks ``--ratio-level``, ``--kl-estimator`` and ``--loss-agg`` against these
+registries at start-up, so this module imports no torch: its functions use only the methods of
+the tensors they get. They work on [B, T] tensors with a boolean ``mask`` of real response
+tokens; the clipped policy loss itself is ``tcli.train.loss``.
 
 Aggregations are split into a numerator (summed over micro-batches and ranks) and a denominator
 (counted over the whole mini-batch on all ranks *before* the first backward), which is what makes
@@ -17,10 +18,43 @@ from typing import Callable
 
 from tcli.registry import Registry
 
+RATIO_LEVELS: Registry["RatioLevel"] = Registry("ratio level")
 KL_ESTIMATORS: Registry[Callable] = Registry("KL estimator")
 LOSS_AGGREGATIONS: Registry["Aggregation"] = Registry("loss aggregation")
 
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: keeps a wildly off-policy token from producing inf
+
+
+# ----------------------------------------------------------------------------- ratio levels
+
+@dataclass(frozen=True)
+class RatioLevel:
+    """How the importance ratio of a token is formed, and the clip range that suits its scale: a
+    sequence ratio is a geometric mean of token ratios, far closer to 1, so its clip range is
+    three orders of magnitude narrower (docs/design.md §4.13)."""
+
+    name: str
+    log_ratio: Callable  # (logp, old_logp, mask) -> [B, T] log ratio
+    clip_low: float      # default eps_low
+    clip_high: float     # default eps_high
+
+
+def token_log_ratio(logp, old_logp, mask):
+    """PPO: log rho_t = log pi_theta - log pi_old of each token."""
+    return (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def sequence_log_ratio(logp, old_logp, mask):
+    """GSPO: log s_i = mean over response i's tokens of (log pi_theta - log pi_old), given to every
+    token of the row; the gradient reaches each token's log-prob through the mean."""
+    d = (logp - old_logp).masked_fill(~mask, 0.0)
+    mean = d.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return mean.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).expand_as(logp)
+
+
+for _level in (RatioLevel("token", token_log_ratio, 0.2, 0.28),       # DAPO's clip-higher
+               RatioLevel("sequence", sequence_log_ratio, 3e-4, 4e-4)):  # the GSPO paper's
+    RATIO_LEVELS.register(_level.name)(_level)
 
 
 # ----------------------------------------------------------------------------- KL estimators

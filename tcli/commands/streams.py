@@ -40,19 +40,20 @@ def advantages(
 ) -> None:
     """Add per-token advantages with a registered estimator (docs/design.md §4). Stored
     `values` from build-tree must match the records' tokens and rewards (exit 65 when stale)."""
-    from tcli.stages.advantages import AdvantageStats, stage_end, stage_group
+    from tcli.stages.advantages import AdvantageStats, batch_wide, stage_end, stage_group
 
     acc = AdvantageStats(branch=stats)
-    held: list[dict] = []  # --whiten needs every token before the first record is written
+    held: list[dict] = []  # whitening needs every token before the first record is written
+    hold = batch_wide(opts)
 
     def one(recs: list[dict]) -> list[dict]:
         out = stage_group(recs, opts, acc).records
-        if not opts.whiten:
+        if not hold:
             return out
         held.extend(out)
         return []
 
-    run_groups(input, output, format, input_format, one, lambda: stage_end(held, opts))
+    run_groups(input, output, format, input_format, one, lambda: stage_end(held, opts, acc))
     if stats:
         (stderr_console(quiet) or stderr_console(False)).print(acc.render(opts.estimator))
 

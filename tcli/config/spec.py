@@ -63,6 +63,8 @@ def finite_at_least(lo: float) -> Check:
 
 def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Check:
     def check(v):
+        if v is None:  # an optional setting left out
+            return None
         ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
         left, right = "(" if lo_open else "[", ")" if hi_open else "]"
         return None if ok else f"must be in {left}{lo}, {hi}{right}, got {v}"

@@ -45,6 +45,11 @@ def _loss_aggs():
     return LOSS_AGGREGATIONS.names()
 
 
+def _ratio_levels():
+    from tcli.algos.losses import RATIO_LEVELS
+    return RATIO_LEVELS.names()
+
+
 def _kl_estimators():
     from tcli.algos.losses import KL_ESTIMATORS
     return KL_ESTIMATORS.names()
@@ -233,7 +238,9 @@ class AdvantageOptions(Options):
 
     TABLE: ClassVar[str] = "advantages"
 
-    estimator: str = setting("tempo", "Advantage estimator.", choices=_estimators, short="-e")
+    estimator: str = setting("tempo", "Advantage estimator (reinforce_pp and "
+                             "reinforce_pp_baseline normalise over the whole input, or the "
+                             "loop's step, as whiten does).", choices=_estimators, short="-e")
     std: str = setting("unbiased", "Group std: unbiased (divides by G-1) or population (G).",
                        choices=lambda: ("unbiased", "population"))
     td_coef: float = setting(1.0, "TEMPO: weight lambda of the TD correction.", check=finite)
@@ -244,6 +251,13 @@ class AdvantageOptions(Options):
     gamma: float = setting(1.0, "GAE: discount per token.", check=in_range(0.0, 1.0))
     lam: float = setting(0.95, "GAE: lambda (0 = one-step TD, 1 = Monte Carlo).",
                          check=in_range(0.0, 1.0))
+    overlong_buffer: int = setting(0, "Overlong reward shaping (DAPO): a response longer than "
+                                   "its sampling cap (the record's max_new_tokens) minus this many "
+                                   "tokens is penalised, linearly from 0 to -overlong_penalty at "
+                                   "the cap, before the estimator sees its reward (the record's "
+                                   "reward is kept); 0 = off.", check=at_least(0))
+    overlong_penalty: float = setting(1.0, "Overlong shaping: the penalty of a response that "
+                                      "reaches the cap.", check=finite_at_least(0.0))
     whiten: bool = setting(False, "Normalise advantages to mean 0, std 1 over all tokens of the "
                            "input (buffers the whole input; PPO practice).")
 
@@ -267,14 +281,32 @@ class TrainOptions(Options):
                                   "train-steps and loop --resume continue it exactly). "
                                   "train-step: needed by linear/cosine; loop: 0 = steps x "
                                   "epochs x mini_batches.", check=at_least(0))
-    clip_low: float = setting(0.2, "PPO clip: ratio lower bound 1 - eps_low.",
-                              check=in_range(0.0, 1.0, hi_open=True))
-    clip_high: float = setting(0.28, "PPO clip: ratio upper bound 1 + eps_high.",
-                               check=finite_at_least(0.0))
+    ratio_level: str = setting("token", "Importance ratio: token (PPO: pi/pi_old per token) or "
+                               "sequence (GSPO: s = exp(mean over the response's tokens of "
+                               "log pi - log pi_old), one clipped ratio for all its tokens; "
+                               "GSPO's own objective also averages per response: loss_agg "
+                               "seq-mean-token-mean).",
+                               choices=_ratio_levels)
+    clip_low: Optional[float] = setting(None, "Clip: ratio lower bound 1 - eps_low. Default: the "
+                                        "ratio level's (token 0.2, sequence 3e-4).",
+                                        check=in_range(0.0, 1.0, hi_open=True))
+    clip_high: Optional[float] = setting(None, "Clip: ratio upper bound 1 + eps_high. Default: "
+                                         "the ratio level's (token 0.28, sequence 4e-4).",
+                                         check=finite_at_least(0.0))
     dual_clip: float = setting(3.0, "Dual-clip bound c for A < 0 (0 = off).",
                                check=lambda v: None if v == 0 or (v > 1 and v < float("inf"))
                                else f"must be > 1 (or 0 to disable), got {v}")
     loss_agg: str = setting("token-mean", "Loss aggregation.", choices=_loss_aggs)
+    mask_truncated: bool = setting(False, "Leave responses that hit the length cap "
+                                   "(finish_reason length) out of the loss: no policy loss, no KL, "
+                                   "and not counted by the loss aggregation's denominator.")
+    tis_cap: float = setting(0.0, "Truncated importance sampling against sampler/trainer "
+                             "mismatch (another engine or precision): recompute the policy's own "
+                             "log-probs before the update (pi_train_old), use them in the ratio, "
+                             "and weight each token's loss by min(pi_train_old / pi_sampler, C) "
+                             "with C this cap; 0 = off. The mismatch metrics are reported "
+                             "either way.", check=lambda v: None if v == 0 or 1 <= v < float("inf")
+                             else f"must be >= 1 (or 0 to disable), got {v}")
     kl_coef: float = setting(0.0, "Weight of the KL-to-reference term (needs --ref-model).",
                              check=finite_at_least(0.0))
     kl_estimator: str = setting("k3", "KL estimator.", choices=_kl_estimators)
@@ -321,6 +353,14 @@ class TrainOptions(Options):
             raise UsageError(f"{self.label('warmup_steps')} must be <= "
                              f"{self.label('schedule_steps')}, got {self.warmup_steps} > "
                              f"{self.schedule_steps}")
+
+    def clip_range(self) -> tuple[float, float]:
+        """(eps_low, eps_high): the given ones, else the ratio level's defaults."""
+        from tcli.algos.losses import RATIO_LEVELS
+
+        level = RATIO_LEVELS.get(self.ratio_level)
+        return (level.clip_low if self.clip_low is None else self.clip_low,
+                level.clip_high if self.clip_high is None else self.clip_high)
 
     def require_span(self) -> None:
         """linear and cosine must know where they end (the loop fills schedule_steps in)."""

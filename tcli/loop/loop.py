@@ -204,9 +204,10 @@ class Loop:
             if keep:
                 kept.extend(records[at:at + size])
             at += size
-        kept = stage_end(kept, self.cfg.advantages)
+        stats = fold_stats([s for _, s, _ in groups])
+        kept = stage_end(kept, self.cfg.advantages, stats)
         dropped = sum(not keep for _, _, keep in groups)
-        return kept, {**fold_stats([s for _, s, _ in groups]).summary(), "groups_dropped": dropped}
+        return kept, {**stats.summary(), "groups_dropped": dropped}
 
     def _add_critic_values(self, records: list[dict]) -> None:
         """``critic_values`` of every rollout from the current critic (as `tcli values`)."""

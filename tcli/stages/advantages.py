@@ -1,16 +1,19 @@
 """The advantages stage: per-token advantages for a group of records, and their running summary.
 
 ``stage_group`` and ``stage_end`` are the stage as ``tcli advantages`` and ``tcli loop`` both run
-it: group by group, then (``whiten``) once over every record kept."""
+it: group by group, then (``whiten``, REINFORCE++) once over every record kept: the whole input,
+or the loop's step gathered from every rank."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from tcli import SCHEMA
-from tcli.algos.estimators import Advantages, Group, compute_advantages, needs
+from tcli.algos.estimators import HUGE, Advantages, Group, compute_advantages, needs
+from tcli.algos.shaping import overlong_penalty
 from tcli.errors import DataError
 from tcli.records import at_record, float_array
 from tcli.stages.tree import write_tree
@@ -78,17 +81,23 @@ def check_stored_values(group: Group) -> None:
 
 
 def advantages_group(group: Group, opt, stats: AdvantageStats | None = None) -> list[dict]:
-    """Add ``advantages`` and ``estimator`` to the group's records (``opt``: AdvantageOptions)."""
+    """Add ``advantages`` and ``estimator`` to the group's records (``opt``: AdvantageOptions);
+    with ``overlong_buffer`` the estimator sees the shaped rewards, and the records get
+    ``overlong_penalty``. Stored ``values`` and ``stats`` stay those of the recorded rewards."""
     if needs(opt.estimator).prefix_tree:
         check_stored_values(group)
-    result = compute_advantages(group, opt.estimator, opt)
+    penalty = overlong_penalty(group.records, group.lens, opt.overlong_buffer,
+                               opt.overlong_penalty)
+    result = compute_advantages(group.shaped(penalty), opt.estimator, opt)
     if stats is not None:
         stats.add(group, result)
     returns = result.returns or [None] * len(result.per_token)
-    for rec, a, g in zip(group.records, result.per_token, returns):
+    for rec, a, g, p in zip(group.records, result.per_token, returns, penalty.tolist()):
         rec["advantages"] = a.tolist()
         if g is not None:
             rec["returns"] = g.tolist()
+        if opt.overlong_buffer:
+            rec["overlong_penalty"] = p
         rec["estimator"] = opt.estimator
         rec["schema"] = SCHEMA
     return group.records
@@ -96,17 +105,28 @@ def advantages_group(group: Group, opt, stats: AdvantageStats | None = None) -> 
 
 def whiten(records: list[dict]) -> list[dict]:
     """Advantages shifted and scaled to mean 0 and std 1 over every token of ``records`` (PPO's
-    batch whitening); ``returns`` keep the reward scale, they are the critic's targets."""
+    batch whitening, REINFORCE++'s batch normalisation); ``returns`` keep the reward scale, they
+    are the critic's targets. Huge values are divided by a power of two first (exact), so the
+    mean and the squares cannot overflow."""
     if not records:
         return records
     flat = np.concatenate([np.asarray(r["advantages"], dtype=np.float64) for r in records])
     if flat.size == 0:
         return records
+    top = float(np.abs(flat).max())
+    scale = 1.0 if top <= HUGE else math.ldexp(1.0, math.frexp(top)[1] - 1)
+    flat /= scale
     mean, std = float(flat.mean()), float(flat.std())
     for rec in records:
-        a = np.asarray(rec["advantages"], dtype=np.float64)
+        a = np.asarray(rec["advantages"], dtype=np.float64) / scale
         rec["advantages"] = ((a - mean) / (std + 1e-8)).tolist()
     return records
+
+
+def batch_wide(opt) -> bool:
+    """Does the stage need every record before it writes one (``whiten``, or an estimator whose
+    statistics span the batch)?"""
+    return opt.whiten or needs(opt.estimator).batch_stats
 
 
 def stage_group(recs: list[dict], opt, stats: AdvantageStats | None = None, *,
@@ -120,6 +140,13 @@ def stage_group(recs: list[dict], opt, stats: AdvantageStats | None = None, *,
     return group
 
 
-def stage_end(records: list[dict], opt) -> list[dict]:
-    """The stage's last step over all the records kept: ``whiten`` when the options ask."""
-    return whiten(records) if opt.whiten else records
+def stage_end(records: list[dict], opt, stats: AdvantageStats | None = None) -> list[dict]:
+    """The stage's last step over all the records kept: whitening when ``whiten`` asks or the
+    estimator's statistics span the batch (REINFORCE++). ``stats`` then reports the mean |A| of
+    the whitened advantages (tokens of groups not in ``records`` count as 0)."""
+    if not batch_wide(opt):
+        return records
+    whiten(records)
+    if stats is not None:
+        stats.abs_adv_sum = float(sum(np.abs(r["advantages"]).sum() for r in records))
+    return records

@@ -54,6 +54,7 @@ def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: Tre
         **({"entropies": [float(x) for x in leaf.entropies]} if leaf.entropies is not None else {}),
         "temperature": float(cfg.temperature),  # as sampled: 0 = greedy (log-probs at T = 1)
         "top_p": float(cfg.top_p),
+        "max_new_tokens": int(cfg.max_new_tokens),  # the cap a `length` finish reached
         "prompt_template": template_name(rec, template),
         "policy_version": int(getattr(engine, "policy_version", 0) or 0),
         "model": str(getattr(engine, "model_path", "")),

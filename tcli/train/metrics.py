@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 SUMS = ("loss", "pg_loss", "kl", "clipped", "dual_clipped", "entropy", "approx_kl", "tokens",
-        "seqs", "model_tokens", "real_tokens")
+        "seqs", "model_tokens", "real_tokens", "mismatch_abs", "mismatch_tokens", "tis_capped")
 
 
 @dataclass
@@ -30,6 +30,13 @@ class StepStats:
     seqs: float = 0.0
     model_tokens: float = 0.0     # positions the model ran over (padding included)
     real_tokens: float = 0.0      # of those, real (unique, when prefix-shared) tokens
+    # sampler/trainer mismatch over the tokens seen before the first update (docs/design.md §4.16)
+    mismatch_abs: float = 0.0     # sum |log pi_train_old - log pi_sampler|
+    mismatch_tokens: float = 0.0
+    tis_capped: float = 0.0       # tokens whose ratio exceeded the TIS cap
+    mismatch_max: float = float("-inf")  # the largest log ratio (max over ranks, not a sum)
+    responses: int = 0            # the step's responses (the same on every rank)
+    truncated: int = 0            # of those, finish_reason "length"
     grad_norms: list[float] = field(default_factory=list)
     optimizer_steps: int = 0      # optimizer steps attempted (one per non-empty mini-batch)
     skipped: int = 0              # of those, skipped for a non-finite gradient norm
@@ -43,13 +50,23 @@ class StepStats:
             return False
         return True
 
-    def reduced(self, allreduce: Callable[[list[float]], list[float]]) -> "StepStats":
-        """The same stats with every sum taken over all ranks (one collective call)."""
-        return dataclasses.replace(self, **dict(zip(SUMS, allreduce([getattr(self, k)
-                                                                     for k in SUMS]))))
+    def add_mismatch(self, sums: tuple[float, float, float, float]) -> None:
+        """Add one micro-batch's ``tcli.train.loss.mismatch_sums``."""
+        abs_sum, top, capped, n = sums
+        self.mismatch_abs += abs_sum
+        self.mismatch_max = max(self.mismatch_max, top)
+        self.tis_capped += capped
+        self.mismatch_tokens += n
+
+    def reduced(self, allreduce: Callable[..., list[float]]) -> "StepStats":
+        """The same stats with every sum taken over all ranks (one collective call), and the
+        largest mismatch over all ranks (``allreduce(values, "max")``)."""
+        top = allreduce([self.mismatch_max], "max")[0]
+        return dataclasses.replace(self, mismatch_max=top, **dict(zip(SUMS, allreduce(
+            [getattr(self, k) for k in SUMS]))))
 
     def to_metrics(self, *, step: int, policy_version: int, lr: float, epochs: int,
-                   elapsed: float, world_size: int, with_kl: bool) -> dict:
+                   elapsed: float, world_size: int, with_kl: bool, tis: bool = False) -> dict:
         n = max(self.optimizer_steps, 1)
         ntok = max(self.tokens, 1.0)
         norms = self.grad_norms
@@ -75,7 +92,18 @@ class StepStats:
             "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0,
             "time_s": elapsed,
             "world_size": world_size,
+            "truncated_share": self.truncated / max(self.responses, 1),
+            **self._mismatch(tis),
         }
         if with_kl:
             m["kl"] = self.kl / ntok
+        return m
+
+    def _mismatch(self, tis: bool) -> dict:
+        """Mean |log pi_train_old - log pi_sampler|, the largest ratio, and (TIS) the capped share."""
+        n = max(self.mismatch_tokens, 1.0)
+        m = {"mismatch_abs_logp": self.mismatch_abs / n,
+             "mismatch_ratio_max": math.exp(self.mismatch_max) if self.mismatch_tokens else 1.0}
+        if tis:
+            m["tis_capped_frac"] = self.tis_capped / n
         return m

@@ -35,6 +35,7 @@ class TrainSample:
     adv: np.ndarray          # float32
     line: int = 0
     temperature: float = 1.0  # sampling temperature of old_logp (0 is read as 1)
+    truncated: bool = False   # finish_reason "length": the response hit the sampling cap
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.tokens)
@@ -51,7 +52,8 @@ def sample_from_record(rec: dict, vocab_size: int | None = None) -> TrainSample:
         raise DataError(f"log-probs must be <= 0, got {logp.max():.6g}", field="logprobs")
     adv = float_array(rec, "advantages", len(tokens))
     sample = TrainSample(prompt, tokens, logp.astype(np.float32), adv.astype(np.float32),
-                         temperature=record_temperature(rec))
+                         temperature=record_temperature(rec),
+                         truncated=rec.get("finish_reason") == "length")
     if vocab_size is not None:
         check_vocab(sample, vocab_size)
     return sample

@@ -31,6 +31,7 @@ import numpy as np
 from tcli.errors import TcliError, UsageError
 from tcli.train.dist import DistInfo, init_distributed, resolve_device
 from tcli.train.metrics import StepStats
+from tcli.train.nograd import NoGradPasses
 from tcli.train.samples import TrainSample, as_samples, batch_temperature
 
 ADAM_BETAS = (0.9, 0.999)
@@ -38,7 +39,7 @@ _LIBC: list = []
 ADAM_EPS = 1e-8
 
 
-class Trainer:
+class Trainer(NoGradPasses):
     """Model + AdamW (+ frozen reference model) for repeated ``step(records)`` calls.
 
     ``loop`` keeps one Trainer alive across iterations; the CLI makes one per call. Only rank 0
@@ -62,6 +63,7 @@ class Trainer:
         self.agg = LOSS_AGGREGATIONS.get(opts.loss_agg)
         self.layout = LAYOUTS.get(layout_name(opts.share_prefix))
         self.temperature = 1.0
+        self.train_old = None  # per sample: pi_train_old with tis_cap (set by every step)
         self.kl_fn = KL_ESTIMATORS.get(opts.kl_estimator)
         torch.manual_seed(self.seed)
         counters = read_counters(model_dir)
@@ -198,51 +200,16 @@ class Trainer:
                 out[b, :len(a)] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
         return out.to(self.device, non_blocking=True)
 
-    def _allreduce(self, values: list[float]) -> list[float]:
+    def _allreduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """``values`` summed (or their maximum, ``op="max"``) over the ranks."""
         if not self.dist.enabled:
             return values
         import torch
         import torch.distributed as dist
 
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t.tolist()
-
-    def _ref_fill(self, samples, micro, cache: dict) -> None:
-        """Reference log-probs of a micro-batch (None: this rank has none left), computed once
-        per sample across epochs. A sharded reference forward is a collective: when any rank
-        misses a sample every rank runs one (its own micro-batch, or a one-token dummy)."""
-        import torch
-
-        if self.ref_model is None:
-            return
-        need = micro is not None and any(i not in cache for i in micro.idxs)
-        if self.sharded:
-            need = self._allreduce([float(need)])[0] > 0
-        if not need:
-            return
-        with torch.no_grad(), self._autocast():
-            if micro is None:
-                ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
-                self.ref_model(input_ids=ids, use_cache=False)
-            else:
-                with micro.attention(self.ref_model):
-                    lp, _, _ = micro.logprobs(self.ref_model, samples, self.device,
-                                              pad_id=self.pad_id, temperature=self.temperature,
-                                              with_entropy=False)
-                for row, i in enumerate(micro.idxs):
-                    cache[i] = lp[row, :len(samples[i].tokens)].float()
-        if self.sharded:
-            self.ref_model.reshard()  # the root group stays gathered after a forward otherwise
-
-    def _ref_logp(self, micro, mask, cache: dict):
-        """The cached reference log-probs of a micro-batch, padded like ``mask``."""
-        import torch
-
-        out = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
-        for row, i in enumerate(micro.idxs):
-            out[row, :len(cache[i])] = cache[i]
-        return out
 
     def _dummy_backward(self) -> None:
         """A rank with no data (left) in this mini-batch still joins DDP's gradient all-reduce
@@ -260,9 +227,12 @@ class Trainer:
         list on every rank); returns one metrics dict (global over ranks)."""
         samples = as_samples(records, self.vocab_size)
         self.temperature = batch_temperature(samples)
-        stats = StepStats()
+        stats = StepStats(responses=len(samples), truncated=sum(s.truncated for s in samples))
+        if self.opts.mask_truncated:  # out of the loss and its normalisation (design.md §4.15)
+            samples = [s for s in samples if not s.truncated]
         ref_cache: dict = {}
         t0 = time.perf_counter()
+        self.train_old = self._train_old_logprobs(samples, stats) if self.opts.tis_cap else None
         self._run_epochs(samples, stats, ref_cache)
         elapsed = time.perf_counter() - t0
         self.step_count += 1
@@ -271,7 +241,7 @@ class Trainer:
         return stats.reduced(self._allreduce).to_metrics(
             step=self.step_count, policy_version=self.policy_version, lr=self.lr_now,
             epochs=self.opts.epochs, elapsed=elapsed, world_size=self.dist.world_size,
-            with_kl=self.ref_model is not None)
+            with_kl=self.ref_model is not None, tis=bool(self.opts.tis_cap))
 
     def _run_epochs(self, samples: Sequence, stats: StepStats, ref_cache: dict) -> None:
         """epochs x mini_batches: a fresh permutation per epoch from (seed, step, epoch)."""
@@ -319,6 +289,8 @@ class Trainer:
     def _micro_step(self, samples: list[TrainSample], micro, denom: float, stats: StepStats,
                     ref_cache: dict) -> None:
         """Forward + backward of one micro-batch (loss numerator / global denominator)."""
+        from tcli.train.loss import mismatch_sums, tis_weights
+
         idxs = micro.idxs
         self._ref_fill(samples, micro, ref_cache)  # before the policy's collectives (FSDP)
         with micro.attention(self.model):  # forward AND backward (checkpointing recomputes)
@@ -326,24 +298,33 @@ class Trainer:
                 logp, ent, mask = micro.logprobs(self.ddp, samples, self.device, pad_id=self.pad_id,
                                                  temperature=self.temperature, with_entropy=True)
             R = mask.shape[1]
-            old = self._pad([samples[i].old_logp for i in idxs], R)
+            old = self._pad([samples[i].old_logp for i in idxs], R)  # the sampler's log-probs
+            w = None
+            if self.train_old is not None:  # TIS: the ratio is against pi_train_old (§4.16)
+                sampler, old = old, self._pad([self.train_old[i] for i in idxs], R)
+                w = tis_weights(old, sampler, mask, self.opts.tis_cap)
+            elif not stats.optimizer_steps:  # no update yet: this forward is pi_train_old
+                stats.add_mismatch(mismatch_sums(logp, old, mask))
             adv = self._pad([samples[i].adv for i in idxs], R)
             ref = self._ref_logp(micro, mask, ref_cache) if self.ref_model else None
-            self._loss_backward(logp, ent, mask, old, adv, ref, denom, stats, len(idxs))
+            self._loss_backward(logp, ent, mask, old, adv, ref, w, denom, stats, len(idxs))
         stats.model_tokens += micro.model_tokens
         stats.real_tokens += micro.real_tokens
 
-    def _loss_backward(self, logp, ent, mask, old, adv, ref, denom: float, stats: StepStats,
+    def _loss_backward(self, logp, ent, mask, old, adv, ref, w, denom: float, stats: StepStats,
                        n_seqs: int) -> None:
-        """Clipped policy loss (+ KL), backward of numerator / global denominator, the sums."""
+        """Clipped policy loss (weighted by the TIS weights ``w``) + KL, backward of numerator /
+        global denominator, the sums."""
         import torch
 
         from tcli.train.loss import kl_k3, policy_loss
 
         o = self.opts
-        pl = policy_loss(logp, old, adv, mask, clip_low=o.clip_low, clip_high=o.clip_high,
-                         dual_clip=o.dual_clip or None)
-        per_tok, kl = pl.loss, None
+        lo, hi = o.clip_range()
+        pl = policy_loss(logp, old, adv, mask, clip_low=lo, clip_high=hi,
+                         dual_clip=o.dual_clip or None, ratio_level=o.ratio_level)
+        pg = pl.loss if w is None else pl.loss * w
+        per_tok, kl = pg, None
         if ref is not None:
             kl = self.kl_fn(logp, ref).masked_fill(~mask, 0.0)
             if o.kl_coef > 0:
@@ -352,7 +333,7 @@ class Trainer:
         (num * (self.dist.world_size / denom)).backward()
         with torch.no_grad():
             stats.loss += float(num) / denom
-            stats.pg_loss += float(self.agg.numerator(pl.loss, mask)) / denom
+            stats.pg_loss += float(self.agg.numerator(pg, mask)) / denom
             stats.kl += float(kl.sum()) if kl is not None else 0.0
             stats.clipped += float(pl.clipped.sum())
             stats.dual_clipped += float(pl.dual_clipped.sum())

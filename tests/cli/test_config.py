@@ -78,9 +78,11 @@ def test_every_loop_key_has_one_declaration_and_the_help_shows_its_default():
 def test_help_texts_list_registry_names():
     r = run_tcli(["advantages", "-h"])
     text = " ".join(r.stdout.decode().split())
-    assert "One of: dr_grpo, gae, grpo, ppo, rloo, tempo, treerpo" in text
+    assert ("One of: dr_grpo, gae, grpo, ppo, reinforce_pp, reinforce_pp_baseline, rloo, tempo, "
+            "treerpo") in text
     r = run_tcli(["train-step", "-h"])
     assert "k1, k2, k3" in " ".join(r.stdout.decode().split())
+    assert "One of: sequence, token" in " ".join(r.stdout.decode().split())
 
 
 def test_toml_round_trip_and_tables(tmp_path):

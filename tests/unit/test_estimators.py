@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -206,11 +207,128 @@ def test_sum_of_deltas_is_reward_minus_mean(g, td):
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.lists(st.integers(0, 3), max_size=5), rewards_st), min_size=1, max_size=6),
-       st.sampled_from(ALL))
+       st.sampled_from(ALL + ["reinforce_pp", "reinforce_pp_baseline"]))
 def test_never_nan(grp, name):
     a = adv(group([t for t, _ in grp], [r for _, r in grp]), name)
     assert [len(x) for x in a] == [len(t) for t, _ in grp]
     assert all(math.isfinite(v) for x in a for v in x)
+
+
+# ----------------------------------------------------------------------------- REINFORCE++
+
+# two groups: rewards 1, 0, 0.5 with 2, 1, 3 tokens; rewards 0, 0.2 with 1, 3 tokens
+PP_GROUPS = [(["p", [[1, 2], [3], [4, 5, 6]], [1.0, 0.0, 0.5]]),
+             (["q", [[7], [8, 9, 10]], [0.0, 0.2]])]
+
+
+def _batch(name, **opt):
+    """The advantages stage as `tcli advantages` runs it: group by group, then stage_end."""
+    from tcli.stages.advantages import stage_end, stage_group
+
+    opts = AdvantageOptions(estimator=name, **opt)
+    recs = []
+    for pid, toks, rw in PP_GROUPS:
+        recs += stage_group([dict(r, prompt_id=pid) for r in group(toks, rw)], opts).records
+    return [r["advantages"] for r in stage_end(recs, opts)]
+
+
+def test_reinforce_pp_normalises_the_reward_over_the_whole_batch():
+    """docs/design.md §4.14: the 10 tokens carry r = 1,1 0 .5,.5,.5 | 0 .2,.2,.2: mean 0.41,
+    population std sqrt(1.189 / 10) = 0.344819; A = (r - 0.41) / 0.344819 on every token."""
+    close(_batch("reinforce_pp"), [[1.711044] * 2, [-1.189030], [0.261007] * 3,
+                                   [-1.189030], [-0.609016] * 3])
+
+
+def test_reinforce_pp_baseline_subtracts_the_group_mean_then_normalises_over_the_batch():
+    """Group means 0.5 and 0.1: r - mean = .5,.5 -.5 0,0,0 | -.1 .1,.1,.1 over the 10 tokens:
+    mean 0.07, population std sqrt(0.741 / 10) = 0.272213."""
+    close(_batch("reinforce_pp_baseline"), [[1.579645] * 2, [-2.093947], [-0.257151] * 3,
+                                            [-0.624511], [0.110208] * 3])
+
+
+def test_reinforce_pp_statistics_span_groups_not_one_group():
+    """One group alone is normalised on its own tokens: a different answer than in the batch."""
+    from tcli.stages.advantages import stage_end, stage_group
+
+    opts = AdvantageOptions(estimator="reinforce_pp")
+    pid, toks, rw = PP_GROUPS[0]
+    alone = stage_end(stage_group(group(toks, rw), opts).records, opts)
+    assert alone[0]["advantages"][0] != pytest.approx(1.711044, abs=1e-3)
+
+
+def test_reinforce_pp_in_the_cli_buffers_the_whole_input():
+    from conftest import run_tcli
+
+    lines = b"".join(orjson.dumps(dict(r, prompt_id=pid)) + b"\n"
+                     for pid, toks, rw in PP_GROUPS for r in group(toks, rw))
+    out = run_tcli(["advantages", "-e", "reinforce_pp_baseline", "--stats"], input=lines)
+    assert out.returncode == 0, out.stderr
+    got = [orjson.loads(x)["advantages"] for x in out.stdout.splitlines()]
+    close(got, _batch("reinforce_pp_baseline"), tol=1e-12)
+    # --stats reports the mean |A| of the normalised advantages
+    want = sum(abs(v) for a in got for v in a) / 10
+    assert f"{want:.4f}" in out.stderr.decode()
+
+
+def test_reinforce_pp_huge_rewards_stay_finite():
+    from tcli.stages.advantages import stage_end, stage_group
+
+    opts = AdvantageOptions(estimator="reinforce_pp")
+    recs = stage_group(group([[1], [2]], [1e308, -1e308]), opts).records
+    a = [x for r in stage_end(recs, opts) for x in r["advantages"]]
+    assert a == pytest.approx([1.0, -1.0], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- overlong shaping
+
+def test_overlong_penalty_hand_computed():
+    """docs/design.md §4.15: L_max 10, buffer 4: 0 up to 6 tokens, then -(L - 6) / 4 down to -1
+    at 10."""
+    from tcli.algos.shaping import overlong_penalty
+
+    lens = np.array([0, 5, 6, 7, 9, 10])
+    recs = [{"token_ids": [1] * n, "max_new_tokens": 10} for n in lens]
+    assert overlong_penalty(recs, lens, 4, 1.0).tolist() == [0, 0, 0, -0.25, -0.75, -1.0]
+    assert overlong_penalty(recs, lens, 4, 0.5).tolist() == [0, 0, 0, -0.125, -0.375, -0.5]
+    assert overlong_penalty(recs, lens, 0, 1.0).tolist() == [0.0] * 6  # off: the cap is not read
+
+
+def test_overlong_shaping_feeds_the_estimator_and_keeps_the_reward():
+    """rewards 1, 1, 0, 0 with 5, 8, 9, 10 tokens (cap 10, buffer 4): penalties 0, -0.5, -0.75, -1;
+    shaped 1, 0.5, -0.75, -1, mean -0.0625; dr_grpo = shaped - mean."""
+    from tcli.stages.advantages import AdvantageStats, stage_group
+
+    recs = group([[1] * 5, [2] * 8, [3] * 9, [4] * 10], [1, 1, 0, 0], max_new_tokens=10)
+    stats = AdvantageStats()
+    out = stage_group(recs, AdvantageOptions(estimator="dr_grpo", overlong_buffer=4), stats).records
+    close([r["advantages"] for r in out], [[1.0625] * 5, [0.5625] * 8, [-0.6875] * 9,
+                                           [-0.9375] * 10], tol=1e-12)
+    assert [r["overlong_penalty"] for r in out] == [0.0, -0.5, -0.75, -1.0]
+    assert [r["reward"] for r in out] == [1, 1, 0, 0]
+    assert stats.summary()["reward_mean"] == 0.5  # the verifier's rewards
+
+
+def test_overlong_shaping_keeps_stored_values_of_the_recorded_rewards():
+    """build-tree's values are V of the recorded rewards; shaping does not make them stale."""
+    from tcli.stages.advantages import stage_group
+
+    recs = build_tree_group(group(ORACLE_TOKENS, ORACLE_REWARDS, max_new_tokens=4))
+    out = stage_group(recs, AdvantageOptions(estimator="tempo", overlong_buffer=1)).records
+    assert [r["overlong_penalty"] for r in out] == [-1.0, -1.0, -1.0, 0.0]
+
+
+@pytest.mark.parametrize("cap, words", [(None, "is missing"), (2, "has 3 tokens"),
+                                        (True, "integer"), (0, "integer")])
+def test_overlong_shaping_needs_the_sampling_cap(cap, words):
+    from tcli.stages.advantages import stage_group
+
+    recs = group([[1, 2], [1, 2, 3]], [1, 0])
+    if cap is not None:
+        recs[1]["max_new_tokens"] = cap
+    recs[0]["max_new_tokens"] = 5
+    with pytest.raises(DataError, match=words) as e:
+        stage_group(recs, AdvantageOptions(estimator="grpo", overlong_buffer=1))
+    assert e.value.field == "max_new_tokens" and e.value.index == 1
 
 
 # ----------------------------------------------------------------------------- TreeRPO

@@ -179,3 +179,43 @@ def test_whiten_in_the_loop(loop_model, tmp_path):
     recs = [r for _, r in RecordReader(str(tmp_path / "run" / "rollouts" / "step_1.arrow"))]
     flat = np.concatenate([r["advantages"] for r in recs])
     assert abs(flat.mean()) < 1e-6 and abs(flat.std() - 1.0) < 1e-4
+
+
+def test_reinforce_pp_baseline_in_the_loop(loop_model, tmp_path):
+    """REINFORCE++-baseline (docs/design.md §4.14): r minus its group's mean, normalised over
+    every token of the step (all groups), and the step's mean |A| is that of the normalised advantages."""
+    from tcli.io import RecordReader
+
+    metrics = _run(_config(loop_model, tmp_path / "run", estimator="reinforce_pp_baseline",
+                           steps=1, eval_every=0))
+    recs = [r for _, r in RecordReader(str(tmp_path / "run" / "rollouts" / "step_1.arrow"))]
+    base = {}
+    for r in recs:
+        base.setdefault(r["prompt_id"], []).append(r["reward"])
+    centred = [r["reward"] - np.mean(base[r["prompt_id"]]) for r in recs]
+    flat = np.concatenate([[c] * len(r["token_ids"]) for c, r in zip(centred, recs)])
+    for c, r in zip(centred, recs):
+        want = (c - flat.mean()) / (flat.std() + 1e-8)
+        np.testing.assert_allclose(r["advantages"], [want] * len(r["token_ids"]), atol=1e-12)
+    got = np.concatenate([r["advantages"] for r in recs])
+    assert metrics[0]["mean_abs_advantage"] == pytest.approx(np.abs(got).mean(), rel=1e-12)
+
+
+def test_algorithm_options_reach_the_loop(loop_model, tmp_path):
+    """The loop's [advantages] overlong_* and [train] ratio_level, mask_truncated, tis_cap keys
+    (docs/design.md §4.13-4.16): shaped rewards in the records, the mismatch in the step's
+    metrics (the scripted engine records log-probs of -1, far from the trainer's)."""
+    from tcli.io import RecordReader
+
+    metrics = _run(_config(loop_model, tmp_path / "run", steps=1, eval_every=0,
+                           max_new_tokens=12, overlong_buffer=8, overlong_penalty=0.5,
+                           ratio_level="sequence", mask_truncated=True, tis_cap=2.0))
+    recs = [r for _, r in RecordReader(str(tmp_path / "run" / "rollouts" / "step_1.arrow"))]
+    for r in recs:
+        n = len(r["token_ids"])
+        assert r["max_new_tokens"] == 12 and r["reward"] in (0.0, 1.0)
+        assert r["overlong_penalty"] == pytest.approx(0.5 * min(0.0, (12 - 8 - n) / 8))
+    m = metrics[0]
+    assert m["train_mismatch_abs_logp"] > 0.1 and m["train_truncated_share"] == 0.0
+    # the random model gives every token far less than e^-1: all ratios < 1, none capped
+    assert m["train_tis_capped_frac"] == 0.0 and m["train_mismatch_ratio_max"] < 1.0

@@ -177,6 +177,7 @@ def test_tree_shape(ab_engine, native):
                     cfg=SamplingConfig(max_new_tokens=6, min_new_tokens=6, seed=0), template="plain")
         assert [r["node_path"] for r in full] == [[0, 0], [0, 1], [1, 0], [1, 1]]
         assert all(r["segment_ends"] == [2, 6] and r["finish_reason"] == "length" for r in full)
+        assert all(r["max_new_tokens"] == 6 for r in full)  # the cap a length finish reached
 
 
 # ----------------------------------------------------------------------------- log-probs

@@ -64,6 +64,55 @@ def test_policy_loss_masks_padding():
     assert out.loss[0, 1].item() == 0.0 and not out.clipped[0, 1] and not out.dual_clipped[0, 1]
 
 
+def test_gspo_sequence_ratio_hand_computed():
+    """GSPO (docs/design.md §4.13): s_i = exp(mean_t log ratio) over row i's real tokens, the same
+    clipped ratio on every token of the row; the gradient reaches each token through the mean."""
+    logp = torch.tensor([[0.1, -0.2, 0.4], [0.3, 0.3, 9.0], [1e-4, 1e-4, 1e-4]],
+                        requires_grad=True)
+    old = torch.zeros(3, 3)
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, True, True]])
+    A = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, 0.0], [1.0, 2.0, 3.0]])
+    out = policy_loss(logp, old, A, mask, clip_low=3e-4, clip_high=4e-4, dual_clip=3.0,
+                      ratio_level="sequence")
+    s0, s1, s2 = math.exp(0.1), math.exp(0.3), math.exp(1e-4)  # row 1's padding is not counted
+    assert torch.allclose(out.ratio[:, 0], torch.tensor([s0, s1, s2]), rtol=1e-6)
+    assert torch.allclose(out.ratio[0], torch.full((3,), s0), rtol=1e-6)
+    # row 0: A > 0 and s0 > 1.0004: clipped to 1.0004 on every token, no gradient
+    # row 1: A < 0: max(s1, clip(s1)) = s1 = 1.34986 (under the dual bound 3), not clipped
+    # row 2: 1 - 3e-4 < s2 = 1.0001 < 1.0004: unclipped, loss -s2 * A_t
+    want = torch.tensor([[-1.0004] * 3, [s1, s1, 0.0], [-s2, -2 * s2, -3 * s2]])
+    assert torch.allclose(out.loss, want, rtol=1e-6)
+    assert out.clipped.tolist() == [[True] * 3, [False] * 3, [False] * 3]
+    out.loss.sum().backward()
+    # d/dlogp_k of sum_t -s A_t = -s * sum_t A_t / n for every real token k of the row
+    # (row 1: 2 s1 / 2 on its two real tokens, none on the padding; row 2: -6 s2 / 3)
+    grad = torch.tensor([[0.0, 0.0, 0.0], [s1, s1, 0.0], [-2 * s2] * 3])
+    assert torch.allclose(logp.grad, grad, rtol=1e-6)
+
+
+def test_token_ratio_level_is_the_ppo_ratio_bit_for_bit():
+    g = torch.Generator().manual_seed(1)
+    logp, old = -torch.rand(4, 6, generator=g) * 3, -torch.rand(4, 6, generator=g) * 3
+    A = torch.randn(4, 6, generator=g)
+    mask = torch.rand(4, 6, generator=g) > 0.2
+    out = policy_loss(logp, old, A, mask)
+    ratio = torch.exp((logp - old).clamp(-20.0, 20.0))
+    loss = torch.maximum(-A * ratio, -A * ratio.clamp(0.8, 1.28))
+    loss = torch.where((A < 0) & (loss > -A * 3.0), -A * 3.0, loss).masked_fill(~mask, 0.0)
+    assert torch.equal(out.ratio, ratio) and torch.equal(out.loss, loss)
+
+
+def test_clip_defaults_follow_the_ratio_level():
+    from tcli.config.stages import TrainOptions
+
+    assert TrainOptions().clip_range() == (0.2, 0.28)
+    assert TrainOptions(ratio_level="sequence").clip_range() == (3e-4, 4e-4)
+    assert TrainOptions(ratio_level="sequence", clip_high=1e-3).clip_range() == (3e-4, 1e-3)
+    assert TrainOptions(clip_low=0.1).clip_range() == (0.1, 0.28)
+    with pytest.raises(UsageError, match=r"--ratio-level \(train.ratio_level\).*sequence, token"):
+        TrainOptions(ratio_level="seq")
+
+
 def test_aggregations_hand_computed():
     v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0]])
     mask = torch.tensor([[True, True, True], [True, False, False]])
@@ -168,8 +217,8 @@ def _seq_logp(model_or_dir, p, r):
     return float(sequence_logprobs(m, [p], [r])[0].sum())
 
 
-@pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_advantage_sign_moves_logprob(tiny, policy, sign):
+@pytest.mark.parametrize("sign, level", [(1.0, "token"), (-1.0, "token"), (1.0, "sequence")])
+def test_advantage_sign_moves_logprob(tiny, policy, sign, level):
     from tcli.config.stages import TrainOptions
     from tcli.train.trainer import Trainer
 
@@ -178,7 +227,7 @@ def test_advantage_sign_moves_logprob(tiny, policy, sign):
     before = float(lp.sum())
     rec = {"prompt_token_ids": p, "token_ids": r, "logprobs": lp.tolist(),
            "advantages": [sign] * len(r)}
-    tr = Trainer(tiny, TrainOptions(lr=1e-3), seed=0)
+    tr = Trainer(tiny, TrainOptions(lr=1e-3, ratio_level=level), seed=0)
     m = tr.step([rec])
     after = _seq_logp(tr.model.eval(), p, r)
     assert m["optimizer_steps"] == 1 and m["num_tokens"] == len(r) and m["num_sequences"] == 1
