@@ -207,6 +207,8 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> LoopCo
 
 
 def _toml_value(v: Any) -> str:
+    if isinstance(v, tuple):  # a list setting; one item is written as itself (task = "auto")
+        return _toml_value(v[0]) if len(v) == 1 else f"[{', '.join(map(_toml_value, v))}]"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):

@@ -43,6 +43,7 @@ from tcli.stages.verify import start_pool, verify_records
 from tcli.train.critic import CriticTrainer
 from tcli.train.dist import DistInfo, block_share, gather_or_raise, run_on_main
 from tcli.train.trainer import Trainer
+from tcli.verifiers.weighted import reward_means
 
 
 class Loop:
@@ -176,6 +177,7 @@ class Loop:
         v = self.cfg.verify
         return list(verify_records(iter(enumerate(records, 1)), "<loop>", task=v.task,
                                    timeout=v.timeout, workers=v.workers, pool=self.verify_pool,
+                                   weights=v.weights,
                                    max_verifier_errors=v.max_verifier_errors))
 
     def advantages(self, records: list[dict]) -> tuple[list[dict], dict]:
@@ -275,6 +277,7 @@ class Loop:
             "sampled_tokens_total": budget.sampled,
             **{k: adv[k] for k in ("reward_mean", "zero_variance_share", "branch_token_share",
                                    "mean_abs_advantage", "groups_dropped")},
+            **reward_means(rollouts),  # several tasks: rewards/<task>, each one's mean
             **{f"train_{k}": v for k, v in train.items() if isinstance(v, (int, float))},
             **{f"critic_{k}": v for k, v in critic.items() if isinstance(v, (int, float))
                and k not in ("step", "lr")},
