@@ -53,8 +53,29 @@ class RunOptions(Options):
     keep_last: int = setting(2, "Checkpoints kept besides best/.", check=at_least(1))
     tensorboard: str = setting("", "Also write the metrics as TensorBoard event files to this "
                                "directory (needs the tensorboard package).")
+    trackers: tuple[str, ...] = setting(
+        (), "Experiment trackers that also get every metric (same names as TensorBoard's: "
+        "train/reward_mean), the resolved config and the git commit: tensorboard (event files in "
+        "--tensorboard DIR, else RUN_DIR/trackers/tensorboard), wandb (files in RUN_DIR/trackers; "
+        "WANDB_MODE=offline: no network, `wandb sync` later), mlflow (MLFLOW_TRACKING_URI, else a "
+        "file store in RUN_DIR/trackers/mlruns). --resume continues the same tracker run. Each is "
+        "an extra: pip install 'tcli[wandb]'.", choices=lambda: _tracker_names())
     seed: int = setting(0, "Random seed (same inputs + seed = same output).")
     threads: Optional[int] = like(ThreadOptions, "threads", None)
+
+    def check(self) -> None:
+        from tcli.trackers import require
+
+        for name in self.trackers:  # a missing extra fails here, before anything touches disk
+            require(name, self.label("trackers"))
+        if self.tensorboard:
+            require("tensorboard", self.label("tensorboard"))
+
+
+def _tracker_names() -> list[str]:
+    from tcli.trackers import TRACKERS
+
+    return TRACKERS.names()
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ PLUGIN = textwrap.dedent('''
 TEXTS = ["\\boxed{4} #### 4", "\\boxed{4} #### 5", "\\boxed{5} #### 4", "I think 5."]
 # by hand, gold answer 4: gsm8k reads the last "####" (else the last number), math the last
 # \boxed{}, the plugin rewards a "####" marker
-ORACLE = {"gsm8k": [1.0, 0.0, 1.0, 0.0], "math": [1.0, 1.0, 0.0, 0.0], "marker": [1.0, 1.0, 1.0, 0.0]}
+ORACLE = {"gsm8k": [1.0, 0.0, 1.0, 0.0], "math": [1.0, 1.0, 0.0, 0.0],
+          "marker": [1.0, 1.0, 1.0, 0.0]}
 WEIGHTS = {"gsm8k": 1.0, "math": 0.25, "marker": 0.5}  # exact in binary: the sums are exact
 # `tcli verify -t gsm8k` of TEXTS as it wrote them before several tasks existed
 ONE_TASK = (
@@ -138,7 +139,8 @@ def test_crashes_count_per_verifier(plugin):
     p, recs = _verify(plugin, texts, "-t", "gsm8k", "-t", crashy, "--max-verifier-errors", "0.3")
     assert p.returncode == 0, p.stderr.decode()
     assert [r["rewards"]["gsm8k"] for r in recs] == [1.0, 1.0, 0.0, 1.0]
-    assert [r["verdicts"][crashy].get("crashed", False) for r in recs] == [False, True, False, False]
+    crashed = [r["verdicts"][crashy].get("crashed", False) for r in recs]
+    assert crashed == [False, True, False, False]
     assert [r["reward"] for r in recs] == [2.0, 1.0, 1.0, 2.0]
     assert f"verifier {crashy} crashed at" in p.stderr.decode()
     p, recs = _verify(plugin, texts[:2] + ["boom"] * 2, "-t", "gsm8k", "-t", crashy,
