@@ -18,6 +18,11 @@ run in this process instead, when the gold answer is short too: no message to a 
 round trip. Their deadline is checked when they return (an overrun scores 0 with
 ``verdict.error = "timeout"`` just the same); there is nothing to kill because nothing can hang.
 
+Several tasks (``task=["gsm8k", "python:mod:fmt"]``) score every record in one pass: one payload
+per record carries all its verifiers to one worker (or runs here when all are bounded), and
+:class:`tcli.verifiers.weighted.Tasks` writes the weighted ``reward``, ``rewards`` and
+``verdicts``; crashes are counted per task.
+
 This module prepares records (validation, the verifier's view of a record), turns pool failures
 into ``(reward, verdict)`` (one call of a verifier: :mod:`tcli.verifiers.call`) and counts
 crashes. Memory stays bounded: at most ``window``

@@ -11,6 +11,7 @@ import re
 import time
 from pathlib import Path
 
+from tcli.errors import TcliError
 from tcli.trackers.base import TRACKERS, Tracker
 
 _REFUSED = re.compile(r"[^\w./\- :]")  # what MLflow allows in a name (Linux)
@@ -46,11 +47,14 @@ class MlflowTracker(Tracker):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id, self.logged = self.stored_id(), {}
-        if self.run_id is not None:
-            self.client.update_run(self.run_id, status="RUNNING")
-            self.logged = self._last_steps()
-            return
-        self._create(config, commit)
+        try:
+            if self.run_id is not None:
+                self.client.update_run(self.run_id, status="RUNNING")
+                self.logged = self._last_steps()
+            else:
+                self._create(config, commit)
+        except Exception as e:  # noqa: BLE001 - a store that cannot be reached: one line, exit 1
+            raise TcliError(f"mlflow ({uri}): {e}") from None
 
     def _create(self, config: dict, commit: str | None) -> None:
         from mlflow.entities import Param
