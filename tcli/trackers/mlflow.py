@@ -6,6 +6,7 @@ logged as ``eval/pass_at_1``."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -23,13 +24,13 @@ def mlflow_name(key: str) -> str:
 
 
 def _flat(config: dict, prefix: str = "") -> dict[str, str]:
-    """The resolved TOML as MLflow params: ``sample.n`` = "8"."""
+    """The resolved TOML as MLflow params: ``sample.n`` = "8", lists and booleans as JSON."""
     out = {}
     for k, v in config.items():
         if isinstance(v, dict):
             out.update(_flat(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = str(v)[:6000]
+            out[f"{prefix}{k}"] = (v if isinstance(v, str) else json.dumps(v))[:6000]
     return out
 
 
