@@ -217,8 +217,8 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> LoopCo
             values[table][key] = coerce(cls, key, value, cls.label(key))
     by_param = {lf.param: lf for lf in loop_flags()}
     for param, value in (flags or {}).items():
-        if value is None:
-            continue
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue  # not given (click gives a list flag that is not given as empty)
         if param not in by_param:
             raise UsageError(f"unknown loop setting {param!r}")
         lf = by_param[param]
