@@ -13,11 +13,11 @@ import functools
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
 
-from tcli.config.spec import Options, settings_of, spec_of, value_type
+from tcli.config.spec import Options, item_type, settings_of, spec_of, value_type
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,17 @@ class Without:
         object.__setattr__(self, "names", names)
 
 
+def shown_default(v: Any) -> str:
+    """A default as help texts show it ('' = none to show)."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, tuple):  # a list setting: as its flag takes it
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
 def help_text(cls: type[Options], f, *, overrides: bool = False) -> str:
     spec = spec_of(f)
     text = spec.help
@@ -37,9 +48,8 @@ def help_text(cls: type[Options], f, *, overrides: bool = False) -> str:
         text += f" One of: {', '.join(spec.choices())}."
     if f.name in cls.RECORDED:
         text += " When not given, a checkpoint that records it supplies it."
-    if overrides and f.default not in (None, ""):
-        shown = str(f.default).lower() if isinstance(f.default, bool) else f.default
-        text += f" [default: {shown}]"
+    if (overrides or isinstance(f.default, tuple)) and shown_default(f.default):
+        text += f" [default: {shown_default(f.default)}]"
     return text
 
 
@@ -54,8 +64,12 @@ def typer_parameter(cls: type[Options], f, *, overrides: bool = False, flag: str
     else:
         decls = (flag, spec.short) if spec.short and not cls.FLAG_PREFIX else (flag,)
     optional = overrides or f.default is None
+    metavar = None
+    if typ is tuple:  # a list setting: the flag repeats or takes commas (the help shows it)
+        metavar = f"<{item_type(cls, f.name).__name__}>,..."
+        typ, optional = List[str], True
     option = typer.Option(*decls, help=help_text(cls, f, overrides=overrides),
-                          show_default=not optional)
+                          show_default=not optional, metavar=metavar)
     annotation = Annotated[Optional[typ] if optional else typ, option]
     return inspect.Parameter(flag[2:].replace("-", "_"), inspect.Parameter.KEYWORD_ONLY,
                              default=None if overrides else f.default, annotation=annotation)

@@ -53,8 +53,29 @@ class RunOptions(Options):
     keep_last: int = setting(2, "Checkpoints kept besides best/.", check=at_least(1))
     tensorboard: str = setting("", "Also write the metrics as TensorBoard event files to this "
                                "directory (needs the tensorboard package).")
+    trackers: tuple[str, ...] = setting(
+        (), "Experiment trackers that also get every metric (same names as TensorBoard's: "
+        "train/reward_mean), the resolved config and the git commit: tensorboard (event files in "
+        "--tensorboard DIR, else RUN_DIR/trackers/tensorboard), wandb (files in RUN_DIR/trackers; "
+        "WANDB_MODE=offline: no network, `wandb sync` later), mlflow (MLFLOW_TRACKING_URI, else a "
+        "file store in RUN_DIR/trackers/mlruns). --resume continues the same tracker run. Each is "
+        "an extra: pip install 'tcli[wandb]'.", choices=lambda: _tracker_names())
     seed: int = setting(0, "Random seed (same inputs + seed = same output).")
     threads: Optional[int] = like(ThreadOptions, "threads", None)
+
+    def check(self) -> None:
+        from tcli.trackers import require
+
+        for name in self.trackers:  # a missing extra fails here, before anything touches disk
+            require(name, self.label("trackers"))
+        if self.tensorboard:
+            require("tensorboard", self.label("tensorboard"))
+
+
+def _tracker_names() -> list[str]:
+    from tcli.trackers import TRACKERS
+
+    return TRACKERS.names()
 
 
 @dataclass(frozen=True)
@@ -196,8 +217,8 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> LoopCo
             values[table][key] = coerce(cls, key, value, cls.label(key))
     by_param = {lf.param: lf for lf in loop_flags()}
     for param, value in (flags or {}).items():
-        if value is None:
-            continue
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue  # not given (click gives a list flag that is not given as empty)
         if param not in by_param:
             raise UsageError(f"unknown loop setting {param!r}")
         lf = by_param[param]
@@ -207,6 +228,8 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> LoopCo
 
 
 def _toml_value(v: Any) -> str:
+    if isinstance(v, tuple):  # a list setting; one item is written as itself (task = "auto")
+        return _toml_value(v[0]) if len(v) == 1 else f"[{', '.join(map(_toml_value, v))}]"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):

@@ -81,16 +81,46 @@ def spec_of(f: dataclasses.Field) -> Setting:
     return f.metadata["tcli"]
 
 
-def value_type(cls: type, name: str) -> tuple[type, bool]:
-    """(bool | int | float | str, optional?) of a field, from its annotation."""
+def _hint(cls: type, name: str) -> tuple[Any, bool]:
     hint = typing.get_type_hints(cls)[name]
     args = typing.get_args(hint)
     optional = type(None) in args
-    base = next(a for a in args if a is not type(None)) if optional else hint
-    return base, optional
+    return (next(a for a in args if a is not type(None)) if optional else hint), optional
+
+
+def value_type(cls: type, name: str) -> tuple[type, bool]:
+    """(bool | int | float | str | tuple, optional?) of a field, from its annotation; a list
+    setting is annotated ``tuple[X, ...]`` (see :func:`item_type`)."""
+    base, optional = _hint(cls, name)
+    return (tuple if typing.get_origin(base) is tuple else base), optional
+
+
+def item_type(cls: type, name: str) -> type:
+    """The item type X of a list setting ``tuple[X, ...]``."""
+    return typing.get_args(_hint(cls, name)[0])[0]
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _items(item: type, value: Any, label: str) -> tuple:
+    """A list setting's value: one value or a list (TOML), strings split at commas (flags:
+    ``-t a -t b`` or ``-t a,b``; ``--weights 1,0.2``)."""
+    out = []
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        for x in ([p.strip() for p in v.split(",")] if isinstance(v, str) else [v]):
+            if item is float and isinstance(x, str):
+                try:
+                    x = float(x)
+                except ValueError:
+                    x = None
+            if item is float and isinstance(x, int) and not isinstance(x, bool):
+                x = float(x)
+            if not isinstance(x, item) or isinstance(x, bool):
+                raise UsageError(f"{label} must be {_TYPE_NAMES[item]} or a list of them "
+                                 f"(comma-separated as a flag), got {value!r}")
+            out.append(x)
+    return tuple(out)
 
 
 def coerce(cls: type, name: str, value: Any, label: str) -> Any:
@@ -98,6 +128,8 @@ def coerce(cls: type, name: str, value: Any, label: str) -> Any:
     typ, optional = value_type(cls, name)
     if value is None and optional:
         return None
+    if typ is tuple:
+        return _items(item_type(cls, name), value, label)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
@@ -122,8 +154,10 @@ class Options:
             v = coerce(type(self), f.name, getattr(self, f.name), label)
             object.__setattr__(self, f.name, v)
             spec = spec_of(f)
-            if spec.choices is not None and v is not None and v not in spec.choices():
-                raise UsageError(f"{label}: unknown value {v!r}; valid: {', '.join(spec.choices())}")
+            for x in (v if isinstance(v, tuple) else (v,)):  # a list setting: every item
+                if spec.choices is not None and x is not None and x not in spec.choices():
+                    raise UsageError(f"{label}: unknown value {x!r}; valid: "
+                                     f"{', '.join(spec.choices())}")
             msg = spec.check(v) if spec.check is not None else None
             if msg:
                 raise UsageError(f"{label} {msg}")

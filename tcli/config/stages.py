@@ -74,10 +74,15 @@ def _check_device(v: str | None) -> str | None:
     return f"must be one of {', '.join(DEVICES)} or cuda:N, got {v!r}"
 
 
-def _check_task(v: str) -> str | None:
+def _check_tasks(v: tuple[str, ...]) -> str | None:
     from tcli.verifiers import check_task
 
-    check_task(v)  # raises UsageError naming the valid tasks
+    if not v:
+        return "must name a verifier"
+    if len(set(v)) < len(v):
+        return f"names a verifier twice: {', '.join(v)}"
+    for name in v:
+        check_task(name)  # raises UsageError naming the valid tasks
     return None
 
 
@@ -210,10 +215,16 @@ class VerifyOptions(Options):
 
     TABLE: ClassVar[str] = "verify"
 
-    task: str = setting("auto", "Verifier: auto (per record: choices -> choice; GSM8K/GSM-Hard "
-                        "source -> gsm8k; tcli-arith -> arith; else math), a registered name "
-                        "(math, gsm8k, choice, arith) or python:module:function.",
-                        check=_check_task, short="-t")
+    task: tuple[str, ...] = setting(
+        ("auto",), "Verifier: auto (per record: choices -> choice; GSM8K/GSM-Hard source -> "
+        "gsm8k; tcli-arith -> arith; else math), a registered name (math, gsm8k, choice, arith) "
+        "or python:module:function. Several (-t a -t b; a list in TOML) all score every record: "
+        "reward = their weighted sum (--weights), rewards and verdicts = each one's by name.",
+        check=_check_tasks, short="-t")
+    weights: tuple[float, ...] = setting(
+        (), "Several tasks: the weight of each task's reward, in order (1,0.2; a list in TOML), "
+        "one per task. Default: 1 each.",
+        check=lambda v: next((finite(w) for w in v if finite(w)), None))
     timeout: float = setting(5.0, "Hard limit per answer in seconds: a verifier still running is "
                              "killed and the record scores 0 with verdict.error = 'timeout' "
                              "(arith and gsm8k, bounded by design, run in this process and score "
@@ -229,7 +240,14 @@ class VerifyOptions(Options):
         "with exit 1. Default 0: a crash is a bug in the verifier, not a wrong answer, so the "
         "first one stops the run instead of training on rewards of 0. Crashed records score 0 "
         "with verdict.crashed = true; every answer crashing always fails; time-outs are the "
-        "answer's fault and never count.", check=in_range(0.0, 1.0))
+        "answer's fault and never count (several tasks: the share of each verifier).",
+        check=in_range(0.0, 1.0))
+
+    def check(self) -> None:
+        if self.weights and len(self.weights) != len(self.task):
+            raise UsageError(f"{self.label('weights')} needs one weight per task "
+                             f"({len(self.task)}: {', '.join(self.task)}), got "
+                             f"{len(self.weights)}")
 
 
 @dataclass(frozen=True)

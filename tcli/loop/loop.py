@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+import tomllib
 from typing import Callable
 
 import numpy as np
@@ -29,7 +30,6 @@ from tcli.io import RecordWriter, iter_groups, resolve_data, write_atomic_bytes
 from tcli.loop.ranks import SamplingWeights, fold_stats
 from tcli.loop.rundir import RunDir
 from tcli.loop.steps import Budget, StepTimer, format_step, step_prompts, step_seed
-from tcli.loop.tensorboard import TensorBoardSink, check_available
 from tcli.models.checkpoint import read_state
 from tcli.models.critic import init_critic
 from tcli.models.recorded import sampling_state, with_recorded_sampling
@@ -40,9 +40,11 @@ from tcli.stages.evaluate import evaluate, summarise
 from tcli.stages.sample import sample_records, token_counts
 from tcli.stages.values import add_critic_values
 from tcli.stages.verify import start_pool, verify_records
+from tcli.trackers import start_trackers
 from tcli.train.critic import CriticTrainer
 from tcli.train.dist import DistInfo, block_share, gather_or_raise, run_on_main
 from tcli.train.trainer import Trainer
+from tcli.verifiers.weighted import reward_means
 
 
 class Loop:
@@ -64,8 +66,6 @@ class Loop:
         if self.dist.enabled and cfg.sample.engine != "hf":
             raise UsageError(f"loop under torchrun samples with the hf engine (each rank from its "
                              f"own copy of the policy), not {cfg.sample.engine!r}")
-        if cfg.run.tensorboard:
-            check_available()
         self.run = RunDir(cfg.run.run_dir, warn=log)
         for name in ("model", "train_data"):  # required: nothing could stand in for them
             if not getattr(cfg.run, name):
@@ -106,8 +106,9 @@ class Loop:
         v = self.cfg.verify
         self.verify_pool = start_pool(v.task, v.timeout, v.workers)
         ThreadOptions(self.cfg.run.threads).apply()  # before any model runs
-        if self.cfg.run.tensorboard and self.dist.is_main:
-            self.sink = TensorBoardSink(self.cfg.run.tensorboard)
+        if self.dist.is_main:  # trackers (TensorBoard, W&B, MLflow): the run's writer only
+            config = tomllib.loads(dump_toml(self.cfg))  # the resolved TOML, as config.toml
+            self.sink = start_trackers(self.cfg.run, config, first_step=last + 1)
         self.trainer = Trainer(start_ckpt, self.cfg.train, seed=self.cfg.run.seed,
                                dist_info=self.dist)
         self.critic = self._start_critic(last, resume)
@@ -176,6 +177,7 @@ class Loop:
         v = self.cfg.verify
         return list(verify_records(iter(enumerate(records, 1)), "<loop>", task=v.task,
                                    timeout=v.timeout, workers=v.workers, pool=self.verify_pool,
+                                   weights=v.weights,
                                    max_verifier_errors=v.max_verifier_errors))
 
     def advantages(self, records: list[dict]) -> tuple[list[dict], dict]:
@@ -276,6 +278,7 @@ class Loop:
             "sampled_tokens_total": budget.sampled,
             **{k: adv[k] for k in ("reward_mean", "zero_variance_share", "branch_token_share",
                                    "mean_abs_advantage", "groups_dropped")},
+            **reward_means(rollouts),  # several tasks: rewards/<task>, each one's mean
             **{f"train_{k}": v for k, v in train.items() if isinstance(v, (int, float))},
             **{f"critic_{k}": v for k, v in critic.items() if isinstance(v, (int, float))
                and k not in ("step", "lr")},
@@ -314,7 +317,7 @@ class Loop:
                              or budget.exhausted(time.perf_counter() - t0) is not None)
 
     def _publish(self, records: list[dict]) -> None:
-        """metrics.jsonl (and TensorBoard): rank 0."""
+        """metrics.jsonl (and the trackers): rank 0."""
         for m in records:
             self.run.append_metrics(m)
         if self.sink is not None:
@@ -366,7 +369,7 @@ class Loop:
         return {"best_accuracy": self.best}
 
     def close(self) -> None:
-        """Stop the verifier workers, flush TensorBoard, release the run directory."""
+        """Stop the verifier workers, finish the trackers, release the run directory."""
         if self.verify_pool is not None:
             self.verify_pool.close()
         if self.sink is not None:

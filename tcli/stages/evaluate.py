@@ -9,6 +9,7 @@ import numpy as np
 
 from tcli.stages.sample import sample_records
 from tcli.stages.verify import verify_records
+from tcli.verifiers.weighted import first_reward
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -37,7 +38,7 @@ def summarise(records: Iterable[dict], ks: Sequence[int] = (1,), seed: int = 0) 
     by_prompt: dict = defaultdict(list)
     lengths = []
     for r in records:
-        by_prompt[r["prompt_id"]].append(float(r["reward"]) > 0.5)
+        by_prompt[r["prompt_id"]].append(first_reward(r) > 0.5)  # several tasks: the first
         lengths.append(len(r.get("token_ids", ())))
     if not by_prompt:
         return {"prompts": 0, "samples": 0, "accuracy": 0.0}
@@ -73,5 +74,6 @@ def evaluate(engine, prompts: list[dict], sample, verify, ev, *, seed: int = 0, 
                               on_group=on_group)
     verified = list(verify_records(enumerate(rollouts, 1), "<eval>", task=verify.task,
                                    timeout=verify.timeout, workers=verify.workers, pool=pool,
+                                   weights=verify.weights,
                                    max_verifier_errors=verify.max_verifier_errors))
     return verified, summarise(verified, ks=ev.ks, seed=seed)

@@ -18,6 +18,11 @@ run in this process instead, when the gold answer is short too: no message to a 
 round trip. Their deadline is checked when they return (an overrun scores 0 with
 ``verdict.error = "timeout"`` just the same); there is nothing to kill because nothing can hang.
 
+Several tasks (``task=["gsm8k", "python:mod:fmt"]``) score every record in one pass: one payload
+per record carries all its verifiers to one worker (or runs here when all are bounded), and
+:class:`tcli.verifiers.weighted.Tasks` writes the weighted ``reward``, ``rewards`` and
+``verdicts``; crashes are counted per task.
+
 This module prepares records (validation, the verifier's view of a record), turns pool failures
 into ``(reward, verdict)`` (one call of a verifier: :mod:`tcli.verifiers.call`) and counts
 crashes. Memory stays bounded: at most ``window``
@@ -31,14 +36,16 @@ import math
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from decimal import Decimal
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from tcli.errors import DataError, TcliError
 from tcli.verifiers.call import checked, crashed, int_str, is_crash, run_one, timed_out
 from tcli.verifiers.pool import DeadlinePool, Failure, default_workers
 from tcli.verifiers.pool_worker import one_line
+from tcli.verifiers.weighted import Tasks, verdicts_of
 
 __all__ = ["verify_records", "start_pool", "prepare", "run_one", "default_workers", "HEAVY_FIELDS",
            "VerifierCrashed"]
@@ -93,10 +100,9 @@ def _choices(v, file: str, line: int):
     return {str(k): str(x) for k, x in v.items()}
 
 
-def prepare(line: int, rec: dict, file: str, task: str):
-    """Validate a record and pick its verifier: (task, text, answer, slim record for the worker)."""
-    from tcli.verifiers.auto import pick_task
-
+def prepare(line: int, rec: dict, file: str, tasks: Tasks):
+    """Validate a record and pick its verifiers: (one verifier name per task, text, answer, slim
+    record for the worker)."""
     if not isinstance(rec, dict):
         raise DataError("record is not an object", file=file, line=line)
     try:
@@ -112,43 +118,68 @@ def prepare(line: int, rec: dict, file: str, task: str):
     slim = {k: v for k, v in rec.items() if k not in HEAVY_FIELDS}
     if "choices" in slim:
         slim["choices"] = _choices(slim["choices"], file, line)
-    name = pick_task(slim) if task == "auto" else task
-    return name, text, answer, slim
+    return tasks.pick(slim), text, answer, slim
 
 
 # ----------------------------------------------------------------------------- one result
 
-def _run_payload(payload) -> tuple[float, dict]:
-    """What a pool worker runs for one record."""
-    task, answer, slim = payload
-    return run_one(task, slim["text"], answer, slim)
+class _InWorker:
+    """The ``watch`` of a worker running several verifiers on one record: ``os._exit`` fails
+    that verifier only, not the record's other ones (no real signal is ever noted: a worker
+    ignores SIGINT and dies of SIGTERM)."""
+
+    arrived = False
+
+
+def _each(names: tuple[str, ...], soft: float | None, run) -> list:
+    """``run(name)`` for every verifier of one record; with several, one that returns after
+    ``soft`` seconds scores as a time-out (the hard deadline covers the record's whole pass)."""
+    out = []
+    for name in names:
+        t0 = time.perf_counter()
+        result = run(name)
+        if soft is not None and time.perf_counter() - t0 > soft and not is_crash(result[1]):
+            result = timed_out(name, soft)
+        out.append(result)
+    return out
+
+
+def _run_payload(payload) -> list:
+    """What a pool worker runs for one record: each of its verifiers, in one pass."""
+    names, answer, slim, soft = payload
+    watch = _InWorker() if len(names) > 1 else None  # one verifier: its exit is the record's
+    return _each(names, soft, lambda n: run_one(n, slim["text"], answer, slim, watch))
 
 
 def _inline(payload) -> bool:
     """Whether a record is verified in this process (see INLINE_TASKS)."""
-    task, answer, _ = payload
-    return task in INLINE_TASKS and len(answer) <= INLINE_ANSWER_CHARS
+    names, answer, _, _ = payload
+    return all(n in INLINE_TASKS for n in names) and len(answer) <= INLINE_ANSWER_CHARS
 
 
-def _run_here(payload) -> tuple[float, dict]:
-    """An inline record: as in a worker, except that only an Exception fails the record (these
+def _run_here(payload) -> list:
+    """An inline record: as in a worker, except that only an Exception fails a verifier (these
     verifiers never exit or raise KeyboardInterrupt: one arriving here is the user's Ctrl-C)."""
     from tcli.verifiers.tasks import get_verifier
 
-    task, answer, slim = payload
-    try:
-        return checked(task, get_verifier(task)(slim["text"], answer, slim))
-    except Exception as e:  # noqa: BLE001 - counted as a crash by the stage
-        return crashed(task, one_line(e))
+    names, answer, slim, soft = payload
+
+    def one(task: str) -> tuple[float, dict]:
+        try:
+            return checked(task, get_verifier(task)(slim["text"], answer, slim))
+        except Exception as e:  # noqa: BLE001 - counted as a crash by the stage
+            return crashed(task, one_line(e))
+
+    return _each(names, soft, one)
 
 
-def _failed(task: str, f: Failure, timeout: float) -> tuple[float, dict]:
-    """A pool failure: a time-out is the answer's (reward 0); a dead worker is a crash."""
+def _failed(names: tuple[str, ...], f: Failure, timeout: float) -> list:
+    """A pool failure, for each verifier of the record (the pool cannot tell which one was
+    running): a time-out is the answer's (reward 0); a dead worker is a crash."""
     if f.kind == "timeout":
-        return timed_out(task, timeout)
-    if f.kind == "died":
-        return crashed(task, f"verifier worker died ({f.detail})")
-    return crashed(task, f"verifier worker failed ({f.detail})")
+        return [timed_out(n, timeout) for n in names]
+    why = "died" if f.kind == "died" else "failed"
+    return [crashed(n, f"verifier worker {why} ({f.detail})") for n in names]
 
 
 # ----------------------------------------------------------------------------- in this process
@@ -185,12 +216,13 @@ class _SignalWatch:
         self.installed = []
 
 
-def _in_process(records, source_name: str, task: str) -> Iterator[tuple[int, dict]]:
+def _in_process(records, source_name: str, tasks: Tasks) -> Iterator[tuple[int, dict]]:
     with _SignalWatch() as watch:
         for line, rec in records:
-            name, text, answer, slim = prepare(line, rec, source_name, task)
+            names, text, answer, slim = prepare(line, rec, source_name, tasks)
             watch.arrived = False
-            rec["reward"], rec["verdict"] = run_one(name, text, answer, slim, watch)
+            results = [run_one(n, text, answer, slim, watch) for n in names]
+            tasks.apply(rec, results, source_name, line)
             yield line, rec
 
 
@@ -217,42 +249,44 @@ def _where(source_name: str, line: int, rec: dict) -> str:
 
 
 class _Crashes:
-    """A stream's verifier crashes: counted, the first few reported, and an error once they are
-    more than ``max_share`` of the answers (at the first crash when it is 0; at the end
-    otherwise, when the share is known; always when every answer crashed)."""
+    """A stream's verifier crashes, per task: counted, the first few reported, and an error once
+    one task's crashes are more than ``max_share`` of the answers (at the first crash when it is
+    0; at the end otherwise, when the share is known; always when every answer crashed)."""
 
     def __init__(self, source_name: str, max_share: float, report: Callable[[str], None]):
         self.source_name, self.max_share, self.report = source_name, max_share, report
-        self.n = self.count = 0
-        self.name = self.first = ""  # the first crash's verifier and "WHERE: ERROR"
+        self.n = self.shown = 0
+        self.tasks: dict = {}  # task -> [crashes, its first crash's verifier, "WHERE: ERROR"]
 
     def see(self, line: int, rec: dict) -> None:
         self.n += 1
-        v = rec["verdict"]
-        if not is_crash(v):
-            return
-        self.count += 1
-        where = _where(self.source_name, line, rec)
-        if self.count == 1:
-            self.name, self.first = v.get("task"), f"{where}: {v.get('error')}"
+        for task, v in verdicts_of(rec).items():
+            if is_crash(v):
+                self._crash(task, v, _where(self.source_name, line, rec))
+
+    def _crash(self, task, v: dict, where: str) -> None:
+        seen = self.tasks.setdefault(task, [0, v.get("task"), f"{where}: {v.get('error')}"])
+        seen[0] += 1
         if self.max_share == 0:
-            raise self._error(" (max-verifier-errors 0 allows none)", first=True)
-        if self.count <= MAX_REPORTED:
+            raise self._error(task, " (max-verifier-errors 0 allows none)", first=True)
+        self.shown += 1
+        if self.shown <= MAX_REPORTED:
             self.report(f"verifier {v.get('task')} crashed at {where}: {v.get('error')}")
-        elif self.count == MAX_REPORTED + 1:
+        elif self.shown == MAX_REPORTED + 1:
             self.report("more verifier crashes follow: counted, not shown")
 
     def finish(self) -> None:
-        if self.count and self.count == self.n:
-            raise self._error(" (every answer)")
-        if self.count and self.count / self.n > self.max_share:  # exact for 29/100 vs 0.29
-            raise self._error(f" ({self.count / self.n:.1%}, more than max-verifier-errors "
-                              f"{self.max_share:g})")
+        for task, (count, _, _) in self.tasks.items():
+            if count == self.n:
+                raise self._error(task, " (every answer)")
+            if count / self.n > self.max_share:  # exact for 29/100 vs 0.29
+                raise self._error(task, f" ({count / self.n:.1%}, more than "
+                                  f"max-verifier-errors {self.max_share:g})")
 
-    def _error(self, why: str, first: bool = False) -> VerifierCrashed:
-        of = f"{self.count} of the first {self.n}" if first else f"{self.count} of {self.n}"
-        return VerifierCrashed(f"verifier {self.name} crashed on {of} answers{why}; "
-                               f"first at {self.first}")
+    def _error(self, task, why: str, first: bool = False) -> VerifierCrashed:
+        count, name, where = self.tasks[task]
+        of = f"{count} of the first {self.n}" if first else f"{count} of {self.n}"
+        return VerifierCrashed(f"verifier {name} crashed on {of} answers{why}; first at {where}")
 
 
 def _guarded(stream: Iterator[tuple[int, dict]], crashes: _Crashes) -> Iterator[dict]:
@@ -286,26 +320,28 @@ def _preload(task: str) -> bool:
     return True
 
 
-def verify_records(records: Iterable[tuple[int, dict]], source_name: str, task: str = "auto",
-                   timeout: float = 5.0, workers: int | None = None,
-                   window: int | None = None, pool: DeadlinePool | None = None,
-                   max_verifier_errors: float = 0.0,
-                   report: Callable[[str], None] = _warn) -> Iterator[dict]:
+def verify_records(records: Iterable[tuple[int, dict]], source_name: str,
+                   task: str | Sequence[str] = "auto", timeout: float = 5.0,
+                   workers: int | None = None, window: int | None = None,
+                   pool: DeadlinePool | None = None, max_verifier_errors: float = 0.0,
+                   report: Callable[[str], None] = _warn,
+                   weights: Sequence[float] | None = None) -> Iterator[dict]:
     """Yield each record with ``reward`` and ``verdict`` added, in input order.
 
     ``records`` yields ``(line, record)``. ``task`` is a verifier name, ``python:module:function``
-    or ``auto`` (chosen per record). ``workers``: processes (default: all cores); ``0`` runs in
-    this process without a timeout (for debugging). ``timeout`` is the hard per-record limit in
-    seconds. Bad records raise DataError naming ``source_name``, the line and the field.
-    ``pool``: workers from :func:`start_pool` to use (and keep) instead of starting new ones.
-    A verifier crash (not a wrong answer, not a time-out) scores 0 with ``verdict.crashed``;
-    more than ``max_verifier_errors`` (a share of the records) raise :class:`VerifierCrashed`,
-    and ``report`` gets one line for each of the first crashes.
+    or ``auto`` (chosen per record), or several of them: each scores every record, ``reward`` is
+    their sum weighted by ``weights`` (default 1 each) and ``rewards``/``verdicts`` hold each
+    one's (:mod:`tcli.verifiers.weighted`). ``workers``: processes (default: all cores); ``0``
+    runs in this process without a timeout (for debugging). ``timeout`` is the hard limit per
+    answer and verifier, in seconds. Bad records raise DataError naming ``source_name``, the
+    line and the field. ``pool``: workers from :func:`start_pool` to use (and keep) instead of
+    starting new ones. A verifier crash (not a wrong answer, not a time-out) scores 0 with
+    ``verdict.crashed``; more than ``max_verifier_errors`` (a share of the records, per task)
+    raise :class:`VerifierCrashed`, and ``report`` gets one line for each of the first crashes.
     """
     from tcli.errors import UsageError
-    from tcli.verifiers.tasks import check_task
 
-    check_task(task)  # an unknown task fails here, before any record is read
+    tasks = Tasks.of(task, weights)  # an unknown task fails here, before any record is read
     if timeout is None or not (timeout > 0):
         raise UsageError(f"timeout must be a positive number of seconds, got {timeout}")
     if workers is not None and workers < 0:
@@ -315,57 +351,60 @@ def verify_records(records: Iterable[tuple[int, dict]], source_name: str, task: 
     crashes = _Crashes(source_name, max_verifier_errors, report)
     n = (pool.n if pool is not None else default_workers()) if workers is None else workers
     if n == 0:
-        return _guarded(_in_process(records, source_name, task), crashes)
+        return _guarded(_in_process(records, source_name, tasks), crashes)
     window = window or max(256, 32 * n)
     if pool is not None:
-        return _guarded(_pooled(records, source_name, task, float(timeout), window, pool), crashes)
-    return _guarded(_owned_pool(records, source_name, task, float(timeout), window, n), crashes)
+        return _guarded(_pooled(records, source_name, tasks, float(timeout), window, pool),
+                        crashes)
+    return _guarded(_owned_pool(records, source_name, tasks, float(timeout), window, n), crashes)
 
 
-def start_pool(task: str = "auto", timeout: float = 5.0, workers: int | None = None
-               ) -> DeadlinePool | None:
+def start_pool(task: str | Sequence[str] = "auto", timeout: float = 5.0,
+               workers: int | None = None) -> DeadlinePool | None:
     """Verifier workers to reuse across ``verify_records(..., pool=...)`` calls (a loop's steps),
-    started now, with what ``task`` needs already imported. None for ``workers=0``. Close it (or
-    use it as a context manager) when done. Workers hold on to the memory of the process they
-    were forked from: start the pool before loading a model."""
-    from tcli.verifiers.tasks import check_task
-
-    check_task(task)
+    started now, with what ``task`` (one or several) needs already imported. None for
+    ``workers=0``. Close it (or use it as a context manager) when done. Workers hold on to the
+    memory of the process they were forked from: start the pool before loading a model."""
+    names = Tasks.of(task).names
     n = default_workers() if workers is None else workers
     if n == 0:
         return None
     pool = DeadlinePool(_run_payload, n, timeout, local_fn=_run_here)
-    if task in INLINE_TASKS:
+    if all(t in INLINE_TASKS for t in names):
         return pool  # records run here; a worker forks only for an over-long gold answer
-    _preload(task)
+    for t in names:
+        _preload(t)
     return pool.start()
 
 
-def _owned_pool(records, source_name: str, task: str, timeout: float, window: int, n: int
+def _owned_pool(records, source_name: str, tasks: Tasks, timeout: float, window: int, n: int
                 ) -> Iterator[tuple[int, dict]]:
     # every worker is gone when this ends; none starts while every record runs inline
     with DeadlinePool(_run_payload, n, timeout, local_fn=_run_here) as pool:
-        yield from _pooled(records, source_name, task, timeout, window, pool)
+        yield from _pooled(records, source_name, tasks, timeout, window, pool)
 
 
-def _pooled(records, source_name: str, task: str, timeout: float, window: int,
+def _pooled(records, source_name: str, tasks: Tasks, timeout: float, window: int,
             pool: DeadlinePool) -> Iterator[tuple[int, dict]]:
-    if task != "auto" and _preload(task):
+    if any([_preload(t) for t in tasks.names if t != "auto"]):
         pool.refresh()  # workers forked before the import lack it
-    pool.timeout = timeout
-    held: deque[tuple[int, dict, str]] = deque()  # records read and not yet yielded, with task
+    # one pass per record runs all its verifiers: the hard deadline covers them together, and
+    # with several each one that returns after ``timeout`` scores as a time-out (_each)
+    pool.timeout = timeout * len(tasks.names)
+    soft = timeout if tasks.several else None
+    held: deque[tuple[int, dict, tuple[str, ...]]] = deque()  # read, not yet yielded
 
     def payloads():
         for line, rec in records:
-            name, text, answer, slim = prepare(line, rec, source_name, task)
-            if task == "auto" and _preload(name):
+            names, text, answer, slim = prepare(line, rec, source_name, tasks)
+            if "auto" in tasks.names and any([_preload(n) for n in names]):
                 pool.refresh()  # the first math record: new workers fork with math-verify
-            held.append((line, rec, name))
-            yield (name, answer, slim), len(text) + 1
+            held.append((line, rec, names))
+            yield (names, answer, slim, soft), len(text) + 1
 
     for result in pool.imap(payloads(), window, WINDOW_CHARS, here=_inline):
-        line, rec, name = held.popleft()
+        line, rec, names = held.popleft()
         if isinstance(result, Failure):
-            result = _failed(name, result, timeout)
-        rec["reward"], rec["verdict"] = result
+            result = _failed(names, result, timeout)
+        tasks.apply(rec, result, source_name, line)
         yield line, rec

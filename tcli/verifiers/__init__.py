@@ -13,6 +13,7 @@ This package only re-exports; each job has its module:
 - ``auto``: ``--task auto`` picks a built-in per record;
 - ``tasks``: task names resolved to verifiers (``get_verifier``, ``check_task``);
 - ``call``: one call of a verifier, whatever it does, as a reward and verdict;
+- ``weighted``: several tasks on one record: the weighted ``reward``, ``rewards``, ``verdicts``;
 - ``pool``, ``pool_handle``, ``pool_worker``: worker processes with a hard deadline per item.
 
 Nothing here imports torch: ``tcli verify`` runs without it.

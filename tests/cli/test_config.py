@@ -64,8 +64,10 @@ def test_every_loop_key_has_one_declaration_and_the_help_shows_its_default():
     helps = {p.name: p.help or "" for p in loop.params}
     for lf in flags:
         f = next(f for f in settings_of(lf.cls) if f.name == lf.name)
-        if f.default not in (None, ""):
+        if f.default not in (None, "", ()):
             shown = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+            if isinstance(f.default, tuple):  # a list setting, as its flag takes it
+                shown = ",".join(map(str, f.default))
             assert f"[default: {shown}]" in helps[lf.param], lf.flag
     # the loop and the stage command show the same default for the same setting
     stage = _defaults(_commands()["sample-tree"])
