@@ -39,7 +39,7 @@ def import_gguf(
     """
     import os
 
-    from tcli.config.stages import DTYPES
+    from tcli.config.choices import DTYPES
     from tcli.models import gguf
 
     if dtype not in DTYPES:

@@ -13,78 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
+from tcli.config.choices import (
+    MODES, DTYPES, PARALLEL_MODES, ENTROPY_THRESHOLD, MIN_SEGMENT,
+    engine_names, branch_rule_names, estimator_names, loss_agg_names, ratio_level_names,
+    kl_estimator_names, lr_schedule_names, check_template, check_device, check_tasks,
+)
 from tcli.config.spec import (Options, at_least, finite, finite_at_least, in_range, like, setting)
 from tcli.engines.sampling import SamplingConfig
 from tcli.errors import UsageError
-
-MODES = ("independent", "tree")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "bfloat16", "float16")
-PARALLEL_MODES = ("ddp", "fsdp")
-ENTROPY_THRESHOLD = 0.3  # --branch entropy defaults: real trees on countdown and arith (README)
-MIN_SEGMENT = 0
-
-
-def _engines():
-    from tcli.engines import ENGINES
-    return ENGINES.names()
-
-
-def _branch_rules():
-    from tcli.engines.trees import BRANCH_RULES
-    return BRANCH_RULES.names()
-
-
-def _estimators():
-    from tcli.algos.estimators import ESTIMATORS
-    return ESTIMATORS.names()
-
-
-def _loss_aggs():
-    from tcli.algos.losses import LOSS_AGGREGATIONS
-    return LOSS_AGGREGATIONS.names()
-
-
-def _ratio_levels():
-    from tcli.algos.losses import RATIO_LEVELS
-    return RATIO_LEVELS.names()
-
-
-def _kl_estimators():
-    from tcli.algos.losses import KL_ESTIMATORS
-    return KL_ESTIMATORS.names()
-
-
-def _lr_schedules():
-    from tcli.train.schedule import LR_SCHEDULES
-    return LR_SCHEDULES.names()
-
-
-def _check_template(v: str) -> str | None:
-    from tcli.prompts import PROMPT_TEMPLATES
-
-    if v == "auto" or v in PROMPT_TEMPLATES or "{prompt}" in v:
-        return None
-    return f"must be auto, {', '.join(PROMPT_TEMPLATES)} or a string containing {{prompt}}"
-
-
-def _check_device(v: str | None) -> str | None:
-    if v is None or v in DEVICES or (v.startswith("cuda:") and v[5:].isdigit()):
-        return None
-    return f"must be one of {', '.join(DEVICES)} or cuda:N, got {v!r}"
-
-
-def _check_tasks(v: tuple[str, ...]) -> str | None:
-    from tcli.verifiers import check_task
-
-    if not v:
-        return "must name a verifier"
-    if len(set(v)) < len(v):
-        return f"names a verifier twice: {', '.join(v)}"
-    for name in v:
-        check_task(name)  # raises UsageError naming the valid tasks
-    return None
-
 
 _TEMPLATE_HELP = ("Prompt template: auto (choice when the record has choices, else boxed), boxed, "
                   "choice, plain, or a string with {prompt} (and optionally {choices}).")
@@ -99,7 +35,7 @@ class SampleOptions(Options):
     # records these, and a stage the user gives none of them uses the checkpoint's
     RECORDED: ClassVar[tuple[str, ...]] = ("prompt_template", "chat_template", "max_new_tokens")
 
-    engine: str = setting("hf", "Generation engine.", choices=_engines)
+    engine: str = setting("hf", "Generation engine.", choices=engine_names)
     mode: str = setting("independent", "independent (n samples per prompt) or tree (TreeRPO).",
                         choices=lambda: MODES)
     n: int = setting(8, "independent: samples per prompt.", check=at_least(1), short="-n")
@@ -115,7 +51,7 @@ class SampleOptions(Options):
                           "token, after --min-segment-tokens of the node's segment, whose sampling "
                           "entropy exceeds --branch-entropy (each child samples that token), at "
                           "most --depth splits per path, no split = one path.",
-                          choices=_branch_rules)
+                          choices=branch_rule_names)
     branch_entropy: float = setting(ENTROPY_THRESHOLD, "--branch entropy: threshold in nats. The "
                                     "sampling entropy of a token is that of softmax(logits / T), "
                                     "the distribution it is drawn from before top-p (the one whose "
@@ -136,7 +72,7 @@ class SampleOptions(Options):
                                   "path in tree mode).", check=at_least(1))
     min_new_tokens: int = setting(SamplingConfig.min_new_tokens, "EOS is masked before this many "
                                   "tokens.", check=at_least(0))
-    prompt_template: str = setting("auto", _TEMPLATE_HELP, check=_check_template)
+    prompt_template: str = setting("auto", _TEMPLATE_HELP, check=check_template)
     chat_template: Optional[bool] = setting(
         None, "Wrap the prompt in the tokenizer's chat template (default: when it has one).")
     batch_tokens: int = setting(65536, "hf: memory bound, max cached tokens (rows x length) per "
@@ -144,7 +80,7 @@ class SampleOptions(Options):
     prompts_per_batch: int = setting(16, "Prompts per engine call (their frontier nodes are "
                                      "batched together).", check=at_least(1))
     device: Optional[str] = setting(None, "hf: auto, cpu, cuda or cuda:N (default auto).",
-                                    check=_check_device)
+                                    check=check_device)
     dtype: Optional[str] = setting(None, "Weights dtype for sampling (default float32).",
                                    choices=lambda: DTYPES)
     gpu_memory_utilization: float = setting(0.9, "vllm: fraction of the GPU's memory its engine "
@@ -220,7 +156,7 @@ class VerifyOptions(Options):
         "gsm8k; tcli-arith -> arith; else math), a registered name (math, gsm8k, choice, arith) "
         "or python:module:function. Several (-t a -t b; a list in TOML) all score every record: "
         "reward = their weighted sum (--weights), rewards and verdicts = each one's by name.",
-        check=_check_tasks, short="-t")
+        check=check_tasks, short="-t")
     weights: tuple[float, ...] = setting(
         (), "Several tasks: the weight of each task's reward, in order (1,0.2; a list in TOML), "
         "one per task. Default: 1 each.",
@@ -258,7 +194,7 @@ class AdvantageOptions(Options):
 
     estimator: str = setting("tempo", "Advantage estimator (reinforce_pp and "
                              "reinforce_pp_baseline normalise over the whole input, or the "
-                             "loop's step, as whiten does).", choices=_estimators, short="-e")
+                             "loop's step, as whiten does).", choices=estimator_names, short="-e")
     std: str = setting("unbiased", "Group std: unbiased (divides by G-1) or population (G).",
                        choices=lambda: ("unbiased", "population"))
     td_coef: float = setting(1.0, "TEMPO: weight lambda of the TD correction.", check=finite)
@@ -289,7 +225,7 @@ class TrainOptions(Options):
     lr: float = setting(1e-6, "AdamW learning rate.", check=finite_at_least(0.0))
     lr_schedule: str = setting("constant", "Learning rate after warm-up, per optimizer step: "
                                "constant, or linear / cosine decay to min_lr_ratio x lr at "
-                               "schedule_steps.", choices=_lr_schedules)
+                               "schedule_steps.", choices=lr_schedule_names)
     warmup_steps: int = setting(0, "Optimizer steps of linear warm-up (step k, 0-based, uses "
                                 "lr x (k+1) / warmup_steps).", check=at_least(0))
     min_lr_ratio: float = setting(0.0, "linear/cosine: the final lr as a fraction of lr.",
@@ -304,7 +240,7 @@ class TrainOptions(Options):
                                "log pi - log pi_old), one clipped ratio for all its tokens; "
                                "GSPO's own objective also averages per response: loss_agg "
                                "seq-mean-token-mean).",
-                               choices=_ratio_levels)
+                               choices=ratio_level_names)
     clip_low: Optional[float] = setting(None, "Clip: ratio lower bound 1 - eps_low. Default: the "
                                         "ratio level's (token 0.2, sequence 3e-4).",
                                         check=in_range(0.0, 1.0, hi_open=True))
@@ -314,7 +250,7 @@ class TrainOptions(Options):
     dual_clip: float = setting(3.0, "Dual-clip bound c for A < 0 (0 = off).",
                                check=lambda v: None if v == 0 or (v > 1 and v < float("inf"))
                                else f"must be > 1 (or 0 to disable), got {v}")
-    loss_agg: str = setting("token-mean", "Loss aggregation.", choices=_loss_aggs)
+    loss_agg: str = setting("token-mean", "Loss aggregation.", choices=loss_agg_names)
     mask_truncated: bool = setting(False, "Leave responses that hit the length cap "
                                    "(finish_reason length) out of the loss: no policy loss, no KL, "
                                    "and not counted by the loss aggregation's denominator.")
@@ -327,7 +263,7 @@ class TrainOptions(Options):
                              else f"must be >= 1 (or 0 to disable), got {v}")
     kl_coef: float = setting(0.0, "Weight of the KL-to-reference term (needs --ref-model).",
                              check=finite_at_least(0.0))
-    kl_estimator: str = setting("k3", "KL estimator.", choices=_kl_estimators)
+    kl_estimator: str = setting("k3", "KL estimator.", choices=kl_estimator_names)
     ref_model: Optional[str] = setting(None, "Reference model directory (KL is reported whenever "
                                        "given).")
     epochs: int = setting(1, "Passes over the rollouts.", check=at_least(1))
@@ -346,7 +282,7 @@ class TrainOptions(Options):
     weight_decay: float = setting(0.0, "AdamW weight decay.", check=finite_at_least(0.0))
     bf16: bool = setting(False, "bfloat16 autocast (fp32 master weights).")
     grad_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N.", check=_check_device)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.", check=check_device)
     parallel: str = setting("ddp", "Under torchrun: ddp (every rank holds the whole model) or "
                             "fsdp (FSDP2: weights, gradients and AdamW state sharded over the "
                             "ranks, one all-gather group per decoder layer).",
