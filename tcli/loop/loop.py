@@ -129,12 +129,12 @@ class Loop:
         return [x for part in gather_or_raise(fn, self.dist) for x in part]
 
     # -- start ---------------------------------------------------------------------------
-    def start(self, resume: bool) -> int:
+    def start(self, resume: bool, overwrite: bool = False) -> int:
         """Take the run directory (rank 0), load trainer and engine; return the first step."""
         from tcli.engines import open_engine
         from tcli.train.trainer import Trainer
 
-        last, start_ckpt = self._on_main(lambda: self._take_run_dir(resume))
+        last, start_ckpt = self._on_main(lambda: self._take_run_dir(resume, overwrite))
         # verifier workers fork now, before any model exists, and serve every step
         from tcli.stages.verify import start_pool
 
@@ -149,7 +149,7 @@ class Loop:
             self.sink = TensorBoardSink(self.cfg.run.tensorboard)
         self.trainer = Trainer(start_ckpt, self.cfg.train, seed=self.cfg.run.seed,
                                dist_info=self.dist)
-        self.critic = self._start_critic(last, resume)
+        self.critic = self._start_critic(last, last > 0)  # a restarted run makes a new one
         if self.dist.enabled:
             from tcli.loop.ranks import SamplingWeights
 
@@ -158,18 +158,25 @@ class Loop:
                                   trainer=self.weights or self.trainer)
         return last + 1
 
-    def _take_run_dir(self, resume: bool) -> tuple[int, str]:
-        """Lock the run directory and check it (resumable or empty); (last step, its weights)."""
+    def _take_run_dir(self, resume: bool, overwrite: bool = False) -> tuple[int, str]:
+        """Lock the run directory and check it: resumable (started again when it has no complete
+        checkpoint), empty, or a previous run to overwrite; (last step, its weights)."""
         self.run.acquire()
-        if resume:
-            last = self.run.check_resumable()
+        last = self.run.check_resumable() if resume else 0
+        if last:
             start_ckpt = self.run.ckpt(last)
             self._restore_metrics(last)
             self.log(f"resuming from step {last} ({start_ckpt})")
         else:
-            self.run.check_fresh()
-            last, start_ckpt = 0, self.cfg.run.model
-            write_atomic_bytes(self.run.config, dump_toml(self.cfg).encode())
+            if resume:
+                self.run.restart()  # keeps config.toml
+            elif overwrite:
+                self.run.overwrite()
+            else:
+                self.run.check_fresh()
+            if not resume:
+                write_atomic_bytes(self.run.config, dump_toml(self.cfg).encode())
+            start_ckpt = self.cfg.run.model
             self.run.write_metrics([])
         self.run.make_dirs()
         return last, start_ckpt
@@ -194,7 +201,8 @@ class Loop:
 
     def _restore_metrics(self, last: int) -> None:
         """Keep metrics of completed steps only; restore a step's line lost between checkpoint
-        and metrics append from the copy kept in its checkpoint state."""
+        and metrics append from the copy kept in its checkpoint state. A run with nothing left
+        to do stops first, with the setting to change."""
         from tcli.models.checkpoint import read_state
 
         kept = [m for m in self.run.read_metrics() if m.get("step", 0) <= last]
@@ -203,6 +211,7 @@ class Loop:
             if (m.get("kind"), m.get("step")) not in have:
                 kept.append(m)
         kept.sort(key=lambda m: (m.get("step", 0), m.get("kind") != "train"))
+        self.run.check_can_continue(last, kept, self.cfg.run)
         self.run.write_metrics(kept)
 
     # -- stages --------------------------------------------------------------------------
@@ -469,11 +478,12 @@ def format_step(records: list[dict]) -> str:
 
 def run_loop(cfg: LoopConfig, resume: bool = False, log: Callable[[str], None] = print,
              on_step: Callable[[list[dict]], None] | None = None,
-             dist: DistInfo | None = None) -> dict:
-    """The whole run; under torchrun (``dist``) every rank calls this, rank 0 draws the plot."""
+             dist: DistInfo | None = None, overwrite: bool = False) -> dict:
+    """The whole run; under torchrun (``dist``) every rank calls this, rank 0 draws the plot.
+    ``overwrite``: a new run replaces a previous run in its run_dir (RunDir.overwrite)."""
     loop = Loop(cfg, log=log, on_step=on_step, dist=dist)
     try:
-        result = loop.run_steps(loop.start(resume))
+        result = loop.run_steps(loop.start(resume, overwrite))
     finally:
         loop.close()
     if not loop.dist.is_main:
