@@ -69,7 +69,10 @@ def _check_device(v: str | None) -> str | None:
 def _check_task(v: str) -> str | None:
     from tcli.verifiers import check_task
 
-    check_task(v)  # raises UsageError naming the valid tasks
+    try:
+        check_task(v)
+    except UsageError as e:  # named by the setting (and the TOML file) like any other bad value
+        return f"cannot be used: {e}"
     return None
 
 

@@ -24,6 +24,7 @@ from typing import Callable
 from tcli.config.loop import LoopConfig, dump_toml, load_config
 from tcli.errors import DataError, UsageError
 from tcli.io import RecordWriter, resolve_data, write_atomic_bytes
+from tcli.loop.inputs import check_models, loop_prompts
 from tcli.loop.rundir import RunDir
 from tcli.models.recorded import sampling_state, with_recorded_sampling
 from tcli.prompts import read_prompts
@@ -102,11 +103,13 @@ class Loop:
                 raise UsageError(f"no {name}: give {cfg.run.flag(name)} or `{name} = ...` in the "
                                  "--config file")
         if not os.path.isdir(cfg.run.model):
-            raise UsageError(f"model directory not found: {cfg.run.model!r}")
+            raise UsageError(f"{cfg.where('model')}: model directory not found: "
+                             f"{cfg.run.model!r}")
+        check_models(cfg)
         self.cfg = cfg = with_recorded_sampling(cfg, log)  # before config.toml is written
-        self.train_prompts = read_prompts(cfg.run.train_data, fields=cfg.prompts)
+        self.train_prompts = loop_prompts(cfg, "train_data")
         ev = cfg.eval
-        self.eval_prompts = (read_prompts(cfg.run.eval_data, ev.limit or None, cfg.prompts)
+        self.eval_prompts = (loop_prompts(cfg, "eval_data", ev.limit or None)
                              if cfg.run.eval_data and ev.every else [])
         read = [(resolve_data(p), recs) for p, recs in ((cfg.run.train_data, self.train_prompts),
                 (cfg.run.eval_data, self.eval_prompts)) if recs]  # errors name the file read
