@@ -172,16 +172,17 @@ class RunDir:
 
     @staticmethod
     def _own_checkpoint(path: str) -> bool:
-        """A checkpoint (or a partial one) under one of the names the loop writes."""
-        from tcli.models.checkpoint import MARKER, is_checkpoint
+        """A tcli checkpoint (its state file), or a partial one (the writer's marker), under one
+        of the names the loop writes."""
+        from tcli.models.checkpoint import MARKER, STATE_FILE
 
         name = os.path.basename(path)
         if not _is_dir(path):
             return False
+        state = os.path.isfile(os.path.join(path, STATE_FILE))
         if _CKPT_TEMP.match(name):
-            return is_checkpoint(path) or os.path.exists(os.path.join(path, MARKER)) \
-                or name == "best.tmp"
-        return bool(_CKPT_DIR.match(name)) and is_checkpoint(path)
+            return state or os.path.isfile(os.path.join(path, MARKER)) or name == "best.tmp"
+        return bool(_CKPT_DIR.match(name)) and state
 
     def _own_tensorboard(self, path: str) -> bool:
         """The folder config.toml's ``tensorboard`` names, when it is in the run directory and

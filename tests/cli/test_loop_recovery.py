@@ -251,3 +251,21 @@ def test_resume_after_the_token_budget_names_max_sampled_tokens(setup, tmp_path)
     assert code == 0 and "sampled-token budget reached" in err, err
     code, err = _loop("loop", "--resume", run)
     assert code == 2 and "give --max-sampled-tokens above" in err, err
+
+
+def test_overwrite_knows_the_runs_own_tensorboard_folder(setup, tmp_path):
+    """config.toml's tensorboard folder inside the run directory is the run's (event files only);
+    a file of the user's in it makes it the user's."""
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    tb = run / "tb"
+    code, err = _loop(*_args(setup, run, steps=1, eval_every=0, tensorboard=tb))
+    assert code == 0, err
+    assert os.listdir(tb)
+    (tb / "notes.txt").write_text("mine")
+    code, err = _loop(*_args(setup, run, "--overwrite", steps=1, eval_every=0))
+    assert code == 2 and f"--overwrite: {tb} was not written by tcli" in err, err
+    (tb / "notes.txt").unlink()
+    code, err = _loop(*_args(setup, run, "--overwrite", steps=1, eval_every=0))
+    assert code == 0, err
+    assert not tb.exists() and sorted(os.listdir(run / "checkpoints")) == ["step_1"]
