@@ -796,7 +796,8 @@ SUM_REL = 1e-4
 UPDATE_REL = 2e-3
 
 
-def _f64(x) -> "np.ndarray":
+def _f64(x):
+    """A torch tensor or numpy array as a float64 numpy array."""
     import numpy as np
 
     if hasattr(x, "detach"):

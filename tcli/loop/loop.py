@@ -27,7 +27,6 @@ from tcli.io import RecordWriter, resolve_data, write_atomic_bytes
 from tcli.loop.inputs import check_models, loop_prompts
 from tcli.loop.rundir import RunDir
 from tcli.models.recorded import sampling_state, with_recorded_sampling
-from tcli.prompts import read_prompts
 from tcli.train.dist import DistInfo, block_share, gather_or_raise, run_on_main
 
 
