@@ -11,7 +11,9 @@
 Shared here: ``TINY`` (and ``SMALL``), session-scoped tiny models (``tiny_model`` alias ``tiny``,
 ``tiny_model_seed1``, the arith models of :func:`arith_run_dir`, ``loop_model``; never written
 into), the record helpers (``jsonl``, ``prompts``, ``rollouts``, ``one_error_line``, ...), the
-runners. Test files import from here (``from conftest import ...``), never from each other; there
+runners, torchrun launches (:func:`run_torchrun`: a free port, a timeout that ends the whole
+process group) and the bounds for comparing two float32 orders of the same training
+(:func:`assert_same_update`). Test files import from here (``from conftest import ...``), never from each other; there
 is no ``__init__.py`` (pytest's default import mode), so test file names are unique across folders.
 
 The runner: :func:`run_tcli` (``python -m tcli``), :func:`run_python` (``python -c``) and
@@ -718,3 +720,137 @@ def read_metrics(run_dir) -> list[dict]:
     """The records of ``run_dir/metrics.jsonl``."""
     with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as f:
         return [orjson.loads(x) for x in f.read().splitlines()]
+
+
+# ----------------------------------------------------------------------------- torchrun launches
+
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK",
+             "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+
+
+def start_torchrun(args, *, nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
+    """``torchrun --standalone --nproc-per-node N *args`` in a process group of its own (so that
+    :func:`finish_torchrun` can end launcher and ranks together).
+
+    Safe beside other jobs: ``--standalone`` is a c10d rendezvous on ``localhost:0``, a port the
+    OS gives the launcher's store, and the ranks join through that same store (no fixed 29500,
+    no port bound then released); a distributed environment of the caller is not inherited."""
+    full = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("PET_")}
+    full.update({"OMP_NUM_THREADS": "1", **(env or {})})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(nproc), *map(str, args)]
+    return subprocess.Popen(cmd, cwd=REPO, env=full, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def finish_torchrun(p: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """Wait up to ``timeout`` s; past it, SIGTERM to the whole group (torchrun passes it on and
+    exits non-zero; it kills a rank stuck in a collective after its own 30 s), SIGKILL 60 s
+    later. Whatever is left of the group is killed either way.
+    ``timed_out`` on the result says whether the timeout ended it."""
+    timed_out = False
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _signal_group(p.pid, signal.SIGTERM)
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            _signal_group(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+    _signal_group(p.pid, signal.SIGKILL)  # ranks that outlived their launcher
+    r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    r.timed_out = timed_out
+    return r
+
+
+def run_torchrun(args, *, nproc: int = 2, env: dict | None = None,
+                 timeout: float = 600) -> subprocess.CompletedProcess:
+    """:func:`start_torchrun` then :func:`finish_torchrun` (stdout, stderr as bytes)."""
+    return finish_torchrun(start_torchrun(args, nproc=nproc, env=env), timeout)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# ---------------------------------------------------------------------- same training, other order
+#
+# N ranks, FSDP shards, micro-batches and packed prefixes compute the same training step with the
+# float32 sums in another order. Each comparison below is bounded by what that rounding can do,
+# and stays far below what a real bug does (a missing all-reduce, a loss not normalised by the
+# global count, a wrong lr all change the update by a fraction of 1e-2 or more of its size).
+
+F32_EPS = 1.1920929e-07  # float32 unit roundoff (2^-23)
+# A loss, KL or gradient norm of one optimizer step is a float32 sum over at most about a thousand
+# tokens here: reordered, it moves by <= ~n * eps (~1e-4 relative, worst case), typically
+# sqrt(n) * eps (~1e-6).
+SUM_REL = 1e-4
+# Weights after AdamW, compared as a fraction of their update (see assert_same_update). Metrics of
+# a train-step with several optimizer steps (mini-batches, epochs) are computed on weights already
+# that far apart, so they agree to UPDATE_REL rather than SUM_REL.
+UPDATE_REL = 2e-3
+
+
+def _f64(x):
+    """A torch tensor or numpy array as a float64 numpy array."""
+    import numpy as np
+
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def update_ratios(w0: dict, wa: dict, wb: dict) -> dict[str, float]:
+    """Per tensor: ||wa - wb|| / ||wa - w0|| (float64), with the rounding floor of the stored
+    weights (4 float32 ulps of the largest weight, per element) taken off the difference."""
+    import numpy as np
+
+    out = {}
+    for k in wa:
+        a, b, z = _f64(wa[k]), _f64(wb[k]), _f64(w0[k])
+        floor = 4 * F32_EPS * float(np.abs(a).max(initial=0.0)) * np.sqrt(a.size)
+        diff = max(float(np.linalg.norm(a - b)) - floor, 0.0)
+        update = float(np.linalg.norm(a - z))
+        out[k] = 0.0 if diff == 0.0 else diff / update if update > 0 else float("inf")
+    return out
+
+
+def assert_same_update(w0: dict, wa: dict, wb: dict, rel: float = UPDATE_REL) -> None:
+    """``wa`` and ``wb`` are the weights ``w0`` became by the same training in two float32
+    summation orders: the difference of every tensor is at most ``rel`` of its update.
+
+    Why the update and a norm: reordering changes a gradient by ~1e-6 of its size, but AdamW moves
+    each weight by ~lr * m / sqrt(v), which is ~lr * sign(g) for a weight whose gradient is at the
+    rounding level: such a weight may move either way (up to lr per optimizer step), so an
+    element-wise bound (an atol of 1e-5 against lr = 1e-3) depends on the machine's matmul
+    kernels. Those weights are few; a tensor's difference measured in norm stays small: at most
+    2e-4 of its update in this suite's runs (1e-5 typically). A bug moves the whole update: with
+    DDP train-step (4 optimizer steps), no gradient all-reduce gives ~0.9, a loss not divided by
+    the world size (clipping then differs) 3e-2 to 6e-2, an lr 1% off 1e-2 (0.1% off: 1e-3,
+    below the bound). ``rel`` = 2e-3 sits between the two."""
+    assert wa.keys() == wb.keys() == w0.keys()
+    ratios = update_ratios(w0, wa, wb)
+    worst = max(ratios, key=ratios.get)
+    print(f"largest |wa - wb| / |wa - w0| per tensor: {ratios[worst]:.3g} ({worst}); bound {rel}")
+    moved = [k for k in wa if float(abs(_f64(wa[k]) - _f64(w0[k])).max()) > 0]
+    assert moved, "training did not move the weights: the comparison would be vacuous"
+    bad = sorted(((r, k) for k, r in ratios.items() if r > rel), reverse=True)
+    assert not bad, (f"{len(bad)} tensors differ by more than {rel} of their update, worst: "
+                     + ", ".join(f"{k} {r:.3g}" for r, k in bad[:3]))
+
+
+def assert_close_state(sa, sb, rel: float = UPDATE_REL, label: str = "") -> None:
+    """An optimizer moment (exp_avg, exp_avg_sq) of two orders: ||a - b|| <= rel * ||a||. Each is
+    a running average of gradients, which differ by the reordering noise of the first step and,
+    in later steps, by what the (Adam-amplified, see assert_same_update) weight difference changes
+    in them: the same fraction as the weights."""
+    import numpy as np
+
+    a, b = _f64(sa), _f64(sb)
+    diff, size = float(np.linalg.norm(a - b)), float(np.linalg.norm(a))
+    assert diff <= rel * size + 4 * F32_EPS * float(np.abs(a).max(initial=0.0)), (label, diff, size)

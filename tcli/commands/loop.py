@@ -18,7 +18,11 @@ _OWN = [
      "run settings and [sample], [verify], [advantages], [train], [eval] tables (flags override "
      "it).")]),
     ("resume", Annotated[Optional[str], typer.Option("--resume", help="Continue RUN_DIR from its "
-     "last complete step (its config.toml; flags override it).")]),
+     "last complete step (its config.toml; flags override it); a run with no complete "
+     "checkpoint starts again from step 1.")]),
+    ("overwrite", Annotated[Optional[bool], typer.Option("--overwrite", help="Start a new run in "
+     "a run_dir that holds a previous tcli run, removing what that run wrote (refused when the "
+     "directory holds anything else).")]),
     ("quiet", Annotated[Optional[bool], typer.Option("--quiet", "-q", help="No logs on stderr.")]),
 ]
 
@@ -31,12 +35,16 @@ def loop(**kw) -> None:
     from tcli.train.dist import distributed
 
     config, resume, quiet = kw.pop("config"), kw.pop("resume"), kw.pop("quiet")
+    overwrite = bool(kw.pop("overwrite"))
     if config and resume:
         raise typer.BadParameter("give --config or --resume, not both")
+    if overwrite and resume:
+        raise typer.BadParameter("give --overwrite (a new run) or --resume (the same run), "
+                                 "not both")
     cfg = _load(config, resume, kw)  # under torchrun every rank reads the same files and flags
     with distributed(cfg.train.device) as info:
         try:
-            _run(cfg, bool(resume), quiet or not info.is_main, info)
+            _run(cfg, bool(resume), overwrite, quiet or not info.is_main, info)
         except Exception as e:
             if not getattr(e, "tcli_agreed", False):
                 raise
@@ -63,12 +71,15 @@ def _load(config, resume, kw):
     return resume_config(resume, kw) if resume else load_config(config, kw)
 
 
-def _run(cfg, resume: bool, quiet: bool, info) -> None:
+def _run(cfg, resume: bool, overwrite: bool, quiet: bool, info) -> None:
     from tcli.loop import run_loop
 
     with _reporting(cfg.run.steps, quiet) as (log, on_step):
-        result = run_loop(cfg, resume=resume, log=log, on_step=on_step, dist=info)
-    log(f"run directory: {cfg.run.run_dir}  best eval accuracy: {result['best_accuracy']:.3f}")
+        result = run_loop(cfg, resume=resume, log=log, on_step=on_step, dist=info,
+                          overwrite=overwrite)
+    best = result["best_accuracy"]  # -1 when nothing was evaluated
+    log(f"run directory: {cfg.run.run_dir}  " + (f"best eval accuracy: {best:.3f}" if best >= 0
+                                                 else "no evaluation"))
 
 
 @contextmanager

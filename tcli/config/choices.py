@@ -6,6 +6,8 @@ config costs no torch and no engine.
 
 from __future__ import annotations
 
+from tcli.errors import UsageError
+
 MODES = ("independent", "tree")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -71,5 +73,8 @@ def check_tasks(v: tuple[str, ...]) -> str | None:
     if len(set(v)) < len(v):
         return f"names a verifier twice: {', '.join(v)}"
     for name in v:
-        check_task(name)  # raises UsageError naming the valid tasks
+        try:
+            check_task(name)
+        except UsageError as e:  # named by the setting (and the TOML file) like any other bad value
+            return f"cannot be used: {e}"
     return None

@@ -119,12 +119,14 @@ class LoopConfig:
     train: TrainOptions = field(default_factory=TrainOptions)
     critic: LoopCriticOptions = field(default_factory=LoopCriticOptions)
     eval: LoopEvalOptions = field(default_factory=LoopEvalOptions)
+    # the TOML file each setting came from (by label), so that errors found later name it too
+    origin: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         est = self.advantages.estimator
         if needs(est).tree_sampled and self.sample.mode != "tree":
-            raise UsageError(f'estimator "{est}" needs tree-sampled groups: set mode = "tree" '
-                             "in [sample] (--mode tree)")
+            raise UsageError(f'{AdvantageOptions.label("estimator")} "{est}" needs tree-sampled '
+                             'groups: set mode = "tree" in [sample] (--mode tree)')
         t = self.train
         if not t.schedule_steps:  # the lr schedule spans the run (fixed in config.toml: a
             #                       resumed run continues the same schedule)
@@ -133,6 +135,13 @@ class LoopConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name).to_dict() for name in ("run", *TABLES)}
+
+    def where(self, key: str) -> str:
+        """How an error names the setting ``key`` ("model", "train.ref_model"): its flag and
+        TOML key, after the TOML file that set it."""
+        table, _, name = key.rpartition(".")
+        label = (TABLES[table] if table else RunOptions).label(name)
+        return f"{self.origin[label]}: {label}" if label in self.origin else label
 
 
 # ----------------------------------------------------------------------------- flags
@@ -209,12 +218,14 @@ def read_toml(path: str) -> dict:
 def load_config(path: str | None, flags: dict[str, Any] | None = None) -> LoopConfig:
     """A validated LoopConfig from a TOML file (optional) and flag values (None = not given)."""
     values: dict[str, dict[str, Any]] = {t: {} for t in ("", *TABLES)}
+    origin: dict[str, str] = {}
     if path:
         for table, key, value in _split(read_toml(path), path):
             cls = TABLES[table] if table else RunOptions
             if key not in {f.name for f in settings_of(cls)}:
                 raise _unknown(key, table, path)
-            values[table][key] = coerce(cls, key, value, cls.label(key))
+            values[table][key] = coerce(cls, key, value, f"{path}: {cls.label(key)}")
+            origin[cls.label(key)] = path
     by_param = {lf.param: lf for lf in loop_flags()}
     for param, value in (flags or {}).items():
         if value is None or (isinstance(value, (list, tuple)) and not value):
@@ -223,8 +234,18 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> LoopCo
             raise UsageError(f"unknown loop setting {param!r}")
         lf = by_param[param]
         values[lf.table][lf.name] = value
-    parts = {t: c.given(values[t]) for t, c in TABLES.items()}  # unset: the checkpoint's
-    return LoopConfig(run=RunOptions(**values[""]), **parts)
+        origin.pop(lf.cls.label(lf.name), None)
+    try:
+        parts = {t: c.given(values[t]) for t, c in TABLES.items()}  # unset: the checkpoint's
+        return LoopConfig(run=RunOptions(**values[""]), **parts, origin=origin)
+    except UsageError as e:
+        raise _in_file(e, origin) from None
+
+
+def _in_file(e: UsageError, origin: dict[str, str]) -> UsageError:
+    """A bad value names the TOML file it came from (errors name settings by their labels)."""
+    return next((UsageError(f"{path}: {e}") for label, path in origin.items() if label in str(e)),
+                e)
 
 
 def _toml_value(v: Any) -> str:

@@ -28,13 +28,13 @@ from tcli.engines import open_engine
 from tcli.errors import DataError, UsageError
 from tcli.io import RecordWriter, iter_groups, resolve_data, write_atomic_bytes
 from tcli.loop.ranks import SamplingWeights, fold_stats
+from tcli.loop.inputs import check_models, loop_prompts
 from tcli.loop.rundir import RunDir
 from tcli.loop.steps import Budget, StepTimer, format_step, step_prompts, step_seed
 from tcli.models.checkpoint import read_state
 from tcli.models.critic import init_critic
 from tcli.models.recorded import sampling_state, with_recorded_sampling
 from tcli.plot import plot_runs
-from tcli.prompts import read_prompts
 from tcli.stages.advantages import AdvantageStats, stage_end, stage_group
 from tcli.stages.evaluate import evaluate, summarise
 from tcli.stages.sample import sample_records, token_counts
@@ -72,11 +72,13 @@ class Loop:
                 raise UsageError(f"no {name}: give {cfg.run.flag(name)} or `{name} = ...` in the "
                                  "--config file")
         if not os.path.isdir(cfg.run.model):
-            raise UsageError(f"model directory not found: {cfg.run.model!r}")
+            raise UsageError(f"{cfg.where('model')}: model directory not found: "
+                             f"{cfg.run.model!r}")
+        check_models(cfg)
         self.cfg = cfg = with_recorded_sampling(cfg, log)  # before config.toml is written
-        self.train_prompts = read_prompts(cfg.run.train_data, fields=cfg.prompts)
+        self.train_prompts = loop_prompts(cfg, "train_data")
         ev = cfg.eval
-        self.eval_prompts = (read_prompts(cfg.run.eval_data, ev.limit or None, cfg.prompts)
+        self.eval_prompts = (loop_prompts(cfg, "eval_data", ev.limit or None)
                              if cfg.run.eval_data and ev.every else [])
         read = [(resolve_data(p), recs) for p, recs in ((cfg.run.train_data, self.train_prompts),
                 (cfg.run.eval_data, self.eval_prompts)) if recs]  # errors name the file read
@@ -99,9 +101,9 @@ class Loop:
         return [x for part in gather_or_raise(fn, self.dist) for x in part]
 
     # -- start ---------------------------------------------------------------------------
-    def start(self, resume: bool) -> int:
+    def start(self, resume: bool, overwrite: bool = False) -> int:
         """Take the run directory (rank 0), load trainer and engine; return the first step."""
-        last, start_ckpt = self._on_main(lambda: self._take_run_dir(resume))
+        last, start_ckpt = self._on_main(lambda: self._take_run_dir(resume, overwrite))
         # verifier workers fork now, before any model exists, and serve every step
         v = self.cfg.verify
         self.verify_pool = start_pool(v.task, v.timeout, v.workers)
@@ -111,25 +113,32 @@ class Loop:
             self.sink = start_trackers(self.cfg.run, config, first_step=last + 1)
         self.trainer = Trainer(start_ckpt, self.cfg.train, seed=self.cfg.run.seed,
                                dist_info=self.dist)
-        self.critic = self._start_critic(last, resume)
+        self.critic = self._start_critic(last, last > 0)  # a restarted run makes a new one
         if self.dist.enabled:
             self.weights = SamplingWeights(self.trainer, start_ckpt, dtype=self.cfg.sample.dtype)
         self.engine = open_engine(start_ckpt, self.cfg.sample, seed=self.cfg.run.seed,
                                   trainer=self.weights or self.trainer)
         return last + 1
 
-    def _take_run_dir(self, resume: bool) -> tuple[int, str]:
-        """Lock the run directory and check it (resumable or empty); (last step, its weights)."""
+    def _take_run_dir(self, resume: bool, overwrite: bool = False) -> tuple[int, str]:
+        """Lock the run directory and check it: resumable (started again when it has no complete
+        checkpoint), empty, or a previous run to overwrite; (last step, its weights)."""
         self.run.acquire()
-        if resume:
-            last = self.run.check_resumable()
+        last = self.run.check_resumable() if resume else 0
+        if last:
             start_ckpt = self.run.ckpt(last)
             self._restore_metrics(last)
             self.log(f"resuming from step {last} ({start_ckpt})")
         else:
-            self.run.check_fresh()
-            last, start_ckpt = 0, self.cfg.run.model
-            write_atomic_bytes(self.run.config, dump_toml(self.cfg).encode())
+            if resume:
+                self.run.restart()  # keeps config.toml
+            elif overwrite:
+                self.run.overwrite()
+            else:
+                self.run.check_fresh()
+            if not resume:
+                write_atomic_bytes(self.run.config, dump_toml(self.cfg).encode())
+            start_ckpt = self.cfg.run.model
             self.run.write_metrics([])
         self.run.make_dirs()
         return last, start_ckpt
@@ -149,13 +158,15 @@ class Loop:
 
     def _restore_metrics(self, last: int) -> None:
         """Keep metrics of completed steps only; restore a step's line lost between checkpoint
-        and metrics append from the copy kept in its checkpoint state."""
+        and metrics append from the copy kept in its checkpoint state. A run with nothing left
+        to do stops first, with the setting to change."""
         kept = [m for m in self.run.read_metrics() if m.get("step", 0) <= last]
         have = {(m.get("kind"), m.get("step")) for m in kept}
         for m in read_state(self.run.ckpt(last)).get("metrics", []):
             if (m.get("kind"), m.get("step")) not in have:
                 kept.append(m)
         kept.sort(key=lambda m: (m.get("step", 0), m.get("kind") != "train"))
+        self.run.check_can_continue(last, kept, self.cfg.run)
         self.run.write_metrics(kept)
 
     # -- stages --------------------------------------------------------------------------
@@ -389,11 +400,12 @@ class Loop:
 
 def run_loop(cfg: LoopConfig, resume: bool = False, log: Callable[[str], None] = print,
              on_step: Callable[[list[dict]], None] | None = None,
-             dist: DistInfo | None = None) -> dict:
-    """The whole run; under torchrun (``dist``) every rank calls this, rank 0 draws the plot."""
+             dist: DistInfo | None = None, overwrite: bool = False) -> dict:
+    """The whole run; under torchrun (``dist``) every rank calls this, rank 0 draws the plot.
+    ``overwrite``: a new run replaces a previous run in its run_dir (RunDir.overwrite)."""
     loop = Loop(cfg, log=log, on_step=on_step, dist=dist)
     try:
-        result = loop.run_steps(loop.start(resume))
+        result = loop.run_steps(loop.start(resume, overwrite))
     finally:
         loop.close()
     if not loop.dist.is_main:

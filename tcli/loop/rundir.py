@@ -8,6 +8,12 @@ survive a torn line, and no removal of anything the loop did not write.
     metrics.jsonl          one record per step (and per evaluation)
     metrics.png            reward and eval accuracy vs step and vs wall time
     .lock                  held (flock) by the running loop; holds its pid
+    <tensorboard>/         event files, when config.toml's tensorboard is a folder of the run dir
+
+Besides these, a killed run may leave the temporary siblings of its atomic writes
+(``<file>.tmp-XXXXXXXX``, ``metrics.png.tmp.png``, ``checkpoints/<name>.tmp-XXXXXXXX/``,
+``checkpoints/best.tmp/``). :meth:`RunDir.ours` tells these apart from everything else, so that a
+restart or ``--overwrite`` removes what tcli wrote and never a user's file.
 """
 
 from __future__ import annotations
@@ -25,6 +31,13 @@ from tcli.io import write_atomic_bytes
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 LOCK = ".lock"
+_TOP_FILES = ("config.toml", "metrics.jsonl", "metrics.png")
+_TOP_TEMP = re.compile(r"^(config\.toml|metrics\.jsonl|metrics\.png)\.tmp-[0-9a-f]{8}$|"
+                       r"^metrics\.png\.tmp\.png$")
+_CKPT_DIR = re.compile(r"^(step_\d+|critic_\d+|best)$")
+_CKPT_TEMP = re.compile(r"^(step_\d+|critic_\d+|best)\.(tmp|old)-[A-Za-z0-9_]{8}$|^best\.tmp$")
+_ROLLOUT = re.compile(r"^step_\d+\.arrow(\.tmp-[0-9a-f]{8})?$")
+_EVENTS = re.compile(r"^events\.out\.tfevents\.")
 
 
 @dataclass
@@ -75,21 +88,130 @@ class RunDir:
             self._lock_fd = None
 
     def check_fresh(self) -> None:
-        """A new run starts only in an empty directory (nothing of another run is replaced)."""
+        """A new run starts only in an empty directory (nothing of another run is replaced
+        unless --overwrite says so)."""
         other = [n for n in os.listdir(self.path) if n != LOCK]
-        if other:
-            raise UsageError(f"{self.path} already holds a run ({', '.join(sorted(other)[:3])}); "
-                             "use --resume RUN_DIR or another run_dir")
+        if not other:
+            return
+        what = "a run" if os.path.exists(self.config) else "files"
+        raise UsageError(f"{self.path} already holds {what} ({', '.join(sorted(other)[:3])}); "
+                         "use --resume RUN_DIR to continue it, --overwrite to replace a previous "
+                         "run, or another run_dir")
 
     def check_resumable(self) -> int:
-        """The last complete step, or a usage error (resume never restarts silently)."""
+        """The last complete step, 0 when there is none (the run starts again: :meth:`restart`),
+        or a usage error for a directory that is not a run."""
         if not os.path.exists(self.config):
             raise UsageError(f"{self.path} is not a tcli run directory (no config.toml)")
         done = self.complete_steps()
-        if not done:
-            raise UsageError(f"{self.path} has no complete checkpoint to resume from; start a new "
-                             "run in another run_dir (or delete this one)")
-        return done[-1]
+        return done[-1] if done else 0
+
+    def restart(self) -> None:
+        """A run with no complete checkpoint starts again from step 1 with its config.toml: what
+        it wrote is removed (metrics, rollouts, partial checkpoints), anything else stays."""
+        ours, others = self.ours()
+        gone = self._remove([p for p in ours if p != self.config])
+        note = f"; removed {gone}" if gone else ""
+        kept = f"; left in place: {_names(self.path, others)}" if others else ""
+        self.warn(f"{self.path} has no complete checkpoint: starting the run again from step 1 "
+                  f"with its config.toml{note}{kept}")
+
+    def overwrite(self) -> None:
+        """``--overwrite``: a previous tcli run in this directory is removed before a new one
+        starts; anything tcli did not write makes it refuse before anything is removed."""
+        ours, others = self.ours()
+        if others:
+            raise UsageError(f"--overwrite: {others[0]} was not written by tcli; not replacing "
+                             f"{self.path} (move it away or use another run_dir)")
+        if ours and not os.path.exists(self.config):
+            raise UsageError(f"--overwrite: {self.path} is not a tcli run directory (no "
+                             "config.toml); not replacing it")
+        gone = self._remove([p for p in ours if p != self.config])  # replaced by the new run's
+        if gone:
+            self.warn(f"--overwrite: removed the previous run in {self.path} ({gone})")
+
+    def check_can_continue(self, last: int, done: list[dict], run) -> None:
+        """A resumed run with nothing left to do names the setting to change (exit 2) instead of
+        stopping at once; ``done``: the metrics of steps 1..last, ``run``: its RunOptions."""
+        if last >= run.steps:
+            raise UsageError(f"{self.path} already finished: its last checkpoint is step {last} of "
+                             f"steps = {run.steps}; give --steps with a number above {last} to "
+                             "train further")
+        wall = max((m.get("wall_time", 0.0) for m in done), default=0.0)
+        if run.max_wall_seconds and wall >= run.max_wall_seconds:
+            raise UsageError(f"{self.path} stopped at step {last} on its wall-clock budget "
+                             f"({wall:.1f}s of max_wall_seconds = {run.max_wall_seconds:g}); give "
+                             f"--max-wall-seconds above {wall:.1f} (0 = no limit) to continue")
+        sampled = max((m.get("sampled_tokens_total", 0) for m in done), default=0)
+        if run.max_sampled_tokens and sampled >= run.max_sampled_tokens:
+            raise UsageError(f"{self.path} stopped at step {last} on its sampled-token budget "
+                             f"({sampled} of max_sampled_tokens = {run.max_sampled_tokens}); give "
+                             f"--max-sampled-tokens above {sampled} (0 = no limit) to continue")
+
+    # -- what tcli wrote ---------------------------------------------------------------
+    def ours(self) -> tuple[list[str], list[str]]:
+        """(tcli's, the rest): the paths in the directory, looking one level into checkpoints/
+        and rollouts/ (whose own folder counts as tcli's). The lock is neither: it stays."""
+        ours, others = [], []
+        for name in sorted(os.listdir(self.path)):
+            path = os.path.join(self.path, name)
+            if name == LOCK:
+                continue
+            if name in ("checkpoints", "rollouts") and _is_dir(path):
+                mine = self._own_checkpoint if name == "checkpoints" else _own_rollout
+                for sub in sorted(os.listdir(path)):
+                    p = os.path.join(path, sub)
+                    (ours if mine(p) else others).append(p)
+                ours.append(path)
+            elif (_is_file(path) and (name in _TOP_FILES or _TOP_TEMP.match(name))) \
+                    or self._own_tensorboard(path):
+                ours.append(path)
+            else:
+                others.append(path)
+        return ours, others
+
+    @staticmethod
+    def _own_checkpoint(path: str) -> bool:
+        """A tcli checkpoint (its state file), or a partial one (the writer's marker), under one
+        of the names the loop writes."""
+        from tcli.models.checkpoint import MARKER, STATE_FILE
+
+        name = os.path.basename(path)
+        if not _is_dir(path):
+            return False
+        state = os.path.isfile(os.path.join(path, STATE_FILE))
+        if _CKPT_TEMP.match(name):
+            return state or os.path.isfile(os.path.join(path, MARKER)) or name == "best.tmp"
+        return bool(_CKPT_DIR.match(name)) and state
+
+    def _own_tensorboard(self, path: str) -> bool:
+        """The folder config.toml's ``tensorboard`` names, when it is in the run directory and
+        holds event files only."""
+        import tomllib
+
+        try:
+            with open(self.config, "rb") as f:
+                tb = tomllib.load(f).get("tensorboard")
+        except (OSError, ValueError):
+            return False
+        if not isinstance(tb, str) or not tb or not _is_dir(path) \
+                or os.path.realpath(tb) != os.path.realpath(path):
+            return False
+        return all(_EVENTS.match(n) and _is_file(os.path.join(path, n)) for n in os.listdir(path))
+
+    def _remove(self, paths: list[str]) -> str:
+        """Delete ``paths`` (of :meth:`ours`; checkpoints/ and rollouts/ only once empty); what
+        was removed, for a one-line message."""
+        said = _names(self.path, [p for p in paths if p not in (self.checkpoints, self.rollouts)])
+        for p in paths:
+            if p in (self.checkpoints, self.rollouts):
+                if not os.listdir(p):
+                    os.rmdir(p)
+            elif _is_dir(p):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
+        return said
 
     def make_dirs(self) -> None:
         os.makedirs(self.checkpoints, exist_ok=True)
@@ -145,3 +267,22 @@ class RunDir:
             f.write(orjson.dumps(rec) + b"\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _is_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _is_file(path: str) -> bool:
+    return os.path.isfile(path) and not os.path.islink(path)
+
+
+def _own_rollout(path: str) -> bool:
+    return _is_file(path) and bool(_ROLLOUT.match(os.path.basename(path)))
+
+
+def _names(root: str, paths: list[str], most: int = 4) -> str:
+    """A few paths relative to the run directory, for a one-line message."""
+    rel = [os.path.relpath(p, root) + ("/" if _is_dir(p) else "") for p in paths]
+    more = f" and {len(rel) - most} more" if len(rel) > most else ""
+    return ", ".join(rel[:most]) + more

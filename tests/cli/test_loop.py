@@ -17,12 +17,33 @@ from examples.arith.task import make_prompts  # noqa: E402
 ROOT = str(REPO)
 
 
+HOLD = "tcli_test_hold"  # arith's verifier that holds step 2 while TCLI_TEST_HOLD names a file
+HOLD_PLUGIN = """
+import os
+import time
+
+from tcli.verifiers.arith import verify_arith
+
+
+def score(text, answer, record):
+    mark = os.environ.get("TCLI_TEST_HOLD")
+    if mark and record.get("policy_version", 0) >= 1:
+        open(mark, "w").close()
+        time.sleep(3600)
+    return verify_arith(text, answer, record)
+"""
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return arith_run_dir(tmp_path_factory, "loop", {
+    d, model = arith_run_dir(tmp_path_factory, "loop", {
         "train.jsonl": make_prompts(40, seed=1, split="train"),
         "test.jsonl": make_prompts(8, seed=2, split="test")},
         hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+    (d / f"{HOLD}.py").write_text(HOLD_PLUGIN)
+    if str(d) not in sys.path:
+        sys.path.insert(0, str(d))
+    return d, model
 
 
 def _args(d, model, run, steps, **extra):
@@ -104,21 +125,24 @@ def test_unknown_config_key_is_usage_error(setup, tmp_path):
 
 
 def test_kill_and_resume_gives_same_checkpoint(setup, full_run, tmp_path):
-    """SIGKILL inside step 2 (after an evaluation), --resume: the uninterrupted run's weights and
+    """SIGKILL inside step 2 (after an evaluation; the verifier holds step 2 until the kill, so
+    the run cannot finish first on a fast machine), --resume: the uninterrupted run's weights and
     rewards, evaluations included."""
     d, model = setup
     steps, ref = 3, full_run
-    run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, "-m", "tcli", "loop",
-                             *_args(d, model, run, steps, **RUN)],
+    run, mark = tmp_path / "run", tmp_path / "in-step-2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{d}{os.pathsep}{ROOT}",
+           "TCLI_TEST_HOLD": str(mark)}
+    args = _args(d, model, run, steps, **RUN, task=f"python:{HOLD}:score", workers=0)
+    proc = subprocess.Popen([sys.executable, "-m", "tcli", "loop", *args],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not (run / "checkpoints" / "step_1" / "tcli_state.json").exists():
+    while time.time() < deadline and not mark.exists() and proc.poll() is None:
         time.sleep(0.05)
-    time.sleep(0.3)  # somewhere inside step 2
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert mark.exists() and (run / "checkpoints" / "step_1" / "tcli_state.json").exists()
+    assert not (run / "checkpoints" / "step_2").exists()
     p = _tcli(["loop", "--resume", str(run)], timeout=600)
     assert p.returncode == 0, p.stderr.decode()
     a = _weights(str(ref / "checkpoints" / f"step_{steps}"))

@@ -50,18 +50,24 @@ def test_one_writer_per_run_directory(arith, tmp_path):
         p.communicate()
 
 
-def test_resume_refuses_without_a_complete_checkpoint(arith, tmp_path):
+def test_resume_without_a_complete_checkpoint_starts_again(arith, tmp_path):
+    """Never silently: it says so, and a fresh run never takes over the directory."""
     d, model = arith
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.toml").write_text(f'model = "{model}"\ntrain_data = "{d / "train.jsonl"}"\n')
+    (run / "config.toml").write_text(
+        f'model = "{model}"\ntrain_data = "{d / "train.jsonl"}"\nsteps = 1\nprompts_per_step = 2\n'
+        '[sample]\nn = 2\nmax_new_tokens = 6\nprompt_template = "plain"\n'
+        '[verify]\ntask = "arith"\nworkers = 0\n[eval]\nevery = 0\n')
     (run / "metrics.jsonl").write_bytes(b'{"kind": "eval", "step": 0, "accuracy": 0.5}\n')
-    r = run_tcli(["loop", "--resume", run], env=ENV)
-    assert r.returncode == 2 and "no complete checkpoint" in r.stderr.decode()
-    assert (run / "metrics.jsonl").read_bytes() == b'{"kind": "eval", "step": 0, "accuracy": 0.5}\n'
-    # a fresh run never takes over a directory that holds something
     r = run_tcli(_loop_args(d, model, run, "--steps", "1"), env=ENV)
     assert r.returncode == 2 and "already holds a run" in r.stderr.decode()
+    assert (run / "metrics.jsonl").read_bytes() == b'{"kind": "eval", "step": 0, "accuracy": 0.5}\n'
+    r = run_tcli(["loop", "--resume", run], env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "has no complete checkpoint: starting the run again from step 1" in r.stderr.decode()
+    assert [m["kind"] for m in map(json.loads, (run / "metrics.jsonl").read_bytes().splitlines())] \
+        == ["train"]
 
 
 def test_corrupt_metrics_line_keeps_the_lines_after_it_and_corrupt_checkpoint_is_named(arith, tmp_path):

@@ -180,12 +180,16 @@ def driver(root: str) -> None:
 
 
 def _launch(root, nproc: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
+    from conftest import run_torchrun
+
     me = os.path.abspath(__file__)
-    run = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            str(nproc)] if nproc > 1 else [sys.executable])
-    r = subprocess.run([*run, me, str(root)], cwd=REPO, capture_output=True, timeout=900, env=env)
+    if nproc > 1:
+        r = run_torchrun([me, str(root)], nproc=nproc, timeout=900)
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("WORLD_SIZE", None)
+        r = subprocess.run([sys.executable, me, str(root)], cwd=REPO, capture_output=True,
+                           timeout=900, env=env)
     assert r.returncode == 0, r.stderr.decode()[-4000:]
 
 
@@ -217,20 +221,23 @@ def _optim(path):
 
 @pytest.mark.slow
 def test_fsdp_two_ranks_equal_one_process(runs):
+    """Weights, AdamW moments and gradient norms up to float32 reordering (bounds: conftest)."""
+    from conftest import SUM_REL, UPDATE_REL, assert_close_state, assert_same_update
+
     w0, w1, w2 = _weights(runs / "base"), _weights(runs / "one"), _weights(runs / "two")
     assert set(w2) == set(w1) == set(w0)  # the tied LM head is not written twice
     assert max((w1[k] - w0[k]).abs().max().item() for k in w0) > 1e-3  # training moved them
-    for k in w1:
-        assert (w1[k] - w2[k]).abs().max().item() < 1e-5, k
+    assert_same_update(w0, w1, w2)
     o1, o2 = _optim(runs / "one"), _optim(runs / "two")
     assert o2["param_groups"] == o1["param_groups"] and set(o2["state"]) == set(o1["state"])
     for i, s in o1["state"].items():
         assert float(o2["state"][i]["step"]) == float(s["step"]) == 2.0
         for key in ("exp_avg", "exp_avg_sq"):
-            assert (s[key] - o2["state"][i][key]).abs().max().item() < 1e-6, (i, key)
+            assert_close_state(s[key], o2["state"][i][key], label=(i, key))
     r0, r1 = (json.load(open(f"{runs / 'two'}.rank{r}.json")) for r in (0, 1))
     n1 = json.load(open(f"{runs / 'one'}.rank0.json"))
-    assert r0["norms"] == pytest.approx(n1["norms"], rel=1e-5)
+    assert r0["norms"][0] == pytest.approx(n1["norms"][0], rel=SUM_REL)  # the same weights
+    assert r0["norms"][1] == pytest.approx(n1["norms"][1], rel=UPDATE_REL)  # after one update
 
 
 @pytest.mark.slow
@@ -247,14 +254,19 @@ def test_fsdp_checkpoint_loads_in_transformers(runs):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from conftest import UPDATE_REL
+
     ids = torch.tensor([[5, 9, 17, 33, 4]])
     logits = []
-    for name in ("one", "two"):
+    for name in ("base", "one", "two"):
         m = AutoModelForCausalLM.from_pretrained(str(runs / name))
         assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
         with torch.no_grad():
-            logits.append(m(input_ids=ids).logits)
-    assert (logits[0] - logits[1]).abs().max().item() < 1e-4
+            logits.append(m(input_ids=ids).logits.double())
+    l0, l1, l2 = logits
+    # weights apart by a small fraction of their update move the logits by about that fraction
+    # of what the update moved them (to first order), with 2x room for the second
+    assert (l1 - l2).norm() <= 2 * UPDATE_REL * (l1 - l0).norm()
 
 
 # ----------------------------------------------------------------------------- train-step
@@ -293,19 +305,39 @@ def _metrics(runs, out: str, nproc: int) -> dict:
 def test_train_step_fsdp_equals_one_process(runs):
     """tcli train-step --parallel fsdp under torchrun (2 ranks, uneven micro-batch counts):
     metrics and weights of one process, then a second step resumed from each checkpoint."""
+    from conftest import UPDATE_REL, assert_same_update
+
     m1, m2 = _metrics(runs, "t1", 1), _metrics(runs, "t2", 2)
     assert (m1["world_size"], m2["world_size"]) == (1, 2)
+    # 4 optimizer steps: later ones see weights apart by up to UPDATE_REL of an update (conftest);
+    # abs: approx_kl and clip_frac start at 0
     for k in ("loss", "clip_frac", "approx_kl", "entropy", "grad_norm", "num_tokens"):
-        assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+        assert m2[k] == pytest.approx(m1[k], rel=UPDATE_REL, abs=1e-6), k
     n1, n2 = _metrics(runs, "t1b", 1), _metrics(runs, "t2b", 2)
-    assert n2["grad_norm"] == pytest.approx(n1["grad_norm"], rel=1e-4)
-    for a, b in (("t1", "t2"), ("t1b", "t2b")):
+    assert n2["grad_norm"] == pytest.approx(n1["grad_norm"], rel=UPDATE_REL)
+    w0 = _weights(runs / "base")
+    for a, b in (("t1", "t2"), ("t1b", "t2b")):  # both measured from base: the whole training
         w1, w2 = _weights(runs / a), _weights(runs / b)
         assert set(w1) == set(w2)
-        for k in w1:
-            assert (w1[k] - w2[k]).abs().max().item() < 1e-5, (a, k)
-    w0, w = _weights(runs / "base"), _weights(runs / "t1b")
+        assert_same_update(w0, w1, w2)
+    w = _weights(runs / "t1b")
     assert max((w[k] - w0[k]).abs().max().item() for k in w0) > 1e-3
+
+
+def _initial_adapter(base) -> dict:
+    """The adapter train-step makes before its first update (same seed and LoRA settings), keyed
+    as the saved adapter files: where the LoRA runs' updates are measured from."""
+    from peft import get_peft_model_state_dict
+
+    from tcli.config.stages import TrainOptions
+    from tcli.train.trainer import Trainer
+
+    seed = int(TRAIN_ARGS[TRAIN_ARGS.index("--seed") + 1])
+    opts = TrainOptions(lora_rank=int(LORA[1]), lora_alpha=float(LORA[3]))
+    t = Trainer(str(base), opts, seed=seed)
+    start = {k: v.detach().clone() for k, v in get_peft_model_state_dict(t.peft).items()}
+    assert all(not v.any() for k, v in start.items() if "lora_B" in k)  # B starts at zero
+    return start
 
 
 def _adapter(path):
@@ -317,21 +349,24 @@ def _adapter(path):
 @pytest.mark.slow
 def test_train_step_fsdp_with_lora(runs):
     """--parallel fsdp --lora-rank: an adapter on a sharded base gives the 1-process adapter and
-    AdamW state (adapter parameters only) to 1e-5, resume included; no full weights written."""
+    AdamW state (adapter parameters only) up to float32 reordering (bounds: conftest), resume
+    included; no full weights written."""
+    from conftest import assert_close_state, assert_same_update
+
     for one, two in (("l1", "l2"), ("l1b", "l2b")):
         _metrics(runs, one, 1)
         _metrics(runs, two, 2)
+    start = _initial_adapter(runs / "base")
     for one, two in (("l1", "l2"), ("l1b", "l2b")):
         a1, a2 = _adapter(runs / one), _adapter(runs / two)
-        assert set(a1) == set(a2) and len(a1) == 28
+        assert set(a1) == set(a2) == set(start) and len(a1) == 28
         assert max(v.abs().max().item() for k, v in a1.items() if "lora_B" in k) > 1e-4
-        for k in a1:
-            assert (a1[k] - a2[k]).abs().max().item() < 1e-5, (one, k)
+        assert_same_update(start, a1, a2)  # measured from the new adapter: the whole training
         assert not os.path.exists(runs / two / "model.safetensors")
         o1, o2 = _optim(runs / one), _optim(runs / two)
         assert len(o2["state"]) == len(o1["state"]) == 28
         for i, s in o1["state"].items():
-            assert (s["exp_avg"] - o2["state"][i]["exp_avg"]).abs().max().item() < 1e-6
+            assert_close_state(s["exp_avg"], o2["state"][i]["exp_avg"], label=(one, i))
     assert float(_optim(runs / "l2b")["state"][0]["step"]) == 8.0  # 2 x (2 epochs x 2 minis)
 
 

@@ -111,14 +111,15 @@ def worker(model_dir: str, out: str) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _torchrun(nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            str(nproc)]
+def _run(args, nproc: int) -> subprocess.CompletedProcess:
+    """``python *args`` in 1 process, or under torchrun with ``nproc`` ranks."""
+    from conftest import run_torchrun
 
-
-def _run(cmd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=600, env=env)
+    if nproc > 1:
+        r = run_torchrun(args, nproc=nproc, timeout=600)
+    else:
+        r = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr.decode()[-4000:]
     return r
 
@@ -164,10 +165,9 @@ def models(tmp_path_factory, tiny_model, tiny_model_seed1):
 
 
 def _train_step(d, out, nproc: int, *extra) -> dict:
-    run = _torchrun(nproc) if nproc > 1 else [sys.executable]
-    r = _run([*run, "-m", "tcli", "train-step", str(d / "roll.jsonl"), "-m", str(d / "base"),
+    r = _run(["-m", "tcli", "train-step", str(d / "roll.jsonl"), "-m", str(d / "base"),
               "-o", str(d / out), "--ref-model", str(d / "ref"), "--kl-coef", "0.5", *TRAIN_ARGS,
-              *extra])
+              *extra], nproc)
     return json.loads(r.stdout)
 
 
@@ -187,21 +187,22 @@ def test_meta_load_reads_no_weights(models):
 @pytest.mark.slow
 def test_train_step_fsdp_ref_model_equals_one_process(models):
     """--ref-model with --parallel fsdp: the reference is sharded like the policy, and KL, loss
-    and weights equal one process's to 1e-5, with
-    uneven micro-batch counts and a second epoch whose shards miss other ranks' cached
-    reference log-probs."""
+    and weights equal one process's (up to float32 reordering, see conftest), with uneven
+    micro-batch counts and a second epoch whose shards miss other ranks' cached reference
+    log-probs."""
+    from conftest import UPDATE_REL, assert_same_update
+
     m1 = _train_step(models, "one", 1)
     m2 = _train_step(models, "two", 2, "--parallel", "fsdp")
     assert m1["kl"] > 1e-3 and (m1["world_size"], m2["world_size"]) == (1, 2)
+    print(f"kl {m1['kl']:.6g} vs {m2['kl']:.6g}, loss {m1['loss']:.6g} vs {m2['loss']:.6g}")
+    # 4 optimizer steps: later ones see weights apart by up to UPDATE_REL of an update (conftest);
+    # abs: approx_kl and clip_frac start at 0
     for k in ("loss", "kl", "clip_frac", "approx_kl", "entropy", "grad_norm", "num_tokens"):
-        assert m2[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-7), k
+        assert m2[k] == pytest.approx(m1[k], rel=UPDATE_REL, abs=1e-6), k
     w0, w1, w2 = (_weights(models / n) for n in ("base", "one", "two"))
     assert set(w1) == set(w2) and max((w1[k] - w0[k]).abs().max().item() for k in w0) > 1e-3
-    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    print(f"kl {m1['kl']:.6g} vs {m2['kl']:.6g}, loss {m1['loss']:.6g} vs {m2['loss']:.6g}, "
-          f"max weight difference {diff:.3g}")
-    for k in w1:
-        assert (w1[k] - w2[k]).abs().max().item() < 1e-5, k
+    assert_same_update(w0, w1, w2)
 
 
 @pytest.mark.slow
@@ -211,12 +212,13 @@ def test_rank0_load_equals_every_rank_loading(models):
     the same buffers (rotary inv_freq is not in the state dict), the LM head still tied, the
     same logits, half the parameters per rank; the Trainer shards its --ref-model the same way."""
     out = models / "load"
-    _run([*_torchrun(2), os.path.abspath(__file__), str(models / "base"), str(out)])
+    _run([os.path.abspath(__file__), str(models / "base"), str(out)], 2)
     ranks = [json.load(open(f"{out}.rank{r}.json")) for r in (0, 1)]
     for rank, info in enumerate(ranks):
         for name, c in ((n, info[n]) for n in ("policy", "ref", "lora")):
             assert c["state_keys_equal"] and c["buffers_equal"] and c["tied"], (rank, name)
             assert c["requires_grad_equal"], (rank, name)
+            # the same bits through the same sharded forward: no reordering, so exact
             assert c["logits_max_diff"] == 0.0, (rank, name, c["logits_max_diff"])
             if rank == 0:  # the gathered state exists on rank 0 only
                 assert c["state_max_diff"] == 0.0, (name, c["state_max_diff"])

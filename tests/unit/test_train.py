@@ -7,19 +7,17 @@ import math
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import orjson
 import pytest
 import torch
 
+from conftest import (SUM_REL, UPDATE_REL, assert_close_state, assert_same_update,
+                      run_torchrun)
 from tcli.errors import DataError, TcliError, UsageError
 from tcli.models.logprobs import pack_micro_batches, sequence_logprobs
 from tcli.train.loss import (KL_ESTIMATORS, LOSS_AGGREGATIONS, aggregate, kl_penalty,
                              policy_loss)
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ----------------------------------------------------------------------------- pure loss maths
@@ -355,13 +353,16 @@ def test_micro_batching_equals_one_batch(tiny, rollouts, agg):
             {n: p.grad.clone() for n, p in m.named_parameters()}))
         out.append((tr.step(recs), grads, tr.model.state_dict()))
     (m1, g1, w1), (m2, g2, w2) = out
-    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
-    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
+    # float32 sums in another order: the loss and norms to SUM_REL, the weights as a fraction of
+    # their update (Adam's first step is ~lr*sign(g): conftest.assert_same_update says why)
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=SUM_REL)
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=SUM_REL)
     assert g1.keys() == g2.keys() and len(g1) > 0
-    for k in g1:
-        assert torch.allclose(g1[k], g2[k], rtol=1e-3, atol=1e-7), k
-    for k in w1:  # Adam's first step is ~lr*sign(g): float noise may move a weight by ~1e-5
-        assert torch.allclose(w1[k], w2[k], atol=5e-5), k
+    for k in g1:  # one optimizer step from the same weights: the gradients are reordered sums
+        assert (g1[k] - g2[k]).norm() <= SUM_REL * g1[k].norm() + 1e-12, k
+    from tcli.models.load import load_model
+
+    assert_same_update(load_model(tiny).state_dict(), w1, w2)
 
 
 def test_kl_to_reference_model(tiny, rollouts):
@@ -428,30 +429,27 @@ def test_torchrun_two_processes_equal_one(tiny, rollouts, one_proc, tmp_path):
 
     path, _ = rollouts
     out2 = str(tmp_path / "ck2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", "2", "-m", "tcli", "train-step", path, "-m", tiny,
-                        "-o", out2, *TRAIN_ARGS], cwd=REPO, capture_output=True, timeout=120,
-                       env=env)
+    r = run_torchrun(["-m", "tcli", "train-step", path, "-m", tiny, "-o", out2, *TRAIN_ARGS],
+                     timeout=300)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     m2 = orjson.loads(r.stdout)  # only rank 0 writes the metrics record
     m1 = orjson.loads(one_proc[1].stdout)
     assert m2["world_size"] == 2 and m1["world_size"] == 1
+    # 4 optimizer steps: later ones see weights apart by up to UPDATE_REL of an update (conftest);
+    # abs: approx_kl and clip_frac start at 0
     for k in ("loss", "clip_frac", "approx_kl", "entropy", "grad_norm"):
-        assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+        assert m2[k] == pytest.approx(m1[k], rel=UPDATE_REL, abs=1e-6), k
     assert (m2["num_tokens"], m2["num_sequences"]) == (m1["num_tokens"], m1["num_sequences"])
     w0 = load_file(os.path.join(tiny, "model.safetensors"))
     w1 = load_file(os.path.join(one_proc[0], "model.safetensors"))
     w2 = load_file(os.path.join(out2, "model.safetensors"))
     moved = max((w1[k] - w0[k]).abs().max().item() for k in w0)
     assert moved > 1e-3  # the comparison is not vacuous
-    for k in w1:
-        assert torch.allclose(w1[k], w2[k], atol=5e-5), k  # float noise, not a wrong update
+    assert_same_update(w0, w1, w2)
     o1 = torch.load(os.path.join(one_proc[0], "optimizer.pt"), weights_only=True)
     o2 = torch.load(os.path.join(out2, "optimizer.pt"), weights_only=True)
     for i in o1["state"]:
-        assert torch.allclose(o1["state"][i]["exp_avg"], o2["state"][i]["exp_avg"],
-                              rtol=1e-3, atol=1e-7)
+        assert_close_state(o1["state"][i]["exp_avg"], o2["state"][i]["exp_avg"], label=i)
 
 
 def _write_bad(tmp_path, recs, name="bad.jsonl"):

@@ -1,0 +1,29 @@
+"""What a loop reads besides its settings, checked before the run directory is touched: a missing
+path is a usage error (exit 2) that names its setting and the TOML file that set it."""
+
+from __future__ import annotations
+
+from tcli.config.loop import LoopConfig
+from tcli.errors import UsageError
+from tcli.prompts import read_prompts
+
+
+def check_models(cfg: LoopConfig) -> None:
+    """The reference model and the critic to start from exist (they load only after the run
+    directory is taken)."""
+    from tcli.models.load import check_model_dir
+
+    for key, path in (("train.ref_model", cfg.train.ref_model), ("critic.model", cfg.critic.model)):
+        try:
+            if path:
+                check_model_dir(path)
+        except UsageError as e:
+            raise UsageError(f"{cfg.where(key)}: {e}") from None
+
+
+def loop_prompts(cfg: LoopConfig, key: str, limit: int | None = None) -> list[dict]:
+    """The prompts of ``train_data`` or ``eval_data`` (``key``); a missing file names the key."""
+    try:
+        return read_prompts(getattr(cfg.run, key), limit, cfg.prompts)
+    except UsageError as e:
+        raise UsageError(f"{cfg.where(key)}: {e}") from None
