@@ -194,7 +194,10 @@ def _mapped(f: IO[bytes]):
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             return f
-        src = pa.BufferReader(pa.py_buffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)))
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(m, "madvise"):  # read once, front to back: pages behind may be dropped
+            m.madvise(mmap.MADV_SEQUENTIAL)
+        src = pa.BufferReader(pa.py_buffer(m))
         src.seek(f.tell())
         return src
     except (OSError, ValueError, AttributeError):
