@@ -30,13 +30,25 @@ def map_fields(rec: dict, fields=None) -> dict:
     return out
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 def _check_messages(v) -> None:
-    ok = isinstance(v, list) and v and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in v)
-    if not ok:
+    """A chat list a template renders as meant: a chat template renders (or drops) a misspelt
+    role without complaint, and a conversation without a user turn has no prompt to record."""
+    if not isinstance(v, list) or not v:
         raise DataError("must be a non-empty list of {role, content} objects with string values",
                         field="messages")
+    for i, m in enumerate(v):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise DataError(f"message {i} must be a {{role, content}} object with string values, "
+                            f"got {m!r:.60}", field="messages")
+        if m["role"] not in CHAT_ROLES:
+            raise DataError(f"message {i} has unknown role {m['role'][:40]!r} (roles: "
+                            f"{', '.join(CHAT_ROLES)})", field="messages")
+    if not any(m["role"] == "user" for m in v):
+        raise DataError("has no user turn", field="messages")
 
 
 def missing(rec: dict, key: str) -> DataError:

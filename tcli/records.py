@@ -48,10 +48,17 @@ def float_array(rec: dict, field: str, length: int | None = None) -> np.ndarray:
     v = require(rec, field)
     if not isinstance(v, list):
         raise DataError(f"must be a list of numbers, got {type(v).__name__}", field=field)
+    kinds = set(map(type, v))  # numpy would parse "0.5" and take true as 1.0
+    bad = sorted(_KIND_NAMES.get(k, k.__name__) for k in kinds - {float, int}
+                 if not issubclass(k, (np.floating, np.integer)))
+    if bad:
+        raise DataError(f"must be a flat list of numbers, got {', '.join(bad)}", field=field)
     try:
         arr = np.asarray(v, dtype=np.float64) if v else np.zeros(0)
     except (ValueError, TypeError):
         raise DataError("must be a flat list of numbers", field=field) from None
+    except OverflowError:
+        raise DataError("holds an integer too large for a float", field=field) from None
     if arr.ndim != 1:
         raise DataError("must be a flat list of numbers", field=field)
     if length is not None and len(arr) != length:
@@ -59,6 +66,17 @@ def float_array(rec: dict, field: str, length: int | None = None) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise DataError("contains NaN or infinity", field=field)
     return arr
+
+
+def as_float32(arr: np.ndarray, field: str) -> np.ndarray:
+    """``arr`` in the float32 that training computes in; a value beyond its range (3.4e38) would
+    be inf there, so it is bad data naming the field."""
+    with np.errstate(over="ignore"):
+        out = arr.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise DataError("holds a value beyond the float32 range (3.4e38) training computes in; "
+                        "rescale it", field=field)
+    return out
 
 
 def entropies(rec: dict, length: int) -> np.ndarray | None:
@@ -76,9 +94,14 @@ def reward(rec: dict) -> float:
     v = require(rec, "reward")
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise DataError(f"must be a number, got {type(v).__name__}", field="reward")
-    if not math.isfinite(v):
+    try:
+        f = float(v)
+    except OverflowError:  # an integer literal beyond 1.8e308
+        raise DataError(f"an integer of {v.bit_length()} bits is beyond the float range",
+                        field="reward") from None
+    if not math.isfinite(f):
         raise DataError(f"must be finite, got {v}", field="reward")
-    return float(v)
+    return f
 
 
 def int_list(rec: dict, field: str) -> list[int]:

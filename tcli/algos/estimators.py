@@ -305,7 +305,10 @@ def gae(group: Group, opt) -> Advantages:
                 raise DataError("is missing; gae needs a critic's values: run `tcli values "
                                 "--critic DIR` first", field="critic_values")
             v = float_array(rec, "critic_values", len(toks) + 1)
-        a, g = gae_one(float(r), v, opt.gamma, opt.lam)
+            a, g = gae_one(float(r), v, opt.gamma, opt.lam)
+            if not (np.isfinite(a).all() and np.isfinite(g).all()):
+                raise DataError("too large: gae advantages overflow (rescale the values)",
+                                field="critic_values" if np.abs(v).max() > abs(r) else "reward")
         adv.append(a)
         ret.append(g)
     return Advantages(adv, False, ret)
@@ -313,7 +316,8 @@ def gae(group: Group, opt) -> Advantages:
 
 def compute_advantages(group: Group, name: str, opt) -> Advantages:
     """Run the named estimator; an advantage that overflowed is a data error naming the reward."""
-    out = ESTIMATORS.get(name)(group, opt)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below, not warned about
+        out = ESTIMATORS.get(name)(group, opt)
     for a in out.per_token + (out.returns or []):
         if not np.isfinite(a).all():
             raise DataError(f"rewards of this group are too large: {name} advantages overflow "

@@ -33,10 +33,17 @@ def merge_lora(
     from tcli.models.checkpoint import check_checkpoint_target
     from tcli.models.load import check_model_dir
 
-    check_model_dir(adapter_dir)
+    if not os.path.isdir(adapter_dir):
+        check_model_dir(adapter_dir)  # not found, or a file: exit 2
     if not adapter.is_adapter_dir(adapter_dir):
         raise UsageError(f"{adapter_dir} is not a LoRA adapter directory (no "
                          f"{adapter.ADAPTER_CONFIG})")
+    check_model_dir(adapter_dir)
+    for src, what in ((adapter_dir, "the adapter itself"),
+                      (adapter.adapter_base(adapter_dir), "the adapter's base model")):
+        if os.path.isdir(out_dir) and os.path.samefile(out_dir, src):  # replacing it loses it
+            raise UsageError(f"OUT_DIR {out_dir} is {what}; refusing to replace it (choose a "
+                             "new directory)")
     check_checkpoint_target(out_dir)
     path = adapter.export_merged(adapter_dir, out_dir)
     if progress_enabled(quiet):

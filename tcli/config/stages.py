@@ -88,6 +88,13 @@ class SampleOptions(Options):
                                             "trainer shares the GPU (loop, one GPU).",
                                             check=in_range(0.0, 1.0, lo_open=True))
 
+    def check(self) -> None:
+        if (self.mode == "tree" and self.branch == "entropy"
+                and self.min_segment_tokens >= self.max_new_tokens):  # no token could split
+            raise UsageError(f"{self.label('min_segment_tokens')} must be below "
+                             f"{self.label('max_new_tokens')} with --branch entropy, got "
+                             f"{self.min_segment_tokens} >= {self.max_new_tokens}")
+
     def engine_config(self, seed: int) -> SamplingConfig:
         """The settings of one engine call."""
         return SamplingConfig(temperature=self.temperature, top_p=self.top_p,

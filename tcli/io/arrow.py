@@ -180,9 +180,33 @@ class ArrowSink:
 
 # ----------------------------------------------------------------------------- reading
 
-def _open(f: IO[bytes], name: str, file_format: bool | str):
-    """(schema, iterator of record batches); an unreadable header is bad data at record 1.
-    ``file_format``: False (IPC stream), True (IPC file) or "parquet"."""
+def _mapped(f: IO[bytes]):
+    """A regular file (a path or a redirected stdin) memory-mapped at ``f``'s position, so that a
+    corrupt message length is a short read (ArrowInvalid) instead of an allocation of what it
+    claims (MemoryError); a pipe is read as it comes."""
+    import mmap
+    import os
+    import stat
+
+    import pyarrow as pa
+
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return f
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(m, "madvise"):  # read once, front to back: pages behind may be dropped
+            m.madvise(mmap.MADV_SEQUENTIAL)
+        src = pa.BufferReader(pa.py_buffer(m))
+        src.seek(f.tell())
+        return src
+    except (OSError, ValueError, AttributeError):
+        return f
+
+
+def _open(f: IO[bytes], name: str, file_format: bool | str, first: int = 0):
+    """(schema, iterator of record batches); an unreadable header is bad data at the record
+    after ``first``. ``file_format``: False (IPC stream), True (IPC file) or "parquet"."""
     import pyarrow as pa
 
     try:
@@ -194,11 +218,12 @@ def _open(f: IO[bytes], name: str, file_format: bool | str):
         if file_format:
             reader = pa.ipc.open_file(pa.py_buffer(f.read()))
             return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
-        reader = pa.ipc.open_stream(f)
+        reader = pa.ipc.open_stream(_mapped(f))
         return reader.schema, iter(reader)
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as e:
+        # (UnicodeDecodeError: a corrupt Parquet footer's column name that is not UTF-8)
         what = "Parquet file" if file_format == "parquet" else "Arrow stream"
-        raise DataError(f"not a readable {what} ({e})", file=name, line=1) from None
+        raise DataError(f"not a readable {what} ({e})", file=name, line=first + 1) from None
 
 
 def _column_roles(schema, name: str) -> tuple[set[str], set[str]]:
@@ -207,7 +232,10 @@ def _column_roles(schema, name: str) -> tuple[set[str], set[str]]:
     A column name given twice is refused, like a repeated key in JSON."""
     import pyarrow as pa
 
-    names = schema.names
+    try:
+        names = schema.names
+    except UnicodeDecodeError:
+        raise DataError("a column name is not valid UTF-8", file=name, line=1) from None
     twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
     if twice is not None:
         raise DataError("column appears more than once in the Arrow schema", file=name, line=1,
@@ -240,11 +268,27 @@ def _as_binary(col):
     return col
 
 
+def _check_batch(batch, name: str, first: int) -> None:
+    """Full validation of a batch decoded from bytes: corrupt offsets or lengths crash the
+    conversion to Python instead of raising. Top-level strings are checked as bytes; invalid UTF-8
+    is left to the conversion, which names its record and field."""
+    import pyarrow as pa
+
+    try:
+        pa.RecordBatch.from_arrays([_as_binary(c) for c in batch.columns],
+                                   names=batch.schema.names).validate(full=True)
+    except pa.ArrowInvalid as e:
+        if "Invalid UTF8" not in str(e):
+            raise DataError(f"corrupt record batch ({' '.join(str(e).split())})", file=name,
+                            line=first + 1) from None
+
+
 def _rows(batch, as_bytes: set[str], name: str, first: int) -> list[dict]:
     """``batch.to_pylist()`` with the ``as_bytes`` columns as bytes; a value Python cannot take
     (invalid UTF-8 in a string, an out-of-range date) is bad data at its record and field."""
     import pyarrow as pa
 
+    _check_batch(batch, name, first)
     if as_bytes:
         cols = [_as_binary(c) if n in as_bytes else c
                 for n, c in zip(batch.schema.names, batch.columns)]
@@ -309,7 +353,7 @@ def iter_arrow(f: IO[bytes], name: str, file_format: bool | str, first: int = 0
     numbered from ``first + 1``."""
     import pyarrow as pa
 
-    schema, batches = _open(f, name, file_format)
+    schema, batches = _open(f, name, file_format, first)
     tag = (schema.metadata or {}).get(b"tcli.schema")
     if tag is not None:
         check_schema({"schema": tag.decode("utf-8", "replace")}, name, 1)
@@ -320,8 +364,9 @@ def iter_arrow(f: IO[bytes], name: str, file_format: bool | str, first: int = 0
             batch = next(batches)
         except StopIteration:
             return
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"truncated or corrupt Arrow stream after record {n} ({e})",
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+            what = "Parquet file" if file_format == "parquet" else "Arrow stream"
+            raise DataError(f"truncated or corrupt {what} after record {n} ({e})",
                             file=name, line=n + 1) from None
         for rec in _rows(batch, as_bytes, name, n):
             n += 1

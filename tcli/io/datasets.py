@@ -43,6 +43,8 @@ def data_files(path: str) -> list[str]:
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"not a dataset state file ({type(e).__name__}: {e})", file=state) from None
     for name in files:
+        if not isinstance(name, str) or name in ("", ".", ".."):
+            raise DataError(f"data file name {name!r} is not a file name", file=state)
         if os.path.basename(name) != name:
             raise DataError(f"data file {name!r} is not inside the dataset directory", file=state)
     return [os.path.join(path, name) for name in files]
@@ -50,6 +52,7 @@ def data_files(path: str) -> list[str]:
 
 def iter_saved_dataset(path: str) -> Iterator[tuple[int, dict]]:
     from tcli.io.arrow import iter_arrow
+    from tcli.io.read import ARROW_STREAM_MAGIC
 
     n = 0
     for file in data_files(path):
@@ -57,6 +60,14 @@ def iter_saved_dataset(path: str) -> Iterator[tuple[int, dict]]:
             f = open(file, "rb")
         except FileNotFoundError:
             raise DataError("data file listed in state.json is missing", file=file) from None
+        except IsADirectoryError:
+            raise DataError("data file listed in state.json is a directory", file=file) from None
         with f:
-            for n, rec in iter_arrow(f, path, file_format=False, first=n):
-                yield n, rec
+            if f.peek(4)[:4] != ARROW_STREAM_MAGIC:  # (not record n + 1 of the directory)
+                raise DataError("not an Arrow IPC stream (save_to_disk writes streams)", file=file)
+            try:
+                for n, rec in iter_arrow(f, path, file_format=False, first=n):
+                    yield n, rec
+            except DataError as e:  # records are numbered across the files: say which one
+                e.message += f" (in {os.path.basename(file)})"
+                raise

@@ -91,10 +91,14 @@ def save_pretrained_atomic(out_dir: str, model, tokenizer, *, state: dict | None
                         tmp.mark()                      # a leftover the next write removes
             _fsync_dir(parent)
         except BaseException as e:
+            kept = "the previous checkpoint is unchanged" if existed else "nothing was written"
             if isinstance(e, Exception) and _disk_full(e):
-                kept = "the previous checkpoint is unchanged" if existed else "nothing was written"
                 raise TcliError(f"cannot write checkpoint {out_dir}: no space left on device; "
                                 f"{kept}") from e
+            if isinstance(e, OSError) and e.errno and e.strerror:
+                # named by the target, not the temporary directory; the same OSError subclass
+                raise OSError(e.errno, f"cannot write checkpoint: {e.strerror}; {kept}",
+                              out_dir) from e
             raise
         finally:
             if tmp is not None:

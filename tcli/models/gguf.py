@@ -52,10 +52,11 @@ PAD_CANDIDATES = ("<|endoftext|>", "<|pad|>", "<pad>", "<|finetune_right_pad_id|
 
 # ----------------------------------------------------------------------------- the file (no gguf)
 
-def read_gguf_header(path: str, keys: tuple[str, ...] = ("general.architecture", "general.name")
-                     ) -> dict:
+def read_gguf_header(path: str, keys: tuple[str, ...] = ("general.architecture", "general.name"),
+                     tensors: bool = False) -> dict:
     """The scalar/string metadata values named in ``keys`` (others skipped), plus ``version`` and
-    ``tensor_count``. DataError naming the file when it is not a (complete) GGUF file; UsageError
+    ``tensor_count``; with ``tensors`` also ``tensors`` (name, dims, type, offset per tensor) and
+    ``data_start``. DataError naming the file when it is not a (complete) GGUF file; UsageError
     when the path does not exist or is a directory."""
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory, not a GGUF file")
@@ -64,7 +65,7 @@ def read_gguf_header(path: str, keys: tuple[str, ...] = ("general.architecture",
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as f:
-            return _parse_header(f, size, set(keys))
+            return _parse_header(f, size, set(keys), tensors)
     except OSError as e:
         raise DataError(f"cannot read: {e.strerror or e}", file=path) from None
     except _Bad as e:
@@ -75,7 +76,7 @@ class _Bad(Exception):
     pass
 
 
-def _parse_header(f, size: int, wanted: set) -> dict:
+def _parse_header(f, size: int, wanted: set, tensors: bool = False) -> dict:
     def read(n: int) -> bytes:
         b = f.read(n)
         if len(b) != n:
@@ -99,8 +100,9 @@ def _parse_header(f, size: int, wanted: set) -> dict:
         raise _Bad(f"unsupported GGUF version {version} (2 and 3 are read)")
     out: dict = {"version": version, "tensor_count": unpack("<Q")}
     n_kv = unpack("<Q")
-    if n_kv > size:
-        raise _Bad(f"{n_kv} metadata entries in a {size}-byte file")
+    if n_kv > size or out["tensor_count"] > size:
+        raise _Bad(f"{n_kv} metadata entries and {out['tensor_count']} tensors in a {size}-byte "
+                   "file")
     for _ in range(n_kv):
         key = string().decode("utf-8", "replace")
         vtype = unpack("<I")
@@ -122,13 +124,56 @@ def _parse_header(f, size: int, wanted: set) -> dict:
             value = None
         else:
             raise _Bad(f"metadata {key!r}: unknown value type {vtype}")
-        if key in wanted:
+        if key in wanted or (tensors and key == "general.alignment"):
             out[key] = value
-            if wanted <= out.keys():
+            if wanted <= out.keys() and not tensors:
                 break
         if f.tell() > size:
             raise _Bad("truncated header")
+    if tensors:
+        _tensor_table(f, unpack, string, out)
     return out
+
+
+def _tensor_table(f, unpack, string, out: dict) -> None:
+    """``out["tensors"]``: each tensor's (name, dims, type, offset) as the header lists it (ggml
+    has at most 4 dims), and ``out["data_start"]``, where their data begins."""
+    out["tensors"] = []
+    for _ in range(out["tensor_count"]):
+        name = string(1 << 16).decode("utf-8", "replace")
+        n_dims = unpack("<I")
+        if not 1 <= n_dims <= 4:
+            raise _Bad(f"tensor {name!r} has {n_dims} dimensions")
+        dims = [unpack("<Q") for _ in range(n_dims)]
+        out["tensors"].append((name, dims, unpack("<I"), unpack("<Q")))
+    align = out.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0:
+        raise _Bad(f"general.alignment is {align!r}")
+    out["data_start"] = -(-f.tell() // align) * align
+
+
+def check_gguf_tensors(path: str) -> None:
+    """DataError naming the file when a tensor has a type the gguf package does not know, a shape
+    its type cannot hold, or data past the end of the file (a truncated download): transformers'
+    own errors for these are reshape failures."""
+    import math
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    head = read_gguf_header(path, (), tensors=True)
+    sizes = {int(t): v for t, v in GGML_QUANT_SIZES.items()}
+    file_size, end = os.path.getsize(path), head["data_start"]
+    for name, dims, kind, offset in head["tensors"]:
+        if kind not in sizes:
+            raise DataError(f"tensor {name!r} has unknown GGML type {kind}", file=path)
+        block, nbytes = sizes[kind]
+        if dims[0] % block:
+            raise DataError(f"tensor {name!r}: {dims[0]} values per row do not fill "
+                            f"{GGMLQuantizationType(kind).name} blocks of {block}", file=path)
+        end = max(end, head["data_start"] + offset + math.prod(dims) // block * nbytes)
+    if end > file_size:
+        raise DataError(f"truncated GGUF file: its tensors need {end} bytes, the file has "
+                        f"{file_size}", file=path)
 
 
 def supported_architectures() -> set[str]:
@@ -256,6 +301,7 @@ def import_gguf(path: str, out_dir: str, *, dtype: str = "float32",
 
     arch = check_gguf_file(path)
     require_packages(path)
+    check_gguf_tensors(path)
     check_import_target(out_dir)
     dt = torch_dtype(dtype)
     tok = load_gguf_tokenizer(path)

@@ -250,11 +250,16 @@ def load_gguf_model(path: str, dtype=None):
     d, name = os.path.split(os.path.abspath(path))
     try:
         with _no_gguf_progress_bar():
-            model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name,
-                                                         dtype=torch_dtype(dtype),
-                                                         local_files_only=True)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                d, gguf_file=name, dtype=torch_dtype(dtype), local_files_only=True,
+                output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - narrowed by _gguf_error
         raise _gguf_error(path, "weights", e) from None
+    missing = sorted(info.get("missing_keys") or ())  # transformers would leave them random
+    if missing:
+        names = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise DataError(f"the file has no tensor for {len(missing)} weight(s) of its "
+                        f"architecture ({names})", file=path)
     model.eval()
     return model
 

@@ -39,9 +39,10 @@ class AdvantageStats:
         self.tokens += int(sum(len(a) for a in result.per_token))
         if self.branch:
             self.branch_tokens += group.branch_tokens()
-        self.abs_adv_sum += float(sum(np.abs(a).sum() for a in result.per_token))
+        with np.errstate(over="ignore"):  # sums of rewards near 1e308 are inf, not a warning
+            self.abs_adv_sum += float(sum(np.abs(a).sum() for a in result.per_token))
+            self.reward_sum += float(group.rewards.sum())
         self.responses += len(result.per_token)
-        self.reward_sum += float(group.rewards.sum())
 
     def summary(self) -> dict:
         out = {
@@ -113,13 +114,13 @@ def whiten(records: list[dict]) -> list[dict]:
     flat = np.concatenate([np.asarray(r["advantages"], dtype=np.float64) for r in records])
     if flat.size == 0:
         return records
-    top = float(np.abs(flat).max())
+    top = float(np.abs(flat).max())  # advantages near 1e308: statistics of a / 2**k (exact)
     scale = 1.0 if top <= HUGE else math.ldexp(1.0, math.frexp(top)[1] - 1)
     flat /= scale
     mean, std = float(flat.mean()), float(flat.std())
     for rec in records:
         a = np.asarray(rec["advantages"], dtype=np.float64) / scale
-        rec["advantages"] = ((a - mean) / (std + 1e-8)).tolist()
+        rec["advantages"] = ((a - mean) / (std + 1e-8 / scale)).tolist()
     return records
 
 

@@ -42,7 +42,7 @@ class CriticSample:
 def critic_samples(records: Iterable, source: str = "<records>",
                    vocab_size: int | None = None) -> list[CriticSample]:
     """Records (dicts or (line, dict) pairs) to validated samples; DataError names the field."""
-    from tcli.records import float_array, token_array
+    from tcli.records import as_float32, float_array, token_array
 
     out = []
     for i, item in enumerate(records, 1):
@@ -50,11 +50,12 @@ def critic_samples(records: Iterable, source: str = "<records>",
         try:
             prompt, toks = token_array(rec, "prompt_token_ids"), token_array(rec)
             check_critic_tokens(prompt, toks, vocab_size)
-            old = float_array(rec, "critic_values", len(toks) + 1)[:-1]
-            ret = float_array(rec, "returns", len(toks))
+            old = as_float32(float_array(rec, "critic_values", len(toks) + 1)[:-1],
+                             "critic_values")
+            ret = as_float32(float_array(rec, "returns", len(toks)), "returns")
         except DataError as e:
             raise e.located(source, line) from None
-        out.append(CriticSample(prompt, toks, old.astype(np.float32), ret.astype(np.float32), line))
+        out.append(CriticSample(prompt, toks, old, ret, line))
     return out
 
 

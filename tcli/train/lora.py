@@ -42,6 +42,13 @@ def wrap(model, rank: int, alpha: float, targets: str = DEFAULT_TARGETS):
     starts as the identity (B = 0): the wrapped model computes exactly what the base does."""
     from peft import get_peft_model
 
+    names = parse_targets(targets)
+    if names != DEFAULT_TARGETS:  # peft refuses only when no name matches: a typo in one is lost
+        modules = [n for n, _ in model.named_modules()]
+        unknown = [t for t in names if not any(n == t or n.endswith("." + t) for n in modules)]
+        if unknown:
+            raise UsageError(f"LoRA targets {targets!r}: the model has no module named "
+                             f"{', '.join(map(repr, unknown))}")
     try:
         with quiet_peft():
             return get_peft_model(model, lora_config(rank, alpha, targets))

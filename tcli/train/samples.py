@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from tcli.errors import DataError
-from tcli.records import float_array, token_array
+from tcli.records import as_float32, float_array, token_array
 
 LOGPROB_TOLERANCE = 1e-3  # a log-prob above this is not a log-prob (float noise stays below)
 
@@ -51,8 +51,8 @@ def sample_from_record(rec: dict, vocab_size: int | None = None) -> TrainSample:
     if len(logp) and logp.max() > LOGPROB_TOLERANCE:
         raise DataError(f"log-probs must be <= 0, got {logp.max():.6g}", field="logprobs")
     adv = float_array(rec, "advantages", len(tokens))
-    sample = TrainSample(prompt, tokens, logp.astype(np.float32), adv.astype(np.float32),
-                         temperature=record_temperature(rec),
+    sample = TrainSample(prompt, tokens, as_float32(logp, "logprobs"),
+                         as_float32(adv, "advantages"), temperature=record_temperature(rec),
                          truncated=rec.get("finish_reason") == "length")
     if vocab_size is not None:
         check_vocab(sample, vocab_size)
