@@ -485,6 +485,15 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+def failed(r, code: int, *words: str) -> str:
+    """The one error line of a command that exited ``code``, holding each of ``words``."""
+    assert r.returncode == code, r.stderr.decode()
+    line = one_error_line(r.stderr.decode())
+    for w in words:
+        assert w in line, line
+    return line
+
+
 def parse(out: bytes) -> list[dict]:
     """The records of JSONL output (blank lines skipped)."""
     return [orjson.loads(line) for line in out.splitlines() if line.strip()]

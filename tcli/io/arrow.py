@@ -16,6 +16,8 @@ from tcli.errors import DataError
 from tcli.io.codec import BadJson, dumps_value, loads
 from tcli.io.schema import check_schema
 
+ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"  # the first bytes of an Arrow IPC stream
+ARROW_FILE_MAGIC = b"ARROW1"  # ... and of an Arrow IPC file
 EXTRA_COLUMN = "_tcli_extra"  # JSON of fields that did not fit the Arrow schema of the stream
 MISSING_COLUMN = "_tcli_missing"  # keys absent from a record whose column exists
 _JSON_TAG = {"tcli.json": "1"}

@@ -51,8 +51,7 @@ def data_files(path: str) -> list[str]:
 
 
 def iter_saved_dataset(path: str) -> Iterator[tuple[int, dict]]:
-    from tcli.io.arrow import iter_arrow
-    from tcli.io.read import ARROW_STREAM_MAGIC
+    from tcli.io.arrow import ARROW_STREAM_MAGIC, iter_arrow
 
     n = 0
     for file in data_files(path):

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from typing import IO, Iterator
 
 from tcli.errors import DataError, UsageError
+from tcli.io.arrow import ARROW_FILE_MAGIC, ARROW_STREAM_MAGIC
 from tcli.io.codec import BadJson, loads
 from tcli.io.schema import check_schema
 
-ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"
-ARROW_FILE_MAGIC = b"ARROW1"
 PARQUET_MAGIC = b"PAR1"
 
 

@@ -9,60 +9,16 @@ traceback, and no output file after a failure. The model commands use one tiny m
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import shutil
 import struct
 
 import orjson
 import pytest
 
-from conftest import run_python, run_tcli
+from conftest import failed, jsonl, run_python, run_tcli
 
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
-
-
-def jsonl(recs) -> bytes:
-    return b"".join(orjson.dumps(r) + b"\n" for r in recs)
-
-
-def error_line(r) -> str:
-    """The single stderr line of a failed command (no traceback, nothing else)."""
-    err = r.stderr.decode()
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tcli: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
-def failed(r, code: int, *words: str) -> str:
-    assert r.returncode == code, r.stderr.decode()
-    line = error_line(r)
-    for w in words:
-        assert w in line, line
-    return line
-
-
-@contextlib.contextmanager
-def same_environment():
-    """Loading transformers here sets environment variables that quiet it; with them the fork
-    server behind run_tcli would start a fresh interpreter per command (seconds each)."""
-    env = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    with same_environment():
-        return init_tiny_model(str(tmp_path_factory.mktemp("tiny") / "m"), seed=0, **TINY)
 
 
 @pytest.fixture(scope="module")

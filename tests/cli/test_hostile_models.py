@@ -9,7 +9,6 @@ The GGUF cases need the ``gguf`` package (the ``real`` extra) to build their fil
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -21,25 +20,12 @@ import subprocess
 import orjson
 import pytest
 
-from conftest import run_python, run_tcli
+from conftest import failed, run_python, run_tcli
 
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
 needs_gguf = pytest.mark.skipif(
     importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None,
     reason="GGUF files are built with the gguf package: pip install 'tcli[real]' "
            "(gguf==0.19.0, accelerate) to run these")
-
-
-def failed(r, code: int, *words: str) -> str:
-    """The single stderr line of a failed command (no traceback), holding ``words``."""
-    err = r.stderr.decode()
-    assert r.returncode == code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tcli: error: "), err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def tree_hash(path) -> str:
@@ -50,26 +36,6 @@ def tree_hash(path) -> str:
             p = os.path.join(root, name)
             h.update(os.path.relpath(p, path).encode() + open(p, "rb").read())
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def same_environment():
-    """Loading transformers here sets environment variables that quiet it; with them the fork
-    server behind run_tcli would start a fresh interpreter per command (seconds each)."""
-    env = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    with same_environment():
-        return init_tiny_model(str(tmp_path_factory.mktemp("tiny") / "m"), seed=0, **TINY)
 
 
 # ----------------------------------------------------------------------------- GGUF

@@ -8,35 +8,20 @@ advantages and nothing on stderr (no NumPy warnings), and no output or checkpoin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 
 import orjson
 import pytest
 
-from conftest import run_tcli
+from conftest import failed, run_tcli
 
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "tempo", "treerpo", "gae")
 
 
 def jsonl(recs) -> bytes:
     """JSON lines by the standard library, which writes integers of any size."""
     return "".join(json.dumps(r) + "\n" for r in recs).encode()
-
-
-def failed(r, code: int, *words: str) -> str:
-    """The single stderr line of a failed command (no traceback), holding ``words``."""
-    assert r.returncode == code, r.stderr.decode()
-    err = r.stderr.decode()
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tcli: error: "), err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def write(path, recs) -> str:
@@ -51,32 +36,11 @@ def write(path, recs) -> str:
     return str(path)
 
 
-@contextlib.contextmanager
-def same_environment():
-    """Loading transformers here sets environment variables that quiet it; with them the fork
-    server behind run_tcli would start a fresh interpreter per command (seconds each)."""
-    env = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tcli.models.tiny import init_tiny_model
-
-    with same_environment():
-        return init_tiny_model(str(tmp_path_factory.mktemp("tiny") / "m"), seed=0, **TINY)
-
-
 @pytest.fixture(scope="module")
 def critic(tiny, tmp_path_factory):
     from tcli.models.critic import init_critic
 
-    with same_environment():
-        return init_critic(tiny, str(tmp_path_factory.mktemp("critic") / "c"))
+    return init_critic(tiny, str(tmp_path_factory.mktemp("critic") / "c"))
 
 
 # ----------------------------------------------------------------------------- PPO
