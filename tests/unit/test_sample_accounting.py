@@ -1,4 +1,4 @@
-"""Honest token accounting (issue 11 item 5): in tree mode a segment shared by several leaves was
+"""Honest token accounting: in tree mode a segment shared by several leaves was
 generated once, so ``sampled_tokens`` (loop metrics, the sampled-token budget, tokens/s) counts it
 once and ``leaf_tokens`` beside it sums the full responses. Independent sampling: both equal."""
 

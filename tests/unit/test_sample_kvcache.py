@@ -1,4 +1,4 @@
-"""The hf engine's preallocated KV cache (issue 11 item 7): same tokens and log-probs, byte for
+"""The hf engine's preallocated KV cache: same tokens and log-probs, byte for
 byte, as transformers' DynamicCache path for any batching, and the layer's own invariants."""
 
 from __future__ import annotations

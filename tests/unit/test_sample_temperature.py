@@ -1,4 +1,4 @@
-"""Behaviour log-probs at the sampling temperature (issue 11 item 3, sampler side).
+"""Behaviour log-probs at the sampling temperature (sampler side).
 
 Tokens are drawn from softmax(logits / T) then top-p; the recorded ``logprobs`` must be
 log_softmax(logits / T) of the same tokens, not renormalised after top-p (verl and TRL recompute
