@@ -38,5 +38,5 @@ for name, m in (("initial (warm start)", first), ("final", last), ("best", best)
     print(f"{name:24}{m['accuracy']:>10.3f}{f'[{lo:.3f}, {hi:.3f}]':>18}{m['step']:>6}{m['wall_time']:>9.0f}")
 print(f"\ngain: {100 * (last['accuracy'] - first['accuracy']):+.1f} points on {last['prompts']} held-out "
       f"prompts (greedy); total wall time of make demo's steps: {time.time() - start:.0f}s")
-print(f"plot: {run}/metrics.png   rollouts: {run}/rollouts/   try: tcli show-tree {run}/rollouts/step_1.arrow")
+print(f"plot: {run}/metrics.png   rollouts: {run}/rollouts/   try: .venv/bin/tcli show-tree {run}/rollouts/step_1.arrow")
 PY
