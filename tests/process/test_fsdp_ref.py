@@ -106,6 +106,7 @@ def worker(model_dir: str, out: str) -> None:
     info["trainer"] = _trainer_numels(model_dir)
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(info, f)
+    dist.barrier()  # no rank tears gloo down while a peer still talks to it (an abort at exit)
     dist.destroy_process_group()
 
 
