@@ -477,6 +477,35 @@ def rollouts() -> list[dict]:
     return recs
 
 
+def count_pool_messages(monkeypatch) -> list[int]:
+    """From now on, the number of items in each message the verifier pool sends a worker."""
+    import pickle
+
+    from tcli.verifiers import pool
+
+    sent: list[int] = []
+    real = pool.Worker.__init__
+
+    def counting_init(self, *a, **kw):
+        real(self, *a, **kw)
+        send_bytes = self.cmd.send_bytes
+        self.cmd.send_bytes = lambda b: (sent.append(len(pickle.loads(b))), send_bytes(b))[1]
+
+    monkeypatch.setattr(pool.Worker, "__init__", counting_init)
+    return sent
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run as fast on one thread, and do not stall on a busy machine (OpenMP spin)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def one_error_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"

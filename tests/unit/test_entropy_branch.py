@@ -33,12 +33,7 @@ TAU = 1.2       # text model (norm x 12): entropies 0.2-3.6 nats, about a third 
 AB_TAU = 0.3    # ab model (norm x 8): 0.1-0.7 nats
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sharp_model(out_dir, scale: float, **kw) -> str:

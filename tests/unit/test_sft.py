@@ -22,13 +22,7 @@ TINY = dict(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64)
 STEP = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads crawl when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- task generator

@@ -3,17 +3,15 @@ else travels to workers in chunks sized by measured work; the per-answer timeout
 
 from __future__ import annotations
 
-import pickle
 import random
 import sys
 import time
 
 import pytest
 
-from conftest import ADVERSARIAL, children, work
+from conftest import ADVERSARIAL, children, count_pool_messages, work
 from tcli.stages import verify as stage
 from tcli.stages.verify import start_pool, verify_records
-from tcli.verifiers import pool as pool_mod
 from tcli.verifiers.pool import DeadlinePool, Failure
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork, /proc")
@@ -120,21 +118,8 @@ def test_long_gold_answers_go_to_a_worker():
         assert [r["reward"] for r in out] == [0.0, 1.0] and len(pool.workers) == 1
 
 
-def _count_messages(monkeypatch) -> list[int]:
-    sent: list[int] = []
-    real = pool_mod.Worker.__init__
-
-    def counting_init(self, *a, **kw):
-        real(self, *a, **kw)
-        send_bytes = self.cmd.send_bytes
-        self.cmd.send_bytes = lambda b: (sent.append(len(pickle.loads(b))), send_bytes(b))[1]
-
-    monkeypatch.setattr(pool_mod.Worker, "__init__", counting_init)
-    return sent
-
-
 def test_one_worker_gets_a_step_in_two_messages(monkeypatch):
-    sent = _count_messages(monkeypatch)
+    sent = count_pool_messages(monkeypatch)
     with DeadlinePool(work, 1, 5.0) as pool:
         for _ in range(3):
             sent.clear()
@@ -146,7 +131,7 @@ def test_one_worker_gets_a_step_in_two_messages(monkeypatch):
 def test_cheap_items_are_not_chopped_small(monkeypatch):
     """Several workers: once item times are known, a chunk holds >= CHUNK_SECONDS of work, so
     the guided tail of 1-item messages is gone for cheap items; slow items still spread out."""
-    sent = _count_messages(monkeypatch)
+    sent = count_pool_messages(monkeypatch)
     with DeadlinePool(work, 2, 5.0) as pool:
         list(pool.imap(((("ok", i), 1) for i in range(64)), 256))  # learn the item time
         sent.clear()

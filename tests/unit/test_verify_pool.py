@@ -4,14 +4,13 @@ in-order results, misbehaving functions, reuse and cleanup. Nothing here knows a
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import children, work
+from conftest import children, count_pool_messages, work
 from tcli.verifiers import pool as pool_mod
 from tcli.verifiers.pool import DeadlinePool, Failure
 
@@ -31,15 +30,7 @@ def test_results_in_order_and_workers_gone():
 
 
 def test_items_travel_in_chunks(monkeypatch):
-    sent: list[int] = []
-    real = pool_mod.Worker.__init__
-
-    def counting_init(self, *a, **kw):
-        real(self, *a, **kw)
-        send_bytes = self.cmd.send_bytes
-        self.cmd.send_bytes = lambda b: (sent.append(len(pickle.loads(b))), send_bytes(b))[1]
-
-    monkeypatch.setattr(pool_mod.Worker, "__init__", counting_init)
+    sent = count_pool_messages(monkeypatch)
     out = run([("ok", i) for i in range(256)], workers=2)
     assert out == [2 * i for i in range(256)]
     chunks = [n for n in sent if n]
