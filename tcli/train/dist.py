@@ -64,13 +64,17 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
 def distributed(device_pref: str = "auto") -> Iterator[DistInfo]:
     """:func:`init_distributed` for the duration of a command; the group is torn down after."""
     info = init_distributed(device_pref)
+    ok = False
     try:
         yield info
+        ok = True
     finally:
         if info.enabled:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if ok:  # no rank tears gloo down while a peer still talks to it (abort at exit)
+                    dist.barrier()
                 dist.destroy_process_group()
 
 
