@@ -379,12 +379,13 @@ class Loop:
                 self.on_step(records)
         return {"best_accuracy": self.best}
 
-    def close(self) -> None:
-        """Stop the verifier workers, finish the trackers, release the run directory."""
+    def close(self, ok: bool = True) -> None:
+        """Stop the verifier workers, finish the trackers (failed unless ``ok``), release the run
+        directory."""
         if self.verify_pool is not None:
             self.verify_pool.close()
         if self.sink is not None:
-            self.sink.close()
+            self.sink.close(ok)
         self.run.release()  # a no-op where the lock was not taken (ranks > 0)
 
     def _initial_eval(self, budget: Budget) -> None:
@@ -404,10 +405,12 @@ def run_loop(cfg: LoopConfig, resume: bool = False, log: Callable[[str], None] =
     """The whole run; under torchrun (``dist``) every rank calls this, rank 0 draws the plot.
     ``overwrite``: a new run replaces a previous run in its run_dir (RunDir.overwrite)."""
     loop = Loop(cfg, log=log, on_step=on_step, dist=dist)
+    ok = False
     try:
         result = loop.run_steps(loop.start(resume, overwrite))
+        ok = True
     finally:
-        loop.close()
+        loop.close(ok)
     if not loop.dist.is_main:
         return result
     try:

@@ -32,9 +32,10 @@ class Trackers:
             for t in self.trackers:
                 t.log(scalars, step)
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """Finish every tracker; ``ok`` False (the loop failed) marks their runs failed."""
         for t in self.trackers:
-            t.finish()
+            t.finish(ok)
 
 
 def start_trackers(run, config: dict, first_step: int) -> Trackers | None:
@@ -53,7 +54,7 @@ def start_trackers(run, config: dict, first_step: int) -> Trackers | None:
             t.start(config, commit, first_step)
             started.append(t)
     except BaseException:
-        Trackers(started).close()
+        Trackers(started).close(ok=False)
         raise
     return Trackers(started)
 

@@ -44,7 +44,8 @@ class Tracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         raise NotImplementedError
 
-    def finish(self) -> None:
+    def finish(self, ok: bool = True) -> None:
+        """End the run; ``ok`` False marks it failed where the tracker has a run status."""
         raise NotImplementedError
 
     # -- the run id kept in the run directory --------------------------------------------

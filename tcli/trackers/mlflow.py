@@ -89,5 +89,5 @@ class MlflowTracker(Tracker):
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
-    def finish(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def finish(self, ok: bool = True) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")

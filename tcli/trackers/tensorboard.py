@@ -34,5 +34,5 @@ class TensorBoardTracker(Tracker):
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
-    def finish(self) -> None:
+    def finish(self, ok: bool = True) -> None:
         self.writer.close()

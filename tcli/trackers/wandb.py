@@ -39,8 +39,8 @@ class WandbTracker(Tracker):
             return
         self.run.log(metrics, step=step)
 
-    def finish(self) -> None:
+    def finish(self, ok: bool = True) -> None:
         import wandb
 
-        self.run.finish()
+        self.run.finish(exit_code=0 if ok else 1)
         wandb.teardown()  # its service process and threads end with the run

@@ -207,3 +207,45 @@ def test_mlflow_file_store_holds_the_metrics_config_and_commit(loop_model, tmp_p
     commit = git_commit(str(REPO))
     tag = os.path.join(store, "tags", "mlflow.source.git.commit")
     assert (open(tag).read() if os.path.exists(tag) else None) == commit
+
+
+def test_mlflow_run_of_a_failed_loop_is_marked_failed(loop_model, tmp_path, monkeypatch):
+    """A loop that ends in an error leaves its tracker run FAILED, not FINISHED."""
+    _skip_without("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from tcli.loop import run_loop
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+    def boom(records):
+        raise RuntimeError("stop here")
+
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_loop(loop_config(loop_model, run, steps=2, eval_every=0, trackers=["mlflow"]),
+                 log=lambda s: None, on_step=boom)
+    run_id = orjson.loads((run / "trackers" / "runs.json").read_bytes())["mlflow"]
+    client = MlflowClient(tracking_uri=(run / "trackers" / "mlruns").as_uri())
+    assert client.get_run(run_id).info.status == "FAILED"
+
+
+def test_wandb_run_of_a_failed_loop_finishes_with_exit_code_1(monkeypatch):
+    """W&B marks a run failed by its exit code."""
+    from tcli.trackers.wandb import WandbTracker
+
+    seen = []
+
+    class Run:
+        def finish(self, exit_code=None):
+            seen.append(exit_code)
+
+    fake = type(sys)("wandb")
+    fake.teardown = lambda: None
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    t = WandbTracker.__new__(WandbTracker)
+    t.run = Run()
+    t.finish(ok=False)
+    t.finish()
+    assert seen == [1, 0]
