@@ -147,7 +147,7 @@ def excluded_loss(model_dir, recs, kl_ref=None, kl_coef=0.0, loss_agg="token-mea
     model = load_model(model_dir, train=True)
     ref = load_model(kl_ref) if kl_ref else None
     agg = LOSS_AGGREGATIONS.get(loss_agg)
-    nums, n_tok = [], 0
+    nums, n_tok, ent, mis = [], 0, 0.0, 0.0
     for rec in recs:
         keep = torch.tensor(rec["loss_mask"], dtype=torch.bool)
         ids = torch.tensor([rec["prompt_token_ids"] + rec["token_ids"]])
@@ -155,29 +155,33 @@ def excluded_loss(model_dir, recs, kl_ref=None, kl_coef=0.0, loss_agg="token-mea
 
         def scored(m):
             logits = m(input_ids=ids, use_cache=False).logits[0, P - 1 : -1].float()
-            return torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0][keep][None]
+            full = torch.log_softmax(logits, -1)[keep]
+            return full.gather(1, tok[keep][:, None])[:, 0][None], full
 
-        logp = scored(model)
+        logp, full = scored(model)
+        ent += float(-(full.exp() * full).sum().detach())
         ones = torch.ones_like(logp, dtype=torch.bool)
         old = torch.tensor(rec["logprobs"])[keep][None]
+        mis += float((logp.detach() - old).abs().sum())
         adv = torch.tensor(rec["advantages"], dtype=torch.float32)[keep][None]
         per = policy_loss(logp, old, adv, ones).loss
         if ref is not None:
             with torch.no_grad():
-                ref_lp = scored(ref)
+                ref_lp = scored(ref)[0]
             per = per + kl_coef * kl_k3(logp, ref_lp)
         nums.append(agg.numerator(per, ones))
         n_tok += int(keep.sum())
     loss = sum(nums) / (n_tok if agg.by_tokens else len(recs))
     loss.backward()
-    return float(loss.detach()), {n: p.grad for n, p in model.named_parameters()}
+    return ({"loss": float(loss.detach()), "entropy": ent / n_tok, "mismatch_abs_logp": mis / n_tok},
+            {n: p.grad for n, p in model.named_parameters()})
 
 
 @pytest.mark.parametrize("case", ["token-mean", "seq-mean-token-mean", "kl-packed", "padded"])
 def test_loss_equals_the_loss_without_environment_positions(tiny, tiny_model_seed1, case):
     """train-step on records with environment tokens reports the loss, and takes the gradient,
     of the same records with those positions left out of the loss (float32 sums in another
-    order: 1e-5 relative); num_tokens counts policy tokens."""
+    order: 1e-5 relative); entropy, the mismatch and num_tokens count policy tokens."""
     kw = {"token-mean": {}, "seq-mean-token-mean": {"loss_agg": "seq-mean-token-mean"},
           "kl-packed": {"kl_coef": 0.1, "ref_model": tiny_model_seed1},
           "padded": {"share_prefix": False}}[case]
@@ -185,7 +189,8 @@ def test_loss_equals_the_loss_without_environment_positions(tiny, tiny_model_see
     metrics, grads = step_grads(trainer(tiny, **kw), recs)
     want, want_g = excluded_loss(tiny, recs, kw.get("ref_model"), kw.get("kl_coef", 0.0),
                                  kw.get("loss_agg", "token-mean"))
-    assert metrics["loss"] == pytest.approx(want, rel=1e-5)
+    for k, v in want.items():  # entropy and the mismatch are over policy tokens too
+        assert metrics[k] == pytest.approx(v, rel=1e-5), k
     assert metrics["num_tokens"] == sum(map(sum, MASKS))
     for k, g in want_g.items():
         assert (grads[k] - g).norm() <= 1e-5 * g.norm() + 1e-9, k
