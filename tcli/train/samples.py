@@ -8,6 +8,10 @@ in a fraction of a second with the file, line and field.
 it is T = 1 (older records); T = 0 (greedy) is read as 1 (a greedy sample has no tempered
 distribution; the sampler records raw log-probs for it). One batch has one T: mixed values are a
 data error naming the first record that differs.
+
+``loss_mask`` (optional, docs/design.md §3.6) marks a tool's output inside ``token_ids``: those
+tokens are context only; their log-probs and advantages are ignored (set to 0 here) and the
+trainer leaves them out of every loss term and count.
 """
 
 from __future__ import annotations
