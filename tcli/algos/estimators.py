@@ -77,7 +77,12 @@ class Group:
         return self.tree.flat_values * self.scale
 
     def branch_tokens(self) -> int:
-        return int(np.count_nonzero(self.tree.flat_branch))
+        """Branching policy tokens (a branch at a tool's output is the environment's, §3.6)."""
+        if self.masks is None:
+            return int(np.count_nonzero(self.tree.flat_branch))
+        tree = self.tree
+        return sum(int(np.count_nonzero(tree.branch_of(i) if m is None else tree.branch_of(i)[m]))
+                   for i, m in enumerate(self.masks))
 
     def shaped(self, added: np.ndarray) -> "Group":
         """The group the estimator sees when shaping adds ``added`` to the rewards (itself when
