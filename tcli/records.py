@@ -90,6 +90,31 @@ def entropies(rec: dict, length: int) -> np.ndarray | None:
     return arr
 
 
+def loss_mask(rec: dict, length: int) -> np.ndarray | None:
+    """The optional ``loss_mask`` (docs/design.md §3.6) as a bool array, True = a policy token;
+    None when the record has none (every token is the policy's). One 0 or 1 per response token:
+    booleans, other numbers or a wrong length are bad data naming the field."""
+    v = rec.get("loss_mask")
+    if v is None:
+        return None
+    if not isinstance(v, list):
+        raise DataError(f"must be a list of 0/1, got {type(v).__name__}", field="loss_mask")
+    if len(v) != length:
+        raise DataError(f"has {len(v)} entries, expected {length} (one per token_ids entry)",
+                        field="loss_mask")
+    kinds = set(map(type, v))
+    if kinds - {int} and any(k is not int and not issubclass(k, np.integer) for k in kinds):
+        bad = sorted(_KIND_NAMES.get(k, k.__name__) for k in kinds
+                     if k is not int and not issubclass(k, np.integer))
+        raise DataError(f"must be a flat list of 0/1, got {', '.join(bad)}", field="loss_mask")
+    bad = next((x for x in v if x != 0 and x != 1), None)
+    if bad is not None:
+        raise DataError(f"entries must be 0 (environment) or 1 (policy), got {bad}",
+                        field="loss_mask")
+    arr = np.fromiter(v, dtype=np.int64, count=len(v)) if v else np.zeros(0, dtype=np.int64)
+    return arr.astype(bool)
+
+
 def reward(rec: dict) -> float:
     v = require(rec, "reward")
     if isinstance(v, bool) or not isinstance(v, (int, float)):

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from tcli.algos.estimators import Group
+from tcli.algos.masks import policy_td
 from tcli.algos.tree import PrefixTree, build_prefix_tree
 from tcli.records import at_record, entropies
 
@@ -96,7 +97,9 @@ def render_group(recs: list[dict], decode: Optional[Callable] = None, max_run: i
         # V of the node; if the longest response ends here, all of them do (they are identical)
         v = float(tree.values_of(longest)[t_end])
         run = group.tokens[longest][t:t_end].tolist()
-        label = (escape(_fmt_tokens(run, decode, max_run)) if run else "·") + f"  [cyan]V={v:.3f}[/]"
+        mask = None if group.masks is None else group.masks[longest]
+        label = _run_label(run, None if mask is None else mask[t:t_end], decode, max_run)
+        label += f"  [cyan]V={v:.3f}[/]"
         if abs(v - parent_v) > 1e-12:
             label += f"  [magenta]δ={v - parent_v:+.3f}[/]"
         if len(kids) + bool(len(ended)) >= 2:
@@ -105,7 +108,8 @@ def render_group(recs: list[dict], decode: Optional[Callable] = None, max_run: i
             label += f"  [blue]H={ents[int(kids[0][0])][t_end]:.2f}[/]"
         node = parent.add(label)
         for i in ended.tolist():
-            node.add(f"[green]■ leaf[/] sample {escape(str(recs[i].get('sample_id', i)))}  r={r[i]:g}")
+            node.add(f"[green]■ leaf[/] sample {escape(str(recs[i].get('sample_id', i)))}  "
+                     f"r={r[i]:g}{_env_count(group, i)}")
         if kids and level >= max_levels:
             n = sum(map(len, kids))
             more = _levels_below(walk, kids, t_end)
@@ -115,6 +119,31 @@ def render_group(recs: list[dict], decode: Optional[Callable] = None, max_run: i
         for members_k in reversed(kids):  # popped in order, so children keep their order
             stack.append((node, members_k, t_end, v, level + 1))
     return root
+
+
+def _run_label(run: list[int], mask: Optional[np.ndarray], decode, max_run: int) -> str:
+    """A node's tokens as rich markup: environment spans (``loss_mask`` 0, a tool's output) are
+    dim and bracketed as ``⟦env …⟧``, so they read apart from the policy's tokens in colour and
+    in plain text alike (docs/design.md §3.6)."""
+    from rich.markup import escape
+
+    if not run:
+        return "·"
+    if mask is None or mask.all():
+        return escape(_fmt_tokens(run, decode, max_run))
+    cuts = np.flatnonzero(np.diff(mask.view(np.int8))) + 1
+    parts = []
+    for a, b in zip(np.concatenate(([0], cuts)).tolist(), np.append(cuts, len(run)).tolist()):
+        text = escape(_fmt_tokens(run[a:b], decode, max_run))
+        parts.append(text if mask[a] else f"[dim]⟦env {text}⟧[/]")
+    return " ".join(parts)
+
+
+def _env_count(group: Group, i: int) -> str:
+    """``  (N env tokens)`` for a response with environment tokens, else nothing."""
+    m = None if group.masks is None else group.masks[i]
+    n = 0 if m is None else int(len(m) - m.sum())
+    return f"  [dim]({n} env token{'s' if n != 1 else ''})[/]" if n else ""
 
 
 def _entropies(recs: list[dict], tokens: list[np.ndarray]) -> list[Optional[np.ndarray]]:
@@ -139,7 +168,10 @@ def _levels_below(walk: _Walk, kids: list[np.ndarray], t: int) -> int:
 
 
 def tempo_deltas(recs: list[dict]) -> list[np.ndarray]:
-    """delta_t = V(s_{t+1}) - V(s_t) per response (used by show-tree and tests)."""
+    """delta_t = V(s_{t+1}) - V(s_t) per response (used by show-tree and tests); with a
+    ``loss_mask``, 0 on environment tokens and jumping over them (docs/design.md §3.6)."""
     group = Group.from_records(recs)
     tree = build_prefix_tree(group.tokens, group.rewards)
-    return [np.diff(tree.values_of(i)) for i in range(len(recs))]
+    masks = group.masks or [None] * len(recs)
+    return [np.diff(tree.values_of(i)) if m is None else policy_td(tree.values_of(i), m)
+            for i, m in enumerate(masks)]

@@ -19,9 +19,11 @@ from typing import Any, Callable
 import numpy as np
 
 from tcli.algos.gae import gae as gae_one
+from tcli.algos.masks import any_masked, policy_td, zero_environment
 from tcli.algos.tree import PrefixTree, build_prefix_tree
 from tcli.errors import DataError
-from tcli.records import at_record, float_array, in_group, int_list, reward, token_array
+from tcli.records import (at_record, float_array, in_group, int_list, loss_mask, reward,
+                          token_array)
 from tcli.registry import Registry
 
 EPS = 1e-6
@@ -36,6 +38,7 @@ class Group:
     records: list[dict]
     tokens: list[np.ndarray]
     rewards: np.ndarray
+    masks: list[np.ndarray | None] | None = None  # ``loss_mask`` per response (None: all policy)
 
     @classmethod
     def from_records(cls, recs: list[dict]) -> "Group":
@@ -43,7 +46,11 @@ class Group:
             raise DataError("empty group")
         tokens = in_group(token_array, recs)
         rewards = np.array(in_group(reward, recs), dtype=np.float64)
-        return cls(recs, tokens, rewards)
+        masks = [None] * len(recs)
+        for i, (rec, t) in enumerate(zip(recs, tokens)):
+            with at_record(i):
+                masks[i] = loss_mask(rec, len(t))
+        return cls(recs, tokens, rewards, masks if any_masked(masks) else None)
 
     @property
     def lens(self) -> np.ndarray:
@@ -70,14 +77,19 @@ class Group:
         return self.tree.flat_values * self.scale
 
     def branch_tokens(self) -> int:
-        return int(np.count_nonzero(self.tree.flat_branch))
+        """Branching policy tokens (a branch at a tool's output is the environment's, §3.6)."""
+        if self.masks is None:
+            return int(np.count_nonzero(self.tree.flat_branch))
+        tree = self.tree
+        return sum(int(np.count_nonzero(tree.branch_of(i) if m is None else tree.branch_of(i)[m]))
+                   for i, m in enumerate(self.masks))
 
     def shaped(self, added: np.ndarray) -> "Group":
         """The group the estimator sees when shaping adds ``added`` to the rewards (itself when
         nothing is added; the records keep their ``reward``)."""
         if not added.any():
             return self
-        return Group(self.records, self.tokens, self.rewards + added)
+        return Group(self.records, self.tokens, self.rewards + added, self.masks)
 
 
 @dataclass
@@ -189,6 +201,11 @@ def tempo(group: Group, opt) -> Advantages:
     flat_delta = np.diff(tree.flat_values, append=0.0)  # slot t of response i: V(t+1) - V(t)
     lens = tree.lens
     base = np.repeat(r - r.mean(), lens + 1)
+    if group.masks is not None:  # environment spans: δ jumps to the next policy token (§3.6)
+        for i, m in enumerate(group.masks):
+            if m is not None:
+                s, n = int(tree.starts[i]), int(lens[i])
+                flat_delta[s : s + n] = policy_td(tree.values_of(i), m)
     flat_adv = (base + opt.td_coef * flat_delta) / (sigma + EPS / group.scale)
     return Advantages([flat_adv[s : s + n] for s, n in zip(tree.starts.tolist(), lens.tolist())],
                       False)
@@ -305,7 +322,8 @@ def gae(group: Group, opt) -> Advantages:
                 raise DataError("is missing; gae needs a critic's values: run `tcli values "
                                 "--critic DIR` first", field="critic_values")
             v = float_array(rec, "critic_values", len(toks) + 1)
-            a, g = gae_one(float(r), v, opt.gamma, opt.lam)
+            a, g = gae_one(float(r), v, opt.gamma, opt.lam,
+                           None if group.masks is None else group.masks[i])
             if not (np.isfinite(a).all() and np.isfinite(g).all()):
                 raise DataError("too large: gae advantages overflow (rescale the values)",
                                 field="critic_values" if np.abs(v).max() > abs(r) else "reward")
@@ -318,6 +336,8 @@ def compute_advantages(group: Group, name: str, opt) -> Advantages:
     """Run the named estimator; an advantage that overflowed is a data error naming the reward."""
     with np.errstate(over="ignore", invalid="ignore"):  # checked below, not warned about
         out = ESTIMATORS.get(name)(group, opt)
+    if group.masks is not None:  # no advantage on environment tokens, whatever the estimator
+        zero_environment(out.per_token, group.masks)
     for a in out.per_token + (out.returns or []):
         if not np.isfinite(a).all():
             raise DataError(f"rewards of this group are too large: {name} advantages overflow "

@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from tcli.algos.masks import compress, expand
+
 # c**k stays a normal float64 for k below this many steps when c >= this; blocks keep every
 # power of c inside (1e-280, 1]: exact enough, never subnormal, never overflowing.
 _TINY_LOG = math.log(1e-280)
@@ -50,8 +52,20 @@ def discounted_suffix_sum(x: np.ndarray, c: float) -> np.ndarray:
     return out
 
 
-def gae(reward: float, values: np.ndarray, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
-    """Advantages and returns of one response from its reward and its T + 1 critic values."""
+def gae(reward: float, values: np.ndarray, gamma: float, lam: float,
+        mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Advantages and returns of one response from its reward and its T + 1 critic values.
+
+    ``mask`` (the record's ``loss_mask``, False = environment token): the recursion runs over the
+    policy tokens alone, each one's next value being V before the next policy token (environment
+    spans are part of the transition, and γ, λ count policy steps); the reward sits on the last
+    policy token. Environment tokens get advantage 0 and return V_t, so the critic, which trains
+    on policy tokens only, has no target there (docs/design.md §3.6)."""
+    if mask is not None and not mask.all():
+        v = np.asarray(values, dtype=np.float64)
+        pos, policy_v = compress(v, mask)
+        adv, ret = gae(reward, policy_v, gamma, lam)
+        return expand(pos, adv, np.zeros(len(mask))), expand(pos, ret, v[:len(mask)])
     v = np.asarray(values, dtype=np.float64)
     T = len(v) - 1
     nxt = np.empty(T, dtype=np.float64)

@@ -53,11 +53,13 @@ def group_progress(label: str, quiet: bool, total: int | None = None):
     if quiet:
         yield None
         return
+    from tcli.stages.sample import sampled_tokens
+
     if not progress_enabled(quiet):
         from tcli.progress import LineProgress
 
         lines = LineProgress(label, total)
-        yield lambda group: lines.advance(1, tokens=sum(len(r["token_ids"]) for r in group))
+        yield lambda group: lines.advance(1, tokens=sum(map(sampled_tokens, group)))
         lines.finish()
         return
     from rich.progress import (BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn)
@@ -69,7 +71,7 @@ def group_progress(label: str, quiet: bool, total: int | None = None):
     t0, tokens = time.perf_counter(), [0]
 
     def on_group(group: list[dict]) -> None:
-        tokens[0] += sum(len(r["token_ids"]) for r in group)
+        tokens[0] += sum(map(sampled_tokens, group))
         bar.update(task, advance=1, tps=tokens[0] / max(time.perf_counter() - t0, 1e-9))
 
     with bar:

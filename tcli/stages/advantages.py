@@ -13,9 +13,10 @@ import numpy as np
 
 from tcli import SCHEMA
 from tcli.algos.estimators import HUGE, Advantages, Group, compute_advantages, needs
+from tcli.algos.masks import policy_count
 from tcli.algos.shaping import overlong_penalty
 from tcli.errors import DataError
-from tcli.records import at_record, float_array
+from tcli.records import at_record, float_array, loss_mask
 from tcli.stages.tree import write_tree
 
 
@@ -36,7 +37,8 @@ class AdvantageStats:
     def add(self, group: Group, result: Advantages) -> None:
         self.groups += 1
         self.zero_variance_groups += result.zero_variance
-        self.tokens += int(sum(len(a) for a in result.per_token))
+        self.tokens += policy_count(group.masks or [None] * len(result.per_token),
+                                    [len(a) for a in result.per_token])  # policy tokens
         if self.branch:
             self.branch_tokens += group.branch_tokens()
         with np.errstate(over="ignore"):  # sums of rewards near 1e308 are inf, not a warning
@@ -105,22 +107,28 @@ def advantages_group(group: Group, opt, stats: AdvantageStats | None = None) -> 
 
 
 def whiten(records: list[dict]) -> list[dict]:
-    """Advantages shifted and scaled to mean 0 and std 1 over every token of ``records`` (PPO's
+    """Advantages shifted and scaled to mean 0 and std 1 over every policy token of ``records``
+    (environment tokens stay 0 and count nowhere, docs/design.md §3.6; PPO's
     batch whitening, REINFORCE++'s batch normalisation); ``returns`` keep the reward scale, they
     are the critic's targets. Huge values are divided by a power of two first (exact), so the
     mean and the squares cannot overflow."""
     if not records:
         return records
-    flat = np.concatenate([np.asarray(r["advantages"], dtype=np.float64) for r in records])
+    masks = [loss_mask(r, len(r["advantages"])) for r in records]
+    arrays = [np.asarray(r["advantages"], dtype=np.float64) for r in records]
+    flat = np.concatenate([a if m is None else a[m] for a, m in zip(arrays, masks)])
     if flat.size == 0:
         return records
     top = float(np.abs(flat).max())  # advantages near 1e308: statistics of a / 2**k (exact)
     scale = 1.0 if top <= HUGE else math.ldexp(1.0, math.frexp(top)[1] - 1)
     flat /= scale
     mean, std = float(flat.mean()), float(flat.std())
-    for rec in records:
-        a = np.asarray(rec["advantages"], dtype=np.float64) / scale
-        rec["advantages"] = ((a - mean) / (std + 1e-8 / scale)).tolist()
+    for rec, a, m in zip(records, arrays, masks):
+        a = a / scale
+        a = (a - mean) / (std + 1e-8 / scale)
+        if m is not None:
+            a[~m] = 0.0  # environment tokens: no advantage, outside the statistics (§3.6)
+        rec["advantages"] = a.tolist()
     return records
 
 

@@ -62,17 +62,26 @@ def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: Tre
     return out
 
 
+def sampled_tokens(rec: dict, start: int = 0, end: int | None = None) -> int:
+    """Tokens the policy generated among ``token_ids[start:end]``: environment tokens
+    (``loss_mask`` 0, tool output) were not sampled and do not count (docs/design.md §3.6)."""
+    mask = rec.get("loss_mask")
+    stop = len(rec["token_ids"]) if end is None else end
+    return stop - start if mask is None else int(sum(mask[start:stop]))
+
+
 def token_counts(records: Iterable[dict]) -> tuple[int, int]:
-    """(unique, leaf) generated tokens of rollout records.
+    """(unique, leaf) generated tokens of rollout records: policy tokens only.
 
     ``leaf`` sums every response's length; ``unique`` counts each generated token once: a tree
     node's segment (identified by prompt and node path) is generated once however many leaves
     share it. Independent samples share nothing, so there both are equal. Token budgets and
-    tokens/s use ``unique``: that is the sampling work done."""
+    tokens/s use ``unique``: that is the sampling work done. Environment tokens (a tool's output,
+    ``loss_mask`` 0) are not sampled and count in neither."""
     seen: set = set()
     unique = leaf = 0
     for r in records:
-        toks, path, ends = len(r["token_ids"]), r.get("node_path") or [], r.get("segment_ends") or []
+        toks, path, ends = sampled_tokens(r), r.get("node_path") or [], r.get("segment_ends") or []
         leaf += toks
         if not path:
             unique += toks
@@ -81,7 +90,7 @@ def token_counts(records: Iterable[dict]) -> tuple[int, int]:
             key = (r["prompt_id"], tuple(path[:k + 1]))
             if key not in seen:
                 seen.add(key)
-                unique += end - (ends[k - 1] if k else 0)
+                unique += sampled_tokens(r, ends[k - 1] if k else 0, end)
     return unique, leaf
 
 

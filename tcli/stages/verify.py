@@ -53,7 +53,7 @@ __all__ = ["verify_records", "start_pool", "prepare", "run_one", "default_worker
 # fields that are large and that no verifier needs: never copied to the workers
 HEAVY_FIELDS = frozenset({"token_ids", "prompt_token_ids", "logprobs", "values", "branch",
                           "advantages", "segment_ends", "ref_logprobs", "old_logprobs",
-                          "entropies"})
+                          "entropies", "loss_mask"})
 WINDOW_CHARS = 64 << 20  # characters of response text held at once (besides the record count)
 # verifiers that cannot hang: bounded work on a bounded tail of the response, measured on
 # adversarial inputs (tests/unit/test_verify_inline.py keeps each under a bound); they run here

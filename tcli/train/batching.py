@@ -57,6 +57,24 @@ class MicroBatch:
         return tree_attention(*models)
 
 
+def policy_mask(mask, samples, idxs):
+    """``mask`` (real response tokens, [B, R]) without the environment tokens of the samples'
+    ``loss_mask`` (docs/design.md §3.6), and whether anything was taken out. Every loss term,
+    its normalisation and every per-token metric read this mask, so environment tokens get no
+    loss, no KL and no gradient; the model still runs over them as context."""
+    masks = [getattr(samples[i], "loss_mask", None) for i in idxs]
+    if all(m is None for m in masks):
+        return mask, False
+    import numpy as np
+    import torch
+
+    keep = np.ones(tuple(mask.shape), dtype=bool)
+    for row, m in enumerate(masks):
+        if m is not None:
+            keep[row, :len(m)] = m
+    return mask & torch.from_numpy(keep).to(mask.device), True
+
+
 @LAYOUTS.register("padded")
 def padded_micro_batches(samples, mb: Sequence[int], budget: int, world_size: int,
                          rank: int) -> list[MicroBatch]:

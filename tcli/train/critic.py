@@ -6,7 +6,8 @@ sampling time, R = ``returns``, c = ``value_clip``)::
     V_clip = V_old + clamp(V - V_old, -c, c)
     loss_t = 0.5 * max((V - R)^2, (V_clip - R)^2)         (c = 0: 0.5 * (V - R)^2)
 
-averaged over all response tokens of a mini-batch. The critic reuses the policy Trainer's
+averaged over all policy response tokens of a mini-batch (environment tokens, ``loss_mask`` 0,
+have no value target: docs/design.md §3.6). The critic reuses the policy Trainer's
 machinery (token-budget micro-batches, the global denominator, DDP under torchrun, grad-norm clip,
 AdamW state in an atomic checkpoint): only loading, the per-micro-batch loss and the metrics differ.
 """
@@ -22,6 +23,7 @@ import numpy as np
 from tcli.errors import DataError
 from tcli.train.dist import DistInfo
 from tcli.train.metrics import StepStats
+from tcli.train.samples import policy_tokens
 from tcli.train.trainer import Trainer
 
 
@@ -34,6 +36,7 @@ class CriticSample:
     old_values: np.ndarray   # float32, V_t at sampling time for t < T
     returns: np.ndarray      # float32
     line: int = 0
+    loss_mask: np.ndarray | None = None  # bool: no value target on environment tokens (§3.6)
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.tokens)
@@ -42,7 +45,7 @@ class CriticSample:
 def critic_samples(records: Iterable, source: str = "<records>",
                    vocab_size: int | None = None) -> list[CriticSample]:
     """Records (dicts or (line, dict) pairs) to validated samples; DataError names the field."""
-    from tcli.records import as_float32, float_array, token_array
+    from tcli.records import as_float32, float_array, loss_mask, token_array
 
     out = []
     for i, item in enumerate(records, 1):
@@ -53,9 +56,11 @@ def critic_samples(records: Iterable, source: str = "<records>",
             old = as_float32(float_array(rec, "critic_values", len(toks) + 1)[:-1],
                              "critic_values")
             ret = as_float32(float_array(rec, "returns", len(toks)), "returns")
+            mask = loss_mask(rec, len(toks))
         except DataError as e:
             raise e.located(source, line) from None
-        out.append(CriticSample(prompt, toks, old, ret, line))
+        out.append(CriticSample(prompt, toks, old, ret, line,
+                                None if mask is None or mask.all() else mask))
     return out
 
 
@@ -103,7 +108,7 @@ class CriticTrainer(Trainer):
         """epochs x mini_batches optimizer steps on ``records`` (CriticSamples or dicts)."""
         samples = [s for s in (records if all(isinstance(s, CriticSample) for s in records)
                                else critic_samples(records, vocab_size=self.vocab_size))
-                   if len(s.tokens)]
+                   if policy_tokens(s)]
         stats, self.sums = StepStats(), ValueSums()
         t0 = time.perf_counter()
         self._run_epochs(samples, stats, {})
@@ -115,6 +120,7 @@ class CriticTrainer(Trainer):
         import torch
 
         from tcli.models.critic import value_rows
+        from tcli.train.batching import policy_mask
 
         idxs = micro.idxs
         rows, spans = value_rows(self.ddp, [samples[i].prompt for i in idxs],
@@ -125,6 +131,7 @@ class CriticTrainer(Trainer):
         v = rows.gather(1, (starts[:, None] + steps[None, :]).clamp(max=rows.shape[1] - 1))
         mask = steps[None, :] < torch.tensor([len(samples[i].tokens) for i in idxs],
                                              device=self.device)[:, None]
+        mask, _ = policy_mask(mask, samples, idxs)  # value targets on policy tokens only
         old = self._pad([samples[i].old_values for i in idxs], R)
         ret = self._pad([samples[i].returns for i in idxs], R)
         loss, clipped = value_loss(v, old, ret, self.copts.value_clip)

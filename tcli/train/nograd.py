@@ -61,6 +61,7 @@ class NoGradPasses:
         micro-batches, then gathered. Adds the sampler/trainer mismatch to ``stats``."""
         import torch
 
+        from tcli.train.batching import policy_mask
         from tcli.train.loss import mismatch_sums
 
         micro = self.layout(samples, list(range(len(samples))), self.opts.micro_batch_tokens,
@@ -79,6 +80,7 @@ class NoGradPasses:
                     lp, _, mask = m.logprobs(self.model, samples, self.device, pad_id=self.pad_id,
                                              temperature=self.temperature, with_entropy=False)
                 lp = lp.float()
+                mask, _ = policy_mask(mask, samples, m.idxs)  # mismatch over policy tokens
                 sampler = self._pad([samples[i].old_logp for i in m.idxs], mask.shape[1])
                 stats.add_mismatch(mismatch_sums(lp, sampler, mask, self.opts.tis_cap))
                 for row, i in enumerate(m.idxs):

@@ -8,6 +8,10 @@ in a fraction of a second with the file, line and field.
 it is T = 1 (older records); T = 0 (greedy) is read as 1 (a greedy sample has no tempered
 distribution; the sampler records raw log-probs for it). One batch has one T: mixed values are a
 data error naming the first record that differs.
+
+``loss_mask`` (optional, docs/design.md §3.6) marks a tool's output inside ``token_ids``: those
+tokens are context only; their log-probs and advantages are ignored (set to 0 here) and the
+trainer leaves them out of every loss term and count.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import math
 import numpy as np
 
 from tcli.errors import DataError
-from tcli.records import as_float32, float_array, token_array
+from tcli.records import as_float32, float_array, loss_mask, token_array
 
 LOGPROB_TOLERANCE = 1e-3  # a log-prob above this is not a log-prob (float noise stays below)
 
@@ -36,9 +40,21 @@ class TrainSample:
     line: int = 0
     temperature: float = 1.0  # sampling temperature of old_logp (0 is read as 1)
     truncated: bool = False   # finish_reason "length": the response hit the sampling cap
+    loss_mask: np.ndarray | None = None  # bool, False = environment token (None: all policy)
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.tokens)
+
+    @property
+    def policy_tokens(self) -> int:
+        """Tokens the loss sees: the policy's, not the environment's (docs/design.md §3.6)."""
+        return policy_tokens(self)
+
+
+def policy_tokens(sample) -> int:
+    """Policy tokens of a sample with ``tokens`` and an optional ``loss_mask``."""
+    m = getattr(sample, "loss_mask", None)
+    return len(sample.tokens) if m is None else int(m.sum())
 
 
 def sample_from_record(rec: dict, vocab_size: int | None = None) -> TrainSample:
@@ -48,12 +64,17 @@ def sample_from_record(rec: dict, vocab_size: int | None = None) -> TrainSample:
     if len(prompt) == 0:
         raise DataError("is empty; the first response token needs a context", field="prompt_token_ids")
     logp = float_array(rec, "logprobs", len(tokens))
+    adv = float_array(rec, "advantages", len(tokens))
+    mask = loss_mask(rec, len(tokens))
+    if mask is not None:  # environment tokens: their log-probs and advantages are ignored
+        mask = None if mask.all() else mask
+        if mask is not None:
+            logp, adv = np.where(mask, logp, 0.0), np.where(mask, adv, 0.0)
     if len(logp) and logp.max() > LOGPROB_TOLERANCE:
         raise DataError(f"log-probs must be <= 0, got {logp.max():.6g}", field="logprobs")
-    adv = float_array(rec, "advantages", len(tokens))
     sample = TrainSample(prompt, tokens, as_float32(logp, "logprobs"),
                          as_float32(adv, "advantages"), temperature=record_temperature(rec),
-                         truncated=rec.get("finish_reason") == "length")
+                         truncated=rec.get("finish_reason") == "length", loss_mask=mask)
     if vocab_size is not None:
         check_vocab(sample, vocab_size)
     return sample
@@ -119,4 +140,5 @@ def as_samples(items: Sequence, vocab_size: int) -> list[TrainSample]:
     else:
         samples = samples_from_records(items, vocab_size=vocab_size)
     batch_temperature(samples)
-    return [s for s in samples if len(s.tokens) > 0]  # nothing to learn from empty responses
+    # nothing to learn from empty responses, or from ones without a policy token
+    return [s for s in samples if s.policy_tokens > 0]

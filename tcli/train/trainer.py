@@ -32,7 +32,7 @@ from tcli.errors import TcliError, UsageError
 from tcli.train.dist import DistInfo, init_distributed, resolve_device
 from tcli.train.metrics import StepStats
 from tcli.train.nograd import NoGradPasses
-from tcli.train.samples import TrainSample, as_samples, batch_temperature
+from tcli.train.samples import TrainSample, as_samples, batch_temperature, policy_tokens
 
 ADAM_BETAS = (0.9, 0.999)
 _LIBC: list = []
@@ -259,7 +259,7 @@ class Trainer(NoGradPasses):
                             self.dist.rank)
         mine = [i for m in micro for i in m.idxs]
         # global denominator first: every micro-batch divides by the same number
-        g_tok, g_seq = self._allreduce([float(sum(len(samples[i].tokens) for i in mine)),
+        g_tok, g_seq = self._allreduce([float(sum(policy_tokens(samples[i]) for i in mine)),
                                         float(len(mine))])
         denom = g_tok if self.agg.by_tokens else g_seq
         if denom <= 0:
@@ -289,6 +289,7 @@ class Trainer(NoGradPasses):
     def _micro_step(self, samples: list[TrainSample], micro, denom: float, stats: StepStats,
                     ref_cache: dict) -> None:
         """Forward + backward of one micro-batch (loss numerator / global denominator)."""
+        from tcli.train.batching import policy_mask
         from tcli.train.loss import mismatch_sums, tis_weights
 
         idxs = micro.idxs
@@ -297,6 +298,9 @@ class Trainer(NoGradPasses):
             with self._autocast():
                 logp, ent, mask = micro.logprobs(self.ddp, samples, self.device, pad_id=self.pad_id,
                                                  temperature=self.temperature, with_entropy=True)
+            mask, masked = policy_mask(mask, samples, idxs)  # environment tokens out (§3.6)
+            if masked:
+                ent = ent.masked_fill(~mask, 0.0)
             R = mask.shape[1]
             old = self._pad([samples[i].old_logp for i in idxs], R)  # the sampler's log-probs
             w = None
