@@ -10,7 +10,7 @@ PIP     = $(VENV)/bin/pip
 STAMP   = $(VENV)/.tcli-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-real test demo demo-real demo-pipeline compare bench test-vllm test-real bench-logprobs bench-peer clean
+.PHONY: install install-real test demo demo-real demo-pipeline compare bench test-vllm test-real bench-logprobs bench-peer clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -83,3 +83,17 @@ bench-peer: $(TRL_VENV)/.installed
 	  $(TRL_VENV)/bin/python -m examples.arith.make_data --out runs/demo/data --n-train 2000 --n-test 200 --seed 0 && \
 	  OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python -m examples.arith.warmstart --out runs/demo/sft --data runs/demo/data --eval-n 0 --seed 0; }
 	$(TRL_VENV)/bin/python bench/bench_peer_trl.py
+
+# Wheels a GPU machine without network needs besides torch/transformers/peft/typer/pyarrow/rich
+# (bench/gpu_check.sh installs them from .whl/): tcli's own pure-Python and binary dependencies,
+# for CPython 3.11 and 3.12 on manylinux x86_64. sympy comes with torch; matplotlib is optional.
+GPU_WHEELS ?= orjson==3.13.0 math-verify==0.9.0 latex2sympy2_extended==1.11.0 \
+	antlr4-python3-runtime==4.13.2
+gpu-wheels:
+	mkdir -p .whl
+	for v in 3.11 3.12; do \
+		$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d .whl \
+			--implementation cp --python-version $$v --platform manylinux_2_17_x86_64 \
+			--platform manylinux2014_x86_64 $(GPU_WHEELS) || exit 1; \
+	done
+	ls .whl

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Multi-GPU TEMPO on GSM8K, one stage per process: vllm samples on one GPU, then torchrun trains
-# with FSDP2 on all of them (`tcli loop` under torchrun is not wired yet: the loop is one process).
+# with FSDP2 on all of them (`tcli loop` runs under torchrun too, but every rank then samples with
+# the hf engine; this pipeline is the way to sample with vllm on several GPUs).
 #   MODEL=/models/Qwen3-1.7B NGPU=4 examples/gsm8k/pipeline.sh
 # Per step: the next PROMPTS prompts -> sample-tree (vllm, bf16) -> verify -> build-tree ->
 # advantages -> torchrun train-step --parallel fsdp -> a normal checkpoint the next step samples from.

@@ -19,7 +19,7 @@ from tcli.config.choices import (
     kl_estimator_names, lr_schedule_names, check_template, check_device, check_tasks,
 )
 from tcli.config.spec import (Options, at_least, finite, finite_at_least, in_range, like, setting)
-from tcli.engines.sampling import SamplingConfig
+from tcli.engines.sampling import GRAPH_MODES, SamplingConfig
 from tcli.errors import UsageError
 
 _TEMPLATE_HELP = ("Prompt template: auto (choice when the record has choices, else boxed), boxed, "
@@ -75,20 +75,27 @@ class SampleOptions(Options):
     prompt_template: str = setting("auto", _TEMPLATE_HELP, check=check_template)
     chat_template: Optional[bool] = setting(
         None, "Wrap the prompt in the tokenizer's chat template (default: when it has one).")
-    batch_tokens: int = setting(65536, "hf: memory bound, max cached tokens (rows x length) per "
-                                "forward batch.", check=at_least(1))
+    batch_tokens: Optional[int] = setting(None, "hf: memory bound, max cached tokens (rows x "
+                                          "length) per forward batch (default: 65536 on a CPU, "
+                                          "a quarter of the free memory on CUDA).",
+                                          check=at_least(1))
     prompts_per_batch: int = setting(16, "Prompts per engine call (their frontier nodes are "
                                      "batched together).", check=at_least(1))
     device: Optional[str] = setting(None, "hf: auto, cpu, cuda or cuda:N (default auto).",
                                     check=check_device)
     dtype: Optional[str] = setting(None, "Weights dtype for sampling (default float32).",
                                    choices=lambda: DTYPES)
+    cuda_graphs: str = setting("auto", "hf: replay the one-token decode step as CUDA graphs "
+                               "(auto: on CUDA; on: needs CUDA).", choices=lambda: GRAPH_MODES)
     gpu_memory_utilization: float = setting(0.9, "vllm: fraction of the GPU's memory its engine "
                                             "takes (weights + KV cache); lower it when the "
                                             "trainer shares the GPU (loop, one GPU).",
                                             check=in_range(0.0, 1.0, lo_open=True))
 
     def check(self) -> None:
+        if self.cuda_graphs == "on" and self.device == "cpu":
+            raise UsageError(f"{self.label('cuda_graphs')} on needs a CUDA device, got "
+                             f"{self.label('device')} cpu")
         if (self.mode == "tree" and self.branch == "entropy"
                 and self.min_segment_tokens >= self.max_new_tokens):  # no token could split
             raise UsageError(f"{self.label('min_segment_tokens')} must be below "

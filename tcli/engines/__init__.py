@@ -22,7 +22,7 @@ def _hf(model: str, opts, *, seed: int = 0, trainer=None) -> Engine:
     from tcli.engines.hf import HFEngine
 
     return HFEngine(model, device=opts.device, dtype=opts.dtype, batch_tokens=opts.batch_tokens,
-                    trainer=trainer)
+                    trainer=trainer, cuda_graphs=getattr(opts, "cuda_graphs", "auto"))
 
 
 @ENGINES.register("vllm")

@@ -21,6 +21,9 @@ from typing import Optional, Sequence
 import torch
 
 from tcli.engines.base import Engine
+from tcli.engines.blocks import decode_segment, out_of_pool
+from tcli.engines.cuda_graphs import (STOP_EVERY, GraphDecoder, PoolCache, auto_batch_tokens,
+                                      graphs_enabled, kv_bytes_per_token)
 from tcli.engines.entropy_tree import sample_entropy_tree
 from tcli.engines.kv import fork_cache, new_cache, trim_left
 from tcli.engines.rng import prompt_key, uniforms
@@ -45,10 +48,14 @@ class HFEngine(Engine):
     exact_entropy = True   # the full next-token distribution is at hand
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
-                 batch_tokens: int = DEFAULT_BATCH_TOKENS, policy_version: int | None = None,
-                 attn_implementation: str | None = None, trainer=None, kv_cache: str = "static"):
+                 batch_tokens: int | None = None, policy_version: int | None = None,
+                 attn_implementation: str | None = None, trainer=None, kv_cache: str = "static",
+                 cuda_graphs: str = "auto", stop_every: int = 0):
         """``kv_cache``: ``static`` (preallocated buffers, tcli/engines/kv.py) or ``dynamic``
-        (transformers' DynamicCache, one concatenation per token; kept to compare)."""
+        (transformers' DynamicCache, one concatenation per token; kept to compare).
+        ``batch_tokens`` None: 65536 on a CPU, a share of the free memory on CUDA.
+        ``cuda_graphs`` auto/on/off and ``stop_every`` (tokens between host checks, 0: 8 with
+        graphs, else 1): the graphed decode step of tcli/engines/cuda_graphs.py."""
         quiet_transformers()
         if trainer is not None:
             device = str(next(trainer.model.parameters()).device)
@@ -56,7 +63,9 @@ class HFEngine(Engine):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
-        self.batch_tokens = int(batch_tokens)
+        self.cuda_graphs = graphs_enabled(cuda_graphs, self.device)
+        self.stop_every = int(stop_every) or (STOP_EVERY if self.cuda_graphs else 1)
+        self.batch_tokens = batch_tokens
         self.attn_implementation = attn_implementation
         if kv_cache not in ("static", "dynamic"):
             raise ValueError(f"kv_cache must be 'static' or 'dynamic', got {kv_cache!r}")
@@ -88,6 +97,14 @@ class HFEngine(Engine):
         """Sample from ``model`` (loaded here or shared with a trainer)."""
         self.model = model
         self.model_path = model_dir
+        self._graphs = GraphDecoder(self, capture=True) if self.cuda_graphs else None
+        if self.batch_tokens is None:
+            self.batch_tokens = DEFAULT_BATCH_TOKENS
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                self.batch_tokens = auto_batch_tokens(free, kv_bytes_per_token(
+                    model.config, next(model.parameters()).dtype))
+        self.batch_tokens = int(self.batch_tokens)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = ("logits_to_keep" if "logits_to_keep" in params else
@@ -187,6 +204,8 @@ class HFEngine(Engine):
             room = cfg.max_new_tokens - len(parent.nodes[0].tokens)
             seg = room if level == depth else min(segment_tokens, room)
             per = max(1, self.batch_tokens // (parent.mask.shape[1] + seg))
+            if self._graphs is not None:  # pieces the graph pool holds
+                per = min(per, self._graphs.max_rows)
             if len(pairs) > per:
                 pieces = [pairs[i:i + per] for i in range(0, len(pairs), per)]
                 stack.extend((parent, p) for p in reversed(pieces[1:]))
@@ -255,8 +274,12 @@ class HFEngine(Engine):
         """Children (row, child index) of parent rows: the cache rows are gathered, never
         recomputed, into a cache with ``room`` free columns for the segment to come."""
         rows = torch.tensor([r for r, _ in pairs], dtype=torch.long, device=self.device)
-        cache = fork_cache(parent.cache, rows, room)  # the parent's tensors stay untouched
         nodes = [parent.nodes[r].child(c) for r, c in pairs]
+        if self._graphs is not None:
+            st = self._graphs.fork(parent, rows, nodes, room)
+            if st is not None:
+                return st
+        cache = fork_cache(parent.cache, rows, room)  # the parent's tensors stay untouched
         st = Rows(cache, parent.mask[rows], parent.pos[rows], parent.logits[rows], nodes)
         self._trim_left(st)
         return st
@@ -266,7 +289,10 @@ class HFEngine(Engine):
         repeated is forked, a row left out has ended); the caller keeps ``nodes`` and
         ``logits`` in step."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.device)
-        st.cache.batch_select_indices(idx)
+        if isinstance(st.cache, PoolCache):
+            st.cache = st.cache.select(idx, st.mask.shape[1])
+        else:
+            st.cache.batch_select_indices(idx)
         st.mask, st.pos = st.mask[idx], st.pos[idx]
         self._trim_left(st)
 
@@ -289,12 +315,16 @@ class HFEngine(Engine):
         """Feed each row its new token ``tok``: the cache grows by one column, ``logits`` are
         the next token's."""
         st.mask = torch.cat([st.mask, st.mask.new_ones((len(st.nodes), 1))], dim=1)
-        st.logits = self._forward(tok.unsqueeze(1), st.mask, st.pos.unsqueeze(1), st.cache)
+        if isinstance(st.cache, PoolCache):
+            st.logits = st.cache.step(tok)
+        else:
+            st.logits = self._forward(tok.unsqueeze(1), st.mask, st.pos.unsqueeze(1), st.cache)
         st.pos = st.pos + 1
 
-    def _sample(self, logits, keys, step: int, cfg: SamplingConfig):
+    def _sample(self, logits, keys, step: int, cfg: SamplingConfig, u=None):
         """Next token per row and its behaviour log-prob: log-softmax of logits / T (T = 1 when
-        greedy), before top-p and the min-tokens EOS mask, as train-step recomputes it."""
+        greedy), before top-p and the min-tokens EOS mask, as train-step recomputes it. ``u``:
+        the rows' uniforms already on the device (else computed from ``keys``)."""
         t = logprob_temperature(cfg.temperature)
         logp = torch.log_softmax(logits if t == 1 else logits / t, dim=-1)
         scores = logits
@@ -305,7 +335,8 @@ class HFEngine(Engine):
             tok = scores.argmax(dim=-1)
         else:
             probs = torch.softmax(scores / cfg.temperature, dim=-1).double()
-            u = torch.from_numpy(uniforms(keys, step)).to(probs.device)
+            if u is None:
+                u = torch.from_numpy(uniforms(keys, step)).to(probs.device)
             if cfg.top_p < 1.0:
                 sp, si = probs.sort(dim=-1, descending=True, stable=True)
                 keep = (sp.cumsum(-1) - sp) < cfg.top_p  # the smallest prefix reaching top_p
@@ -325,6 +356,8 @@ class HFEngine(Engine):
         Returns the rows still running (their cache includes the last token and ``logits`` is the
         distribution of the next one), or None when all finished.
         """
+        if self.stop_every > 1:
+            return decode_segment(self, st, last_level, seg, cfg, leaves, top_k)
         start = len(st.nodes[0].tokens)
         for t in range(seg):
             step = start + t
@@ -344,4 +377,4 @@ class HFEngine(Engine):
             self.advance(st, tok)
         for node in st.nodes:
             node.ends.append(len(node.tokens))
-        return st
+        return out_of_pool(st)

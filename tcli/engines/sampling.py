@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 
+GRAPH_MODES = ("auto", "on", "off")   # the hf engine's --cuda-graphs (engines/cuda_graphs.py)
 ENTROPY_TOP_K = 20   # log-probs per token behind the generic entropy estimate (vLLM's default cap)
 
 

@@ -118,7 +118,9 @@ def _preserve_global_rng():
     """vLLM seeds the global random/numpy/torch generators when it starts; in-process that would
     reset the caller's (e.g. the trainer's) random state, so put them back afterwards."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    # only a CUDA context that already exists: creating one here would force vLLM's workers to
+    # be spawned instead of forked, and nothing of the caller's lives on an unused GPU anyway
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         yield
     finally:
@@ -372,7 +374,7 @@ class VLLMEngine(Engine):
         path = self.model_path
         with tempfile.TemporaryDirectory(prefix="tcli-sync-") as tmp:
             ckpt = os.path.join(tmp, "weights")
-            trainer.save(ckpt, {})
+            trainer.save(ckpt, {}, optimizer=False)  # weights only: AdamW state is 2x more
             self.load_weights(ckpt, trainer.policy_version)
         self.model_path = path  # records name the run's model, not the temporary copy
 

@@ -372,14 +372,17 @@ class Trainer(NoGradPasses):
                 "config": self.opts.to_dict(), "parent": os.path.abspath(self.model_dir),
                 **dict(extra_state or {})}
 
-    def save(self, out_dir: str, extra_state: Mapping | None = None) -> str:
+    def save(self, out_dir: str, extra_state: Mapping | None = None, *,
+             optimizer: bool = True) -> str:
         """Atomic checkpoint (weights, tokenizer, optimizer.pt, tcli_state.json) from rank 0;
         the other ranks wait for it so nobody reads a half-written directory. Sharded: weights
-        and optimizer state are gathered to rank 0 first. LoRA: an adapter directory."""
+        and optimizer state are gathered to rank 0 first. LoRA: an adapter directory.
+        ``optimizer=False``: weights only (an engine's weight sync never reads optimizer.pt)."""
         from tcli.models.checkpoint import save_pretrained_atomic
         from tcli.train import lora, parallel
 
-        model, opt, stand_in = self.peft or self.model, self.optimizer, None
+        model, stand_in = self.peft or self.model, None
+        opt = self.optimizer if optimizer else None
         if self.sharded:
             stand_in, opt = parallel.gathered(model, opt, trainable_only=self.peft is not None)
         state = self.state(extra_state)

@@ -1,0 +1,232 @@
+"""The hf engine and trainer on one GPU: what the graphed decode step buys, and a loop step.
+
+Nothing is downloaded: models are random weights with the published shapes of SmolLM2-135M
+(Llama) and Qwen3-0.6B, and the tokenizer is a local word-level one with the model's vocabulary
+size (examples/real/demo.toml's loop step runs on it). Rows printed:
+
+- decode tokens/s, eager vs graphed (``--cuda-graphs off|on``), one prompt forked to 16/64/128/256
+  rows, 64 tokens each (EOS masked: every row decodes to the end);
+- independent vs tree sampling (width 4, depth 3) per leaf, graphed;
+- train-step tokens/s with and without prefix sharing (bf16 autocast, trees of bench_train.py);
+- one ``tcli loop`` step of examples/real/demo.toml (16 prompts x 8 samples, <= 48 tokens, TEMPO)
+  on the SmolLM2 shape, split into sample / verify / train.
+
+Targets (PASS/FAIL lines, exit 1 on a FAIL): graphed decode >= 5x eager tokens/s at batch 128 on
+the 135M shape; loop step <= 0.35 s. ``--device cpu --small`` runs tiny shapes, skips the graph
+rows and the targets (a smoke test that the script works).
+
+    python bench/bench_gpu.py [--device cuda] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SMOLLM2 = dict(arch="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
+               max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+               tie_word_embeddings=True)
+QWEN3_06B = dict(arch="qwen3", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, intermediate_size=3072, vocab_size=151936,
+                 max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                 tie_word_embeddings=True)
+SMALL = dict(arch="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=128, vocab_size=512,
+             max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
+             tie_word_embeddings=True)
+TARGET_SPEEDUP, TARGET_LOOP_S = 5.0, 0.35
+
+
+def tokenizer(vocab_size: int):
+    """A word-level tokenizer of exactly ``vocab_size`` ids: characters, then filler words."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tcli.models.tiny import DEFAULT_ALPHABET
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for ch in sorted(set(DEFAULT_ALPHABET)):
+        vocab.setdefault(ch, len(vocab))
+    while len(vocab) < vocab_size:
+        vocab[f"<w{len(vocab)}>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.padding_side = "left"
+    return fast
+
+
+def make_model(out: str, shape: dict, seed: int = 0) -> str:
+    """A random-weight checkpoint of ``shape`` with the local tokenizer, saved to ``out``."""
+    import torch
+    from transformers import LlamaConfig, Qwen3Config
+
+    torch.manual_seed(seed)
+    kw = {k: v for k, v in shape.items() if k != "arch"}
+    cfg = (LlamaConfig if shape["arch"] == "llama" else Qwen3Config)(
+        bos_token_id=1, eos_token_id=1, pad_token_id=0, **kw)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tokenizer(shape["vocab_size"]).save_pretrained(out)
+    return out
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def decode_rate(model: str, device: str, graphs: str, rows: int, tokens: int) -> float:
+    """Generated tokens/s of one prompt forked to ``rows`` rows (best of two calls)."""
+    from tcli.engines.hf import HFEngine
+    from tcli.engines.sampling import SamplingConfig
+
+    engine = HFEngine(model, device=device, dtype="bfloat16", cuda_graphs=graphs)
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=tokens, min_new_tokens=tokens, seed=0)
+    prompt = [list(range(3, 35))]
+    best = 0.0
+    for _ in range(2):  # the first call captures the graphs and warms the allocator
+        engine.generated_tokens = 0
+        _sync(device)
+        t0 = time.perf_counter()
+        engine.generate(prompt, rows, cfg)
+        _sync(device)
+        best = max(best, engine.generated_tokens / (time.perf_counter() - t0))
+    return best
+
+
+def per_leaf(model: str, device: str, graphs: str, tokens: int) -> dict:
+    """Seconds per leaf: 64 independent samples vs a width-4 depth-3 tree (64 leaves)."""
+    from tcli.engines.hf import HFEngine
+    from tcli.engines.sampling import SamplingConfig
+
+    engine = HFEngine(model, device=device, dtype="bfloat16", cuda_graphs=graphs)
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=tokens, min_new_tokens=tokens, seed=0)
+    prompts = [list(range(3, 35)), list(range(40, 60))]
+    out = {}
+    for name, run in (("independent", lambda: engine.generate(prompts, 64, cfg)),
+                      ("tree", lambda: engine.sample_tree(prompts, 4, 3, tokens // 3, cfg))):
+        run()
+        _sync(device)
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        out[name] = (time.perf_counter() - t0) / (2 * 64)
+    return out
+
+
+def train_rates(model: str, device: str, small: bool) -> dict:
+    """train-step tokens/s (response tokens per second) with and without prefix sharing."""
+    import numpy as np
+
+    from bench.bench_train import _samples, tree_rollouts
+    from tcli.config.stages import TrainOptions
+    from tcli.train.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    pairs = tree_rollouts(rng, 2 if small else 8, 64 if small else 256, seg=8 if small else 32)
+    samples = _samples(pairs, rng)
+    tokens = sum(len(r) for _, r in pairs)
+    out = {}
+    for share in (False, True):
+        tr = Trainer(model, TrainOptions(lr=1e-6, micro_batch_tokens=4096, share_prefix=share,
+                                         device=device, bf16=device.startswith("cuda")))
+        tr.step(samples)
+        _sync(device)
+        t0 = time.perf_counter()
+        tr.step(samples)
+        _sync(device)
+        out["shared" if share else "per-sequence"] = tokens / (time.perf_counter() - t0)
+        del tr
+    return out
+
+
+def loop_step(model: str, device: str, small: bool) -> dict:
+    """Stage seconds of one demo loop step (the second of two: the first warms up). Every group
+    is trained on (``filter_groups`` off: a random model's groups would all be dropped)."""
+    from examples.real.make_data import make_prompts, write_jsonl
+    from tcli.config.loop import load_config
+    from tcli.loop import run_loop
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    records: list[dict] = []
+    with tempfile.TemporaryDirectory() as d:
+        write_jsonl(os.path.join(d, "train.jsonl"), make_prompts(64, 0, "train"))
+        write_jsonl(os.path.join(d, "test.jsonl"), make_prompts(8, 1, "test"))
+        flags = dict(model=model, train_data=os.path.join(d, "train.jsonl"),
+                     eval_data=os.path.join(d, "test.jsonl"), run_dir=os.path.join(d, "run"),
+                     steps=2, max_wall_seconds=0, eval_every=1000, filter_groups=False,
+                     sample_device=device, train_device=device, bf16=device.startswith("cuda"))
+        if small:
+            flags.update(prompts_per_step=4, n=4, max_new_tokens=8)
+        cfg = load_config(os.path.join(root, "examples/real/demo.toml"), flags)
+        run_loop(cfg, log=lambda _: None, on_step=records.extend)
+    rec = [r for r in records if r.get("kind") == "train"][-1]
+    return {k[len("seconds_"):]: v for k, v in rec.items() if k.startswith("seconds_")}
+
+
+def _target(name: str, ok: bool, detail: str) -> bool:
+    print(f"target {name}: {detail} {'PASS' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke test)")
+    args = ap.parse_args()
+    import torch
+
+    from tcli.models.quiet import quiet_transformers
+
+    quiet_transformers()
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device (use --device cpu --small)", file=sys.stderr)
+        return 2
+    ok = True
+    with tempfile.TemporaryDirectory() as d:
+        shapes = {"smollm2-135m": SMOLLM2, "qwen3-0.6b": QWEN3_06B} if not args.small else \
+            {"small": SMALL}
+        models = {name: make_model(os.path.join(d, name), shape) for name, shape in shapes.items()}
+        tokens = 8 if args.small else 64
+        for name, model in models.items():
+            for rows in ((4, 16) if args.small else (16, 64, 128, 256)):
+                rates = {"eager": decode_rate(model, args.device, "off", rows, tokens)}
+                if cuda:
+                    rates["graphed"] = decode_rate(model, args.device, "on", rows, tokens)
+                print(f"decode {name} batch {rows}: " + ", ".join(
+                    f"{k} {v:,.0f} tok/s" for k, v in rates.items())
+                    + (f", x{rates['graphed'] / rates['eager']:.1f}" if cuda else ""), flush=True)
+                if cuda and rows == 128 and name == "smollm2-135m":
+                    ok &= _target("graphed decode >= 5x eager (135M, batch 128)",
+                                  rates["graphed"] >= TARGET_SPEEDUP * rates["eager"],
+                                  f"x{rates['graphed'] / rates['eager']:.2f}")
+        first = next(iter(models.values()))
+        leaf = per_leaf(first, args.device, "on" if cuda else "off", tokens)
+        print("per leaf: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in leaf.items()), flush=True)
+        rates = train_rates(first, args.device, args.small)
+        print("train-step: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in rates.items()),
+              flush=True)
+        sec = loop_step(first, args.device, args.small)
+        step = sum(v for k, v in sec.items() if k != "write")
+        print(f"loop step: {step:.3f} s (" + ", ".join(f"{k} {v:.3f}" for k, v in sec.items())
+              + ")", flush=True)
+        if cuda and not args.small:
+            ok &= _target("loop step <= 0.35 s", step <= TARGET_LOOP_S, f"{step:.3f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
