@@ -37,6 +37,6 @@ timeout 120 $PY -m pytest -q -p no:cacheprovider tests/unit/test_sample_kvcache.
     tests/unit/test_entropy_branch.py tests/unit/test_sample_temperature.py || status=1
 
 echo "== bench/bench_gpu.py"
-timeout 330 $PY bench/bench_gpu.py --device cuda || status=1
+timeout 180 $PY bench/bench_gpu.py --device cuda || status=1
 echo "== gpu_check: exit $status"
 exit $status
