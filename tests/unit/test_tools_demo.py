@@ -1,0 +1,98 @@
+"""examples/tools: the tool-calling task is deterministic, its answers are right, its splits are
+disjoint (no held-out expression is ever trained on), and the warm-start traces are exactly what
+the real toolset parses and returns."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from examples.tools.task import (KINDS, evaluate, expression_of, guess, head_trace, make_prompts,
+                                 split_of)
+
+
+def _value(expr: str) -> int:
+    """The answer computed independently of the generator."""
+    if "*" in expr:
+        a, b = expr.split("*")
+        return int(a) * int(b)
+    return sum(map(int, expr.split("+")))
+
+
+def test_prompts_are_deterministic_and_answers_right():
+    recs = make_prompts(300, 0, "train")
+    assert recs == make_prompts(300, 0, "train")
+    assert make_prompts(30, 0, "train") == recs[:30]          # a prefix: same seed, same file
+    assert make_prompts(30, 1, "train") != recs[:30]
+    assert [r["meta"]["kind"] for r in recs[:6]] == list(KINDS) * 2
+    for r in recs:
+        expr = expression_of(r["prompt"])
+        assert int(r["answer"]) == _value(expr) == evaluate(expr)
+        assert r["prompt"] == f"{expr}=?\n"
+    mul = [expression_of(r["prompt"]) for r in recs if r["meta"]["kind"] == "mul"]
+    assert all(100 <= int(e.split("*")[0]) <= 9999 and 11 <= int(e.split("*")[1]) <= 99
+               for e in mul)
+    assert len({r["id"] for r in recs}) == len({r["prompt"] for r in recs}) == 300
+
+
+def test_splits_are_disjoint_whatever_the_seed():
+    train = {r["prompt"] for s in (0, 1) for r in make_prompts(2000, s, "train")}
+    test = {r["prompt"] for s in (0, 1) for r in make_prompts(300, s, "test")}
+    assert not train & test
+    assert all(split_of(expression_of(p)) == "test" for p in test)
+    assert all(split_of(expression_of(p)) == "train" for p in train)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="split"):
+        make_prompts(3, 0, "dev")
+    with pytest.raises(ValueError, match="not a tools-arith prompt"):
+        expression_of("what is two and two?")
+    with pytest.raises(ValueError, match="not a task expression"):
+        evaluate("2-1")
+
+
+def test_a_guess_keeps_the_leading_digits_and_is_rarely_right():
+    rng = random.Random(0)
+    guesses = [guess(123456, rng) for _ in range(500)]
+    assert all(str(g).startswith("12") and len(str(g)) == 6 for g in guesses)
+    assert sum(g == 123456 for g in guesses) < 25            # 1 in 10,000 on average
+    assert guess(42, rng) == 42                               # nothing left to guess
+    rec = make_prompts(1, 0, "test")[0]
+    assert head_trace(rec, random.Random(1)).startswith("#### ")
+
+
+def test_traces_are_what_the_real_toolset_parses_and_returns():
+    pytest.importorskip("tcli.tools")
+    from examples.tools.task import call_text, tool_trace
+    from examples.tools.warmstart import make_toolset, sft_examples
+    from tcli.verifiers.arith import verify_arith
+
+    ts = make_toolset()
+    assert ts.format == "tags"
+    recs = make_prompts(12, 0, "train")
+    for r in recs:
+        trace = tool_trace(ts, r)
+        call = call_text(ts, expression_of(r["prompt"]))
+        assert call == f"<calc>{expression_of(r['prompt'])}</calc>"
+        assert any(call.endswith(s) for s in ts.stop_strings)
+        turn = ts.step(call)                                  # what the loop does after the stop
+        assert turn is not None and turn.error is None and turn.result.strip() == r["answer"]
+        assert trace.startswith(call + ts.observation(turn))  # the observation, verbatim
+        assert ts.step(trace[len(call + ts.observation(turn)):]) is None   # no second call
+        assert verify_arith(trace, r["answer"], {})[0] == 1.0
+    examples = sft_examples(recs, 600, 0.3, 0, ts)
+    calls = sum(resp.startswith("<calc>") for _, resp in examples)
+    assert 0.2 < calls / len(examples) < 0.4
+    assert sft_examples(recs, 600, 0.3, 0, ts) == examples
+
+
+def test_a_wrong_calc_result_is_refused():
+    pytest.importorskip("tcli.tools")
+    from examples.tools.task import tool_trace
+    from examples.tools.warmstart import make_toolset
+
+    rec = dict(make_prompts(1, 0, "train")[0], answer="1")
+    with pytest.raises(ValueError, match="calc gave"):
+        tool_trace(make_toolset(), rec)
