@@ -10,7 +10,7 @@ PIP     = $(VENV)/bin/pip
 STAMP   = $(VENV)/.tcli-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-real test demo demo-real demo-pipeline compare bench test-vllm test-real bench-logprobs bench-peer clean gpu-wheels
+.PHONY: install install-real test demo demo-tools demo-real demo-pipeline compare bench test-vllm test-real bench-logprobs bench-peer clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 
 demo-pipeline: install
 	bash examples/pipeline_demo.sh
+
+# RL teaches a tiny model to call a tool (calc): accuracy and tool-call rate before/after
+demo-tools: install
+	bash examples/tools/demo.sh
 
 bench: install
 	$(PY) bench/bench_tree.py

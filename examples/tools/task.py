@@ -101,6 +101,29 @@ def call_text(toolset, expr: str) -> str:
     return close.replace("</", "<", 1) + expr + close
 
 
+def protocol_tokens(toolset) -> list[str]:
+    """What the demo's char-level tokenizer holds as one token each: the tool instructions that
+    the sampler puts in front of every prompt (a few hundred characters the tiny model never
+    needs to read letter by letter), the call's tags and the result's framing, all as the
+    toolset writes them."""
+    call = call_text(toolset, "1+1")
+    turn = toolset.step(call)
+    before, _, after = toolset.observation(turn).partition(turn.result)
+    close = call[call.index("</"):]
+    return [t for t in (toolset.system_text(), call[:call.index(">") + 1], close, before, after)
+            if t]
+
+
+def policy_prompt(toolset, record: dict) -> str:
+    """The prompt text the sampler gives the policy under ``--tools`` (plain template, no chat
+    template): the toolset's instructions in front of the record's prompt."""
+    from tcli.prompts import prompt_messages, resolve_template
+    from tcli.stages.sample import with_tool_text
+
+    return with_tool_text(prompt_messages(record, resolve_template("plain")),
+                          toolset.system_text(), False)[0]["content"]
+
+
 def tool_trace(toolset, record: dict) -> str:
     """The response that calls the tool: the call, the toolset's observation of it, the answer.
     Raises if the real tool disagrees with the record's answer (the data would be wrong)."""

@@ -30,7 +30,8 @@ import time
 if __package__ in (None, ""):  # run as a script: make `examples.tools` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from examples.tools.task import TOOL, head_trace, make_prompts, tool_trace  # noqa: E402
+from examples.tools.task import (TOOL, head_trace, make_prompts, policy_prompt,  # noqa: E402
+                                 protocol_tokens, tool_trace)
 
 
 def make_toolset():
@@ -42,19 +43,20 @@ def make_toolset():
 
 def sft_examples(train: list[dict], n: int, call_rate: float, seed: int,
                  toolset) -> list[tuple[str, str]]:
-    """``n`` (prompt, response) pairs cycling over ``train``: a tool trace with probability
-    ``call_rate``, else a guess (fresh at every repetition)."""
+    """``n`` (prompt, response) pairs cycling over ``train``, the prompt as the sampler writes
+    it: a tool trace with probability ``call_rate``, else a guess (fresh at every repetition)."""
     rng = random.Random(seed)
     traces: dict[str, str] = {}
     out = []
     for i in range(n):
         r = train[i % len(train)]
+        prompt = policy_prompt(toolset, r)
         if rng.random() < call_rate:
             if r["id"] not in traces:
                 traces[r["id"]] = tool_trace(toolset, r)
-            out.append((r["prompt"], traces[r["id"]]))
+            out.append((prompt, traces[r["id"]]))
         else:
-            out.append((r["prompt"], head_trace(r, rng)))
+            out.append((prompt, head_trace(r, rng)))
     return out
 
 
@@ -64,7 +66,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def tool_accuracy(model_dir: str, records: list[dict], *, samples: int = 4, seed: int = 0,
-                  max_new_tokens: int = 64, max_turns: int = 2) -> dict:
+                  max_new_tokens: int = 48, max_turns: int = 2) -> dict:
     """Greedy and sampled figures of a checkpoint with the tool in the loop."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,7 +78,8 @@ def tool_accuracy(model_dir: str, records: list[dict], *, samples: int = 4, seed
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     toolset = make_toolset()
-    prompts, answers = [r["prompt"] for r in records], [r["answer"] for r in records]
+    prompts = [policy_prompt(toolset, r) for r in records]
+    answers = [r["answer"] for r in records]
     kw = dict(max_new_tokens=max_new_tokens, max_turns=max_turns, seed=seed)
     greedy = run_episodes(model, tok, toolset, prompts, greedy=True, **kw)
     sampled = run_episodes(model, tok, toolset, prompts, greedy=False, n=samples, **kw)
@@ -87,7 +90,7 @@ def tool_accuracy(model_dir: str, records: list[dict], *, samples: int = 4, seed
             **{f"greedy_{k}": v for k, v in g.items()},
             **{f"sampled_{k}": v for k, v in s.items()},
             "mixed_groups": sum(0 < x < 1 for x in groups) / max(len(groups), 1),
-            "example": {"prompt": prompts[0], "greedy": greedy[0].text,
+            "example": {"prompt": records[0]["prompt"], "greedy": greedy[0].text,
                         "sampled": sampled[0].text}}
 
 
@@ -110,9 +113,9 @@ def _args(argv):
     ap.add_argument("--eval-n", type=int, default=200, help="Test prompts to evaluate (0 = skip).")
     ap.add_argument("--samples", type=int, default=4,
                     help="Samples per test prompt at temperature 1.")
-    ap.add_argument("--max-new-tokens", type=int, default=64,
+    ap.add_argument("--max-new-tokens", type=int, default=48,
                     help="Response cap (observations count), recorded in the checkpoint for "
-                    "tcli eval / sample-tree / loop (default 64).")
+                    "tcli eval / sample-tree / loop (default 48).")
     ap.add_argument("--max-turns", type=int, default=2, help="Tool calls per response (default 2).")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1; 0 = torch's default).")
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     train = (read_jsonl(os.path.join(a.data, "train.jsonl")) if a.data
              else make_prompts(2000, a.seed, "train"))
-    examples = sft_examples(train, a.sft_examples, a.call_rate, a.seed, make_toolset())
+    toolset = make_toolset()
+    examples = sft_examples(train, a.sft_examples, a.call_rate, a.seed, toolset)
 
     def progress(step: int, loss: float, model) -> None:
         log(f"sft step {step}/{a.steps} loss {loss:.4f} ({time.perf_counter() - t0:.0f}s)")
@@ -154,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out_parent, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tools-init-", dir=out_parent) as tmp:
         init_dir = os.path.join(tmp, "init")
-        init_tiny_model(init_dir, seed=a.seed, hidden=a.hidden, layers=a.layers, heads=a.heads,
+        init_tiny_model(init_dir, seed=a.seed, added_tokens=protocol_tokens(toolset),
+                        hidden=a.hidden, layers=a.layers, heads=a.heads,
                         kv_heads=2 if a.heads % 2 == 0 else a.heads,
                         intermediate=3 * a.hidden, max_positions=256)
         res = sft(init_dir, examples, a.out, steps=a.steps, lr=a.lr, batch_size=a.batch_size,

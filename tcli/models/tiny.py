@@ -8,6 +8,7 @@ Nothing touches a hub: the tokenizer is built with the ``tokenizers`` library fr
 from __future__ import annotations
 
 import string
+from typing import Sequence
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -15,9 +16,12 @@ UNK = "<|unk|>"
 DEFAULT_ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"
 
 
-def build_char_tokenizer(alphabet: str | None = None, text: str | None = None):
-    """A character-level fast tokenizer: one token per character, plus eos/pad/unk."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+def build_char_tokenizer(alphabet: str | None = None, text: str | None = None,
+                         added_tokens: Sequence[str] = ()):
+    """A character-level fast tokenizer: one token per character, plus eos/pad/unk, plus
+    ``added_tokens``: strings encoded as one ordinary token each wherever they occur (the tags of
+    a tool protocol, say, as real tokenizers have for theirs); they decode back to their text."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = sorted(set(alphabet or DEFAULT_ALPHABET) | set(text or ""))
@@ -29,6 +33,8 @@ def build_char_tokenizer(alphabet: str | None = None, text: str | None = None):
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK)
     fast.padding_side = "left"
+    if added_tokens:
+        fast.add_tokens([AddedToken(t, normalized=False, special=False) for t in added_tokens])
     return fast
 
 
@@ -47,7 +53,8 @@ def tiny_config(vocab_size: int, *, hidden: int = 128, layers: int = 4, heads: i
 
 
 def init_tiny_model(out_dir: str, *, seed: int = 0, alphabet: str | None = None,
-                    text: str | None = None, **config_kw) -> str:
+                    text: str | None = None, added_tokens: Sequence[str] = (),
+                    **config_kw) -> str:
     """Create and save a random tiny Qwen3 model with a char tokenizer; returns ``out_dir``."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -57,7 +64,7 @@ def init_tiny_model(out_dir: str, *, seed: int = 0, alphabet: str | None = None,
 
     check_checkpoint_target(out_dir)  # refuse before building anything
     quiet_transformers()
-    tok = build_char_tokenizer(alphabet, text)
+    tok = build_char_tokenizer(alphabet, text, added_tokens)
     cfg = tiny_config(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       **config_kw)
     torch.manual_seed(seed)

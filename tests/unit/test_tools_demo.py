@@ -65,7 +65,7 @@ def test_a_guess_keeps_the_leading_digits_and_is_rarely_right():
 
 def test_traces_are_what_the_real_toolset_parses_and_returns():
     pytest.importorskip("tcli.tools")
-    from examples.tools.task import call_text, tool_trace
+    from examples.tools.task import call_text, policy_prompt, protocol_tokens, tool_trace
     from examples.tools.warmstart import make_toolset, sft_examples
     from tcli.verifiers.arith import verify_arith
 
@@ -82,7 +82,13 @@ def test_traces_are_what_the_real_toolset_parses_and_returns():
         assert trace.startswith(call + ts.observation(turn))  # the observation, verbatim
         assert ts.step(trace[len(call + ts.observation(turn)):]) is None   # no second call
         assert verify_arith(trace, r["answer"], {})[0] == 1.0
+    words = protocol_tokens(ts)
+    assert words[0] == ts.system_text() and {"<calc>", "</calc>"} <= set(words)
+    assert "".join(words[-2:]) == ts.observation(turn).replace(turn.result, "")
+    prompt = policy_prompt(ts, recs[0])
+    assert prompt.startswith(ts.system_text()) and prompt.endswith(recs[0]["prompt"])
     examples = sft_examples(recs, 600, 0.3, 0, ts)
+    assert {p for p, _ in examples} == {policy_prompt(ts, r) for r in recs}
     calls = sum(resp.startswith("<calc>") for _, resp in examples)
     assert 0.2 < calls / len(examples) < 0.4
     assert sft_examples(recs, 600, 0.3, 0, ts) == examples
@@ -96,3 +102,16 @@ def test_a_wrong_calc_result_is_refused():
     rec = dict(make_prompts(1, 0, "train")[0], answer="1")
     with pytest.raises(ValueError, match="calc gave"):
         tool_trace(make_toolset(), rec)
+
+
+def test_added_tokens_are_one_token_each_and_decode_back():
+    from tcli.models.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer("0123456789*=?#\n ", added_tokens=["<calc>", "</calc>",
+                                                                    "Use <calc> to compute."])
+    text = "Use <calc> to compute.\n\n12*3=?\n<calc>12*3</calc>#### 36"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = [tok.decode([i]) for i in ids]
+    assert pieces[0] == "Use <calc> to compute." and pieces.count("<calc>") == 1
+    assert "</calc>" in pieces and len(ids) == 1 + 2 + 6 + 1 + 1 + 4 + 1 + 7
+    assert tok.decode(ids, skip_special_tokens=True) == text
