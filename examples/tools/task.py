@@ -5,8 +5,10 @@ its head but can with the ``calc`` tool.
     with the tool:   "<calc>4821*37</calc><result>178377</result>\\n#### 178377"
     in the head:     "#### 178417"              (a guess: right about 1 time in 100)
 
-Two kinds of prompt: a product of a 3-4 digit and a 2 digit number, and a sum of three or four
-3-digit numbers. The answer is the exact integer, scored by the ``arith`` verifier.
+Two kinds of prompt: a product of a 4-digit and a 2-digit number, and a sum of three or four
+3-digit numbers; each kind has one length, so that copying the expression into the call is a
+fixed shift a tiny model learns quickly. The answer is the exact integer, scored by the
+``arith`` verifier.
 
 Warm-start traces: the call text follows the ``tags`` format of :mod:`tcli.tools` (the tag is
 read off the toolset's stop string) and the result block is whatever the toolset's own
@@ -39,7 +41,7 @@ def split_of(expr: str) -> str:
 
 def random_expression(rng: random.Random, kind: str) -> str:
     if kind == "mul":
-        return f"{rng.randint(100, 9999)}*{rng.randint(11, 99)}"
+        return f"{rng.randint(1000, 9999)}*{rng.randint(11, 99)}"
     terms = 3 if kind == "add3" else 4
     return "+".join(str(rng.randint(100, 999)) for _ in range(terms))
 

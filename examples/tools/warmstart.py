@@ -107,7 +107,11 @@ def _args(argv):
                     help="SFT examples, cycling over the train prompts (default 20000).")
     ap.add_argument("--call-rate", type=float, default=0.3,
                     help="Share of SFT traces that call the tool (default 0.3).")
-    ap.add_argument("--steps", type=int, default=800, help="SFT optimizer steps (default 800).")
+    ap.add_argument("--copy-steps", type=int, default=0,
+                    help="SFT steps on tool traces only, before the mixture: the model learns to "
+                    "write the call and copy the result first (default 0).")
+    ap.add_argument("--steps", type=int, default=800,
+                    help="SFT steps on the mixture of tool and guess traces (default 800).")
     ap.add_argument("--lr", type=float, default=2e-3, help="Peak SFT learning rate (cosine decay).")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--eval-n", type=int, default=200, help="Test prompts to evaluate (0 = skip).")
@@ -124,8 +128,9 @@ def _args(argv):
     a = ap.parse_args(argv)
     if not 0.0 <= a.call_rate <= 1.0:
         ap.error("--call-rate must be in [0, 1]")
-    if min(a.hidden, a.layers, a.heads, a.batch_size, a.sft_examples) < 1 or a.steps < 0:
-        ap.error("sizes must be >= 1 and --steps >= 0")
+    if min(a.hidden, a.layers, a.heads, a.batch_size, a.sft_examples, a.steps) < 1 \
+            or a.copy_steps < 0:
+        ap.error("sizes and --steps must be >= 1, --copy-steps >= 0")
     if a.hidden % a.heads:
         ap.error(f"--heads {a.heads} must divide --hidden {a.hidden}")
     return a
@@ -149,26 +154,31 @@ def main(argv: list[str] | None = None) -> int:
     train = (read_jsonl(os.path.join(a.data, "train.jsonl")) if a.data
              else make_prompts(2000, a.seed, "train"))
     toolset = make_toolset()
-    examples = sft_examples(train, a.sft_examples, a.call_rate, a.seed, toolset)
-
-    def progress(step: int, loss: float, model) -> None:
-        log(f"sft step {step}/{a.steps} loss {loss:.4f} ({time.perf_counter() - t0:.0f}s)")
-
+    phases = [p for p in ((a.copy_steps, 1.0), (a.steps, a.call_rate)) if p[0] > 0]
     out_parent = os.path.dirname(os.path.abspath(a.out))
     os.makedirs(out_parent, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tools-init-", dir=out_parent) as tmp:
-        init_dir = os.path.join(tmp, "init")
-        init_tiny_model(init_dir, seed=a.seed, added_tokens=protocol_tokens(toolset),
+        src = os.path.join(tmp, "init")
+        init_tiny_model(src, seed=a.seed, added_tokens=protocol_tokens(toolset),
                         hidden=a.hidden, layers=a.layers, heads=a.heads,
                         kv_heads=2 if a.heads % 2 == 0 else a.heads,
                         intermediate=3 * a.hidden, max_positions=256)
-        res = sft(init_dir, examples, a.out, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
-                  seed=a.seed, warmup=min(50, a.steps // 10), callback=progress,
-                  log_every=max(1, a.steps // 10), max_new_tokens=a.max_new_tokens,
-                  extra_state={"warmstart": {"task": "tools", "call_rate": a.call_rate,
-                                             "hidden": a.hidden, "layers": a.layers}})
-    report = {"out": os.path.abspath(a.out), "sft_steps": res["steps"],
-              "sft_loss": res["loss_last"], "sft_time_s": round(res["time_s"], 1)}
+        for k, (steps, rate) in enumerate(phases):
+            def progress(step: int, loss: float, model, steps=steps, rate=rate) -> None:
+                log(f"sft (call rate {rate}) step {step}/{steps} loss {loss:.4f} "
+                    f"({time.perf_counter() - t0:.0f}s)")
+
+            dst = a.out if k == len(phases) - 1 else os.path.join(tmp, f"phase{k}")
+            res = sft(src, sft_examples(train, a.sft_examples, rate, a.seed + k, toolset), dst,
+                      steps=steps, lr=a.lr, batch_size=a.batch_size, seed=a.seed + k,
+                      warmup=min(50, steps // 10), callback=progress,
+                      log_every=max(1, steps // 10), max_new_tokens=a.max_new_tokens,
+                      extra_state={"warmstart": {"task": "tools", "call_rate": a.call_rate,
+                                                 "copy_steps": a.copy_steps,
+                                                 "hidden": a.hidden, "layers": a.layers}})
+            src = dst
+    report = {"out": os.path.abspath(a.out), "sft_steps": a.copy_steps + a.steps,
+              "sft_loss": res["loss_last"], "sft_time_s": round(time.perf_counter() - t0, 1)}
     if a.eval_n > 0:
         test = (read_jsonl(os.path.join(a.data, "test.jsonl"))[:a.eval_n] if a.data
                 else make_prompts(a.eval_n, a.seed, "test"))
