@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from conftest import arith_run_dir, jsonl, loop_config, read_metrics, register_engine
+from conftest import arith_run_dir, loop_config, read_metrics, register_engine
 
 # ----------------------------------------------------------------------------- the rounds alone
 
