@@ -1,7 +1,7 @@
 """Refill (DAPO's dynamic sampling, docs/design.md §5.9): a step keeps sampling further prompts
 until it holds ``prompts_per_step`` informative groups (responses whose rewards are not all
-equal: the only groups whose advantages are not all zero), within a cap on rounds and on extra
-sampled tokens, and trains on those groups alone.
+equal: under group-relative estimators the only groups whose advantages are not all zero),
+within a cap on rounds and on extra sampled tokens, and trains on those groups alone.
 
 Every choice is a function of (seed, step, round) and of the rewards already gathered, never of
 a rank or a clock: under torchrun each rank sees the same gathered groups and takes the same
