@@ -1,7 +1,8 @@
 """The loop's expand step (docs/design.md §4.17): with ``[expand] tokens > 0`` (tree mode only),
 each step's verified trees get new children where their rewards diverge, and the new leaves are
 verified in turn, before advantages. Every rank expands its own groups (the stage depends on
-(seed, prompt, node, child) only), so the metrics are read from the gathered rollouts."""
+(seed, prompt, node, child) only), so the metrics are read from the gathered rollouts. Its time
+counts as sampling time, as its tokens count in ``sampled_tokens``."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def expand_step(loop, records: list[dict], step: int, timer) -> list[dict]:
     from tcli.loop.steps import step_seed
 
     groups = (recs for _, recs in iter_groups(enumerate(records, 1), "<loop>"))
-    with timer("expand"):
+    with timer("sample"):  # sampled_tokens counts these tokens: tokens/s stays sampling's
         out = [r for g in expand_groups(loop.engine, groups, cfg.expand,
                                         seed=step_seed(cfg.run.seed, step),
                                         min_new_tokens=cfg.sample.min_new_tokens,
