@@ -44,7 +44,7 @@ def expand_tree(
     from tcli.io import RecordReader, RecordWriter, iter_groups
     from tcli.models.load import check_model_dir
     from tcli.errors import DataError
-    from tcli.stages.expand import ExpandStats, expand_groups
+    from tcli.stages.expand import ExpandStats, expand_groups, read_tree
 
     opts.require_budget()
     check_model_dir(model)  # a bad --model fails here, before torch is imported
@@ -55,6 +55,10 @@ def expand_tree(
     with RecordWriter(output, format) as writer:
         if head is None:  # nothing to expand: an empty output, no model load
             return
+        try:
+            read_tree(head[1])  # a bad first group fails before the model loads
+        except DataError as e:
+            raise located(e, reader.name, head[0]) from None
         from tcli.engines import open_engine
 
         threads.apply()

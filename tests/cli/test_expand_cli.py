@@ -74,6 +74,12 @@ def test_bad_input_and_no_budget(tiny, verified, tmp_path):
     failed(run_tcli([*args, bad, "-o", tmp_path / "out.jsonl"]), 65, "bad.jsonl:2:",
            "field 'reward'")
     assert not (tmp_path / "out.jsonl").exists()
+    recs = parse(rollouts)  # in the last group: found while streaming, after the model loaded
+    recs[-1]["segment_ends"] = recs[-1]["segment_ends"][:-1]
+    bad.write_bytes(jsonl(recs))
+    failed(run_tcli([*args, bad, "-o", tmp_path / "out.jsonl"]), 65, f"bad.jsonl:{len(recs)}:",
+           "field 'segment_ends'")
+    assert not (tmp_path / "out.jsonl").exists()
     flat = [{**r, "node_path": [], "segment_ends": []} for r in parse(rollouts)]
     (tmp_path / "flat.jsonl").write_bytes(jsonl(flat))
     failed(run_tcli([*args, tmp_path / "flat.jsonl"]), 65, "flat.jsonl:1:", "field 'node_path'",
