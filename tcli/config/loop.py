@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Optional
 
 from tcli.algos.estimators import needs
+from tcli.config.expand import ExpandOptions
 from tcli.config.spec import (Options, at_least, coerce, finite_at_least, like, setting,
                               settings_of)
 from tcli.config.stages import (AdvantageOptions, CriticOptions, EvalOptions, PromptOptions,
@@ -113,7 +114,7 @@ class LoopCriticOptions(CriticOptions):
 
 
 TABLES: dict[str, type[Options]] = {"prompts": PromptOptions, "sample": SampleOptions,
-                                    "verify": VerifyOptions,
+                                    "verify": VerifyOptions, "expand": ExpandOptions,
                                     "advantages": AdvantageOptions, "train": TrainOptions,
                                     "critic": LoopCriticOptions, "eval": LoopEvalOptions}
 
@@ -124,6 +125,7 @@ class LoopConfig:
     prompts: PromptOptions = field(default_factory=PromptOptions)
     sample: SampleOptions = field(default_factory=SampleOptions)
     verify: VerifyOptions = field(default_factory=VerifyOptions)
+    expand: ExpandOptions = field(default_factory=ExpandOptions)
     advantages: AdvantageOptions = field(default_factory=AdvantageOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
     critic: LoopCriticOptions = field(default_factory=LoopCriticOptions)
@@ -132,6 +134,7 @@ class LoopConfig:
     origin: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.expand.check_sampling(self.sample.mode, SampleOptions.label("mode"))
         est = self.advantages.estimator
         if needs(est).tree_sampled and self.sample.mode != "tree":
             raise UsageError(f'{AdvantageOptions.label("estimator")} "{est}" needs tree-sampled '

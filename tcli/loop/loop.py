@@ -27,6 +27,7 @@ from tcli.config.stages import ThreadOptions
 from tcli.engines import open_engine
 from tcli.errors import DataError, UsageError
 from tcli.io import RecordWriter, iter_groups, resolve_data, write_atomic_bytes
+from tcli.loop.expand_step import expand_metrics, expand_step
 from tcli.loop.ranks import SamplingWeights, fold_stats
 from tcli.loop.inputs import check_models, loop_prompts
 from tcli.loop.refill import step_rollouts
@@ -261,6 +262,7 @@ class Loop:
                 recs = self.sample(prompts, seed)
             with timer("verify"):
                 recs = self.verify(recs)
+            recs = expand_step(self, recs, step, timer)  # [expand]: new leaves, verified
             with timer("advantages"):
                 groups = self.group_advantages(recs)
             return [(recs, groups)]
@@ -296,6 +298,7 @@ class Loop:
                                    "mean_abs_advantage", "groups_dropped")},
             **adv["refill"],  # refill on: informative_share, refill_rounds, ... (§5.9)
             **reward_means(rollouts),  # several tasks: rewards/<task>, each one's mean
+            **expand_metrics(rollouts, self.cfg),
             **{f"train_{k}": v for k, v in train.items() if isinstance(v, (int, float))},
             **{f"critic_{k}": v for k, v in critic.items() if isinstance(v, (int, float))
                and k not in ("step", "lr")},

@@ -204,6 +204,8 @@ def argv_for(cmd: str, src: Path, out: Path, tiny: str, model: str | None = None
         "eval": ["eval", "-m", model, "--data", src, "--max-new-tokens", "3", "--task", "arith",
                  "--workers", "0", "--quiet", "-o", out / "out.jsonl"],
         "verify": ["verify", src, "--task", "arith", "--workers", "0", "-o", out / "out.jsonl"],
+        "expand-tree": ["expand-tree", src, "-m", model, "--expand-tokens", "8",
+                        "-o", out / "out.jsonl"],
         "build-tree": ["build-tree", src, "-o", out / "out.jsonl"],
         "advantages": ["advantages", src, "-o", out / "out.jsonl"],
         "train-step": ["train-step", src, "-m", model, "-o", out / "ckpt"],
@@ -241,7 +243,7 @@ def test_bad_input(case, cmd, tiny, tmp_path):
 
 # ----------------------------------------------------------------------------- empty and blank
 
-EMPTY_OK = ("sample-tree", "verify", "build-tree", "advantages")
+EMPTY_OK = ("sample-tree", "verify", "expand-tree", "build-tree", "advantages")
 EMPTY_ERR = {"train-step": (65, "no response tokens"), "eval": (2, "no prompts"),
              "show-tree": (2, "no group")}
 
