@@ -11,18 +11,16 @@ from tcli.stages.expand import expand_groups
 from tcli.stages.sample import sampled_tokens
 
 
-def expand_step(loop, records: list[dict], step: int, timer) -> list[dict]:
+def expand_step(loop, records: list[dict], seed: int, timer) -> list[dict]:
     """``records`` (verified, in groups) followed in each group by its verified new leaves;
-    ``records`` themselves when expansion is off."""
+    ``records`` themselves when expansion is off. ``seed``: the sampling round's seed."""
     cfg = loop.cfg
     if not cfg.expand.enabled:
         return records
-    from tcli.loop.steps import step_seed
-
     groups = (recs for _, recs in iter_groups(enumerate(records, 1), "<loop>"))
     with timer("sample"):  # sampled_tokens counts these tokens: tokens/s stays sampling's
         out = [r for g in expand_groups(loop.engine, groups, cfg.expand,
-                                        seed=step_seed(cfg.run.seed, step),
+                                        seed=seed,
                                         min_new_tokens=cfg.sample.min_new_tokens,
                                         groups_per_call=cfg.sample.prompts_per_batch) for r in g]
     fresh = [r for r in out if "reward" not in r]

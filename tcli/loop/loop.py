@@ -262,7 +262,7 @@ class Loop:
                 recs = self.sample(prompts, seed)
             with timer("verify"):
                 recs = self.verify(recs)
-            recs = expand_step(self, recs, step, timer)  # [expand]: new leaves, verified
+            recs = expand_step(self, recs, seed, timer)  # [expand]: new leaves, verified
             with timer("advantages"):
                 groups = self.group_advantages(recs)
             return [(recs, groups)]
