@@ -221,9 +221,9 @@ def run_plugin(request: dict, limits: Limits) -> Outcome:
             return Outcome(f"[the plugin's worker sent no answer: exit status {rc}]", "crash",
                            seconds)
         if ans.get("ok"):
-            text = ans["result"]
             if ans.get("truncated"):
-                text += f"\n[output truncated: over {limits.output_bytes} characters]"
-            return Outcome(text, None, seconds)
+                return Outcome(f"{ans['result']}\n[output truncated: over {limits.output_bytes} "
+                               "characters]", "limit", seconds)
+            return Outcome(ans["result"], None, seconds)
         return Outcome(f"{ans.get('error', 'error')}", error or "tool_error", seconds)
     return Outcome(note or _decode(out)[-500:], error or "crash", seconds)
