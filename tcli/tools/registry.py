@@ -60,12 +60,20 @@ def _run_calc(arguments: dict, limits: Limits) -> Outcome:
     return Outcome(text, error, time.monotonic() - start)
 
 
+def unfence(code: str) -> str:
+    """The program inside a Markdown fence (```python ... ```), which models often write."""
+    lines = code.strip().split("\n")
+    if len(lines) >= 2 and lines[0].startswith("```") and lines[-1].strip() == "```":
+        return "\n".join(lines[1:-1])
+    return code
+
+
 def _run_python(arguments: dict, limits: Limits) -> Outcome:
     try:
         code = _string_argument("python", arguments, "code")
     except CalcError as e:
         return Outcome(f"error: {e}", "tool_error", 0.0)
-    return run_code(code, limits)
+    return run_code(unfence(code), limits)
 
 
 def _string_schema(key: str, what: str) -> dict:

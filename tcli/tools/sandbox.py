@@ -92,7 +92,7 @@ def network_isolation() -> str:
 
 def _env() -> dict:
     return {"PATH": os.defpath, "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8:backslashreplace",
-            "LC_ALL": "C.UTF-8", "HOME": "/nonexistent"}
+            "PYTHONUTF8": "1", "LC_ALL": "C.UTF-8", "HOME": "/nonexistent"}
 
 
 def _remove(path: str) -> None:
@@ -115,25 +115,38 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _collect(proc: subprocess.Popen, cap: int, deadline: float) -> tuple[bytes, str | None]:
-    """Read the worker's output until it closes, up to ``cap`` bytes and ``deadline``:
+def _collect(proc: subprocess.Popen, data: bytes, cap: int,
+             deadline: float) -> tuple[bytes, str | None]:
+    """Send ``data`` to the worker's stdin and read its output until it closes, up to ``cap``
+    bytes and ``deadline`` (a worker that never reads its request times out too):
     (bytes, None | "timeout" | "output")."""
-    buf = bytearray()
-    fd = proc.stdout.fileno()
+    buf, out_fd, in_fd = bytearray(), proc.stdout.fileno(), proc.stdin.fileno()
+    os.set_blocking(in_fd, False)
     with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
+        sel.register(out_fd, selectors.EVENT_READ)
+        sel.register(in_fd, selectors.EVENT_WRITE)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 return bytes(buf), "timeout"
-            if not sel.select(min(left, 1.0)):
-                continue
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                return bytes(buf), None
-            buf += chunk
-            if len(buf) > cap:
-                return bytes(buf[:cap]), "output"
+            for key, _ in sel.select(min(left, 1.0)):
+                if key.fd == in_fd:
+                    try:
+                        data = data[os.write(in_fd, data[:1 << 16]):]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:  # the worker is gone: its output says why
+                        data = b""
+                    if not data:
+                        sel.unregister(in_fd)
+                        proc.stdin.close()
+                    continue
+                chunk = os.read(out_fd, 1 << 16)
+                if not chunk:
+                    return bytes(buf), None
+                buf += chunk
+                if len(buf) > cap:
+                    return bytes(buf[:cap]), "output"
 
 
 def run_worker(request: dict, limits: Limits, cap: int | None = None) -> tuple[bytes, int | None,
@@ -151,12 +164,8 @@ def run_worker(request: dict, limits: Limits, cap: int | None = None) -> tuple[b
         killed: str | None = "timeout"  # until _collect says otherwise
         deadline = start + limits.wall_seconds
         try:
-            try:
-                proc.stdin.write(json.dumps(req).encode("utf-8", "surrogatepass"))
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            out, killed = _collect(proc, cap or limits.output_bytes, deadline)
+            out, killed = _collect(proc, json.dumps(req).encode(), cap or limits.output_bytes,
+                                   deadline)
             if killed is None:  # output closed: the worker is exiting (or hides past the deadline)
                 try:
                     proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
@@ -165,7 +174,8 @@ def run_worker(request: dict, limits: Limits, cap: int | None = None) -> tuple[b
         finally:
             _kill_group(proc)
             rc = proc.wait()
-            proc.stdout.close()
+            for f in (proc.stdin, proc.stdout):
+                f.close()
         return out, (None if killed else rc), killed, time.monotonic() - start
     finally:
         _remove(tmp)

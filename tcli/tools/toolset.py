@@ -49,7 +49,7 @@ def _valid_utf8(x):
 class Toolset:
     def __init__(self, names: Sequence[str], fmt: str = "auto", tokenizer=None,
                  limits: Limits | None = None):
-        if isinstance(names, str) or not names:
+        if isinstance(names, str) or not names or not all(isinstance(n, str) for n in names):
             raise UsageError("tools: give a list of one or more tool names")
         if len(set(names)) != len(names):
             raise UsageError(f"tools: a tool is named twice in {list(names)}")

@@ -32,6 +32,13 @@ def test_prints_come_back_and_runs_are_deterministic():
     assert python("x = 1").result == "(no output)"
 
 
+def test_long_programs_and_fenced_programs():
+    """A request larger than a pipe's buffer reaches the worker; a Markdown fence is removed."""
+    code = "s = '''" + "é中" * 30_000 + "'''\nprint(len(s))"
+    assert python(code).result == "60000\n"
+    assert python("```python\nprint('fenced')\n```").result == "fenced\n"
+
+
 def test_errors_are_tracebacks_of_the_code_only():
     turn = python("def f():\n    return 1 / 0\nf()")
     assert turn.error == "tool_error"
