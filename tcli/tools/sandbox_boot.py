@@ -30,8 +30,8 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
 def set_limits(lim):
-    """Lower every limit the platform lets us set; one it refuses (macOS: the address space) is
-    skipped, which the parent's documentation says."""
+    """Lower every limit (never above the hard limit already in place); one the platform refuses
+    is skipped (macOS accepts RLIMIT_AS but does not enforce it; docs/design.md §9.4)."""
     cpu = int(lim["cpu_seconds"])
     for name, soft, hard in (("RLIMIT_CPU", cpu, cpu + 1), ("RLIMIT_AS", lim["memory_bytes"], None),
                              ("RLIMIT_FSIZE", lim["file_bytes"], None),
@@ -40,8 +40,12 @@ def set_limits(lim):
         which = getattr(resource, name, None)
         if which is None:
             continue
+        soft, hard = int(soft), int(soft if hard is None else hard)
+        cap = resource.getrlimit(which)[1]
+        if cap != resource.RLIM_INFINITY:
+            soft, hard = min(soft, cap), min(hard, cap)
         try:
-            resource.setrlimit(which, (int(soft), int(soft if hard is None else hard)))
+            resource.setrlimit(which, (soft, hard))
         except (ValueError, OSError):
             pass
 
@@ -161,26 +165,31 @@ def load_plugin(req):
     return fn
 
 
+def quiet_stdout():
+    """A plugin's prints (also at import) go nowhere; its answer goes to the returned fd."""
+    out_fd, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    return out_fd
+
+
 def main():
     req = json.loads(sys.stdin.buffer.read())
     os.close(0)
     set_limits(req["limits"])
     os.chdir(req["tmp"])
     read_roots = tuple(os.path.realpath(p) for p in sys.path if p)
-    fn = None
+    fn = out_fd = None
     if req["mode"] in ("plugin", "check"):
+        out_fd = quiet_stdout()
         try:
             fn = load_plugin(req)
         except BaseException as e:  # noqa: BLE001 - reported to the parent as a usage error
-            answer(1, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+            answer(out_fd, {"ok": False, "error": f"{type(e).__name__}: {e}"})
             return EXIT_RAISED
         if req["mode"] == "check":
-            doc = (fn.__doc__ or "").strip().split("\n")[0]
-            answer(1, {"ok": True, "doc": doc})
+            answer(out_fd, {"ok": True, "doc": (fn.__doc__ or "").strip().split("\n")[0]})
             return 0
-        out_fd, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.dup2(null, 2)
     sys.addaudithook(make_hook(os.path.realpath(req["tmp"]), read_roots))
     if fn is not None:
         return run_plugin(fn, req["arguments"], req["limits"]["output_bytes"], out_fd)

@@ -14,6 +14,8 @@ from tcli.tools import Limits, Toolset
 PLUGIN = '''
 import os
 
+print("a plugin module that prints when imported")
+
 def shout(arguments):
     """Upper-case the text."""
     print("prints are dropped")

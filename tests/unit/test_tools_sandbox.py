@@ -75,8 +75,18 @@ def test_fork_bomb_is_contained():
                  "import os; os.execv('/bin/true', ['true'])", "import ctypes",
                  "import pty; pty.spawn('/bin/sh')"):
         assert python(code).error == "tool_error", code
-    limit = python("import resource\nprint(resource.getrlimit(resource.RLIMIT_NPROC))")
-    assert limit.result.strip() == f"({FAST.processes}, {FAST.processes})"
+
+
+def test_the_rlimits_are_in_place():
+    names = ["CPU", "AS", "FSIZE", "NPROC", "NOFILE", "CORE"]
+    turn = python("import resource\nfor n in %r:\n    print(resource.getrlimit("
+                  "getattr(resource, 'RLIMIT_' + n)))" % names)
+    f = FAST
+    want = [(1, 2), (f.memory_bytes,) * 2, (f.file_bytes,) * 2, (f.processes,) * 2,
+            (f.open_files,) * 2, (0, 0)]
+    assert turn.result.split("\n")[:-1] == [str(w) for w in want]
+    big = python(f"open('big', 'wb').write(b'x' * {2 * FAST.file_bytes})")
+    assert big.error == "tool_error" and "File too large" in big.result
 
 
 def test_huge_output_is_truncated_and_the_code_stopped():
