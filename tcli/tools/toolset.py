@@ -47,6 +47,11 @@ def _valid_utf8(x):
 
 
 class Toolset:
+    """``names`` are what the model calls (a plugin ``python:module:function`` is called
+    ``function``); ``format`` is "hermes" or "tags" once "auto" is resolved. Each call runs in a
+    process of its own that is gone when ``step`` returns, so ``step`` may be called from several
+    threads at once and ``close`` has nothing to release."""
+
     def __init__(self, names: Sequence[str], fmt: str = "auto", tokenizer=None,
                  limits: Limits | None = None):
         if isinstance(names, str) or not names or not all(isinstance(n, str) for n in names):
@@ -89,6 +94,16 @@ class Toolset:
             msg = " ".join(str(e).split())[:300]
             out = Outcome(f"error: the tool failed: {type(e).__name__}: {msg}", "crash", 0.0)
         return Turn(parsed.call, parsed.raw, out.text, out.error, out.seconds)
+
+    def close(self) -> None:
+        """Nothing to release (no worker outlives its call); here for callers that own a
+        toolset and end it."""
+
+    def __enter__(self) -> "Toolset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def observation(self, turn: Turn) -> str:
         """The text appended after the call as environment tokens."""

@@ -219,3 +219,9 @@ def test_tools_is_a_lower_layer():
             for m in mods:
                 assert not m.startswith("tcli") or m.startswith(allowed), (path.name, m)
                 assert m.split(".")[0] not in ("torch", "transformers"), (path.name, m)
+
+
+def test_toolset_closes_as_a_context_manager():
+    with Toolset(["calc"]) as ts:
+        assert ts.step("<calc>1+1</calc>").result == "2"
+    ts.close()  # twice is fine

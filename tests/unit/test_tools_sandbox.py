@@ -159,3 +159,13 @@ def test_limits_are_checked():
     with pytest.raises(UsageError, match="wall_seconds"):
         Limits(wall_seconds=float("inf"))
     assert run_code("print('direct')", FAST).text == "direct\n"
+
+
+def test_calls_from_several_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    ts = Toolset(["python", "calc"], fmt="tags", limits=FAST)
+    calls = [f"<python>print({i} ** 2)</python>" for i in range(4)] + ["<calc>2**10</calc>"]
+    with ThreadPoolExecutor(3) as pool:
+        got = [t.result for t in pool.map(ts.step, calls)]
+    assert got == ["0\n", "1\n", "4\n", "9\n", "1024"]
