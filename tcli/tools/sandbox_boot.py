@@ -18,9 +18,10 @@ EXIT_RAISED, EXIT_MEMORY, EXIT_NOT_STR = 1, 3, 4
 REFUSED_EVENTS = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
                   "subprocess.Popen", "pty.spawn", "gc.get_objects", "gc.get_referrers",
                   "gc.get_referents", "sys.settrace", "sys.setprofile")
+# native back doors, and C modules that open files themselves (the "open" hook never sees it)
 REFUSED_IMPORTS = ("ctypes", "_ctypes", "_posixsubprocess", "cffi", "_testcapi",
                    "_testinternalcapi", "_xxsubinterpreters", "multiprocessing",
-                   "_multiprocessing")
+                   "_multiprocessing", "_posixshmem", "_dbm", "_gdbm", "readline", "_ssl")
 WRITE_EVENTS = ("os.mkdir", "os.remove", "os.rmdir", "os.rename", "os.link", "os.symlink",
                 "os.chmod", "os.chown", "os.utime", "os.truncate", "os.chflags", "os.lchflags",
                 "os.setxattr", "os.removexattr", "os.chdir", "shutil.rmtree", "os.mkfifo",
@@ -87,6 +88,9 @@ def make_hook(tmp, read_roots):
                     check_path(a, True)
             if event == "os.symlink":
                 check_path(args[1], True)
+        elif event == "sqlite3.connect":
+            if args[0] not in (":memory:", "", b":memory:", b""):
+                check_path(args[0], True)
         elif event in READ_EVENTS:
             if args and args[0] is not None:
                 check_path(args[0], False)

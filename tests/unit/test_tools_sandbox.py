@@ -120,7 +120,8 @@ def test_writing_outside_the_working_directory_is_refused(tmp_path):
     target = tmp_path / "escaped.txt"
     for code in (f"open({str(target)!r}, 'w').write('x')", f"import os; os.mkdir({str(target)!r})",
                  f"import shutil; shutil.copy('/etc/hostname', {str(target)!r})",
-                 f"import os; os.rename('.', {str(target)!r})", "import os; os.chdir('/')"):
+                 f"import os; os.rename('.', {str(target)!r})", "import os; os.chdir('/')",
+                 f"import sqlite3; sqlite3.connect({str(target)!r}).execute('create table t(x)')"):
         assert python(code).error == "tool_error", code
         assert not target.exists()
 
