@@ -107,11 +107,11 @@ def _args(argv):
                     help="SFT examples, cycling over the train prompts (default 20000).")
     ap.add_argument("--call-rate", type=float, default=0.3,
                     help="Share of SFT traces that call the tool (default 0.3).")
-    ap.add_argument("--copy-steps", type=int, default=0,
+    ap.add_argument("--copy-steps", type=int, default=600,
                     help="SFT steps on tool traces only, before the mixture: the model learns to "
-                    "write the call and copy the result first (default 0).")
-    ap.add_argument("--steps", type=int, default=800,
-                    help="SFT steps on the mixture of tool and guess traces (default 800).")
+                    "write the call and copy the result first (default 600).")
+    ap.add_argument("--steps", type=int, default=300,
+                    help="SFT steps on the mixture of tool and guess traces (default 300).")
     ap.add_argument("--lr", type=float, default=2e-3, help="Peak SFT learning rate (cosine decay).")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--eval-n", type=int, default=200, help="Test prompts to evaluate (0 = skip).")
@@ -134,6 +134,17 @@ def _args(argv):
     if a.hidden % a.heads:
         ap.error(f"--heads {a.heads} must divide --hidden {a.hidden}")
     return a
+
+
+def _state(a) -> dict:
+    """What the checkpoint records: how it was made, and how it is meant to be sampled (plain
+    prompts, the response cap, and the tool it was trained to call), which tcli eval,
+    sample-tree and loop then use unless told otherwise."""
+    return {"warmstart": {"task": "tools", "call_rate": a.call_rate, "copy_steps": a.copy_steps,
+                          "steps": a.steps, "hidden": a.hidden, "layers": a.layers},
+            "sampling": {"prompt_template": "plain", "chat_template": False,
+                         "max_new_tokens": a.max_new_tokens, "tools": [TOOL],
+                         "tool_format": "tags", "max_turns": a.max_turns}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                       steps=steps, lr=a.lr, batch_size=a.batch_size, seed=a.seed + k,
                       warmup=min(50, steps // 10), callback=progress,
                       log_every=max(1, steps // 10), max_new_tokens=a.max_new_tokens,
-                      extra_state={"warmstart": {"task": "tools", "call_rate": a.call_rate,
-                                                 "copy_steps": a.copy_steps,
-                                                 "hidden": a.hidden, "layers": a.layers}})
+                      extra_state=_state(a))
             src = dst
     report = {"out": os.path.abspath(a.out), "sft_steps": a.copy_steps + a.steps,
               "sft_loss": res["loss_last"], "sft_time_s": round(time.perf_counter() - t0, 1)}
