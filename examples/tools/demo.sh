@@ -32,7 +32,7 @@ echo "== 4/4 tcli eval --tools calc: warm start and final policy" >&2
 final=$(ls -d "$RUN"/checkpoints/step_* | sort -t_ -k2 -n | tail -1)
 for pair in "initial=$OUT/sft" "final=$final"; do
   name=${pair%%=*}
-  $TCLI eval -m "${pair#*=}" -d "$OUT/data/test.jsonl" "${TOOLS[@]}" \
+  $TCLI eval -m "${pair#*=}" -d "$OUT/data/test.jsonl" "${TOOLS[@]}" --task arith \
     -o "$OUT/eval-$name.jsonl" --summary "$OUT/eval-$name.summary.json" >/dev/null
 done
 echo

@@ -58,6 +58,25 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def run_summary(metrics: list[dict]) -> str:
+    """The loop's greedy eval curve and its sampled tool use (``tool_calls_mean``: calls per
+    response at temperature 1; ``tool_error_share``: failed calls) at the first and last step."""
+    evs = [m for m in metrics if m["kind"] == "eval"]
+    steps = [m for m in metrics if m["kind"] != "eval" and "tool_calls_mean" in m]
+    lines = ["loop eval (greedy, with the tool): " + ", ".join(
+        f"step {m['step']} {m['accuracy']:.3f}" for m in evs)]
+    if len(evs) > 1:
+        lines.append(f"gain: {100 * (evs[-1]['accuracy'] - evs[0]['accuracy']):+.1f} points on "
+                     f"{evs[-1]['prompts']} held-out prompts; loop wall time "
+                     f"{evs[-1]['wall_time']:.0f}s")
+    if steps:
+        lines.append("sampled (temperature 1): tool calls per response " + " -> ".join(
+            f"{m['tool_calls_mean']:.2f} (step {m['step']})" for m in (steps[0], steps[-1]))
+            + ", failed calls " + " -> ".join(
+            f"{100 * m['tool_error_share']:.1f} %" for m in (steps[0], steps[-1])))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,13 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--eval wants NAME=RECORDS, got {item!r}")
         rows[name] = tool_figures(read_jsonl(path))
     if a.run:
-        evs = [m for m in read_jsonl(os.path.join(a.run, "metrics.jsonl")) if m["kind"] == "eval"]
-        print("loop eval (greedy, with the tool): " + ", ".join(
-            f"step {m['step']} {m['accuracy']:.3f}" for m in evs))
-        if len(evs) > 1:
-            print(f"gain: {100 * (evs[-1]['accuracy'] - evs[0]['accuracy']):+.1f} points "
-                  f"on {evs[-1]['prompts']} held-out prompts; train wall time "
-                  f"{evs[-1]['wall_time']:.0f}s")
+        print(run_summary(read_jsonl(os.path.join(a.run, "metrics.jsonl"))))
     if rows:
         print(table(rows))
     if a.json:
