@@ -37,7 +37,7 @@ from tcli.models.recorded import sampling_state, with_recorded_sampling
 from tcli.plot import plot_runs
 from tcli.stages.advantages import AdvantageStats, stage_end, stage_group
 from tcli.stages.evaluate import evaluate, summarise
-from tcli.stages.sample import sample_records, token_counts
+from tcli.stages.sample import sample_records, token_counts, tool_metrics
 from tcli.stages.values import add_critic_values
 from tcli.stages.verify import start_pool, verify_records
 from tcli.trackers import start_trackers
@@ -290,6 +290,7 @@ class Loop:
             **{k: adv[k] for k in ("reward_mean", "zero_variance_share", "branch_token_share",
                                    "mean_abs_advantage", "groups_dropped")},
             **reward_means(rollouts),  # several tasks: rewards/<task>, each one's mean
+            **tool_metrics(rollouts),  # with tools: calls per response, failed share
             **{f"train_{k}": v for k, v in train.items() if isinstance(v, (int, float))},
             **{f"critic_{k}": v for k, v in critic.items() if isinstance(v, (int, float))
                and k not in ("step", "lr")},

@@ -79,7 +79,10 @@ def open_toolset(opts, tokenizer):
     except ImportError as e:
         raise UsageError(f"--tools needs the tcli.tools package, which cannot be imported: {e}"
                          ) from None
-    return Toolset(list(opts.tools), opts.tool_format, tokenizer)
+    try:
+        return Toolset(list(opts.tools), opts.tool_format, tokenizer)
+    except (KeyError, ValueError) as e:  # a bad name is a usage error, whatever the toolset raises
+        raise UsageError(f"--tools (sample.tools): {e}") from None
 
 
 def with_tool_text(messages: list[dict], text: str, chat: bool) -> list[dict]:
@@ -91,6 +94,17 @@ def with_tool_text(messages: list[dict], text: str, chat: bool) -> list[dict]:
     if chat and head["role"] != "system":
         return [{"role": "system", "content": text}, *messages]
     return [{**head, "content": f"{text}\n\n{head['content']}"}, *messages[1:]]
+
+
+def tool_metrics(records: Iterable[dict]) -> dict:
+    """The loop's tool-use metrics of a step's rollouts ({} when none was sampled with tools):
+    calls per response and the share of calls that failed."""
+    recs = [r for r in records if "tool_calls" in r]
+    if not recs:
+        return {}
+    calls = sum(r["tool_calls"] for r in recs)
+    return {"tool_calls_mean": calls / len(recs),
+            "tool_error_share": sum(r["tool_errors"] for r in recs) / calls if calls else 0.0}
 
 
 def sampled_tokens(rec: dict, start: int = 0, end: int | None = None) -> int:
@@ -180,12 +194,22 @@ def sample_records(engine, prompt_records: Iterable[dict], opts, *, seed: int = 
     ``toolset``: the tools' implementation (default: ``open_toolset``, from ``opts.tools``);
     with one every prompt gets its instructions and rollouts are multi-turn (§5.8).
     """
+    own = toolset is None and bool(opts.tools)
+    if toolset is None:
+        toolset = open_toolset(opts, engine.tokenizer)
+    try:
+        yield from _groups(engine, prompt_records, opts, seed, native, fields, on_group, toolset)
+    finally:
+        if own and callable(getattr(toolset, "close", None)):
+            toolset.close()   # its worker processes, if it has any
+
+
+def _groups(engine, prompt_records, opts, seed, native, fields, on_group, toolset):
+    """``sample_records``' work: chunks of prompts through the engine, records per group."""
     cfg = opts.engine_config(seed)
     tmpl = resolve_template(opts.prompt_template)
     seen = SeenKeys()
     sampler = as_engine(engine)
-    if toolset is None:
-        toolset = open_toolset(opts, engine.tokenizer)
     tool_text = toolset.system_text() if toolset is not None else ""
     for chunk in _chunks(prompt_records, opts.prompts_per_batch):
         recs, ids = _encode_chunk(chunk, engine.tokenizer, tmpl, opts.chat_template, seen, fields,

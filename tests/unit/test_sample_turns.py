@@ -380,3 +380,37 @@ def test_engines_without_tool_sampling_refuse(engine):
     with pytest.raises(UsageError, match="plain engine cannot sample with tools"):
         list(sample_records(as_engine(Plain()), PROMPTS, SampleOptions(
             prompt_template="plain", chat_template=False, tools="rev"), toolset=Rev()))
+
+
+def test_the_stage_closes_the_toolset_it_opened(engine, monkeypatch):
+    import tcli.stages.sample as stage
+
+    made = []
+
+    class Closing(Rev):
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(stage, "open_toolset", lambda opts, tok: made.append(Closing()) or made[-1])
+    opts = SampleOptions(n=2, max_new_tokens=10, prompt_template="plain", chat_template=False,
+                         tools="rev")
+    it = sample_records(engine, PROMPTS, opts)
+    next(it)
+    assert made and not made[0].closed
+    it.close()   # a consumer that stops early (| head) still ends the toolset
+    assert made[0].closed
+    given = Closing()
+    list(sample_records(engine, PROMPTS[:1], opts, toolset=given))
+    assert not given.closed   # the caller's own toolset stays open
+
+
+def test_tool_metrics_of_a_step():
+    from tcli.stages.sample import tool_metrics
+
+    assert tool_metrics([{"token_ids": [1]}]) == {}
+    recs = [{"tool_calls": 3, "tool_errors": 1}, {"tool_calls": 1, "tool_errors": 0},
+            {"tool_calls": 0, "tool_errors": 0}]
+    assert tool_metrics(recs) == {"tool_calls_mean": 4 / 3, "tool_error_share": 0.25}
+    assert tool_metrics(recs[2:]) == {"tool_calls_mean": 0.0, "tool_error_share": 0.0}

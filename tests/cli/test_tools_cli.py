@@ -1,0 +1,102 @@
+"""`sample-tree --tools`, `eval` and the loop with the real tools (tcli.tools): records carry the
+mask and the calls, the prompt opens with the tools' instructions, bad settings and names exit 2
+(docs/design.md §5.8). Engine-level behaviour is tests/unit/test_sample_turns.py's."""
+
+from __future__ import annotations
+
+import os
+
+import orjson
+import pytest
+
+from conftest import failed, jsonl, loop_config, prompts, read_metrics, run_tcli
+
+SAMPLE = ["--n", "2", "--max-new-tokens", "12", "--prompt-template", "plain", "--limit", "2",
+          "--tool-format", "tags", "-q"]
+
+
+def test_tool_settings_are_refused_before_the_model_loads(tmp_path):
+    model = tmp_path / "no-model"
+    r = run_tcli(["sample-tree", "-m", model, "--tools", "calc", "--mode", "tree"],
+                 input=jsonl(prompts()))
+    failed(r, 2, "--branch (sample.branch) tool")
+    r = run_tcli(["sample-tree", "-m", model, "--max-turns", "0"], input=jsonl(prompts()))
+    failed(r, 2, "--max-turns (sample.max_turns) must be >= 1")
+    assert not os.listdir(tmp_path)
+
+
+def test_sample_tree_with_calc_writes_multi_turn_records(tiny, tmp_path):
+    pytest.importorskip("tcli.tools")
+    from tcli.models.load import load_tokenizer
+    from tcli.tools.toolset import Toolset
+
+    r = run_tcli(["sample-tree", "-m", tiny, "--tools", "calc", "--max-turns", "2", *SAMPLE],
+                 input=jsonl(prompts()))
+    assert r.returncode == 0, r.stderr.decode()
+    recs = [orjson.loads(x) for x in r.stdout.splitlines()]
+    tok = load_tokenizer(tiny, required=True)
+    head = Toolset(["calc"], "tags", tok).system_text()
+    assert len(recs) == 4
+    for rec in recs:
+        assert len(rec["loss_mask"]) == len(rec["token_ids"]) == len(rec["logprobs"])
+        assert rec["tool_calls"] == len(rec["turns"]) <= 2 and rec["tool_errors"] >= 0
+        assert tok.decode(rec["prompt_token_ids"]).startswith(head)
+
+
+def test_an_unknown_tool_exits_2_naming_it(tiny):
+    pytest.importorskip("tcli.tools")
+    r = run_tcli(["sample-tree", "-m", tiny, "--tools", "calc,nosuchtool", *SAMPLE],
+                 input=jsonl(prompts()))
+    failed(r, 2, "nosuchtool")
+    assert r.stdout == b""
+
+
+def test_eval_and_the_loop_sample_with_tools(loop_model, tmp_path):
+    pytest.importorskip("tcli.tools")
+    from tcli.loop import run_loop
+
+    cfg = loop_config(loop_model, tmp_path / "run", engine="hf", tools=["calc"],
+                      tool_format="tags", steps=1, max_new_tokens=8)
+    run_loop(cfg, log=lambda s: None)
+    metrics = read_metrics(tmp_path / "run")
+    train = next(m for m in metrics if m["kind"] == "train")
+    assert train["tool_calls_mean"] >= 0.0 and 0.0 <= train["tool_error_share"] <= 1.0
+    assert any(m["kind"] == "eval" for m in metrics)
+    r = run_tcli(["eval", "-m", loop_model[1], "--data", loop_model[0] / "prompts.jsonl",
+                  "--tools", "calc", "--tool-format", "tags", "--max-new-tokens", "8",
+                  "--prompt-template", "plain", "--task", "arith", "-o", tmp_path / "ev.jsonl"])
+    assert r.returncode == 0, r.stderr.decode()
+    recs = [orjson.loads(x) for x in (tmp_path / "ev.jsonl").read_bytes().splitlines()]
+    assert recs and all("loss_mask" in x and "turns" in x for x in recs)
+
+
+def test_a_calc_call_runs_and_its_result_is_fed_as_environment_tokens(tiny, monkeypatch):
+    """The policy's draws are scripted to write a calc call, then EOS; the real toolset runs it
+    and its observation enters the trajectory as environment tokens."""
+    pytest.importorskip("tcli.tools")
+    import numpy as np
+    import torch
+
+    from tcli.engines.hf import HFEngine
+    from tcli.engines.sampling import SamplingConfig, ToolPlan
+    from tcli.tools.toolset import Toolset
+
+    engine = HFEngine(tiny)
+    tok = engine.tokenizer
+    tools = Toolset(["calc"], "tags", tok)
+    call = tok("<calc>2*3</calc>", add_special_tokens=False)["input_ids"]
+
+    def scripted(logits, keys, step, cfg, u=None):
+        t = torch.tensor([call[s] if s < len(call) else tok.eos_token_id
+                          for s in np.atleast_1d(step)])
+        return t, torch.log_softmax(logits, -1).gather(1, t[:, None])[:, 0]
+
+    monkeypatch.setattr(engine, "_sample", scripted)
+    (leaf,), = engine.sample_with_tools([tok("x")["input_ids"]], ToolPlan(tools, 2, 1, 1),
+                                        SamplingConfig(max_new_tokens=64))
+    assert len(leaf.turns) == 1 and "6" in leaf.turns[0]["result"] and leaf.tool_errors == 0
+    m = len(leaf.token_ids) - len(call) - 1
+    assert leaf.loss_mask == [1] * len(call) + [0] * m + [1] and leaf.finish_reason == "stop"
+    assert leaf.token_ids[:len(call)] == call and leaf.token_ids[-1] == tok.eos_token_id
+    obs = tok.decode(leaf.token_ids[len(call):-1])
+    assert obs == tools.observation(tools.step("<calc>2*3</calc>")) and "6" in obs
