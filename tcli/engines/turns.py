@@ -77,14 +77,26 @@ class StopScan:
         self.stops = tuple(s for s in stops if s)
         # a stop string of L characters spans at most L tokens (+2 for merges at either end)
         self.window = max((len(s) for s in self.stops), default=0) + 2
+        # a stop string ends in a token only if the token's text holds its last character
+        # (not checkable that way for a whitespace last character: always decode then)
+        self.last = {s[-1] for s in self.stops}
+        self.any_token = any(c.isspace() for c in self.last)
+        self.may_end: dict[int, bool] = {}
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
+    def _may_end(self, tok: int) -> bool:
+        hit = self.may_end.get(tok)
+        if hit is None:
+            text = self.decode([tok])
+            hit = self.may_end[tok] = self.any_token or any(c in text for c in self.last)
+        return hit
+
     def call_text(self, tokens: list[int], start: int) -> str | None:
         """The turn text ``tokens[start:]`` up to the end of the first stop string that ends in
         the newest token, or None when there is none."""
-        if not self.stops:
+        if not self.stops or len(tokens) <= start or not self._may_end(tokens[-1]):
             return None
         lo = max(start, len(tokens) - self.window)
         tail = self.decode(tokens[lo:])
@@ -102,6 +114,11 @@ def sample_with_tools(engine, prompts: Sequence[Sequence[int]], plan: ToolPlan,
     """Leaves per prompt, sorted by node path: ``plan.width`` episodes per prompt (a tree when
     ``plan.depth`` > 1); ``record``: entropies per token (0.0 on environment tokens)."""
     leaves: list[list[TreeLeaf]] = [[] for _ in prompts]
+    if cfg.max_new_tokens <= 0:   # nothing to sample: empty episodes, as sample_tree gives
+        for out in leaves:
+            out.extend(TreeLeaf((c,), [], [], [0], "length", [] if record else None, [], [])
+                       for c in range(plan.width))
+        return leaves
     scan = StopScan(engine.tokenizer, plan.toolset.stop_strings)
     with torch.inference_mode():
         for chunk in engine.prefill_chunks(prompts, plan.width ** plan.depth, cfg.max_new_tokens):
@@ -196,17 +213,16 @@ def _decode(engine, st: Rows, plan: ToolPlan, scan: StopScan, cfg: SamplingConfi
     while st.nodes:
         _split(engine, st, plan)
         toks, lps, ents = _draw(engine, st, cfg, record)
-        keep = []
+        ends = {}
         for i, ep in enumerate(st.nodes):
-            sampled = not ep.queue
-            end = _take(ep, toks[i], lps[i], ents[i], eos, scan, cap)
-            engine.generated_tokens += sampled
-            if end == "call":
-                end = _call(ep, plan, tokenizer, cap)
-            if end is None:
-                keep.append(i)
-            else:
-                leaves[ep.prompt].append(ep.leaf(end))
+            engine.generated_tokens += not ep.queue
+            ends[i] = _take(ep, toks[i], lps[i], ents[i], eos, scan, cap)
+        for i in [i for i, end in ends.items() if end == "call"]:  # every paused row's call
+            ends[i] = _call(st.nodes[i], plan, tokenizer, cap)
+        keep = [i for i, end in ends.items() if end is None]
+        for i, end in ends.items():
+            if end is not None:
+                leaves[st.nodes[i].prompt].append(st.nodes[i].leaf(end))
         if not keep:
             return
         if len(keep) < len(st.nodes):

@@ -134,8 +134,9 @@ def test_layout_tokens_mask_logprobs_and_turns(engine):
 
 def test_policy_logprobs_equal_a_teacher_forced_forward(engine):
     """The KV cache fed with observation tokens gives the logits of one forward over the whole
-    trajectory: policy log-probs agree to float32 round-off (a wrong position id, a missed
-    observation token or a stale cache row moves them by far more)."""
+    trajectory: policy log-probs agree up to float32 summation order (~1e-6 here; 1e-4 as the
+    other teacher-forced checks use), while a missed observation token, a wrong position or a
+    stale cache row moves them by 1e-2 or more."""
     prompts = ids(engine)
     for p, group in zip(prompts, episodes(engine, temperature=0.7)):
         for lf in group:
@@ -145,7 +146,7 @@ def test_policy_logprobs_equal_a_teacher_forced_forward(engine):
             lp = torch.log_softmax(logits / 0.7, -1).gather(
                 1, torch.tensor(lf.token_ids)[:, None])[:, 0].numpy()
             m = np.array(lf.loss_mask, dtype=bool)
-            np.testing.assert_allclose(np.array(lf.logprobs)[m], lp[m], atol=2e-5, rtol=0)
+            np.testing.assert_allclose(np.array(lf.logprobs)[m], lp[m], atol=1e-4, rtol=0)
 
 
 def recomputed(engine, prompt, c, plan, cfg):
@@ -234,6 +235,8 @@ def test_turn_and_token_caps(engine):
                 assert lf.finish_reason == "length"
     cut = [lf for g in episodes(engine, max_new_tokens=8) for lf in g]
     assert any(lf.loss_mask[-1] == 0 for lf in cut)   # an observation cut to the room left
+    assert all(lf.token_ids == [] and lf.finish_reason == "length"
+               for g in episodes(engine, max_new_tokens=0) for lf in g)
 
 
 def test_an_episode_without_calls_is_the_plain_sample(engine):
