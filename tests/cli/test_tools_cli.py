@@ -70,7 +70,11 @@ def test_eval_and_the_loop_sample_with_tools(loop_model, tmp_path):
     assert recs and all("loss_mask" in x and "turns" in x for x in recs)
 
 
-def test_a_calc_call_runs_and_its_result_is_fed_as_environment_tokens(tiny, monkeypatch):
+@pytest.mark.parametrize("fmt, text", [
+    ("tags", "<calc>2*3</calc>"),
+    ("hermes", '<tool_call>{"name": "calc", "arguments": {"expression": "2*3"}}</tool_call>')])
+def test_a_calc_call_runs_and_its_result_is_fed_as_environment_tokens(tiny, monkeypatch, fmt,
+                                                                       text):
     """The policy's draws are scripted to write a calc call, then EOS; the real toolset runs it
     and its observation enters the trajectory as environment tokens."""
     pytest.importorskip("tcli.tools")
@@ -83,8 +87,8 @@ def test_a_calc_call_runs_and_its_result_is_fed_as_environment_tokens(tiny, monk
 
     engine = HFEngine(tiny)
     tok = engine.tokenizer
-    tools = Toolset(["calc"], "tags", tok)
-    call = tok("<calc>2*3</calc>", add_special_tokens=False)["input_ids"]
+    tools = Toolset(["calc"], fmt, tok)
+    call = tok(text, add_special_tokens=False)["input_ids"]
 
     def scripted(logits, keys, step, cfg, u=None):
         t = torch.tensor([call[s] if s < len(call) else tok.eos_token_id
@@ -93,10 +97,10 @@ def test_a_calc_call_runs_and_its_result_is_fed_as_environment_tokens(tiny, monk
 
     monkeypatch.setattr(engine, "_sample", scripted)
     (leaf,), = engine.sample_with_tools([tok("x")["input_ids"]], ToolPlan(tools, 2, 1, 1),
-                                        SamplingConfig(max_new_tokens=64))
+                                        SamplingConfig(max_new_tokens=256))
     assert len(leaf.turns) == 1 and "6" in leaf.turns[0]["result"] and leaf.tool_errors == 0
     m = len(leaf.token_ids) - len(call) - 1
     assert leaf.loss_mask == [1] * len(call) + [0] * m + [1] and leaf.finish_reason == "stop"
     assert leaf.token_ids[:len(call)] == call and leaf.token_ids[-1] == tok.eos_token_id
     obs = tok.decode(leaf.token_ids[len(call):-1])
-    assert obs == tools.observation(tools.step("<calc>2*3</calc>")) and "6" in obs
+    assert obs == tools.observation(tools.step(text)) and "6" in obs
