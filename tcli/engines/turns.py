@@ -6,7 +6,8 @@ and appended as environment tokens (``loss_mask`` 0, log-prob 0.0, docs/design.m
 policy goes on. Observation tokens are fed through the same one-token decode step as sampled ones,
 one per step, while the other rows keep decoding: the KV cache grows by one column per step for
 every row (no holes, nothing recomputed), and a row's logits are those of a teacher-forced forward
-over its whole trajectory. Tool calls of all rows that paused at a step run between two steps.
+over its whole trajectory. The tool calls of all rows that paused at a step run between two
+steps, at once in threads when there are several.
 
 A trajectory ends at EOS (``stop``), when a stop string holds no call (``step`` gives None:
 ``stop``), at ``cfg.max_new_tokens`` tokens, policy and environment tokens together (``length``;
@@ -24,7 +25,9 @@ Imports torch: import this module only where an engine is created.
 
 from __future__ import annotations
 
+import os
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -168,22 +171,35 @@ def _take(ep: Episode, tok: int, lp: float, ent: float, eos: set, scan: StopScan
     return "call"
 
 
-def _call(ep: Episode, plan: ToolPlan, tokenizer, cap: int) -> str | None:
-    """Run ``ep``'s tool call and queue its observation; "stop"/"length" when the episode ends
-    instead (no call in the text; the turn limit reached)."""
-    if len(ep.turns) >= plan.max_turns:
-        return "length"
-    turn = plan.toolset.step(ep.call)
-    ep.call = ""
-    if turn is None:
-        return "stop"
-    ep.turns.append(turn.as_record())
-    ep.errors += turn.error is not None
-    ids = tokenizer(plan.toolset.observation(turn), add_special_tokens=False)["input_ids"]
-    ep.queue.extend(ids[:cap - len(ep.tokens)])
-    if not ep.queue:
-        ep.turn_start, ep.fresh = len(ep.tokens), True
-    return None
+def _run_calls(steps: list[tuple[Episode, object]], plan: ToolPlan) -> list:
+    """``toolset.step`` of every paused row's call text, in row order: at once in threads when
+    there are several (a call is independent work, e.g. its own python subprocess, so the order
+    in which they finish changes nothing)."""
+    texts = [ep.call for ep, _ in steps]
+    if len(texts) == 1:
+        return [plan.toolset.step(texts[0])]
+    with ThreadPoolExecutor(max_workers=min(len(texts), os.cpu_count() or 1)) as pool:
+        return list(pool.map(plan.toolset.step, texts))
+
+
+def _calls(eps: list[Episode], plan: ToolPlan, tokenizer, cap: int) -> list[str | None]:
+    """Run the tool calls of the rows ``eps`` and queue their observations. Per row: "stop" or
+    "length" when its episode ends instead (no call in the text; the turn limit reached), else
+    None."""
+    ends: list[str | None] = ["length" if len(ep.turns) >= plan.max_turns else None for ep in eps]
+    todo = [(ep, k) for k, ep in enumerate(eps) if ends[k] is None]
+    for (ep, k), turn in zip(todo, _run_calls(todo, plan) if todo else []):
+        ep.call = ""
+        if turn is None:
+            ends[k] = "stop"
+            continue
+        ep.turns.append(turn.as_record())
+        ep.errors += turn.error is not None
+        ids = tokenizer(plan.toolset.observation(turn), add_special_tokens=False)["input_ids"]
+        ep.queue.extend(ids[:cap - len(ep.tokens)])
+        if not ep.queue:
+            ep.turn_start, ep.fresh = len(ep.tokens), True
+    return ends
 
 
 def _split(engine, st: Rows, plan: ToolPlan) -> None:
@@ -217,8 +233,9 @@ def _decode(engine, st: Rows, plan: ToolPlan, scan: StopScan, cfg: SamplingConfi
         for i, ep in enumerate(st.nodes):
             engine.generated_tokens += not ep.queue
             ends[i] = _take(ep, toks[i], lps[i], ents[i], eos, scan, cap)
-        for i in [i for i, end in ends.items() if end == "call"]:  # every paused row's call
-            ends[i] = _call(st.nodes[i], plan, tokenizer, cap)
+        paused = [i for i, end in ends.items() if end == "call"]
+        for i, end in zip(paused, _calls([st.nodes[i] for i in paused], plan, tokenizer, cap)):
+            ends[i] = end
         keep = [i for i, end in ends.items() if end is None]
         for i, end in ends.items():
             if end is not None:

@@ -108,9 +108,15 @@ def spans(mask):
     return out
 
 
-def test_layout_tokens_mask_logprobs_and_turns(engine):
-    tok, tools = engine.tokenizer, Rev()
+def test_layout_tokens_mask_logprobs_and_turns(engine, monkeypatch):
+    import tcli.engines.turns as turns
+
+    tok, tools, batches = engine.tokenizer, Rev(), []
+    real = turns._run_calls
+    monkeypatch.setattr(turns, "_run_calls", lambda steps, plan: batches.append(len(steps))
+                        or real(steps, plan))
     leaves = [lf for g in episodes(engine, tools=tools) for lf in g]
+    assert max(batches) >= 2   # rows that paused at the same step: their calls ran together
     assert sum(len(lf.turns) for lf in leaves) >= 5 and any(not lf.turns for lf in leaves)
     assert any(lf.tool_errors for lf in leaves)
     for lf in leaves:
@@ -123,6 +129,7 @@ def test_layout_tokens_mask_logprobs_and_turns(engine):
         runs = spans(lf.loss_mask)
         assert len(runs) == len(lf.turns)   # every result's observation is one span here
         for (s, e), turn in zip(runs, lf.turns):
+            assert turn["result"] == turn["call"][-5:][::-1]   # each row got its own call's result
             obs = tok(turn["result"] + "c", add_special_tokens=False)["input_ids"]
             assert lf.token_ids[s:e] == obs[:e - s] and (e - s == len(obs) or e == 40)
             assert turn["call"] == tok.decode(lf.token_ids[(runs[runs.index((s, e)) - 1][1]
