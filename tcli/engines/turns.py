@@ -123,14 +123,18 @@ def sample_with_tools(engine, prompts: Sequence[Sequence[int]], plan: ToolPlan,
                        for c in range(plan.width))
         return leaves
     scan = StopScan(engine.tokenizer, plan.toolset.stop_strings)
+    grow = plan.width ** (plan.depth - 1)   # rows a first-level row may become
     with torch.inference_mode():
-        for chunk in engine.prefill_chunks(prompts, plan.width ** plan.depth, cfg.max_new_tokens):
+        for chunk in engine.prefill_chunks(prompts, plan.width * grow, cfg.max_new_tokens):
             root = engine.prefill(prompts, chunk, cfg.seed, None, record)
             root.nodes = [Episode.of(n) for n in root.nodes]
-            st = engine.fork(root, [(r, c) for r in range(len(chunk)) for c in range(plan.width)],
-                             cfg.max_new_tokens)
-            del root
-            _decode(engine, st, plan, scan, cfg, leaves, record)
+            pairs = [(r, c) for r in range(len(chunk)) for c in range(plan.width)]
+            per = max(1, engine.batch_tokens // ((root.mask.shape[1] + cfg.max_new_tokens) * grow))
+            if engine._graphs is not None:   # pieces the graph pool holds
+                per = min(per, engine._graphs.max_rows)
+            for k in range(0, len(pairs), per):   # rows are independent: any pieces will do
+                st = engine.fork(root, pairs[k:k + per], cfg.max_new_tokens)
+                _decode(engine, st, plan, scan, cfg, leaves, record)
     for out in leaves:
         out.sort(key=lambda lf: lf.node_path)
     return leaves

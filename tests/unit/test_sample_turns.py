@@ -211,19 +211,22 @@ def records(engine, tools_cls=Rev, **kw):
     return list(sample_records(engine, PROMPTS, opts, seed=7, toolset=tools_cls()))
 
 
-def test_same_seed_same_rollouts_for_any_batching(model):
-    """Tokens, masks, turns and finish reasons are identical for any batching; log-probs agree
-    up to the round-off of batched matmuls (docs/design.md §6.1)."""
+@pytest.mark.parametrize("kw", [{}, dict(mode="tree", branch="tool", width=2, depth=2,
+                                         tools="rev")], ids=["independent", "tree"])
+def test_same_seed_same_rollouts_for_any_batching(model, kw):
+    """Tokens, masks, turns and finish reasons are identical for any batching (one row per
+    piece at batch_tokens 40); log-probs agree up to the round-off of batched matmuls
+    (docs/design.md §6.1)."""
     from tcli.engines.hf import HFEngine
 
-    runs = [records(HFEngine(model, batch_tokens=bt), prompts_per_batch=ppb)
+    runs = [records(HFEngine(model, batch_tokens=bt), prompts_per_batch=ppb, **kw)
             for bt, ppb in ((1 << 20, 3), (40, 1), (200, 2))]
     assert any(0 in r["loss_mask"] for r in runs[0])
     for other in runs[1:]:
         for a, b in zip(map(dict, runs[0]), other, strict=True):
             np.testing.assert_allclose(a.pop("logprobs"), b.pop("logprobs"), atol=1e-5, rtol=0)
             assert a == b
-    again = records(HFEngine(model), prompts_per_batch=3)
+    again = records(HFEngine(model), prompts_per_batch=3, **kw)
     assert [r["token_ids"] for r in again] == [r["token_ids"] for r in runs[0]]
 
 
