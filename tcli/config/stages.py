@@ -32,9 +32,11 @@ class SampleOptions(ToolOptions):
     """How responses are drawn (sample-tree, eval, loop); the tool settings are ToolOptions'."""
 
     TABLE: ClassVar[str] = "sample"
-    # how prompts are rendered and how long answers may be: what a checkpoint was trained with
-    # records these, and a stage the user gives none of them uses the checkpoint's
-    RECORDED: ClassVar[tuple[str, ...]] = ("prompt_template", "chat_template", "max_new_tokens")
+    # how prompts are rendered, how long answers may be and which tools they may call: what a
+    # checkpoint was trained with records these, and a stage the user gives none of them uses the
+    # checkpoint's
+    RECORDED: ClassVar[tuple[str, ...]] = ("prompt_template", "chat_template", "max_new_tokens",
+                                           "tools", "tool_format", "max_turns")
 
     engine: str = setting("hf", "Generation engine.", choices=engine_names)
     mode: str = setting("independent", "independent (n samples per prompt) or tree (TreeRPO).",

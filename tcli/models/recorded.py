@@ -3,7 +3,8 @@
 A model trained on plain prompts with short answers scores near zero when it is asked in the boxed
 template or cut off at another length, and such a result looks valid. So whatever trains a
 checkpoint (the loop, train-step, the SFT warm start) records the prompt template, the
-chat-template choice and the response cap it was trained with (``SampleOptions.RECORDED``), and
+chat-template choice, the response cap and the tools it was trained with
+(``SampleOptions.RECORDED``), and
 sample-tree, eval and loop use them wherever the user gave none; an explicit flag or TOML key wins.
 
 Duck-typed on the options object (``RECORDED``, ``unset``, ``replace``), so this module needs
@@ -46,7 +47,8 @@ def with_recorded(opts, ckpt: str):
     except UsageError as e:  # the file holds a value no flag could give
         raise DataError(f"recorded sampling settings are not usable: {e}",
                         file=os.path.join(ckpt, STATE_FILE), field=SAMPLING) from None
-    return out, {k: take[k] for k in opts.RECORDED if k in take and getattr(opts, k) != take[k]}
+    return out, {k: getattr(out, k) for k in opts.RECORDED
+                 if k in take and getattr(opts, k) != getattr(out, k)}  # compared as settings
 
 
 def with_recorded_sampling(cfg, log):
@@ -74,4 +76,6 @@ def notice(changed: dict, opts, where: str = "") -> str:
 def _shown(v) -> str:
     if isinstance(v, bool):
         return str(v).lower()
+    if isinstance(v, (list, tuple)):   # a list setting, as its flag takes it
+        return ",".join(map(str, v)) or "''"
     return repr(v) if isinstance(v, str) and not v.isidentifier() else str(v)

@@ -62,12 +62,37 @@ def test_eval_and_the_loop_sample_with_tools(loop_model, tmp_path):
     train = next(m for m in metrics if m["kind"] == "train")
     assert train["tool_calls_mean"] >= 0.0 and 0.0 <= train["tool_error_share"] <= 1.0
     assert any(m["kind"] == "eval" for m in metrics)
-    r = run_tcli(["eval", "-m", loop_model[1], "--data", loop_model[0] / "prompts.jsonl",
-                  "--tools", "calc", "--tool-format", "tags", "--max-new-tokens", "8",
-                  "--prompt-template", "plain", "--task", "arith", "-o", tmp_path / "ev.jsonl"])
-    assert r.returncode == 0, r.stderr.decode()
-    recs = [orjson.loads(x) for x in (tmp_path / "ev.jsonl").read_bytes().splitlines()]
-    assert recs and all("loss_mask" in x and "turns" in x for x in recs)
+    evals = {}
+    for name, model, extra in (("given", loop_model[1], ["--tools", "calc", "--tool-format",
+                                                          "tags", "--max-new-tokens", "8"]),
+                               ("recorded", tmp_path / "run/checkpoints/step_1", []),
+                               ("off", tmp_path / "run/checkpoints/step_1", ["--tools", ""])):
+        r = run_tcli(["eval", "-m", model, "--data", loop_model[0] / "prompts.jsonl", *extra,
+                      "--prompt-template", "plain", "--task", "arith", "-o", tmp_path / "ev"])
+        assert r.returncode == 0, r.stderr.decode()
+        evals[name] = ([orjson.loads(x) for x in (tmp_path / "ev").read_bytes().splitlines()],
+                       r.stderr.decode())
+    for name in ("given", "recorded"):   # the checkpoint trained with tools is sampled with them
+        recs, _ = evals[name]
+        assert recs and all("loss_mask" in x and "turns" in x for x in recs)
+    assert "tools=calc" in evals["recorded"][1] and "--tools" in evals["recorded"][1]
+    assert not any("loss_mask" in x for x in evals["off"][0])
+
+
+def test_a_checkpoint_records_the_tools_it_was_trained_with(tmp_path):
+    from tcli.config.stages import SampleOptions
+    from tcli.models.recorded import notice, sampling_state, with_recorded
+
+    state = sampling_state(SampleOptions(tools="calc,python", max_turns=2))
+    assert state["tools"] == ("calc", "python") and state["max_turns"] == 2
+    (tmp_path / "tcli_state.json").write_bytes(orjson.dumps({"sampling": {**state,
+                                                                          "tools": ["calc"]}}))
+    opts, changed = with_recorded(SampleOptions.given({}), str(tmp_path))
+    assert opts.tools == ("calc",) and opts.max_turns == 2 and opts.tool_format == "auto"
+    assert changed == {"tools": ("calc",), "max_turns": 2}   # tool_format: the same as before
+    assert "tools=calc, max_turns=2" in notice(changed, opts)
+    off, changed = with_recorded(SampleOptions.given({"tools": ()}), str(tmp_path))
+    assert off.tools == () and "tools" not in changed
 
 
 @pytest.mark.parametrize("fmt, text", [
