@@ -44,9 +44,15 @@ def with_recorded(opts, ckpt: str):
     take = {k: v for k, v in rec.items() if k in opts.unset and v is not None}
     try:
         out = opts.replace(**take)
-    except UsageError as e:  # the file holds a value no flag could give
-        raise DataError(f"recorded sampling settings are not usable: {e}",
-                        file=os.path.join(ckpt, STATE_FILE), field=SAMPLING) from None
+    except UsageError as e:
+        try:
+            type(opts)().replace(**take)
+        except UsageError:  # the file holds a value no flag could give
+            raise DataError(f"recorded sampling settings are not usable: {e}",
+                            file=os.path.join(ckpt, STATE_FILE), field=SAMPLING) from None
+        # fine alone, not with what was given (recorded tools and --mode tree): the user's call
+        raise UsageError(f"{e}; {ckpt} records {_used(take)} (give {_flags(take, opts)} to "
+                         "override)") from None
     return out, {k: getattr(out, k) for k in opts.RECORDED
                  if k in take and getattr(opts, k) != getattr(out, k)}  # compared as settings
 
@@ -67,10 +73,17 @@ def notice(changed: dict, opts, where: str = "") -> str:
     """One line saying which recorded values are used and how to override them ('' if none)."""
     if not changed:
         return ""
-    used = ", ".join(f"{k}={_shown(v)}" for k, v in changed.items())
-    flags = "/".join(opts.flag(k) if not isinstance(v, bool) else f"--[no-]{opts.flag(k)[2:]}"
-                     for k, v in changed.items())
-    return f"using the checkpoint's {used} (give {flags}{where} to override)"
+    flags = _flags(changed, opts)
+    return f"using the checkpoint's {_used(changed)} (give {flags}{where} to override)"
+
+
+def _used(values: dict) -> str:
+    return ", ".join(f"{k}={_shown(v)}" for k, v in values.items())
+
+
+def _flags(values: dict, opts) -> str:
+    return "/".join(opts.flag(k) if not isinstance(v, bool) else f"--[no-]{opts.flag(k)[2:]}"
+                    for k, v in values.items())
 
 
 def _shown(v) -> str:

@@ -129,3 +129,17 @@ def test_a_calc_call_runs_and_its_result_is_fed_as_environment_tokens(tiny, monk
     assert leaf.token_ids[:len(call)] == call and leaf.token_ids[-1] == tok.eos_token_id
     obs = tok.decode(leaf.token_ids[len(call):-1])
     assert obs == tools.observation(tools.step(text)) and "6" in obs
+
+
+def test_recorded_tools_that_clash_with_given_settings_are_a_usage_error(tmp_path):
+    from tcli.config.stages import SampleOptions
+    from tcli.errors import DataError, UsageError
+    from tcli.models.recorded import with_recorded
+
+    state = tmp_path / "tcli_state.json"
+    state.write_bytes(orjson.dumps({"sampling": {"tools": ["calc"]}}))
+    with pytest.raises(UsageError, match=r"needs --branch .* records tools=calc \(give --tools"):
+        with_recorded(SampleOptions.given({"mode": "tree"}), str(tmp_path))
+    state.write_bytes(orjson.dumps({"sampling": {"max_turns": 0}}))   # wrong on its own: the file's
+    with pytest.raises(DataError, match="not usable"):
+        with_recorded(SampleOptions.given({"mode": "tree"}), str(tmp_path))
