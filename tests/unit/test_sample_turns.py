@@ -427,3 +427,47 @@ def test_tool_metrics_of_a_step():
             {"tool_calls": 0, "tool_errors": 0}]
     assert tool_metrics(recs) == {"tool_calls_mean": 4 / 3, "tool_error_share": 0.25}
     assert tool_metrics(recs[2:]) == {"tool_calls_mean": 0.0, "tool_error_share": 0.0}
+
+
+@pytest.mark.parametrize("plan_kw", [{}, {"width": 2, "depth": 3}], ids=["independent", "tree"])
+def test_the_graph_pool_path_gives_the_same_episodes(model, plan_kw):
+    """The cache path of CUDA graphs (docs/design.md §5.7; the pool without capture runs on a
+    CPU): the same episodes, also with a pool of 4 rows (pieces of 4 rows; a tree that outgrows
+    the pool continues on a slab cache)."""
+    from tcli.engines.cuda_graphs import GraphDecoder, GraphPool, PoolCache
+    from tcli.engines.hf import HFEngine
+
+    def shape(out):
+        return [[(lf.node_path, lf.token_ids, lf.loss_mask, lf.finish_reason, lf.segment_ends)
+                 for lf in g] for g in out]
+
+    ref = episodes(HFEngine(model), plan_kw)
+    for rows in (None, 4):
+        engine = HFEngine(model)
+        engine._graphs = GraphDecoder(engine, capture=False)
+        if rows:
+            engine._graphs.pool = GraphPool(engine, rows, 256, capture=False)
+            engine._graphs.max_rows = rows
+        pooled = []
+        real = engine.advance
+        engine.advance = lambda st, tok: (pooled.append(isinstance(st.cache, PoolCache)),
+                                          real(st, tok))[1]
+        out = episodes(engine, plan_kw)
+        assert shape(out) == shape(ref) and any(pooled)
+        assert all(pooled) != bool(rows and plan_kw)   # only the tree outgrows 4 rows
+        for a, b in zip((lf for g in out for lf in g), (lf for g in ref for lf in g)):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_tool_episodes_equal_eager_ones_on_cuda(model):
+    """Greedy episodes with tools: the graphed decode step gives the eager path's tokens,
+    log-probs within 1e-3 (as docs/design.md §5.7 promises for plain sampling)."""
+    from tcli.engines.hf import HFEngine
+
+    out = [episodes(HFEngine(model, device="cuda", cuda_graphs=g), {"width": 2, "depth": 3},
+                    temperature=0.0) for g in ("off", "on")]
+    a, b = ([lf for g in o for lf in g] for o in out)
+    assert [(x.token_ids, x.loss_mask, x.node_path) for x in a] == [
+        (x.token_ids, x.loss_mask, x.node_path) for x in b]
+    assert max(abs(p - q) for x, y in zip(a, b) for p, q in zip(x.logprobs, y.logprobs)) <= 1e-3
