@@ -30,7 +30,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-COMMAND_MODULES = ("streams", "verify", "sample", "train", "eval", "loop", "init_model",
+COMMAND_MODULES = ("streams", "verify", "sample", "expand", "train", "eval", "loop", "init_model",
                    "import_gguf", "critic", "merge_lora")
 
 

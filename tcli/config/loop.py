@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Optional
 
 from tcli.algos.estimators import needs
+from tcli.config.expand import ExpandOptions
 from tcli.config.spec import (Options, at_least, coerce, finite_at_least, like, setting,
                               settings_of)
 from tcli.config.stages import (AdvantageOptions, CriticOptions, EvalOptions, PromptOptions,
@@ -43,6 +44,15 @@ class RunOptions(Options):
     steps: int = setting(20, "Training steps.", check=at_least(1))
     prompts_per_step: int = setting(16, "Prompts sampled per step.", check=at_least(1))
     filter_groups: bool = setting(False, "Dynamic sampling: drop groups whose rewards are all equal.")
+    refill: bool = setting(False, "Dynamic sampling with refill: sample further prompts until the "
+                           "step holds prompts_per_step groups whose rewards are not all equal, "
+                           "and train on those only.")
+    refill_max_rounds: int = setting(4, "refill: further sampling rounds per step at most; the "
+                                     "step trains on what it holds when they run out.",
+                                     check=at_least(0))
+    refill_max_tokens: int = setting(0, "refill: start no further round once the step's further "
+                                     "rounds sampled this many tokens (0 = no cap).",
+                                     check=at_least(0))
     max_wall_seconds: float = setting(0.0, "Stop after this much wall time, evaluation and saving "
                                       "included (0 = off).", check=finite_at_least(0.0))
     max_sampled_tokens: int = setting(0, "Stop after sampling this many tokens (0 = off).",
@@ -104,7 +114,7 @@ class LoopCriticOptions(CriticOptions):
 
 
 TABLES: dict[str, type[Options]] = {"prompts": PromptOptions, "sample": SampleOptions,
-                                    "verify": VerifyOptions,
+                                    "verify": VerifyOptions, "expand": ExpandOptions,
                                     "advantages": AdvantageOptions, "train": TrainOptions,
                                     "critic": LoopCriticOptions, "eval": LoopEvalOptions}
 
@@ -115,6 +125,7 @@ class LoopConfig:
     prompts: PromptOptions = field(default_factory=PromptOptions)
     sample: SampleOptions = field(default_factory=SampleOptions)
     verify: VerifyOptions = field(default_factory=VerifyOptions)
+    expand: ExpandOptions = field(default_factory=ExpandOptions)
     advantages: AdvantageOptions = field(default_factory=AdvantageOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
     critic: LoopCriticOptions = field(default_factory=LoopCriticOptions)
@@ -123,10 +134,19 @@ class LoopConfig:
     origin: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.expand.check_sampling(self.sample.mode, SampleOptions.label("mode"))
+        if self.expand.enabled and self.sample.tools:  # expand-tree refuses environment tokens
+            raise UsageError(f"{ExpandOptions.label('tokens')} > 0 continues sampled trees, "
+                             "not trajectories with tool results: not with "
+                             f"{SampleOptions.label('tools')}")
         est = self.advantages.estimator
         if needs(est).tree_sampled and self.sample.mode != "tree":
             raise UsageError(f'{AdvantageOptions.label("estimator")} "{est}" needs tree-sampled '
                              'groups: set mode = "tree" in [sample] (--mode tree)')
+        if self.run.refill and self.sample.mode == "independent" and self.sample.n < 2:
+            raise UsageError(f"{RunOptions.label('refill')} needs groups of 2 or more responses "
+                             f"(a group of one is never informative): set {SampleOptions.label('n')}"
+                             " >= 2")
         t = self.train
         if not t.schedule_steps:  # the lr schedule spans the run (fixed in config.toml: a
             #                       resumed run continues the same schedule)

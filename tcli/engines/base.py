@@ -62,6 +62,30 @@ class Engine:
         """
         raise UsageError(f"the {self.name} engine gives no sampling entropies (generate_entropy)")
 
+    def continue_prefixes(self, prompts: Sequence[Sequence[int]],
+                          prefixes: Sequence[Sequence[int]], cfg: SamplingConfig, *,
+                          seeds: Sequence[int], entropy: bool = False) -> list[Completion]:
+        """One continuation of each response prefix (expand-tree, docs/design.md §4.17).
+
+        Request i continues ``prompts[i] + prefixes[i]``; ``cfg.max_new_tokens`` and
+        ``min_new_tokens`` count from the response's start, so it gets at most
+        ``max_new_tokens - len(prefixes[i])`` tokens (>= 1). Its random stream is a function of
+        ``seeds[i]`` and its tokens alone (``cfg.seed`` is not used), so nothing depends on
+        batching. ``entropy``: every Completion carries ``entropies`` of its new tokens.
+        Generic: one ``generate`` call per request (``generate_entropy`` per length when
+        entropies are wanted, whose contract takes per-prompt seeds)."""
+        out: list = [None] * len(prompts)
+        for sub, idx in by_room(prefixes, cfg):
+            full = [list(prompts[i]) + list(prefixes[i]) for i in idx]
+            if entropy:
+                comps = self.generate_entropy(full, 1, sub, seeds=[seeds[i] for i in idx])
+                for i, c in zip(idx, comps):
+                    out[i] = c[0]
+                continue
+            for i, ids in zip(idx, full):
+                out[i] = self.generate([ids], 1, replace(sub, seed=int(seeds[i])))[0][0]
+        return out
+
     def load_weights(self, model_dir: str, policy_version: int) -> None:
         """Switch to new weights (after a train step) and drop any cached prefixes."""
         raise NotImplementedError
@@ -136,6 +160,21 @@ def as_engine(engine) -> Engine:
 
 
 # ----------------------------------------------------------------------------- tree on any engine
+
+def by_room(prefixes: Sequence[Sequence[int]], cfg: SamplingConfig
+            ) -> list[tuple[SamplingConfig, list[int]]]:
+    """Continuation requests grouped by the settings of their engine call: the tokens left to
+    each (``max_new_tokens`` minus its prefix) and its share of ``min_new_tokens``."""
+    calls: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(prefixes):
+        room = cfg.max_new_tokens - len(p)
+        if room < 1:
+            raise ValueError(f"prefix #{i} leaves no room: {len(p)} of {cfg.max_new_tokens} "
+                             "tokens")
+        calls.setdefault((room, max(0, cfg.min_new_tokens - len(p))), []).append(i)
+    return [(replace(cfg, max_new_tokens=room, min_new_tokens=least), idx)
+            for (room, least), idx in calls.items()]
+
 
 def _level_seed(seed: int, level: int) -> int:
     return (seed * 1_000_003 + level) & 0x7FFFFFFF

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from tcli.engines.base import Engine
+from tcli.engines.base import Engine, by_room
 from tcli.engines.blocks import decode_segment, out_of_pool
 from tcli.engines.cuda_graphs import (STOP_EVERY, GraphDecoder, PoolCache, auto_batch_tokens,
                                       graphs_enabled, kv_bytes_per_token)
@@ -157,6 +157,22 @@ class HFEngine(Engine):
                                  cfg=cfg, seeds=seeds, entropy=True, top_k=top_k)
         return [[Completion(lf.token_ids, lf.logprobs, lf.finish_reason, lf.entropies)
                  for lf in leaves] for leaves in trees]
+
+    def continue_prefixes(self, prompts: Sequence[Sequence[int]],
+                          prefixes: Sequence[Sequence[int]], cfg: SamplingConfig, *,
+                          seeds: Sequence[int], entropy: bool = False) -> list[Completion]:
+        """The contract in engines/base.py, batched: requests with the same room share one
+        prefill and decode (each row's stream from its own seed and tokens; exact entropies)."""
+        out: list = [None] * len(prompts)
+        for sub, idx in by_room(prefixes, cfg):
+            trees = self.sample_tree([list(prompts[i]) + list(prefixes[i]) for i in idx],
+                                     width=1, depth=1, segment_tokens=sub.max_new_tokens,
+                                     cfg=sub, seeds=[int(seeds[i]) for i in idx],
+                                     entropy=entropy, top_k=None)
+            for i, leaves in zip(idx, trees):
+                lf = leaves[0]
+                out[i] = Completion(lf.token_ids, lf.logprobs, lf.finish_reason, lf.entropies)
+        return out
 
     def sample_entropy_tree(self, prompts: Sequence[Sequence[int]], rule: EntropyRule,
                             cfg: SamplingConfig, record: bool = False, *,

@@ -331,6 +331,11 @@ class VLLMEngine(Engine):
             result.append(comps)
         return result
 
+    def continue_prefixes(self, prompts, prefixes, cfg, *, seeds, entropy=False):
+        """Not offered yet: expand-tree samples with the hf engine."""
+        raise UsageError("expand-tree continues tree nodes with the hf engine; the vllm engine "
+                         "does not offer it (use --engine hf)")
+
     def load_weights(self, model_dir: str, policy_version: int) -> None:
         """Reload the weights in place (same architecture), or switch to another adapter of the
         same base; then drop the prefix cache."""

@@ -27,10 +27,12 @@ from tcli.config.stages import ThreadOptions
 from tcli.engines import open_engine
 from tcli.errors import DataError, UsageError
 from tcli.io import RecordWriter, iter_groups, resolve_data, write_atomic_bytes
+from tcli.loop.expand_step import expand_metrics, expand_step
 from tcli.loop.ranks import SamplingWeights, fold_stats
 from tcli.loop.inputs import check_models, loop_prompts
+from tcli.loop.refill import step_rollouts
 from tcli.loop.rundir import RunDir
-from tcli.loop.steps import Budget, StepTimer, format_step, step_prompts, step_seed
+from tcli.loop.steps import Budget, StepTimer, format_step, step_seed
 from tcli.models.checkpoint import read_state
 from tcli.models.critic import init_critic
 from tcli.models.recorded import sampling_state, with_recorded_sampling
@@ -170,10 +172,9 @@ class Loop:
         self.run.write_metrics(kept)
 
     # -- stages --------------------------------------------------------------------------
-    def sample(self, prompts: list[dict], step: int) -> list[dict]:
+    def sample(self, prompts: list[dict], seed: int) -> list[dict]:
         try:
-            return list(sample_records(self.engine, prompts, self.cfg.sample,
-                                       seed=step_seed(self.cfg.run.seed, step)))
+            return list(sample_records(self.engine, prompts, self.cfg.sample, seed=seed))
         except DataError as e:
             raise self._locate(e, prompts) from None
 
@@ -191,36 +192,35 @@ class Loop:
                                    weights=v.weights,
                                    max_verifier_errors=v.max_verifier_errors))
 
-    def advantages(self, records: list[dict]) -> tuple[list[dict], dict]:
-        """Advantages per group (the tree is built once and written for show-tree); drops
-        zero-variance groups with ``filter_groups``."""
-        return self.batch(records, self.group_advantages(records))
-
     def group_advantages(self, records: list[dict]) -> list[tuple]:
-        """Per group of ``records`` (in order): (size, its AdvantageStats, kept?); the records
-        get their advantages (and critic values) in place."""
+        """Per group of ``records`` (in order): (size, its AdvantageStats, informative?: rewards
+        not all equal); the records get their advantages (and critic values) in place (the tree
+        is built once and written for show-tree)."""
         if self.critic is not None:
             self._add_critic_values(records)
         out = []
         for _, recs in iter_groups(enumerate(records, 1), "<loop>"):
             stats = AdvantageStats()
             group = stage_group(recs, self.cfg.advantages, stats, tree=True)
-            keep = not (self.cfg.run.filter_groups and len(set(group.rewards.tolist())) < 2)
-            out.append((len(recs), stats, keep))
+            out.append((len(recs), stats, len(set(group.rewards.tolist())) > 1))
         return out
 
-    def batch(self, records: list[dict], groups: list[tuple]) -> tuple[list[dict], dict]:
+    def batch(self, records: list[dict], groups: list[tuple],
+              keep: list[bool] | None = None) -> tuple[list[dict], dict]:
         """The records to train on and the step's advantage metrics, from ``group_advantages``
-        of all the step's records (whitening over all kept tokens: global statistics)."""
+        of all the step's records (whitening over all kept tokens: global statistics). ``keep``:
+        the groups that train (default: all, or the informative ones with ``filter_groups``)."""
+        if keep is None:
+            keep = [inf or not self.cfg.run.filter_groups for _, _, inf in groups]
         kept, at = [], 0
-        for size, _, keep in groups:
-            if keep:
+        for (size, _, _), train in zip(groups, keep):
+            if train:
                 kept.extend(records[at:at + size])
             at += size
         stats = fold_stats([s for _, s, _ in groups])
-        kept = stage_end(kept, self.cfg.advantages, stats)
-        dropped = sum(not keep for _, _, keep in groups)
-        return kept, {**stats.summary(), "groups_dropped": dropped}
+        dropped = len(groups) - sum(keep)
+        return stage_end(kept, self.cfg.advantages, stats), {**stats.summary(),
+                                                             "groups_dropped": dropped}
 
     def _add_critic_values(self, records: list[dict]) -> None:
         """``critic_values`` of every rollout from the current critic (as `tcli values`)."""
@@ -243,16 +243,26 @@ class Loop:
 
     # -- steps ---------------------------------------------------------------------------
     def rollouts(self, step: int, timer: StepTimer) -> tuple[list[dict], list[dict], dict]:
-        """The step's rollouts (all ranks' blocks, in prompt order), the batch to train on and
-        the advantage metrics. Timers: this rank's own work; ``gather``: waiting for the others."""
-        prompts = self._share(step_prompts(self.train_prompts, self.cfg.run.prompts_per_step,
-                                           self.cfg.run.seed, step))
+        """The step's rollouts (all ranks' blocks, in prompt order; with refill every round's,
+        §5.9), the batch to train on and the advantage (and refill) metrics."""
+        rollouts, groups, keep, refill = step_rollouts(
+            self.train_prompts, self.cfg.run, step, lambda p, s: self._round(p, s, timer))
+        with timer("advantages"):
+            batch, adv = self.batch(rollouts, groups, keep)
+        return rollouts, batch, {**adv, "refill": refill}
+
+    def _round(self, prompts: list[dict], seed: int, timer: StepTimer) -> tuple[list, list]:
+        """Every rank samples (``seed``), verifies and scores its block of ``prompts``: all
+        ranks' records and groups (``group_advantages``) in prompt order. Timers: this rank's own
+        work; ``gather``: waiting for the others."""
+        prompts = self._share(prompts)
 
         def mine() -> list[tuple[list[dict], list[tuple]]]:
             with timer("sample"):
-                recs = self.sample(prompts, step)
+                recs = self.sample(prompts, seed)
             with timer("verify"):
                 recs = self.verify(recs)
+            recs = expand_step(self, recs, seed, timer)  # [expand]: new leaves, verified
             with timer("advantages"):
                 groups = self.group_advantages(recs)
             return [(recs, groups)]
@@ -260,12 +270,9 @@ class Loop:
         t0, before = time.perf_counter(), sum(timer.seconds.values())
         parts = self._gathered(mine)
         if self.dist.enabled:
-            timer.seconds["gather"] = (time.perf_counter() - t0
-                                       - (sum(timer.seconds.values()) - before))
-        rollouts = [r for recs, _ in parts for r in recs]
-        with timer("advantages"):
-            batch, adv = self.batch(rollouts, [g for _, groups in parts for g in groups])
-        return rollouts, batch, adv
+            timer.seconds["gather"] = timer.seconds.get("gather", 0.0) + (
+                time.perf_counter() - t0 - (sum(timer.seconds.values()) - before))
+        return [r for recs, _ in parts for r in recs], [g for _, gs in parts for g in gs]
 
     def train_step(self, step: int, budget: Budget) -> dict:
         """Sample, verify, advantages, train, follow: the step's train metrics record."""
@@ -289,8 +296,10 @@ class Loop:
             "sampled_tokens_total": budget.sampled,
             **{k: adv[k] for k in ("reward_mean", "zero_variance_share", "branch_token_share",
                                    "mean_abs_advantage", "groups_dropped")},
+            **adv["refill"],  # refill on: informative_share, refill_rounds, ... (§5.9)
             **reward_means(rollouts),  # several tasks: rewards/<task>, each one's mean
             **tool_metrics(rollouts),  # with tools: calls per response, failed share
+            **expand_metrics(rollouts, self.cfg),
             **{f"train_{k}": v for k, v in train.items() if isinstance(v, (int, float))},
             **{f"critic_{k}": v for k, v in critic.items() if isinstance(v, (int, float))
                and k not in ("step", "lr")},

@@ -64,7 +64,7 @@ def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: Tre
 
 
 def _tool_fields(leaf: TreeLeaf) -> dict:
-    """A multi-turn rollout's environment-token mask and tool calls (docs/design.md §3.6, §5.8)."""
+    """The mask and tool calls of a multi-turn rollout (docs/design.md §3.6, §5.8)."""
     return {"loss_mask": [int(x) for x in leaf.loss_mask], "turns": list(leaf.turns or []),
             "tool_calls": len(leaf.turns or []), "tool_errors": int(leaf.tool_errors)}
 

@@ -6,9 +6,9 @@ prompt per engine batch and one group per micro-batch the two runs do the same f
 in the same order, so rollouts are byte-identical and weights bit-identical as a rule. The tests
 allow what rounding can do where it may differ (CPU matmul kernels may round by a tensor's
 alignment, and PPO's critic shards responses, not groups): the bounds are conftest's (weights as
-a fraction of their update) and :data:`DRIFT_TOL`. Four torchrun launches: DDP (2 steps,
-TensorBoard), its resume under FSDP stopped by a wall-clock budget, PPO with whitening, and a bad
-prompt that only rank 1 sees.
+a fraction of their update) and :data:`DRIFT_TOL`. Five torchrun launches: DDP (2 steps,
+TensorBoard), its resume under FSDP stopped by a wall-clock budget, PPO with whitening, refill
+rounds, and a bad prompt that only rank 1 sees.
 """
 
 from __future__ import annotations
@@ -254,6 +254,30 @@ def test_ppo_with_whitening_under_torchrun(setup, tmp_path):
     ckpt = lambda r, name: os.path.join(r, "checkpoints", name)  # noqa: E731
     assert_same_weights(setup_model(ref), ckpt(run, "step_2"), ckpt(ref, "step_2"))
     assert_same_weights(ckpt(ref, "critic_0"), ckpt(run, "critic_2"), ckpt(ref, "critic_2"))
+
+
+def test_refill_rounds_under_torchrun_equal_one_process(setup, tmp_path):
+    """Refill (§5.9) with groups of 2 (half of them informative): the rounds, counted on the
+    gathered groups, are the same on both ranks and in one process (the rounds of 3 prompts
+    split 2 + 1); rollouts of every round, metrics and weights as one process's."""
+    toml = tmp_path / "refill.toml"
+    toml.write_text((setup / "loop.toml").read_text().replace("n = 4", "n = 2").replace(
+        "prompts_per_step = 2", "prompts_per_step = 3\nrefill = true\nrefill_max_rounds = 3"))
+    ref = tmp_path / "ref"
+    from tcli.config.loop import load_config
+    from tcli.loop import run_loop
+
+    run_loop(load_config(str(toml), {"run_dir": str(ref), "steps": 1, "eval_every": 0}),
+             log=lambda s: None)
+    run = tmp_path / "two"
+    p = _torchrun(setup, "-c", toml, "--run-dir", run, "--steps", 1, "--eval-every", 0)
+    assert p.returncode == 0, p.stderr.decode()[-4000:]
+    one, two = _metrics(str(ref)), _metrics(str(run))
+    assert one[0]["refill_rounds"] == 3 and one[0]["informative_groups"] == 3  # rounds of 3
+    assert_same_metrics(two, one)
+    assert_same_rollouts(_rollouts(str(run), 1), _rollouts(str(ref), 1))
+    ckpt = lambda r: os.path.join(r, "checkpoints", "step_1")  # noqa: E731
+    assert_same_weights(setup_model(str(ref)), ckpt(str(run)), ckpt(str(ref)))
 
 
 def test_a_bad_prompt_on_one_rank_ends_every_rank(setup, tmp_path):

@@ -27,7 +27,7 @@ def test_cpu_stages_do_not_import_torch(args):
 
 
 @pytest.mark.parametrize("args", [["sample-tree", "--help"], ["loop", "--help"],
-                                  ["verify", "--task", "arith"]])
+                                  ["expand-tree", "--help"], ["verify", "--task", "arith"]])
 def test_cpu_only_paths_do_not_import_torch(args):
     src = b'{"text": "#### 4", "answer": "4"}\n'
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "tcli", *args], cwd=REPO,

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2] / "tcli"
 
 # Units are sub-packages and top-level modules. The lower layers never import the upper ones.
-LOWER = {"io", "algos", "models", "engines", "verifiers", "trackers", "records", "registry",
+LOWER = {"io", "algos", "models", "engines", "verifiers", "trackers", "tools", "records", "registry",
          "errors"}
 UPPER = {"stages", "loop", "commands", "cli", "train"}
 MAX_FUNCTION_LINES = 60

@@ -35,8 +35,8 @@ class Turn:
     seconds: float = 0.0
 
     def as_record(self) -> dict:
-        return {"call": self.raw, "result": self.result, "seconds": self.seconds,
-                "outcome": self.error or "ok"}
+        return {"call": self.call, "raw": self.raw, "result": self.result, "error": self.error,
+                "seconds": self.seconds}
 
 
 class Rev:
@@ -125,14 +125,14 @@ def test_layout_tokens_mask_logprobs_and_turns(engine, monkeypatch):
         env = [t for t in range(n) if lf.loss_mask[t] == 0]
         assert all(lf.logprobs[t] == 0.0 for t in env)
         assert all(lf.logprobs[t] < 0.0 for t in range(n) if lf.loss_mask[t])
-        assert lf.tool_errors == sum(t["outcome"] != "ok" for t in lf.turns)
+        assert lf.tool_errors == sum(t["error"] is not None for t in lf.turns)
         runs = spans(lf.loss_mask)
         assert len(runs) == len(lf.turns)   # every result's observation is one span here
         for (s, e), turn in zip(runs, lf.turns):
-            assert turn["result"] == turn["call"][-5:][::-1]   # each row got its own call's result
+            assert turn["result"] == turn["raw"][-5:][::-1]   # each row got its own call's result
             obs = tok(turn["result"] + "c", add_special_tokens=False)["input_ids"]
             assert lf.token_ids[s:e] == obs[:e - s] and (e - s == len(obs) or e == 40)
-            assert turn["call"] == tok.decode(lf.token_ids[(runs[runs.index((s, e)) - 1][1]
+            assert turn["raw"] == tok.decode(lf.token_ids[(runs[runs.index((s, e)) - 1][1]
                                                            if runs.index((s, e)) else 0):s])
         if lf.finish_reason == "stop" and lf.token_ids[-1] != tok.eos_token_id:
             assert lf.loss_mask[-1] == 1   # a stop string without a call ends the episode
@@ -377,6 +377,15 @@ def test_tool_settings_are_checked(kw, words):
     with pytest.raises(UsageError, match=words.replace("(", r"\(").replace(")", r"\)")):
         SampleOptions(**kw)
     assert SampleOptions(tools="").tools == () and SampleOptions().max_turns == 4
+
+
+def test_the_loop_refuses_expand_with_tools(tmp_path):
+    from tcli.config.loop import load_config
+    from tcli.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--expand-tokens \(expand.tokens\) > 0 .* --tools"):
+        load_config(None, {"tools": ["calc"], "mode": "tree", "branch": "tool",
+                           "expand_tokens": 64})
 
 
 def test_engines_without_tool_sampling_refuse(engine):
