@@ -143,3 +143,64 @@ def test_recorded_tools_that_clash_with_given_settings_are_a_usage_error(tmp_pat
     state.write_bytes(orjson.dumps({"sampling": {"max_turns": 0}}))   # wrong on its own: the file's
     with pytest.raises(DataError, match="not usable"):
         with_recorded(SampleOptions.given({"mode": "tree"}), str(tmp_path))
+
+
+def test_the_loop_resumes_mid_run_with_tool_rollouts(tiny, tmp_path, monkeypatch):
+    """Every response opens with a calc call (the first draws are forced; the rest is sampled):
+    a run stopped after step 1 and resumed equals the uninterrupted run — rollouts with their
+    turns and masks, metrics and weights."""
+    pytest.importorskip("tcli.tools")
+    import shutil
+
+    import numpy as np
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    from tcli.engines.hf import HFEngine
+    from tcli.io import RecordReader
+    from tcli.loop import resume_config, run_loop
+
+    call = AutoTokenizer.from_pretrained(tiny)("<calc>2*3</calc>", add_special_tokens=False)["input_ids"]
+    real = HFEngine._sample
+
+    def forced(self, logits, keys, step, cfg, u=None):
+        tok, lp = real(self, logits, keys, step, cfg, u)
+        pos = np.broadcast_to(np.asarray(step), (len(tok),))
+        for i, s in enumerate(pos):
+            if s < len(call):
+                tok[i] = call[s]
+                lp[i] = torch.log_softmax(logits[i].float(), -1)[call[s]]
+        return tok, lp
+
+    monkeypatch.setattr(HFEngine, "_sample", forced)
+    (tmp_path / "prompts.jsonl").write_bytes(jsonl(prompts()))
+    flags = dict(engine="hf", tools=["calc"], tool_format="tags", steps=3, max_new_tokens=24,
+                 prompts_per_step=2, eval_every=0, keep_last=5, seed=3)
+
+    def run(name, resume=False):
+        cfg = (resume_config(str(tmp_path / name), {}) if resume
+               else loop_config((tmp_path, tiny), tmp_path / name, **flags))
+        run_loop(cfg, resume=resume, log=lambda s: None)
+        return [{k: v for k, v in m.items() if not (k.startswith("seconds_") or "time" in k
+                                                     or "per_s" in k)}
+                for m in read_metrics(tmp_path / name) if m["kind"] == "train"]
+
+    def rollouts(name, step):
+        path = tmp_path / name / "rollouts" / f"step_{step}.arrow"
+        return [{**r, "model": "", "turns": [{**t, "seconds": 0} for t in r["turns"]]}
+                for _, r in RecordReader(str(path))]  # a call's wall time is the one difference
+
+    ref = run("ref")
+    run("run")
+    for step in (2, 3):  # as if killed before the checkpoint of step 2 was written
+        shutil.rmtree(tmp_path / "run" / "checkpoints" / f"step_{step}")
+    got = run("run", resume=True)
+    assert [m["step"] for m in got] == [1, 2, 3] and got == ref
+    recs = rollouts("ref", 2)
+    assert all(r["turns"] and r["turns"][0]["result"] == "6" and 0 in r["loss_mask"] for r in recs)
+    for step in (2, 3):
+        assert rollouts("run", step) == rollouts("ref", step)
+    wa, wb = (load_file(str(tmp_path / d / "checkpoints" / "step_3" / "model.safetensors"))
+              for d in ("ref", "run"))
+    assert all((wa[k] == wb[k]).all() for k in wa)
