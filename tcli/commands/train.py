@@ -51,7 +51,8 @@ def train_step(
     Log-probs are recomputed at the records' sampling `temperature` T, as log_softmax(logits / T)
     (absent, or 0 for greedy: T = 1; one T per batch). Prints one metrics record (JSON line) on
     stdout. The new checkpoint records the start checkpoint's prompt template, chat-template
-    choice and max new tokens (those given here win), which sample-tree, eval and loop then use.
+    choice, max new tokens and tools (those given here win), which sample-tree, eval and loop then
+    use.
     """
     from tcli.models.checkpoint import check_checkpoint_target
     from tcli.train.dist import distributed, run_on_main

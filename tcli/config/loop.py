@@ -135,6 +135,10 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         self.expand.check_sampling(self.sample.mode, SampleOptions.label("mode"))
+        if self.expand.enabled and self.sample.tools:  # expand-tree refuses environment tokens
+            raise UsageError(f"{ExpandOptions.label('tokens')} > 0 continues sampled trees, "
+                             "not trajectories with tool results: not with "
+                             f"{SampleOptions.label('tools')}")
         est = self.advantages.estimator
         if needs(est).tree_sampled and self.sample.mode != "tree":
             raise UsageError(f'{AdvantageOptions.label("estimator")} "{est}" needs tree-sampled '

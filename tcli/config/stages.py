@@ -19,6 +19,7 @@ from tcli.config.choices import (
     kl_estimator_names, lr_schedule_names, check_template, check_device, check_tasks,
 )
 from tcli.config.spec import (Options, at_least, finite, finite_at_least, in_range, like, setting)
+from tcli.config.tools import ToolOptions
 from tcli.engines.sampling import GRAPH_MODES, SamplingConfig
 from tcli.errors import UsageError
 
@@ -27,13 +28,15 @@ _TEMPLATE_HELP = ("Prompt template: auto (choice when the record has choices, el
 
 
 @dataclass(frozen=True)
-class SampleOptions(Options):
-    """How responses are drawn (sample-tree, eval, loop)."""
+class SampleOptions(ToolOptions):
+    """How responses are drawn (sample-tree, eval, loop); the tool settings are ToolOptions'."""
 
     TABLE: ClassVar[str] = "sample"
-    # how prompts are rendered and how long answers may be: what a checkpoint was trained with
-    # records these, and a stage the user gives none of them uses the checkpoint's
-    RECORDED: ClassVar[tuple[str, ...]] = ("prompt_template", "chat_template", "max_new_tokens")
+    # how prompts are rendered, how long answers may be and which tools they may call: what a
+    # checkpoint was trained with records these, and a stage the user gives none of them uses the
+    # checkpoint's
+    RECORDED: ClassVar[tuple[str, ...]] = ("prompt_template", "chat_template", "max_new_tokens",
+                                           "tools", "tool_format", "max_turns")
 
     engine: str = setting("hf", "Generation engine.", choices=engine_names)
     mode: str = setting("independent", "independent (n samples per prompt) or tree (TreeRPO).",
@@ -50,7 +53,9 @@ class SampleOptions(Options):
                           "segments: after every --segment-tokens tokens; entropy: at the first "
                           "token, after --min-segment-tokens of the node's segment, whose sampling "
                           "entropy exceeds --branch-entropy (each child samples that token), at "
-                          "most --depth splits per path, no split = one path.",
+                          "most --depth splits per path, no split = one path; tool (with --tools): "
+                          "at the root and right after each tool result, at most --depth splits "
+                          "per path.",
                           choices=branch_rule_names)
     branch_entropy: float = setting(ENTROPY_THRESHOLD, "--branch entropy: threshold in nats. The "
                                     "sampling entropy of a token is that of softmax(logits / T), "
@@ -93,6 +98,7 @@ class SampleOptions(Options):
                                             check=in_range(0.0, 1.0, lo_open=True))
 
     def check(self) -> None:
+        self.check_tools()
         if self.cuda_graphs == "on" and self.device == "cpu":
             raise UsageError(f"{self.label('cuda_graphs')} on needs a CUDA device, got "
                              f"{self.label('device')} cpu")

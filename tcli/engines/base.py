@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from tcli.engines.sampling import (ENTROPY_TOP_K, Completion, EntropyRule,  # noqa: F401
-                                   SamplingConfig, TreeLeaf, logprob_temperature, topk_entropy)
+                                   SamplingConfig, ToolPlan, TreeLeaf, logprob_temperature,
+                                   topk_entropy)
 from tcli.errors import UsageError
 
 
@@ -94,6 +95,13 @@ class Engine:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ samplers
+
+    def sample_with_tools(self, prompts: Sequence[Sequence[int]], plan: ToolPlan,
+                          cfg: SamplingConfig, *, entropy: bool = False) -> list[list[TreeLeaf]]:
+        """Multi-turn episodes with tool calls (``ToolPlan``; docs/design.md §5.8). Engines
+        without their own refuse."""
+        raise UsageError(f"the {self.name} engine cannot sample with tools (--tools): use the "
+                         "hf engine")
 
     def sample_independent(self, prompts: Sequence[Sequence[int]], n: int, cfg: SamplingConfig,
                            *, entropy: bool = False, native: bool = True) -> list[list[TreeLeaf]]:

@@ -18,6 +18,7 @@ import inspect
 import os
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from tcli.engines.base import Engine, by_room
@@ -28,8 +29,9 @@ from tcli.engines.entropy_tree import sample_entropy_tree
 from tcli.engines.kv import fork_cache, new_cache, trim_left
 from tcli.engines.rng import prompt_key, uniforms
 from tcli.engines.rows import Node, Rows, append_tokens
-from tcli.engines.sampling import (ENTROPY_TOP_K, Completion, EntropyRule, SamplingConfig, TreeLeaf,
-                                   logprob_temperature, topk_entropy)
+from tcli.engines.sampling import (ENTROPY_TOP_K, Completion, EntropyRule, SamplingConfig, ToolPlan,
+                                   TreeLeaf, logprob_temperature, topk_entropy)
+from tcli.engines.turns import sample_with_tools
 from tcli.models.checkpoint import read_state
 from tcli.models.load import load_model, load_tokenizer, torch_dtype
 from tcli.models.quiet import quiet_transformers
@@ -179,6 +181,12 @@ class HFEngine(Engine):
         becomes ``rule.width`` rows of the same KV cache (tcli/engines/entropy_tree.py; exact
         entropies, so no probes: ``probe_tokens`` is not used)."""
         return sample_entropy_tree(self, prompts, rule, cfg, record)
+
+    def sample_with_tools(self, prompts: Sequence[Sequence[int]], plan: ToolPlan,
+                          cfg: SamplingConfig, *, entropy: bool = False) -> list[list[TreeLeaf]]:
+        """Multi-turn episodes with tool calls, observations fed into the running KV cache
+        (tcli/engines/turns.py)."""
+        return sample_with_tools(self, prompts, plan, cfg, entropy)
 
     def sample_tree(self, prompts: Sequence[Sequence[int]], width: int, depth: int,
                     segment_tokens: int, cfg: SamplingConfig, *,
@@ -344,9 +352,14 @@ class HFEngine(Engine):
         t = logprob_temperature(cfg.temperature)
         logp = torch.log_softmax(logits if t == 1 else logits / t, dim=-1)
         scores = logits
-        if step < cfg.min_new_tokens and len(self.eos_token_ids):
+        early = np.asarray(step) < cfg.min_new_tokens  # ``step``: one, or one per row (turns)
+        if early.any() and len(self.eos_token_ids):
             scores = logits.clone()
-            scores[:, self._eos_t] = float("-inf")
+            if early.ndim:
+                rows = torch.from_numpy(np.flatnonzero(early)).to(logits.device)
+                scores[rows.unsqueeze(1), self._eos_t.unsqueeze(0)] = float("-inf")
+            else:
+                scores[:, self._eos_t] = float("-inf")
         if cfg.temperature <= 0:
             tok = scores.argmax(dim=-1)
         else:

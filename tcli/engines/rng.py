@@ -49,3 +49,11 @@ def uniforms(keys: np.ndarray, step: int) -> np.ndarray:
     """One U[0,1) number per key for token position ``step`` (53-bit resolution)."""
     z = _splitmix_np(keys ^ np.uint64(_splitmix_int(step)))
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def uniforms_at(keys: np.ndarray, steps: Sequence[int]) -> np.ndarray:
+    """``uniforms`` with a position per key: row i gets ``uniforms(keys[i:i+1], steps[i])``
+    (rows of a multi-turn batch stand at different positions)."""
+    mixed = np.fromiter((_splitmix_int(int(s)) for s in steps), dtype=np.uint64, count=len(steps))
+    z = _splitmix_np(keys ^ mixed)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))

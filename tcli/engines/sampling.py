@@ -75,6 +75,22 @@ class TreeLeaf:
     segment_ends: list[int]
     finish_reason: str
     entropies: Optional[list[float]] = None   # sampling entropy per token (--record-entropy)
+    loss_mask: Optional[list[int]] = None     # with tools: 1 policy token, 0 environment token
+    turns: Optional[list[dict]] = None        # with tools: each call's ``Turn.as_record()``
+    tool_errors: int = 0                      # with tools: calls whose ``error`` is set
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """Sampling with tool calls (docs/design.md §5.8): ``toolset`` follows the tools interface
+    (``stop_strings``, ``step``, ``observation``); at most ``max_turns`` calls run per
+    trajectory. ``width`` > 1 makes a tree: a node splits into ``width`` children at the root
+    and right after each tool result, while its path has split fewer than ``depth`` times."""
+
+    toolset: object
+    max_turns: int
+    width: int = 1
+    depth: int = 1
 
 
 @dataclass(frozen=True)

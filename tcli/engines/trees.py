@@ -1,9 +1,10 @@
 """What a stage asks an engine for: the leaves of every prompt, n independent samples or a tree.
 
 Where a tree splits is a registered branch rule (``BRANCH_RULES``): ``segments`` (every
-``segment_tokens``) or ``entropy`` (``EntropyRule``: where the sampling entropy exceeds a
-threshold). Each rule runs the engine's own sampler (native on ``hf``) or, with ``native=False``,
-the generic one of the ``Engine`` base. ``opts`` is any object with the sample settings
+``segment_tokens``), ``entropy`` (``EntropyRule``: where the sampling entropy exceeds a
+threshold) or ``tool`` (after each tool result; needs a toolset, docs/design.md §5.8). Each
+rule runs the engine's own sampler (native on ``hf``) or, with ``native=False``, the generic one
+of the ``Engine`` base. ``opts`` is any object with the sample settings
 (``SampleOptions``).
 """
 
@@ -12,8 +13,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
-from tcli.engines.base import (ENTROPY_TOP_K, Engine, EntropyRule, SamplingConfig, TreeLeaf,
-                               sample_entropy_tree_generic, sample_tree_generic)
+from tcli.engines.base import (ENTROPY_TOP_K, Engine, EntropyRule, SamplingConfig, ToolPlan,
+                               TreeLeaf, sample_entropy_tree_generic, sample_tree_generic)
+from tcli.errors import UsageError
 from tcli.registry import Registry
 
 TreeSampler = Callable[..., "list[list[TreeLeaf]]"]
@@ -44,9 +46,27 @@ def _entropy_tree(engine: Engine, ids, opts, cfg: SamplingConfig, native: bool
                                        opts.segment_tokens, cfg, opts.record_entropy)
 
 
-def sample_leaves(engine: Engine, ids, opts, cfg: SamplingConfig, native: bool = True
-                  ) -> list[list[TreeLeaf]]:
-    """Leaves per prompt: a tree (its branch rule, native or generic) or n independent samples."""
+@BRANCH_RULES.register("tool")
+def _tool_tree(engine: Engine, ids, opts, cfg: SamplingConfig, native: bool
+               ) -> list[list[TreeLeaf]]:
+    """Nodes split at the root and right after each tool result: needs a toolset."""
+    raise UsageError("--branch tool splits after tool results: give --tools")
+
+
+def tool_plan(opts, toolset) -> ToolPlan:
+    """Independent episodes (``n`` per prompt), or a tree split after tool results."""
+    if opts.mode == "tree":
+        return ToolPlan(toolset, opts.max_turns, opts.width, opts.depth)
+    return ToolPlan(toolset, opts.max_turns, opts.n, 1)
+
+
+def sample_leaves(engine: Engine, ids, opts, cfg: SamplingConfig, native: bool = True,
+                  toolset=None) -> list[list[TreeLeaf]]:
+    """Leaves per prompt: a tree (its branch rule, native or generic) or n independent samples;
+    with a ``toolset``, multi-turn episodes with tool calls (``--branch tool`` trees)."""
+    if toolset is not None:
+        return engine.sample_with_tools(ids, tool_plan(opts, toolset), cfg,
+                                        entropy=opts.record_entropy)
     if opts.mode == "tree":
         return BRANCH_RULES.get(opts.branch)(engine, ids, opts, cfg, native)
     return engine.sample_independent(ids, opts.n, cfg, entropy=opts.record_entropy, native=native)

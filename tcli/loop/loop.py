@@ -39,7 +39,7 @@ from tcli.models.recorded import sampling_state, with_recorded_sampling
 from tcli.plot import plot_runs
 from tcli.stages.advantages import AdvantageStats, stage_end, stage_group
 from tcli.stages.evaluate import evaluate, summarise
-from tcli.stages.sample import sample_records, token_counts
+from tcli.stages.sample import sample_records, token_counts, tool_metrics
 from tcli.stages.values import add_critic_values
 from tcli.stages.verify import start_pool, verify_records
 from tcli.trackers import start_trackers
@@ -298,6 +298,7 @@ class Loop:
                                    "mean_abs_advantage", "groups_dropped")},
             **adv["refill"],  # refill on: informative_share, refill_rounds, ... (§5.9)
             **reward_means(rollouts),  # several tasks: rewards/<task>, each one's mean
+            **tool_metrics(rollouts),  # with tools: calls per response, failed share
             **expand_metrics(rollouts, self.cfg),
             **{f"train_{k}": v for k, v in train.items() if isinstance(v, (int, float))},
             **{f"critic_{k}": v for k, v in critic.items() if isinstance(v, (int, float))

@@ -3,7 +3,8 @@
 A model trained on plain prompts with short answers scores near zero when it is asked in the boxed
 template or cut off at another length, and such a result looks valid. So whatever trains a
 checkpoint (the loop, train-step, the SFT warm start) records the prompt template, the
-chat-template choice and the response cap it was trained with (``SampleOptions.RECORDED``), and
+chat-template choice, the response cap and the tools it was trained with
+(``SampleOptions.RECORDED``), and
 sample-tree, eval and loop use them wherever the user gave none; an explicit flag or TOML key wins.
 
 Duck-typed on the options object (``RECORDED``, ``unset``, ``replace``), so this module needs
@@ -43,10 +44,17 @@ def with_recorded(opts, ckpt: str):
     take = {k: v for k, v in rec.items() if k in opts.unset and v is not None}
     try:
         out = opts.replace(**take)
-    except UsageError as e:  # the file holds a value no flag could give
-        raise DataError(f"recorded sampling settings are not usable: {e}",
-                        file=os.path.join(ckpt, STATE_FILE), field=SAMPLING) from None
-    return out, {k: take[k] for k in opts.RECORDED if k in take and getattr(opts, k) != take[k]}
+    except UsageError as e:
+        try:
+            type(opts)().replace(**take)
+        except UsageError:  # the file holds a value no flag could give
+            raise DataError(f"recorded sampling settings are not usable: {e}",
+                            file=os.path.join(ckpt, STATE_FILE), field=SAMPLING) from None
+        # fine alone, not with what was given (recorded tools and --mode tree): the user's call
+        raise UsageError(f"{e}; {ckpt} records {_used(take)} (give {_flags(take, opts)} to "
+                         "override)") from None
+    return out, {k: getattr(out, k) for k in opts.RECORDED
+                 if k in take and getattr(opts, k) != getattr(out, k)}  # compared as settings
 
 
 def with_recorded_sampling(cfg, log):
@@ -65,13 +73,22 @@ def notice(changed: dict, opts, where: str = "") -> str:
     """One line saying which recorded values are used and how to override them ('' if none)."""
     if not changed:
         return ""
-    used = ", ".join(f"{k}={_shown(v)}" for k, v in changed.items())
-    flags = "/".join(opts.flag(k) if not isinstance(v, bool) else f"--[no-]{opts.flag(k)[2:]}"
-                     for k, v in changed.items())
-    return f"using the checkpoint's {used} (give {flags}{where} to override)"
+    flags = _flags(changed, opts)
+    return f"using the checkpoint's {_used(changed)} (give {flags}{where} to override)"
+
+
+def _used(values: dict) -> str:
+    return ", ".join(f"{k}={_shown(v)}" for k, v in values.items())
+
+
+def _flags(values: dict, opts) -> str:
+    return "/".join(opts.flag(k) if not isinstance(v, bool) else f"--[no-]{opts.flag(k)[2:]}"
+                    for k, v in values.items())
 
 
 def _shown(v) -> str:
     if isinstance(v, bool):
         return str(v).lower()
+    if isinstance(v, (list, tuple)):   # a list setting, as its flag takes it
+        return ",".join(map(str, v)) or "''"
     return repr(v) if isinstance(v, str) and not v.isidentifier() else str(v)

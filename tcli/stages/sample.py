@@ -28,7 +28,7 @@ from tcli import SCHEMA
 from tcli.engines.base import as_engine
 from tcli.engines.sampling import SamplingConfig, TreeLeaf
 from tcli.engines.trees import sample_leaves
-from tcli.errors import DataError
+from tcli.errors import DataError, UsageError
 from tcli.io import SeenKeys
 from tcli.prompts import (check_prompt_record, encode_prompt, map_fields, prompt_messages,
                           prompt_text, resolve_template, source_field, template_name)
@@ -52,6 +52,7 @@ def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: Tre
         "segment_ends": list(leaf.segment_ends) if tree else [],
         "finish_reason": leaf.finish_reason,
         **({"entropies": [float(x) for x in leaf.entropies]} if leaf.entropies is not None else {}),
+        **(_tool_fields(leaf) if leaf.loss_mask is not None else {}),
         "temperature": float(cfg.temperature),  # as sampled: 0 = greedy (log-probs at T = 1)
         "top_p": float(cfg.top_p),
         "max_new_tokens": int(cfg.max_new_tokens),  # the cap a `length` finish reached
@@ -60,6 +61,50 @@ def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: Tre
         "model": str(getattr(engine, "model_path", "")),
     })
     return out
+
+
+def _tool_fields(leaf: TreeLeaf) -> dict:
+    """The mask and tool calls of a multi-turn rollout (docs/design.md §3.6, §5.8)."""
+    return {"loss_mask": [int(x) for x in leaf.loss_mask], "turns": list(leaf.turns or []),
+            "tool_calls": len(leaf.turns or []), "tool_errors": int(leaf.tool_errors)}
+
+
+def open_toolset(opts, tokenizer):
+    """The toolset of ``opts.tools`` (None without tools). tcli.tools is imported here only, so
+    the CPU stages never load it at start-up; unknown tool names fail here (exit 2)."""
+    if not opts.tools:
+        return None
+    try:
+        from tcli.tools.toolset import Toolset
+    except ImportError as e:
+        raise UsageError(f"--tools needs the tcli.tools package, which cannot be imported: {e}"
+                         ) from None
+    try:
+        return Toolset(list(opts.tools), opts.tool_format, tokenizer)
+    except (KeyError, ValueError) as e:  # a bad name is a usage error, whatever the toolset raises
+        raise UsageError(f"--tools (sample.tools): {e}") from None
+
+
+def with_tool_text(messages: list[dict], text: str, chat: bool) -> list[dict]:
+    """The prompt's turns with the toolset's instructions: a system turn first (or in front of
+    the record's own system turn) with a chat template, else in front of the one user turn."""
+    if not text:
+        return messages
+    head = messages[0]
+    if chat and head["role"] != "system":
+        return [{"role": "system", "content": text}, *messages]
+    return [{**head, "content": f"{text}\n\n{head['content']}"}, *messages[1:]]
+
+
+def tool_metrics(records: Iterable[dict]) -> dict:
+    """The loop's tool-use metrics of a step's rollouts ({} when none was sampled with tools):
+    calls per response and the share of calls that failed."""
+    recs = [r for r in records if "tool_calls" in r]
+    if not recs:
+        return {}
+    calls = sum(r["tool_calls"] for r in recs)
+    return {"tool_calls_mean": calls / len(recs),
+            "tool_error_share": sum(r["tool_errors"] for r in recs) / calls if calls else 0.0}
 
 
 def sampled_tokens(rec: dict, start: int = 0, end: int | None = None) -> int:
@@ -105,16 +150,21 @@ def _chunks(it: Iterable[dict], size: int) -> Iterator[list[tuple[int, dict]]]:
         yield buf
 
 
-def _encode_chunk(chunk, tok, tmpl: str, chat_template, seen: SeenKeys, fields=None):
-    """Validate and tokenise the prompt records of one engine call."""
+def _encode_chunk(chunk, tok, tmpl: str, chat_template, seen: SeenKeys, fields=None,
+                  tool_text: str = ""):
+    """Validate and tokenise the prompt records of one engine call (``tool_text``: how to call
+    the tools, added to every prompt)."""
     recs, ids = [], []
+    chat = (getattr(tok, "chat_template", None) is not None if chat_template is None
+            else chat_template)
     for index, rec in chunk:
         try:
             rec = map_fields(rec, fields)
             check_prompt_record(rec)
             if not seen.add(rec["id"]):  # two groups with one prompt_id corrupt later stages
                 raise DataError(f"prompt id {rec['id']!r} appears twice", field="id")
-            ptoks = encode_prompt(tok, prompt_messages(rec, tmpl), chat_template)
+            messages = with_tool_text(prompt_messages(rec, tmpl), tool_text, chat)
+            ptoks = encode_prompt(tok, messages, chat_template)
             if not ptoks:
                 raise DataError("encodes to no tokens", field="prompt")
         except DataError as e:
@@ -127,7 +177,8 @@ def _encode_chunk(chunk, tok, tmpl: str, chat_template, seen: SeenKeys, fields=N
 
 def sample_records(engine, prompt_records: Iterable[dict], opts, *, seed: int = 0,
                    native: bool = True, fields=None,
-                   on_group: Callable[[list[dict]], None] | None = None) -> Iterator[dict]:
+                   on_group: Callable[[list[dict]], None] | None = None,
+                   toolset=None) -> Iterator[dict]:
     """Yield rollout records (docs/design.md §3.2), one group of consecutive records per prompt,
     in input order.
 
@@ -140,14 +191,30 @@ def sample_records(engine, prompt_records: Iterable[dict], opts, *, seed: int = 
     ``native=False`` forces the ``Engine`` base's generic samplers even on an engine with its own
     (hf).
     ``fields`` (PromptOptions) maps another schema's id/prompt/answer fields.
+    ``toolset``: the tools' implementation (default: ``open_toolset``, from ``opts.tools``);
+    with one every prompt gets its instructions and rollouts are multi-turn (§5.8).
     """
+    own = toolset is None and bool(opts.tools)
+    if toolset is None:
+        toolset = open_toolset(opts, engine.tokenizer)
+    try:
+        yield from _groups(engine, prompt_records, opts, seed, native, fields, on_group, toolset)
+    finally:
+        if own and callable(getattr(toolset, "close", None)):
+            toolset.close()   # its worker processes, if it has any
+
+
+def _groups(engine, prompt_records, opts, seed, native, fields, on_group, toolset):
+    """``sample_records``' work: chunks of prompts through the engine, records per group."""
     cfg = opts.engine_config(seed)
     tmpl = resolve_template(opts.prompt_template)
     seen = SeenKeys()
     sampler = as_engine(engine)
+    tool_text = toolset.system_text() if toolset is not None else ""
     for chunk in _chunks(prompt_records, opts.prompts_per_batch):
-        recs, ids = _encode_chunk(chunk, engine.tokenizer, tmpl, opts.chat_template, seen, fields)
-        trees = sample_leaves(sampler, ids, opts, cfg, native)
+        recs, ids = _encode_chunk(chunk, engine.tokenizer, tmpl, opts.chat_template, seen, fields,
+                                  tool_text)
+        trees = sample_leaves(sampler, ids, opts, cfg, native, toolset)
         for rec, ptoks, leaves in zip(recs, ids, trees):
             group = [_rollout(rec, engine, ptoks, j, leaf, opts.mode == "tree",
                               opts.prompt_template, cfg) for j, leaf in enumerate(leaves)]
