@@ -115,3 +115,51 @@ def test_added_tokens_are_one_token_each_and_decode_back():
     assert pieces[0] == "Use <calc> to compute." and pieces.count("<calc>") == 1
     assert "</calc>" in pieces and len(ids) == 1 + 2 + 6 + 1 + 1 + 4 + 1 + 7
     assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+class _CharTok:
+    """One token per character: enough for the episode bookkeeping."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text)))}
+
+
+def test_an_episode_runs_the_call_it_ends_with_and_stops_after_the_answer():
+    pytest.importorskip("tcli.tools")
+    from examples.tools.rollout import Episode, _advance, summary
+    from examples.tools.warmstart import make_toolset
+
+    ts, tok = make_toolset(), _CharTok()
+    ep = Episode("12*3=?\n")
+    _advance(ep, "<calc>12*3</calc>", ts, tok, max_new_tokens=200, max_turns=2)
+    assert not ep.done and len(ep.turns) == 1 and ep.turns[0].result == "36"
+    assert ep.text == "<calc>12*3</calc>" + ts.observation(ep.turns[0]) and ep.mark == len(ep.text)
+    _advance(ep, "#### 36", ts, tok, max_new_tokens=200, max_turns=2)
+    assert ep.done and ep.tokens == len(ep.text)
+    bad = Episode("12*3=?\n")
+    _advance(bad, "<calc>12*</calc>", ts, tok, max_new_tokens=200, max_turns=2)
+    assert bad.turns[0].error is not None
+    _advance(bad, "#### 35", ts, tok, max_new_tokens=200, max_turns=2)
+    guess = Episode("12*3=?\n")
+    _advance(guess, "#### 36", ts, tok, max_new_tokens=200, max_turns=2)
+    got = summary([ep, bad, guess], ["36"], per_prompt=3)
+    assert got["accuracy"] == pytest.approx(2 / 3) and got["tool_call_rate"] == pytest.approx(2 / 3)
+    assert got["tool_error_rate"] == 0.5 and got["acc_with_call"] == 0.5
+    assert got["acc_without_call"] == 1.0
+    capped = Episode("12*3=?\n")      # no room left after the result: the episode ends there
+    _advance(capped, "<calc>12*3</calc>", ts, tok, max_new_tokens=20, max_turns=2)
+    assert capped.done
+
+
+def test_report_counts_calls_and_failed_calls_from_eval_records():
+    from examples.tools.report import tool_figures
+
+    def rec(pid, reward, errors):
+        return {"prompt_id": pid, "reward": reward, "token_ids": [1, 2],
+                "turns": [{"error": e} for e in errors]}
+
+    got = tool_figures([rec("a", 1.0, [None]), rec("b", 0.0, ["tool_error", None]),
+                        rec("c", 0.0, []), rec("d", 1.0, [])])
+    assert got["accuracy"] == 0.5 and got["tool_call_rate"] == 0.5 and got["calls"] == 3
+    assert got["tool_error_rate"] == pytest.approx(1 / 3)
+    assert got["acc_with_call"] == 0.5 and got["acc_without_call"] == 0.5
