@@ -1,14 +1,15 @@
 """A task that pays to call a tool: multi-digit arithmetic a tiny char-level model cannot do in
 its head but can with the ``calc`` tool.
 
-    prompt:          "4821*37=?\\n"            (or "482+913+275=?\\n")
-    with the tool:   "<calc>4821*37</calc><result>178377</result>\\n#### 178377"
-    in the head:     "#### 178417"              (a guess: right about 1 time in 100)
+    prompt:          "482*37=?\\n"              (or "482+913+275=?\\n")
+    with the tool:   "<calc>482*37</calc>\\n<result>\\n17834\\n</result>\\n#### 17834"
+    in the head:     "#### 17291"              (a guess: right 1 time in 100 or 1000)
 
-Two kinds of prompt: a product of a 4-digit and a 2-digit number, and a sum of three or four
+Two kinds of prompt: a product of a 3-digit and a 2-digit number, and a sum of three or four
 3-digit numbers; each kind has one length, so that copying the expression into the call is a
-fixed shift a tiny model learns quickly. The answer is the exact integer, scored by the
-``arith`` verifier.
+fixed shift a tiny model learns quickly (with 4-digit factors, copying the 5-6 digit products
+into the answer took some warm-start seeds twice as many SFT steps). The answer is the exact
+integer, scored by the ``arith`` verifier.
 
 Warm-start traces: the call text follows the ``tags`` format of :mod:`tcli.tools` (the tag is
 read off the toolset's stop string) and the result block is whatever the toolset's own
@@ -41,7 +42,7 @@ def split_of(expr: str) -> str:
 
 def random_expression(rng: random.Random, kind: str) -> str:
     if kind == "mul":
-        return f"{rng.randint(1000, 9999)}*{rng.randint(11, 99)}"
+        return f"{rng.randint(100, 999)}*{rng.randint(11, 99)}"
     terms = 3 if kind == "add3" else 4
     return "+".join(str(rng.randint(100, 999)) for _ in range(terms))
 
@@ -139,6 +140,6 @@ def tool_trace(toolset, record: dict) -> str:
     return f"{call}{obs}{sep}#### {turn.result.strip()}"
 
 
-def head_trace(record: dict, rng: random.Random) -> str:
-    """The response that answers without the tool: a guess."""
-    return f"#### {guess(int(record['answer']), rng)}"
+def head_trace(record: dict, rng: random.Random, keep: int = 2) -> str:
+    """The response that answers without the tool: a guess (``keep`` leading digits right)."""
+    return f"#### {guess(int(record['answer']), rng, keep)}"

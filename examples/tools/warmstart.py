@@ -42,7 +42,7 @@ def make_toolset():
 
 
 def sft_examples(train: list[dict], n: int, call_rate: float, seed: int,
-                 toolset) -> list[tuple[str, str]]:
+                 toolset, keep: int = 2) -> list[tuple[str, str]]:
     """``n`` (prompt, response) pairs cycling over ``train``, the prompt as the sampler writes
     it: a tool trace with probability ``call_rate``, else a guess (fresh at every repetition)."""
     rng = random.Random(seed)
@@ -56,7 +56,7 @@ def sft_examples(train: list[dict], n: int, call_rate: float, seed: int,
                 traces[r["id"]] = tool_trace(toolset, r)
             out.append((prompt, traces[r["id"]]))
         else:
-            out.append((prompt, head_trace(r, rng)))
+            out.append((prompt, head_trace(r, rng, keep)))
     return out
 
 
@@ -107,6 +107,8 @@ def _args(argv):
                     help="SFT examples, cycling over the train prompts (default 20000).")
     ap.add_argument("--call-rate", type=float, default=0.3,
                     help="Share of SFT traces that call the tool (default 0.3).")
+    ap.add_argument("--guess-keep", type=int, default=2,
+                    help="Leading digits a guess gets right (default 2).")
     ap.add_argument("--copy-steps", type=int, default=600,
                     help="SFT steps on tool traces only, before the mixture: the model learns to "
                     "write the call and copy the result first (default 600).")
@@ -180,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"({time.perf_counter() - t0:.0f}s)")
 
             dst = a.out if k == len(phases) - 1 else os.path.join(tmp, f"phase{k}")
-            res = sft(src, sft_examples(train, a.sft_examples, rate, a.seed + k, toolset), dst,
+            res = sft(src, sft_examples(train, a.sft_examples, rate, a.seed + k, toolset,
+                                        a.guess_keep), dst,
                       steps=steps, lr=a.lr, batch_size=a.batch_size, seed=a.seed + k,
                       warmup=min(50, steps // 10), callback=progress,
                       log_every=max(1, steps // 10), max_new_tokens=a.max_new_tokens,

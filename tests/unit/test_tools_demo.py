@@ -31,7 +31,7 @@ def test_prompts_are_deterministic_and_answers_right():
         assert int(r["answer"]) == _value(expr) == evaluate(expr)
         assert r["prompt"] == f"{expr}=?\n"
     mul = [expression_of(r["prompt"]) for r in recs if r["meta"]["kind"] == "mul"]
-    assert all(1000 <= int(e.split("*")[0]) <= 9999 and 11 <= int(e.split("*")[1]) <= 99
+    assert all(100 <= int(e.split("*")[0]) <= 999 and 11 <= int(e.split("*")[1]) <= 99
                for e in mul)
     assert len({r["id"] for r in recs}) == len({r["prompt"] for r in recs}) == 300
 
