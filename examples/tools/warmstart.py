@@ -9,6 +9,14 @@ digits wrong: right by chance only). The model learns both habits and, sampling,
 about as often as the traces did; greedy decoding follows the majority habit. RL with a
 correctness reward can then teach it to call the tool.
 
+Why two phases: copying the expression into the call and the result into the answer is what the
+tiny model learns slowly, and only tool traces teach it. So ``--copy-steps`` of SFT on tool
+traces alone come first, then ``--steps`` on the mixture, which mostly sets the call rate.
+
+Why multi-character tokens: under ``--tools`` the sampler puts the toolset's instructions (a few
+hundred characters) in front of every prompt; the char-level tokenizer holds them, the call's
+tags and the result framing as one token each (``protocol_tokens``), so they cost one position.
+
 The result block is part of the SFT target (tcli's SFT has no per-token mask: its loss covers
 the whole response). Predicting it does the model no harm: in RL and eval the toolset supplies
 it as environment tokens, outside the loss.
