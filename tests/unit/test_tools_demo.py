@@ -163,3 +163,16 @@ def test_report_counts_calls_and_failed_calls_from_eval_records():
     assert got["accuracy"] == 0.5 and got["tool_call_rate"] == 0.5 and got["calls"] == 3
     assert got["tool_error_rate"] == pytest.approx(1 / 3)
     assert got["acc_with_call"] == 0.5 and got["acc_without_call"] == 0.5
+
+
+def test_the_demo_config_samples_with_calc_in_the_tags_format():
+    from pathlib import Path
+
+    from tcli.config.loop import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(str(root / "examples" / "tools" / "demo.toml"))
+    assert cfg.sample.tools == ("calc",) and cfg.sample.tool_format == "tags"
+    assert cfg.verify.task in ("arith", ("arith",)) and cfg.sample.prompt_template == "plain"
+    script = (root / "examples" / "tools" / "demo.sh").read_text()
+    assert "--tools calc --tool-format tags" in script and "--task arith" in script
