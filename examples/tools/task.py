@@ -7,9 +7,9 @@ its head but can with the ``calc`` tool.
 
 Two kinds of prompt: a product of a 3-digit and a 2-digit number, and a sum of three or four
 3-digit numbers; each kind has one length, so that copying the expression into the call is a
-fixed shift a tiny model learns quickly (with 4-digit factors, copying the 5-6 digit products
-into the answer took some warm-start seeds twice as many SFT steps). The answer is the exact
-integer, scored by the ``arith`` verifier.
+fixed shift a tiny model learns quickly. (With 4-digit factors some warm-start seeds copied the
+5-6 digit products into the answer badly even after twice the SFT steps.) The answer is the
+exact integer, scored by the ``arith`` verifier.
 
 Warm-start traces: the call text follows the ``tags`` format of :mod:`tcli.tools` (the tag is
 read off the toolset's stop string) and the result block is whatever the toolset's own
