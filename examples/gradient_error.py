@@ -153,7 +153,18 @@ def gradient(s: Setup, cfg, groups: list[list[dict]]) -> np.ndarray:
         g = [dict(r) for r in g]
         stage_group(g, cfg.advantages)
         recs.extend(g)
-    return s.trainer.loss_gradient(stage_end(recs, cfg.advantages), s.params)
+    return loss_gradient(s, cfg, stage_end(recs, cfg.advantages))
+
+
+def loss_gradient(s: Setup, cfg, recs: list[dict]) -> np.ndarray:
+    """The trainer's loss gradient. A response whose advantages are all 0 adds exactly nothing
+    to the policy loss's gradient, only tokens to its denominator (a positive factor the LS scale
+    absorbs): without a KL term it is left out of the backward (most groups of a real model)."""
+    if not cfg.train.kl_coef:
+        recs = [r for r in recs if any(r["advantages"])]
+    if not recs:
+        return np.zeros(s.n_params)
+    return s.trainer.loss_gradient(recs, s.params)
 
 
 def reference(s: Setup, seed: int) -> dict:
@@ -170,7 +181,7 @@ def reference(s: Setup, seed: int) -> dict:
             stage_group(g, s.ref_cfg.advantages)
             halves[0].append(g[0::2])
             halves[1].append(g[1::2])
-    ga, gb = (s.trainer.loss_gradient([r for g in h for r in g], s.params) for h in halves)
+    ga, gb = (loss_gradient(s, s.ref_cfg, [r for g in h for r in g]) for h in halves)
     ref = (ga + gb) / 2
     rr = float(np.dot(ref, ref))
     if rr == 0.0:
