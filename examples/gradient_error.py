@@ -232,7 +232,38 @@ def summarise(runs: dict, a: argparse.Namespace) -> list[dict]:
             row[f"{k}_mean"] = float(np.mean([x[k] for x in reps]))
         row["per_repeat"] = reps
         rows.append(row)
+    return paired(rows, a.seed)
+
+
+def paired(rows: list[dict], seed: int = 0, baseline: str = "rloo") -> list[dict]:
+    """Each row's rel_mse minus the baseline's at the same budget, repeat by repeat, with its
+    bootstrap CI (``d_rel_mse``): repeat r of every method saw the same prompt order, and the
+    methods of one sampling mode the very same groups, so the differences are tighter than the
+    separate CIs suggest."""
+    base = {r["budget"]: r for r in rows if r["method"] == baseline}
+    for r in rows:
+        b = base.get(r["budget"])
+        if b is not None and r is not b:
+            d = [x["rel_mse"] - y["rel_mse"] for x, y in zip(r["per_repeat"], b["per_repeat"])]
+            r[f"d_rel_mse_vs_{baseline}"] = bootstrap_ci(d, seed=seed)
     return rows
+
+
+def markdown(out: dict, baseline: str = "rloo") -> str:
+    """The summary as a markdown table, one row per (budget, method)."""
+    def ci(x) -> str:
+        return f"{x[0]:.3f} [{x[1]:.3f}, {x[2]:.3f}]"
+
+    key = f"d_rel_mse_vs_{baseline}"
+    lines = [f"| budget | method | tokens | rel_mse (95 % CI) | Δ rel_mse vs {baseline} (paired) "
+             "| cosine (95 % CI) |", "|---|---|---|---|---|---|"]
+    for r in sorted(out["rows"], key=lambda r: r["budget"]):
+        d = r.get(key)
+        mark = " *" if d and (d[1] > 0 or d[2] < 0) else ""
+        dd = f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]{mark}" if d else "—"
+        lines.append(f"| {r['budget']} | {r['method']} | {r['tokens_mean']:.0f} | "
+                     f"{ci(r['rel_mse'])} | {dd} | {ci(r['cosine'])} |")
+    return "\n".join(lines)
 
 
 def line(row: dict) -> str:
@@ -257,6 +288,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--params", help="Gradient subset: all or last:K (blocks, final norm, head "
                     "unless tied); default per task (all; real: last:2).")
     ap.add_argument("--json", help="Write the summary (with every repeat) here.")
+    ap.add_argument("--markdown", help="Write the summary as a markdown table here.")
     a = ap.parse_args(argv)
     if bool(a.task) == bool(a.config):
         ap.error("give --task or --config (one of them)")
@@ -296,11 +328,12 @@ def run(a: argparse.Namespace) -> dict:
            "prompts": len(s.prompts), "ref_samples": a.ref_samples, "ref_tokens": ref["tokens"],
            "ref_noise": ref["noise"], "params": s.spec, "n_params": s.n_params,
            "loss_agg": s.ref_cfg.train.loss_agg, "rows": rows}
-    if a.json:
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, a.json)
+    for path, text in ((a.json, lambda: json.dumps(out, indent=1)),
+                       (a.markdown, lambda: markdown(out) + "\n")):
+        if path:
+            with open(path + ".tmp", "w") as f:
+                f.write(text())
+            os.replace(path + ".tmp", path)
     return out
 
 

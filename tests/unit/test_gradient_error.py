@@ -193,7 +193,8 @@ def test_cli_prints_one_line_per_method_and_budget_and_writes_json(task_toml, tm
 
     out = tmp_path / "ge.json"
     argv = ["--config", str(task_toml), "--methods", "rloo,grpo,tempo-tree", "--budgets",
-            "40,80", "--repeats", "2", "--prompts", "2", "--ref-samples", "8", "--json", str(out)]
+            "40,80", "--repeats", "2", "--prompts", "2", "--ref-samples", "8", "--json", str(out),
+            "--markdown", str(tmp_path / "ge.md")]
     assert ge.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     num = r"-?\d+\.\d{4}"
@@ -205,6 +206,14 @@ def test_cli_prints_one_line_per_method_and_budget_and_writes_json(task_toml, tm
     for row in data["rows"]:
         assert len(row["per_repeat"]) == 2 and row["tokens_mean"] >= row["budget"]
         assert 0.0 <= row["rel_mse"][0] <= 1.0 and row["rel_mse"][1] <= row["rel_mse"][2]
+        # paired with RLOO repeat by repeat: the mean difference is the difference of the means
+        if row["method"] != "rloo":
+            base = next(r for r in data["rows"]
+                        if r["method"] == "rloo" and r["budget"] == row["budget"])
+            assert row["d_rel_mse_vs_rloo"][0] == pytest.approx(
+                row["rel_mse"][0] - base["rel_mse"][0], abs=1e-12)
+    table = (tmp_path / "ge.md").read_text().splitlines()
+    assert len(table) == 2 + 6 and table[0].startswith("| budget | method |")
 
 
 @pytest.mark.parametrize("argv, words", [
