@@ -40,7 +40,8 @@ compare: install
 
 # policy-gradient error per sampled token (examples/gradient_error.py, docs/design.md §10): a
 # reduced configuration, every method, 4 repeats per budget; TASK=arith|countdown|real (real needs
-# make install-real). About 2 minutes on arith with its warm start built (one thread).
+# make install-real and takes much longer: see docs/results.md). With the warm start built: 45 s
+# (countdown) and 52 s (arith) at load 4-5 on 2 cores, one thread.
 gradient-error: install
 	bash examples/prepare_task.sh $(TASK) >/dev/null
 	OMP_NUM_THREADS=1 $(PY) examples/gradient_error.py --task $(TASK) --budgets 2048,4096 \
