@@ -295,6 +295,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.task:
         a.config = os.path.join(ROOT, TASKS[a.task][0])
     a.params = a.params or (TASKS[a.task][1] if a.task else "all")
+    from tcli.train.gradient import parse_selection  # no torch: fails before any model loads
+
+    try:
+        parse_selection(a.params)
+    except UsageError as e:
+        ap.error(str(e))
     a.methods = [m for m in a.methods.split(",") if m]
     bad = [m for m in a.methods if m not in METHODS]
     if bad or not a.methods:

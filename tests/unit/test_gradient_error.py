@@ -221,6 +221,7 @@ def test_cli_prints_one_line_per_method_and_budget_and_writes_json(task_toml, tm
     (["--methods", "rloo"], "--task or --config"),
     (["--task", "arith", "--budgets", "1k"], "--budgets"),
     (["--task", "arith", "--repeats", "1"], "--repeats >= 2"),
+    (["--task", "real", "--params", "last:0"], "all or last:K"),
 ])
 def test_cli_rejects_bad_arguments(argv, words, capsys):
     from examples import gradient_error as ge
