@@ -10,7 +10,7 @@ PIP     = $(VENV)/bin/pip
 STAMP   = $(VENV)/.tcli-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-real test demo demo-real demo-pipeline compare bench test-vllm test-real bench-logprobs bench-peer clean gpu-wheels
+.PHONY: install install-real test demo demo-real demo-pipeline compare gradient-error bench test-vllm test-real bench-logprobs bench-peer clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ bench: install
 TASK ?= countdown
 compare: install
 	TASK=$(TASK) bash examples/compare.sh $(ARGS)
+
+# policy-gradient error per sampled token (examples/gradient_error.py, docs/design.md §10): a
+# reduced configuration, every method, 4 repeats per budget; TASK=arith|countdown|real (real needs
+# make install-real). About 2 minutes on arith with its warm start built (one thread).
+gradient-error: install
+	bash examples/prepare_task.sh $(TASK) >/dev/null
+	OMP_NUM_THREADS=1 $(PY) examples/gradient_error.py --task $(TASK) --budgets 2048,4096 \
+	  --repeats 4 --ref-samples 128 --seed 0 $(ARGS)
 
 # vllm is an optional extra in its own environment (it pins transformers < 5.20).
 VLLM_VENV ?= .venv-vllm

@@ -255,6 +255,13 @@ class Trainer(NoGradPasses):
     def _mini_batch(self, samples: list[TrainSample], mb: list[int], stats: StepStats,
                     ref_cache: dict) -> None:
         """This rank's shard of one mini-batch: accumulate gradients, then one optimizer step."""
+        if self._accumulate(samples, mb, stats, ref_cache):
+            self._optimizer_step(stats)
+
+    def _accumulate(self, samples: list[TrainSample], mb: list[int], stats: StepStats,
+                    ref_cache: dict) -> bool:
+        """The loss gradient of this rank's shard of one mini-batch, added to ``.grad``; False
+        when the mini-batch is empty on every rank (nothing to step)."""
         micro = self.layout(samples, mb, self.opts.micro_batch_tokens, self.dist.world_size,
                             self.dist.rank)
         mine = [i for m in micro for i in m.idxs]
@@ -263,7 +270,7 @@ class Trainer(NoGradPasses):
                                         float(len(mine))])
         denom = g_tok if self.agg.by_tokens else g_seq
         if denom <= 0:
-            return  # an empty mini-batch on every rank: no optimizer step
+            return False  # an empty mini-batch on every rank: no optimizer step
         n = self._micro_batch_count(len(micro))
         for k in range(n):
             sync = k == n - 1 or not self.dist.enabled or self.sharded
@@ -275,7 +282,26 @@ class Trainer(NoGradPasses):
                     self._dummy_backward()
             if self.device.type == "cpu":
                 release_heap()
-        self._optimizer_step(stats)
+        return True
+
+    def loss_gradient(self, records: Sequence, params: Sequence) -> np.ndarray:
+        """The gradient of the policy loss over ``records`` (one mini-batch, the step's loss
+        without TIS), float64 and flattened over ``params``: what one step would follow. The
+        weights, the optimizer and the counters stay as they are (:mod:`tcli.train.gradient`)."""
+        from tcli.train.gradient import flat_gradient, only_grad
+
+        samples = as_samples(records, self.vocab_size)
+        self.temperature, self.train_old = batch_temperature(samples), None
+        if self.opts.mask_truncated:
+            samples = [s for s in samples if not s.truncated]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.train()
+        with only_grad(self.model, params):
+            self._accumulate(samples, list(range(len(samples))), StepStats(), {})
+        try:
+            return flat_gradient(params)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _micro_batch_count(self, n: int) -> int:
         """Micro-batches this rank runs: its own, at least one (DDP's all-reduce), and under
