@@ -51,6 +51,9 @@ METHODS: dict[str, dict] = {
     "ppo": {"estimator": "ppo", "whiten": True, "critic_lr": 1e-3},
     "tempo-entropy": {"estimator": "tempo", **ENTROPY_TREE},
     "treerpo-entropy": {"estimator": "treerpo", **ENTROPY_TREE},
+    # an entropy tree of 4 leaves + 120 tokens per prompt for expand-tree's children (§4.17)
+    "tempo-entropy-expand": {"estimator": "tempo", **ENTROPY_TREE, "depth": 2,
+                             "expand_tokens": 120},
 }
 BASELINE = "grpo"
 

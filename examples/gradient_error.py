@@ -9,7 +9,8 @@ order until B unique sampled tokens are spent; every method on that mode takes i
 those very groups (tcli's estimators) and the trainer's loss gradient (``Trainer.loss_gradient``,
 the step's loss machinery, no step). Reported per (method, budget), mean over repeats with a
 bootstrap 95 % CI: ``rel_mse`` = min_{c>=0} ||c g - g_ref||^2 / ||g_ref||^2 and the cosine
-(docs/design.md §10).
+(docs/design.md §10). ``--n`` and ``--temperature`` reshape every method (group size, sampling
+temperature; examples/gradient_error_methods.py), the expand methods add expand-tree's children.
 
     python examples/gradient_error.py --task arith --budgets 2048,4096 --repeats 32 --seed 0
 """
@@ -31,7 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from examples.compare import ENTROPY_TREE, TREE  # noqa: E402
+from examples.gradient_error_methods import (METHODS, SAMPLE_KEYS, check_n,  # noqa: E402
+                                             reference_row, regime, sample_groups)
 from tcli.algos.gradient_error import bootstrap_ci, cosine, ls_scale, rel_mse  # noqa: E402
 from tcli.config.loop import load_config  # noqa: E402
 from tcli.errors import TcliError, UsageError  # noqa: E402
@@ -40,21 +42,6 @@ from tcli.errors import TcliError, UsageError  # noqa: E402
 TASKS = {"arith": ("examples/arith/demo.toml", "all"),
          "countdown": ("examples/countdown/countdown.toml", "all"),
          "real": ("examples/real/demo.toml", "last:2")}
-INDEPENDENT = {"mode": "independent"}
-METHODS: dict[str, dict] = {
-    "rloo": {"estimator": "rloo", **INDEPENDENT},
-    "grpo": {"estimator": "grpo", **INDEPENDENT},
-    "dr_grpo": {"estimator": "dr_grpo", **INDEPENDENT},
-    "tempo0.5": {"estimator": "tempo", "td_coef": 0.5, **INDEPENDENT},
-    "tempo": {"estimator": "tempo", "td_coef": 1.0, **INDEPENDENT},
-    "tempo2": {"estimator": "tempo", "td_coef": 2.0, **INDEPENDENT},
-    "tempo-tree": {"estimator": "tempo", **TREE},
-    "treerpo-tree": {"estimator": "treerpo", **TREE},
-    "tempo-entropy": {"estimator": "tempo", **ENTROPY_TREE},
-    "treerpo-entropy": {"estimator": "treerpo", **ENTROPY_TREE},
-}
-SAMPLE_KEYS = ("mode", "n", "width", "depth", "segment_tokens", "branch", "branch_entropy",
-               "min_segment_tokens")
 CHUNK = 4  # prompts per engine call while drawing: the budget's last call wastes little
 
 
@@ -90,9 +77,9 @@ def open_setup(a: argparse.Namespace) -> Setup:
     from tcli.train.trainer import Trainer
 
     base = {"seed": a.seed, **({"model": a.model} if a.model else {})}
-    cfgs = {m: load_config(a.config, {**base, **METHODS[m]}) for m in a.methods}
-    ref_cfg = load_config(a.config, {**base, **INDEPENDENT, "n": a.ref_samples,
-                                     "estimator": "rloo"})
+    cfgs = {m: load_config(a.config, {**base, **regime(METHODS[m], a.n, a.temperature)})
+            for m in a.methods}
+    ref_cfg = load_config(a.config, {**base, **reference_row(a.ref_samples, a.temperature)})
     prompts = loop_prompts(ref_cfg, "train_data")
     if len(prompts) < a.prompts:
         raise UsageError(f"{ref_cfg.run.train_data}: {len(prompts)} prompts, --prompts asks for "
@@ -110,20 +97,6 @@ def open_setup(a: argparse.Namespace) -> Setup:
 
 
 # ----------------------------------------------------------------------------- draws
-
-def sample_groups(s: Setup, cfg, prompts: list[dict], seed: int) -> list[list[dict]]:
-    """One group per prompt (``cfg``'s sampling), verified, in order."""
-    from tcli.io import iter_groups
-    from tcli.stages.sample import sample_records
-    from tcli.stages.verify import verify_records
-
-    recs = list(sample_records(s.engine, prompts, cfg.sample, seed=seed))
-    v = cfg.verify
-    recs = list(verify_records(iter(enumerate(recs, 1)), "<gradient-error>", task=v.task,
-                               timeout=v.timeout, workers=v.workers, pool=s.pool,
-                               weights=v.weights, max_verifier_errors=v.max_verifier_errors))
-    return [g for _, g in iter_groups(enumerate(recs, 1), "<gradient-error>")]
-
 
 def draw(s: Setup, cfg, order: list[dict], budget: int, seed: int) -> tuple[list, int]:
     """Groups on ``order`` (cycled; each pass a new prompt id) until ``budget`` unique sampled
@@ -287,6 +260,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ref-samples", type=int, default=256, help="Reference responses/prompt.")
     ap.add_argument("--params", help="Gradient subset: all or last:K (blocks, final norm, head "
                     "unless tied); default per task (all; real: last:2).")
+    ap.add_argument("--n", type=int, help="Leaves per prompt for every method: n independent "
+                    "samples or binary trees of depth log2(n) (default: each method's, 8).")
+    ap.add_argument("--temperature", type=float, help="Sampling temperature of every method and "
+                    "of the reference (default: the config's).")
     ap.add_argument("--json", help="Write the summary (with every repeat) here.")
     ap.add_argument("--markdown", help="Write the summary as a markdown table here.")
     a = ap.parse_args(argv)
@@ -312,6 +289,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not a.budgets or min(a.budgets) < 1 or a.repeats < 2 or a.prompts < 1 \
             or a.ref_samples < 4:
         ap.error("need budgets >= 1, --repeats >= 2, --prompts >= 1 and --ref-samples >= 4")
+    if check_n(a.n):
+        ap.error(check_n(a.n))
+    if a.temperature is not None and a.temperature <= 0:
+        ap.error(f"--temperature must be > 0 (sampling), got {a.temperature}")
     return a
 
 
@@ -333,6 +314,7 @@ def run(a: argparse.Namespace) -> dict:
     out = {"config": a.config, "model": s.ref_cfg.run.model, "seed": a.seed,
            "prompts": len(s.prompts), "ref_samples": a.ref_samples, "ref_tokens": ref["tokens"],
            "ref_noise": ref["noise"], "params": s.spec, "n_params": s.n_params,
+           "n": a.n, "temperature": s.ref_cfg.sample.temperature,
            "loss_agg": s.ref_cfg.train.loss_agg, "rows": rows}
     for path, text in ((a.json, lambda: json.dumps(out, indent=1)),
                        (a.markdown, lambda: markdown(out) + "\n")):

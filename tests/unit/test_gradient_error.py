@@ -216,7 +216,39 @@ def test_cli_prints_one_line_per_method_and_budget_and_writes_json(task_toml, tm
     assert len(table) == 2 + 6 and table[0].startswith("| budget | method |")
 
 
+def test_regime_options_reshape_every_method_and_expand_adds_verified_leaves(task_toml, capsys):
+    from examples import gradient_error as ge
+
+    argv = ["--config", str(task_toml), "--methods", "rloo,tempo-tree,tempo-tree-expand",
+            "--n", "4", "--temperature", "0.7", "--prompts", "2", "--ref-samples", "8"]
+    a = ge.parse_args(argv)
+    a.log = lambda s: None
+    s = ge.open_setup(a)
+    try:
+        rloo, tree, exp = (s.cfgs[m] for m in a.methods)
+        assert rloo.sample.n == 4 and s.ref_cfg.sample.n == 8
+        assert {c.sample.temperature for c in (rloo, tree, exp, s.ref_cfg)} == {0.7}
+        assert (tree.sample.depth, exp.sample.depth) == (2, 1) and not tree.expand.enabled
+        assert exp.expand.tokens == 60 and ge.sample_key(exp) != ge.sample_key(tree)
+        groups, used = ge.draw(s, exp, s.prompts, 30, seed=1)
+        new = [r for g in groups for r in g if "expand_round" in r]
+        assert new and all("reward" in r for g in groups for r in g)
+        assert all(len(r["node_path"]) == 1 and r["node_path"][0] >= 2 for r in new)  # root's
+        assert ge.gradient(s, exp, groups).shape == (s.n_params,)
+    finally:
+        if s.pool is not None:
+            s.pool.close()
+    out = ge.run(ge.parse_args(argv + ["--budgets", "30", "--repeats", "2"]))
+    assert (out["n"], out["temperature"]) == (4, 0.7)
+    num = r"-?\d+\.\d{4}"
+    pat = rf"method (\S+) budget 30 rel_mse {num} \[{num}, {num}\] cosine {num} \[{num}, {num}\]"
+    got = [re.fullmatch(pat, ln).group(1) for ln in capsys.readouterr().out.strip().splitlines()]
+    assert sorted(got) == sorted(a.methods)
+
+
 @pytest.mark.parametrize("argv, words", [
+    (["--task", "arith", "--n", "6"], "power of 2"),
+    (["--task", "arith", "--temperature", "0"], "--temperature must be > 0"),
     (["--task", "arith", "--methods", "nope"], "unknown method"),
     (["--methods", "rloo"], "--task or --config"),
     (["--task", "arith", "--budgets", "1k"], "--budgets"),
