@@ -54,6 +54,10 @@ METHODS: dict[str, dict] = {
     # an entropy tree of 4 leaves + 120 tokens per prompt for expand-tree's children (§4.17)
     "tempo-entropy-expand": {"estimator": "tempo", **ENTROPY_TREE, "depth": 2,
                              "expand_tokens": 120},
+    # tool-aware trees (tools in the config): 2 children at the root and after each tool result
+    "tempo-tool": {"estimator": "tempo", "mode": "tree", "width": 2, "depth": 3, "branch": "tool"},
+    "treerpo-tool": {"estimator": "treerpo", "mode": "tree", "width": 2, "depth": 3,
+                     "branch": "tool"},
 }
 BASELINE = "grpo"
 
