@@ -23,8 +23,10 @@ def write_split(path: str, records: list[dict]) -> None:
         w.write_all(records)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def main(argv: list[str] | None = None, make=make_prompts, doc: str = __doc__) -> int:
+    """The command line of a task's data script; ``make(n, seed, split)`` makes its prompts
+    (other tasks' scripts pass their own generator and docstring)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="Directory for train.jsonl and test.jsonl.")
     ap.add_argument("--n-train", type=int, default=2000, help="Train prompts (default 2000).")
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--n-train and --n-test must be >= 0")
     os.makedirs(a.out, exist_ok=True)
     for split, n in (("train", a.n_train), ("test", a.n_test)):
-        write_split(os.path.join(a.out, f"{split}.jsonl"), make_prompts(n, a.seed, split))
+        write_split(os.path.join(a.out, f"{split}.jsonl"), make(n, a.seed, split))
     if not a.quiet:
         print(f"make_data: {a.n_train} train + {a.n_test} test prompts in {a.out}", file=sys.stderr)
     print(os.path.abspath(a.out))
