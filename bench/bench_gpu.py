@@ -7,6 +7,8 @@ size (examples/real/demo.toml's loop step runs on it). Rows printed:
 - decode tokens/s, eager vs graphed (``--cuda-graphs off|on``), one prompt forked to 16/64/128/256
   rows, 64 tokens each (EOS masked: every row decodes to the end);
 - independent vs tree sampling (width 4, depth 3) per leaf, graphed;
+- entropy trees (``--branch entropy``, width 2, depth 3) per leaf: eager, graphed with a host
+  check per token, graphed with a check every 8 tokens (drawn ahead, taken back after a split);
 - train-step tokens/s with and without prefix sharing (bf16 autocast, trees of bench_train.py);
 - one ``tcli loop`` step of examples/real/demo.toml (16 prompts x 8 samples, <= 48 tokens, TEMPO)
   on the SmolLM2 shape, split into sample / verify / train.
@@ -126,6 +128,30 @@ def per_leaf(model: str, device: str, graphs: str, tokens: int) -> dict:
     return out
 
 
+def entropy_per_leaf(model: str, device: str, tokens: int, cuda: bool) -> dict:
+    """Seconds per leaf of entropy trees over 16 prompts (width 2, depth 3: 8 leaves each; random
+    weights are near uniform, so every path splits after each ``tokens // 6`` tokens)."""
+    from tcli.engines.hf import HFEngine
+    from tcli.engines.sampling import EntropyRule, SamplingConfig
+
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=tokens, min_new_tokens=tokens, seed=0)
+    rule = EntropyRule(2, 3, 0.3, max(1, tokens // 6))
+    prompts = [list(range(3 + i, 30 + i)) for i in range(16)]
+    ways = {"eager": ("off", 1), "eager every-8": ("off", 8)} if not cuda else \
+        {"eager": ("off", 1), "graphed per-token": ("on", 1), "graphed every-8": ("on", 8)}
+    out = {}
+    for name, (graphs, every) in ways.items():
+        engine = HFEngine(model, device=device, dtype="bfloat16", cuda_graphs=graphs,
+                          stop_every=every)
+        engine.sample_entropy_tree(prompts, rule, cfg)
+        _sync(device)
+        t0 = time.perf_counter()
+        leaves = engine.sample_entropy_tree(prompts, rule, cfg)
+        _sync(device)
+        out[name] = (time.perf_counter() - t0) / sum(len(x) for x in leaves)
+    return out
+
+
 def train_rates(model: str, device: str, small: bool) -> dict:
     """train-step tokens/s (response tokens per second) with and without prefix sharing."""
     import numpy as np
@@ -216,6 +242,9 @@ def main() -> int:
         first = next(iter(models.values()))
         leaf = per_leaf(first, args.device, "on" if cuda else "off", tokens)
         print("per leaf: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in leaf.items()), flush=True)
+        leaf = entropy_per_leaf(first, args.device, tokens, cuda)
+        print("entropy tree per leaf: " + ", ".join(f"{k} {v * 1e3:.2f} ms"
+                                                   for k, v in leaf.items()), flush=True)
         rates = train_rates(first, args.device, args.small)
         print("train-step: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in rates.items()),
               flush=True)

@@ -21,17 +21,19 @@ import numpy as np
 import torch
 
 from tcli.engines.cuda_graphs import PoolCache
-from tcli.engines.rng import uniforms
+from tcli.engines.rng import uniforms, uniforms_at
 from tcli.engines.rows import Rows
 from tcli.engines.sampling import SamplingConfig, logprob_temperature, topk_entropy
 
 
-def _uniforms(engine, st: Rows, first: int, k: int, cfg: SamplingConfig):
-    """The (k, rows) uniforms of steps first..first+k-1 on the device, or None when greedy."""
+def _uniforms(engine, st: Rows, first, k: int, cfg: SamplingConfig):
+    """The (k, rows) uniforms of steps first..first+k-1 on the device, or None when greedy;
+    ``first``: one step, or an array of one per row."""
     if cfg.temperature <= 0:
         return None
     keys = st.keys()
-    u = torch.from_numpy(np.stack([uniforms(keys, first + j) for j in range(k)]))
+    at = uniforms if np.ndim(first) == 0 else uniforms_at
+    u = torch.from_numpy(np.stack([at(keys, first + j) for j in range(k)]))
     if engine.device.type == "cuda":
         return u.pin_memory().to(engine.device, non_blocking=True)
     return u.to(engine.device)
@@ -48,9 +50,10 @@ def _entropy(logits, cfg: SamplingConfig, top_k):
     return h.clamp_(min=0.0)
 
 
-def _draw_block(engine, st: Rows, first: int, k: int, cfg: SamplingConfig, top_k, feed_last: bool):
+def draw_block(engine, st: Rows, first, k: int, cfg: SamplingConfig, top_k, feed_last: bool):
     """k tokens for every row without a host sync; feeds each token (the last one only when
-    ``feed_last``). Returns host lists per row: tokens, log-probs, entropies (or None)."""
+    ``feed_last``); ``first``: the step of the first token, one or one per row. Returns host
+    lists per row: tokens, log-probs, entropies (or None)."""
     u = _uniforms(engine, st, first, k, cfg)
     keys = st.keys()
     toks, lps, ents = [], [], []
@@ -85,7 +88,7 @@ def decode_segment(engine, st: Rows, last_level: bool, seg: int, cfg: SamplingCo
         k = min(engine.stop_every, seg - t)
         # the last token of a segment is fed only when rows can go on (children need its logits)
         ends_all = start + t + k >= cfg.max_new_tokens or (last_level and t + k == seg)
-        toks, lps, ents = _draw_block(engine, st, start + t, k, cfg, top_k,
+        toks, lps, ents = draw_block(engine, st, start + t, k, cfg, top_k,
                                       feed_last=not ends_all)
         keep = []
         for i, node in enumerate(st.nodes):
@@ -114,6 +117,19 @@ def decode_segment(engine, st: Rows, last_level: bool, seg: int, cfg: SamplingCo
     for node in st.nodes:
         node.ends.append(len(node.tokens))
     return out_of_pool(st)
+
+
+def rewind(st: Rows, drop: torch.Tensor, pos: torch.Tensor) -> None:
+    """Take fed tokens back: of the last ``drop.shape[1]`` cache columns, those where ``drop``
+    (rows, m) is set are masked, and ``pos`` (rows,) becomes each row's next position. The keys
+    stay where they are, never attended again, so nothing is copied."""
+    m = drop.shape[1]
+    if m:
+        st.mask = st.mask.clone()
+        st.mask[:, -m:].masked_fill_(drop, 0)
+    st.pos = pos
+    if isinstance(st.cache, PoolCache):
+        st.cache.rewind(drop, pos)
 
 
 def out_of_pool(st: Rows) -> Rows:

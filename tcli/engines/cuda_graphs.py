@@ -124,6 +124,9 @@ class PoolCache:
     def detach(self, width: int):
         return self.pool.detach(self, width)
 
+    def rewind(self, drop: torch.Tensor, pos: torch.Tensor) -> None:
+        self.pool.rewind(self, drop, pos)
+
 
 class GraphPool:
     """Static buffers for up to ``rows`` rows of ``capacity`` columns and one graph per bucket."""
@@ -238,6 +241,15 @@ class GraphPool:
         self.pos[:n] = self.pos[idx]
         self.n = n
         return owner
+
+    def rewind(self, owner: PoolCache, drop: torch.Tensor, pos: torch.Tensor) -> None:
+        """Speculated tokens taken back: the last ``drop.shape[1]`` written columns are masked
+        where ``drop`` (live rows, m) is set; ``pos`` is each row's next position."""
+        self._check(owner)
+        m = drop.shape[1]
+        if m:
+            self.amask[:self.n, 0, 0, self.end - m:self.end].masked_fill_(drop, self.neg)
+        self.pos[:self.n, 0].copy_(pos)
 
     def detach(self, owner: PoolCache, width: int):
         """The live rows' last ``width`` filled columns as an ordinary slab cache (a copy), e.g.

@@ -54,6 +54,6 @@ def uniforms(keys: np.ndarray, step: int) -> np.ndarray:
 def uniforms_at(keys: np.ndarray, steps: Sequence[int]) -> np.ndarray:
     """``uniforms`` with a position per key: row i gets ``uniforms(keys[i:i+1], steps[i])``
     (rows of a multi-turn batch stand at different positions)."""
-    mixed = np.fromiter((_splitmix_int(int(s)) for s in steps), dtype=np.uint64, count=len(steps))
+    mixed = _splitmix_np(np.asarray(steps, dtype=np.int64).astype(np.uint64))  # == _splitmix_int
     z = _splitmix_np(keys ^ mixed)
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))

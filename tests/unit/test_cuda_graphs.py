@@ -136,6 +136,119 @@ def test_rows_beyond_the_pool_continue_eagerly(model):
     assert any(spilled) and not all(spilled)
 
 
+@pytest.mark.parametrize("every", [2, 3, 8])
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("rule", [(2, 3, 0.5, 2), (3, 2, 0.3, 0), (2, 4, 1.0, 1)])
+def test_entropy_trees_drawn_ahead_give_the_per_token_leaves(model, monkeypatch, every, pool,
+                                                               rule):
+    """Every-k entropy trees draw tokens past a split and take them back (columns masked,
+    positions moved back, the last kept token fed again; at the block's first token the saved
+    logits): leaves, finish reasons, segments and tokens equal the per-token check's, splits at
+    the block's first token included (min segment 0 splits the root at token 0)."""
+    from tcli.engines import entropy_tree
+
+    masked = []
+    real = entropy_tree.rewind
+    monkeypatch.setattr(entropy_tree, "rewind",
+                        lambda st, drop, pos: (masked.append(int(drop.sum())), real(st, drop, pos)))
+    for temperature in (0.0, 0.9):
+        cfg = SamplingConfig(temperature=temperature, top_p=0.95, max_new_tokens=20, seed=3)
+        base = _engine(model)
+        ref = base.sample_entropy_tree(PROMPTS, EntropyRule(*rule), cfg, record=True)
+        for record in (True, False):
+            engine = _engine(model, every=every, pool=pool)
+            out = engine.sample_entropy_tree(PROMPTS, EntropyRule(*rule), cfg, record=record)
+            assert _leaves(out) == _leaves(ref)
+            assert engine.generated_tokens == base.generated_tokens
+            assert _max_diff(out, ref) <= 1e-5
+            if record:
+                assert _max_diff(out, ref, "entropies") <= 1e-5
+    assert sum(masked) > 0   # tokens were drawn past splits and taken back
+
+
+def test_entropy_trees_drawn_ahead_fit_the_room_they_reserve(model, monkeypatch):
+    """The pool sized to exactly prompt + max_new_tokens + depth x k columns never fills up (each
+    split on a path wastes fewer than k columns), and rows beyond the pool spill mid-tree."""
+    from tcli.engines import cuda_graphs
+    from tcli.engines.cuda_graphs import GraphPool
+
+    monkeypatch.setattr(cuda_graphs, "capacity_for", lambda columns: columns)
+    cfg = SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=24, seed=5)
+    rule = EntropyRule(2, 4, 0.3, 1)
+    ref = _engine(model).sample_entropy_tree(PROMPTS, rule, cfg)
+    engine = _engine(model, every=8, pool=True)
+    assert _leaves(engine.sample_entropy_tree(PROMPTS, rule, cfg)) == _leaves(ref)
+    assert engine._graphs.pool.capacity == len(PROMPTS[1]) + 24 + 4 * 8
+    engine = _engine(model, every=4, pool=True)
+    engine._graphs.pool = GraphPool(engine, 8, 256, capture=False)
+    engine._graphs.max_rows = 8
+    assert _leaves(engine.sample_entropy_tree(PROMPTS, rule, cfg)) == _leaves(ref)
+
+
+def _host_reads():
+    """A dispatch mode that counts the ops a CUDA graph cannot hold or that make the host wait
+    for the device: scalar reads (``item``, ``bool``, ``int``), data-dependent shapes (nonzero,
+    boolean indexing, unique) and tensors made from host data (``lift_fresh``)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    flagged = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
+               "unique_consecutive", "lift_fresh"}
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in flagged or (name in ("index", "index_put") and any(
+                    isinstance(t, torch.Tensor) and t.dtype == torch.bool
+                    for t in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple))
+                              else ()))):
+                self.seen[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    return HostReads()
+
+
+@pytest.mark.parametrize("how", ["segments", "independent", "entropy"])
+def test_the_graphed_step_and_a_block_make_no_host_read(model, monkeypatch, how):
+    """What capture and the every-k check rely on, checked on a CPU: the pool's one-token
+    forward (the captured part) reads nothing back and builds no tensor from host data, and a
+    block of k tokens (draw, sample, feed) reads nothing back before its end (its uniforms are
+    the one tensor made from host data)."""
+    from tcli.engines import blocks, entropy_tree
+    from tcli.engines.cuda_graphs import GraphPool
+
+    steps, draws = [], []
+    run, draw = GraphPool._run, blocks.draw_block
+
+    def watched_run(self, b):
+        with _host_reads() as mode:
+            out = run(self, b)
+        steps.append(dict(mode.seen))
+        return out
+
+    def watched_draw(*args, **kwargs):
+        with _host_reads() as mode:
+            out = draw(*args, **kwargs)
+        draws.append({k: v for k, v in mode.seen.items() if k != "lift_fresh"})
+        return out
+
+    monkeypatch.setattr(GraphPool, "_run", watched_run)
+    monkeypatch.setattr(blocks, "draw_block", watched_draw)
+    monkeypatch.setattr(entropy_tree, "draw_block", watched_draw)
+    _run(_engine(model, every=4, pool=True), how, 0.9)
+    assert steps and all(s == {} for s in steps)
+    assert draws and all(d == {} for d in draws)
+    with _host_reads() as mode:   # the check itself sees what it looks for
+        t = torch.ones(3)
+        bool(t.any()), t.sum().item(), t[t > 0], torch.tensor([1, 2])
+    assert set(mode.seen) == {"_local_scalar_dense", "index", "lift_fresh"}
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 
