@@ -171,7 +171,7 @@ def _decode_blocks(engine, st: Rows, rule: EntropyRule, cfg: SamplingConfig, rec
         st.nodes = nodes
         idx = torch.tensor(src, dtype=torch.long, device=dev)
         engine.advance(st, again[idx])
-        first = (r == 0)[idx]
         if kept.count(0):
+            first = (r == 0)[idx]
             rewind(st, first.unsqueeze(1), st.pos)
             st.logits = torch.where(first.unsqueeze(1), saved[idx], st.logits)
