@@ -199,3 +199,35 @@ def test_eval_runs_and_scores(ckpt, data):
     assert s["prompts"] == 20
     assert isinstance(s["accuracy"], float) and 0.0 <= s["accuracy"] <= 1.0
     assert s["mean_response_tokens"] > 0
+
+
+def test_entropy_trees_drawn_ahead_equal_the_per_token_check(ckpt, tok):
+    """The graphed path's every-k entropy trees (tokens drawn past a split are taken back) give
+    the per-token check's leaves on a real model's entropies, on a slab cache and in the padded
+    pool (run eagerly here); log-probs differ by float32 summation order only."""
+    import torch
+
+    from tcli.engines.cuda_graphs import GraphDecoder
+    from tcli.engines.hf import HFEngine
+    from tcli.engines.sampling import EntropyRule, SamplingConfig
+
+    torch.set_num_threads(1)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
+                                       add_generation_prompt=True)
+               for q in ("What is 17 + 25?", "Name a prime number larger than 10.")]
+    prompts = [p if isinstance(p, list) else list(p["input_ids"]) for p in prompts]
+    cfg = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=24, seed=1)
+    rule = EntropyRule(2, 3, 1.0, 2)
+    ref = HFEngine(ckpt).sample_entropy_tree(prompts, rule, cfg, record=True)
+    assert sum(len(x) for x in ref) > len(prompts)   # the rule split paths
+    for pool in (False, True):
+        engine = HFEngine(ckpt)
+        engine.stop_every = 8
+        if pool:
+            engine._graphs = GraphDecoder(engine, capture=False)
+        out = engine.sample_entropy_tree(prompts, rule, cfg, record=True)
+        assert [[(lf.node_path, lf.token_ids, lf.finish_reason, lf.segment_ends) for lf in x]
+                for x in out] == [[(lf.node_path, lf.token_ids, lf.finish_reason,
+                                    lf.segment_ends) for lf in x] for x in ref]
+        assert max(abs(a - b) for x, y in zip(out, ref) for la, lb in zip(x, y)
+                   for a, b in zip(la.logprobs, lb.logprobs)) < 1e-3
