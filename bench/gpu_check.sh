@@ -31,12 +31,12 @@ if [ -d .whl ]; then
 fi
 
 echo "== CUDA tests"
-timeout 180 $PY -m pytest -q -p no:cacheprovider -rs tests/unit/test_cuda_graphs.py || status=1
+timeout 100 $PY -m pytest -q -p no:cacheprovider -rs tests/unit/test_cuda_graphs.py || status=1
 echo "== hf-engine tests"
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/unit/test_sample_kvcache.py \
+timeout 80 $PY -m pytest -q -p no:cacheprovider tests/unit/test_sample_kvcache.py \
     tests/unit/test_entropy_branch.py tests/unit/test_sample_temperature.py || status=1
 
 echo "== bench/bench_gpu.py"
-timeout 180 $PY bench/bench_gpu.py --device cuda || status=1
+PYTHONUNBUFFERED=1 timeout 300 $PY bench/bench_gpu.py --device cuda || status=1
 echo "== gpu_check: exit $status"
 exit $status
