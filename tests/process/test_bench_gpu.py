@@ -15,7 +15,8 @@ def test_bench_gpu_runs_small_on_cpu():
     out = r.stdout.decode()
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     for row in ("decode small batch 4: eager", "per leaf: independent", "train-step: per-sequence",
-                "loop step: "):
+                "entropy tree per leaf: eager ", "loop step, demo.toml micro-batch tokens: "):
         assert row in out, out
     assert "target" not in out and "graphed" not in out
-    assert re.search(r"loop step: [0-9.]+ s \(sample [0-9.]+, verify [0-9.]+", out), out
+    assert re.search(r"loop step, demo.toml micro-batch tokens: [0-9.]+ s \(sample [0-9.]+, "
+                     r"verify [0-9.]+", out), out
