@@ -50,10 +50,13 @@ def _entropy(logits, cfg: SamplingConfig, top_k):
     return h.clamp_(min=0.0)
 
 
-def draw_block(engine, st: Rows, first, k: int, cfg: SamplingConfig, top_k, feed_last: bool):
+def draw_block(engine, st: Rows, first, k: int, cfg: SamplingConfig, top_k, feed_last: bool,
+               forced=None):
     """k tokens for every row without a host sync; feeds each token (the last one only when
-    ``feed_last``); ``first``: the step of the first token, one or one per row. Returns host
-    lists per row: tokens, log-probs, entropies (or None)."""
+    ``feed_last``); ``first``: the step of the first token, one or one per row; ``forced``:
+    (tokens, where) of shape (k, rows) on the device, tokens that replace the sampled ones where
+    set (observation tokens). Returns host lists per row: tokens, log-probs, entropies (or
+    None)."""
     u = _uniforms(engine, st, first, k, cfg)
     keys = st.keys()
     toks, lps, ents = [], [], []
@@ -61,6 +64,8 @@ def draw_block(engine, st: Rows, first, k: int, cfg: SamplingConfig, top_k, feed
         if top_k is not False:
             ents.append(_entropy(st.logits, cfg, top_k))
         tok, lp = engine._sample(st.logits, keys, first + j, cfg, u=None if u is None else u[j])
+        if forced is not None:
+            tok = torch.where(forced[1][j], forced[0][j], tok)
         toks.append(tok)
         lps.append(lp)
         if j < k - 1 or feed_last:

@@ -20,6 +20,11 @@ plain sample of the same seed, and nothing depends on batching. With ``width`` >
 ``depth`` > 1 (``--branch tool``) a row whose observation has just been fed splits into ``width``
 children by gathering its cache row (engines/hf.py ``select``), each with its own stream.
 
+With a host check every k tokens (``engine.stop_every`` > 1, the graphed CUDA path) a block of k
+tokens is drawn on the device, queued observation tokens in place of sampled ones, and read back
+once; what a row drew after a call, its end or the observation it splits after is taken back
+(``_decode_blocks``). The episodes are the same.
+
 Imports torch: import this module only where an engine is created.
 """
 
@@ -34,6 +39,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from tcli.engines.blocks import draw_block, rewind
 from tcli.engines.rng import uniforms_at
 from tcli.engines.rows import Node, Rows
 from tcli.engines.sampling import SamplingConfig, ToolPlan, TreeLeaf
@@ -124,6 +130,9 @@ def sample_with_tools(engine, prompts: Sequence[Sequence[int]], plan: ToolPlan,
         return leaves
     scan = StopScan(engine.tokenizer, plan.toolset.stop_strings)
     grow = plan.width ** (plan.depth - 1)   # rows a first-level row may become
+    decode, room = _decode, 0
+    if engine.stop_every > 1:  # drawing ahead wastes < k columns per call or split on a path
+        decode, room = _decode_blocks, (plan.max_turns + plan.depth) * engine.stop_every
     with torch.inference_mode():
         for chunk in engine.prefill_chunks(prompts, plan.width * grow, cfg.max_new_tokens):
             root = engine.prefill(prompts, chunk, cfg.seed, None, record)
@@ -133,8 +142,8 @@ def sample_with_tools(engine, prompts: Sequence[Sequence[int]], plan: ToolPlan,
             if engine._graphs is not None:   # pieces the graph pool holds
                 per = min(per, engine._graphs.max_rows)
             for k in range(0, len(pairs), per):   # rows are independent: any pieces will do
-                st = engine.fork(root, pairs[k:k + per], cfg.max_new_tokens)
-                _decode(engine, st, plan, scan, cfg, leaves, record)
+                st = engine.fork(root, pairs[k:k + per], cfg.max_new_tokens + room)
+                decode(engine, st, plan, scan, cfg, leaves, record)
     for out in leaves:
         out.sort(key=lambda lf: lf.node_path)
     return leaves
@@ -252,3 +261,72 @@ def _decode(engine, st: Rows, plan: ToolPlan, scan: StopScan, cfg: SamplingConfi
             engine.select(st, keep)
         engine.advance(st, torch.tensor([ep.tokens[-1] for ep in st.nodes], dtype=torch.long,
                                         device=st.logits.device))
+
+
+def _forced(st: Rows, k: int):
+    """The observation tokens the next ``k`` steps feed, as ``draw_block``'s ``forced``."""
+    if not any(ep.queue for ep in st.nodes):
+        return None
+    toks = np.zeros((k, len(st.nodes)), dtype=np.int64)
+    where = np.zeros((k, len(st.nodes)), dtype=bool)
+    for i, ep in enumerate(st.nodes):
+        q = list(ep.queue)[:k]
+        toks[:len(q), i], where[:len(q), i] = q, True
+    dev = st.logits.device
+    return torch.from_numpy(toks).to(dev), torch.from_numpy(where).to(dev)
+
+
+def _walk(engine, ep: Episode, toks, lps, ents, eos: set, scan: StopScan, cap: int,
+          plan: ToolPlan) -> tuple[str | None, int]:
+    """``_take`` over a row's drawn tokens until its episode ends or pauses for a call (the end,
+    as ``_take`` says it), or its observation has been fed and it is to split (None); the second
+    value counts the tokens taken."""
+    for j, tok in enumerate(toks):
+        engine.generated_tokens += not ep.queue
+        end = _take(ep, tok, lps[j], 0.0 if ents is None else ents[j], eos, scan, cap)
+        if end is not None:
+            return end, j + 1
+        if ep.fresh and plan.width > 1 and len(ep.path) < plan.depth:
+            return None, j + 1
+        ep.fresh = False
+    return None, len(toks)
+
+
+def _decode_blocks(engine, st: Rows, plan: ToolPlan, scan: StopScan, cfg: SamplingConfig,
+                   leaves: list[list[TreeLeaf]], record: bool) -> None:
+    """``_decode`` with a host check every ``engine.stop_every`` tokens (docs/design.md §5.7):
+    queued observation tokens replace the sampled ones on the device, a block is read back once
+    and each row taken token by token (``_walk``). What a row drew after a call, its end or the
+    observation it splits after is taken back (``rewind``: columns masked, position moved back)
+    and the block's closing forward feeds every row its last token taken, so the episodes are
+    the per-token loop's."""
+    eos, cap, tokenizer = set(engine.eos_token_ids), cfg.max_new_tokens, engine.tokenizer
+    while st.nodes:
+        _split(engine, st, plan)
+        steps = np.fromiter((len(n.tokens) for n in st.nodes), dtype=np.int64,
+                            count=len(st.nodes))
+        k, pos0 = int(min(engine.stop_every, cap - steps.min())), st.pos
+        toks, lps, ents = draw_block(engine, st, steps, k, cfg, None if record else False,
+                                     feed_last=False, forced=_forced(st, k))
+        ends, taken = {}, []
+        for i, ep in enumerate(st.nodes):
+            ends[i], r = _walk(engine, ep, toks[i], lps[i], None if ents is None else ents[i],
+                               eos, scan, cap, plan)
+            taken.append(r)
+        paused = [i for i, end in ends.items() if end == "call"]
+        for i, end in zip(paused, _calls([st.nodes[i] for i in paused], plan, tokenizer, cap)):
+            ends[i] = end
+        keep = [i for i, end in ends.items() if end is None]
+        for i, end in ends.items():
+            if end is not None:
+                leaves[st.nodes[i].prompt].append(st.nodes[i].leaf(end))
+        if not keep:
+            return
+        r = torch.tensor(taken, dtype=torch.long, device=st.logits.device)
+        rewind(st, torch.arange(k - 1, device=r.device).unsqueeze(0) >= (r - 1).unsqueeze(1),
+               pos0 + r - 1)
+        if len(keep) < len(st.nodes):
+            st.nodes = [st.nodes[i] for i in keep]
+            engine.select(st, keep)
+        engine.advance(st, torch.tensor([ep.tokens[-1] for ep in st.nodes], dtype=torch.long,
+                                        device=r.device))

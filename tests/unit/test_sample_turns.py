@@ -468,6 +468,52 @@ def test_the_graph_pool_path_gives_the_same_episodes(model, plan_kw):
             np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("plan_kw", [{}, {"width": 2, "depth": 3},
+                                     {"width": 3, "depth": 2, "max_turns": 1}],
+                         ids=["independent", "tree", "one-turn-tree"])
+@pytest.mark.parametrize("pool", [False, True], ids=["slab", "pool"])
+def test_episodes_drawn_k_tokens_ahead_are_the_per_token_ones(model, monkeypatch, plan_kw, pool):
+    """A host check every k tokens (the graphed path's, docs/design.md §5.7): observation tokens
+    forced on the device, what follows a call, an end or a split taken back; episodes, masks,
+    turns, entropies and token counts are the per-token loop's. The pool, sized to exactly the
+    room it reserves, never fills."""
+    from tcli.engines import cuda_graphs, turns
+    from tcli.engines.cuda_graphs import GraphDecoder
+    from tcli.engines.hf import HFEngine
+
+    masked = []
+    real = turns.rewind
+    monkeypatch.setattr(turns, "rewind",
+                        lambda st, drop, pos: (masked.append(int(drop.sum())), real(st, drop, pos)))
+    monkeypatch.setattr(cuda_graphs, "capacity_for", lambda columns: columns)
+
+    def run(engine, temperature):
+        cfg = SamplingConfig(temperature=temperature, max_new_tokens=40, seed=5)
+        plan = ToolPlan(Rev(), **{"max_turns": 3, "width": 4, "depth": 1, **plan_kw})
+        return engine.sample_with_tools(ids(engine), plan, cfg, entropy=True)
+
+    def shape(out):
+        return [[(lf.node_path, lf.token_ids, lf.loss_mask, lf.finish_reason, lf.segment_ends,
+                  lf.turns) for lf in g] for g in out]
+
+    for temperature in (1.0, 0.0):
+        base = HFEngine(model)
+        ref = run(base, temperature)
+        assert any(lf.turns for g in ref for lf in g)
+        for every in (2, 8):
+            engine = HFEngine(model)
+            engine.stop_every = every
+            if pool:
+                engine._graphs = GraphDecoder(engine, capture=False)
+            out = run(engine, temperature)
+            assert shape(out) == shape(ref)
+            assert engine.generated_tokens == base.generated_tokens
+            for a, b in zip((lf for g in out for lf in g), (lf for g in ref for lf in g)):
+                np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+                np.testing.assert_allclose(a.entropies, b.entropies, atol=1e-5, rtol=0)
+    assert sum(masked) > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graphed_tool_episodes_equal_eager_ones_on_cuda(model):
     """Greedy episodes with tools: the graphed decode step gives the eager path's tokens,
