@@ -235,6 +235,28 @@ def _split(engine, st: Rows, plan: ToolPlan) -> None:
         engine.select(st, src)
 
 
+def _settle(st: Rows, ends: dict, plan: ToolPlan, tokenizer, cap: int,
+            leaves: list[list[TreeLeaf]]) -> list[int]:
+    """After a step (or block): run the paused rows' calls, make leaves of the episodes that
+    ended; the rows that go on."""
+    paused = [i for i, end in ends.items() if end == "call"]
+    for i, end in zip(paused, _calls([st.nodes[i] for i in paused], plan, tokenizer, cap)):
+        ends[i] = end
+    for i, end in ends.items():
+        if end is not None:
+            leaves[st.nodes[i].prompt].append(st.nodes[i].leaf(end))
+    return [i for i, end in ends.items() if end is None]
+
+
+def _feed_last(engine, st: Rows, keep: list[int]) -> None:
+    """Keep rows ``keep`` and feed each its newest token (the next logits come from it)."""
+    if len(keep) < len(st.nodes):
+        st.nodes = [st.nodes[i] for i in keep]
+        engine.select(st, keep)
+    engine.advance(st, torch.tensor([ep.tokens[-1] for ep in st.nodes], dtype=torch.long,
+                                    device=st.logits.device))
+
+
 def _decode(engine, st: Rows, plan: ToolPlan, scan: StopScan, cfg: SamplingConfig,
             leaves: list[list[TreeLeaf]], record: bool) -> None:
     """Run every row's episode to its end."""
@@ -246,21 +268,10 @@ def _decode(engine, st: Rows, plan: ToolPlan, scan: StopScan, cfg: SamplingConfi
         for i, ep in enumerate(st.nodes):
             engine.generated_tokens += not ep.queue
             ends[i] = _take(ep, toks[i], lps[i], ents[i], eos, scan, cap)
-        paused = [i for i, end in ends.items() if end == "call"]
-        for i, end in zip(paused, _calls([st.nodes[i] for i in paused], plan, tokenizer, cap)):
-            ends[i] = end
-        keep = [i for i, end in ends.items() if end is None]
-        for i, end in ends.items():
-            if end is not None:
-                leaves[st.nodes[i].prompt].append(st.nodes[i].leaf(end))
+        keep = _settle(st, ends, plan, tokenizer, cap, leaves)
         if not keep:
             return
-        if len(keep) < len(st.nodes):
-            st.nodes = [st.nodes[i] for i in keep]
-            st.logits = st.logits[torch.tensor(keep, dtype=torch.long, device=st.logits.device)]
-            engine.select(st, keep)
-        engine.advance(st, torch.tensor([ep.tokens[-1] for ep in st.nodes], dtype=torch.long,
-                                        device=st.logits.device))
+        _feed_last(engine, st, keep)
 
 
 def _forced(st: Rows, k: int):
@@ -313,20 +324,10 @@ def _decode_blocks(engine, st: Rows, plan: ToolPlan, scan: StopScan, cfg: Sampli
             ends[i], r = _walk(engine, ep, toks[i], lps[i], None if ents is None else ents[i],
                                eos, scan, cap, plan)
             taken.append(r)
-        paused = [i for i, end in ends.items() if end == "call"]
-        for i, end in zip(paused, _calls([st.nodes[i] for i in paused], plan, tokenizer, cap)):
-            ends[i] = end
-        keep = [i for i, end in ends.items() if end is None]
-        for i, end in ends.items():
-            if end is not None:
-                leaves[st.nodes[i].prompt].append(st.nodes[i].leaf(end))
+        keep = _settle(st, ends, plan, tokenizer, cap, leaves)
         if not keep:
             return
         r = torch.tensor(taken, dtype=torch.long, device=st.logits.device)
         rewind(st, torch.arange(k - 1, device=r.device).unsqueeze(0) >= (r - 1).unsqueeze(1),
                pos0 + r - 1)
-        if len(keep) < len(st.nodes):
-            st.nodes = [st.nodes[i] for i in keep]
-            engine.select(st, keep)
-        engine.advance(st, torch.tensor([ep.tokens[-1] for ep in st.nodes], dtype=torch.long,
-                                        device=r.device))
+        _feed_last(engine, st, keep)
