@@ -120,7 +120,7 @@ def train_critic(
     from tcli.train.dist import distributed, run_on_main
 
     check_checkpoint_target(output, "-o/--output")
-    with distributed(opts.device) as info:
+    def step(info) -> None:  # a function: the trainer is gone before the group is torn down
         samples = run_on_main(lambda: read_train_input(input, input_format, critic,
                                                        critic_samples), info)
         threads.apply()
@@ -131,6 +131,9 @@ def train_critic(
             sys.stdout.buffer.write(dumps({"kind": "train-critic",
                                            "critic": os.path.abspath(output), **m}))
             sys.stdout.buffer.flush()
+
+    with distributed(opts.device) as info:
+        step(info)
 
 
 def register(app: typer.Typer) -> None:

@@ -65,7 +65,7 @@ def train_step(
     if metrics and metrics != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(metrics))):
         raise UsageError(f"--metrics: directory does not exist: "
                          f"{os.path.dirname(os.path.abspath(metrics))}")
-    with distributed(opts.device) as info:
+    def step(info) -> None:  # a function: the trainer is gone before the group is torn down
         samples = run_on_main(lambda: _read_samples(input, input_format, model, opts), info)
         threads.apply()
         trainer = Trainer(model, opts, seed=seed, dist_info=info)
@@ -73,6 +73,9 @@ def train_step(
         trainer.save(output, _recorded(model, sampling))
         if info.is_main:
             _report({"kind": "train-step", "model": os.path.abspath(output), **m}, metrics, quiet)
+
+    with distributed(opts.device) as info:
+        step(info)
 
 
 def _check_not_input(model: str, output: str) -> None:

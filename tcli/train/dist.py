@@ -7,6 +7,7 @@ Every rank holds the same sample list and takes a token-balanced shard of each m
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -74,6 +75,9 @@ def distributed(device_pref: str = "auto") -> Iterator[DistInfo]:
 
             if dist.is_initialized():
                 if ok:  # no rank tears gloo down while a peer still talks to it (abort at exit)
+                    # and no wrapper (DDP, FSDP's mesh) keeps the group alive past the teardown,
+                    # to be destroyed while the interpreter shuts down (abort at exit too)
+                    gc.collect()
                     dist.barrier()
                 dist.destroy_process_group()
 
