@@ -137,6 +137,15 @@ def rewind(st: Rows, drop: torch.Tensor, pos: torch.Tensor) -> None:
         st.cache.rewind(drop, pos)
 
 
+def keep_drawn(st: Rows, kept: list[int], k: int, pos0: torch.Tensor) -> None:
+    """After a block of ``k`` draws with the last one not fed (positions were ``pos0``), row i
+    keeps its first ``kept[i]`` tokens: the columns of the ones after are taken back (``rewind``)
+    and its next fed token is its ``kept[i]``-th, at its position."""
+    r = torch.tensor(kept, dtype=torch.long, device=pos0.device)
+    rewind(st, torch.arange(k - 1, device=r.device).unsqueeze(0) >= (r - 1).unsqueeze(1),
+           pos0 + r - 1)
+
+
 def out_of_pool(st: Rows) -> Rows:
     """Rows that outlive their segment leave the graph pool (the next fork reads them while the
     pool decodes their children); their logits are copied off the graph's output buffer."""

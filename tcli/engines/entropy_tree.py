@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tcli.engines.blocks import draw_block, rewind
+from tcli.engines.blocks import draw_block, keep_drawn, rewind
 from tcli.engines.rows import Node, Rows, append_tokens
 from tcli.engines.sampling import EntropyRule, SamplingConfig, TreeLeaf
 
@@ -161,17 +161,15 @@ def _decode_blocks(engine, st: Rows, rule: EntropyRule, cfg: SamplingConfig, rec
         if not nodes:
             return
         dev = st.logits.device
-        r = torch.tensor(kept, dtype=torch.long, device=dev)
         again = torch.tensor([toks[i][max(kept[i], 1) - 1] for i in range(len(kept))],
                              dtype=torch.long, device=dev)   # each row's token to feed now
-        rewind(st, torch.arange(k - 1, device=dev).unsqueeze(0) >= (r - 1).unsqueeze(1),
-               pos0 + r - 1)
+        keep_drawn(st, kept, k, pos0)
         if src != list(range(len(st.nodes))):
             engine.select(st, src)
         st.nodes = nodes
         idx = torch.tensor(src, dtype=torch.long, device=dev)
         engine.advance(st, again[idx])
         if kept.count(0):
-            first = (r == 0)[idx]
+            first = torch.tensor([kept[i] == 0 for i in src], device=dev)
             rewind(st, first.unsqueeze(1), st.pos)
             st.logits = torch.where(first.unsqueeze(1), saved[idx], st.logits)

@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tcli.engines.blocks import draw_block, rewind
+from tcli.engines.blocks import draw_block, keep_drawn
 from tcli.engines.rng import uniforms_at
 from tcli.engines.rows import Node, Rows
 from tcli.engines.sampling import SamplingConfig, ToolPlan, TreeLeaf
@@ -327,7 +327,5 @@ def _decode_blocks(engine, st: Rows, plan: ToolPlan, scan: StopScan, cfg: Sampli
         keep = _settle(st, ends, plan, tokenizer, cap, leaves)
         if not keep:
             return
-        r = torch.tensor(taken, dtype=torch.long, device=st.logits.device)
-        rewind(st, torch.arange(k - 1, device=r.device).unsqueeze(0) >= (r - 1).unsqueeze(1),
-               pos0 + r - 1)
+        keep_drawn(st, taken, k, pos0)
         _feed_last(engine, st, keep)

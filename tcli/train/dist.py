@@ -75,8 +75,8 @@ def distributed(device_pref: str = "auto") -> Iterator[DistInfo]:
 
             if dist.is_initialized():
                 if ok:  # no rank tears gloo down while a peer still talks to it (abort at exit)
-                    # and no wrapper (DDP, FSDP's mesh) keeps the group alive past the teardown,
-                    # to be destroyed while the interpreter shuts down (abort at exit too)
+                    # and what the command built around the group (DDP holds a reference to
+                    # it) is collected before the teardown rather than after it
                     gc.collect()
                     dist.barrier()
                 dist.destroy_process_group()

@@ -145,11 +145,11 @@ def test_entropy_trees_drawn_ahead_give_the_per_token_leaves(model, monkeypatch,
     positions moved back, the last kept token fed again; at the block's first token the saved
     logits): leaves, finish reasons, segments and tokens equal the per-token check's, splits at
     the block's first token included (min segment 0 splits the root at token 0)."""
-    from tcli.engines import entropy_tree
+    from tcli.engines import blocks
 
     masked = []
-    real = entropy_tree.rewind
-    monkeypatch.setattr(entropy_tree, "rewind",
+    real = blocks.rewind
+    monkeypatch.setattr(blocks, "rewind",
                         lambda st, drop, pos: (masked.append(int(drop.sum())), real(st, drop, pos)))
     for temperature in (0.0, 0.9):
         cfg = SamplingConfig(temperature=temperature, top_p=0.95, max_new_tokens=20, seed=3)

@@ -477,13 +477,13 @@ def test_episodes_drawn_k_tokens_ahead_are_the_per_token_ones(model, monkeypatch
     forced on the device, what follows a call, an end or a split taken back; episodes, masks,
     turns, entropies and token counts are the per-token loop's. The pool, sized to exactly the
     room it reserves, never fills."""
-    from tcli.engines import cuda_graphs, turns
+    from tcli.engines import blocks, cuda_graphs
     from tcli.engines.cuda_graphs import GraphDecoder
     from tcli.engines.hf import HFEngine
 
     masked = []
-    real = turns.rewind
-    monkeypatch.setattr(turns, "rewind",
+    real = blocks.rewind
+    monkeypatch.setattr(blocks, "rewind",
                         lambda st, drop, pos: (masked.append(int(drop.sum())), real(st, drop, pos)))
     monkeypatch.setattr(cuda_graphs, "capacity_for", lambda columns: columns)
 
