@@ -105,7 +105,8 @@ def decode_segment(engine, st: Rows, last_level: bool, seg: int, cfg: SamplingCo
                 node.logprobs.append(lps[i][j])
                 engine.generated_tokens += 1
                 stop = toks[i][j] in eos
-                if stop or step + 1 >= cfg.max_new_tokens or (last_level and t + j == seg - 1):
+                if (stop or step + 1 >= cfg.max_new_tokens or node.capped()
+                        or (last_level and t + j == seg - 1)):
                     node.ends.append(len(node.tokens))
                     leaves[node.prompt].append(node.leaf("stop" if stop else "length"))
                     break

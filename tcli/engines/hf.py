@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -161,16 +162,29 @@ class HFEngine(Engine):
     def continue_prefixes(self, prompts: Sequence[Sequence[int]],
                           prefixes: Sequence[Sequence[int]], cfg: SamplingConfig, *,
                           seeds: Sequence[int], entropy: bool = False) -> list[Completion]:
-        """The contract in engines/base.py, batched: requests with the same room share one
-        prefill and decode (each row's stream from its own seed and tokens; exact entropies)."""
+        """The contract in engines/base.py, batched: requests decode together whatever their
+        prefix lengths (each row stops at its own room; one call per share of
+        ``min_new_tokens``, a single one when it is 0), each row's stream from its own seed and
+        tokens; exact entropies."""
         out: list = [None] * len(prompts)
+        calls: dict[int, list[tuple[int, int]]] = {}
         for sub, idx in by_room(prefixes, cfg):
-            trees = self.sample_tree([list(prompts[i]) + list(prefixes[i]) for i in idx],
-                                     width=1, depth=1, segment_tokens=sub.max_new_tokens,
-                                     cfg=sub, seeds=[int(seeds[i]) for i in idx],
-                                     entropy=entropy, top_k=None)
-            for i, leaves in zip(idx, trees):
-                lf = leaves[0]
+            calls.setdefault(sub.min_new_tokens, []).extend((i, sub.max_new_tokens) for i in idx)
+        for least, reqs in calls.items():
+            reqs.sort()
+            idx = [i for i, _ in reqs]
+            sub = replace(cfg, max_new_tokens=max(room for _, room in reqs),
+                          min_new_tokens=least)
+            full = [list(prompts[i]) + list(prefixes[i]) for i in idx]
+            leaves: list[list[TreeLeaf]] = [[] for _ in idx]
+            with torch.inference_mode():
+                for chunk in self.prefill_chunks(full, 1, sub.max_new_tokens):
+                    root = self.prefill(full, chunk, 0, [int(seeds[i]) for i in idx], entropy)
+                    for node in root.nodes:
+                        node.cap = reqs[node.prompt][1]
+                    self._tree_from(root, 1, 1, sub.max_new_tokens, sub, leaves,
+                                    None if entropy else False)
+            for i, (lf,) in zip(idx, leaves):
                 out[i] = Completion(lf.token_ids, lf.logprobs, lf.finish_reason, lf.entropies)
         return out
 

@@ -28,12 +28,18 @@ class Node:
     key: int                     # random-stream key of this node
     entropies: Optional[list[float]] = None  # per token, when recorded
     start: int = 0               # where this node's segment starts (its parent's length)
+    cap: Optional[int] = None    # its own length limit, below the call's (continuations)
 
     def child(self, c: int) -> "Node":
         """Child ``c``: this node's tokens so far, its own random stream, a new segment."""
         return Node(self.prompt, self.path + (c,), list(self.tokens), list(self.logprobs),
                     list(self.ends), child_key(self.key, c),
-                    None if self.entropies is None else list(self.entropies), len(self.tokens))
+                    None if self.entropies is None else list(self.entropies), len(self.tokens),
+                    self.cap)
+
+    def capped(self) -> bool:
+        """Whether the node has reached its own length limit."""
+        return self.cap is not None and len(self.tokens) >= self.cap
 
     def leaf(self, reason: str) -> TreeLeaf:
         return TreeLeaf(self.path, self.tokens, self.logprobs, self.ends, reason, self.entropies)
@@ -61,7 +67,7 @@ def append_tokens(nodes: list[Node], toks: list[int], lps: list[float], eos: lis
     for i, node in enumerate(nodes):
         node.tokens.append(toks[i])
         node.logprobs.append(lps[i])
-        if eos[i] or last:
+        if eos[i] or last or node.capped():
             node.ends.append(len(node.tokens))
             leaves[node.prompt].append(node.leaf("stop" if eos[i] else "length"))
         else:

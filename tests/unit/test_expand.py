@@ -278,3 +278,48 @@ def test_expanded_groups_are_trees_build_tree_and_treerpo_read(sampled):
             assert v == pytest.approx(np.mean([r["reward"] for r in below]), abs=1e-12)
             checked += 1
     assert checked >= 6
+
+
+@pytest.mark.parametrize("every,pool", [(1, False), (3, False), (4, True)])
+@pytest.mark.parametrize("least", [0, 5])
+def test_continuations_of_any_length_decode_together_as_each_would_alone(tiny_model, every,
+                                                                          pool, least):
+    """The hf engine continues prefixes of different lengths in one batch, each row stopping at
+    its own room: one prefill per share of min_new_tokens (one when it is 0), and every
+    continuation what it is when sampled alone (per-token loop, every-k blocks, graph pool)."""
+    import torch
+
+    from tcli.engines.cuda_graphs import GraphDecoder
+    from tcli.engines.hf import HFEngine
+    from tcli.engines.sampling import SamplingConfig
+
+    torch.set_num_threads(1)
+    engine = HFEngine(tiny_model, device="cpu")
+    engine.stop_every = every
+    if pool:
+        engine._graphs = GraphDecoder(engine, capture=False)
+    rng = np.random.default_rng(0)
+    lengths = [0, 2, 5, 9, 11, 2, 0, 7]
+    prompts = [rng.integers(5, 60, size=3 + i % 3).tolist() for i in range(len(lengths))]
+    prefixes = [rng.integers(5, 60, size=n).tolist() for n in lengths]
+    seeds = [100 + i for i in range(len(lengths))]
+    cfg = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=12, min_new_tokens=least)
+    calls = []
+    prefill = engine.prefill
+    engine.prefill = lambda *a, **k: calls.append(1) or prefill(*a, **k)
+    together = engine.continue_prefixes(prompts, prefixes, cfg, seeds=seeds, entropy=True)
+    shares = {max(0, least - n) for n in lengths}
+    assert len(calls) == len(shares)
+    for i, got in enumerate(together):
+        alone, = engine.continue_prefixes([prompts[i]], [prefixes[i]], cfg, seeds=[seeds[i]],
+                                          entropy=True)
+        assert list(got.token_ids) == list(alone.token_ids), i
+        assert got.finish_reason == alone.finish_reason
+        np.testing.assert_allclose(got.logprobs, alone.logprobs, atol=1e-5)
+        np.testing.assert_allclose(got.entropies, alone.entropies, atol=1e-5)
+        room = 12 - lengths[i]
+        assert max(1, min(room, least - lengths[i])) <= len(got.token_ids) <= room
+        assert (got.finish_reason == "length") == (len(got.token_ids) == room
+                                                   and got.token_ids[-1] not in
+                                                   engine.eos_token_ids)
+    assert any(c.finish_reason == "length" for c in together)
