@@ -14,7 +14,9 @@ so a run cut short still has the targets; the Qwen3 shape's decode rows last):
 - one ``tcli loop`` step of examples/real/demo.toml (16 prompts x 8 samples, <= 48 tokens, TEMPO)
   on the SmolLM2 shape, split into sample / verify / train: as the file sets it (1024-token
   micro-batches, sized for a laptop's memory) and on a GPU also with the GPU recipes' 8192
-  (examples/gsm8k/config.toml; the same gradient in fewer, larger forwards), the target's row.
+  (examples/gsm8k/config.toml; the same gradient in fewer, larger forwards), the target's row;
+- a loop step of GRPO and of TEMPO on entropy trees with expand-tree, per sampled token (what
+  decides whether the tree method can keep up at equal wall time; docs/results.md).
 
 Targets (PASS/FAIL lines, exit 1 on a FAIL): graphed decode >= 5x eager tokens/s at batch 128 on
 the 135M shape; loop step <= 0.35 s. ``--device cpu --small`` runs tiny shapes, skips the graph
@@ -181,10 +183,12 @@ def train_rates(model: str, device: str, small: bool) -> dict:
     return out
 
 
-def loop_step(model: str, device: str, small: bool, micro_batch_tokens: int = 0) -> dict:
-    """Stage seconds of one demo loop step (the second of two: the first warms up). Every group
-    is trained on (``filter_groups`` off: a random model's groups would all be dropped);
-    ``micro_batch_tokens``: instead of the file's."""
+def loop_step(model: str, device: str, small: bool, micro_batch_tokens: int = 0,
+              **method) -> tuple[dict, int]:
+    """Stage seconds of one demo loop step (the second of two: the first warms up) and the
+    tokens it sampled. Every group is trained on (``filter_groups`` off: a random model's groups
+    would all be dropped); ``micro_batch_tokens``: instead of the file's; ``method``: loop
+    settings that replace the file's (estimator, sampling mode, expand)."""
     from examples.real.make_data import make_prompts, write_jsonl
     from tcli.config.loop import load_config
     from tcli.loop import run_loop
@@ -202,10 +206,11 @@ def loop_step(model: str, device: str, small: bool, micro_batch_tokens: int = 0)
             flags.update(prompts_per_step=4, n=4, max_new_tokens=8)
         if micro_batch_tokens:
             flags.update(micro_batch_tokens=micro_batch_tokens)
-        cfg = load_config(os.path.join(root, "examples/real/demo.toml"), flags)
+        cfg = load_config(os.path.join(root, "examples/real/demo.toml"), {**flags, **method})
         run_loop(cfg, log=lambda _: None, on_step=records.extend)
     rec = [r for r in records if r.get("kind") == "train"][-1]
-    return {k[len("seconds_"):]: v for k, v in rec.items() if k.startswith("seconds_")}
+    return ({k[len("seconds_"):]: v for k, v in rec.items() if k.startswith("seconds_")},
+            rec["sampled_tokens"])
 
 
 def _target(name: str, ok: bool, detail: str) -> bool:
@@ -234,13 +239,32 @@ def loop_rows(model: str, device: str, small: bool) -> bool:
     """The demo loop step as demo.toml sets it and (CUDA) with 8192-token micro-batches."""
     cuda, ok = device.startswith("cuda"), True
     for micro in (0, 8192) if cuda else (0,):
-        sec = loop_step(model, device, small, micro)
+        sec, _ = loop_step(model, device, small, micro)
         step = sum(v for k, v in sec.items() if k != "write")
         print(f"loop step, {micro or 'demo.toml'} micro-batch tokens: {step:.3f} s ("
               + ", ".join(f"{k} {v:.3f}" for k, v in sec.items()) + ")", flush=True)
     if cuda and not small:
         ok &= _target("loop step <= 0.35 s", step <= TARGET_LOOP_S, f"{step:.3f} s")
     return ok
+
+
+def method_rows(model: str, device: str, small: bool) -> None:
+    """A loop step of GRPO and of TEMPO on entropy trees with expand-tree (docs/results.md, "A
+    regime for tree credit": 4-leaf trees + 120 tokens per prompt), 8192-token micro-batches on
+    a GPU: seconds per thousand sampled tokens, what decides a comparison at equal wall time."""
+    expand = dict(estimator="tempo", mode="tree", width=2, depth=2, branch="entropy",
+                  expand_tokens=16 if small else 120)
+    per_k = {}
+    for name, method in (("grpo", dict(estimator="grpo")), ("tempo-entropy-expand", expand)):
+        sec, tokens = loop_step(model, device, small, 8192 if device.startswith("cuda") else 0,
+                                **method)
+        step = sum(v for k, v in sec.items() if k != "write")
+        per_k[name] = step / max(tokens, 1) * 1e3
+        print(f"loop step {name}: {step:.3f} s, {tokens} sampled tokens, "
+              f"{per_k[name]:.3f} s per 1k tokens (sample {sec.get('sample', 0):.3f}, "
+              f"train {sec.get('train', 0):.3f})", flush=True)
+    print(f"loop step per sampled token, tempo-entropy-expand / grpo: "
+          f"x{per_k['tempo-entropy-expand'] / per_k['grpo']:.2f}", flush=True)
 
 
 def main() -> int:
@@ -271,6 +295,7 @@ def main() -> int:
         rates = train_rates(first, args.device, args.small)
         print("train-step: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in rates.items()),
               flush=True)
+        method_rows(first, args.device, args.small)
         if not args.small:
             ok &= decode_rows("qwen3-0.6b", make_model(os.path.join(d, "qwen3"), QWEN3_06B),
                               args.device, args.small)

@@ -15,7 +15,9 @@ def test_bench_gpu_runs_small_on_cpu():
     out = r.stdout.decode()
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     for row in ("decode small batch 4: eager", "per leaf: independent", "train-step: per-sequence",
-                "entropy tree per leaf: eager ", "loop step, demo.toml micro-batch tokens: "):
+                "entropy tree per leaf: eager ", "loop step, demo.toml micro-batch tokens: ",
+                "loop step grpo: ", "loop step tempo-entropy-expand: ",
+                "loop step per sampled token, tempo-entropy-expand / grpo: x"):
         assert row in out, out
     assert "target" not in out and "graphed" not in out
     assert re.search(r"loop step, demo.toml micro-batch tokens: [0-9.]+ s \(sample [0-9.]+, "
