@@ -50,9 +50,10 @@ def train_step(
 
     Log-probs are recomputed at the records' sampling `temperature` T, as log_softmax(logits / T)
     (absent, or 0 for greedy: T = 1; one T per batch). Prints one metrics record (JSON line) on
-    stdout. The new checkpoint records the start checkpoint's prompt template, chat-template
-    choice, max new tokens and tools (those given here win), which sample-tree, eval and loop then
-    use.
+    stdout. The new checkpoint records how it is meant to be sampled, which sample-tree, eval and
+    loop then use: the start checkpoint's prompt template, chat-template choice, max new tokens
+    and tools, replaced by the prompt template and max new tokens every input record agrees on,
+    replaced by those given here.
     """
     from tcli.models.checkpoint import check_checkpoint_target
     from tcli.train.dist import distributed, run_on_main
@@ -66,11 +67,12 @@ def train_step(
         raise UsageError(f"--metrics: directory does not exist: "
                          f"{os.path.dirname(os.path.abspath(metrics))}")
     def step(info) -> None:  # a function: the trainer is gone before the group is torn down
-        samples = run_on_main(lambda: _read_samples(input, input_format, model, opts), info)
+        samples, sampled = run_on_main(
+            lambda: _read_samples(input, input_format, model, opts), info)
         threads.apply()
         trainer = Trainer(model, opts, seed=seed, dist_info=info)
         m = trainer.step(samples)
-        trainer.save(output, _recorded(model, sampling))
+        trainer.save(output, _recorded(model, sampled, sampling))
         if info.is_main:
             _report({"kind": "train-step", "model": os.path.abspath(output), **m}, metrics, quiet)
 
@@ -85,23 +87,50 @@ def _check_not_input(model: str, output: str) -> None:
                          "the new checkpoint to another directory (or give --overwrite-model)")
 
 
-def _recorded(model: str, sampling: SampleOptions) -> dict:
-    """The new checkpoint's ``sampling`` record: the start checkpoint's, with the given flags."""
+def _recorded(model: str, sampled: dict, sampling: SampleOptions) -> dict:
+    """The new checkpoint's ``sampling`` record: the start checkpoint's, then what every training
+    record agrees it was sampled with (``sampled``), then the given flags."""
     from tcli.models.recorded import SAMPLING, recorded_sampling, sampling_state
 
     given = {k: v for k, v in sampling_state(sampling).items() if k not in sampling.unset}
-    merged = {**recorded_sampling(model), **given}
+    merged = {**recorded_sampling(model), **sampled, **given}
     return {SAMPLING: merged} if merged else {}
 
 
+class _SampledWith:
+    """The ``prompt_template`` and ``max_new_tokens`` the training records carry: a value every
+    record that has the field agrees on is how the new checkpoint was trained to be sampled."""
+
+    FIELDS = {"prompt_template": str, "max_new_tokens": int}
+
+    def __init__(self) -> None:
+        self.seen: dict[str, set] = {k: set() for k in self.FIELDS}
+
+    def watch(self, records):
+        for item in records:  # dicts, or (line, dict) pairs from RecordReader
+            rec = item[1] if isinstance(item, tuple) else item
+            for key, kind in self.FIELDS.items():
+                v = rec.get(key) if isinstance(rec, dict) else None
+                if isinstance(v, kind) and not isinstance(v, bool) and v:
+                    self.seen[key].add(v)
+            yield item
+
+    def agreed(self) -> dict:
+        return {k: next(iter(v)) for k, v in self.seen.items() if len(v) == 1}
+
+
 def _read_samples(input: str, input_format: str | None, model: str, opts: TrainOptions):
-    """Validate the model directories and every record before any weights load (exit 65 fast)."""
+    """Validate the model directories and every record before any weights load (exit 65 fast);
+    (samples, the sampling settings the records agree on)."""
     from tcli.models.load import check_model_dir
     from tcli.train.samples import samples_from_records
 
     if opts.ref_model:
         check_model_dir(opts.ref_model)
-    return read_train_input(input, input_format, model, samples_from_records)
+    seen = _SampledWith()
+    samples = read_train_input(input, input_format, model,
+                               lambda recs, *a: samples_from_records(seen.watch(recs), *a))
+    return samples, seen.agreed()
 
 
 def read_train_input(input: str, input_format: str | None, model_dir: str, parse) -> list:

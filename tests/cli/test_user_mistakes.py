@@ -204,7 +204,8 @@ def test_train_step_carries_the_records_forward_and_refuses_its_own_input(setup,
     p = _tcli(["train-step", data, "-m", out, "-o", out, "--overwrite-model"])
     assert p.returncode == 0, p.stderr.decode()  # asked for: replaced whole, in place
     assert os.stat(out / "model.safetensors").st_mtime_ns != before
-    assert _state(out)["sampling"]["max_new_tokens"] == 7
+    # no flag: what the records were sampled with (the warm start's cap) wins over the start's 7
+    assert _state(out)["sampling"]["max_new_tokens"] == CAP
 
 
 # ----------------------------------------------------------------------------- papercuts
@@ -350,3 +351,35 @@ def test_line_progress_counts_rate_and_eta():
     quick.finish()
     assert len(out) == 2  # done within the interval: no line at all
     assert (duration(59), duration(380), duration(7500)) == ("59s", "6m20s", "2h05m")
+
+
+def test_train_step_records_what_its_rollouts_were_sampled_with(setup, tmp_path):
+    """A model with nothing recorded, trained on plain rollouts of at most 5 tokens, records
+    them (so eval then samples it as trained); a flag wins; records that disagree record
+    nothing for that setting."""
+    d, model, _ = setup
+    rollouts = tmp_path / "rollouts.jsonl"
+    p = _tcli(["sample-tree", d / "test.jsonl", "-m", model, "-n", "2", "-o", rollouts,
+               "--prompt-template", "plain", "--max-new-tokens", "5"])
+    assert p.returncode == 0, p.stderr.decode()
+    recs = _records(rollouts)
+    for r in recs:
+        r["advantages"] = [0.5] * len(r["token_ids"])
+    adv = tmp_path / "adv.jsonl"
+    adv.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(b"".join(orjson.dumps({**r, "max_new_tokens": 5 + i % 2}) + b"\n"
+                               for i, r in enumerate(recs)))
+    for name, src, flags, want in (
+            ("rec", adv, [], {"prompt_template": "plain", "max_new_tokens": 5}),
+            ("flag", adv, ["--max-new-tokens", "7"], {"prompt_template": "plain",
+                                                      "max_new_tokens": 7}),
+            ("mixed", mixed, [], {"prompt_template": "plain"})):
+        out = tmp_path / name
+        p = _tcli(["train-step", src, "-m", model, "-o", out, *flags])
+        assert p.returncode == 0, p.stderr.decode()
+        assert _state(out).get("sampling") == want, name
+    p = _tcli(["eval", "-m", tmp_path / "rec", "-d", d / "test.jsonl", "-o", tmp_path / "e.jsonl",
+               "--limit", "1"])
+    assert p.returncode == 0 and "using the checkpoint's prompt_template=plain" in \
+        p.stderr.decode(), p.stderr.decode()
