@@ -33,6 +33,9 @@ def init_critic(source: str, out_dir: str, *, dtype: str | None = None) -> str:
 
     quiet_transformers()
     check_model_dir(source)
+    if os.path.realpath(source) == os.path.realpath(out_dir):
+        raise UsageError(f"DIR {out_dir} is the policy --from {source}: the critic would replace "
+                         "it; give a new directory")
     check_checkpoint_target(out_dir, "DIR")
     model = pretrained(AutoModelForTokenClassification, source, path=source,
                        what="critic backbone", num_labels=1, dtype=torch_dtype(dtype))
@@ -61,7 +64,8 @@ def load_critic(path: str, *, device="cpu", dtype=None, train: bool = False):
     if not any(a.endswith("ForTokenClassification") for a in archs) or cfg.num_labels != 1:
         raise UsageError(f"--critic {path} is not a critic (a one-label *ForTokenClassification "
                          f"model, found {', '.join(archs) or 'no architecture'}); make one with "
-                         f"`tcli init-critic --from POLICY {path}`")
+                         f"`tcli init-critic --from {path} NEW_CRITIC_DIR` and pass "
+                         "--critic NEW_CRITIC_DIR")
     model = pretrained(AutoModelForTokenClassification, path, path=path, what="critic",
                        dtype=torch_dtype(dtype))
     model.to(device)

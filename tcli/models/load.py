@@ -102,6 +102,7 @@ def load_model(path: str, *, device="cpu", dtype=None, train: bool = False,
     """
     quiet_transformers()
     check_model_dir(path)
+    check_not_a_critic(path)
     kw = {"dtype": torch_dtype(dtype)}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
@@ -120,6 +121,17 @@ def load_model(path: str, *, device="cpu", dtype=None, train: bool = False,
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+def check_not_a_critic(path: str) -> None:
+    """A critic (or any other token or sequence classifier) loaded as a causal LM gets a new,
+    random LM head where its value head was: refused, rather than sampled from."""
+    archs = getattr(load_config(path), "architectures", None) or []
+    heads = [a for a in archs if a.endswith(("ForTokenClassification",
+                                             "ForSequenceClassification"))]
+    if heads and len(heads) == len(archs):
+        raise UsageError(f"{path} is a critic or classifier ({', '.join(heads)}), not a causal "
+                         "LM: give a policy checkpoint as --model (a critic goes to --critic)")
 
 
 def load_merged(path: str, *, device="cpu", dtype=None, train: bool = False, **load_kw):

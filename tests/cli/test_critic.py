@@ -49,6 +49,27 @@ def test_init_critic_values_are_zero_and_shaped(critic):
     assert all(v == 0.0 for o in out for v in o["critic_values"])  # zero-initialised head
     r = run_tcli(["values", "--critic", policy], input=_jsonl(recs))
     assert r.returncode == 2 and b"is not a critic" in r.stderr and b"init-critic" in r.stderr
+    assert f"--from {policy} NEW_CRITIC_DIR".encode() in r.stderr  # never over the policy
+
+
+def test_a_critic_is_never_made_over_its_policy_nor_used_as_one(critic, tmp_path):
+    import shutil
+
+    policy, crit = critic
+    copy = str(tmp_path / "policy")
+    shutil.copytree(policy, copy)
+    before = open(os.path.join(copy, "config.json"), "rb").read()
+    r = run_tcli(["init-critic", "--from", copy, copy + "/"])
+    assert r.returncode == 2 and b"would replace it" in r.stderr, r.stderr.decode()
+    assert open(os.path.join(copy, "config.json"), "rb").read() == before
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(_jsonl([{"id": "a", "prompt": "1+1=", "answer": "2"}]))
+    for args in (["eval", "-m", crit, "-d", str(prompts), "--max-new-tokens", "2"],
+                 ["sample-tree", str(prompts), "-m", crit, "-n", "2", "--max-new-tokens", "2"]):
+        r = run_tcli(args)
+        err = r.stderr.decode()
+        assert r.returncode == 2 and "is a critic or classifier" in err and not r.stdout, err
+        assert len(err.strip().splitlines()) == 1, err
 
 
 def test_values_equal_a_single_sequence_forward(critic, tmp_path):
