@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Sequence
 
@@ -32,14 +33,25 @@ def read_metrics(run_dir: str, warn: Callable[[str], None] = lambda s: None) -> 
     return out
 
 
+FORMATS = (".png", ".pdf", ".svg")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _series(metrics: list[dict], kind: str, key: str, x: str) -> tuple[list, list]:
-    pts = [(m[x], m[key]) for m in metrics if m.get("kind") == kind and key in m and x in m]
+    pts = [(m[x], m[key]) for m in metrics
+           if m.get("kind") == kind and _number(m.get(key)) and _number(m.get(x))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Sequence[str] | None = None,
-              groups: dict[str, list[str]] | None = None) -> str:
-    """One line per run, or with ``groups`` (label -> run dirs) the mean with a min-max band."""
+              groups: dict[str, list[str]] | None = None,
+              warn: Callable[[str], None] = lambda s: None) -> int:
+    """One line per run, or with ``groups`` (label -> run dirs) the mean with a min-max band;
+    the figure's format follows the suffix (png, pdf or svg). Returns the number of curves drawn
+    (records whose value or x is not a finite number are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,12 +64,15 @@ def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Sequence[str] | Non
     if groups is None:
         groups = {(labels[i] if labels else os.path.basename(os.path.normpath(d))): [d]
                   for i, d in enumerate(run_dirs)}
+    metrics = {d: read_metrics(d, warn) for dirs in groups.values() for d in dirs}
+    drawn = 0
     for ax, (kind, key, x) in zip(axes.ravel(), panels):
         for label, dirs in groups.items():
-            curves = [_series(read_metrics(d), kind, key, x) for d in dirs]
+            curves = [_series(metrics[d], kind, key, x) for d in dirs]
             curves = [c for c in curves if c[0]]
             if not curves:
                 continue
+            drawn += 1
             if len(curves) == 1:
                 ax.plot(curves[0][0], curves[0][1], marker="." if kind == "eval" else None, label=label)
                 continue
@@ -75,8 +90,12 @@ def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Sequence[str] | Non
     if handles:
         fig.legend(handles, names, loc="upper center", ncol=min(len(names), 4))
     fig.tight_layout(rect=(0, 0, 1, 0.94))
-    tmp = out_png + ".tmp.png"
+    if not drawn:  # nothing to show: no file at all rather than four empty panels
+        plt.close(fig)
+        return 0
+    ext = os.path.splitext(out_png)[1].lower()
+    tmp = out_png + ".tmp" + (ext if ext in FORMATS else ".png")
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, out_png)
-    return out_png
+    return drawn

@@ -135,18 +135,32 @@ loop.__signature__ = _loop_signature()
 
 def plot(
     run_dirs: Annotated[List[str], typer.Argument(help="Run directories to draw (one line each).")],
-    output: Annotated[str, typer.Option("-o", "--output", help="PNG path.")] = "metrics.png",
+    output: Annotated[str, typer.Option("-o", "--output", help="Figure path: .png, .pdf or "
+                      ".svg.")] = "metrics.png",
 ) -> None:
     """Plot reward and eval accuracy vs step and vs wall time for one or more runs."""
     import os
+    import sys
 
-    from tcli.errors import UsageError
-    from tcli.plot import plot_runs
+    from tcli.errors import DataError, UsageError
+    from tcli.plot import FORMATS, plot_runs
 
+    ext = os.path.splitext(output)[1].lower()
+    if ext not in FORMATS:
+        raise UsageError(f"-o/--output {output}: give a .png, .pdf or .svg file")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise UsageError(f"output directory does not exist: {parent}")
     for d in run_dirs:
         if not os.path.exists(os.path.join(d, "metrics.jsonl")):
             raise UsageError(f"{d} is not a run directory (no metrics.jsonl)")
-    plot_runs(run_dirs, output)
+    def warn(line: str) -> None:
+        print(f"tcli: warning: {line}", file=sys.stderr)
+
+    if not plot_runs(run_dirs, output, warn=warn):
+        raise DataError(f"nothing to plot: no train reward_mean or eval accuracy with a step in "
+                        f"{', '.join(os.path.join(d, 'metrics.jsonl') for d in run_dirs)}")
+    print(f"plot: {output}", file=sys.stderr)
 
 
 def register(app: typer.Typer) -> None:
