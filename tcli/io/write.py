@@ -27,6 +27,9 @@ def output_format(path: str, fmt: str | None) -> str:
     if fmt not in (None, "auto", *FORMATS):
         raise UsageError(f"unknown output format {fmt!r}; valid: jsonl, arrow")
     if fmt in (None, "auto"):
+        if path.lower().endswith((".parquet", ".pq", ".csv", ".json")):  # read, or never: not written
+            raise UsageError(f"{path}: tcli writes JSONL or Arrow; name the output .jsonl or "
+                             ".arrow (or give --format jsonl|arrow)")
         return "arrow" if path.endswith((".arrow", ".arrows", ".ipc")) else "jsonl"
     return fmt
 

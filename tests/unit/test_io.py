@@ -165,6 +165,10 @@ def test_output_format_from_suffix_and_option():
     assert output_format("x.jsonl", "arrow") == "arrow"
     with pytest.raises(UsageError):
         output_format("x", "csv")
+    for name in ("out.parquet", "out.PQ", "out.csv", "out.json"):  # not silently JSONL
+        with pytest.raises(UsageError, match="writes JSONL or Arrow"):
+            output_format(name, None)
+    assert output_format("out.json", "jsonl") == "jsonl"  # said explicitly
 
 
 def test_blank_lines_are_skipped_and_lines_counted(tmp_path):
