@@ -135,7 +135,7 @@ def run_groups(input: str, output: str, fmt: str | None, input_format: str | Non
         for rec in finish() if finish else ():
             writer.write(rec)
             n += 1
-    return n
+    return said_if_empty(n, reader.name)
 
 
 def run_records(input: str, output: str, fmt: str | None, input_format: str | None,
@@ -147,4 +147,13 @@ def run_records(input: str, output: str, fmt: str | None, input_format: str | No
         for rec in fn(iter(reader), reader.name):
             writer.write(rec)
             n += 1
+    return said_if_empty(n, reader.name)
+
+
+def said_if_empty(n: int, source: str) -> int:
+    """An empty stream passes through (exit 0, docs/design.md §2.3), but not unremarked: in a
+    pipeline it usually means a stage upstream failed."""
+    if n == 0:
+        sys.stderr.write(f"tcli: warning: no records in {source}; the output is empty\n")
+        sys.stderr.flush()
     return n

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from tcli.commands.common import (FormatOpt, InputArg, InputFormatOpt, ModelOpt, OutputOpt,
-                                  QuietOpt, SeedOpt, located)
+                                  QuietOpt, SeedOpt, located, said_if_empty)
 from tcli.config.expand import ExpandOptions
 from tcli.config.flags import Without, options_command
 from tcli.config.spec import settings_of
@@ -54,6 +54,7 @@ def expand_tree(
     stats = ExpandStats()
     with RecordWriter(output, format) as writer:
         if head is None:  # nothing to expand: an empty output, no model load
+            said_if_empty(0, reader.name)
             return
         try:
             read_tree(head[1])  # a bad first group fails before the model loads

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from tcli.commands.common import (FormatOpt, InputFormatOpt, ModelOpt, OutputOpt, QuietOpt,
-                                  SeedOpt, checkpoint_sampling, group_progress, input_total)
+                                  SeedOpt, checkpoint_sampling, group_progress, input_total,
+                                  said_if_empty)
 from tcli.config.flags import options_command
 from tcli.config.stages import PromptOptions, SampleOptions, ThreadOptions
 from tcli.errors import DataError
@@ -46,6 +47,7 @@ def sample_tree(
     head = next(records, None)  # open and sniff the input before the (slow) model load
     if head is None:  # nothing to sample: an empty output, no model load
         with RecordWriter(output, format):
+            said_if_empty(0, reader.name)
             return
     lines: list[int] = []
 

@@ -259,7 +259,7 @@ def test_empty_input(kind, cmd, tiny, tmp_path):
     r = cli(argv_for(cmd, src, out, tiny))
     if cmd in EMPTY_OK:
         assert r.code == 0, r.err
-        assert r.err == ""
+        assert r.err == f"tcli: warning: no records in {src}; the output is empty\n"
         assert (out / "out.jsonl").read_bytes() == b""
         assert os.listdir(out) == ["out.jsonl"]
     else:
