@@ -99,7 +99,8 @@ def _run(argv: list[str]) -> int:
             e.show()  # `tcli` alone: the help text is the answer
         else:
             cmd = next((a for a in argv if not a.startswith("-")), "")
-            report(f"{one_line(e.format_message())} (see 'tcli {cmd} -h')".replace("tcli  -h", "tcli -h"))
+            known = cmd in typer.main.get_command(app).commands  # an unknown one has no help
+            report(f"{one_line(e.format_message())} (see 'tcli {cmd + ' ' if known else ''}-h')")
         return EXIT_USAGE
 
 

@@ -319,7 +319,7 @@ def gae(group: Group, opt) -> Advantages:
     for i, (rec, toks, r) in enumerate(zip(group.records, group.tokens, group.rewards)):
         with at_record(i):
             if "critic_values" not in rec:
-                raise DataError("is missing; gae needs a critic's values: run `tcli values "
+                raise DataError("is missing; gae/ppo need a critic's values: run `tcli values "
                                 "--critic DIR` first", field="critic_values")
             v = float_array(rec, "critic_values", len(toks) + 1)
             a, g = gae_one(float(r), v, opt.gamma, opt.lam,

@@ -54,7 +54,7 @@ def values(
     input_format: InputFormatOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Add ``critic_values`` (T + 1 per response: V before each token and after the last)."""
+    """Add `critic_values` (T + 1 per response: V before each token and after the last)."""
     from tcli.io import RecordReader, RecordWriter
     from tcli.models.critic import load_critic
     from tcli.models.load import check_model_dir
@@ -106,7 +106,7 @@ def train_critic(
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fit the critic to ``returns`` (from `advantages -e gae`) with the clipped value loss.
+    """Fit the critic to `returns` (from `advantages -e gae`) with the clipped value loss.
 
     Prints one metrics record (JSON line) on stdout: value_loss, value_clip_frac,
     explained_variance, grad_norm."""

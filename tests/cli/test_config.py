@@ -188,3 +188,11 @@ def test_no_function_over_sixty_lines():
                 if n > 60:
                     long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)")
     assert not long, long
+
+
+@pytest.mark.parametrize("argv,hint", [(["frobnicate"], "(see 'tcli -h')"),
+                                       (["verify", "--bogus"], "(see 'tcli verify -h')"),
+                                       (["--bogus"], "(see 'tcli -h')")])
+def test_a_usage_error_points_to_help_that_exists(argv, hint):
+    r = run_tcli(argv)
+    assert r.returncode == 2 and r.stderr.decode().rstrip().endswith(hint), r.stderr.decode()
