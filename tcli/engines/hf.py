@@ -176,10 +176,11 @@ class HFEngine(Engine):
             sub = replace(cfg, max_new_tokens=max(room for _, room in reqs),
                           min_new_tokens=least)
             full = [list(prompts[i]) + list(prefixes[i]) for i in idx]
+            own = [int(seeds[i]) for i in idx]
             leaves: list[list[TreeLeaf]] = [[] for _ in idx]
             with torch.inference_mode():
                 for chunk in self.prefill_chunks(full, 1, sub.max_new_tokens):
-                    root = self.prefill(full, chunk, 0, [int(seeds[i]) for i in idx], entropy)
+                    root = self.prefill(full, chunk, 0, own, entropy)
                     for node in root.nodes:
                         node.cap = reqs[node.prompt][1]
                     self._tree_from(root, 1, 1, sub.max_new_tokens, sub, leaves,

@@ -27,7 +27,8 @@ def output_format(path: str, fmt: str | None) -> str:
     if fmt not in (None, "auto", *FORMATS):
         raise UsageError(f"unknown output format {fmt!r}; valid: jsonl, arrow")
     if fmt in (None, "auto"):
-        if path.lower().endswith((".parquet", ".pq", ".csv", ".json")):  # read, or never: not written
+        # formats tcli reads (Parquet) or never reads: a JSONL file under such a name misleads
+        if path.lower().endswith((".parquet", ".pq", ".csv", ".json")):
             raise UsageError(f"{path}: tcli writes JSONL or Arrow; name the output .jsonl or "
                              ".arrow (or give --format jsonl|arrow)")
         return "arrow" if path.endswith((".arrow", ".arrows", ".ipc")) else "jsonl"
