@@ -54,6 +54,11 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_pref, local)
+    # torch.distributed.nn binds the default group into its function defaults when first
+    # imported (DDP imports it); imported after init, that keeps the group and its gloo threads
+    # alive past destroy_process_group, and they can abort the interpreter at exit
+    import torch.distributed.nn  # noqa: F401
+
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
