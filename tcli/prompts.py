@@ -181,7 +181,7 @@ def read_prompts(path: str, limit: int | None = None, fields=None) -> list[dict]
         if limit and len(out) >= limit:
             break
     if not out:
-        raise UsageError(f"no prompts in {path}")
+        raise DataError("holds no records: no prompts to sample", file=reader.name)
     return out
 
 

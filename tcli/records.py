@@ -115,6 +115,20 @@ def loss_mask(rec: dict, length: int) -> np.ndarray | None:
     return arr.astype(bool)
 
 
+def check_aligned(rec: dict, length: int, field: str = "logprobs") -> None:
+    """An optional per-token field has one entry per response token. Checked wherever a group is
+    read (build-tree, advantages), so a record cut or padded upstream fails at the stage that
+    first sees it, not at train-step two files later. Only the length: train-step parses values."""
+    v = rec.get(field)
+    if v is None:
+        return
+    if not isinstance(v, list):
+        raise DataError(f"must be a list of numbers, got {type(v).__name__}", field=field)
+    if len(v) != length:
+        raise DataError(f"has {len(v)} entries, expected {length} (one per token_ids entry)",
+                        field=field)
+
+
 def reward(rec: dict) -> float:
     v = require(rec, "reward")
     if isinstance(v, bool) or not isinstance(v, (int, float)):

@@ -22,8 +22,8 @@ from tcli.algos.gae import gae as gae_one
 from tcli.algos.masks import any_masked, policy_td, zero_environment
 from tcli.algos.tree import PrefixTree, build_prefix_tree
 from tcli.errors import DataError
-from tcli.records import (at_record, float_array, in_group, int_list, loss_mask, reward,
-                          token_array)
+from tcli.records import (at_record, check_aligned, float_array, in_group, int_list, loss_mask,
+                          reward, token_array)
 from tcli.registry import Registry
 
 EPS = 1e-6
@@ -50,6 +50,7 @@ class Group:
         for i, (rec, t) in enumerate(zip(recs, tokens)):
             with at_record(i):
                 masks[i] = loss_mask(rec, len(t))
+                check_aligned(rec, len(t))
         return cls(recs, tokens, rewards, masks if any_masked(masks) else None)
 
     @property

@@ -156,7 +156,10 @@ CASES: dict[str, Case] = {
                                     on(GROUP_COMMANDS + ("train-step",))),
     # lengths and non-finite numbers
     "logprobs length != token_ids": Case(put("logprobs", [-1.0]),
-                                         on(("train-step",), fld="logprobs", words=["expected 3"])),
+                                         on(GROUP_COMMANDS + ("train-step",), fld="logprobs",
+                                            words=["expected 3"])),
+    "logprobs not a list": Case(put("logprobs", "-1.0"),
+                                on(GROUP_COMMANDS + ("train-step",), fld="logprobs")),
     "advantages length != token_ids": Case(put("advantages", [0.1] * 4),
                                            on(("train-step",), fld="advantages")),
     "NaN reward (JSONL)": Case(raw_line2(lambda b: b.replace(b'"reward":1.0', b'"reward":NaN')),
@@ -245,7 +248,7 @@ def test_bad_input(case, cmd, tiny, tmp_path):
 # ----------------------------------------------------------------------------- empty and blank
 
 EMPTY_OK = ("sample-tree", "verify", "expand-tree", "build-tree", "advantages")
-EMPTY_ERR = {"train-step": (65, "no response tokens"), "eval": (2, "no prompts"),
+EMPTY_ERR = {"train-step": (65, "no response tokens"), "eval": (65, "no prompts"),
              "show-tree": (2, "no group")}
 
 
