@@ -114,8 +114,27 @@ def render_prompt(rec: dict, template: str) -> str:
     """Fill a resolved template; plain replacement, so braces elsewhere (``\\boxed{}``) stay as is."""
     if template == "auto":
         template = CHOICE if rec.get("choices") else BOXED
-    choices = format_choices(rec.get("choices")) if "{choices}" in template else ""
+    if "{choices}" in template:
+        choices = format_choices(rec.get("choices"))
+    else:
+        check_choices_shown(rec, template)
+        choices = ""
     return _PLACEHOLDER.sub(lambda m: rec["prompt"] if m.group(1) == "prompt" else choices, template)
+
+
+def check_choices_shown(rec: dict, template: str) -> None:
+    """A multiple-choice record whose options the prompt never shows is answered blind and scored
+    as if it were not (a checkpoint trained with ``boxed`` evaluated on medqa): refused, unless
+    the prompt text already holds every option."""
+    choices = rec.get("choices")
+    if not isinstance(choices, dict) or not choices:
+        return
+    if all(isinstance(v, str) and v in rec["prompt"] for v in choices.values()):
+        return
+    name = next((k for k, v in PROMPT_TEMPLATES.items() if v == template), "custom")
+    raise UsageError(f"prompt {rec.get('id')!r} has choices, but the prompt template ({name}) "
+                     "does not show them: give --prompt-template choice (or auto), or a template "
+                     "with {choices}")
 
 
 def prompt_messages(rec: dict, template: str) -> list[dict]:

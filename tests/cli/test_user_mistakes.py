@@ -114,6 +114,24 @@ def test_sample_tree_uses_the_checkpoint_recorded_sampling(setup, tmp_path):
     assert len(recs) == 8 and all(_plain(r) and len(r["token_ids"]) <= CAP for r in recs)
 
 
+def test_a_recorded_template_that_would_hide_the_options_is_refused(setup, tmp_path):
+    """The warm start records plain prompts; medqa's options live in ``choices``, which plain
+    never shows: the model would answer blind while the choice verifier scores it."""
+    _, _, warm = setup
+    out = tmp_path / "eval.jsonl"
+    p = _tcli(["eval", "-m", warm, "-d", "medqa", "-o", out, "--limit", "1"])
+    err = p.stderr.decode()
+    assert p.returncode == 2, err
+    assert "using the checkpoint's prompt_template=plain" in err
+    assert re.search(r"tcli: error: prompt .* has choices, but the prompt template \(plain\) "
+                     r"does not show them: give --prompt-template choice", err), err
+    assert not out.exists()
+    p = _tcli(["eval", "-m", warm, "-d", "medqa", "-o", out, "--limit", "1",
+               "--prompt-template", "choice", "--max-new-tokens", "2"])
+    assert p.returncode == 0, p.stderr.decode()
+    assert _records(out)[0]["prompt_template"] == "choice"
+
+
 def test_a_model_without_records_keeps_the_defaults(setup, tmp_path):
     d, model, _ = setup
     out = tmp_path / "eval.jsonl"

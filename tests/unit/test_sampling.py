@@ -133,12 +133,19 @@ def test_independent_records(text_engine):
 
 
 def test_templates(text_engine):
-    from tcli.errors import DataError
+    from tcli.errors import DataError, UsageError
     from tcli.prompts import render_prompt, resolve_template
 
     rec = {"id": 1, "prompt": "Q?", "choices": {"A": "yes", "B": "no"}}
-    assert render_prompt(rec, resolve_template("boxed")) == (
+    assert render_prompt(dict(rec, choices=None), resolve_template("boxed")) == (
         "Q?\nLet's think step by step and output the final answer within \\boxed{}.")
+    for hides in ("boxed", "plain", "<{prompt}>"):  # the model would answer without the options
+        with pytest.raises(UsageError, match=r"prompt 1 has choices.*--prompt-template choice"):
+            render_prompt(rec, resolve_template(hides))
+    inline = dict(rec, prompt="Q? A) yes B) no")  # options written into the prompt itself
+    assert render_prompt(inline, resolve_template("plain")) == "Q? A) yes B) no"
+    with pytest.raises(UsageError):  # one option missing from the text is still hidden
+        render_prompt(dict(rec, prompt="Q? A) yes"), resolve_template("plain"))
     choice = render_prompt(rec, resolve_template("auto"))
     assert "A. yes\nB. no" in choice and "<answer>X</answer>" in choice
     assert render_prompt(rec, resolve_template("<{prompt}|{choices}>")) == "<Q?|A. yes\nB. no>"
