@@ -46,6 +46,28 @@ def _series(metrics: list[dict], kind: str, key: str, x: str) -> tuple[list, lis
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def run_labels(run_dirs: Sequence[str]) -> list[str]:
+    """One distinct legend label per run: the last path component, or as many of the last ones
+    as it takes to tell the runs apart (runs/demo/tempo and runs/tools/tempo are demo/tempo and
+    tools/tempo, not one "tempo" drawn over the other)."""
+    parts = [os.path.normpath(os.path.abspath(d)).split(os.sep) for d in run_dirs]
+    distinct = {tuple(p) for p in parts}
+    k = 1
+    while len({p[-k:] for p in distinct}) < len(distinct):
+        k += 1
+    return _numbered(["/".join(p[-k:]) for p in parts])  # numbered: one directory given twice
+
+
+def _numbered(names: Sequence[str]) -> list[str]:
+    """``names`` with a repeat numbered (a, a (2), ...), so no curve replaces another."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n} ({seen[n]})")
+    return out
+
+
 def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Sequence[str] | None = None,
               groups: dict[str, list[str]] | None = None,
               warn: Callable[[str], None] = lambda s: None) -> int:
@@ -62,8 +84,8 @@ def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Sequence[str] | Non
     panels = [("train", "reward_mean", "step"), ("train", "reward_mean", "wall_time"),
               ("eval", "accuracy", "step"), ("eval", "accuracy", "wall_time")]
     if groups is None:
-        groups = {(labels[i] if labels else os.path.basename(os.path.normpath(d))): [d]
-                  for i, d in enumerate(run_dirs)}
+        groups = dict(zip(run_labels(run_dirs) if not labels else _numbered(labels),
+                          ([d] for d in run_dirs)))
     metrics = {d: read_metrics(d, warn) for dirs in groups.values() for d in dirs}
     drawn = 0
     for ax, (kind, key, x) in zip(axes.ravel(), panels):

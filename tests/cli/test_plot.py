@@ -48,3 +48,19 @@ def test_nothing_to_plot_is_bad_data_and_writes_nothing(tmp_path):
 def test_bad_outputs_are_usage_errors(tmp_path, name, words):
     run = _run(tmp_path, "run", GOOD)
     failed(run_tcli(["plot", str(run), "-o", str(tmp_path / name)]), 2, *words)
+
+
+def test_runs_with_one_folder_name_are_drawn_apart(tmp_path):
+    """runs/demo/tempo and runs/tools/tempo: two curves with the path parts that tell them
+    apart, never one label for both (the second run drawn over the first)."""
+    from tcli.plot import plot_runs, run_labels
+
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "tools").mkdir()
+    a, b = _run(tmp_path / "demo", "tempo", GOOD), _run(tmp_path / "tools", "tempo", GOOD)
+    assert run_labels([str(a), str(b)]) == ["demo/tempo", "tools/tempo"]
+    assert run_labels([str(a), str(tmp_path / "grpo")]) == ["tempo", "grpo"]
+    assert run_labels([str(a), str(a)]) == ["tempo", "tempo (2)"]
+    one = plot_runs([str(a)], str(tmp_path / "one.png"))
+    assert plot_runs([str(a), str(b)], str(tmp_path / "two.png")) == 2 * one == 8
+    assert plot_runs([str(a), str(b)], str(tmp_path / "l.png"), labels=["x", "x"]) == 8
