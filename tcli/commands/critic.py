@@ -58,12 +58,13 @@ def values(
     from tcli.io import RecordReader, RecordWriter
     from tcli.models.critic import load_critic
     from tcli.models.load import check_model_dir
+    from tcli.models.provenance import SampledBy
     from tcli.stages.values import add_critic_values
     from tcli.train.dist import resolve_device
 
     check_model_dir(critic)
     reader = RecordReader(input, input_format)
-    batches = _batches(iter(reader), reader.name)
+    batches = _batches(SampledBy(critic, "--critic").watch(reader, reader.name), reader.name)
     first = next(batches, None)  # bad input fails before the model loads
     with RecordWriter(output, format) as writer:
         if first is None:
@@ -122,7 +123,7 @@ def train_critic(
     check_checkpoint_target(output, "-o/--output")
     def step(info) -> None:  # a function: the trainer is gone before the group is torn down
         samples = run_on_main(lambda: read_train_input(input, input_format, critic,
-                                                       critic_samples), info)
+                                                       critic_samples, "--critic"), info)
         threads.apply()
         trainer = CriticTrainer(critic, opts, seed=seed, dist_info=info)
         m = trainer.step(samples)

@@ -42,14 +42,15 @@ def expand_tree(
     node; each prompt gets --expand-tokens sampled tokens at most. Prints the originals and the
     new leaves (no reward: verify them next)."""
     from tcli.io import RecordReader, RecordWriter, iter_groups
-    from tcli.models.load import check_model_dir
     from tcli.errors import DataError
+    from tcli.models.load import check_model_dir
+    from tcli.models.provenance import SampledBy
     from tcli.stages.expand import ExpandStats, expand_groups, read_tree
 
     opts.require_budget()
     check_model_dir(model)  # a bad --model fails here, before torch is imported
     reader = RecordReader(input, input_format)
-    groups = iter(iter_groups(reader, reader.name))
+    groups = iter(iter_groups(SampledBy(model).watch(reader, reader.name), reader.name))
     head = next(groups, None)  # open and read the input before the (slow) model load
     stats = ExpandStats()
     with RecordWriter(output, format) as writer:

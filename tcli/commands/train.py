@@ -74,10 +74,26 @@ def train_step(
         m = trainer.step(samples)
         trainer.save(output, _recorded(model, sampled, sampling))
         if info.is_main:
+            _warn_if_off_policy(m, model)
             _report({"kind": "train-step", "model": os.path.abspath(output), **m}, metrics, quiet)
 
     with distributed(opts.device) as info:
         step(info)
+
+
+MISMATCH_WARN = 1.0  # nats per token; a sampler's own kernels or bf16 stay far below 0.1
+
+
+def _warn_if_off_policy(m: dict, model: str) -> None:
+    """A step whose records' log-probs are far from the model's own ran on another policy's
+    rollouts (a wrong --model, a tokenizer-compatible stranger): said, since nothing fails."""
+    import sys
+
+    gap = m.get("mismatch_abs_logp", 0.0)
+    if gap > MISMATCH_WARN:
+        sys.stderr.write(f"tcli: warning: the records' logprobs differ from --model {model}'s by "
+                         f"{gap:.3g} nats per token (mismatch_abs_logp): were they sampled by "
+                         "another model?\n")
 
 
 def _check_not_input(model: str, output: str) -> None:
@@ -133,17 +149,19 @@ def _read_samples(input: str, input_format: str | None, model: str, opts: TrainO
     return samples, seen.agreed()
 
 
-def read_train_input(input: str, input_format: str | None, model_dir: str, parse) -> list:
+def read_train_input(input: str, input_format: str | None, model_dir: str, parse,
+                     flag: str = "--model") -> list:
     """Every record parsed and validated by ``parse(records, source, vocab_size)`` against the
-    model directory's vocabulary, before any weights load; no response token at all is exit 65.
-    Shared by train-step and train-critic."""
+    model directory's vocabulary and tokenizer (``SampledBy``), before any weights load; no
+    response token at all is exit 65. Shared by train-step and train-critic."""
     from tcli.errors import DataError
     from tcli.io import RecordReader
     from tcli.models.load import model_vocab_size
+    from tcli.models.provenance import SampledBy
 
     vocab = model_vocab_size(model_dir)
     reader = RecordReader(input, input_format)
-    samples = parse(iter(reader), reader.name, vocab)
+    samples = parse(SampledBy(model_dir, flag).watch(reader, reader.name), reader.name, vocab)
     if not any(len(s.tokens) for s in samples):
         raise DataError("no response tokens to train on (empty input or empty responses)",
                         file=reader.name)

@@ -30,7 +30,7 @@ def test_the_suffix_picks_the_format_and_the_path_is_said(tmp_path, suffix, magi
     err = r.stderr.decode()
     assert r.returncode == 0, err
     assert out.read_bytes().startswith(magic)
-    assert f"metrics.jsonl:3: skipping a corrupt metrics line" in err and f"plot: {out}" in err
+    assert "metrics.jsonl:3: skipping a corrupt metrics line" in err and f"plot: {out}" in err
     assert not list(tmp_path.glob("*.tmp*"))
 
 

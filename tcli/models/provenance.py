@@ -1,0 +1,80 @@
+"""Rollouts read by another model than the one that sampled them (their ``model`` field).
+
+Token ids only mean something to the tokenizer that made them: records sampled by a model with
+another vocabulary, trained or expanded by this one, would run without an error (every id can be
+inside both vocabularies) and train on text nobody wrote. Another checkpoint of the same tokenizer
+is fine (a stale policy, a reference), so what is compared is the vocabulary, read from each
+directory's ``tokenizer.json`` without loading anything; a directory that is gone or has no
+``tokenizer.json`` cannot be compared and passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from typing import Iterable, Iterator
+
+import orjson
+
+from tcli.errors import DataError
+
+TOKENIZER_JSON = "tokenizer.json"
+
+
+@lru_cache(maxsize=32)
+def _vocab_digest(path: str, mtime_ns: int) -> str | None:
+    try:
+        with open(os.path.join(path, TOKENIZER_JSON), "rb") as f:
+            tok = orjson.loads(f.read())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    model = tok.get("model") if isinstance(tok, dict) else None
+    if not isinstance(model, dict) or "vocab" not in model:
+        return None
+    added = sorted((t.get("id"), t.get("content")) for t in tok.get("added_tokens") or []
+                   if isinstance(t, dict))
+    blob = orjson.dumps([model.get("type"), model["vocab"], added], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def vocab_digest(path: str) -> str | None:
+    """A digest of the token <-> id mapping of a model directory (None: cannot tell). Formatting
+    and settings that do not change what an id means (a chat template) do not count."""
+    try:
+        mtime = os.stat(os.path.join(path, TOKENIZER_JSON)).st_mtime_ns
+    except OSError:
+        return None
+    return _vocab_digest(os.path.realpath(path), mtime)
+
+
+class SampledBy:
+    """Checks each distinct ``model`` of the records once against ``model_dir`` (the directory
+    this command reads them with, named by ``flag`` in the error)."""
+
+    def __init__(self, model_dir: str, flag: str = "--model"):
+        self.model_dir, self.flag = model_dir, flag
+        self.seen: set[str] = set()
+
+    def check(self, rec: dict) -> None:
+        """DataError (field ``model``) when the record's sampler has another vocabulary."""
+        src = rec.get("model") if isinstance(rec, dict) else None
+        if not isinstance(src, str) or src in self.seen:
+            return
+        self.seen.add(src)
+        if not os.path.isdir(src) or os.path.realpath(src) == os.path.realpath(self.model_dir):
+            return
+        a, b = vocab_digest(src), vocab_digest(self.model_dir)
+        if a is not None and b is not None and a != b:
+            raise DataError(f"sampled by {src}, whose tokenizer differs from {self.flag} "
+                            f"{self.model_dir}'s: its token ids are other text to this model",
+                            field="model")
+
+    def watch(self, records: Iterable[tuple[int, dict]], source: str) -> Iterator[tuple[int, dict]]:
+        """(line, record) pairs passed on, each checked; the error names ``source`` and line."""
+        for line, rec in records:
+            try:
+                self.check(rec)
+            except DataError as e:
+                raise e.located(source, line) from None
+            yield line, rec
