@@ -22,6 +22,7 @@ No torch import here: this module is imported by the CLI.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterable, Iterator
 
 from tcli import SCHEMA
@@ -175,6 +176,27 @@ def _encode_chunk(chunk, tok, tmpl: str, chat_template, seen: SeenKeys, fields=N
     return recs, ids
 
 
+UNKNOWN_SHARE = 0.1  # a prompt this much unknown to the tokenizer is not text the model can read
+_UNKNOWN_SAID: set = set()
+
+
+def say_unknown_tokens(tok, recs: list[dict], ids: list[list[int]]) -> None:
+    """Warn once per tokenizer when a prompt is mostly the tokenizer's unknown token (a model of
+    another alphabet or language): its answers would score 0 and look like a weak model."""
+    unk = getattr(tok, "unk_token_id", None)
+    key = getattr(tok, "name_or_path", id(tok))
+    if unk is None or key in _UNKNOWN_SAID:
+        return
+    for rec, p in zip(recs, ids):
+        share = p.count(unk) / max(len(p), 1)
+        if share > UNKNOWN_SHARE:
+            _UNKNOWN_SAID.add(key)
+            sys.stderr.write(f"tcli: warning: prompt {rec['id']!r} is {share:.0%} unknown tokens "
+                             f"({tok.unk_token}) to the tokenizer of {key}: is it the model meant "
+                             "for this data?\n")
+            return
+
+
 def sample_records(engine, prompt_records: Iterable[dict], opts, *, seed: int = 0,
                    native: bool = True, fields=None,
                    on_group: Callable[[list[dict]], None] | None = None,
@@ -214,6 +236,7 @@ def _groups(engine, prompt_records, opts, seed, native, fields, on_group, toolse
     for chunk in _chunks(prompt_records, opts.prompts_per_batch):
         recs, ids = _encode_chunk(chunk, engine.tokenizer, tmpl, opts.chat_template, seen, fields,
                                   tool_text)
+        say_unknown_tokens(engine.tokenizer, recs, ids)
         trees = sample_leaves(sampler, ids, opts, cfg, native, toolset)
         for rec, ptoks, leaves in zip(recs, ids, trees):
             group = [_rollout(rec, engine, ptoks, j, leaf, opts.mode == "tree",

@@ -132,6 +132,23 @@ def test_a_recorded_template_that_would_hide_the_options_is_refused(setup, tmp_p
     assert _records(out)[0]["prompt_template"] == "choice"
 
 
+def test_prompts_the_tokenizer_cannot_read_are_said_once(setup, tmp_path):
+    """An arith-alphabet model given English prompts: most characters are its unknown token, and
+    the rewards would be 0 as if the model were weak."""
+    d, model, _ = setup
+    words = tmp_path / "words.jsonl"
+    words.write_text("".join(f'{{"id": {i}, "prompt": "What is {i} plus two?", "answer": "1"}}\n'
+                             for i in range(3)))
+    p = _tcli(["sample-tree", words, "-m", model, "-n", "1", "--max-new-tokens", "2",
+               "--prompt-template", "plain"])
+    assert p.returncode == 0, p.stderr.decode()
+    said = [line for line in p.stderr.decode().splitlines() if "unknown tokens" in line]
+    assert len(said) == 1 and re.match(r"tcli: warning: prompt 0 is \d+% unknown tokens", said[0])
+    p = _tcli(["sample-tree", d / "test.jsonl", "-m", model, "-n", "1", "--max-new-tokens", "2",
+               "--prompt-template", "plain"])
+    assert p.returncode == 0 and b"unknown tokens" not in p.stderr
+
+
 def test_a_model_without_records_keeps_the_defaults(setup, tmp_path):
     d, model, _ = setup
     out = tmp_path / "eval.jsonl"
