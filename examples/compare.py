@@ -11,8 +11,8 @@ seeds, and the branch-token share (tcli's ``branch_token_share``: response token
 points of each group's prefix tree, where TEMPO's correction can be non-zero). Writes ``compare.md``, ``compare.json`` and ``compare.png`` in ``--out``.
 
 A finished run (``<method>-s<seed>.done`` beside its run directory) is never rerun; an
-interrupted one resumes from its last checkpoint. A method whose settings the installed tcli
-rejects (e.g. entropy branching before ``--branch entropy`` exists) is skipped with a note.
+interrupted one resumes from its last checkpoint. A method whose settings do not fit the task's
+config (a -tool method named for a task without tools) is skipped with a note.
 
     python examples/compare.py --config examples/countdown/countdown.toml --out runs/compare-cd \\
         --methods grpo,tempo,treerpo --seeds 0,1,2,3,4 --token-budget 150000
@@ -131,7 +131,7 @@ def _value(s: str):
 
 def run_one(method: str, seed: int, a: argparse.Namespace, log) -> tuple[str | None, str]:
     """Run (or resume, or skip when done) one (method, seed): (its run directory, "") or
-    (None, why) when the installed tcli rejects the method's settings."""
+    (None, why) when the method's settings do not fit the task's config."""
     from tcli.loop.loop import run_loop
     from tcli.loop.rundir import RunDir
 
@@ -146,7 +146,7 @@ def run_one(method: str, seed: int, a: argparse.Namespace, log) -> tuple[str | N
     try:
         cfg = load_config(a.config, over)
     except UsageError as e:
-        log(f"skipping {method}: the installed tcli rejects its settings ({e})")
+        log(f"skipping {method}: its settings do not fit this task ({e})")
         return None, str(e)
     resume = os.path.isdir(run_dir) and bool(RunDir(run_dir).complete_steps())
     if os.path.isdir(run_dir) and not resume:  # started, nothing complete: our leftovers,
@@ -291,8 +291,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="The task's loop config (TOML).")
     ap.add_argument("--out", default="runs/compare", help="Directory for runs and reports.")
-    ap.add_argument("--methods", default=",".join(METHODS),
-                    help=f"Comma-separated, from: {', '.join(METHODS)} (default all).")
+    ap.add_argument("--methods", default=None,
+                    help=f"Comma-separated, from: {', '.join(METHODS)} (default: all that fit "
+                    "the task; the -tool methods need tools in the config).")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="Comma-separated seeds (default 5).")
     ap.add_argument("--token-budget", type=int, default=150_000, help="Sampled tokens per run.")
     ap.add_argument("--eval-every", type=int, default=10, help="Steps between evaluations.")
@@ -301,7 +302,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="Loop setting for every method (or one), e.g. eval_limit=100, "
                     "treerpo.segment_tokens=16; repeatable.")
     a = ap.parse_args(argv)
-    a.methods = [m for m in a.methods.split(",") if m]
+    a.all_methods = a.methods is None
+    a.methods = list(METHODS) if a.all_methods else [m for m in a.methods.split(",") if m]
     bad = [m for m in a.methods if m not in METHODS]
     if bad:
         ap.error(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(METHODS)}")
@@ -325,11 +327,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def fitting_methods(task) -> list[str]:
+    """The default: every method, less the tool-aware trees when the task has no tools."""
+    return [m for m in METHODS if task.sample.tools or METHODS[m].get("branch") != "tool"]
+
+
 def compare(a: argparse.Namespace) -> int:
     """Run every (seed, method), then write the table, the JSON summary and the plot."""
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    load_config(a.config, overrides(None, a.seeds[0], a))  # the task's config must load: only
-    #                                                     a method's own settings are skipped
+    task = load_config(a.config, overrides(None, a.seeds[0], a))  # the task's config must
+    #                                                     load: only a method's own is skipped
+    if a.all_methods:
+        a.methods = fitting_methods(task)
     os.makedirs(a.out, exist_ok=True)
     runs: dict[str, dict[int, str]] = {}
     skipped: dict[str, str] = {}
@@ -347,7 +356,7 @@ def compare(a: argparse.Namespace) -> int:
         return 1
     s = summarise(runs)
     md = table(s)
-    notes = [f"skipped {m}: the installed tcli rejects its settings ({why})"
+    notes = [f"skipped {m}: its settings do not fit this task ({why})"
              for m, why in sorted(skipped.items())]
     with open(os.path.join(a.out, "compare.md"), "w") as f:
         f.write(f"config {a.config}, seeds {a.seeds}, token budget {a.token_budget} per run; "

@@ -375,7 +375,7 @@ class Loop:
         budget = Budget(self.cfg.run.max_wall_seconds, self.cfg.run.max_sampled_tokens,
                         elapsed=max((m.get("wall_time", 0.0) for m in done), default=0.0),
                         sampled=max((m.get("sampled_tokens_total", 0) for m in done), default=0))
-        self.best = max((m["accuracy"] for m in done if m.get("kind") == "eval"), default=-1.0)
+        self.best = self._resumed_best(done)
         if first == 1 and self.cfg.eval.every:
             self._initial_eval(budget)
         for step in range(first, self.cfg.run.steps + 1):
@@ -388,6 +388,16 @@ class Loop:
             if self.on_step is not None:
                 self.on_step(records)
         return {"best_accuracy": self.best}
+
+    def _resumed_best(self, done: list[dict]) -> float:
+        """The best eval accuracy of the completed steps, among evals of as many prompts as this
+        run's (a resume with another --eval-limit starts the best anew, said in the log)."""
+        evals = [m for m in done if m.get("kind") == "eval"]
+        same = [m["accuracy"] for m in evals if m.get("prompts") == len(self.eval_prompts)]
+        if len(same) < len(evals):
+            self.log(f"best eval accuracy starts anew: {len(evals) - len(same)} earlier eval(s) "
+                     f"scored another number of prompts than this run's {len(self.eval_prompts)}")
+        return max(same, default=-1.0)
 
     def close(self, ok: bool = True) -> None:
         """Stop the verifier workers, finish the trackers (failed unless ``ok``), release the run

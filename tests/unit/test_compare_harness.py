@@ -29,6 +29,19 @@ def test_paired_bootstrap_exact_on_hand_computed_cases():
     assert paired_bootstrap(a, b) == pytest.approx((0.05, 0.05, 0.05))
 
 
+def test_the_default_methods_fit_the_task():
+    """Without tools in the config the tool-aware trees are left out (they could not run); with
+    tools every method is in."""
+    from types import SimpleNamespace
+
+    plain = compare.fitting_methods(SimpleNamespace(sample=SimpleNamespace(tools=())))
+    assert "tempo-tool" not in plain and "treerpo-tool" not in plain
+    assert {"grpo", "tempo", "tempo-entropy-expand", "ppo"} <= set(plain)
+    tools = compare.fitting_methods(SimpleNamespace(sample=SimpleNamespace(tools=("calc",))))
+    assert tools == list(compare.METHODS)
+    assert compare.parse_args(["--config", "x.toml"]).all_methods
+
+
 def test_paired_bootstrap_monte_carlo_beyond_eight_pairs_agrees_with_theory():
     rng = np.random.default_rng(1)
     d = rng.normal(0.1, 0.05, size=40)

@@ -126,6 +126,24 @@ def test_save_every_writes_fewer_checkpoints_and_resume_is_exact(loop_model, tmp
     assert steps == [1, 2, 3, 4, 5]
 
 
+def test_a_resume_with_another_eval_size_starts_the_best_anew(loop_model, tmp_path):
+    """Step 1's eval of 4 prompts scored 1.0; resumed with eval_limit 1, step 2 scores 0.0 on
+    prompt p1 alone (CORRECT[2][0] = 0). The two accuracies measure different things: the best
+    is taken among the evals of this run's size, so step 2 is best/, and the log says why."""
+    from tcli.loop import resume_config, run_loop
+    from tcli.models.checkpoint import read_state
+
+    _run(_config(loop_model, tmp_path / "run", steps=1))
+    said: list[str] = []
+    run_loop(resume_config(str(tmp_path / "run"), {"steps": 2, "eval_limit": 1}), resume=True,
+             log=said.append)
+    evals = [(m["step"], m["prompts"], m["accuracy"]) for m in _read(tmp_path / "run")
+             if m["kind"] == "eval"]
+    assert evals == [(0, 4, 0.75), (1, 4, 1.0), (2, 1, 0.0)]
+    assert read_state(str(tmp_path / "run" / "checkpoints" / "best"))["step"] == 2
+    assert any("best eval accuracy starts anew: 2 earlier eval(s)" in s for s in said), said
+
+
 def test_tensorboard_event_files(loop_model, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
