@@ -77,7 +77,8 @@ class Loop:
             raise UsageError(f"{cfg.where('model')}: model directory not found: "
                              f"{cfg.run.model!r}")
         check_models(cfg)
-        self.cfg = cfg = with_recorded_sampling(cfg, log)  # before config.toml is written
+        self.notes: list[str] = []  # said once the run directory is taken (not before its error)
+        self.cfg = cfg = with_recorded_sampling(cfg, self.notes.append)  # before config.toml
         self.train_prompts = loop_prompts(cfg, "train_data")
         ev = cfg.eval
         self.eval_prompts = (loop_prompts(cfg, "eval_data", ev.limit or None)
@@ -106,6 +107,8 @@ class Loop:
     def start(self, resume: bool, overwrite: bool = False) -> int:
         """Take the run directory (rank 0), load trainer and engine; return the first step."""
         last, start_ckpt = self._on_main(lambda: self._take_run_dir(resume, overwrite))
+        for line in self.notes:
+            self.log(line)
         # verifier workers fork now, before any model exists, and serve every step
         v = self.cfg.verify
         self.verify_pool = start_pool(v.task, v.timeout, v.workers)
@@ -390,8 +393,7 @@ class Loop:
         return {"best_accuracy": self.best}
 
     def _resumed_best(self, done: list[dict]) -> float:
-        """The best eval accuracy of the completed steps, among evals of as many prompts as this
-        run's (a resume with another --eval-limit starts the best anew, said in the log)."""
+        """The best eval accuracy of the completed steps among evals of this run's size."""
         evals = [m for m in done if m.get("kind") == "eval"]
         same = [m["accuracy"] for m in evals if m.get("prompts") == len(self.eval_prompts)]
         if len(same) < len(evals):

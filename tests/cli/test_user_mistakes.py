@@ -209,6 +209,9 @@ def test_loop_uses_records_them_and_logs_progress(setup, tmp_path):
     assert re.match(r"loop: 1/2 steps \(50%\), .*ETA \w+, last eval acc \d\.\d{3} \(step 1\)$",
                     progress[0]), progress
     assert progress[-1].startswith("loop: done 2/2 steps"), progress
+    p = _tcli(["loop", "--model", warm, "--train-data", d / "test.jsonl", "--run-dir", run])
+    assert p.returncode == 2  # the same command again: the error line alone, no notice before it
+    assert p.stderr.decode().startswith("tcli: error: ") and "--resume" in p.stderr.decode()
 
 
 def _advantaged(setup, tmp_path):
