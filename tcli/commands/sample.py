@@ -41,6 +41,7 @@ def sample_tree(
     from tcli.io import RecordReader, RecordWriter, resolve_data
     from tcli.stages.sample import sample_records
 
+    _check_mode_flags(opts)
     path = resolve_data(input)
     reader = RecordReader(path, input_format)
     records = iter(reader)
@@ -69,6 +70,21 @@ def sample_tree(
         except DataError as e:  # index = the prompt's position in the input
             idx = getattr(e, "index", None)
             raise e.located(reader.name, lines[idx] if idx is not None else None) from None
+
+
+def _check_mode_flags(opts: SampleOptions) -> None:
+    """A shape setting of the other --mode would be ignored without a word: refused instead
+    (compared with the defaults, which is all a command line can tell)."""
+    from tcli.errors import UsageError
+
+    default = SampleOptions()
+    if opts.mode == "tree" and opts.n != default.n:
+        raise UsageError(f"{opts.flag('n')} sets the samples per prompt of --mode independent; a "
+                         "tree's leaves come from --width and --depth")
+    tree_only = [opts.flag(k) for k in ("width", "depth", "segment_tokens", "branch")
+                 if getattr(opts, k) != getattr(default, k)]
+    if opts.mode == "independent" and tree_only:
+        raise UsageError(f"{', '.join(tree_only)} shape a tree: give --mode tree as well")
 
 
 def register(app: typer.Typer) -> None:

@@ -149,6 +149,21 @@ def test_prompts_the_tokenizer_cannot_read_are_said_once(setup, tmp_path):
     assert p.returncode == 0 and b"unknown tokens" not in p.stderr
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--mode", "tree", "-n", "4"], "--n sets the samples per prompt of --mode independent"),
+    (["--width", "4", "--depth", "2"], "--width, --depth shape a tree: give --mode tree"),
+    (["--branch", "entropy"], "--branch shape a tree"),
+])
+def test_a_shape_flag_of_the_other_mode_is_refused(setup, flags, words):
+    """It would be ignored: 8 independent samples instead of the tree asked for, or the other
+    way round. Refused before anything is read or loaded."""
+    d, model, _ = setup
+    p = _tcli(["sample-tree", d / "test.jsonl", "-m", model, *flags])
+    err = p.stderr.decode()
+    assert p.returncode == 2 and p.stdout == b"", err
+    assert err.startswith("tcli: error: ") and words in err, err
+
+
 def test_a_model_without_records_keeps_the_defaults(setup, tmp_path):
     d, model, _ = setup
     out = tmp_path / "eval.jsonl"
