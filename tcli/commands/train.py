@@ -139,10 +139,12 @@ def _read_samples(input: str, input_format: str | None, model: str, opts: TrainO
     """Validate the model directories and every record before any weights load (exit 65 fast);
     (samples, the sampling settings the records agree on)."""
     from tcli.models.load import check_model_dir
+    from tcli.models.provenance import check_same_vocabulary
     from tcli.train.samples import samples_from_records
 
     if opts.ref_model:
         check_model_dir(opts.ref_model)
+        check_same_vocabulary(opts.ref_model, model, "--ref-model")
     seen = _SampledWith()
     samples = read_train_input(input, input_format, model,
                                lambda recs, *a: samples_from_records(seen.watch(recs), *a))

@@ -9,14 +9,16 @@ from tcli.prompts import read_prompts
 
 
 def check_models(cfg: LoopConfig) -> None:
-    """The reference model and the critic to start from exist (they load only after the run
-    directory is taken)."""
+    """The reference model and the critic to start from exist and read the policy's token ids
+    (they load only after the run directory is taken)."""
     from tcli.models.load import check_model_dir
+    from tcli.models.provenance import check_same_vocabulary
 
     for key, path in (("train.ref_model", cfg.train.ref_model), ("critic.model", cfg.critic.model)):
         try:
             if path:
                 check_model_dir(path)
+                check_same_vocabulary(path, cfg.run.model)
         except UsageError as e:
             raise UsageError(f"{cfg.where(key)}: {e}") from None
 

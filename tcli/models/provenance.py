@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 import orjson
 
-from tcli.errors import DataError
+from tcli.errors import DataError, UsageError
 
 TOKENIZER_JSON = "tokenizer.json"
 
@@ -78,3 +78,19 @@ class SampledBy:
             except DataError as e:
                 raise e.located(source, line) from None
             yield line, rec
+
+
+def check_same_vocabulary(path: str, model: str, what: str = "") -> None:
+    """UsageError unless ``path`` (a reference model, a critic) reads token ids as the policy
+    ``model`` does: the same vocabulary size, and the same tokenizer where both directories have
+    one. Checked from the files, before any weights load or a run directory is touched."""
+    from tcli.models.load import model_vocab_size
+
+    name = f"{what} {path}" if what else path
+    a, b = model_vocab_size(path), model_vocab_size(model)
+    if a != b:
+        raise UsageError(f"{name} has vocabulary size {a}, the policy {model} {b}")
+    da, db = vocab_digest(path), vocab_digest(model)
+    if da is not None and db is not None and da != db:
+        raise UsageError(f"{name} has another tokenizer than the policy {model}: its token ids "
+                         "are other text")

@@ -89,3 +89,22 @@ def test_logprobs_far_from_the_model_are_said(models, rollouts, tmp_path):
     assert parse(r.stdout)[0]["mismatch_abs_logp"] > 10  # the log ratio is clamped at 20
     r = run_tcli(_reads("train-step", sampler, src, tmp_path / "again"))
     assert r.returncode == 0 and b"warning" not in r.stderr
+
+
+@pytest.mark.parametrize("other", ["bigger", "same size"])
+def test_a_reference_model_of_another_vocabulary_is_a_usage_error(other, models, rollouts,
+                                                                  tmp_path_factory, tmp_path):
+    """Another vocabulary size, or as many tokens that mean other characters: exit 2 before any
+    weights load, and the loop leaves no run directory behind."""
+    sampler, stranger, _ = models
+    d, src = rollouts
+    ref = stranger if other == "bigger" else shared_model(
+        tmp_path_factory, seed=0, alphabet="abcdefghijklmnopq", **TINY)
+    words = "has vocabulary size" if other == "bigger" else "has another tokenizer"
+    failed(run_tcli(["train-step", str(src), "-m", sampler, "-o", str(tmp_path / "ckpt"),
+                     "--ref-model", ref, "--kl-coef", "0.1"]), 2, f"--ref-model {ref}", words)
+    r = run_tcli(["loop", "--model", sampler, "--train-data", str(d / "p.jsonl"), "--run-dir",
+                  str(tmp_path / "run"), "--ref-model", ref, "--kl-coef", "0.1", "--steps", "1",
+                  "--task", "arith"])
+    failed(r, 2, "--ref-model (train.ref_model):", words)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ckpt").exists()
