@@ -56,7 +56,10 @@ def train_step(
     replaced by those given here.
     """
     from tcli.models.checkpoint import check_checkpoint_target
+    import sys
+
     from tcli.train.dist import distributed, run_on_main
+    from tcli.train.metrics import off_policy_note
     from tcli.train.trainer import Trainer
 
     opts.require_span()
@@ -74,26 +77,13 @@ def train_step(
         m = trainer.step(samples)
         trainer.save(output, _recorded(model, sampled, sampling))
         if info.is_main:
-            _warn_if_off_policy(m, model)
+            note = off_policy_note(m)
+            if note:
+                sys.stderr.write(f"tcli: warning: {note}\n")
             _report({"kind": "train-step", "model": os.path.abspath(output), **m}, metrics, quiet)
 
     with distributed(opts.device) as info:
         step(info)
-
-
-MISMATCH_WARN = 1.0  # nats per token; a sampler's own kernels or bf16 stay far below 0.1
-
-
-def _warn_if_off_policy(m: dict, model: str) -> None:
-    """A step whose records' log-probs are far from the model's own ran on another policy's
-    rollouts (a wrong --model, a tokenizer-compatible stranger): said, since nothing fails."""
-    import sys
-
-    gap = m.get("mismatch_abs_logp", 0.0)
-    if gap > MISMATCH_WARN:
-        sys.stderr.write(f"tcli: warning: the records' logprobs differ from --model {model}'s by "
-                         f"{gap:.3g} nats per token (mismatch_abs_logp): were they sampled by "
-                         "another model?\n")
 
 
 def _check_not_input(model: str, output: str) -> None:

@@ -59,4 +59,7 @@ def format_step(records: list[dict]) -> str:
          f"{m['wall_time']:.0f}s")
     if len(records) > 1:
         s += f"  eval acc {records[1]['accuracy']:.3f}"
-    return s
+    from tcli.train.metrics import off_policy_note
+
+    note = off_policy_note(m)
+    return f"{s}\nwarning: {note}" if note else s

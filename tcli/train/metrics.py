@@ -9,6 +9,19 @@ from typing import Callable
 
 import numpy as np
 
+MISMATCH_WARN = 1.0  # nats per token; a sampler's own kernels or bf16 stay far below 0.1
+
+
+def off_policy_note(m: dict) -> str:
+    """'' unless the step's records' log-probs are far from the trainer's own: rollouts of another
+    policy (a wrong --model, an engine that did not get the new weights). Nothing fails then."""
+    gap = m.get("mismatch_abs_logp", 0.0)
+    if not gap > MISMATCH_WARN:
+        return ""
+    return (f"the sampled log-probs differ from the trained model's by {gap:.3g} nats per token "
+            "(mismatch_abs_logp): were they sampled by another model?")
+
+
 SUMS = ("loss", "pg_loss", "kl", "clipped", "dual_clipped", "entropy", "approx_kl", "tokens",
         "seqs", "model_tokens", "real_tokens", "mismatch_abs", "mismatch_tokens", "tis_capped")
 

@@ -85,7 +85,7 @@ def test_logprobs_far_from_the_model_are_said(models, rollouts, tmp_path):
     far.write_bytes(jsonl(recs))
     r = run_tcli(_reads("train-step", sampler, far, tmp_path))
     assert r.returncode == 0, r.stderr.decode()
-    assert b"tcli: warning: the records' logprobs differ from --model" in r.stderr
+    assert b"tcli: warning: the sampled log-probs differ from the trained model" in r.stderr
     assert parse(r.stdout)[0]["mismatch_abs_logp"] > 10  # the log ratio is clamped at 20
     r = run_tcli(_reads("train-step", sampler, src, tmp_path / "again"))
     assert r.returncode == 0 and b"warning" not in r.stderr

@@ -237,3 +237,17 @@ def test_algorithm_options_reach_the_loop(loop_model, tmp_path):
     assert m["train_mismatch_abs_logp"] > 0.1 and m["train_truncated_share"] == 0.0
     # the random model gives every token far less than e^-1: all ratios < 1, none capped
     assert m["train_tis_capped_frac"] == 0.0 and m["train_mismatch_ratio_max"] < 1.0
+
+
+def test_the_step_line_says_when_the_sampler_ran_another_policy():
+    """An engine that did not get the trained weights samples log-probs far from the trainer's:
+    the step's log line says so (the step itself runs)."""
+    from tcli.loop.steps import format_step
+
+    m = {"step": 3, "reward_mean": 0.5, "zero_variance_share": 0.25, "branch_token_share": 0.1,
+         "wall_time": 12.0, "mismatch_abs_logp": 0.02}
+    assert format_step([m]) == "step    3  reward 0.500  zero-var 0.25  branch 0.10  12s"
+    line = format_step([{**m, "mismatch_abs_logp": 3.5}])
+    assert line.splitlines()[1] == ("warning: the sampled log-probs differ from the trained "
+                                    "model's by 3.5 nats per token (mismatch_abs_logp): were they "
+                                    "sampled by another model?")
