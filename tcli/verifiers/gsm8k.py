@@ -2,8 +2,8 @@
 
 The answer is taken from the last ``####``, else the last ``\\boxed{}``, else "The answer is ...",
 else the last number in the response. Thousands separators, ``$``, ``%``, trailing periods and
-units are ignored; a minus sign counts only when it is not a binary minus (``12-3`` ends in 3,
-not -3). Values are exact: numbers as written are ``Decimal`` (a 10,000-digit number neither
+units are ignored; a minus sign counts only when it is not a binary minus (``12-3`` and
+``12 - 3`` end in 3, not -3). Values are exact: numbers as written are ``Decimal`` (a 10,000-digit number neither
 overflows nor loses its digits, and GSM-Hard answers like ``0.0000195766`` compare exactly),
 fractions are ``Fraction``, and comparisons run on exact rationals, never floats: integers of
 any size compare digit for digit (``10**30 + 1`` is not ``10**30``).
@@ -39,6 +39,12 @@ def _sign(text: str, start: int) -> str:
     before = text[j - 1] if j > 0 else " "
     if before.isalnum() or before in ")]}":
         return ""  # a binary minus: 12-3
+    k = j - 1
+    while k >= 0 and text[k] == " ":
+        k -= 1
+    spaced = k < j - 1 and text[j + 1:j + 2] == " "
+    if spaced and k >= 0 and (text[k].isdigit() or text[k] in ")]}"):
+        return ""  # spaced on both sides after a number: 12 - 3 (but "is -3", "12 -3" negate)
     return "-"
 
 

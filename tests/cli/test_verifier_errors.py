@@ -165,6 +165,18 @@ def test_a_share_below_the_limit_goes_on_reports_and_marks_the_crashes(plugin):
     assert p.returncode == 1 and "5 of 20 answers (25.0%" in error_line(p) and not out.exists()
 
 
+def test_the_share_limit_is_exact_at_its_boundary(plugin):
+    """--max-verifier-errors 0.29 allows 29 crashes in 100 answers and refuses 30 (0.30 is more
+    than 0.29, by one answer)."""
+    for crashes, code in ((29, 0), (30, 1)):
+        texts = ["bad"] * crashes + ["ok"] * (100 - crashes)
+        (plugin[2] / "out.jsonl").unlink(missing_ok=True)
+        p, out = verify(plugin, "raises", texts, "--max-verifier-errors", "0.29")
+        assert p.returncode == code, (crashes, p.stderr)
+        assert out.exists() == (code == 0)
+    assert "30 of 100 answers (30.0%, more than max-verifier-errors 0.29)" in error_line(p)
+
+
 def test_every_answer_crashing_always_fails(plugin):
     p, out = verify(plugin, "always", ["ok", "ok"], "--max-verifier-errors", "1")
     assert p.returncode == 1 and "crashed on 2 of 2 answers (every answer)" in error_line(p)

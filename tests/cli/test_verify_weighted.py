@@ -119,6 +119,17 @@ def test_one_task_writes_the_records_it_always_wrote(plugin):
     assert p.returncode == 0 and p.stdout == ONE_TASK
 
 
+def test_one_task_with_a_weight_scales_its_reward(plugin):
+    """A weight given to a single task still applies: reward = weight x the verifier's reward,
+    and the record keeps the one-task shape (no `rewards`/`verdicts`)."""
+    p, recs = _verify(plugin, TEXTS, "-t", "gsm8k", "--weights", "0.5")
+    assert p.returncode == 0, p.stderr.decode()
+    # 0.5 x ORACLE["gsm8k"] = 0.5 x [1, 0, 1, 0]; exact in binary
+    assert [r["reward"] for r in recs] == [0.5, 0.0, 0.5, 0.0]
+    assert not any("rewards" in r or "verdicts" in r for r in recs)
+    assert [r["verdict"]["correct"] for r in recs] == [True, False, True, False]
+
+
 @pytest.mark.parametrize("flags, words", [
     (["-t", "gsm8k", "-t", "math", "--weights", "1"], "needs one weight per task (2: gsm8k, math)"),
     (["-t", "gsm8k", "--weights", "1,1"], "needs one weight per task (1: gsm8k), got 2"),

@@ -293,6 +293,28 @@ def test_topk_entropy_is_a_lower_bound_exact_on_full_support():
     assert topk_entropy([[np.log(0.5), np.log(0.5)]])[0] == pytest.approx(np.log(2))
 
 
+def test_topk_entropy_packs_a_small_rest_into_one_token():
+    """Top-2 probabilities 0.5 and 0.4 leave r = 0.1 < p_k = 0.4: the rest counts as one token
+    of probability 0.1, not as a quarter of a token of probability 0.4."""
+    # H_k = -0.5 ln 0.5 - 0.4 ln 0.4 - 0.1 ln min(0.4, 0.1)
+    want = 0.5 * np.log(2) + 0.4 * np.log(2.5) + 0.1 * np.log(10)
+    assert topk_entropy(np.log([0.5, 0.4]))[0] == pytest.approx(want, abs=1e-9)  # float64
+
+
+def test_a_child_never_splits_at_its_own_first_token():
+    """With min_segment 0 the root may split at its first token, but a child's first token is
+    its forking token: it can split from its second token on. Nothing splits past depth."""
+    rule = EntropyRule(width=2, depth=3, threshold=0.0, min_segment=0)
+    assert rule.splits(1, 0, 0, 1.0)           # the root, token 0
+    assert not rule.splits(2, 5, 5, 1.0)       # a child starting at 5, its token 5
+    assert rule.splits(2, 5, 6, 1.0)
+    assert not rule.splits(3, 9, 9, 1.0) and rule.splits(3, 9, 10, 1.0)
+    assert not rule.splits(4, 12, 14, 1.0)     # split 3 times already: path length 4 > depth
+    assert not rule.splits(2, 5, 6, 0.0)       # entropy must exceed the threshold
+    at_least_3 = EntropyRule(width=2, depth=3, threshold=0.0, min_segment=3)
+    assert at_least_3.splits(2, 5, 8, 1.0) and not at_least_3.splits(2, 5, 7, 1.0)  # 5 + 3
+
+
 # ----------------------------------------------------------------------------- --record-entropy
 
 @pytest.mark.parametrize("kw", [dict(mode="independent", n=3),

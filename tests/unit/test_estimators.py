@@ -279,6 +279,21 @@ def test_reinforce_pp_huge_rewards_stay_finite():
     assert a == pytest.approx([1.0, -1.0], abs=1e-6)
 
 
+def test_tempo_of_huge_rewards_is_the_scale_free_formula():
+    """A = ((r - mu) + delta) / (sigma + eps) for rewards c x ORACLE_REWARDS is, as c grows, the
+    scale-free ((r - mu) + delta) / sigma: rescaling huge rewards by a power of two must scale
+    eps with them, as the unscaled arithmetic of c = 2^40 does."""
+    huge = adv(group(ORACLE_TOKENS, [2.0**400 * r for r in ORACLE_REWARDS]), "tempo")
+    big = adv(group(ORACLE_TOKENS, [2.0**40 * r for r in ORACLE_REWARDS]), "tempo")
+    # row 4 by hand: sigma = sqrt(1/3); delta = V([4]) - V() = 0 - 0.5 on its first token, 0 on
+    # the others: -1 / sigma = -sqrt(3), then -0.5 / sigma = -sqrt(3) / 2 twice
+    s3 = math.sqrt(3)
+    # eps / sigma ~ 1e-6 / (2^40 x 0.58) ~ 2e-18 for c = 2^40, ~1e-126 for 2^400; float64 ~1e-15
+    assert huge[3] == pytest.approx([-s3, -s3 / 2, -s3 / 2], rel=1e-12)
+    for h, b in zip(huge, big):
+        assert h == pytest.approx(b, rel=1e-12)
+
+
 # ----------------------------------------------------------------------------- overlong shaping
 
 def test_overlong_penalty_hand_computed():
@@ -393,6 +408,33 @@ def test_treerpo_prune_std():
     assert a[0][0] == pytest.approx(-a[2][0]) and a[0][0] != 0.0
     none_pruned = adv(recs, "treerpo")
     assert none_pruned[0][1] != 0.0
+
+
+def test_treerpo_prune_std_keeps_a_std_equal_to_it():
+    """Only a std *below* --prune-std zeroes a sibling group (docs/design.md §4.5): siblings 1, 0
+    have population std exactly 0.5, so prune_std = 0.5 keeps them."""
+    recs = tree_group([((0, 0), [1, 1], 1.0), ((0, 1), [1, 1], 0.0),
+                       ((1, 0), [1, 1], 1.0), ((1, 1), [1, 1], 0.0)])
+    a = adv(recs, "treerpo", std="population", prune_std=0.5)
+    leaf = 0.5 / (0.5 + EPS)  # (V - mean) / (std + eps) = (1 - 0.5) / (0.5 + eps)
+    # the root's children both have V = 0.5 (no spread): their segment gets 0
+    close(a, [[0.0, leaf], [0.0, -leaf], [0.0, leaf], [0.0, -leaf]], tol=1e-12)
+    pruned = adv(recs, "treerpo", std="population", prune_std=0.5000001)
+    assert pruned == [[0.0, 0.0]] * 4
+
+
+def test_treerpo_zero_variance_only_when_every_sibling_group_is_flat():
+    """Rewards 1, 0 | 1, 1: the group under [1] is flat, but the root's (V = 0.5 vs 1) and [0]'s
+    are not, so the group still carries a signal; all four rewards 1 carry none."""
+    leaves = [((0, 0), [1, 1]), ((0, 1), [1, 1]), ((1, 0), [1, 1]), ((1, 1), [1, 1])]
+
+    def zero_variance(rewards):
+        recs = tree_group([(p, s, r) for (p, s), r in zip(leaves, rewards)])
+        opt = AdvantageOptions(estimator="treerpo")
+        return compute_advantages(Group.from_records(recs), "treerpo", opt).zero_variance
+
+    assert zero_variance([1.0, 0.0, 1.0, 1.0]) is False
+    assert zero_variance([1.0, 1.0, 1.0, 1.0]) is True
 
 
 def test_treerpo_early_leaf_at_the_root_level():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tcli.models.load import load_model
-from tcli.models.logprobs import (batch_logprobs, chunk_rows_for, full_batch_logprobs, make_batch,
-                                  sequence_logprobs)
+from tcli.models.logprobs import (batch_logprobs, chunk_rows_for, full_batch_logprobs,
+                                  head_logprobs, make_batch, sequence_logprobs)
 
 
 @pytest.fixture
@@ -126,3 +126,44 @@ def test_backward_saves_no_vocab_sized_tensor(model):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         full_batch_logprobs(model, batch)
     assert [s for s in shapes if s[-1:] == (V,)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_at_temperature_match_log_softmax_reference(model, temperature):
+    """Both paths score log softmax(logits / T)[target], with the logits taken straight from the
+    model (position P-1+t predicts response token t)."""
+    g = torch.Generator().manual_seed(5)
+    V = model.config.vocab_size
+    prompt = torch.randint(3, V, (4,), generator=g)
+    response = torch.randint(3, V, (6,), generator=g)
+    batch = make_batch([prompt], [response], "cpu", 0)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([prompt, response])[None]).logits[0].float()
+        rows = torch.log_softmax(logits[3:9] / temperature, dim=-1)  # positions 3..8 score 4..9
+        ref = rows.gather(1, response[:, None])[:, 0]
+        full, _ = full_batch_logprobs(model, batch, temperature=temperature)
+        chunked, _ = batch_logprobs(model, batch, chunk_rows=2, temperature=temperature)
+    # float32 log-softmax over one vocabulary row: rounding ~1e-7 relative, 1e-5 leaves headroom
+    assert _rel(full[0], ref) < 1e-5
+    assert _rel(chunked[0], ref) < 1e-5
+
+
+def test_chunked_head_gradient_at_temperature_matches_autograd():
+    """The chunked head's hand-written backward carries the 1/T of the forward: its gradients
+    w.r.t. h, W and b equal autograd through log_softmax(head(h) / T).gather, chunk by chunk."""
+    T = 0.7
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11)
+    h = torch.randn(5, 8, requires_grad=True)
+    targets = torch.tensor([0, 3, 10, 7, 3])
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0])  # a different weight per row
+    lp, _ = head_logprobs(h, head, targets, with_entropy=False, temperature=T, chunk_rows=2)
+    (lp * w).sum().backward()
+    mine = [h.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+    h.grad = head.weight.grad = head.bias.grad = None
+    ref = torch.log_softmax(head(h) / T, dim=-1).gather(1, targets[:, None])[:, 0]
+    (ref * w).sum().backward()
+    assert _rel(lp.detach(), ref.detach()) < 1e-5
+    # float32 sums over 11 logits or 5 rows: rounding ~1e-7 relative, 1e-5 leaves headroom
+    for a, b in zip(mine, [h.grad, head.weight.grad, head.bias.grad]):
+        assert _rel(a, b) < 1e-5

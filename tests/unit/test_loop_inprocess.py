@@ -55,6 +55,24 @@ def test_exact_metrics_best_and_keep_last(loop_model, tmp_path):
     assert read_state(str(tmp_path / "run" / "checkpoints" / "best"))["step"] == 4  # last of ties
 
 
+def test_checkpoint_steps_are_ordered_as_numbers(tmp_path):
+    """Steps 2, 9, 10 sort numerically (as text "10" < "2" < "9"): resume starts from step 10,
+    and keep_last = 1 keeps step_10. A directory without its state file is not complete."""
+    from tcli.loop.rundir import RunDir
+    from tcli.models.checkpoint import STATE_FILE
+
+    run = RunDir(str(tmp_path))
+    (tmp_path / "config.toml").write_text("")
+    for step in (2, 9, 10):
+        os.makedirs(run.ckpt(step))
+        (tmp_path / "checkpoints" / f"step_{step}" / STATE_FILE).write_text("{}")
+    os.makedirs(run.ckpt(11))  # a checkpoint cut short before its state file
+    assert run.complete_steps() == [2, 9, 10]
+    assert run.check_resumable() == 10
+    run.prune(keep_last=1)
+    assert sorted(os.listdir(run.checkpoints)) == ["step_10", "step_11"]
+
+
 def test_filter_groups_drops_zero_variance_groups(loop_model, tmp_path):
     metrics = _run(_config(loop_model, tmp_path / "run", filter_groups=True, steps=2, eval_every=0))
     train = [m for m in metrics if m["kind"] == "train"]

@@ -64,6 +64,15 @@ def test_round_seeds_first_is_the_steps_own():
     assert refill_seed(5, 3, 2) == refill_seed(5, 3, 2)
 
 
+def test_evaluation_seed_differs_from_the_training_seed():
+    """Evaluation at step s samples with its own seed, not the one training sampled with."""
+    from tcli.loop.steps import step_seed
+
+    # (seed * 1_000_003 + step * 7919 + evaluation) mod 2^31: 5_000_015 + 23_757 (+ 1)
+    assert step_seed(5, 3) == 5_023_772
+    assert step_seed(5, 3, evaluation=True) == 5_023_773
+
+
 def test_round_size_and_keep_order():
     from tcli.loop.refill import keep_first, round_size
 

@@ -15,7 +15,7 @@ GSM8K = str(DATA / "gsm8k_test.jsonl")
 
 PROMPTS = [
     {"id": "p0", "prompt": "What is 2+3?", "answer": "5", "meta": {"k": 1}},
-    {"id": "p1", "prompt": "Pick one", "answer": "B", "choices": {"A": "x", "B": "y"}},
+    {"id": "p1", "prompt": "Pick one: x or y", "answer": "B", "choices": {"A": "x", "B": "y"}},
     {"id": 7, "prompt": "A much longer prompt, so the batch needs left padding.", "answer": "1"},
 ]
 
@@ -244,6 +244,29 @@ def test_min_new_tokens(ab_engine):
     tree = _run(ab_engine, mode="tree", width=2, depth=3, segment_tokens=2,
                 cfg=SamplingConfig(max_new_tokens=20, min_new_tokens=5, seed=3), template="plain")
     assert all(len(r["token_ids"]) >= 5 and len(r["node_path"]) == 3 for r in tree)
+
+
+def test_generic_tree_spreads_min_new_tokens_over_its_levels():
+    """min_new_tokens counts from the response's start: a level gets only what the tokens
+    before it have not yet covered. 20 tokens, at least 5, segments of 2, depth 3: level 1
+    gets min(5, 2) = 2, level 2 min(5 - 2, 2) = 2, level 3 (the rest, 16) min(5 - 4, 16) = 1."""
+    from tcli.engines.base import sample_tree_generic
+    from tcli.engines.sampling import Completion
+
+    class Spy:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, prompts, n, cfg):
+            self.calls.append((cfg.max_new_tokens, cfg.min_new_tokens))
+            k = cfg.max_new_tokens
+            return [[Completion([3] * k, [-1.0] * k, "length") for _ in range(n)] for _ in prompts]
+
+    spy = Spy()
+    cfg = SamplingConfig(max_new_tokens=20, min_new_tokens=5, seed=1)
+    (leaves,) = sample_tree_generic(spy, [[5, 6]], width=2, depth=3, segment_tokens=2, cfg=cfg)
+    assert spy.calls == [(2, 2), (2, 2), (16, 1)]
+    assert len(leaves) == 8 and all(len(lf.token_ids) == 20 for lf in leaves)
 
 
 # ----------------------------------------------------------------------------- determinism

@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 
+import numpy as np
 import orjson
 import pytest
 import torch
@@ -123,6 +124,17 @@ def test_aggregations_hand_computed():
         LOSS_AGGREGATIONS.get("mean")
 
 
+def test_sequence_aggregations_do_not_count_an_empty_row():
+    """A row with no real token (every token masked out) is not a sequence of the mean."""
+    v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0], [7.0, 7.0, 7.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False], [False, False, False]])
+    # row sums 6 and 4 over 3 and 1 tokens; the empty row adds nothing and counts for nothing
+    assert aggregate(v, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+    assert aggregate(v, mask, "seq-mean-token-mean").item() == pytest.approx((6 / 3 + 4 / 1) / 2)
+    assert aggregate(v, mask, "token-mean").item() == pytest.approx((6 + 4) / 4)
+    assert LOSS_AGGREGATIONS.get("seq-mean-token-sum").denominator(mask) == 2.0
+
+
 def test_aggregation_split_equals_whole():
     """Numerators over micro-batches / one global denominator == aggregate of the whole batch."""
     g = torch.Generator().manual_seed(0)
@@ -148,6 +160,22 @@ def test_kl_estimators_hand_computed():
     assert KL_ESTIMATORS.names() == ["k1", "k2", "k3"]
     with pytest.raises(UsageError, match="k1, k2, k3"):
         KL_ESTIMATORS.get("k4")
+
+
+def test_log_ratios_are_clamped_only_beyond_20():
+    """The ±20 clamp on log ratios (exp(20) ~ 5e8) guards against inf; a log ratio of 5 is a
+    real, far off-policy token and passes unchanged, in k3 and in the PPO ratio alike."""
+    ref = torch.zeros(4)
+    logp = torch.tensor([5.0, -5.0, 30.0, -30.0])  # d = log pi_ref - log pi = -logp
+    k3 = kl_penalty(logp, ref, "k3")
+    # e^d - d - 1 with d = -5, 5, then d = -30 and 30 clamped to -20 and 20
+    want = [math.exp(-5) + 5 - 1, math.exp(5) - 5 - 1,
+            math.exp(-20) + 20 - 1, math.exp(20) - 20 - 1]
+    assert k3.tolist() == pytest.approx(want, rel=1e-6)  # float32 exp: ~1e-7 relative
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    out = policy_loss(logp[None], ref[None], torch.ones(1, 4), mask)
+    want = [math.exp(5), math.exp(-5), math.exp(20), math.exp(-20)]
+    assert out.ratio[0].tolist() == pytest.approx(want, rel=1e-6)
 
 
 def test_pack_micro_batches_budget():
@@ -232,6 +260,26 @@ def test_advantage_sign_moves_logprob(tiny, policy, sign, level):
     assert m["approx_kl"] < 1e-6 and m["clip_frac"] == 0.0  # on-policy: ratio 1 everywhere
     assert m["policy_version"] == 1 and m["step"] == 1
     assert (after - before) * sign > 0.01, (before, after)
+
+
+def test_each_epoch_has_its_own_mini_batch_order(tiny):
+    """Epoch e of step s visits the rollouts in default_rng([seed, s, e]).permutation(n) order,
+    split into the mini-batches: every epoch is a fresh shuffle, reproducible from the seed."""
+    from tcli.config.stages import TrainOptions
+    from tcli.train.trainer import Trainer
+
+    recs = [{"prompt_token_ids": [5, 6], "token_ids": [20 + i], "logprobs": [-4.0],
+             "advantages": [1.0]} for i in range(8)]
+    tr = Trainer(tiny, TrainOptions(epochs=2, mini_batches=2), seed=3)
+    seen = []
+    tr._mini_batch = lambda samples, mb, stats, ref_cache: seen.append(mb)  # order only
+    tr.step(recs)
+    tr.step(recs)
+    want = [np.array_split(np.random.default_rng([3, step, epoch]).permutation(8), 2)
+            for step in (0, 1) for epoch in (0, 1)]
+    assert seen == [mb.tolist() for split in want for mb in split]
+    assert seen[0] + seen[1] != seen[2] + seen[3]  # the two epochs of step 0 differ
+    assert sorted(seen[0] + seen[1]) == list(range(8))
 
 
 def test_checkpoint_round_trip(tiny, rollouts, tmp_path):

@@ -119,6 +119,19 @@ def test_without_tis_the_mismatch_is_still_reported_and_the_ratio_uses_the_sampl
     assert m["pg_loss"] == pytest.approx(want, rel=1e-5)
 
 
+def test_approx_kl_is_kl_of_the_sampler_from_the_policy(tiny, policy):
+    """approx_kl estimates KL(pi_old || pi_theta) from pi_old's samples: k3 with
+    r = pi_theta / pi_old, i.e. e^Δ - Δ - 1 with Δ = log pi_theta - log pi_old = SHIFT[t % 2]
+    at the first forward (0.049859 for 0.3, 0.018731 for -0.2), averaged over the tokens."""
+    m = _step(tiny, _records(policy, SHIFT))
+    pos = _positions()
+    k3 = {t: math.exp(SHIFT[t]) - SHIFT[t] - 1 for t in (0, 1)}
+    want = sum(k3[t % 2] for t in pos) / len(pos)
+    # the records' log-probs are float32 near -5 (half an ulp: 2.4e-7), so Δ is off by < 1e-6;
+    # |d k3 / dΔ| = |e^Δ - 1| <= 0.35, so the mean is off by < 4e-7
+    assert m["approx_kl"] == pytest.approx(want, abs=1e-6)
+
+
 def test_tis_on_an_exact_sampler_changes_nothing(tiny, policy):
     """Records of the trainer's own numerics: weights 1, the same update as without TIS."""
     recs = _records(policy)

@@ -183,6 +183,28 @@ def test_packed_logprobs_and_grads_equal_per_sequence(model, kind, temperature):
         assert (ga[k] - gb[k]).norm() <= 1e-5 * gb[k].norm() + 1e-9, k
 
 
+def test_packed_fallback_head_applies_temperature(model, monkeypatch):
+    """A model without a plain linear head is scored from its full logits on the packed row too,
+    and those are divided by T there as well: packed equals padded at T = 0.7."""
+    import tcli.models.logprobs as logprobs
+    from tcli.train.batching import LAYOUTS
+
+    monkeypatch.setattr(logprobs, "final_hidden", lambda model, **kw: None)  # not a plain head
+    rng = np.random.default_rng(3)
+    samples = _samples(BATCHES["groups"](rng), rng)
+    idx = list(range(len(samples)))
+    packed = LAYOUTS.get("packed")(samples, idx, 10_000, 1, 0)[0]
+    padded = LAYOUTS.get("padded")(samples, idx, 10_000, 1, 0)[0]
+    padded.idxs = list(packed.idxs)
+    a, ga = _grid_and_grads(model, packed, samples, 0.7)
+    b, gb = _grid_and_grads(model, padded, samples, 0.7)
+    for i in idx:  # float32 log-softmax of the same logits: 1e-5 as in the plain-head test above
+        assert torch.allclose(a[i][0], b[i][0], rtol=1e-5, atol=1e-5), i
+        assert torch.allclose(a[i][1], b[i][1], rtol=1e-5, atol=1e-5), i
+    for k in ga:
+        assert (ga[k] - gb[k]).norm() <= 1e-5 * gb[k].norm() + 1e-9, k
+
+
 @pytest.mark.parametrize("arch", ["llama-sdpa", "qwen3-eager"])
 def test_packed_equals_per_sequence_on_llama_and_eager(tiny, arch):
     """The real models are Llama; eager attention too: the tree attention replaces both."""

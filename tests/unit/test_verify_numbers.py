@@ -57,6 +57,38 @@ def test_math_integers_compare_exactly():
     assert score("math", f"\\boxed{{{2**64}}}", 2**64 + 1) == 0.0
 
 
+def test_gsm8k_integers_below_2_53_compare_exactly():
+    """The float-noise tolerance (1e-14 relative) is for fractions; two integers compare digit
+    for digit even where 1e-14 of them exceeds 1: 10**15 + 1 is not 10**15."""
+    # 1e-14 * 10**15 = 10 >= the difference 1, and 10**15 < 2**53 ~ 9.0e15
+    assert score("gsm8k", "#### 1000000000000001", "1000000000000000") == 0.0
+    assert score("gsm8k", "#### 1000000000000000", "1000000000000000") == 1.0
+
+
+def test_math_string_fallback_matches_the_whole_answer():
+    """The string comparison after a failed symbolic match is equality: 1 is not 12 because
+    "1" is part of "12"."""
+    assert score("math", r"\boxed{1}", "12") == 0.0
+    assert score("math", r"\boxed{12}", "12") == 1.0
+
+
+def test_gsm8k_minus_after_a_closing_bracket_is_binary():
+    """(10+5)-3 ends in 3, not -3: a minus after a bracket is an operator, as after a digit."""
+    for text in ("The total is (10+5)-3", "The total is [10+5]-3", "The total is {10+5}-3"):
+        assert score("gsm8k", text, "3") == 1.0, text
+        assert score("gsm8k", text, "-3") == 0.0, text
+    assert score("gsm8k", "The total is -3", "-3") == 1.0  # a leading minus still negates
+
+
+def test_gsm8k_a_spaced_minus_after_a_number_is_binary():
+    """12 - 3 is a subtraction, like 12-3; a minus spaced only before its number, or after a
+    word, negates it."""
+    for text in ("12 - 3", "(10 + 2) - 3", "12  -  3"):
+        assert score("gsm8k", text, "3") == 1.0, text
+    for text in ("The answer is - 3", "The answer is -3", "from 12 -3"):
+        assert score("gsm8k", text, "-3") == 1.0, text
+
+
 HUGE_DIGITS = "1" + "0" * 4999 + "1"   # 10**5000 + 1: str() refuses ints over 4,300 digits
 
 
