@@ -169,3 +169,45 @@ def test_reimport_replaces_tcli_checkpoint_in_bfloat16(tmp_path):
     size = os.path.getsize(out / "model.safetensors")
     assert 250e6 < size < 300e6  # 135 M parameters x 2 bytes
     assert [p for p in os.listdir(tmp_path) if p != "ckpt"] == []
+
+
+def gguf_with_tensors(tensors, align: int = 32) -> bytes:
+    """A GGUF header with general.alignment and ``tensors`` (name, dims, type, offset); no data."""
+    def s(x: str) -> bytes:
+        return struct.pack("<Q", len(x)) + x.encode()
+
+    kv = s("general.alignment") + struct.pack("<II", 4, align)   # type 4: uint32
+    info = b"".join(s(n) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+                    + struct.pack("<IQ", kind, off) for n, dims, kind, off in tensors)
+    return b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 1) + kv + info
+
+
+def test_tensor_data_starts_at_the_next_alignment_boundary(tmp_path):
+    """Tensor offsets count from the first aligned byte after the header, rounded up."""
+    p = tmp_path / "t.gguf"
+    p.write_bytes(gguf_with_tensors([("a", [8], 0, 32), ("b", [4], 0, 0)]))
+    h = read_gguf_header(str(p), (), tensors=True)
+    # header 24 bytes + alignment entry (8 + 17 + 4 + 4 = 33) + 2 tensors of (8 + 1 + 4 + 8 + 4
+    # + 8 = 33) = 123 bytes: the data starts at 128, the next multiple of 32
+    assert h["tensors"] == [("a", [8], 0, 32), ("b", [4], 0, 0)] and h["data_start"] == 128
+
+
+def test_truncated_tensor_data_is_found_whatever_the_tensor_order(tmp_path, monkeypatch):
+    """The file must hold the tensor that ends last, not only the one listed last."""
+    import importlib.util
+    import sys
+    import types
+
+    from tcli.models.gguf import check_gguf_tensors
+
+    if importlib.util.find_spec("gguf") is None:  # gguf's table for F32: type 0, blocks of 1, 4 B
+        monkeypatch.setitem(sys.modules, "gguf", types.SimpleNamespace(
+            GGML_QUANT_SIZES={0: (1, 4)}, GGMLQuantizationType=None))
+    p = tmp_path / "t.gguf"
+    head = gguf_with_tensors([("a", [8], 0, 32), ("b", [4], 0, 0)])
+    # data at 128: a (8 floats) ends at 128 + 32 + 32 = 192, b (4 floats) at 128 + 16 = 144
+    p.write_bytes(head + b"\0" * (192 - len(head)))
+    check_gguf_tensors(str(p))
+    p.write_bytes(head + b"\0" * (191 - len(head)))
+    with pytest.raises(DataError, match="need 192 bytes, the file has 191"):
+        check_gguf_tensors(str(p))

@@ -224,3 +224,46 @@ def test_broken_state_file(tiny, tmp_path):
         line = error_line(r.stderr)
         assert str(d / "tcli_state.json") in line and words in line, line
         assert not (tmp_path / "out").exists()
+
+
+def test_dtype_names():
+    """Every accepted dtype name means its own dtype (fp16 is float16, not bfloat16)."""
+    from tcli.models.load import torch_dtype
+
+    want = {None: torch.float32, "auto": torch.float32, "float32": torch.float32,
+            "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16, torch.float16: torch.float16}
+    assert {k: torch_dtype(k) for k in want} == want
+
+
+def test_training_load_turns_dropout_off_unless_kept(tiny, tmp_path):
+    """train=True gives train mode without dropout (the sampler's policy is deterministic, so the
+    importance ratio must compare the same function); keep_dropout keeps the config's rate."""
+    from tcli.models.load import load_model
+
+    d = tmp_path / "drop"
+    shutil.copytree(tiny, d)
+    cfg = orjson.loads((d / "config.json").read_bytes())
+    cfg["attention_dropout"] = 0.25
+    (d / "config.json").write_bytes(orjson.dumps(cfg))
+
+    def rates(m):
+        return {x.attention_dropout for x in m.modules() if hasattr(x, "attention_dropout")}
+
+    off, kept = load_model(str(d), train=True), load_model(str(d), train=True, keep_dropout=True)
+    assert off.training and kept.training
+    assert rates(off) == {0.0} and rates(kept) == {0.25}
+
+
+def test_state_counters_refuse_booleans(tmp_path):
+    """JSON true is not a step count: a tcli_state.json with "step": true names the file and the
+    field instead of resuming at step 1."""
+    from tcli.errors import DataError
+    from tcli.models.checkpoint import read_counters
+
+    (tmp_path / "tcli_state.json").write_bytes(b'{"step": 3, "policy_version": true}')
+    with pytest.raises(DataError) as e:
+        read_counters(str(tmp_path))
+    assert (e.value.file, e.value.field) == (str(tmp_path / "tcli_state.json"), "policy_version")
+    (tmp_path / "tcli_state.json").write_bytes(b'{"step": 3, "policy_version": 2}')
+    assert read_counters(str(tmp_path)) == {"step": 3, "policy_version": 2, "optimizer_steps": 0}

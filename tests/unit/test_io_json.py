@@ -341,3 +341,27 @@ def test_cli_malformed_arrow_is_exit_65(cmd, case, tmp_path):
     msg = one_error_line(r.stderr)
     assert f"{src}:2: field '{field}'" in msg, msg
     assert sorted(os.listdir(tmp_path)) == ["good.arrow", "in.arrow"]
+
+
+def test_nineteen_digit_integer_on_a_long_line_stays_exact():
+    """-9223372036854775809 (19 digits, one below int64's minimum) is the shortest integer orjson
+    reads as a float; on a line long enough for the numpy scan it must still come back exact."""
+    n = -9223372036854775809
+    raw = b'{"pad": "%s", "n": %d}' % (b"x" * codec._NUMPY_FROM, n)
+    assert len(raw) >= codec._NUMPY_FROM
+    assert codec._long_int_np(np.frombuffer(raw, np.uint8))
+    got = codec.loads(raw)["n"]
+    assert got == n and type(got) is int
+
+
+def test_only_a_syntax_error_on_the_last_line_is_called_truncated(tmp_path):
+    """A last line without its newline that is not JSON was cut off; one that is JSON but breaks
+    a rule (a repeated key, NaN) is reported for that rule, at its line."""
+    p = tmp_path / "r.jsonl"
+    for last, words, field in ((b'{"reward": 1', "truncated JSON", None),
+                               (b'{"reward": 1, "reward": 0}', "appears more than once", "reward"),
+                               (b'{"reward": NaN}', "NaN/Infinity", "reward")):
+        p.write_bytes(b'{"reward": 1}\n' + last)
+        with pytest.raises(DataError) as e:
+            list(RecordReader(str(p)))
+        assert words in e.value.message and (e.value.line, e.value.field) == (2, field), e.value

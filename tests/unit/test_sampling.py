@@ -378,3 +378,37 @@ def test_cli_init_model(tmp_path):
     with pytest.raises(UsageError, match="--heads 3 must divide --hidden 10"):
         init_model(str(tmp_path / "bad"), hidden=10, heads=3)
     assert not (tmp_path / "bad").exists()
+
+
+def test_prefill_positions_skip_left_padding(ab_engine):
+    """A prompt batched beside a longer one is left-padded, but its tokens keep positions 0..n-1
+    and its first response token sits at position n, as when it is sampled alone: models with
+    absolute or length-scaled positions would otherwise see a different sequence."""
+    a, b = ab_engine.tokenizer.convert_tokens_to_ids(["a", "b"])
+    prompts = [[a, b], [a, b, b, a, b]]
+    with torch.inference_mode():
+        rows = ab_engine.prefill(prompts, [0, 1], seed=0)
+        # 2 real tokens at 0, 1 (next: 2) behind 3 pad columns; 5 real tokens at 0..4 (next: 5)
+        assert rows.mask.tolist() == [[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]]
+        assert rows.pos.tolist() == [2, 5]
+        ab_engine.advance(rows, torch.tensor([a, a]))
+        assert rows.pos.tolist() == [3, 6]
+
+
+def test_eos_is_allowed_from_token_min_new_tokens_on(ab_engine):
+    """min_new_tokens=m masks EOS for response tokens 0..m-1 only: token m may already be EOS, so
+    the shortest response that stops has m + 1 tokens, not m + 2."""
+    import numpy as np
+
+    eos = ab_engine.eos_token_ids
+    a = ab_engine.tokenizer.convert_tokens_to_ids("a")
+    logits = torch.zeros(2, ab_engine.model.config.vocab_size)
+    logits[:, eos] = 10.0   # greedy picks EOS unless it is masked ...
+    logits[:, a] = 1.0      # ... and then "a", the next largest
+    keys = np.zeros(2, dtype=np.uint64)
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=10, min_new_tokens=3)
+    for step, want in ((2, a), (3, eos[0])):  # step 2 < 3: masked; step 3: allowed
+        tok, _ = ab_engine._sample(logits, keys, step, cfg)
+        assert tok.tolist() == [want, want], step
+    tok, _ = ab_engine._sample(logits, keys, np.array([2, 3]), cfg)  # one step per row (turns)
+    assert tok.tolist() == [a, eos[0]]

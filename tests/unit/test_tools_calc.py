@@ -69,3 +69,10 @@ def test_calc_through_a_toolset_is_an_error_turn_not_an_exception():
     call = '<tool_call>{"name": "calc", "arguments": {"expression": "2/3"}}</tool_call>'
     same = [hermes.step(call).result for _ in range(2)]
     assert same == ["2/3", "2/3"]
+
+
+def test_exponent_limit_is_inclusive():
+    """|exponent| up to MAX_EXPONENT (10,000) is allowed; only larger ones are refused."""
+    assert calc("1**10000") == "1" and calc("(-1)**10000") == "1" and calc("1**-10000") == "1"
+    with pytest.raises(CalcError, match="exponent too large"):
+        calc("1**10001")

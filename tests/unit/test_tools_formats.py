@@ -225,3 +225,31 @@ def test_toolset_closes_as_a_context_manager():
     with Toolset(["calc"]) as ts:
         assert ts.step("<calc>1+1</calc>").result == "2"
     ts.close()  # twice is fine
+
+
+def test_tags_take_the_call_closed_last_whatever_the_tool_order():
+    """With several tools the call whose closing tag comes last counts, whichever tool is named
+    first in the toolset."""
+    t = Toolset(["calc", "python"], fmt="tags")
+    turn = t.step("<calc>1+1</calc> then <python>print(3)</python>")
+    assert turn.call["name"] == "python" and turn.raw == "<python>print(3)</python>"
+
+
+def test_tags_body_keeps_its_spaces():
+    """Only the line breaks that frame a tags call are dropped: spaces in the body reach the tool
+    as written (Python indentation, a string argument's padding)."""
+    from tcli.tools.formats import FORMATS
+
+    tags = FORMATS.get("tags")()
+    got = tags.parse("<python>\n  x = 1  \n</python>", ("python",), {"python": "code"})
+    assert got.error is None and got.call == {"name": "python", "arguments": {"code": "  x = 1  "}}
+
+
+def test_unreadable_calls_are_shown_to_the_model_as_errors():
+    """A call that cannot run comes back as ``error: <why>``, the same framing as a failing tool,
+    so the model can tell a refused call from a result."""
+    turn = Toolset(["calc"], fmt="tags").step("12*7</calc>")
+    assert (turn.error, turn.result) == ("parse", "error: </calc> without <calc>")
+    turn = Toolset(["calc"], fmt="hermes").step(_hermes("search", {"q": "x"}))
+    assert turn.error == "unknown_tool"
+    assert turn.result == "error: unknown tool 'search'; tools: calc"

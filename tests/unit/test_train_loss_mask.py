@@ -270,3 +270,19 @@ def test_critic_has_no_value_target_on_environment_tokens(tiny, tmp_path):
     assert out[0][0]["num_tokens"] == sum(map(sum, MASKS))
     assert out[0][0]["value_loss"] == out[1][0]["value_loss"]
     assert all(torch.equal(out[0][1][k], out[1][1][k]) for k in out[0][1])
+
+
+def test_policy_mask_when_only_some_samples_have_a_loss_mask():
+    """A micro-batch that mixes tool episodes (with ``loss_mask``) and plain responses (without)
+    still leaves the episodes' environment tokens out; the plain rows keep every real token."""
+    from types import SimpleNamespace
+
+    from tcli.train.batching import policy_mask
+
+    samples = [SimpleNamespace(loss_mask=None),
+               SimpleNamespace(loss_mask=np.array([True, False, False, True]))]
+    # grid rows in idxs order [1, 0]: sample 1 (4 tokens), sample 0 (3 tokens, 1 past its end)
+    real = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    got, changed = policy_mask(real, samples, [1, 0])
+    assert changed
+    assert got.tolist() == [[True, False, False, True], [True, True, True, False]]

@@ -374,3 +374,13 @@ def test_torchrun_packed_equals_one_process_per_sequence(tiny, tmp_path):
     w1 = load_file(str(tmp_path / "a" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert_same_update(load_file(os.path.join(tiny, "model.safetensors")), w1, w2)
+
+
+def test_bins_fill_up_to_exactly_the_budget():
+    """A unit that fits the room left in a row to the token joins it: rows are filled up to the
+    micro-batch budget, not one token short (every extra row is one more forward)."""
+    # first-fit decreasing, budget 10: 6 opens row 0 (room 4), 4 fits it exactly (room 0),
+    # 3 opens row 1 (room 7), 1 joins row 1
+    assert bin_units([6, 4, 3, 1], 10) == [[0, 1], [2, 3]]
+    # sizes 12, 10, 2 (in that order: 12 > budget, alone; 10 = budget, full; 2 opens a third row)
+    assert bin_units([10, 12, 2], 10) == [[1], [0], [2]]

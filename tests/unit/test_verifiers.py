@@ -465,3 +465,17 @@ def test_auto_reads_a_final_number_when_the_template_did_not_ask_for_boxed():
     # a symbolic answer still goes to math-verify
     sym = {"text": "x = \\frac{1}{2}", "answer": "\\frac{1}{2}", "prompt_template": "plain"}
     assert next(verify_records(iter([(1, sym)]), "<t>", task="auto", workers=0))["verdict"]["task"] == "math"
+
+
+def test_a_list_of_choices_is_lettered_from_a():
+    """Choices given as a list are options A, B, C, ... in order: the gold letter must name the
+    option the dataset meant, or right answers score 0."""
+    from tcli.stages.verify import prepare
+    from tcli.verifiers.weighted import Tasks
+
+    rec = {"text": "The answer is green", "answer": "B", "choices": ["red", "green", 3]}
+    _, _, _, slim = prepare(4, dict(rec), "f", Tasks.of("choice"))
+    assert slim["choices"] == {"A": "red", "B": "green", "C": "3"}
+    out = list(verify_records(iter([(1, dict(rec)), (2, dict(rec, text="The answer is red"))]),
+                              "f", task="choice", workers=0))
+    assert [r["reward"] for r in out] == [1.0, 0.0]
