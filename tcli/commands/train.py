@@ -55,9 +55,9 @@ def train_step(
     and tools, replaced by the prompt template and max new tokens every input record agrees on,
     replaced by those given here.
     """
-    from tcli.models.checkpoint import check_checkpoint_target
     import sys
 
+    from tcli.models.checkpoint import check_checkpoint_target
     from tcli.train.dist import distributed, run_on_main
     from tcli.train.metrics import off_policy_note
     from tcli.train.trainer import Trainer

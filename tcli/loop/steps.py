@@ -8,6 +8,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from tcli.train.metrics import off_policy_note
+
 
 def step_prompts(prompts: list[dict], k: int, seed: int, step: int) -> list[dict]:
     """The prompts of one step: a deterministic function of (seed, step), so resume repeats it."""
@@ -59,7 +61,5 @@ def format_step(records: list[dict]) -> str:
          f"{m['wall_time']:.0f}s")
     if len(records) > 1:
         s += f"  eval acc {records[1]['accuracy']:.3f}"
-    from tcli.train.metrics import off_policy_note
-
     note = off_policy_note(m)
     return f"{s}\nwarning: {note}" if note else s

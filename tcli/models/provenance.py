@@ -48,6 +48,12 @@ def vocab_digest(path: str) -> str | None:
     return _vocab_digest(os.path.realpath(path), mtime)
 
 
+def other_tokenizer(a: str, b: str) -> bool:
+    """True when both directories' tokenizers are known and map ids to tokens differently."""
+    da, db = vocab_digest(a), vocab_digest(b)
+    return da is not None and db is not None and da != db
+
+
 class SampledBy:
     """Checks each distinct ``model`` of the records once against ``model_dir`` (the directory
     this command reads them with, named by ``flag`` in the error)."""
@@ -64,8 +70,7 @@ class SampledBy:
         self.seen.add(src)
         if not os.path.isdir(src) or os.path.realpath(src) == os.path.realpath(self.model_dir):
             return
-        a, b = vocab_digest(src), vocab_digest(self.model_dir)
-        if a is not None and b is not None and a != b:
+        if other_tokenizer(src, self.model_dir):
             raise DataError(f"sampled by {src}, whose tokenizer differs from {self.flag} "
                             f"{self.model_dir}'s: its token ids are other text to this model",
                             field="model")
@@ -90,7 +95,6 @@ def check_same_vocabulary(path: str, model: str, what: str = "") -> None:
     a, b = model_vocab_size(path), model_vocab_size(model)
     if a != b:
         raise UsageError(f"{name} has vocabulary size {a}, the policy {model} {b}")
-    da, db = vocab_digest(path), vocab_digest(model)
-    if da is not None and db is not None and da != db:
+    if other_tokenizer(path, model):
         raise UsageError(f"{name} has another tokenizer than the policy {model}: its token ids "
                          "are other text")
