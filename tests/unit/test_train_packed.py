@@ -183,19 +183,26 @@ def test_packed_logprobs_and_grads_equal_per_sequence(model, kind, temperature):
         assert (ga[k] - gb[k]).norm() <= 1e-5 * gb[k].norm() + 1e-9, k
 
 
-def test_packed_fallback_head_applies_temperature(model, monkeypatch):
-    """A model without a plain linear head is scored from its full logits on the packed row too,
-    and those are divided by T there as well: packed equals padded at T = 0.7."""
-    import tcli.models.logprobs as logprobs
+def _whole_batch_both_ways(samples):
+    """(indices, the packed micro-batch, the padded one in the packed one's sample order): every
+    sample in one micro-batch of each layout, so the two grids compare row by row."""
     from tcli.train.batching import LAYOUTS
 
-    monkeypatch.setattr(logprobs, "final_hidden", lambda model, **kw: None)  # not a plain head
-    rng = np.random.default_rng(3)
-    samples = _samples(BATCHES["groups"](rng), rng)
     idx = list(range(len(samples)))
     packed = LAYOUTS.get("packed")(samples, idx, 10_000, 1, 0)[0]
     padded = LAYOUTS.get("padded")(samples, idx, 10_000, 1, 0)[0]
     padded.idxs = list(packed.idxs)
+    return idx, packed, padded
+
+
+def test_packed_fallback_head_applies_temperature(model, monkeypatch):
+    """A model without a plain linear head is scored from its full logits on the packed row too,
+    and those are divided by T there as well: packed equals padded at T = 0.7."""
+    import tcli.models.logprobs as logprobs
+    monkeypatch.setattr(logprobs, "final_hidden", lambda model, **kw: None)  # not a plain head
+    rng = np.random.default_rng(3)
+    samples = _samples(BATCHES["groups"](rng), rng)
+    idx, packed, padded = _whole_batch_both_ways(samples)
     a, ga = _grid_and_grads(model, packed, samples, 0.7)
     b, gb = _grid_and_grads(model, padded, samples, 0.7)
     for i in idx:  # float32 log-softmax of the same logits: 1e-5 as in the plain-head test above
@@ -210,8 +217,6 @@ def test_packed_equals_per_sequence_on_llama_and_eager(tiny, arch):
     """The real models are Llama; eager attention too: the tree attention replaces both."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from tcli.train.batching import LAYOUTS
-
     if arch == "llama-sdpa":
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
@@ -222,10 +227,7 @@ def test_packed_equals_per_sequence_on_llama_and_eager(tiny, arch):
         model = AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="eager").eval()
     rng = np.random.default_rng(7)
     samples = _samples(BATCHES["mixed"](rng), rng)
-    idx = list(range(len(samples)))
-    packed = LAYOUTS.get("packed")(samples, idx, 10_000, 1, 0)[0]
-    padded = LAYOUTS.get("padded")(samples, idx, 10_000, 1, 0)[0]
-    padded.idxs = list(packed.idxs)
+    idx, packed, padded = _whole_batch_both_ways(samples)
     a, ga = _grid_and_grads(model, packed, samples)
     b, gb = _grid_and_grads(model, padded, samples)
     assert model.config._attn_implementation == arch.split("-")[1]  # restored after the step
