@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from tcli import __version__
+from tcli.models.versions import version_line
 from tcli.commands.report import failure, one_line, report, stdout_closed
 from tcli.errors import EXIT_DATA, EXIT_USAGE, DataError
 
@@ -64,7 +64,7 @@ def _on_signal(signum, frame) -> None:
 @app.callback(invoke_without_command=True)
 def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
     if version:
-        typer.echo(f"tcli {__version__}")
+        typer.echo(version_line())
         raise typer.Exit(0)
 
 

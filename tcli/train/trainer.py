@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from tcli.errors import TcliError, UsageError
+from tcli.models.versions import software_versions
 from tcli.train.dist import DistInfo, init_distributed, resolve_device
 from tcli.train.metrics import StepStats
 from tcli.train.nograd import NoGradPasses
@@ -396,7 +397,7 @@ class Trainer(NoGradPasses):
         return {"step": self.step_count, "policy_version": self.policy_version,
                 "optimizer_steps": self.optimizer_steps, "seed": self.seed,
                 "config": self.opts.to_dict(), "parent": os.path.abspath(self.model_dir),
-                **dict(extra_state or {})}
+                "versions": software_versions(self.device), **dict(extra_state or {})}
 
     def save(self, out_dir: str, extra_state: Mapping | None = None, *,
              optimizer: bool = True) -> str:

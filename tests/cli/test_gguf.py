@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import struct
+from importlib import metadata
 from pathlib import Path
 
 import orjson
@@ -164,6 +165,7 @@ def test_reimport_replaces_tcli_checkpoint_in_bfloat16(tmp_path):
     assert b"Converting" not in r.stderr and b"it/s" not in r.stderr  # no converter progress bar
     st = read_state(str(out))
     assert st["made_by"] == "import-gguf" and st["dtype"] == "bfloat16" and st["step"] == 0
+    assert st["versions"]["gguf"] == metadata.version("gguf")  # the converter that read the file
     cfg = orjson.loads(Path(out, "config.json").read_bytes())
     assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
     size = os.path.getsize(out / "model.safetensors")

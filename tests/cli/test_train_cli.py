@@ -146,3 +146,9 @@ def test_trainer_state_records_options_and_seed(tiny, tmp_path):
     st = tr.state({"note": 1})
     assert st["seed"] == 9 and st["config"] == dataclasses.asdict(TrainOptions(lr=1e-4))
     assert st["note"] == 1 and (st["step"], st["policy_version"]) == (0, 0)
+    import torch
+    import transformers
+
+    v = st["versions"]  # what the checkpoint was made with, for a bug report or a rerun
+    assert v["torch"].startswith(torch.__version__.split("+")[0])
+    assert v["transformers"] == transformers.__version__ and v["device"] == "cpu"

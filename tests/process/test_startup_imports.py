@@ -47,3 +47,14 @@ def test_train_modules_do_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout.strip() == b"[]"
+
+
+def test_version_names_the_libraries_without_importing_them():
+    """``tcli --version`` is what a bug report quotes: tcli, python, torch and transformers."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "tcli", "--version"], cwd=REPO,
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-500:]
+    line = r.stdout.decode().strip()
+    assert line.startswith("tcli ") and " torch " in line and " transformers " in line, line
+    assert sys.version.split()[0] in line
+    assert not imported_modules(r.stderr) & set(HEAVY)

@@ -185,6 +185,7 @@ def test_sft_lowers_loss_memorises_and_saves_an_rl_ready_checkpoint(tiny_dir, tm
     r2 = sft(tiny_dir, pairs, out2, steps=150, lr=1e-2, batch_size=6, seed=0, warmup=10,
              log_every=20, callback=stop)
     assert r2["steps"] == 20 and read_state(out2)["sft"]["steps"] == 20
+    assert read_state(out2)["versions"]["device"] == "cpu"
     out3 = str(tmp_path / "again")
     sft(tiny_dir, pairs, out3, steps=20, lr=1e-2, batch_size=6, seed=0, warmup=10)
     out4 = str(tmp_path / "again2")
