@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from tcli.commands.common import QuietOpt, SeedOpt, progress_enabled
-from tcli.errors import UsageError
+from tcli.errors import DataError, UsageError
 
 
 def init_model(
@@ -66,17 +66,27 @@ def init_model(
 
 
 def _check_target(out_dir: str) -> None:
-    """Never replace what tcli did not make: a file, or a directory that is not a tcli model."""
+    """Replace only an earlier init-model output: never a file, a directory tcli did not make,
+    or a checkpoint that holds training (random weights over trained ones are lost work)."""
     import os
 
-    from tcli.models.checkpoint import STATE_FILE
+    from tcli.models.checkpoint import STATE_FILE, read_state
 
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"{out_dir} exists and is not a directory; not replacing it")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(
-            os.path.join(out_dir, STATE_FILE)):
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    if not os.path.isfile(os.path.join(out_dir, STATE_FILE)):
         raise UsageError(f"{out_dir} is a non-empty directory that tcli did not create; "
                          "not replacing it (choose a new directory)")
+    try:
+        made_by = read_state(out_dir).get("made_by")
+    except DataError:
+        made_by = None
+    if made_by != "init-model":
+        what = f"made by {made_by}" if isinstance(made_by, str) else "a trained model"
+        raise UsageError(f"{out_dir} holds a tcli checkpoint ({what}); init-model replaces only "
+                         "its own output (choose a new directory)")
 
 
 def register(app: typer.Typer) -> None:

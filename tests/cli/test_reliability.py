@@ -107,6 +107,21 @@ def test_init_model_never_replaces_what_it_did_not_make(tmp_path):
         assert r.returncode == 0, r.stderr
 
 
+def test_init_model_never_replaces_a_trained_checkpoint(tmp_path):
+    """A tcli checkpoint that holds training (train-step, the loop, a critic) is not init-model's
+    to replace with random weights, nor is one whose state file is unreadable."""
+    args = ["--hidden", "16", "--layers", "1", "--heads", "2"]
+    m = tmp_path / "m"
+    assert run_tcli(["init-model", m, *args]).returncode == 0
+    weights = (m / "model.safetensors").read_bytes()
+    for state in ('{"step": 4, "policy_version": 4}', '{"made_by": "init-critic"}', "{broken"):
+        (m / "tcli_state.json").write_text(state)
+        r = run_tcli(["init-model", m, *args, "--seed", "1"])
+        assert r.returncode == 2 and "replaces only its own output" in r.stderr.decode(), r.stderr
+        assert (m / "model.safetensors").read_bytes() == weights
+        assert (m / "tcli_state.json").read_text() == state
+
+
 # ----------------------------------------------------------------------------- numeric edges
 
 def _group(rewards, tokens=([1, 2], [1, 3], [4])):
