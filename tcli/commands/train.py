@@ -63,6 +63,7 @@ def train_step(
     from tcli.train.trainer import Trainer
 
     opts.require_span()
+    _check_lr_left(model, opts)
     check_checkpoint_target(output, "-o/--output")
     if not overwrite_model:
         _check_not_input(model, output)
@@ -84,6 +85,20 @@ def train_step(
 
     with distributed(opts.device) as info:
         step(info)
+
+
+def _check_lr_left(model: str, opts) -> None:
+    """A checkpoint past the end of a schedule that decays to 0 would train at lr 0: a step
+    that changes nothing and looks like training."""
+    from tcli.models.checkpoint import read_counters
+    from tcli.train.schedule import lr_at
+
+    done = read_counters(model)["optimizer_steps"]
+    if opts.lr > 0 and lr_at(opts, done) == 0:
+        raise UsageError(f"--model {model} has taken {done} optimizer steps, the end of the "
+                         f"{opts.lr_schedule} lr schedule (--schedule-steps {opts.schedule_steps}"
+                         "): this step would train at lr 0; give a longer --schedule-steps, "
+                         "or --min-lr-ratio > 0")
 
 
 def _check_not_input(model: str, output: str) -> None:

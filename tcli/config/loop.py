@@ -147,11 +147,23 @@ class LoopConfig:
             raise UsageError(f"{RunOptions.label('refill')} needs groups of 2 or more responses "
                              f"(a group of one is never informative): set {SampleOptions.label('n')}"
                              " >= 2")
+        self._fill_schedule_span()
+
+    def _fill_schedule_span(self) -> None:
+        """The lr schedule spans the run unless set (fixed in config.toml, so a resumed run
+        continues the same schedule); a run longer than a span that decays to lr 0 is refused:
+        its last steps would change nothing."""
         t = self.train
-        if not t.schedule_steps:  # the lr schedule spans the run (fixed in config.toml: a
-            #                       resumed run continues the same schedule)
-            span = self.run.steps * t.epochs * t.mini_batches
-            object.__setattr__(self, "train", t.replace(schedule_steps=span))
+        total = self.run.steps * t.epochs * t.mini_batches
+        if not t.schedule_steps:
+            object.__setattr__(self, "train", t.replace(schedule_steps=total))
+        elif t.lr_schedule != "constant" and t.min_lr_ratio == 0 and t.schedule_steps < total:
+            raise UsageError(
+                f"{RunOptions.label('steps')} {self.run.steps} makes {total} optimizer steps, more "
+                f"than {t.label('schedule_steps')} {t.schedule_steps}: the {t.lr_schedule} lr "
+                f"schedule reaches 0 there, so the steps after it would train at lr 0; set "
+                f"{t.label('schedule_steps')} >= {total} (a resumed run keeps the span of its "
+                f"first steps) or {t.label('min_lr_ratio')} > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name).to_dict() for name in ("run", *TABLES)}

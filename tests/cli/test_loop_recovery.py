@@ -230,6 +230,23 @@ def test_resume_of_a_finished_run_names_steps(setup, tmp_path):
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
 
 
+def test_more_steps_than_a_decaying_schedule_spans_are_refused(setup, tmp_path):
+    """A linear schedule spans the first run's steps (config.toml keeps the span): resumed with
+    more steps, the new ones would train at lr 0, so the resume names schedule_steps instead;
+    with a longer span it trains on at an lr above 0."""
+    run = tmp_path / "run"
+    code, err = _loop(*_args(setup, run, eval_every=0, lr_schedule="linear"))
+    assert code == 0, err
+    before = _tree(run)
+    code, err = _loop("loop", "--resume", run, "--steps", "3")
+    assert code == 2 and "--schedule-steps (train.schedule_steps) 2" in err, err
+    assert "lr 0" in err and _tree(run) == before
+    code, err = _loop("loop", "--resume", run, "--steps", "3", "--schedule-steps", "3")
+    assert code == 0, err
+    lrs = [m["train_lr"] for m in read_metrics(run)]
+    assert lrs[0] > lrs[1] > lrs[2] > 0, lrs
+
+
 def test_resume_after_the_wall_budget_names_max_wall_seconds(setup, tmp_path):
     run = tmp_path / "run"
     code, err = _loop(*_args(setup, run, eval_every=0, max_wall_seconds=1e-6))

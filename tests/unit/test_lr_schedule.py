@@ -111,6 +111,26 @@ def test_chained_train_steps_continue_the_schedule_exactly(tiny, tmp_path):
     assert not all((a[k] == _weights(tiny)[k]).all() for k in a)  # it did train
 
 
+def test_train_step_past_the_end_of_a_decay_to_zero_is_refused(tiny, tmp_path, capsys):
+    """A checkpoint that took all of a linear schedule's steps: one more train-step would run at
+    lr 0 and write an unchanged model, so it exits 2 naming --schedule-steps; with an end ratio
+    above 0 it trains on at that lr."""
+    from tcli.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in RECS))
+    flags = ["--lr", "1e-3", "--lr-schedule", "linear", "--schedule-steps", "1", "--device", "cpu",
+             "-q"]
+    codes = []
+    for out, extra in (("c1", []), ("c2", []), ("c3", ["--min-lr-ratio", "0.5"])):
+        with pytest.raises(SystemExit) as e:
+            main(["train-step", str(src), "-m", str(tmp_path / "c1") if out != "c1" else tiny,
+                  "-o", str(tmp_path / out), *flags, *extra])
+        codes.append((e.value.code, "lr 0" in capsys.readouterr().err))
+    assert codes == [(0, False), (2, True), (0, False)]
+    assert not (tmp_path / "c2").exists()
+
+
 def test_loop_resume_continues_the_schedule_exactly(loop_model, tmp_path):
     """A cosine run of 4 steps, and a copy of it resumed after step 2 (its checkpoints 3 and 4
     gone, as if killed): the same lr at every step and bit-identical final weights."""
