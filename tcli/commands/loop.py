@@ -74,7 +74,12 @@ def _load(config, resume, kw):
 def _run(cfg, resume: bool, overwrite: bool, quiet: bool, info) -> None:
     from tcli.loop import run_loop
 
+    from tcli.config.loop import changed_on_resume
+
     with _reporting(cfg.run.steps, quiet) as (log, on_step):
+        changed = changed_on_resume(cfg) if resume else []
+        if changed:
+            log("resuming with, for this invocation only: " + ", ".join(changed))
         result = run_loop(cfg, resume=resume, log=log, on_step=on_step, dist=info,
                           overwrite=overwrite)
     best = result["best_accuracy"]  # -1 when nothing was evaluated

@@ -17,6 +17,7 @@ Unknown keys and bad values are usage errors (exit 2) raised before anything tou
 from __future__ import annotations
 
 import difflib
+import os
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Optional
@@ -272,6 +273,33 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> LoopCo
         return LoopConfig(run=RunOptions(**values[""]), **parts, origin=origin)
     except UsageError as e:
         raise _in_file(e, origin) from None
+
+
+def resume_config(run_dir: str, flags: dict) -> LoopConfig:
+    """The run's own config.toml, with flags overriding it for this invocation (the run stays in
+    its own directory)."""
+    path = os.path.join(run_dir, "config.toml")
+    if not os.path.isfile(path):
+        raise UsageError(f"{run_dir} is not a tcli run directory (no config.toml)")
+    other = flags.get("run_dir")
+    if other and os.path.realpath(other) != os.path.realpath(run_dir):
+        raise UsageError(f"{RunOptions.flag('run_dir')} {other} with --resume {run_dir}: a resumed "
+                         f"run stays in its own directory (a new run in {other}: --config "
+                         f"{path} {RunOptions.flag('run_dir')} {other})")
+    return load_config(path, {**flags, "run_dir": run_dir})
+
+
+def changed_on_resume(cfg: LoopConfig) -> list[str]:
+    """The settings a resume's flags change from the run's config.toml, which keeps its own for
+    the next resume: said in the log, so neither the change nor that reversal goes unseen."""
+    saved = load_config(os.path.join(cfg.run.run_dir, "config.toml"), {"run_dir": cfg.run.run_dir})
+    out = []
+    for name in ("run", *TABLES):
+        cls = TABLES.get(name, RunOptions)
+        old, new = getattr(saved, name).to_dict(), getattr(cfg, name).to_dict()
+        out += [f"{cls.label(k)} {new[k]!r} (config.toml: {old[k]!r})" for k in old
+                if new[k] != old[k]]
+    return out
 
 
 def _in_file(e: UsageError, origin: dict[str, str]) -> UsageError:

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from tcli.algos.estimators import needs
-from tcli.config.loop import LoopConfig, dump_toml, load_config
+from tcli.config.loop import LoopConfig, dump_toml
 from tcli.config.stages import ThreadOptions
 from tcli.engines import open_engine
 from tcli.errors import DataError, UsageError
@@ -441,10 +441,3 @@ def run_loop(cfg: LoopConfig, resume: bool = False, log: Callable[[str], None] =
         pass
     return result
 
-
-def resume_config(run_dir: str, flags: dict) -> LoopConfig:
-    """The run's own config.toml, with flags overriding it (run_dir stays the run's)."""
-    path = os.path.join(run_dir, "config.toml")
-    if not os.path.isfile(path):
-        raise UsageError(f"{run_dir} is not a tcli run directory (no config.toml)")
-    return load_config(path, {**flags, "run_dir": run_dir})

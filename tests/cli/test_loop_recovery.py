@@ -225,9 +225,15 @@ def test_resume_of_a_finished_run_names_steps(setup, tmp_path):
     assert f"{run} already finished: its last checkpoint is step 2 of steps = 2; give --steps " \
            "with a number above 2 to train further" in err
     assert _tree(run) == before
-    code, err = _loop("loop", "--resume", run, "--steps", "3")
+    other = tmp_path / "other"
+    code, err = _loop("loop", "--resume", run, "--steps", "3", "--run-dir", other)
+    assert code == 2 and "a resumed run stays in its own directory" in err, err
+    assert not other.exists() and _tree(run) == before
+    code, err = _loop("loop", "--resume", run, "--steps", "3", "--run-dir", run)
     assert code == 0, err
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+    # config.toml keeps steps = 2 for the next resume, and the log says so
+    assert "for this invocation only: --steps (steps) 3 (config.toml: 2)" in err, err
 
 
 def test_more_steps_than_a_decaying_schedule_spans_are_refused(setup, tmp_path):
