@@ -4,7 +4,7 @@ path is a usage error (exit 2) that names its setting and the TOML file that set
 from __future__ import annotations
 
 from tcli.config.loop import LoopConfig
-from tcli.errors import UsageError
+from tcli.errors import DataError, UsageError
 from tcli.prompts import read_prompts
 
 
@@ -29,3 +29,20 @@ def loop_prompts(cfg: LoopConfig, key: str, limit: int | None = None) -> list[di
         return read_prompts(getattr(cfg.run, key), limit, cfg.prompts)
     except UsageError as e:
         raise UsageError(f"{cfg.where(key)}: {e}") from None
+
+
+def check_prompts_encode(cfg: LoopConfig, train: list[dict], evals: list[dict], locate) -> None:
+    """The train and eval prompts encode as the loop will sample them, checked before the run
+    directory is touched; ``locate`` names a bad one's file and line."""
+    from tcli.models.load import load_tokenizer
+    from tcli.stages.evaluate import eval_sampling
+    from tcli.stages.sample import check_prompts
+
+    tok = load_tokenizer(cfg.run.model)
+    if tok is None:
+        return
+    for prompts, opts in ((train, cfg.sample), (evals, eval_sampling(cfg.sample, cfg.eval))):
+        try:
+            check_prompts(tok, prompts, opts)
+        except DataError as e:
+            raise locate(e, prompts) from None

@@ -29,7 +29,7 @@ from tcli.errors import DataError, UsageError
 from tcli.io import RecordWriter, iter_groups, resolve_data, write_atomic_bytes
 from tcli.loop.expand_step import expand_metrics, expand_step
 from tcli.loop.ranks import SamplingWeights, fold_stats
-from tcli.loop.inputs import check_models, loop_prompts
+from tcli.loop.inputs import check_models, check_prompts_encode, loop_prompts
 from tcli.loop.refill import step_rollouts
 from tcli.loop.rundir import RunDir
 from tcli.loop.steps import Budget, StepTimer, format_step, step_seed
@@ -86,6 +86,7 @@ class Loop:
         read = [(resolve_data(p), recs) for p, recs in ((cfg.run.train_data, self.train_prompts),
                 (cfg.run.eval_data, self.eval_prompts)) if recs]  # errors name the file read
         self.record_no = {id(r): (path, i) for path, recs in read for i, r in enumerate(recs, 1)}
+        check_prompts_encode(cfg, self.train_prompts, self.eval_prompts, self._locate)
         self.best = -1.0
 
     # -- ranks ---------------------------------------------------------------------------

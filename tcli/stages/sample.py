@@ -176,6 +176,14 @@ def _encode_chunk(chunk, tok, tmpl: str, chat_template, seen: SeenKeys, fields=N
     return recs, ids
 
 
+def check_prompts(tokenizer, prompt_records: list[dict], opts) -> None:
+    """Every prompt renders and encodes as sampling will encode it (a conversation without a chat
+    template, options a template does not show, a repeated id): what a loop checks before it takes
+    its run directory, so bad data leaves nothing behind. Raises as sampling would."""
+    _encode_chunk(list(enumerate(prompt_records)), tokenizer,
+                  resolve_template(opts.prompt_template), opts.chat_template, SeenKeys())
+
+
 UNKNOWN_SHARE = 0.1  # a prompt this much unknown to the tokenizer is not text the model can read
 _UNKNOWN_SAID: set = set()
 

@@ -122,3 +122,27 @@ def test_config_and_resume_together_is_a_usage_error(loop_model, tmp_path):
     r = run_tcli(["loop", "--config", path, "--resume", tmp_path / "run"])
     assert r.returncode == 2 and "give --config or --resume, not both" in r.stderr.decode()
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key,line,needle", [
+    ("train_data", '{"id": "m", "messages": [{"role": "system", "content": "be brief"}, '
+     '{"role": "user", "content": "2+2"}], "answer": "4"}', "field 'messages': a conversation"),
+    ("eval_data", '{"id": "c", "prompt": "Pick", "answer": "A", "choices": ["x", "y"]}',
+     "field 'choices': must be an object"),
+])
+def test_a_prompt_sampling_cannot_encode_is_found_before_the_run_directory(
+        loop_model, tmp_path, key, line, needle):
+    """A record that reads but cannot be rendered for the model (a conversation without a chat
+    template, options given as a list) exits 65 naming file and line, and leaves no run behind:
+    the corrected command then starts a fresh run."""
+    d, _ = loop_model
+    bad = tmp_path / "bad.jsonl"
+    good = (d / "prompts.jsonl").read_text()
+    bad.write_text(good + line + "\n")
+    lines = good.count("\n") + 1
+    path = _write(loop_model, tmp_path, f'{key} = "{bad}"\n' if key == "eval_data" else "",
+                  TOP.replace("{data}", str(bad)) if key == "train_data" else TOP)
+    r = run_tcli(["loop", "--config", path, "-q"])
+    err = r.stderr.decode()
+    assert r.returncode == 65 and f"{bad}:{lines}: {needle}" in err, err
+    assert not (tmp_path / "run").exists()
