@@ -27,6 +27,7 @@ class Engine:
     model_path: str
     policy_version: int
     exact_entropy = False   # generate_entropy(top_k=None) gives exact entropies
+    max_positions: Optional[int] = None  # prompt + response tokens the model can take, if known
 
     @property
     def tokenizer(self):

@@ -140,6 +140,11 @@ class HFEngine(Engine):
     def tokenizer(self):
         return self._tokenizer
 
+    @property
+    def max_positions(self):
+        """The model's positions (GPT-2's n_positions too, through the config's attribute map)."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     # ------------------------------------------------------------------ the engine contract
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, cfg: SamplingConfig

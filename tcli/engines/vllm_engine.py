@@ -270,6 +270,12 @@ class VLLMEngine(Engine):
     # ------------------------------------------------------------------ protocol
 
     @property
+    def max_positions(self):
+        """vLLM's max_model_len (the model's positions unless --max-model-len lowered it)."""
+        config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
+        return getattr(config, "max_model_len", None)
+
+    @property
     def tokenizer(self):
         """The Hugging Face tokenizer of the model (loaded on first use)."""
         if self._tokenizer is None:

@@ -34,6 +34,7 @@ def loop_prompts(cfg: LoopConfig, key: str, limit: int | None = None) -> list[di
 def check_prompts_encode(cfg: LoopConfig, train: list[dict], evals: list[dict], locate) -> None:
     """The train and eval prompts encode as the loop will sample them, checked before the run
     directory is touched; ``locate`` names a bad one's file and line."""
+    from tcli.models.files import max_positions
     from tcli.models.load import load_tokenizer
     from tcli.stages.evaluate import eval_sampling
     from tcli.stages.sample import check_prompts
@@ -41,8 +42,9 @@ def check_prompts_encode(cfg: LoopConfig, train: list[dict], evals: list[dict], 
     tok = load_tokenizer(cfg.run.model)
     if tok is None:
         return
+    limit = max_positions(cfg.run.model)
     for prompts, opts in ((train, cfg.sample), (evals, eval_sampling(cfg.sample, cfg.eval))):
         try:
-            check_prompts(tok, prompts, opts)
+            check_prompts(tok, prompts, opts, limit)
         except DataError as e:
             raise locate(e, prompts) from None

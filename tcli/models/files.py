@@ -131,3 +131,19 @@ def adapter_base(path: str) -> str:
 def base_of(path: str) -> str | None:
     """The base model directory of a LoRA adapter directory, else None."""
     return adapter_base(path) if os.path.isdir(path) and is_adapter_dir(path) else None
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions")  # Llama/Qwen family, GPT-2 family
+
+
+def max_positions(path: str) -> int | None:
+    """The positions a model directory's config.json (its base's, for an adapter) declares, or
+    None when it declares none."""
+    base = base_of(path) or path
+    cfg = os.path.join(base, CONFIG_FILE)
+    if not os.path.isfile(cfg):
+        return None
+    data = read_json_object(cfg)
+    data = data.get("text_config", data) if isinstance(data.get("text_config"), dict) else data
+    found = next((data[k] for k in POSITION_KEYS if isinstance(data.get(k), int)), None)
+    return found if found and found > 0 else None

@@ -176,12 +176,27 @@ def _encode_chunk(chunk, tok, tmpl: str, chat_template, seen: SeenKeys, fields=N
     return recs, ids
 
 
-def check_prompts(tokenizer, prompt_records: list[dict], opts) -> None:
+def check_context(chunk, ids: list[list[int]], max_new_tokens: int, limit: int | None) -> None:
+    """A prompt whose response may run past the model's positions is refused: past them an
+    absolute-position model fails and a rotary one degrades without a word."""
+    for (index, rec), p in zip(chunk, ids):
+        if limit and len(p) + max_new_tokens > limit:
+            e = DataError(f"{len(p)} prompt tokens + max_new_tokens {max_new_tokens} = "
+                          f"{len(p) + max_new_tokens} exceed the model's {limit} positions: "
+                          "shorten the prompt or lower --max-new-tokens", field="prompt")
+            e.index = index
+            raise e
+
+
+def check_prompts(tokenizer, prompt_records: list[dict], opts, limit: int | None = None) -> None:
     """Every prompt renders and encodes as sampling will encode it (a conversation without a chat
-    template, options a template does not show, a repeated id): what a loop checks before it takes
-    its run directory, so bad data leaves nothing behind. Raises as sampling would."""
-    _encode_chunk(list(enumerate(prompt_records)), tokenizer,
-                  resolve_template(opts.prompt_template), opts.chat_template, SeenKeys())
+    template, options a template does not show, a repeated id) and fits the model's ``limit``
+    positions: what a loop checks before it takes its run directory, so bad data leaves nothing
+    behind. Raises as sampling would."""
+    chunk = list(enumerate(prompt_records))
+    _, ids = _encode_chunk(chunk, tokenizer, resolve_template(opts.prompt_template),
+                           opts.chat_template, SeenKeys())
+    check_context(chunk, ids, opts.max_new_tokens, limit)
 
 
 UNKNOWN_SHARE = 0.1  # a prompt this much unknown to the tokenizer is not text the model can read
@@ -244,6 +259,7 @@ def _groups(engine, prompt_records, opts, seed, native, fields, on_group, toolse
     for chunk in _chunks(prompt_records, opts.prompts_per_batch):
         recs, ids = _encode_chunk(chunk, engine.tokenizer, tmpl, opts.chat_template, seen, fields,
                                   tool_text)
+        check_context(chunk, ids, opts.max_new_tokens, engine.max_positions)
         say_unknown_tokens(engine.tokenizer, recs, ids)
         trees = sample_leaves(sampler, ids, opts, cfg, native, toolset)
         for rec, ptoks, leaves in zip(recs, ids, trees):

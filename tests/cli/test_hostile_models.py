@@ -208,6 +208,29 @@ TRAIN = [{"prompt_id": "p", "sample_id": s, "prompt_token_ids": [21, 15], "token
          for s in range(2)]
 
 
+@pytest.mark.parametrize("cmd", ["sample-tree", "eval"])
+def test_a_response_that_could_run_past_the_models_positions_is_refused(cmd, tmp_path_factory,
+                                                                         tmp_path):
+    """A model of 64 positions: a prompt whose tokens plus --max-new-tokens exceed them is bad
+    data naming its file, line and the numbers, before anything is sampled or written; the same
+    prompts with room to answer run."""
+    from conftest import SMALL, shared_model
+
+    model = shared_model(tmp_path_factory, max_positions=64, **SMALL)
+    src = tmp_path / "p.jsonl"
+    src.write_bytes(b"".join(orjson.dumps({"id": f"p{i}", "prompt": "1+1=" * (3 if i < 2 else 12),
+                                           "answer": "2"}) + b"\n" for i in range(3)))
+    out = tmp_path / "out.jsonl"
+    args = ([cmd, src, "-n", "2"] if cmd == "sample-tree" else [cmd, "--data", src]) + [
+        "-m", model, "--prompt-template", "plain", "-q", "-o", out]
+    r = run_tcli([*args, "--max-new-tokens", "20"])
+    err = r.stderr.decode()
+    assert r.returncode == 65 and f"{src}:3: field 'prompt': 48 prompt tokens" in err, err
+    assert "= 68 exceed the model's 64 positions" in err and not out.exists()
+    r = run_tcli([*args, "--max-new-tokens", "16"])
+    assert r.returncode == 0, r.stderr.decode()
+
+
 @pytest.fixture(scope="module")
 def lora(tiny, tmp_path_factory):
     """(base, adapter): a copy of the tiny model and a rank-4 adapter trained on it."""
