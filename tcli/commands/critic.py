@@ -114,13 +114,14 @@ def train_critic(
     import os
     import sys
 
-    from tcli.commands.train import read_train_input
+    from tcli.commands.train import check_not_input, read_train_input
     from tcli.io import dumps
     from tcli.models.checkpoint import check_checkpoint_target
     from tcli.train.critic import CriticTrainer, critic_samples
     from tcli.train.dist import distributed, run_on_main
 
     check_checkpoint_target(output, "-o/--output")
+    check_not_input(critic, output, "--critic")
     def step(info) -> None:  # a function: the trainer is gone before the group is torn down
         samples = run_on_main(lambda: read_train_input(input, input_format, critic,
                                                        critic_samples, "--critic"), info)

@@ -66,7 +66,7 @@ def train_step(
     _check_lr_left(model, opts)
     check_checkpoint_target(output, "-o/--output")
     if not overwrite_model:
-        _check_not_input(model, output)
+        check_not_input(model, output, "--model", "--overwrite-model")
     if metrics and metrics != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(metrics))):
         raise UsageError(f"--metrics: directory does not exist: "
                          f"{os.path.dirname(os.path.abspath(metrics))}")
@@ -101,11 +101,13 @@ def _check_lr_left(model: str, opts) -> None:
                          "or --min-lr-ratio > 0")
 
 
-def _check_not_input(model: str, output: str) -> None:
-    """Writing the new checkpoint over the one it starts from would lose the start for good."""
-    if os.path.realpath(model) == os.path.realpath(output):
-        raise UsageError(f"-o/--output {output} is the input checkpoint --model {model}; write "
-                         "the new checkpoint to another directory (or give --overwrite-model)")
+def check_not_input(start: str, output: str, flag: str, override: str = "") -> None:
+    """Writing the new checkpoint over the one it starts from (``flag``) would lose the start for
+    good, unless the ``override`` flag says that is meant."""
+    if os.path.realpath(start) == os.path.realpath(output):
+        raise UsageError(f"-o/--output {output} is the input checkpoint {flag} {start}; write "
+                         "the new checkpoint to another directory"
+                         + (f" (or give {override})" if override else ""))
 
 
 def _recorded(model: str, sampled: dict, sampling: SampleOptions) -> dict:

@@ -216,6 +216,23 @@ def test_train_critic_bad_input(critic, small_advantaged, tmp_path, mutate, fiel
     assert not out.exists()
 
 
+def test_train_critic_never_writes_over_the_critic_it_starts_from(critic, small_advantaged,
+                                                                   tmp_path):
+    """-o naming the --critic directory (by another spelling too) would lose the start for good:
+    exit 2 before anything is read, the critic unchanged."""
+    import shutil
+
+    crit = tmp_path / "crit"
+    shutil.copytree(critic[1], crit)
+    files = lambda: {p.name: p.read_bytes() for p in crit.iterdir()}  # noqa: E731
+    before = files()
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(_jsonl([dict(r) for r in small_advantaged]))
+    r = run_tcli(["train-critic", str(src), "--critic", str(crit), "-o", str(crit / ".." / "crit")])
+    assert r.returncode == 2 and "is the input checkpoint --critic" in r.stderr.decode(), r.stderr
+    assert files() == before
+
+
 def test_values_bad_input(critic, tmp_path):
     _, crit = critic
     bad = tmp_path / "bad.jsonl"
