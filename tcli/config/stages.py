@@ -380,7 +380,7 @@ class EvalOptions(Options):
     temperature: float = like(SampleOptions, "temperature", 0.0)
     k: str = setting("1", "Comma-separated k for unbiased pass@k (each between 1 and n).")
     limit: Optional[int] = setting(None, "Evaluate only the first N prompts, N >= 1 (default: "
-                                   "all).", check=at_least(0))
+                                   "all).", check=at_least(1))  # never 0 for "all"
 
     @property
     def ks(self) -> list[int]:
@@ -388,9 +388,6 @@ class EvalOptions(Options):
 
     def check(self) -> None:
         parse_ks(self.k, self.n, self.label("k"))
-        if self.limit == 0:  # as in sample-tree: a limit is a number of prompts, never "all"
-            raise UsageError(f"{self.label('limit')} must be >= 1 (leave it out for all "
-                             "prompts), got 0")
 
 
 def parse_ks(k: str, n: int, label: str) -> list[int]:

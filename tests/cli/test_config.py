@@ -141,7 +141,7 @@ def test_bad_loop_flags_fail_like_the_stage_commands(tmp_path, args, needle):
     ("advantages", ["--std", "populaton"], "unknown value 'populaton'"),
     ("sample-tree", ["-m", "x", "--width", "0"], "--width (sample.width) must be >= 1"),
     ("verify", ["--timeout", "inf"], "--timeout (verify.timeout) must be a finite number > 0"),
-    ("eval", ["-m", "x", "-d", "y", "--limit", "-1"], "--limit (eval.limit) must be >= 0"),
+    ("eval", ["-m", "x", "-d", "y", "--limit", "-1"], "--limit (eval.limit) must be >= 1, got -1"),
     ("eval", ["-m", "x", "-d", "y", "--n", "2", "--k", "3"], "between 1 and n (2)"),
     ("train-step", ["-m", "x", "-o", "y", "--clip-low", "1.5"], "--clip-low (train.clip_low)"),
     ("train-step", ["-m", "x", "-o", "y", "--kl-coef", "0.1"], "needs --ref-model"),
