@@ -22,7 +22,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Optional
 
-from tcli.algos.estimators import needs
+from tcli.algos.estimators import ESTIMATORS, needs
 from tcli.config.expand import ExpandOptions
 from tcli.config.spec import (Options, at_least, coerce, finite_at_least, like, setting,
                               settings_of)
@@ -144,11 +144,25 @@ class LoopConfig:
         if needs(est).tree_sampled and self.sample.mode != "tree":
             raise UsageError(f'{AdvantageOptions.label("estimator")} "{est}" needs tree-sampled '
                              'groups: set mode = "tree" in [sample] (--mode tree)')
+        self._check_critic_used(est)
         if self.run.refill and self.sample.mode == "independent" and self.sample.n < 2:
             raise UsageError(f"{RunOptions.label('refill')} needs groups of 2 or more responses "
                              f"(a group of one is never informative): set {SampleOptions.label('n')}"
                              " >= 2")
         self._fill_schedule_span()
+
+    def _check_critic_used(self, est: str) -> None:
+        """[critic] settings under an estimator that trains no critic would change nothing."""
+        if needs(est).critic:
+            return
+        default = LoopCriticOptions()
+        changed = [k for k, v in self.critic.to_dict().items() if v != getattr(default, k)]
+        if changed:
+            users = ", ".join(n for n in ESTIMATORS.names() if needs(n).critic)
+            raise UsageError(f"{LoopCriticOptions.label(changed[0])} is set, but "
+                             f'{AdvantageOptions.label("estimator")} "{est}" trains no critic '
+                             f"(only {users} do): leave the [critic] settings out, or choose one "
+                             "of those")
 
     def _fill_schedule_span(self) -> None:
         """The lr schedule spans the run unless set (fixed in config.toml, so a resumed run

@@ -58,6 +58,9 @@ CASES = [  # (id, TOML after the top-level lines, what the error names)
     # conflicting settings
     ("treerpo without a tree", '[advantages]\nestimator = "treerpo"\n',
      '--estimator (advantages.estimator) "treerpo" needs tree-sampled groups'),
+    ("a critic without a critic estimator", "[critic]\nlr = 1e-3\n",
+     '--critic-lr (critic.lr) is set, but --estimator (advantages.estimator) "tempo" trains no '
+     "critic (only gae, ppo do)"),
     ("kl without a reference", "[train]\nkl_coef = 0.1\n",
      "--kl-coef (train.kl_coef) > 0 needs --ref-model"),
     ("warm-up past the schedule", "[train]\nwarmup_steps = 10\nschedule_steps = 5\n",
