@@ -7,13 +7,16 @@ read as given, otherwise a name below picks the shipped file. When a value is bo
 wins if it can hold records: a file, or a saved Hugging Face dataset directory, called ``gsm8k``
 is read instead of the shipped test split (pass the shipped file's path, printed by
 ``tcli eval --list-benchmarks``, to pick that one); any other directory of that name (such as
-``examples/gsm8k`` seen from ``examples/``) does not hide the benchmark. Provenance and licences:
+``examples/gsm8k`` seen from ``examples/``) does not hide the benchmark. A path that hides a
+benchmark is said once on stderr, since a stray file of that name would otherwise be scored as if it
+were the benchmark. Provenance and licences:
 ``tcli/benchmarks/README.md``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 from tcli.errors import UsageError
@@ -76,8 +79,15 @@ def resolve_data(spec: str) -> str:
         raise UsageError(f"prompt data {spec!r} is neither an existing file nor a shipped "
                          f"benchmark (one of: {benchmark_names()})")
     if os.path.isfile(spec) or is_saved_dataset(spec):  # a readable path wins over the name
+        if spec not in _SAID_SHADOWED:  # said once: the same name read twice is one choice
+            _SAID_SHADOWED.add(spec)
+            sys.stderr.write(f"tcli: warning: reading {os.path.abspath(spec)}, not the shipped "
+                             f"benchmark {spec!r} of that name\n")
         return spec
     return bench.path
+
+
+_SAID_SHADOWED: set[str] = set()
 
 
 def _size(path: str) -> str:

@@ -74,7 +74,7 @@ def test_unknown_name_exits_2_listing_the_names(cmd):
     assert all(name in err for name in NAMES)
 
 
-def test_existing_path_wins_over_a_name(tmp_path, monkeypatch):
+def test_existing_path_wins_over_a_name(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     own = tmp_path / "prompts.jsonl"
     own.write_text('{"id": 1, "prompt": "p", "answer": "1"}\n')
@@ -85,6 +85,9 @@ def test_existing_path_wins_over_a_name(tmp_path, monkeypatch):
     assert resolve_data("gsm8k") == "gsm8k"
     (tmp_path / "math500").write_text("")  # so does a file
     assert resolve_data("math500") == "math500"
+    said = capsys.readouterr().err  # each is said once, naming the file read
+    assert said.count(f"warning: reading {tmp_path / 'math500'}, not the shipped benchmark 'math500'") == 1
+    assert said.count("not the shipped benchmark 'gsm8k'") == 1
     with pytest.raises(UsageError, match="neither an existing file nor a shipped benchmark"):
         resolve_data(str(tmp_path / "missing.jsonl"))
 
