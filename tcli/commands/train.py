@@ -165,6 +165,7 @@ def read_train_input(input: str, input_format: str | None, model_dir: str, parse
     response token at all is exit 65. Shared by train-step and train-critic."""
     from tcli.errors import DataError
     from tcli.io import RecordReader
+    from tcli.models.files import max_positions
     from tcli.models.load import model_vocab_size
     from tcli.models.provenance import SampledBy
 
@@ -174,6 +175,12 @@ def read_train_input(input: str, input_format: str | None, model_dir: str, parse
     if not any(len(s.tokens) for s in samples):
         raise DataError("no response tokens to train on (empty input or empty responses)",
                         file=reader.name)
+    limit = max_positions(model_dir)
+    long = next((s for s in samples if limit and len(s) > limit), None)
+    if long is not None:  # an absolute-position model fails there, a rotary one learns garbage
+        raise DataError(f"{len(long.prompt)} prompt + {len(long.tokens)} response tokens exceed "
+                        f"the model's {limit} positions", field="token_ids"
+                        ).located(reader.name, long.line)
     return samples
 
 

@@ -231,6 +231,26 @@ def test_a_response_that_could_run_past_the_models_positions_is_refused(cmd, tmp
     assert r.returncode == 0, r.stderr.decode()
 
 
+def test_train_step_refuses_records_longer_than_the_models_positions(tmp_path_factory, tmp_path):
+    """Records from elsewhere may be longer than the model's positions: bad data naming the line,
+    before any weights load; nothing written."""
+    from conftest import SMALL, shared_model
+
+    model = shared_model(tmp_path_factory, max_positions=64, **SMALL)
+
+    def rec(i, n_prompt, n_resp):
+        return {"prompt_id": f"p{i}", "sample_id": 0, "prompt_token_ids": [5] * n_prompt,
+                "token_ids": [6] * n_resp, "logprobs": [-1.0] * n_resp, "advantages": [1.0] * n_resp}
+
+    src = tmp_path / "r.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in (rec(0, 30, 34), rec(1, 40, 30))))
+    out = tmp_path / "out"
+    r = run_tcli(["train-step", src, "-m", model, "-o", out, "-q"])
+    err = r.stderr.decode()
+    assert r.returncode == 65 and f"{src}:2: field 'token_ids': 40 prompt + 30 response" in err, err
+    assert "exceed the model's 64 positions" in err and not out.exists()
+
+
 @pytest.fixture(scope="module")
 def lora(tiny, tmp_path_factory):
     """(base, adapter): a copy of the tiny model and a rank-4 adapter trained on it."""
