@@ -259,7 +259,7 @@ def _groups(engine, prompt_records, opts, seed, native, fields, on_group, toolse
     for chunk in _chunks(prompt_records, opts.prompts_per_batch):
         recs, ids = _encode_chunk(chunk, engine.tokenizer, tmpl, opts.chat_template, seen, fields,
                                   tool_text)
-        check_context(chunk, ids, opts.max_new_tokens, engine.max_positions)
+        check_context(chunk, ids, opts.max_new_tokens, getattr(engine, "max_positions", None))
         say_unknown_tokens(engine.tokenizer, recs, ids)
         trees = sample_leaves(sampler, ids, opts, cfg, native, toolset)
         for rec, ptoks, leaves in zip(recs, ids, trees):
