@@ -129,6 +129,21 @@ def check_aligned(rec: dict, length: int, field: str = "logprobs") -> None:
                         field=field)
 
 
+# what build-tree and advantages compute from a group's rewards (docs/design.md §3.5): once the
+# rewards change they describe other rewards, so verify drops them rather than let a later stage
+# pair them with the new ones. ``branch`` (from the tokens alone) and ``critic_values`` (the
+# critic's predictions from the tokens) stay true and are kept.
+REWARD_DERIVED = ("values", "advantages", "estimator", "overlong_penalty", "returns")
+
+
+def drop_reward_derived(rec: dict) -> list[str]:
+    """Remove the REWARD_DERIVED fields from ``rec``; the names of those it held."""
+    gone = [f for f in REWARD_DERIVED if f in rec]
+    for f in gone:
+        del rec[f]
+    return gone
+
+
 def reward(rec: dict) -> float:
     v = require(rec, "reward")
     if isinstance(v, bool) or not isinstance(v, (int, float)):

@@ -22,8 +22,10 @@ def verify(
 ) -> None:
     """Score each response against its record's answer: adds `reward` (1.0/0.0) and `verdict`
     (what was parsed, whether it was correct, and why not), in input order; with several -t,
-    `reward` is their weighted sum and `rewards`/`verdicts` hold each one's. A verifier that
-    crashes fails the command (exit 1, no output file) unless --max-verifier-errors allows it."""
+    `reward` is their weighted sum and `rewards`/`verdicts` hold each one's. Fields computed from
+    earlier rewards (advantages, returns, build-tree's values) are dropped, with one warning. A
+    verifier that crashes fails the command (exit 1, no output file) unless
+    --max-verifier-errors allows it."""
     from tcli.stages.verify import verify_records
     from tcli.verifiers.weighted import verdicts_of
 

@@ -42,6 +42,7 @@ from decimal import Decimal
 from typing import Callable, Iterable, Iterator, Sequence
 
 from tcli.errors import DataError, TcliError
+from tcli.records import drop_reward_derived
 from tcli.verifiers.call import checked, crashed, int_str, is_crash, run_one, timed_out
 from tcli.verifiers.pool import DeadlinePool, Failure, default_workers
 from tcli.verifiers.pool_worker import one_line
@@ -289,13 +290,25 @@ class _Crashes:
         return VerifierCrashed(f"verifier {name} crashed on {of} answers{why}; first at {where}")
 
 
-def _guarded(stream: Iterator[tuple[int, dict]], crashes: _Crashes) -> Iterator[dict]:
-    """The records of ``stream``; its workers go (the stream is closed) if this stops early."""
+def _guarded(stream: Iterator[tuple[int, dict]], crashes: _Crashes,
+             report: Callable[[str], None]) -> Iterator[dict]:
+    """The records of ``stream``, without the fields computed from their old rewards (said once,
+    at the end); its workers go (the stream is closed) if this stops early."""
+    dropped: dict[str, None] = {}  # the fields dropped, in the order first seen
+    records = 0
     try:
         for line, rec in stream:
             crashes.see(line, rec)
+            gone = drop_reward_derived(rec)
+            if gone:
+                records += 1
+                dropped.update(dict.fromkeys(gone))
             yield rec
         crashes.finish()
+        if records:
+            report(f"dropped {', '.join(dropped)} from {records} record"
+                   f"{'s' if records > 1 else ''}: computed from the old rewards, they would not "
+                   "match the new ones (docs/design.md §3.5); run build-tree or advantages again")
     finally:
         stream.close()
 
@@ -326,7 +339,8 @@ def verify_records(records: Iterable[tuple[int, dict]], source_name: str,
                    pool: DeadlinePool | None = None, max_verifier_errors: float = 0.0,
                    report: Callable[[str], None] = _warn,
                    weights: Sequence[float] | None = None) -> Iterator[dict]:
-    """Yield each record with ``reward`` and ``verdict`` added, in input order.
+    """Yield each record with ``reward`` and ``verdict`` added, in input order, and the fields
+    computed from its old reward removed (``tcli.records.REWARD_DERIVED``; ``report`` says so once).
 
     ``records`` yields ``(line, record)``. ``task`` is a verifier name, ``python:module:function``
     or ``auto`` (chosen per record), or several of them: each scores every record, ``reward`` is
@@ -351,12 +365,13 @@ def verify_records(records: Iterable[tuple[int, dict]], source_name: str,
     crashes = _Crashes(source_name, max_verifier_errors, report)
     n = (pool.n if pool is not None else default_workers()) if workers is None else workers
     if n == 0:
-        return _guarded(_in_process(records, source_name, tasks), crashes)
+        return _guarded(_in_process(records, source_name, tasks), crashes, report)
     window = window or max(256, 32 * n)
     if pool is not None:
         return _guarded(_pooled(records, source_name, tasks, float(timeout), window, pool),
-                        crashes)
-    return _guarded(_owned_pool(records, source_name, tasks, float(timeout), window, n), crashes)
+                        crashes, report)
+    return _guarded(_owned_pool(records, source_name, tasks, float(timeout), window, n), crashes,
+                    report)
 
 
 def start_pool(task: str | Sequence[str] = "auto", timeout: float = 5.0,

@@ -55,6 +55,9 @@ def critic_samples(records: Iterable, source: str = "<records>",
             check_critic_tokens(prompt, toks, vocab_size)
             old = as_float32(float_array(rec, "critic_values", len(toks) + 1)[:-1],
                              "critic_values")
+            if "returns" not in rec:
+                raise DataError("is missing: run `tcli advantages -e gae` first (verify drops "
+                                "returns computed from earlier rewards)", field="returns")
             ret = as_float32(float_array(rec, "returns", len(toks)), "returns")
             mask = loss_mask(rec, len(toks))
         except DataError as e:

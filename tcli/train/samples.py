@@ -64,6 +64,9 @@ def sample_from_record(rec: dict, vocab_size: int | None = None) -> TrainSample:
     if len(prompt) == 0:
         raise DataError("is empty; the first response token needs a context", field="prompt_token_ids")
     logp = float_array(rec, "logprobs", len(tokens))
+    if "advantages" not in rec:
+        raise DataError("is missing: run `tcli advantages` first (verify drops advantages "
+                        "computed from earlier rewards)", field="advantages")
     adv = float_array(rec, "advantages", len(tokens))
     mask = loss_mask(rec, len(tokens))
     if mask is not None:  # environment tokens: their log-probs and advantages are ignored

@@ -233,6 +233,30 @@ def test_train_critic_never_writes_over_the_critic_it_starts_from(critic, small_
     assert files() == before
 
 
+def test_nothing_trains_on_what_the_old_rewards_gave(critic, small_advantaged, tmp_path):
+    """Records that went through advantages, verified again with other rewards: train-step and
+    train-critic refuse them (their advantages and returns were dropped, docs/design.md §3.5)
+    until values | advantages run again on the new rewards."""
+    policy, crit = critic
+    recs = [{**r, "text": "#### 7", "answer": "8"} for r in small_advantaged]  # now reward 0
+    assert any(r["reward"] == 1.0 for r in recs) and any(any(r["returns"]) for r in recs)
+    r = run_tcli(["verify", "-q", "-j", "0", "-t", "gsm8k"], input=_jsonl(recs))
+    assert r.returncode == 0, r.stderr.decode()
+    again = tmp_path / "again.jsonl"
+    again.write_bytes(r.stdout)
+    out = tmp_path / "out"
+    r = run_tcli(["train-step", str(again), "-m", policy, "-o", str(out)])
+    assert r.returncode == 65 and not out.exists(), r.stderr.decode()
+    assert "again.jsonl:1: field 'advantages': is missing: run `tcli advantages`" in r.stderr.decode()
+    r = run_tcli(["train-critic", str(again), "--critic", crit, "-o", str(out)])
+    assert r.returncode == 65 and not out.exists(), r.stderr.decode()
+    assert "again.jsonl:1: field 'returns': is missing: run `tcli advantages -e gae`" in \
+        r.stderr.decode()
+    verified = [orjson.loads(x) for x in again.read_bytes().splitlines()]
+    fresh = [orjson.loads(x) for x in open(_advantaged(crit, verified, tmp_path), "rb")]
+    assert all(not any(f["returns"]) for f in fresh)  # reward 0 and a zero critic: returns 0
+
+
 def test_values_bad_input(critic, tmp_path):
     _, crit = critic
     bad = tmp_path / "bad.jsonl"

@@ -116,6 +116,29 @@ def test_missing_text_exit_65_and_no_output_file(tmp_path):
     assert p.returncode == 65 and "<stdin>:2" in p.stderr.decode()
 
 
+def test_verifying_again_drops_what_the_old_rewards_gave(tmp_path):
+    """docs/design.md §3.5: build-tree's values and the advantages stage's fields describe the
+    rewards they were computed from; verify replaces the rewards, so it drops them (said once on
+    stderr) and keeps what depends on the tokens alone (branch, the critic's critic_values)."""
+    derived = {"values": [0.5] * 4, "advantages": [0.5] * 3, "estimator": "gae",
+               "overlong_penalty": -0.25, "returns": [1.0] * 3}
+    kept = {"branch": [True, False, False], "critic_values": [0.1] * 4}
+    recs = [{**r, **(derived if i < 4 else {}), **kept} for i, r in enumerate(rollouts())]
+    for workers in ("0", "2"):
+        p = run_tcli(["verify", "-q", "-j", workers], input=jsonl(recs))
+        assert p.returncode == 0, p.stderr
+        out = parse(p.stdout)
+        assert [r["reward"] for r in out] == [1.0 if i % 2 == 0 else 0.0 for i in range(len(recs))]
+        assert all(not set(derived) & set(r) for r in out)
+        assert all({k: r[k] for k in kept} == kept for r in out)
+        assert [r for r in p.stderr.decode().splitlines() if "dropped" in r] == [
+            "tcli: warning: dropped values, advantages, estimator, overlong_penalty, returns "
+            "from 4 records: computed from the old rewards, they would not match the new ones "
+            "(docs/design.md §3.5); run build-tree or advantages again"]
+    p = run_tcli(["verify", "-q", "-j", "0"], input=p.stdout)  # nothing left to drop: no word
+    assert p.returncode == 0 and b"dropped" not in p.stderr, p.stderr
+
+
 def test_unknown_task_exit_2():
     p = run_tcli(["verify", "--task", "nope"], input=jsonl(rollouts()[:1]))
     assert p.returncode == 2
