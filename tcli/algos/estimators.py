@@ -77,6 +77,13 @@ class Group:
         """Flat V of every prefix (tree layout), in reward units."""
         return self.tree.flat_values * self.scale
 
+    @property
+    def all_equal(self) -> bool:
+        """Rewards all equal (one response included): no group-relative signal, whatever the
+        estimator. What ``zero_variance_share`` counts and the loop's refill and filter_groups
+        call uninformative."""
+        return len(set(self.rewards.tolist())) < 2
+
     def branch_tokens(self) -> int:
         """Branching policy tokens (a branch at a tool's output is the environment's, §3.6)."""
         if self.masks is None:
@@ -95,10 +102,9 @@ class Group:
 
 @dataclass
 class Advantages:
-    """What an estimator returns: per-token advantages and whether the group carried no signal."""
+    """What an estimator returns: per-token advantages (and gae's value targets)."""
 
     per_token: list[np.ndarray]
-    zero_variance: bool
     returns: list[np.ndarray] | None = None  # value targets (gae only)
 
 
@@ -149,14 +155,13 @@ def group_std(r: np.ndarray, mode: str) -> float:
     return float(np.std(r, ddof=1 if mode == "unbiased" else 0))
 
 
-def _per_token(group: Group, seq_adv: np.ndarray, zero: bool = False) -> Advantages:
-    return Advantages([np.full(len(t), a, dtype=np.float64) for t, a in zip(group.tokens, seq_adv)],
-                      zero)
+def _per_token(group: Group, seq_adv: np.ndarray) -> Advantages:
+    return Advantages([np.full(len(t), a, dtype=np.float64) for t, a in zip(group.tokens, seq_adv)])
 
 
 def _no_signal(group: Group) -> Advantages:
     """G = 1 or sigma = 0: every advantage is exactly zero (never NaN)."""
-    return _per_token(group, np.zeros_like(group.rewards), zero=True)
+    return _per_token(group, np.zeros_like(group.rewards))
 
 
 def _sigma(group: Group, opt) -> float | None:
@@ -208,8 +213,7 @@ def tempo(group: Group, opt) -> Advantages:
                 s, n = int(tree.starts[i]), int(lens[i])
                 flat_delta[s : s + n] = policy_td(tree.values_of(i), m)
     flat_adv = (base + opt.td_coef * flat_delta) / (sigma + EPS / group.scale)
-    return Advantages([flat_adv[s : s + n] for s, n in zip(tree.starts.tolist(), lens.tolist())],
-                      False)
+    return Advantages([flat_adv[s : s + n] for s, n in zip(tree.starts.tolist(), lens.tolist())])
 
 
 # ----------------------------------------------------------------------------- REINFORCE++
@@ -220,14 +224,14 @@ def tempo(group: Group, opt) -> Advantages:
 @estimator("reinforce_pp", batch_stats=True)
 def reinforce_pp(group: Group, opt) -> Advantages:
     """REINFORCE++: the reward itself; the batch mean is its only baseline."""
-    return _per_token(group, group.rewards.copy(), zero=_sigma(group, opt) is None)
+    return _per_token(group, group.rewards.copy())
 
 
 @estimator("reinforce_pp_baseline", batch_stats=True)
 def reinforce_pp_baseline(group: Group, opt) -> Advantages:
     """REINFORCE++-baseline: r - group mean (no std division), then the batch whitening."""
     r = group.scaled_rewards
-    return _per_token(group, (r - r.mean()) * group.scale, zero=_sigma(group, opt) is None)
+    return _per_token(group, (r - r.mean()) * group.scale)
 
 
 # ----------------------------------------------------------------------------- TreeRPO
@@ -258,12 +262,12 @@ def treerpo(group: Group, opt) -> Advantages:
     """Step-level advantages: V(node) = mean of its children's V, normalised among siblings."""
     paths, seg_ends = _tree_paths(group)
     value, children = _node_values(group, paths)
-    adv, zero_groups = _sibling_advantages(value, children, opt, group.scale)
+    adv = _sibling_advantages(value, children, opt, group.scale)
     out = []
     for path, ends in zip(paths, seg_ends):
         seg_adv = np.array([adv[path[: d + 1]] for d in range(len(path))])
         out.append(np.repeat(seg_adv, np.diff(ends, prepend=0)))
-    return Advantages(out, zero_groups == len(children))
+    return Advantages(out)
 
 
 def _node_values(group: Group, paths):
@@ -294,19 +298,17 @@ def _node_values(group: Group, paths):
 def _sibling_advantages(value, children, opt, scale: float):
     """Each sibling group normalised on its own; groups without spread (or below prune_std) get 0."""
     adv: dict[tuple[int, ...], float] = {}
-    zero_groups = 0
     for parent, kids in children.items():
         v = np.array([value[c] for c in kids])
         sd = group_std(v, opt.std)
         if len(v) < 2 or sd == 0.0 or sd * scale < opt.prune_std:
             a = np.zeros_like(v)
-            zero_groups += 1
         elif opt.norm == "std":
             a = (v - v.mean()) / (sd + EPS / scale)
         else:
             a = (v - v.mean()) * scale
         adv.update(zip(kids, a.tolist()))
-    return adv, zero_groups
+    return adv
 
 
 # ----------------------------------------------------------------------------- PPO
@@ -330,7 +332,7 @@ def gae(group: Group, opt) -> Advantages:
                                 field="critic_values" if np.abs(v).max() > abs(r) else "reward")
         adv.append(a)
         ret.append(g)
-    return Advantages(adv, False, ret)
+    return Advantages(adv, ret)
 
 
 def compute_advantages(group: Group, name: str, opt) -> Advantages:

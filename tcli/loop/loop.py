@@ -206,7 +206,7 @@ class Loop:
         for _, recs in iter_groups(enumerate(records, 1), "<loop>"):
             stats = AdvantageStats()
             group = stage_group(recs, self.cfg.advantages, stats, tree=True)
-            out.append((len(recs), stats, len(set(group.rewards.tolist())) > 1))
+            out.append((len(recs), stats, not group.all_equal))
         return out
 
     def batch(self, records: list[dict], groups: list[tuple],

@@ -36,7 +36,7 @@ class AdvantageStats:
 
     def add(self, group: Group, result: Advantages) -> None:
         self.groups += 1
-        self.zero_variance_groups += result.zero_variance
+        self.zero_variance_groups += group.all_equal  # from the rewards, for every estimator
         self.tokens += policy_count(group.masks or [None] * len(result.per_token),
                                     [len(a) for a in result.per_token])  # policy tokens
         if self.branch:

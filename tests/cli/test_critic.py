@@ -257,6 +257,20 @@ def test_nothing_trains_on_what_the_old_rewards_gave(critic, small_advantaged, t
     assert all(not any(f["returns"]) for f in fresh)  # reward 0 and a zero critic: returns 0
 
 
+def test_gae_stats_count_groups_whose_rewards_are_all_equal(critic):
+    """zero_variance_share is read from the rewards for gae too (docs/design.md §4.1): two of
+    these three groups hold equal rewards, though gae gives them non-zero advantages."""
+    _, crit = critic
+    recs = _records(3, 3)
+    recs[-1]["reward"] = 1.0 - recs[-1]["reward"]  # the third group is mixed
+    r = run_tcli(["values", "--critic", crit, "-q"], input=_jsonl(recs))
+    assert r.returncode == 0, r.stderr.decode()
+    r = run_tcli(["advantages", "-e", "gae", "--stats"], input=r.stdout)
+    assert r.returncode == 0, r.stderr.decode()
+    assert "│ zero_variance_share │ 0.6667 │" in r.stderr.decode(), r.stderr.decode()
+    assert any(a != 0.0 for x in r.stdout.splitlines() for a in orjson.loads(x)["advantages"])
+
+
 def test_values_bad_input(critic, tmp_path):
     _, crit = critic
     bad = tmp_path / "bad.jsonl"

@@ -423,18 +423,25 @@ def test_treerpo_prune_std_keeps_a_std_equal_to_it():
     assert pruned == [[0.0, 0.0]] * 4
 
 
-def test_treerpo_zero_variance_only_when_every_sibling_group_is_flat():
-    """Rewards 1, 0 | 1, 1: the group under [1] is flat, but the root's (V = 0.5 vs 1) and [0]'s
-    are not, so the group still carries a signal; all four rewards 1 carry none."""
-    leaves = [((0, 0), [1, 1]), ((0, 1), [1, 1]), ((1, 0), [1, 1]), ((1, 1), [1, 1])]
+@pytest.mark.parametrize("name", sorted(ESTIMATORS.names()))
+def test_zero_variance_share_is_the_share_of_groups_whose_rewards_are_all_equal(name):
+    """From the rewards, whatever the estimator: gae gives an all-equal group non-zero advantages
+    and still counts it; treerpo's prune_std zeroes a group whose rewards differ and does not;
+    three rewards of 0.1 have a float std of 1.7e-17 and are still all equal (§4.1)."""
+    from tcli.stages.advantages import AdvantageStats, stage_group
 
-    def zero_variance(rewards):
+    four = [((0, 0), [1, 1]), ((0, 1), [1, 1]), ((1, 0), [1, 1]), ((1, 1), [1, 1])]
+    three = [((0, 0), [1, 1]), ((0, 1), [1, 2]), ((1,), [2])]
+    groups = [(four, [0.0] * 4), (four, [1.0, 0.0, 1.0, 1.0]), (three, [0.1] * 3),
+              ([((0,), [3])], [1.0]), (three, [2.0, 0.0, 0.0])]
+    opt = AdvantageOptions(estimator=name, prune_std=10.0 if name == "treerpo" else 0.0)
+    stats = AdvantageStats(branch=False)
+    for leaves, rewards in groups:
         recs = tree_group([(p, s, r) for (p, s), r in zip(leaves, rewards)])
-        opt = AdvantageOptions(estimator="treerpo")
-        return compute_advantages(Group.from_records(recs), "treerpo", opt).zero_variance
-
-    assert zero_variance([1.0, 0.0, 1.0, 1.0]) is False
-    assert zero_variance([1.0, 1.0, 1.0, 1.0]) is True
+        for r in recs:
+            r["critic_values"] = [0.25] * (len(r["token_ids"]) + 1)
+        stage_group(recs, opt, stats)
+    assert stats.summary()["zero_variance_share"] == 3 / 5
 
 
 def test_treerpo_early_leaf_at_the_root_level():
