@@ -308,7 +308,7 @@ def _guarded(stream: Iterator[tuple[int, dict]], crashes: _Crashes,
         if records:
             report(f"dropped {', '.join(dropped)} from {records} record"
                    f"{'s' if records > 1 else ''}: computed from the old rewards, they would not "
-                   "match the new ones (docs/design.md §3.5); run build-tree or advantages again")
+                   "match the new ones; run build-tree or advantages again")
     finally:
         stream.close()
 
