@@ -16,17 +16,24 @@ _PLACEHOLDER = re.compile(r"\{(prompt|choices)\}")
 
 def map_fields(rec: dict, fields=None) -> dict:
     """The record with ``id``/``prompt``/``answer`` taken from the fields ``fields`` (a
-    PromptOptions) names, for data sets with another schema; errors name the source field."""
+    PromptOptions) names, for data sets with another schema; errors name the source field.
+    A named field the record lacks is an error, never a fall-back to the default name (a misspelt
+    ``--answer-field`` would grade against another field); a chat record needs no prompt field."""
     if fields is None or not isinstance(rec, dict):
         return rec
-    pairs = (("id", fields.id_field), ("prompt", fields.prompt_field),
-             ("answer", fields.answer_field))
-    if all(k == src for k, src in pairs):
+    pairs = [(key, src) for key, src in (("id", fields.id_field), ("prompt", fields.prompt_field),
+                                         ("answer", fields.answer_field)) if src != key]
+    if not pairs:
         return rec
-    out = dict(rec)
+    taken = {}
     for key, src in pairs:
-        if src != key and src in out:
-            out[key] = out.pop(src)
+        if src in rec:
+            taken[key] = rec[src]
+        elif not (key == "prompt" and "messages" in rec and "prompt" not in rec):
+            raise DataError(f"missing (named by {fields.label(key + '_field')}; the record has: "
+                            f"{_fields_of(rec)})", field=key)
+    out = {k: v for k, v in rec.items() if k not in {src for _, src in pairs}}
+    out.update(taken)
     return out
 
 
@@ -53,9 +60,12 @@ def _check_messages(v) -> None:
 
 def missing(rec: dict, key: str) -> DataError:
     """A missing id/prompt/answer, with the record's own fields and the flag that maps one."""
-    have = ", ".join(list(rec)[:8]) + (", ..." if len(rec) > 8 else "") if rec else "none"
-    return DataError(f"missing required field (the record has: {have}; --{key}-field NAME reads "
-                     "it from another field)", field=key)
+    return DataError(f"missing required field (the record has: {_fields_of(rec)}; --{key}-field "
+                     "NAME reads it from another field)", field=key)
+
+
+def _fields_of(rec: dict) -> str:
+    return ", ".join(list(rec)[:8]) + (", ..." if len(rec) > 8 else "") if rec else "none"
 
 
 def check_prompt_record(rec: dict) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from conftest import run_tcli
+from conftest import failed, run_tcli
 from tcli.config.stages import PromptOptions
 from tcli.errors import DataError
 from tcli.prompts import read_prompts
@@ -48,6 +48,43 @@ def test_errors_name_the_users_field(tmp_path):
         read_prompts(str(f), fields=PromptOptions(id_field="qid", prompt_field="question",
                                                   answer_field="gold"))
     assert e.value.field == "question" and e.value.line == 1
+
+
+def test_a_named_field_the_record_lacks_is_an_error_not_the_default(tmp_path):
+    """A misspelt --answer-field must not grade against ``answer``: the named field is missing."""
+    f = _jsonl(tmp_path / "q.jsonl", [{"id": "a", "prompt": "2+2=?", "answer": "4 because",
+                                       "gold": "4"}])
+    for name in ("id_field", "prompt_field", "answer_field"):
+        with pytest.raises(DataError) as e:
+            read_prompts(str(f), fields=PromptOptions(**{name: "golf"}))
+        assert (e.value.file, e.value.line, e.value.field) == (str(f), 1, "golf"), name
+        assert f"--{name.replace('_', '-')}" in e.value.message
+    [rec] = read_prompts(str(f), fields=PromptOptions(answer_field="gold"))
+    assert rec["answer"] == "4" and "gold" not in rec
+    # the defaults name no field: a chat record without `prompt` is used as is, even when
+    # --prompt-field is given, as is a sample-tree record without an answer
+    msgs = [{"role": "user", "content": "Hi?"}]
+    chat = _jsonl(tmp_path / "c.jsonl", [{"qid": "b", "messages": msgs, "answer": "x"}])
+    [rec] = read_prompts(str(chat), fields=PromptOptions(id_field="qid", prompt_field="question"))
+    assert rec == {"id": "b", "messages": msgs, "answer": "x"}
+
+
+def test_misspelt_field_flags_exit_65_in_eval_sample_tree_and_loop(tmp_path, chat_model, loop_model):
+    f = _jsonl(tmp_path / "q.jsonl", [{"id": "a", "prompt": "2+2=?", "answer": "4 because",
+                                       "gold": "4"}])
+    r = run_tcli(["eval", "-m", chat_model, "--data", f, "--answer-field", "golf", "-q"])
+    failed(r, 65, f"{f}:1: field 'golf': missing", "--answer-field")
+    r = run_tcli(["sample-tree", f, "-m", chat_model, "-n", "1", "--max-new-tokens", "2",
+                  "--id-field", "qid", "-q"])
+    failed(r, 65, f"{f}:1: field 'qid': missing", "--id-field")
+    assert not r.stdout
+    d, model = loop_model
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'model = "{model}"\ntrain_data = "{d / "prompts.jsonl"}"\n'
+                    f'run_dir = "{tmp_path / "run"}"\nsteps = 1\n[prompts]\nid_field = "pid"\n')
+    r = run_tcli(["loop", "--config", toml, "-q"])
+    failed(r, 65, "prompts.jsonl:1: field 'pid': missing")
+    assert not (tmp_path / "run").exists()
 
 
 def test_sample_tree_with_mapped_fields_and_chat_messages(tmp_path, chat_model):
