@@ -110,6 +110,28 @@ def checkpoint_sampling(opts, model: str, quiet: bool):
     return opts
 
 
+def refuse_same_file(flag: str, path: str | None, what: str, other: str | None) -> None:
+    """Exit 2 before anything is written when ``path`` (written by ``flag``) is the file
+    ``other``: the input the command reads, or another of its outputs, would be lost. Real paths
+    are compared (links, ``./`` spellings); a device or FIFO is never replaced, so never refused."""
+    import os
+    import stat
+
+    if not path or not other or "-" in (path, other):
+        return
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return
+        same = os.path.samefile(path, other)
+    except OSError:  # a new file: the same as ``other`` only by name (``-o F --summary F``)
+        same = os.path.realpath(path) == os.path.realpath(other)
+    if same:
+        from tcli.errors import UsageError
+
+        raise UsageError(f"{flag} {path} is {what}; refusing to write into it (choose another "
+                         "file)")
+
+
 def located(e: DataError, name: str, lines: list[int]) -> DataError:
     """A stage's error (which knows the record's index in its group) at the record's line."""
     idx = getattr(e, "index", None)

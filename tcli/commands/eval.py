@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from tcli.commands.common import (ModelOpt, QuietOpt, SeedOpt, checkpoint_sampling,
-                                  group_progress, stderr_console)
+                                  group_progress, refuse_same_file, stderr_console)
 from tcli.config.flags import Without, options_command
 from tcli.config.stages import (EvalOptions, PromptOptions, SampleOptions, ThreadOptions,
                                 VerifyOptions)
@@ -26,6 +26,17 @@ def _check_target(path: str | None, flag: str) -> None:
         d = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(d):
             raise UsageError(f"{flag}: directory does not exist: {d}")
+
+
+def _check_distinct(data: str, output: str | None, summary: str | None) -> None:
+    """The data file, the samples and the summary are three files: writing one over another
+    loses it (the benchmark file replaced by samples, or the summary by the samples)."""
+    from tcli.io import resolve_data
+
+    path = resolve_data(data)
+    refuse_same_file("-o/--output", output, "the --data file", path)
+    refuse_same_file("--summary", summary, "the --data file", path)
+    refuse_same_file("--summary", summary, "the -o/--output file", output)
 
 
 def _list_benchmarks(value: bool) -> None:
@@ -72,6 +83,7 @@ def eval_cmd(
 
     _check_target(output, "-o/--output")
     _check_target(summary, "--summary")
+    _check_distinct(data, output, summary)
     prompts = read_prompts(data, ev.limit, fields)
     sample = checkpoint_sampling(sample, model, quiet)
     threads.apply()

@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from tcli.commands.common import InputArg, InputFormatOpt, QuietOpt, SeedOpt, progress_enabled
+from tcli.commands.common import (InputArg, InputFormatOpt, QuietOpt, SeedOpt, progress_enabled,
+                                  refuse_same_file)
 from tcli.config.flags import Without, options_command
 from tcli.config.spec import settings_of
 from tcli.config.stages import SampleOptions, ThreadOptions, TrainOptions
@@ -70,6 +71,7 @@ def train_step(
     if metrics and metrics != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(metrics))):
         raise UsageError(f"--metrics: directory does not exist: "
                          f"{os.path.dirname(os.path.abspath(metrics))}")
+    refuse_same_file("--metrics", metrics, "the INPUT file", input)  # appended to: corrupted
     def step(info) -> None:  # a function: the trainer is gone before the group is torn down
         samples, sampled = run_on_main(
             lambda: _read_samples(input, input_format, model, opts), info)

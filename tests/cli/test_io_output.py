@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, jsonl, run_tcli
+from conftest import REPO, failed, jsonl, run_tcli
 from tcli.errors import TcliError, UsageError
 from tcli.io import RecordReader, RecordWriter, write_atomic_bytes
 
@@ -89,6 +89,43 @@ def test_dev_null_is_written_not_replaced(cmd, src, dev_null_guard):
     assert r.returncode == 0, r.stderr
     assert r.stdout == b""
     assert not [n for n in os.listdir("/dev") if n.startswith("null.tmp-")]
+
+
+# ----------------------------------------------------------------------------- -o onto an input
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_a_stream_stage_rewrites_its_own_input_in_place(cmd, src):
+    """The input is read from the file opened at the start; the output replaces it at the end."""
+    want = expected(cmd, src)
+    r = run_tcli([*COMMANDS[cmd], src, "-o", src])
+    assert r.returncode == 0, r.stderr
+    assert src.read_bytes() == want
+    assert leftovers(src.parent) == []
+
+
+def test_eval_never_writes_over_its_data_or_one_output_over_the_other(tiny, tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_bytes(jsonl([{"id": "a", "prompt": "2+2=?", "answer": "4"}]))
+    before = data.read_bytes()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(data)
+    new = tmp_path / "new.json"
+    for outs, words in [
+            (["-o", tmp_path / "." / "q.jsonl"], ("-o/--output", "is the --data file")),
+            (["--summary", link], ("--summary", "is the --data file")),
+            (["-o", data, "--summary", tmp_path / "x.json"], ("is the --data file",)),
+            (["-o", new, "--summary", new], ("--summary", "is the -o/--output file"))]:
+        r = run_tcli(["eval", "-m", tiny, "--data", data, "--max-new-tokens", "2", "-q", *outs])
+        failed(r, 2, "refusing to write into it", *words)
+        assert data.read_bytes() == before and not r.stdout
+    assert sorted(os.listdir(tmp_path)) == ["link.jsonl", "q.jsonl"]
+
+
+def test_train_step_metrics_never_go_into_its_input(tiny, src, tmp_path):
+    before = src.read_bytes()
+    r = run_tcli(["train-step", src, "-m", tiny, "-o", tmp_path / "ckpt", "--metrics", src])
+    failed(r, 2, f"--metrics {src} is the INPUT file")
+    assert src.read_bytes() == before and not (tmp_path / "ckpt").exists()
 
 
 def scratch_device(tmp_path: Path, name: str, minor: int) -> str:
