@@ -181,11 +181,12 @@ def source_field(e: DataError, fields=None) -> DataError:
     return e
 
 
-def read_prompts(path: str, limit: int | None = None, fields=None) -> list[dict]:
+def read_prompts(path: str, limit: int | None = None, fields=None,
+                 origin: dict | None = None) -> list[dict]:
     """Prompt records with answers, validated here so later stages never see a bad one: every
     error names this file and line (missing/ill-typed id, prompt or answer, a repeated id).
     ``path`` may name a shipped benchmark; ``fields`` (PromptOptions) maps another schema's
-    field names."""
+    field names; ``origin`` gets ``id(record)`` -> (file, line), for errors found later."""
     from tcli.io import RecordReader, SeenKeys, resolve_data
 
     if not path:
@@ -207,6 +208,8 @@ def read_prompts(path: str, limit: int | None = None, fields=None) -> list[dict]
         except DataError as e:
             raise source_field(e, fields).located(reader.name, line) from None
         out.append(rec)
+        if origin is not None:
+            origin[id(rec)] = (reader.name, line)
         if limit and len(out) >= limit:
             break
     if not out:

@@ -84,12 +84,14 @@ def eval_cmd(
     _check_target(output, "-o/--output")
     _check_target(summary, "--summary")
     _check_distinct(data, output, summary)
-    prompts = read_prompts(data, ev.limit, fields)
+    origin: dict = {}  # where each prompt was read: errors found while sampling name it
+    prompts = read_prompts(data, ev.limit, fields, origin)
     sample = checkpoint_sampling(sample, model, quiet)
     threads.apply()
     engine = open_engine(model, eval_sampling(sample, ev), seed=seed)  # vllm: its logprobs_mode
     with group_progress("eval", quiet, total=len(prompts)) as on_group:
-        records, summ = evaluate(engine, prompts, sample, verify, ev, seed=seed, on_group=on_group)
+        records, summ = evaluate(engine, prompts, sample, verify, ev, seed=seed, on_group=on_group,
+                                 origin=origin)
     summ = {"model": model, "data": data, "n": ev.n, "temperature": ev.temperature, **summ}
     blob = orjson.dumps(summ, option=orjson.OPT_INDENT_2 if summary else 0)
     if summary:

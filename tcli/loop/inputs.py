@@ -23,10 +23,12 @@ def check_models(cfg: LoopConfig) -> None:
             raise UsageError(f"{cfg.where(key)}: {e}") from None
 
 
-def loop_prompts(cfg: LoopConfig, key: str, limit: int | None = None) -> list[dict]:
-    """The prompts of ``train_data`` or ``eval_data`` (``key``); a missing file names the key."""
+def loop_prompts(cfg: LoopConfig, key: str, limit: int | None = None,
+                 origin: dict | None = None) -> list[dict]:
+    """The prompts of ``train_data`` or ``eval_data`` (``key``); a missing file names the key.
+    ``origin`` gets where each was read (``read_prompts``)."""
     try:
-        return read_prompts(getattr(cfg.run, key), limit, cfg.prompts)
+        return read_prompts(getattr(cfg.run, key), limit, cfg.prompts, origin)
     except UsageError as e:
         raise UsageError(f"{cfg.where(key)}: {e}") from None
 

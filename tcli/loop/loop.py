@@ -26,7 +26,7 @@ from tcli.config.loop import LoopConfig, dump_toml
 from tcli.config.stages import ThreadOptions
 from tcli.engines import open_engine
 from tcli.errors import DataError, UsageError
-from tcli.io import RecordWriter, iter_groups, resolve_data, write_atomic_bytes
+from tcli.io import RecordWriter, iter_groups, write_atomic_bytes
 from tcli.loop.expand_step import expand_metrics, expand_step
 from tcli.loop.ranks import SamplingWeights, fold_stats
 from tcli.loop.inputs import check_models, check_prompts_encode, loop_prompts
@@ -79,13 +79,11 @@ class Loop:
         check_models(cfg)
         self.notes: list[str] = []  # said once the run directory is taken (not before its error)
         self.cfg = cfg = with_recorded_sampling(cfg, self.notes.append)  # before config.toml
-        self.train_prompts = loop_prompts(cfg, "train_data")
+        self.record_no: dict = {}  # id(prompt) -> (file, line): errors found later name it
+        self.train_prompts = loop_prompts(cfg, "train_data", origin=self.record_no)
         ev = cfg.eval
-        self.eval_prompts = (loop_prompts(cfg, "eval_data", ev.limit or None)
+        self.eval_prompts = (loop_prompts(cfg, "eval_data", ev.limit or None, self.record_no)
                              if cfg.run.eval_data and ev.every else [])
-        read = [(resolve_data(p), recs) for p, recs in ((cfg.run.train_data, self.train_prompts),
-                (cfg.run.eval_data, self.eval_prompts)) if recs]  # errors name the file read
-        self.record_no = {id(r): (path, i) for path, recs in read for i, r in enumerate(recs, 1)}
         check_prompts_encode(cfg, self.train_prompts, self.eval_prompts, self._locate)
         self.best = -1.0
 
@@ -242,7 +240,7 @@ class Loop:
         seed = step_seed(c.run.seed, step, evaluation=True)
         records = self._gathered(lambda: evaluate(
             self.engine, self._share(self.eval_prompts), c.sample, c.verify, c.eval, seed=seed,
-            pool=self.verify_pool)[0])
+            pool=self.verify_pool, origin=self.record_no)[0])
         return {"kind": "eval", "step": step, **summarise(records, ks=c.eval.ks, seed=seed)}
 
     # -- steps ---------------------------------------------------------------------------

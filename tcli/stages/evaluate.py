@@ -7,6 +7,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from tcli.errors import DataError
 from tcli.stages.sample import sample_records
 from tcli.stages.verify import verify_records
 from tcli.verifiers.weighted import first_reward
@@ -64,16 +65,35 @@ def eval_sampling(sample, ev):
 
 
 def evaluate(engine, prompts: list[dict], sample, verify, ev, *, seed: int = 0, pool=None,
-             on_group=None) -> tuple[list[dict], dict]:
+             on_group=None, origin: dict | None = None) -> tuple[list[dict], dict]:
     """Per-sample records (with reward and verdict) and the summary.
 
     ``sample``/``verify``/``ev``: the stage's SampleOptions, VerifyOptions and EvalOptions;
     ``pool``: running verifier workers to reuse (the loop's); ``on_group``: called with each
-    prompt's samples as they are drawn (progress)."""
+    prompt's samples as they are drawn (progress); ``origin``: ``id(prompt)`` -> (file, line)
+    where each prompt was read (``read_prompts``), so that a bad record is named there."""
+    where = [(origin or {}).get(id(p), (None, None)) for p in prompts]
     rollouts = sample_records(engine, prompts, eval_sampling(sample, ev), seed=seed,
                               on_group=on_group)
-    verified = list(verify_records(enumerate(rollouts, 1), "<eval>", task=verify.task,
-                                   timeout=verify.timeout, workers=verify.workers, pool=pool,
-                                   weights=verify.weights,
-                                   max_verifier_errors=verify.max_verifier_errors))
+    source, numbered = _numbered(rollouts, prompts, where)
+    try:
+        verified = list(verify_records(numbered, source, task=verify.task,
+                                       timeout=verify.timeout, workers=verify.workers, pool=pool,
+                                       weights=verify.weights,
+                                       max_verifier_errors=verify.max_verifier_errors))
+    except DataError as e:  # a prompt the sampler refused: index = its place in ``prompts``
+        i = getattr(e, "index", None)
+        if e.file is None and isinstance(i, int) and 0 <= i < len(where):
+            e.located(*where[i])
+        raise
     return verified, summarise(verified, ks=ev.ks, seed=seed)
+
+
+def _numbered(rollouts: Iterable[dict], prompts: list[dict], where: list[tuple]):
+    """(source name, (line, rollout) pairs) for the verifier: the file the prompts came from and
+    each rollout's prompt line there; else ``<eval>`` and the rollout's position."""
+    files = {f for f, _ in where}
+    if len(files) != 1 or None in files:
+        return "<eval>", enumerate(rollouts, 1)
+    line = {p.get("id"): n for p, (_, n) in zip(prompts, where)}
+    return files.pop(), ((line[r["prompt_id"]], r) for r in rollouts)

@@ -119,7 +119,23 @@ def prepare(line: int, rec: dict, file: str, tasks: Tasks):
     slim = {k: v for k, v in rec.items() if k not in HEAVY_FIELDS}
     if "choices" in slim:
         slim["choices"] = _choices(slim["choices"], file, line)
-    return tasks.pick(slim), text, answer, slim
+    names = tasks.pick(slim)
+    if "choice" in names:
+        _check_gold_option(answer, slim.get("choices"), file, line)
+    return names, text, answer, slim
+
+
+def _check_gold_option(answer: str, choices, file: str, line: int) -> None:
+    """A gold answer that names none of the options is the data's fault (exit 65), not a crash
+    of the choice verifier."""
+    from tcli.verifiers.choice import gold_letter, letters_of
+
+    try:
+        gold_letter(answer, choices)
+    except ValueError:
+        raise DataError(f"{answer[:50]!r} is not one of the options "
+                        f"({', '.join(letters_of(choices))}), by letter or text", file=file,
+                        line=line, field="answer") from None
 
 
 # ----------------------------------------------------------------------------- one result

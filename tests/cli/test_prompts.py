@@ -122,6 +122,46 @@ def test_messages_without_a_chat_template_is_a_data_error(tmp_path, chat_model):
     assert r.returncode == 65 and "b.jsonl:1: field 'messages'" in r.stderr.decode()
 
 
+GOOD = {"id": "g", "prompt": "1+1=?", "answer": "A", "choices": {"A": "2", "B": "3"}}
+SYSTEM_AND_USER = [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]
+
+
+@pytest.mark.parametrize("bad, flags, field, words", [
+    ({"choices": ["x", "y"]}, [], "choices", "must be an object mapping letters"),
+    ({"messages": SYSTEM_AND_USER, "prompt": None, "choices": None}, ["--no-chat-template"],
+     "messages", "needs a chat template"),
+    ({"choices": None}, ["--prompt-template", "choice"], "choices",
+     "must be an object mapping letters"),
+    ({"answer": "C"}, [], "answer", "'C' is not one of the options (A, B)"),
+], ids=["choices a list", "messages without a chat template", "choice template without choices",
+        "gold not among the choices"])
+def test_eval_names_the_data_file_and_line_of_a_bad_record(tmp_path, chat_model, bad, flags,
+                                                           field, words):
+    """Records that pass reading but fail while sampling or verifying are named where they were
+    read (the blank line counts), not as <input> or as the n-th sample of <eval>."""
+    rec = {k: v for k, v in {**GOOD, "id": "b", **bad}.items() if v is not None}
+    f = tmp_path / "q.jsonl"
+    f.write_bytes(orjson.dumps(GOOD) + b"\n\n" + orjson.dumps(rec) + b"\n")
+    out = tmp_path / "samples.jsonl"
+    r = run_tcli(["eval", "-m", chat_model, "--data", f, "--max-new-tokens", "2", "--workers",
+                  "0", "-o", out, "-q", *flags])
+    failed(r, 65, f"{f}:3: field '{field}'", words)
+    assert not out.exists()
+
+
+def test_a_loop_eval_names_the_data_file_and_line(tmp_path, loop_model):
+    d, model = loop_model
+    ev = tmp_path / "eval.jsonl"
+    ev.write_bytes(orjson.dumps({"id": "p1", "prompt": "1+1=?", "answer": "2"}) + b"\n" +
+                   orjson.dumps({"id": "c", "prompt": "1 2?", "answer": "9",
+                                 "choices": {"A": "1", "B": "2"}}) + b"\n")
+    r = run_tcli(["loop", "--model", model, "--train-data", d / "prompts.jsonl", "--eval-data", ev,
+                  "--run-dir", tmp_path / "run", "--steps", "1", "--prompts-per-step", "1",
+                  "--n", "1", "--max-new-tokens", "2", "--prompt-template", "plain",
+                  "--workers", "0", "-q"])
+    failed(r, 65, f"{ev}:2: field 'answer'", "'9' is not one of the options")
+
+
 def _table():
     import pyarrow as pa
 

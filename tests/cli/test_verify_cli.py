@@ -139,6 +139,21 @@ def test_verifying_again_drops_what_the_old_rewards_gave(tmp_path):
     assert p.returncode == 0 and b"dropped" not in p.stderr, p.stderr
 
 
+def test_a_gold_answer_naming_no_option_is_bad_data_not_a_crash(tmp_path):
+    """The data is wrong, not the choice verifier: exit 65 naming the line and `answer`."""
+    recs = [{"prompt_id": f"q{i}", "text": "<answer>A</answer>", "answer": a,
+             "choices": {"A": "red", "B": "blue"}} for i, a in enumerate(["A", "blue", "C"])]
+    for workers in ("0", "1"):
+        p = run_tcli(["verify", "--workers", workers, "-o", tmp_path / "out.jsonl"],
+                     input=jsonl(recs))
+        err = p.stderr.decode()
+        assert p.returncode == 65 and len(err.strip().splitlines()) == 1, err
+        assert "<stdin>:3: field 'answer': 'C' is not one of the options (A, B)" in err, err
+        assert not (tmp_path / "out.jsonl").exists()
+    p = run_tcli(["verify", "--workers", "0"], input=jsonl(recs[:2]))  # by letter or by text
+    assert p.returncode == 0 and [r["reward"] for r in parse(p.stdout)] == [1.0, 0.0]
+
+
 def test_unknown_task_exit_2():
     p = run_tcli(["verify", "--task", "nope"], input=jsonl(rollouts()[:1]))
     assert p.returncode == 2
