@@ -60,10 +60,15 @@ def _looks_tabular(name: str, raw: bytes) -> bool:
             or (not raw.lstrip().startswith((b"{", b"[", b'"')) and (b"," in raw or b"\t" in raw)))
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def iter_jsonl(f: IO[bytes], name: str) -> Iterator[tuple[int, dict]]:
     first = True
     for lineno, raw in enumerate(f, 1):
-        if raw.isspace():
+        if lineno == 1 and raw.startswith(UTF8_BOM):  # Windows editors and Excel write one
+            raw = raw[len(UTF8_BOM):]
+        if not raw or raw.isspace():
             continue  # blank lines are allowed and ignored (documented in the README)
         try:
             rec = loads(raw)

@@ -182,6 +182,24 @@ def test_blank_lines_are_skipped_and_lines_counted(tmp_path):
     assert e.value.line == 5 and "invalid JSON" in str(e.value)
 
 
+@pytest.mark.parametrize("via", ["file", "stdin"])
+def test_a_leading_utf8_bom_is_skipped(tmp_path, monkeypatch, via):
+    """Windows editors save UTF-8 with a byte-order mark: not CSV, not bad JSON."""
+    data = b'\xef\xbb\xbf{"prompt_id": 1}\n{"prompt_id": 2}\n'
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(data)
+    if via == "stdin":
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BufferedReader(io.BytesIO(data))))
+    assert list(RecordReader("-" if via == "stdin" else str(p))) == [
+        (1, {"prompt_id": 1}), (2, {"prompt_id": 2})]
+    p.write_bytes(b'{"prompt_id": 1}\n\xef\xbb\xbf{"prompt_id": 2}\n')  # only at the start
+    with pytest.raises(DataError) as e:
+        read_all(p)
+    assert e.value.line == 2
+    p.write_bytes(b"\xef\xbb\xbf\n")  # a BOM and nothing else: an empty input
+    assert read_all(p) == []
+
+
 def test_truncated_last_line(tmp_path):
     p = tmp_path / "t.jsonl"
     p.write_bytes(b'{"prompt_id": 1}\n{"prompt_id": ')
