@@ -388,6 +388,10 @@ class EvalOptions(Options):
 
     def check(self) -> None:
         parse_ks(self.k, self.n, self.label("k"))
+        if self.n > 1 and self.temperature == 0:  # greedy: n copies of one answer
+            raise UsageError(f"{self.label('n')} > 1 needs {self.label('temperature')} > 0: "
+                             f"greedy samples are all the same answer (pass@k would be pass@1), "
+                             f"got n {self.n} at temperature 0")
 
 
 def parse_ks(k: str, n: int, label: str) -> list[int]:

@@ -88,8 +88,8 @@ def test_help_texts_list_registry_names():
 
 
 def test_toml_round_trip_and_tables(tmp_path):
-    cfg = load_config(None, {"temperature": 0.5, "eval_n": 3, "eval_k": "1,3", "lr": 2e-5,
-                             "sample_device": "cpu"})
+    cfg = load_config(None, {"temperature": 0.5, "eval_n": 3, "eval_temperature": 0.7,
+                             "eval_k": "1,3", "lr": 2e-5, "sample_device": "cpu"})
     path = tmp_path / "c.toml"
     path.write_text(dump_toml(cfg))
     again = load_config(str(path))
@@ -143,6 +143,8 @@ def test_bad_loop_flags_fail_like_the_stage_commands(tmp_path, args, needle):
     ("verify", ["--timeout", "inf"], "--timeout (verify.timeout) must be a finite number > 0"),
     ("eval", ["-m", "x", "-d", "y", "--limit", "-1"], "--limit (eval.limit) must be >= 1, got -1"),
     ("eval", ["-m", "x", "-d", "y", "--n", "2", "--k", "3"], "between 1 and n (2)"),
+    ("eval", ["-m", "x", "-d", "y", "-n", "4"],
+     "--n (eval.n) > 1 needs --temperature (eval.temperature) > 0: greedy samples"),
     ("train-step", ["-m", "x", "-o", "y", "--clip-low", "1.5"], "--clip-low (train.clip_low)"),
     ("train-step", ["-m", "x", "-o", "y", "--kl-coef", "0.1"], "needs --ref-model"),
 ])
@@ -158,6 +160,9 @@ def test_options_validate_in_library_code_too():
         AdvantageOptions(std="populaton")
     with pytest.raises(UsageError, match="needs --ref-model"):
         TrainOptions(kl_coef=0.1)
+    with pytest.raises(UsageError, match=r"eval.n\) > 1 needs .*eval.temperature\) > 0"):
+        EvalOptions(n=2)
+    assert EvalOptions(n=2, temperature=0.7, k="1,2").ks == [1, 2]
     assert dataclasses.replace(SampleOptions(), n=3).n == 3
 
 

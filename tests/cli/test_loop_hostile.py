@@ -67,6 +67,8 @@ CASES = [  # (id, TOML after the top-level lines, what the error names)
      "--warmup-steps (train.warmup_steps) must be <= --schedule-steps"),
     ("pass@k above n", '[eval]\nn = 2\nk = "1,4"\n',
      "--eval-k (eval.k) values must be between 1 and n (2)"),
+    ("greedy eval with n > 1", "[eval]\nn = 4\n",
+     "--eval-n (eval.n) > 1 needs --eval-temperature (eval.temperature) > 0"),
     # files that do not exist
     ("missing eval_data", 'eval_data = "{d}/nope.jsonl"\n',
      "--eval-data (eval_data): prompt data '{d}/nope.jsonl' is neither an existing file"),
