@@ -84,6 +84,60 @@ def test_buckets_and_batch_size_from_memory():
     assert pool_rows(1 << 30, 20_000, 256) == 32                  # halved until 30 % fit
 
 
+def test_unknown_modes_are_refused_on_any_device():
+    """A misspelt mode is an error, not silently off on a CPU or on with CUDA."""
+    from tcli.engines.cuda_graphs import graphs_enabled
+    from tcli.errors import UsageError
+
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        for mode in ("yes", "On", ""):
+            with pytest.raises(UsageError, match="--cuda-graphs must be one of auto, on, off"):
+                graphs_enabled(mode, device)
+
+
+def test_cached_bytes_per_token_count_keys_values_and_kv_heads():
+    """Keys and values, every layer, the key/value heads (not the query heads) and the dtype's
+    bytes; a config without head_dim or key/value heads falls back to hidden / heads."""
+    from types import SimpleNamespace
+
+    from tcli.engines.cuda_graphs import kv_bytes_per_token
+
+    gqa = SimpleNamespace(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+                          head_dim=16, hidden_size=64)
+    assert kv_bytes_per_token(gqa, torch.float32) == 2 * 3 * 2 * 16 * 4
+    assert kv_bytes_per_token(gqa, torch.bfloat16) == 2 * 3 * 2 * 16 * 2
+    plain = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=None,
+                            head_dim=None, hidden_size=32)
+    assert kv_bytes_per_token(plain, torch.float16) == 2 * 2 * 4 * 8 * 2
+    plain.num_key_value_heads = 2   # head_dim is hidden / query heads, whatever the kv heads
+    assert kv_bytes_per_token(plain, torch.float16) == 2 * 2 * 2 * 8 * 2
+
+
+def test_memory_limits_hold_at_both_ends():
+    """Huge free memory still caps --batch-tokens; a pool too big for the memory shrinks to a
+    single row rather than stopping at two."""
+    from tcli.engines.cuda_graphs import auto_batch_tokens, pool_rows
+
+    assert auto_batch_tokens(1 << 50, 512) == 1 << 22
+    assert auto_batch_tokens(1 << 50, 512, hi=1000) == 1000
+    assert pool_rows(1 << 20, 20_000, 256) == 1
+    assert pool_rows(1 << 20, 20_000, 256, most=8) == 1
+
+
+def test_a_full_pool_refuses_a_step(model):
+    """A pool whose columns are all written refuses the next token instead of writing past its
+    buffers (an index error on a CPU, a device-side assert with CUDA)."""
+    from tcli.engines.cuda_graphs import GraphPool
+
+    engine = _engine(model)
+    root = engine.prefill([[5, 6, 7]], [0], 0)
+    pool = GraphPool(engine, 2, 4, capture=False)
+    owner = pool.load(root.cache, torch.tensor([0]), 0, root.mask, root.pos)
+    assert owner.step(torch.tensor([8])).shape == (1, engine.model.config.vocab_size)
+    with pytest.raises(RuntimeError, match="the graph pool is full"):
+        owner.step(torch.tensor([9]))
+
+
 def test_cpu_defaults_are_unchanged(model):
     engine = _engine(model)
     assert not engine.cuda_graphs and engine.stop_every == 1 and engine._graphs is None
@@ -134,6 +188,21 @@ def test_rows_beyond_the_pool_continue_eagerly(model):
                                       real(st, tok))[1]
     assert _leaves(_run(engine, "entropy", 0.9)) == _leaves(ref)
     assert any(spilled) and not all(spilled)
+
+
+def test_more_roots_than_the_pool_holds_fork_a_slab_cache(model):
+    """An entropy tree forks all its prompts' roots at once: more of them than an existing pool
+    has rows go to an ordinary slab cache, samples unchanged."""
+    from tcli.engines.cuda_graphs import GraphPool
+
+    prompts = PROMPTS + [[4, 5], [6], [7, 8, 9]]
+    cfg = SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=12, seed=3)
+    rule = EntropyRule(2, 2, 0.5, 2)
+    ref = _engine(model).sample_entropy_tree(prompts, rule, cfg)
+    engine = _engine(model, pool=True)
+    engine._graphs.pool = GraphPool(engine, 4, 256, capture=False)
+    engine._graphs.max_rows = 4
+    assert _leaves(engine.sample_entropy_tree(prompts, rule, cfg)) == _leaves(ref)
 
 
 @pytest.mark.parametrize("every", [2, 3, 8])

@@ -257,6 +257,27 @@ def test_generic_path_uses_topk_estimates_that_never_exceed_the_entropy(engine):
     assert splits >= 3
 
 
+@pytest.mark.parametrize("kw", [dict(segment_tokens=6), dict(mode="independent", n=2)],
+                         ids=["entropy-tree", "independent"])
+def test_the_generic_path_records_the_top20_estimate(engine, kw):
+    """native=False runs what engines without exact entropies run: each recorded entropy is
+    topk_entropy of the 20 largest log-probs, below the exact entropy where the rest holds mass."""
+    from tcli.engines.sampling import ENTROPY_TOP_K
+
+    recs = _run(engine, _opts(max_new_tokens=12, temperature=1.0, **kw), prompts=PROMPTS[:2],
+                native=False)
+    below = 0.0
+    for r in recs:
+        p, t = r["prompt_token_ids"], r["token_ids"]
+        with torch.inference_mode():
+            logits = engine.model(input_ids=torch.tensor([p + t])).logits[0].float()
+        lp = torch.log_softmax(logits[len(p) - 1:len(p) - 1 + len(t)], -1)
+        want = topk_entropy(lp.topk(ENTROPY_TOP_K, -1).values.double().numpy())
+        assert np.allclose(r["entropies"], want, atol=1e-4)
+        below = max(below, float((_teacher_entropies(engine, r) - want).max()))
+    assert below > 1e-2   # the estimate is not the exact entropy
+
+
 def test_generate_entropy_contract(engine):
     ids = [[5, 6, 7], [8, 9]]
     cfg = SamplingConfig(temperature=0.8, max_new_tokens=6, seed=2)
@@ -299,6 +320,15 @@ def test_topk_entropy_packs_a_small_rest_into_one_token():
     # H_k = -0.5 ln 0.5 - 0.4 ln 0.4 - 0.1 ln min(0.4, 0.1)
     want = 0.5 * np.log(2) + 0.4 * np.log(2.5) + 0.1 * np.log(10)
     assert topk_entropy(np.log([0.5, 0.4]))[0] == pytest.approx(want, abs=1e-9)  # float64
+
+
+def test_topk_entropy_skips_masked_entries_when_mass_is_left():
+    """Fewer finite log-probs than k (vLLM may return fewer; the rest are -inf) with mass left
+    outside them: the rest is packed into tokens as likely as the smallest finite one."""
+    lp = [np.log(0.3), -np.inf, np.log(0.3)]
+    # H_k = -0.6 ln 0.3 - 0.4 ln min(0.3, 0.4) = -ln 0.3
+    assert topk_entropy([lp])[0] == pytest.approx(-np.log(0.3), abs=1e-9)
+    assert topk_entropy([[-np.inf, -np.inf]])[0] == 0.0   # nothing known: no estimate above 0
 
 
 def test_a_child_never_splits_at_its_own_first_token():

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tcli.engines.rng import _splitmix_int, _splitmix_np, child_key, uniforms, uniforms_at
+from tcli.engines.rng import (_splitmix_int, _splitmix_np, child_key, prompt_key, uniforms,
+                              uniforms_at)
 
 
 def test_vectorised_finaliser_is_the_integer_one():
@@ -24,3 +25,12 @@ def test_a_position_per_row_equals_each_row_alone():
     assert got.tolist() == want
     assert uniforms_at(keys, [5] * len(keys)).tolist() == uniforms(keys, 5).tolist()
     assert ((got >= 0) & (got < 1)).all()
+
+
+def test_any_integer_seed_has_its_own_stream():
+    """--seed takes any integer: negative and past-64-bit seeds key their own streams, and the
+    same seed and prompt always give the same key."""
+    ids = [5, 6, 7]
+    keys = [prompt_key(s, ids) for s in (-1, 1, -(2**70), 2**70, 0)]
+    assert len(set(keys)) == len(keys) and all(0 <= k < 2**64 for k in keys)
+    assert prompt_key(-1, ids) == prompt_key(-1, list(ids))

@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tcli.config.stages import SampleOptions  # noqa: E402
+from tcli.engines.sampling import SamplingConfig  # noqa: E402
 from tcli.stages.sample import sample_records  # noqa: E402
 
 PROMPTS = [{"id": "s", "prompt": "ab"}, {"id": "l", "prompt": "a much longer prompt, left padded"},
@@ -77,3 +78,54 @@ def test_slab_layer_writes_in_place_forks_and_grows():
     assert torch.equal(child.keys[:, :, 4:], k1[[0, 1, 1]].expand(-1, -1, 5, -1))
     child.batch_select_indices(torch.tensor([2]))
     assert child.keys.shape == (1, 3, 9, 4) and torch.equal(child.keys[0, :, :4], k[0, :, 2:])
+
+
+def _ab_model(path, **attention) -> str:
+    """A random Qwen3 over pad/eos/unk/a/b (EOS is likely, so rows end early) with the given
+    attention settings (sliding windows, say)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config
+
+    from tcli.models.checkpoint import save_pretrained_atomic
+    from tcli.models.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer("ab")
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      intermediate_size=64, tie_word_embeddings=True, bos_token_id=None,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **attention)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    return save_pretrained_atomic(str(path), model, tok, state={})
+
+
+@pytest.mark.parametrize("attention, kv", [
+    (dict(use_sliding_window=True, sliding_window=3, max_window_layers=0), "static"),
+    (dict(use_sliding_window=True, sliding_window=3, max_window_layers=1), "static"),
+    (dict(use_sliding_window=False), "dynamic"),
+], ids=["sliding", "mixed-sliding", "dynamic-cache"])
+def test_left_pad_trim_is_exact_for_every_cache_kind(one_torch_thread, tmp_path, monkeypatch,
+                                                     attention, kv):
+    """Rows of the short prompt continue without the long prompt's pad columns (a piece of
+    children that needs none): sliding-window layers cannot drop columns and must keep them,
+    transformers' DynamicCache drops exactly those; the log-probs stay a full forward's."""
+    from tcli.engines import hf
+    from tcli.engines.hf import HFEngine
+
+    engine = HFEngine(_ab_model(tmp_path / "ab", **attention), kv_cache=kv, batch_tokens=72)
+    trims, real = [], hf.trim_left
+    monkeypatch.setattr(hf, "trim_left", lambda cache, k: (trims.append(k), real(cache, k))[1])
+    prompts = [engine.tokenizer("a")["input_ids"], engine.tokenizer("ab" * 8)["input_ids"]]
+    for seed in range(5):
+        out = engine.sample_tree(prompts, 2, 3, 2, SamplingConfig(max_new_tokens=16, seed=seed))
+        for p, leaves in zip(prompts, out):
+            for lf in leaves:
+                with torch.inference_mode():
+                    logits = engine.model(input_ids=torch.tensor([p + lf.token_ids])).logits[0]
+                lp = torch.log_softmax(logits.float(), -1)[len(p) - 1:-1]
+                want = lp.gather(1, torch.tensor(lf.token_ids).unsqueeze(1)).squeeze(1)
+                assert torch.allclose(torch.tensor(lf.logprobs), want, atol=1e-4, rtol=0)
+        if trims:
+            break
+    assert trims   # the pad columns were cut (or kept, for sliding windows) at least once

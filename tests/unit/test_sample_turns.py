@@ -322,6 +322,20 @@ def test_records_carry_the_mask_turns_and_tool_counts(engine):
     assert all(r["node_path"] and r["segment_ends"][-1] == len(r["token_ids"]) for r in tree)
 
 
+def test_the_stage_passes_tree_shape_and_entropy_recording_to_episodes(engine):
+    """--branch tool --width 2 --depth 2 splits after tool results (two-level paths, more leaves
+    than the root's width), and --record-entropy gives every token its entropy, tools or not."""
+    tree = records(engine, mode="tree", branch="tool", width=2, depth=2, tools="rev",
+                   record_entropy=True)
+    assert max(len(r["node_path"]) for r in tree) == 2
+    by_prompt: dict = {}
+    for r in tree:
+        by_prompt.setdefault(r["prompt_id"], []).append(r)
+    assert max(map(len, by_prompt.values())) > 2 and all(len(g) <= 4 for g in by_prompt.values())
+    for r in tree + records(engine, record_entropy=True):
+        assert len(r["entropies"]) == len(r["token_ids"])
+
+
 def test_sampled_rollouts_train_without_gradient_from_environment_tokens(engine, model,
                                                                          monkeypatch):
     """sample (tools) | build-tree | advantages | train-step: the gradient w.r.t. every
