@@ -58,20 +58,11 @@ def train_step(
     """
     import sys
 
-    from tcli.models.checkpoint import check_checkpoint_target
     from tcli.train.dist import distributed, run_on_main
     from tcli.train.metrics import off_policy_note
     from tcli.train.trainer import Trainer
 
-    opts.require_span()
-    _check_lr_left(model, opts)
-    check_checkpoint_target(output, "-o/--output")
-    if not overwrite_model:
-        check_not_input(model, output, "--model", "--overwrite-model")
-    if metrics and metrics != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(metrics))):
-        raise UsageError(f"--metrics: directory does not exist: "
-                         f"{os.path.dirname(os.path.abspath(metrics))}")
-    refuse_same_file("--metrics", metrics, "the INPUT file", input)  # appended to: corrupted
+    _check_settings(input, model, output, metrics, opts, overwrite_model)
     def step(info) -> None:  # a function: the trainer is gone before the group is torn down
         samples, sampled = run_on_main(
             lambda: _read_samples(input, input_format, model, opts), info)
@@ -87,6 +78,23 @@ def train_step(
 
     with distributed(opts.device) as info:
         step(info)
+
+
+def _check_settings(input: str, model: str, output: str, metrics: str | None, opts,
+                    overwrite_model: bool) -> None:
+    """What can be refused before any record is read: a schedule with no lr left, an output that
+    is not tcli's to replace or is the start model, a metrics file that is the input."""
+    from tcli.models.checkpoint import check_checkpoint_target
+
+    opts.require_span()
+    _check_lr_left(model, opts)
+    check_checkpoint_target(output, "-o/--output")
+    if not overwrite_model:
+        check_not_input(model, output, "--model", "--overwrite-model")
+    if metrics and metrics != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(metrics))):
+        raise UsageError(f"--metrics: directory does not exist: "
+                         f"{os.path.dirname(os.path.abspath(metrics))}")
+    refuse_same_file("--metrics", metrics, "the INPUT file", input)  # appended to: corrupted
 
 
 def _check_lr_left(model: str, opts) -> None:
