@@ -84,7 +84,8 @@ class Loop:
         ev = cfg.eval
         self.eval_prompts = (loop_prompts(cfg, "eval_data", ev.limit or None, self.record_no)
                              if cfg.run.eval_data and ev.every else [])
-        check_prompts_encode(cfg, self.train_prompts, self.eval_prompts, self._locate)
+        self._on_main(lambda: check_prompts_encode(cfg, self.train_prompts, self.eval_prompts,
+                                                   self._locate))  # one rank says it
         self.best = -1.0
 
     # -- ranks ---------------------------------------------------------------------------
