@@ -106,10 +106,28 @@ def resolve_template(template: str | None) -> str:
     return template
 
 
+def choice_options(v) -> dict[str, str] | None:
+    """A record's ``choices`` as letter -> text, for the prompt and the verifier alike: an object
+    as it is, a list as A, B, C, ...; anything else is bad data."""
+    if v is None:
+        return None
+    if isinstance(v, list):
+        if len(v) > 26:
+            raise DataError("a list of choices has at most 26 options", field="choices")
+        v = {chr(65 + i): x for i, x in enumerate(v)}
+    if not isinstance(v, dict) or not all(
+            isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v.values()):
+        raise DataError("must be an object mapping letters to option texts (or a list of option "
+                        "texts)", field="choices")
+    return {str(k): str(x) for k, x in v.items()}
+
+
 def format_choices(choices) -> str:
-    if not isinstance(choices, dict) or not choices:
-        raise DataError("must be an object mapping letters to option texts", field="choices")
-    return "\n".join(f"{k}. {v}" for k, v in choices.items())
+    """The options as the {choices} placeholder shows them, one ``A. text`` line each."""
+    options = choice_options(choices)
+    if not options:
+        raise DataError("missing: the template shows {choices}", field="choices")
+    return "\n".join(f"{k}. {v}" for k, v in options.items())
 
 
 def template_name(rec: dict, template: str) -> str:
@@ -136,10 +154,8 @@ def check_choices_shown(rec: dict, template: str) -> None:
     """A multiple-choice record whose options the prompt never shows is answered blind and scored
     as if it were not (a checkpoint trained with ``boxed`` evaluated on medqa): refused, unless
     the prompt text already holds every option."""
-    choices = rec.get("choices")
-    if not isinstance(choices, dict) or not choices:
-        return
-    if all(isinstance(v, str) and v in rec["prompt"] for v in choices.values()):
+    choices = choice_options(rec.get("choices"))
+    if not choices or all(v in rec["prompt"] for v in choices.values()):
         return
     name = next((k for k, v in PROMPT_TEMPLATES.items() if v == template), "custom")
     raise UsageError(f"prompt {rec.get('id')!r} has choices, but the prompt template ({name}) "

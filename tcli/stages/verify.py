@@ -42,6 +42,7 @@ from decimal import Decimal
 from typing import Callable, Iterable, Iterator, Sequence
 
 from tcli.errors import DataError, TcliError
+from tcli.prompts import choice_options
 from tcli.records import drop_reward_derived
 from tcli.verifiers.call import checked, crashed, int_str, is_crash, run_one, timed_out
 from tcli.verifiers.pool import DeadlinePool, Failure, default_workers
@@ -86,19 +87,11 @@ def _answer_str(v, file: str, line: int) -> str:
 
 
 def _choices(v, file: str, line: int):
-    """Choices as letter -> text; a list becomes A, B, C, ..."""
-    if v is None:
-        return None
-    if isinstance(v, list):
-        if len(v) > 26:
-            raise DataError("a list of choices has at most 26 options", file=file, line=line,
-                            field="choices")
-        v = {chr(65 + i): x for i, x in enumerate(v)}
-    if not isinstance(v, dict) or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool)
-                                          for x in v.values()):
-        raise DataError("must be an object mapping letters to option texts", file=file, line=line,
-                        field="choices")
-    return {str(k): str(x) for k, x in v.items()}
+    """Choices as letter -> text (``choice_options``: a list becomes A, B, C, ...)."""
+    try:
+        return choice_options(v)
+    except DataError as e:
+        raise e.located(file, line) from None
 
 
 def prepare(line: int, rec: dict, file: str, tasks: Tasks):

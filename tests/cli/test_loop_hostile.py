@@ -132,13 +132,13 @@ def test_config_and_resume_together_is_a_usage_error(loop_model, tmp_path):
 @pytest.mark.parametrize("key,line,needle", [
     ("train_data", '{"id": "m", "messages": [{"role": "system", "content": "be brief"}, '
      '{"role": "user", "content": "2+2"}], "answer": "4"}', "field 'messages': a conversation"),
-    ("eval_data", '{"id": "c", "prompt": "Pick", "answer": "A", "choices": ["x", "y"]}',
+    ("eval_data", '{"id": "c", "prompt": "Pick", "answer": "A", "choices": "x, y"}',
      "field 'choices': must be an object"),
 ])
 def test_a_prompt_sampling_cannot_encode_is_found_before_the_run_directory(
         loop_model, tmp_path, key, line, needle):
     """A record that reads but cannot be rendered for the model (a conversation without a chat
-    template, options given as a list) exits 65 naming file and line, and leaves no run behind:
+    template, options given as one string) exits 65 naming file and line, and leaves no run behind:
     the corrected command then starts a fresh run."""
     d, _ = loop_model
     bad = tmp_path / "bad.jsonl"

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import failed, run_tcli
 from tcli.config.stages import PromptOptions
-from tcli.errors import DataError
+from tcli.errors import DataError, UsageError
 from tcli.prompts import read_prompts
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -127,13 +127,13 @@ SYSTEM_AND_USER = [{"role": "system", "content": "x"}, {"role": "user", "content
 
 
 @pytest.mark.parametrize("bad, flags, field, words", [
-    ({"choices": ["x", "y"]}, [], "choices", "must be an object mapping letters"),
+    ({"choices": "x, y"}, [], "choices", "must be an object mapping letters"),
     ({"messages": SYSTEM_AND_USER, "prompt": None, "choices": None}, ["--no-chat-template"],
      "messages", "needs a chat template"),
     ({"choices": None}, ["--prompt-template", "choice"], "choices",
-     "must be an object mapping letters"),
+     "missing: the template shows {choices}"),
     ({"answer": "C"}, [], "answer", "'C' is not one of the options (A, B)"),
-], ids=["choices a list", "messages without a chat template", "choice template without choices",
+], ids=["choices a string", "messages without a chat template", "choice template without choices",
         "gold not among the choices"])
 def test_eval_names_the_data_file_and_line_of_a_bad_record(tmp_path, chat_model, bad, flags,
                                                            field, words):
@@ -147,6 +147,22 @@ def test_eval_names_the_data_file_and_line_of_a_bad_record(tmp_path, chat_model,
                   "0", "-o", out, "-q", *flags])
     failed(r, 65, f"{f}:3: field '{field}'", words)
     assert not out.exists()
+
+
+def test_a_list_of_choices_is_lettered_alike_for_the_prompt_and_the_verifier():
+    """choices ["x", "y"] are options A and B both where the prompt shows them and where the
+    choice verifier reads an answer, so a list is as good as {"A": "x", "B": "y"}."""
+    from tcli.prompts import PROMPT_TEMPLATES, check_choices_shown, render_prompt
+    from tcli.stages.verify import _choices
+
+    as_list = {"id": "l", "prompt": "Pick", "choices": ["x", "y"]}
+    as_dict = {**as_list, "choices": {"A": "x", "B": "y"}}
+    shown = render_prompt(as_list, PROMPT_TEMPLATES["choice"])
+    assert "A. x\nB. y" in shown and shown == render_prompt(as_dict, PROMPT_TEMPLATES["choice"])
+    assert _choices(as_list["choices"], "f", 1) == as_dict["choices"]
+    with pytest.raises(UsageError, match="does not show them"):
+        check_choices_shown(as_list, PROMPT_TEMPLATES["boxed"])
+    check_choices_shown({**as_list, "prompt": "Pick x or y"}, PROMPT_TEMPLATES["boxed"])
 
 
 def test_a_loop_eval_names_the_data_file_and_line(tmp_path, loop_model):
