@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from tcli.algos.gradient_error import MIN_MARKED, excludes_zero  # noqa: E402
 from tcli.config.loop import load_config  # noqa: E402
 from tcli.errors import UsageError  # noqa: E402
 from tcli.plot import read_metrics  # noqa: E402
@@ -201,6 +202,7 @@ def summarise(runs: dict[str, dict[int, str]], baseline: str = BASELINE) -> dict
             row[f"acc_{key}"] = acc
             paired = sorted(set(acc) & set(base))
             if m != baseline and paired:
+                row["paired"] = len(paired)
                 ref = [at(base[s][key], base[s]["acc"], x(s)) for s in paired]
                 row[f"diff_{key}"] = paired_bootstrap([acc[s] for s in paired], ref)
         for k, f in (("initial", lambda c: c["acc"][0]), ("branch_share", lambda c: c["branch_share"]),
@@ -215,11 +217,11 @@ def _ms(v: dict) -> str:
     return f"{np.mean(x):.3f} ± {np.std(x):.3f}" if len(x) > 1 else f"{x[0]:.3f}"
 
 
-def _ci(d) -> str:
+def _ci(d, n: int) -> str:
     if d is None:
         return "—"
     mean, lo, hi = d
-    mark = " *" if lo > 0 or hi < 0 else ""
+    mark = " *" if excludes_zero(lo, hi, n) else ""
     return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark}"
 
 
@@ -238,8 +240,8 @@ def table(s: dict) -> str:
     for m, r in s["methods"].items():
         share = "—" if math.isnan(r["branch_share"]) else f"{r['branch_share']:.3f}"
         rows.append(f"| {m} | {len(r['seeds'])} | {r['initial']:.3f} | {_ms(r['acc_tokens'])} "
-                    f"| {_ci(r.get('diff_tokens'))} | {_ms(r['acc_wall'])} "
-                    f"| {_ci(r.get('diff_wall'))} | {share} | {r['steps']:.0f} "
+                    f"| {_ci(r.get('diff_tokens'), r.get('paired', 0))} | {_ms(r['acc_wall'])} "
+                    f"| {_ci(r.get('diff_wall'), r.get('paired', 0))} | {share} | {r['steps']:.0f} "
                     f"| {r['wall_s']:.0f} |")
     return "\n".join(rows)
 
@@ -360,7 +362,8 @@ def compare(a: argparse.Namespace) -> int:
              for m, why in sorted(skipped.items())]
     with open(os.path.join(a.out, "compare.md"), "w") as f:
         f.write(f"config {a.config}, seeds {a.seeds}, token budget {a.token_budget} per run; "
-                f"Δ: paired bootstrap over seeds, * = CI excludes 0\n\n{md}\n"
+                f"Δ: paired bootstrap over seeds, * = CI excludes 0 (from {MIN_MARKED} seeds "
+                f"on)\n\n{md}\n"
                 + "".join(f"\n{n}" for n in notes) + "\n")
     with open(os.path.join(a.out, "compare.json"), "w") as f:
         json.dump({**s, "skipped": sorted(skipped)}, f, indent=1)

@@ -34,7 +34,8 @@ if ROOT not in sys.path:
 
 from examples.gradient_error_methods import (METHODS, SAMPLE_KEYS, check_n,  # noqa: E402
                                              reference_row, regime, sample_groups)
-from tcli.algos.gradient_error import bootstrap_ci, cosine, ls_scale, rel_mse  # noqa: E402
+from tcli.algos.gradient_error import (bootstrap_ci, cosine, excludes_zero, ls_scale,  # noqa: E402
+                                       rel_mse)
 from tcli.config.loop import load_config  # noqa: E402
 from tcli.errors import TcliError, UsageError  # noqa: E402
 
@@ -222,8 +223,20 @@ def paired(rows: list[dict], seed: int = 0, baseline: str = "rloo") -> list[dict
     return rows
 
 
+NOISE_WARN = 0.1  # the reference's own expected rel_mse above which the figures mean little
+
+
+def noisy_reference(noise: float) -> str:
+    """A warning when the reference gradient is too noisy to measure errors against, else ''."""
+    if noise <= NOISE_WARN:
+        return ""
+    return (f"warning: the reference's own relative error is {noise:.3f} (> {NOISE_WARN}): "
+            "rel_mse below about that is noise; raise --ref-samples")
+
+
 def markdown(out: dict, baseline: str = "rloo") -> str:
-    """The summary as a markdown table, one row per (budget, method)."""
+    """The summary as a markdown table, one row per (budget, method), after the warning of a
+    noisy reference."""
     def ci(x) -> str:
         return f"{x[0]:.3f} [{x[1]:.3f}, {x[2]:.3f}]"
 
@@ -232,11 +245,12 @@ def markdown(out: dict, baseline: str = "rloo") -> str:
              "| cosine (95 % CI) |", "|---|---|---|---|---|---|"]
     for r in sorted(out["rows"], key=lambda r: r["budget"]):
         d = r.get(key)
-        mark = " *" if d and (d[1] > 0 or d[2] < 0) else ""
+        mark = " *" if d and excludes_zero(d[1], d[2], r["repeats"]) else ""
         dd = f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]{mark}" if d else "—"
         lines.append(f"| {r['budget']} | {r['method']} | {r['tokens_mean']:.0f} | "
                      f"{ci(r['rel_mse'])} | {dd} | {ci(r['cosine'])} |")
-    return "\n".join(lines)
+    warning = noisy_reference(out.get("ref_noise", 0.0))
+    return "\n".join(([warning, ""] if warning else []) + lines)
 
 
 def line(row: dict) -> str:
@@ -305,6 +319,8 @@ def run(a: argparse.Namespace) -> dict:
         ref = reference(s, seed_of(a.seed, "reference"))
         a.log(f"reference: {ref['tokens']} tokens, noise {ref['noise']:.4f}, {s.n_params} "
               f"parameters ({s.spec}), {time.perf_counter() - t0:.0f}s")
+        if noisy_reference(ref["noise"]):
+            a.log(noisy_reference(ref["noise"]))
         rows = summarise(measure(s, a, ref["g"]), a)
     finally:
         if s.pool is not None:

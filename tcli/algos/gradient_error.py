@@ -46,3 +46,12 @@ def bootstrap_ci(values, level: float = 0.95, n_boot: int = 10000,
     alpha = (1.0 - level) / 2
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return float(x.mean()), float(lo), float(hi)
+
+
+MIN_MARKED = 5  # pairs below which a bootstrap interval is too coarse to call a difference
+
+
+def excludes_zero(lo: float, hi: float, n: int) -> bool:
+    """Whether a reported difference gets its ``*``: the interval excludes 0, from ``MIN_MARKED``
+    pairs on (one pair's interval is a point, two of one sign always exclude 0)."""
+    return n >= MIN_MARKED and (lo > 0 or hi < 0)

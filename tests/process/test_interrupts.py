@@ -67,8 +67,10 @@ def test_loop_terminated_exits_143_and_resumes(arith, tmp_path):
             "--workers", "1"]
     p = _popen(args)
     # any complete checkpoint: step_1 alone may be pruned (keep_last) before a busy poll sees it,
-    # and the run is far too long to end before the signal
-    saved = lambda: any((run / "checkpoints").glob("step_*/tcli_state.json"))  # noqa: E731
+    # and the run is far too long to end before the signal; a step_N.tmp-XXXXXXXX being written
+    # holds a state file too, and the signal removes it
+    saved = lambda: any(p.parent.name[5:].isdigit()  # noqa: E731
+                        for p in (run / "checkpoints").glob("step_*/tcli_state.json"))
     rc, err = _signal_after(p, signal.SIGTERM, saved)
     assert rc == 143 and "terminated" in err and "Traceback" not in err
     steps = [int(n.split("_")[1]) for n in os.listdir(run / "checkpoints") if n.startswith("step_")]

@@ -29,6 +29,17 @@ def test_paired_bootstrap_exact_on_hand_computed_cases():
     assert paired_bootstrap(a, b) == pytest.approx((0.05, 0.05, 0.05))
 
 
+def test_a_difference_is_starred_only_from_five_pairs_on():
+    """One seed's interval is a point and two seeds of one sign always exclude 0: neither is
+    evidence, so the table marks nothing below five paired seeds."""
+    summary = {"equal_tokens": 100.0, "equal_wall_s": {0: 5.0}, "baseline": "grpo", "methods": {
+        m: {"seeds": list(range(n)), "initial": 0.1, "acc_tokens": {0: 0.5}, "acc_wall": {0: 0.5},
+            "diff_tokens": (0.01, 0.01, 0.01), "diff_wall": (0.02, 0.01, 0.03), "paired": n,
+            "branch_share": 0.1, "steps": 3, "wall_s": 5.0} for m, n in (("few", 4), ("five", 5))}}
+    rows = {r.split("|")[1].strip(): r for r in compare.table(summary).splitlines()[2:]}
+    assert "*" not in rows["few"] and rows["five"].count(" *") == 2
+
+
 def test_the_default_methods_fit_the_task():
     """Without tools in the config the tool-aware trees are left out (they could not run); with
     tools every method is in."""

@@ -213,7 +213,18 @@ def test_cli_prints_one_line_per_method_and_budget_and_writes_json(task_toml, tm
             assert row["d_rel_mse_vs_rloo"][0] == pytest.approx(
                 row["rel_mse"][0] - base["rel_mse"][0], abs=1e-12)
     table = (tmp_path / "ge.md").read_text().splitlines()
+    if data["ref_noise"] > ge.NOISE_WARN:  # 8 reference samples: said above the table
+        assert table[0].startswith("warning: the reference's own relative error is")
+        table = table[2:]
     assert len(table) == 2 + 6 and table[0].startswith("| budget | method |")
+    assert " *" not in "\n".join(table)  # two repeats mark no difference
+
+
+def test_a_noisy_reference_is_said():
+    from examples import gradient_error as ge
+
+    assert ge.noisy_reference(0.05) == ""
+    assert "raise --ref-samples" in ge.noisy_reference(0.5)
 
 
 def test_regime_options_reshape_every_method_and_expand_adds_verified_leaves(task_toml, capsys):
