@@ -5,6 +5,7 @@
 
 PYTHON ?= python3
 VENV   ?= .venv
+export VENV  # the example scripts run $(VENV)/bin/python and tcli too
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 STAMP   = $(VENV)/.tcli-installed

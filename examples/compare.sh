@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TASK="${TASK:-countdown}"
 CONFIG=$(bash examples/prepare_task.sh "$TASK")
-exec .venv/bin/python examples/compare.py --config "$CONFIG" --out "${OUT:-runs/compare-$(basename "$TASK" .toml)}" "$@"
+exec ${VENV:-.venv}/bin/python examples/compare.py --config "$CONFIG" --out "${OUT:-runs/compare-$(basename "$TASK" .toml)}" "$@"

@@ -3,7 +3,7 @@
 #   verify -> build-tree -> advantages, every intermediate file kept for inspection.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TCLI="${TCLI:-.venv/bin/tcli}"
+TCLI="${TCLI:-${VENV:-.venv}/bin/tcli}"
 out="${OUT:-runs/pipeline-demo}"
 mkdir -p "$out"
 in=examples/rollouts/gsm8k_example.jsonl
@@ -32,4 +32,5 @@ for a, b in zip(g, t):
           + ", ".join(f"{text[i]!r}@{i}:{b['advantages'][i]:+.2f}" for i in diffs[:6]))
 PY
 echo
-echo "Intermediate files in $out/"
+echo "Intermediate files in $out/:"
+ls "$out"

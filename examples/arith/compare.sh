@@ -5,4 +5,4 @@
 # Needs the warm start from `make demo` (runs/demo/sft). Takes ~15-25 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-.venv/bin/python examples/arith/compare.py --out "${OUT:-runs/compare}" "$@"
+${VENV:-.venv}/bin/python examples/arith/compare.py --out "${OUT:-runs/compare}" "$@"

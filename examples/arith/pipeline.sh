@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STEPS="${1:-5}"
-T=.venv/bin/tcli
-PY=.venv/bin/python
+T=${VENV:-.venv}/bin/tcli
+PY=${VENV:-.venv}/bin/python
 OUT=runs/pipeline
 DATA=runs/demo/data
 ckpt=runs/demo/sft

