@@ -296,9 +296,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--methods", default=None,
                     help=f"Comma-separated, from: {', '.join(METHODS)} (default: all that fit "
                     "the task; the -tool methods need tools in the config).")
-    ap.add_argument("--seeds", default="0,1,2,3,4", help="Comma-separated seeds (default 5).")
-    ap.add_argument("--token-budget", type=int, default=150_000, help="Sampled tokens per run.")
-    ap.add_argument("--eval-every", type=int, default=10, help="Steps between evaluations.")
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="Comma-separated seeds (default 0,1,2,3,4).")
+    ap.add_argument("--token-budget", type=int, default=150_000, help="Sampled tokens per run (default 150000).")
+    ap.add_argument("--eval-every", type=int, default=10, help="Steps between evaluations (default 10).")
     ap.add_argument("--model", default=None, help="Warm start (default: the config's model).")
     ap.add_argument("--set", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                     help="Loop setting for every method (or one), e.g. eval_limit=100, "

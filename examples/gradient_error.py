@@ -267,11 +267,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", help="Checkpoint (default: the config's model).")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"Comma-separated, from: {', '.join(METHODS)} (default all).")
-    ap.add_argument("--budgets", default="2048,4096", help="Sampled tokens per batch.")
-    ap.add_argument("--repeats", type=int, default=16, help="Independent batches per budget.")
+    ap.add_argument("--budgets", default="2048,4096", help="Sampled tokens per batch, comma-separated (default 2048,4096).")
+    ap.add_argument("--repeats", type=int, default=16, help="Independent batches per budget (default 16).")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prompts", type=int, default=16, help="Size of the fixed prompt set.")
-    ap.add_argument("--ref-samples", type=int, default=256, help="Reference responses/prompt.")
+    ap.add_argument("--prompts", type=int, default=16, help="Size of the fixed prompt set (default 16).")
+    ap.add_argument("--ref-samples", type=int, default=256, help="Reference responses per prompt (default 256).")
     ap.add_argument("--params", help="Gradient subset: all or last:K (blocks, final norm, head "
                     "unless tied); default per task (all; real: last:2).")
     ap.add_argument("--n", type=int, help="Leaves per prompt for every method: n independent "
