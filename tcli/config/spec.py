@@ -109,9 +109,9 @@ def _items(item: type, value: Any, label: str) -> tuple:
     out = []
     for v in value if isinstance(value, (list, tuple)) else [value]:
         for x in ([p.strip() for p in v.split(",")] if isinstance(v, str) else [v]):
-            if item is float and isinstance(x, str):
+            if item in (float, int) and isinstance(x, str):
                 try:
-                    x = float(x)
+                    x = item(x)
                 except ValueError:
                     x = None
             if item is float and isinstance(x, int) and not isinstance(x, bool):

@@ -378,7 +378,8 @@ class EvalOptions(Options):
 
     n: int = like(SampleOptions, "n", 1)
     temperature: float = like(SampleOptions, "temperature", 0.0)
-    k: str = setting("1", "Comma-separated k for unbiased pass@k (each between 1 and n).")
+    k: tuple[int, ...] = setting((1,), "k for unbiased pass@k, each between 1 and n (1,4; a list "
+                                 "in TOML).")
     limit: Optional[int] = setting(None, "Evaluate only the first N prompts, N >= 1 (default: "
                                    "all).", check=at_least(1))  # never 0 for "all"
 
@@ -394,13 +395,11 @@ class EvalOptions(Options):
                              f"got n {self.n} at temperature 0")
 
 
-def parse_ks(k: str, n: int, label: str) -> list[int]:
-    try:
-        ks = sorted({int(x) for x in k.split(",") if x.strip()})
-    except ValueError:
-        raise UsageError(f"{label} must be comma-separated integers, got {k!r}") from None
+def parse_ks(k: tuple[int, ...], n: int, label: str) -> list[int]:
+    ks = sorted(set(k))
     if not ks or min(ks) < 1 or max(ks) > n:
-        raise UsageError(f"{label} values must be between 1 and n ({n}), got {k!r}")
+        raise UsageError(f"{label} values must be between 1 and n ({n}), got "
+                         f"{','.join(map(str, k))!r}")
     return ks
 
 

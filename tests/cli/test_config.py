@@ -163,6 +163,9 @@ def test_options_validate_in_library_code_too():
     with pytest.raises(UsageError, match=r"eval.n\) > 1 needs .*eval.temperature\) > 0"):
         EvalOptions(n=2)
     assert EvalOptions(n=2, temperature=0.7, k="1,2").ks == [1, 2]
+    assert EvalOptions(n=4, temperature=0.7, k=[4, 1]).ks == [1, 4]  # a TOML list, as a flag's
+    with pytest.raises(UsageError, match=r"--k \(eval.k\) must be an integer or a list of them"):
+        EvalOptions(n=4, temperature=0.7, k="1,x")
     assert dataclasses.replace(SampleOptions(), n=3).n == 3
 
 
