@@ -179,7 +179,7 @@ def _encode_chunk(chunk, tok, tmpl: str, chat_template, seen: SeenKeys, fields=N
 def check_context(chunk, ids: list[list[int]], max_new_tokens: int, limit: int | None) -> None:
     """A prompt whose response may run past the model's positions is refused: past them an
     absolute-position model fails and a rotary one degrades without a word."""
-    for (index, rec), p in zip(chunk, ids):
+    for (index, _), p in zip(chunk, ids):
         if limit and len(p) + max_new_tokens > limit:
             e = DataError(f"{len(p)} prompt tokens + max_new_tokens {max_new_tokens} = "
                           f"{len(p) + max_new_tokens} exceed the model's {limit} positions: "
