@@ -132,6 +132,19 @@ def refuse_same_file(flag: str, path: str | None, what: str, other: str | None) 
                          "file)")
 
 
+def check_not_input(start: str, output: str, flag: str, override: str = "") -> None:
+    """Writing the new checkpoint over the one it starts from (``flag``) would lose the start for
+    good, unless the ``override`` flag says that is meant: ``refuse_same_file`` for directories."""
+    import os
+
+    from tcli.errors import UsageError
+
+    if os.path.realpath(start) == os.path.realpath(output):
+        raise UsageError(f"-o/--output {output} is the input checkpoint {flag} {start}; write "
+                         "the new checkpoint to another directory"
+                         + (f" (or give {override})" if override else ""))
+
+
 def located(e: DataError, name: str, lines: list[int]) -> DataError:
     """A stage's error (which knows the record's index in its group) at the record's line."""
     idx = getattr(e, "index", None)

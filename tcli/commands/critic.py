@@ -114,7 +114,8 @@ def train_critic(
     import os
     import sys
 
-    from tcli.commands.train import check_not_input, read_train_input
+    from tcli.commands.common import check_not_input
+    from tcli.commands.train import read_train_input
     from tcli.io import dumps
     from tcli.models.checkpoint import check_checkpoint_target
     from tcli.train.critic import CriticTrainer, critic_samples

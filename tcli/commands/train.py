@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from tcli.commands.common import (InputArg, InputFormatOpt, QuietOpt, SeedOpt, progress_enabled,
-                                  refuse_same_file)
+from tcli.commands.common import (InputArg, InputFormatOpt, QuietOpt, SeedOpt, check_not_input,
+                                  progress_enabled, refuse_same_file)
 from tcli.config.flags import Without, options_command
 from tcli.config.spec import settings_of
 from tcli.config.stages import SampleOptions, ThreadOptions, TrainOptions
@@ -109,15 +109,6 @@ def _check_lr_left(model: str, opts) -> None:
                          f"{opts.lr_schedule} lr schedule (--schedule-steps {opts.schedule_steps}"
                          "): this step would train at lr 0; give a longer --schedule-steps, "
                          "or --min-lr-ratio > 0")
-
-
-def check_not_input(start: str, output: str, flag: str, override: str = "") -> None:
-    """Writing the new checkpoint over the one it starts from (``flag``) would lose the start for
-    good, unless the ``override`` flag says that is meant."""
-    if os.path.realpath(start) == os.path.realpath(output):
-        raise UsageError(f"-o/--output {output} is the input checkpoint {flag} {start}; write "
-                         "the new checkpoint to another directory"
-                         + (f" (or give {override})" if override else ""))
 
 
 def _recorded(model: str, sampled: dict, sampling: SampleOptions) -> dict:

