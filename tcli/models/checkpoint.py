@@ -8,9 +8,10 @@ the same parent removes a ``*.tmp-*`` / ``*.old-*`` directory only when it has t
 live process holds its lock, so the leftovers of a killed write are cleaned up and nothing else
 (a user's directory, a writer still running) is ever touched.
 
-The target must be absent, an empty directory or a checkpoint (it has ``config.json`` or
-``tcli_state.json``); anything else (a regular file, a symbolic link, another non-empty
-directory) is refused with a UsageError before anything is written.
+The target must be absent, an empty directory or a checkpoint tcli wrote (it has
+``tcli_state.json``) holding nothing tcli did not write there (:func:`foreign_files`); anything
+else (a regular file, a symbolic link, a downloaded model, a user's file inside a checkpoint) is
+refused with a UsageError before anything is written.
 """
 
 from __future__ import annotations
@@ -26,36 +27,14 @@ import threading
 
 import orjson
 
-from tcli.errors import DataError, TcliError, UsageError
+from tcli.errors import DataError, TcliError
 from tcli.models.files import read_json_object
+from tcli.models.ownership import (FILES, MARKER, STATE_FILE, check_checkpoint_target,  # noqa: F401
+                                   entries)
 
-STATE_FILE = "tcli_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
-CHECKPOINT_FILES = ("config.json", STATE_FILE)
-MARKER = ".tcli-partial-checkpoint"
 _MAGIC = b"tcli partial checkpoint: safe to delete when no process holds its lock\n"
 _LEFTOVER = re.compile(r".+\.(tmp|old)-[A-Za-z0-9_]{8}")
-
-
-# ----------------------------------------------------------------------------- the target
-
-def check_checkpoint_target(out_dir: str, label: str = "checkpoint directory") -> None:
-    """UsageError unless ``out_dir`` may be (re)written: absent, an empty directory or a checkpoint."""
-    if not out_dir:
-        raise UsageError(f"{label} must name a directory")
-    if os.path.islink(out_dir):
-        raise UsageError(f"{label} {out_dir} is a symbolic link; refusing to replace it "
-                         "(give the real directory)")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"{label} {out_dir} is a file, not a checkpoint directory; "
-                         "refusing to replace it")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not is_checkpoint(out_dir):
-        raise UsageError(f"{label} {out_dir} is a non-empty directory that is not a checkpoint "
-                         f"(no {' or '.join(CHECKPOINT_FILES)}); refusing to replace it")
-
-
-def is_checkpoint(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -117,9 +96,11 @@ def _write(tmp: str, model, tokenizer, state, optimizer) -> None:
         # ENOSPC into "unexpected pos ...")
         with open(os.path.join(tmp, OPTIMIZER_FILE), "wb") as f:
             torch.save(optimizer.state_dict(), f)
-    if state is not None:
+    if state is not None:  # last, listing everything written (itself too)
+        files = sorted([n for n in entries(tmp) if n != MARKER] + [STATE_FILE])
         with open(os.path.join(tmp, STATE_FILE), "wb") as f:
-            f.write(orjson.dumps(state, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+            f.write(orjson.dumps({**state, FILES: files},
+                                 option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
 
 
 def _put_in_place(tmp: str, out_dir: str, existed: bool) -> str | None:
