@@ -45,6 +45,7 @@ class RunDir:
     path: str
     warn: Callable[[str], None] = lambda s: None
     _lock_fd: int | None = field(default=None, repr=False)
+    _kept: set = field(default_factory=set, repr=False)  # old checkpoints pruning leaves
 
     checkpoints = property(lambda self: os.path.join(self.path, "checkpoints"))
     rollouts = property(lambda self: os.path.join(self.path, "rollouts"))
@@ -158,10 +159,16 @@ class RunDir:
             if name == LOCK:
                 continue
             if name in ("checkpoints", "rollouts") and _is_dir(path):
-                mine = self._own_checkpoint if name == "checkpoints" else _own_rollout
+                ckpts = name == "checkpoints"
+                mine = self._own_checkpoint if ckpts else _own_rollout
                 for sub in sorted(os.listdir(path)):
                     p = os.path.join(path, sub)
-                    (ours if mine(p) else others).append(p)
+                    if not mine(p):
+                        others.append(p)
+                    elif ckpts and (foreign := _foreign(p)):
+                        others.extend(foreign)  # the checkpoint stays whole, named by them
+                    else:
+                        ours.append(p)
                 ours.append(path)
             elif (_is_file(path) and (name in _TOP_FILES or _TOP_TEMP.match(name))) \
                     or self._own_tensorboard(path):
@@ -173,7 +180,7 @@ class RunDir:
     @staticmethod
     def _own_checkpoint(path: str) -> bool:
         """A tcli checkpoint (its state file), or a partial one (the writer's marker), under one
-        of the names the loop writes."""
+        of the names the loop writes (a file a user put in it is not: :func:`_foreign`)."""
         from tcli.models.checkpoint import MARKER, STATE_FILE
 
         name = os.path.basename(path)
@@ -232,10 +239,16 @@ class RunDir:
         return sorted(steps)
 
     def prune(self, keep_last: int) -> None:
-        """Delete complete step checkpoints beyond the newest ``keep_last`` (only those)."""
+        """Delete complete step checkpoints beyond the newest ``keep_last`` (only those); one
+        holding a file tcli did not write stays whole, said once."""
         for s in self.complete_steps()[:-keep_last]:
-            shutil.rmtree(self.ckpt(s), ignore_errors=True)
-            shutil.rmtree(self.critic_ckpt(s), ignore_errors=True)
+            for path in (self.ckpt(s), self.critic_ckpt(s)):
+                foreign = _foreign(path)
+                if not foreign:
+                    shutil.rmtree(path, ignore_errors=True)
+                elif path not in self._kept:
+                    self._kept.add(path)
+                    self.warn(f"keeping {path}: it holds {foreign[0]}, which tcli did not write")
 
     def set_best(self, step: int) -> None:
         """best/ becomes a copy of step_N, swapped in atomically; an existing best/ that is not a
@@ -244,6 +257,10 @@ class RunDir:
 
         if os.path.exists(self.best) and not os.path.exists(os.path.join(self.best, STATE_FILE)):
             raise UsageError(f"{self.best} exists and is not a tcli checkpoint; not replacing it")
+        foreign = _foreign(self.best)
+        if foreign:
+            raise UsageError(f"{self.best} holds {foreign[0]}, which tcli did not write; not "
+                             "replacing it (move that away and --resume)")
         tmp = self.best + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)  # a partial copy of a killed run (our own name)
         shutil.copytree(self.ckpt(step), tmp)
@@ -275,6 +292,19 @@ def _is_dir(path: str) -> bool:
 
 def _is_file(path: str) -> bool:
     return os.path.isfile(path) and not os.path.islink(path)
+
+
+def _foreign(ckpt: str) -> list[str]:
+    """What in a checkpoint directory tcli did not write: the files a user put in it, or the
+    directory itself when it has no state file; [] for a partial one (its temporary directory
+    is all tcli's) or one that is not there."""
+    from tcli.models.ownership import STATE_FILE, foreign_files
+
+    if _CKPT_TEMP.match(os.path.basename(ckpt)) or not os.path.lexists(ckpt):
+        return []
+    if not _is_dir(ckpt) or not os.path.isfile(os.path.join(ckpt, STATE_FILE)):
+        return [ckpt]
+    return foreign_files(ckpt)
 
 
 def _own_rollout(path: str) -> bool:

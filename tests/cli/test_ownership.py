@@ -121,3 +121,79 @@ def test_a_checkpoint_older_than_its_file_list_is_told_apart_by_names(made, tmp_
     (out / "my_model.bin").unlink()
     r = run_tcli([*argv, "-q"])
     assert r.returncode == 0, r.stderr.decode()
+
+
+# ----------------------------------------------------------------------------- a loop's run
+
+REWARD = "tcli_test_ownership_reward"
+PLUGIN = """
+def score(text, answer, record):
+    return float(text.split("####")[-1].strip() == str(answer)), {}
+"""
+
+
+@pytest.fixture(scope="module")
+def loop_setup(tmp_path_factory):
+    """(directory, model): the arith model, LOOP_PROMPTS and a reward plugin."""
+    import sys
+
+    from conftest import LOOP_PROMPTS, ScriptedEngine, arith_run_dir, register_engine
+
+    d, model = arith_run_dir(tmp_path_factory, "ownership", {"prompts.jsonl": LOOP_PROMPTS})
+    (d / f"{REWARD}.py").write_text(PLUGIN)
+    if str(d) not in sys.path:
+        sys.path.insert(0, str(d))
+    register_engine("scripted", ScriptedEngine)
+    return d, model
+
+
+def _loop(setup, run, *extra, **flags):
+    """`tcli loop` on the scripted engine, evaluating every step (so best/ is written)."""
+    from conftest import LOOP_N
+
+    d, model = setup
+    base = {"model": model, "train-data": d / "prompts.jsonl", "eval-data": d / "prompts.jsonl",
+            "run-dir": run, "steps": 2, "prompts-per-step": 4, "engine": "scripted", "n": LOOP_N,
+            "task": f"python:{REWARD}:score", "workers": 0, "prompt-template": "plain",
+            "lr": 1e-3, "estimator": "grpo", "eval-every": 1, "keep-last": 5, "seed": 1,
+            **{k.replace("_", "-"): v for k, v in flags.items()}}
+    r = run_tcli(["loop", *[x for k, v in base.items() for x in (f"--{k}", str(v))], *extra],
+                 env={"OMP_NUM_THREADS": "1"})
+    return r.returncode, r.stderr.decode()
+
+
+def test_overwrite_keeps_a_users_file_inside_a_runs_checkpoint(loop_setup, tmp_path):
+    """--overwrite removes a previous run, but not a file a user put in one of its checkpoints
+    (best/, step_N/) nor a directory named like a checkpoint that is not one: exit 2, naming it,
+    nothing removed."""
+    run = tmp_path / "run"
+    code, err = _loop(loop_setup, run)
+    assert code == 0, err
+    assert {"best", "step_1", "step_2"} <= set(os.listdir(run / "checkpoints"))
+    ckpts = run / "checkpoints"
+    for path, named in [(ckpts / "best" / "notes.txt", None), (ckpts / "step_1" / "notes.txt", None),
+                        (ckpts / "step_7" / "config.json", ckpts / "step_7")]:  # no state
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("mine")
+        before = snapshot(run)
+        code, err = _loop(loop_setup, run, "--overwrite", steps=1)
+        assert code == 2 and f"--overwrite: {named or path} was not written by tcli" in err, err
+        assert snapshot(run) == before
+        path.unlink()
+    (ckpts / "step_7").rmdir()
+    code, err = _loop(loop_setup, run, "--overwrite", steps=1)
+    assert code == 0, err
+    assert sorted(os.listdir(ckpts)) == ["best", "step_1"]
+
+
+def test_pruning_keeps_a_checkpoint_holding_a_users_file(loop_setup, tmp_path):
+    run = tmp_path / "run"
+    code, err = _loop(loop_setup, run, steps=1, keep_last=1, eval_every=0)
+    assert code == 0, err
+    (run / "checkpoints" / "step_1" / "notes.txt").write_text("mine")
+    r = run_tcli(["loop", "--resume", run, "--steps", "3"], env={"OMP_NUM_THREADS": "1"})
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_1", "step_3"]
+    assert (run / "checkpoints" / "step_1" / "notes.txt").read_text() == "mine"
+    assert err.count(f"keeping {run / 'checkpoints' / 'step_1'}: it holds ") == 1, err
