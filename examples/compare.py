@@ -12,7 +12,10 @@ points of each group's prefix tree, where TEMPO's correction can be non-zero). W
 
 A finished run (``<method>-s<seed>.done`` beside its run directory) is never rerun; an
 interrupted one resumes from its last checkpoint. A method whose settings do not fit the task's
-config (a -tool method named for a task without tools) is skipped with a note.
+config (a -tool method named for a task without tools) is skipped with a note. ``--set KEY=VALUE``
+sets a loop setting for every method, ``--set METHOD.KEY=VALUE`` for one; a tree's shape
+(``width``, ``depth``, ``segment_tokens``, ...: TREE_SETTINGS) set for every method reaches the
+methods that sample trees only (the loop refuses it in independent mode).
 
     python examples/compare.py --config examples/countdown/countdown.toml --out runs/compare-cd \\
         --methods grpo,tempo,treerpo --seeds 0,1,2,3,4 --token-budget 150000
@@ -25,7 +28,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -35,7 +37,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tcli.algos.gradient_error import MIN_MARKED, excludes_zero  # noqa: E402
-from tcli.config.loop import load_config  # noqa: E402
+from tcli.config.loop import TREE_SETTINGS, load_config, read_toml  # noqa: E402
+from tcli.config.stages import SampleOptions  # noqa: E402
 from tcli.errors import UsageError  # noqa: E402
 from tcli.plot import read_metrics  # noqa: E402
 
@@ -112,12 +115,24 @@ def overrides(method: str | None, seed: int, a: argparse.Namespace) -> dict:
             "eval_every": a.eval_every, **METHODS.get(method, {})}
     if a.model:
         over["model"] = a.model
+    sets = []
     for item in a.set:
         key, value = item.split("=", 1)
         scope, _, name = key.rpartition(".")
-        if scope in ("", method):
-            over[name] = _value(value)
+        sets.append((scope, name, _value(value)))
+    tree = _mode({**over, **{n: v for s, n, v in sets if s in ("", method)}}, a.config) == "tree"
+    for scope, name, value in sets:  # a tree's shape set for all: the methods that sample trees
+        if scope == method or (scope == "" and (tree or name not in TREE_SETTINGS)):
+            over[name] = value
     return over
+
+
+def _mode(over: dict, config: str) -> str:
+    """The sampling mode of a run with these overrides: theirs, else the task config's."""
+    if "mode" in over:
+        return over["mode"]
+    sample = read_toml(config).get("sample", {})
+    return sample.get("mode", SampleOptions().mode) if isinstance(sample, dict) else ""
 
 
 def _value(s: str):
@@ -150,13 +165,11 @@ def run_one(method: str, seed: int, a: argparse.Namespace, log) -> tuple[str | N
         log(f"skipping {method}: its settings do not fit this task ({e})")
         return None, str(e)
     resume = os.path.isdir(run_dir) and bool(RunDir(run_dir).complete_steps())
-    if os.path.isdir(run_dir) and not resume:  # started, nothing complete: our leftovers,
-        rd = RunDir(run_dir)                      # unless a live loop holds them (then exit 2)
-        rd.acquire()
-        rd.release()
-        shutil.rmtree(run_dir)
+    # started, nothing complete: the loop's --overwrite removes what that run wrote (and refuses,
+    # exit 2, a directory holding anything else, or one a live loop holds)
+    overwrite = os.path.isdir(run_dir) and not resume
     log(f"== {method} seed {seed} -> {run_dir}" + (" (resuming)" if resume else ""))
-    run_loop(cfg, resume=resume, log=lambda s: None)
+    run_loop(cfg, resume=resume, log=lambda s: None, overwrite=overwrite)
     with open(done + ".tmp", "w") as f:
         json.dump(over, f)
     os.replace(done + ".tmp", done)
@@ -302,7 +315,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="Warm start (default: the config's model).")
     ap.add_argument("--set", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                     help="Loop setting for every method (or one), e.g. eval_limit=100, "
-                    "treerpo.segment_tokens=16; repeatable.")
+                    "treerpo.segment_tokens=16; repeatable. A tree's shape (width, depth, "
+                    "segment_tokens, branch, branch_entropy, min_segment_tokens) without METHOD. "
+                    "goes to the methods that sample trees only.")
     a = ap.parse_args(argv)
     a.all_methods = a.methods is None
     a.methods = list(METHODS) if a.all_methods else [m for m in a.methods.split(",") if m]

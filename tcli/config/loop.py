@@ -114,6 +114,10 @@ class LoopCriticOptions(CriticOptions):
         return CriticOptions(**{k: v for k, v in self.to_dict().items() if k != "model"})
 
 
+# [sample] settings read in tree mode only
+TREE_SETTINGS = ("width", "depth", "segment_tokens", "branch", "branch_entropy",
+                 "min_segment_tokens")
+
 TABLES: dict[str, type[Options]] = {"prompts": PromptOptions, "sample": SampleOptions,
                                     "verify": VerifyOptions, "expand": ExpandOptions,
                                     "advantages": AdvantageOptions, "train": TrainOptions,
@@ -145,6 +149,7 @@ class LoopConfig:
             raise UsageError(f'{AdvantageOptions.label("estimator")} "{est}" needs tree-sampled '
                              'groups: set mode = "tree" in [sample] (--mode tree)')
         self._check_critic_used(est)
+        self._check_tree_settings()
         if self.run.refill and self.sample.mode == "independent" and self.sample.n < 2:
             raise UsageError(f"{RunOptions.label('refill')} needs groups of 2 or more responses "
                              f"(a group of one is never informative): set {SampleOptions.label('n')}"
@@ -163,6 +168,21 @@ class LoopConfig:
                              f'{AdvantageOptions.label("estimator")} "{est}" trains no critic '
                              f"(only {users} do): leave the [critic] settings out, or choose one "
                              "of those")
+
+    def _check_tree_settings(self) -> None:
+        """[sample] settings that shape a tree would be ignored without a word in another mode
+        (compared with the defaults, which is all a resolved config.toml can tell)."""
+        if self.sample.mode == "tree":
+            return
+        default = SampleOptions()
+        changed = [SampleOptions.label(k) for k in TREE_SETTINGS
+                   if getattr(self.sample, k) != getattr(default, k)]
+        if changed:
+            one = len(changed) == 1
+            raise UsageError(f"{', '.join(changed)} shape{'s' * one} a tree, but "
+                             f'{SampleOptions.label("mode")} is "{self.sample.mode}", which '
+                             f"ignores {'it' if one else 'them'}: set mode = \"tree\" in [sample] "
+                             f"(--mode tree), or leave {'it' if one else 'them'} out")
 
     def _fill_schedule_span(self) -> None:
         """The lr schedule spans the run unless set (fixed in config.toml, so a resumed run

@@ -1,0 +1,101 @@
+"""`tcli loop`'s settings say what a run does: a tree's shape in independent mode is refused rather
+than ignored (and the compare harness gives a shape set for every method to the tree methods
+only), and a --resume that changes a setting records it in the run directory (resumes.jsonl).
+
+The loops use the scripted engine of conftest (no model forward when sampling)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import orjson
+import pytest
+
+from conftest import (LOOP_N, LOOP_PROMPTS, ScriptedEngine, arith_run_dir, read_metrics,
+                      register_engine, run_tcli)
+
+REWARD = "tcli_test_settings_reward"
+PLUGIN = """
+def score(text, answer, record):
+    return float(text.split("####")[-1].strip() == str(answer)), {}
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(directory, model): the arith model, LOOP_PROMPTS and the reward plugin."""
+    d, model = arith_run_dir(tmp_path_factory, "settings", {"prompts.jsonl": LOOP_PROMPTS})
+    (d / f"{REWARD}.py").write_text(PLUGIN)
+    if str(d) not in sys.path:
+        sys.path.insert(0, str(d))
+    register_engine("scripted", ScriptedEngine)
+    return d, model
+
+
+def _args(setup, run, *extra, **flags) -> list[str]:
+    d, model = setup
+    base = {"model": model, "train-data": d / "prompts.jsonl", "run-dir": run, "steps": 1,
+            "prompts-per-step": 4, "engine": "scripted", "n": LOOP_N,
+            "task": f"python:{REWARD}:score", "workers": 0, "prompt-template": "plain",
+            "lr": 1e-3, "estimator": "grpo", "eval-every": 0, "keep-last": 5, "seed": 1,
+            **{k.replace("_", "-"): v for k, v in flags.items()}}
+    return ["loop", *[x for k, v in base.items() for x in (f"--{k}", str(v))], *extra]
+
+
+def _loop(*args):
+    r = run_tcli(list(args), env={"OMP_NUM_THREADS": "1"})
+    return r.returncode, r.stderr.decode()
+
+
+# ----------------------------------------------------------------------------- a tree's shape
+
+@pytest.mark.parametrize("given", [{"width": 4}, {"depth": 2, "segment_tokens": 5},
+                                   {"branch": "entropy"}, {"branch_entropy": 0.5},
+                                   {"min_segment_tokens": 2}])
+def test_a_trees_shape_without_tree_mode_is_refused(given):
+    from tcli.config.loop import load_config
+    from tcli.errors import UsageError
+
+    with pytest.raises(UsageError) as ei:
+        load_config(None, given)
+    msg = str(ei.value)
+    assert ei.value.exit_code == 2 and 'set mode = "tree"' in msg, msg
+    assert all(f"(sample.{k})" in msg for k in given), msg
+    load_config(None, {**given, "mode": "tree"})  # the same shape in tree mode is fine
+    load_config(None, {"n": 4})  # and independent mode's own settings
+
+
+def test_the_cli_refuses_it_before_touching_disk(setup, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[sample]\nmode = "independent"\ndepth = 2\n')
+    run = tmp_path / "run"
+    code, err = _loop(*_args(setup, run), "--config", cfg)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{cfg}: --depth (sample.depth) shapes a tree" in err and '"independent"' in err, err
+    assert not run.exists()
+
+
+def test_compare_gives_a_trees_shape_set_for_all_to_the_tree_methods_only(tmp_path):
+    from examples import compare
+    from tcli.config.loop import TREE_SETTINGS
+
+    assert {"width", "depth", "segment_tokens", "branch"} <= set(TREE_SETTINGS)
+    toml = tmp_path / "task.toml"
+    toml.write_text('model = "m"\ntrain_data = "d.jsonl"\n[sample]\nmode = "independent"\n')
+    a = compare.parse_args(["--config", str(toml), "--set", "width=4", "--set",
+                            "treerpo.depth=2", "--set", "eval_limit=3", "--set", "grpo.lr=0.5"])
+    over = {m: compare.overrides(m, 0, a) for m in ("grpo", "tempo", "treerpo", "tempo-entropy")}
+    assert "width" not in over["grpo"] and "width" not in over["tempo"]
+    assert over["treerpo"]["width"] == over["tempo-entropy"]["width"] == 4
+    assert over["treerpo"]["depth"] == 2 and over["tempo-entropy"]["depth"] == 3  # its own row
+    assert all(o["eval_limit"] == 3 for o in over.values()) and over["grpo"]["lr"] == 0.5
+    assert "width" not in compare.overrides(None, 0, a)  # the task's own config loads
+    for m, o in over.items():
+        compare.load_config(str(toml), o)  # every method's settings load: none is skipped
+    toml.write_text(toml.read_text().replace('"independent"', '"tree"'))
+    assert compare.overrides("tempo", 0, a)["width"] == 4  # the config samples trees
+    # a shape named for one method that does not sample trees is still refused (then skipped)
+    a = compare.parse_args(["--config", str(toml), "--set", "grpo.width=4", "--set", "mode=independent"])
+    with pytest.raises(compare.UsageError, match="shapes a tree"):
+        compare.load_config(str(toml), compare.overrides("grpo", 0, a))
