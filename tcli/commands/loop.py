@@ -79,7 +79,8 @@ def _run(cfg, resume: bool, overwrite: bool, quiet: bool, info) -> None:
     with _reporting(cfg.run.steps, quiet) as (log, on_step):
         changed = changed_on_resume(cfg) if resume else []
         if changed:
-            log("resuming with, for this invocation only: " + ", ".join(changed))
+            log("resuming with, for this invocation only: " + ", ".join(changed)
+                + " (recorded in resumes.jsonl)")
         result = run_loop(cfg, resume=resume, log=log, on_step=on_step, dist=info,
                           overwrite=overwrite)
     best = result["best_accuracy"]  # -1 when nothing was evaluated

@@ -323,16 +323,27 @@ def resume_config(run_dir: str, flags: dict) -> LoopConfig:
     return load_config(path, {**flags, "run_dir": run_dir})
 
 
-def changed_on_resume(cfg: LoopConfig) -> list[str]:
-    """The settings a resume's flags change from the run's config.toml, which keeps its own for
-    the next resume: said in the log, so neither the change nor that reversal goes unseen."""
+def resume_changes(cfg: LoopConfig) -> dict[str, tuple[Any, Any]]:
+    """The settings ``cfg`` (a resume's) changes from the run's config.toml, which keeps its own
+    for the next resume: ``{"advantages.estimator": (config.toml's, cfg's)}`` (run settings
+    without a table)."""
     saved = load_config(os.path.join(cfg.run.run_dir, "config.toml"), {"run_dir": cfg.run.run_dir})
-    out = []
+    out = {}
     for name in ("run", *TABLES):
-        cls = TABLES.get(name, RunOptions)
         old, new = getattr(saved, name).to_dict(), getattr(cfg, name).to_dict()
-        out += [f"{cls.label(k)} {new[k]!r} (config.toml: {old[k]!r})" for k in old
-                if new[k] != old[k]]
+        out.update({k if name == "run" else f"{name}.{k}": (old[k], new[k]) for k in old
+                    if new[k] != old[k]})
+    return out
+
+
+def changed_on_resume(cfg: LoopConfig) -> list[str]:
+    """:func:`resume_changes` for the log, so neither the change nor its reversal at the next
+    resume goes unseen."""
+    out = []
+    for key, (old, new) in resume_changes(cfg).items():
+        table, _, name = key.rpartition(".")
+        out.append(f"{(TABLES[table] if table else RunOptions).label(name)} {new!r} "
+                   f"(config.toml: {old!r})")
     return out
 
 

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from tcli.algos.estimators import needs
-from tcli.config.loop import LoopConfig, dump_toml
+from tcli.config.loop import LoopConfig, dump_toml, resume_changes
 from tcli.config.stages import ThreadOptions
 from tcli.engines import open_engine
 from tcli.errors import DataError, UsageError
@@ -130,6 +130,7 @@ class Loop:
         checkpoint), empty, or a previous run to overwrite; (last step, its weights)."""
         self.run.acquire()
         last = self.run.check_resumable() if resume else 0
+        changed = resume_changes(self.cfg) if resume else {}  # the resolved settings it runs
         if last:
             start_ckpt = self.run.ckpt(last)
             self._restore_metrics(last)
@@ -145,6 +146,8 @@ class Loop:
                 write_atomic_bytes(self.run.config, dump_toml(self.cfg).encode())
             start_ckpt = self.cfg.run.model
             self.run.write_metrics([])
+        if resume:
+            self.run.record_resume(last + 1, {k: new for k, (_, new) in changed.items()})
         self.run.make_dirs()
         return last, start_ckpt
 

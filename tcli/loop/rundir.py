@@ -7,6 +7,7 @@ survive a torn line, and no removal of anything the loop did not write.
     rollouts/step_N.arrow  every record of step N (inspect with `tcli show-tree`)
     metrics.jsonl          one record per step (and per evaluation)
     metrics.png            reward and eval accuracy vs step and vs wall time
+    resumes.jsonl          per --resume: its first step and the settings it changed from config.toml
     .lock                  held (flock) by the running loop; holds its pid
     <tensorboard>/         event files, when config.toml's tensorboard is a folder of the run dir
 
@@ -31,8 +32,10 @@ from tcli.io import write_atomic_bytes
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 LOCK = ".lock"
-_TOP_FILES = ("config.toml", "metrics.jsonl", "metrics.png")
-_TOP_TEMP = re.compile(r"^(config\.toml|metrics\.jsonl|metrics\.png)\.tmp-[0-9a-f]{8}$|"
+RESUMES = "resumes.jsonl"
+_TOP_FILES = ("config.toml", "metrics.jsonl", "metrics.png", RESUMES)
+_TOP_TEMP = re.compile(r"^(config\.toml|metrics\.jsonl|metrics\.png|resumes\.jsonl)"
+                       r"\.tmp-[0-9a-f]{8}$|"
                        r"^metrics\.png\.tmp\.png$")
 _CKPT_DIR = re.compile(r"^(step_\d+|critic_\d+|best)$")
 _CKPT_TEMP = re.compile(r"^(step_\d+|critic_\d+|best)\.(tmp|old)-[A-Za-z0-9_]{8}$|^best\.tmp$")
@@ -267,6 +270,42 @@ class RunDir:
         if os.path.exists(self.best):
             shutil.rmtree(self.best)
         os.replace(tmp, self.best)
+
+    # -- resumes -----------------------------------------------------------------------
+    def record_resume(self, step: int, changed: dict) -> None:
+        """A resume whose first step is ``step`` ran with ``changed`` ({key: value}: the settings
+        its flags changed from config.toml, which keeps its own): one line of resumes.jsonl, so
+        the run directory says how each step was made. Lines from ``step`` on are dropped (those
+        steps are run again); no file while no resume changed anything."""
+        path = os.path.join(self.path, RESUMES)
+        kept = [r for r in self.read_resumes() if r["step"] < step]
+        lines = (kept + [{"step": step, "changed": changed}]) if changed or kept else []
+        if lines:
+            write_atomic_bytes(path, b"".join(orjson.dumps(r) + b"\n" for r in lines))
+        elif _is_file(path):
+            os.unlink(path)
+
+    def read_resumes(self) -> list[dict]:
+        """resumes.jsonl's lines ([] without one); a line that is not one of its records is bad
+        data naming the file and line."""
+        from tcli.errors import DataError
+
+        path = os.path.join(self.path, RESUMES)
+        if not _is_file(path):
+            return []
+        out = []
+        with open(path, "rb") as f:
+            for no, line in enumerate(f, 1):
+                try:
+                    r = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    r = None
+                if not (isinstance(r, dict) and isinstance(r.get("step"), int)
+                        and isinstance(r.get("changed"), dict)):
+                    raise DataError("not a resume record ({\"step\": N, \"changed\": {...}})",
+                                    file=path, line=no)
+                out.append(r)
+        return out
 
     # -- metrics -----------------------------------------------------------------------
     def read_metrics(self) -> list[dict]:

@@ -99,3 +99,51 @@ def test_compare_gives_a_trees_shape_set_for_all_to_the_tree_methods_only(tmp_pa
     a = compare.parse_args(["--config", str(toml), "--set", "grpo.width=4", "--set", "mode=independent"])
     with pytest.raises(compare.UsageError, match="shapes a tree"):
         compare.load_config(str(toml), compare.overrides("grpo", 0, a))
+
+
+# ----------------------------------------------------------------------------- resume record
+
+def _resumes(run) -> list[dict]:
+    return [orjson.loads(x) for x in open(run / "resumes.jsonl", "rb")]
+
+
+def test_a_resume_that_changes_a_setting_is_recorded(setup, tmp_path):
+    run = tmp_path / "run"
+    code, err = _loop(*_args(setup, run))
+    assert code == 0, err
+    toml = (run / "config.toml").read_text()
+    assert not (run / "resumes.jsonl").exists()
+    code, err = _loop("loop", "--resume", run, "--steps", "3", "--estimator", "rloo")
+    assert code == 0, err
+    assert "(recorded in resumes.jsonl)" in err, err
+    assert _resumes(run) == [{"step": 2, "changed": {"advantages.estimator": "rloo",
+                                                     "steps": 3}}]
+    assert (run / "config.toml").read_text() == toml  # its own values for the next resume
+    code, err = _loop("loop", "--resume", run, "--steps", "4")
+    assert code == 0, err
+    assert _resumes(run) == [{"step": 2, "changed": {"advantages.estimator": "rloo",
+                                                     "steps": 3}},
+                             {"step": 4, "changed": {"steps": 4}}]  # grpo again from step 4
+    assert [m["step"] for m in read_metrics(run) if m["kind"] == "train"] == [1, 2, 3, 4]
+    code, err = _loop(*_args(setup, run), "--overwrite")  # the record is the run's, removed with it
+    assert code == 0 and not (run / "resumes.jsonl").exists(), err
+
+
+def test_a_step_run_again_drops_the_record_of_its_first_run(tmp_path):
+    from tcli.errors import DataError
+    from tcli.loop.rundir import RunDir
+
+    rd = RunDir(str(tmp_path))
+    rd.record_resume(1, {})
+    assert not (tmp_path / "resumes.jsonl").exists()  # nothing changed: nothing to say
+    rd.record_resume(3, {"advantages.estimator": "rloo"})
+    rd.record_resume(5, {"train.lr": 0.5})
+    rd.record_resume(4, {})  # killed before step 5's checkpoint, resumed as config.toml says
+    assert _resumes(tmp_path) == [{"step": 3, "changed": {"advantages.estimator": "rloo"}},
+                                  {"step": 4, "changed": {}}]
+    rd.record_resume(2, {})
+    assert not (tmp_path / "resumes.jsonl").exists()
+    (tmp_path / "resumes.jsonl").write_text('{"step": 2, "changed": {}}\n[1]\n')
+    with pytest.raises(DataError) as ei:
+        rd.record_resume(3, {})
+    assert ei.value.line == 2 and ei.value.file == os.path.join(tmp_path, "resumes.jsonl")
