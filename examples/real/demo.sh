@@ -29,9 +29,10 @@ echo "== 2/3 arithmetic questions -> $OUT/data" >&2
 $PY examples/real/make_data.py --out "$OUT/data" --n-train 2000 --n-dev 200 --n-test 200 --seed 0 >/dev/null
 
 echo "== 3/3 tcli loop (TEMPO) -> $RUN" >&2
-rm -rf "$RUN"
 loop_start=$(date +%s)
-$TCLI loop --config examples/real/demo.toml
+# --overwrite: a previous demo run there is replaced (only the files tcli wrote); a directory
+# holding anything else is refused (exit 2), never deleted
+$TCLI loop --config examples/real/demo.toml --overwrite
 loop_end=$(date +%s)
 
 $PY - "$RUN" "$start" "$loop_start" "$loop_end" <<'PY'
