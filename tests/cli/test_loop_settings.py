@@ -40,7 +40,8 @@ def _args(setup, run, *extra, **flags) -> list[str]:
             "task": f"python:{REWARD}:score", "workers": 0, "prompt-template": "plain",
             "lr": 1e-3, "estimator": "grpo", "eval-every": 0, "keep-last": 5, "seed": 1,
             **{k.replace("_", "-"): v for k, v in flags.items()}}
-    return ["loop", *[x for k, v in base.items() for x in (f"--{k}", str(v))], *extra]
+    return ["loop", *[x for k, v in base.items() if v is not None for x in (f"--{k}", str(v))],
+            *extra]
 
 
 def _loop(*args):
@@ -127,6 +128,25 @@ def test_a_resume_that_changes_a_setting_is_recorded(setup, tmp_path):
     assert [m["step"] for m in read_metrics(run) if m["kind"] == "train"] == [1, 2, 3, 4]
     code, err = _loop(*_args(setup, run), "--overwrite")  # the record is the run's, removed with it
     assert code == 0 and not (run / "resumes.jsonl").exists(), err
+
+
+def test_settings_taken_from_the_checkpoint_are_no_change(setup, tmp_path):
+    """A run that took its prompt template and length from the model's record resumes with the
+    same ones: nothing but what the flags change is recorded."""
+    import shutil
+
+    d, model = setup
+    own = tmp_path / "model"
+    shutil.copytree(model, own)
+    state = orjson.loads((own / "tcli_state.json").read_bytes())
+    state["sampling"] = {"prompt_template": "plain", "chat_template": False, "max_new_tokens": 9}
+    (own / "tcli_state.json").write_bytes(orjson.dumps(state))
+    run = tmp_path / "run"
+    code, err = _loop(*_args((d, str(own)), run, prompt_template=None))
+    assert code == 0 and "using the checkpoint's prompt_template=plain" in err, err
+    code, err = _loop("loop", "--resume", run, "--steps", "2")
+    assert code == 0, err
+    assert _resumes(run) == [{"step": 2, "changed": {"steps": 2}}]
 
 
 def test_a_step_run_again_drops_the_record_of_its_first_run(tmp_path):
