@@ -2,7 +2,8 @@
 ``reward`` (the weighted sum), ``rewards`` and ``verdicts`` (each one's, by task name).
 
 One task leaves a record as it always was: ``reward`` and ``verdict`` only, so pipelines and
-files made with one verifier stay byte-identical. With several, ``verdict`` is the first task's
+files made with one verifier stay byte-identical; a weight other than 1 on that task also keeps
+its unweighted reward in ``rewards`` (correctness, which eval's accuracy reads). With several, ``verdict`` is the first task's
 (the one eval's accuracy reads), and ``rewards``/``verdicts`` hold every task's, keyed by the task
 as given (``auto`` stays ``auto``; the verdict's ``task`` says which verifier it picked).
 """
@@ -59,6 +60,8 @@ class Tasks:
             rec["verdict"] = verdict
             rec.pop("rewards", None)  # a stale multi-task result (verify run again)
             rec.pop("verdicts", None)
+            if w != 1.0:  # the weighted reward no longer says whether the answer was right
+                rec["rewards"] = {self.names[0]: reward}
             return
         try:
             total = math.fsum(w * r for w, (r, _) in zip(self.weights, results))

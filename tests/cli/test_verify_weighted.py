@@ -1,6 +1,7 @@
 """Several weighted verifiers: `tcli verify -t a -t b --weights 1,0.2` (and `[verify] task = [...]`,
 `weights = [...]` in a loop file). Each record keeps every verifier's reward and verdict by name
-and gets their weighted sum as `reward`; one task leaves records byte for byte as they were."""
+and gets their weighted sum as `reward`; one task of weight 1 leaves records byte for byte as
+they were."""
 
 from __future__ import annotations
 
@@ -121,12 +122,14 @@ def test_one_task_writes_the_records_it_always_wrote(plugin):
 
 def test_one_task_with_a_weight_scales_its_reward(plugin):
     """A weight given to a single task still applies: reward = weight x the verifier's reward,
-    and the record keeps the one-task shape (no `rewards`/`verdicts`)."""
+    and `rewards` keeps the unweighted one (whether the answer was right: eval's accuracy reads
+    it); no `verdicts`, `verdict` is that task's."""
     p, recs = _verify(plugin, TEXTS, "-t", "gsm8k", "--weights", "0.5")
     assert p.returncode == 0, p.stderr.decode()
     # 0.5 x ORACLE["gsm8k"] = 0.5 x [1, 0, 1, 0]; exact in binary
     assert [r["reward"] for r in recs] == [0.5, 0.0, 0.5, 0.0]
-    assert not any("rewards" in r or "verdicts" in r for r in recs)
+    assert [r["rewards"] for r in recs] == [{"gsm8k": x} for x in (1.0, 0.0, 1.0, 0.0)]
+    assert not any("verdicts" in r for r in recs)
     assert [r["verdict"]["correct"] for r in recs] == [True, False, True, False]
 
 

@@ -1,0 +1,83 @@
+"""`tcli eval` reports what the answers earned: accuracy is correctness (a task's weight never
+turns a right answer into a wrong one), and its flags refuse what would give a number that looks
+valid and is not. The model is an oracle engine whose answers are known in advance."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from conftest import jsonl, run_tcli
+from tcli.engines import ENGINES, Completion
+
+
+class _CharTokenizer:
+    """One token per character (its code point): what an oracle needs to read its prompts."""
+
+    chat_template = None
+    name_or_path = "oracle"
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+class OracleEngine:
+    """Answers every prompt with ``\\boxed{...}`` of the ``reply`` its prompt text ends with
+    (``... reply: 7``), so each test says which answers are right."""
+
+    name = "oracle"
+
+    def __init__(self, model: str, opts, *, seed: int = 0, trainer=None):
+        self.model_path = model
+        self.tokenizer = _CharTokenizer()
+        self.policy_version = 0
+
+    def generate(self, prompts, n, cfg):
+        out = []
+        for ids in prompts:
+            reply = self.tokenizer.decode(ids).split("reply: ")[1].split("\n")[0]
+            text = [ord(c) for c in f"so the answer is \\boxed{{{reply}}}"]
+            out.append([Completion(text, [-1.0] * len(text), "length")] * n)
+        return out
+
+    def load_weights(self, model_dir, policy_version):
+        self.policy_version = policy_version
+
+
+if "oracle" not in ENGINES:
+    ENGINES.register("oracle")(OracleEngine)
+
+# four prompts, three answered right by the oracle
+PROMPTS = [{"id": f"q{i}", "prompt": f"what is {i} + {i}? reply: {2 * i if i != 3 else 5}",
+            "answer": str(2 * i)} for i in range(1, 5)]
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(jsonl(PROMPTS))
+    return path
+
+
+def _eval(tiny, data, *flags):
+    p = run_tcli(["eval", "-m", tiny, "-d", data, "--engine", "oracle", "-j", "0", "-q",
+                  "--prompt-template", "boxed", *flags])
+    return p, (orjson.loads(p.stdout) if p.returncode == 0 else None)
+
+
+@pytest.mark.parametrize("flags", [[], ["-t", "math", "--weights", "0.4"],
+                                   ["-t", "gsm8k", "--weights", "0.4"],
+                                   ["-t", "gsm8k", "--weights", "2"],
+                                   ["-t", "gsm8k", "--weights", "0"],
+                                   ["-t", "gsm8k", "--weights", "-1"],
+                                   ["-t", "gsm8k", "-t", "math", "--weights", "0.4,1"]])
+def test_accuracy_is_correctness_whatever_the_weights(tiny, data, flags):
+    """A weighted task scores reward = weight x correctness, but accuracy counts right answers:
+    3 of 4 here, with any weight (0.4 once made it 0 %, 2 made partial credit count)."""
+    p, summary = _eval(tiny, data, *flags)
+    assert p.returncode == 0, p.stderr.decode()
+    assert summary["prompts"] == 4 and summary["accuracy"] == 0.75, summary
+    assert summary["pass@1"] == 0.75
