@@ -1,0 +1,50 @@
+"""Every shipped benchmark is scored right on the default `tcli eval` path (`--task auto`, the
+`auto` prompt template): each row's gold answer, given as the prompt asks for it, scores 1, and
+another row's gold scores 0. A verifier that misreads a benchmark's golds would report a number
+that looks like a model's accuracy and is not."""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+import pytest
+
+from tcli.io.benchmarks import BENCHMARKS
+from tcli.prompts import template_name
+from tcli.stages.verify import verify_records
+
+_NAMED = re.compile(r"^[a-z]\s*=\s*")  # `x=5` is the gold 5 by another name
+
+
+def _same(a, b) -> bool:
+    return _NAMED.sub("", str(a).replace(" ", "")) == _NAMED.sub("", str(b).replace(" ", ""))
+
+
+def _answered(row: dict, gold, sample_id: int) -> dict:
+    """A rollout of ``row`` whose response gives ``gold`` as the auto template asks for it."""
+    text = f"<answer>{gold}</answer>" if row.get("choices") else f"So it is \\boxed{{{gold}}}."
+    rec = {k: v for k, v in row.items() if k != "id"}
+    rec.update(prompt_id=row["id"], sample_id=sample_id, text=text,
+               prompt_template=template_name(row, "auto"))
+    return rec
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_gold_scores_1_and_another_rows_gold_scores_0(name):
+    bench = BENCHMARKS[name]
+    with open(bench.path, "rb") as f:
+        rows = [orjson.loads(line) for line in f]
+    assert len(rows) == bench.rows
+    recs = []
+    for i, row in enumerate(rows):
+        recs.append(_answered(row, row["answer"], 0))
+        other = rows[(i + 1) % len(rows)]["answer"]
+        if not _same(other, row["answer"]):
+            recs.append(_answered(row, other, 1))
+    assert len(recs) > 1.5 * len(rows)  # most rows are checked both ways
+    wrong = [(r["prompt_id"], r["sample_id"], r["answer"], r["verdict"])
+             for r in verify_records(enumerate(recs, 1), name, task="auto")
+             if r["reward"] != (1.0 if r["sample_id"] == 0 else 0.0)
+             or r["verdict"]["task"] != bench.task]
+    assert not wrong, f"{len(wrong)} misscored, first: {wrong[:3]}"
