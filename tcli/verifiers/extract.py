@@ -135,15 +135,24 @@ def answer_phrase(text: str) -> str | None:
     return rest.strip().strip("*").rstrip(".").strip() or None
 
 
-def final_answer(text: str, read: Callable[[str], object] | None = None) -> tuple:
+NOT_ONE = object()  # what a reader returns for a form that states an answer it cannot take
+
+
+def final_answer(text: str, read: Callable[[str], object] | None = None,
+                 read_boxed: Callable[[str], object] | None = None) -> tuple:
     """The final answer a response states: the last ``\\boxed{}``, else "The answer is ..."
     (:func:`answer_phrase`), as ``(answer, how)`` with how ``"boxed"`` or ``"answer is"``, or
     ``(None, None)``. ``read`` turns a candidate into the answer (e.g. a number); when it returns
-    None the next form is tried. Shared by the math and gsm8k verifiers."""
+    None the next form is tried, when it returns ``NOT_ONE`` the search ends with ``(None, how)``
+    (a box holding ``2 \\times 9`` states no number, rather than giving way to another one).
+    ``read_boxed`` reads a box instead of ``read``. Shared by the math and gsm8k verifiers."""
     for how, find in (("boxed", last_boxed), ("answer is", answer_phrase)):
         found = find(text)
         if found is not None:
-            got = found if read is None else read(found)
+            reader = read_boxed if how == "boxed" and read_boxed is not None else read
+            got = found if reader is None else reader(found)
+            if got is NOT_ONE:
+                return None, how
             if got is not None:
                 return got, how
     return None, None

@@ -1,6 +1,7 @@
 """``gsm8k``: a numeric final answer (GSM8K, GSM-Hard), compared with a relative tolerance.
 
-The answer is taken from the last ``####``, else the last ``\\boxed{}``, else "The answer is ...",
+The gold answer is a number, or a GSM8K solution as published (its number after ``####``).
+The response's answer is taken from the last ``####``, else the last ``\\boxed{}``, else "The answer is ...",
 else the last number in the response. Thousands separators, ``$``, ``%``, trailing periods and
 units are ignored; a minus sign counts only when it is not a binary minus (``12-3`` and
 ``12 - 3`` end in 3, not -3). Values are exact: numbers as written are ``Decimal`` (a 10,000-digit number neither
@@ -15,7 +16,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-from tcli.verifiers.extract import final_answer, tail
+from tcli.verifiers.extract import NOT_ONE, final_answer, tail
 from tcli.verifiers.registry import VERIFIERS, verdict
 
 REL_TOL = Fraction(1, 10**14)  # float artefacts of GSM-Hard targets: 3244047.0999999996 == 3244047.1
@@ -97,9 +98,19 @@ def _frac_value(s: str):
     return f"{sign}{a_n[0]}/{b_n[0]}", value
 
 
-def number_in(answer: str):
-    """The number an extracted final answer states: ``\\$1,234``, ``18 \\text{ eggs}``,
-    ``\\frac{3}{4}``, ``x = -5`` all work; None if there is none."""
+# spaces that group thousands (1 234, 1\ 234, 1~234, thin and no-break spaces) and squared or
+# cubed units (cm^2), which a single number may hold; any other power, root or factorial is an
+# expression, which states no single number
+_SPACES = re.compile(r"\\[;: ]|[~\u00a0\u2009\u202f]")
+_GROUPED = re.compile(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?!\d)")
+_UNIT_POWER = re.compile(r"(?<![\w\\])([A-Za-z]{1,4})\s*\^\s*(?:\{\s*[23]\s*\}|[23])(?!\w)")
+_EXPRESSION = re.compile(r"[\^!]|\\(?!left\b|right\b|approx\b|quad\b|qquad\b)[A-Za-z]+")
+
+
+def number_in(answer: str, single: bool = False):
+    """The number an extracted final answer states: ``\\$1,234``, ``1 234``, ``18 \\text{ eggs}``,
+    ``\\frac{3}{4}``, ``x = -5`` all work; None if there is none. ``single``: None also when
+    the answer is not one number (``2 \\times 9``, ``10^6``, ``18, 20``), never its first one."""
     s = _WRAPPERS.sub(r" \1 ", answer)
     s = s.replace("{,}", ",").replace("\\!", "").replace("\\,", "").replace("\\%", "%")
     s = s.replace("\\$", "$").strip().strip("$").strip()
@@ -108,11 +119,23 @@ def number_in(answer: str):
         return frac
     if "=" in s:
         s = s.rsplit("=", 1)[1]
-    return first_number(s)
+    s = _GROUPED.sub(lambda m: m.group().replace(" ", ""), _SPACES.sub(" ", s))
+    if not single:
+        return first_number(s)
+    s = _UNIT_POWER.sub(r"\1", s)
+    if _EXPRESSION.search(s):
+        return None
+    found = [n for _, n in zip(range(2), numbers(s))]
+    return (found[0][2], found[0][3]) if len(found) == 1 else None
 
 
 def gold_value(answer: str):
-    got = number_in(answer)
+    """The gold's number; a GSM8K solution as published (``... reasoning ... #### 72``) is read
+    after its last ``####``, never from the reasoning before it."""
+    k = answer.rfind("####")
+    if k >= 0:
+        answer = answer[k + 4:].split("\n", 1)[0]
+    got = number_in(answer, single=True)
     if got is None:
         raise ValueError(f"gold answer {answer[:50]!r} is not a number")
     return got[1]
@@ -146,17 +169,25 @@ def close(pred, gold) -> bool:
     return diff <= Fraction(1, 2) * Fraction(10) ** exp  # half a unit of the last printed digit
 
 
+def stated_number(found: str):
+    """The single number a ``####`` line or a box states; ``NOT_ONE`` when it holds numbers but
+    not one (an expression: no answer, rather than one of its numbers); None when none."""
+    got = number_in(found, single=True)
+    return NOT_ONE if got is None and number_in(found) is not None else got
+
+
 def extract(text: str):
-    """((canonical string, value), how) of the final answer, or (None, None)."""
+    """((canonical string, value), how) of the final answer, or (None, None); (None, how) when
+    the ``####`` line or the box holds an expression, not a number."""
     t = tail(text)
     k = t.rfind("####")
     if k >= 0:
         eol = t.find("\n", k + 4)
-        got = number_in(t[k + 4:eol if eol >= 0 else len(t)])  # the whole line: no cut number
+        got = stated_number(t[k + 4:eol if eol >= 0 else len(t)])  # the whole line: no cut number
         if got is not None:
-            return got, "####"
-    got, how = final_answer(t, number_in)
-    if got is not None:
+            return (None if got is NOT_ONE else got), "####"
+    got, how = final_answer(t, number_in, stated_number)
+    if got is not None or how is not None:
         return got, how
     got = last_number(t)
     if got is not None:
@@ -169,5 +200,6 @@ def verify_gsm8k(text: str, answer: str, record: dict) -> tuple[float, dict]:
     gold = gold_value(answer)
     got, how = extract(text)
     if got is None:
-        return verdict("gsm8k", None, False, reason="no answer found")
+        return verdict("gsm8k", None, False, reason="no answer found" if how is None
+                       else f"the {how} answer is not a single number")
     return verdict("gsm8k", got[0], close(got[1], gold), via=how)
