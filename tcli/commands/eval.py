@@ -39,6 +39,20 @@ def _check_distinct(data: str, output: str | None, summary: str | None) -> None:
     refuse_same_file("--summary", summary, "the -o/--output file", output)
 
 
+def _check_fail_under(value: float | None) -> None:
+    """Accuracy is a fraction: a percentage (50) would fail every run, after all its work."""
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise UsageError(f"--fail-under is a fraction of the prompts, between 0 and 1 (for 50 %: "
+                         f"--fail-under 0.5), got {value:g}")
+
+
+def _check_streams(output: str | None, summary: str | None) -> None:
+    """Samples and summary on one stdout would be one stream that neither reader can parse."""
+    if output == "-" and summary in (None, "-"):
+        raise UsageError("-o - writes the samples to stdout, where the summary goes by default: "
+                         "give --summary FILE (or -o FILE)")
+
+
 def _list_benchmarks(value: bool) -> None:
     """Eager: print the shipped benchmarks and exit before --model/--data are required."""
     if value:
@@ -57,7 +71,8 @@ def eval_cmd(
                                       "name (--list-benchmarks). An existing file or saved "
                                       "dataset wins over a name.")],
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write per-sample "
-                      "records (with reward and verdict) here.")] = None,
+                      "records (with reward and verdict) here; - (stdout) needs --summary FILE.")
+                      ] = None,
     summary: Annotated[Optional[str], typer.Option("--summary", help="Write the summary JSON here "
                        "(default: one JSON line on stdout).")] = None,
     ev: EvalOptions,
@@ -66,7 +81,7 @@ def eval_cmd(
     fields: PromptOptions,
     threads: ThreadOptions,
     fail_under: Annotated[Optional[float], typer.Option(help="Exit 1 when accuracy is below "
-                          "this.")] = None,
+                          "this fraction, 0-1 (0.5 = 50 %).")] = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
     list_benchmarks: Annotated[bool, typer.Option(
@@ -81,6 +96,8 @@ def eval_cmd(
     from tcli.prompts import read_prompts
     from tcli.stages.evaluate import eval_sampling, evaluate
 
+    _check_fail_under(fail_under)
+    _check_streams(output, summary)
     _check_target(output, "-o/--output")
     _check_target(summary, "--summary")
     _check_distinct(data, output, summary)

@@ -81,3 +81,28 @@ def test_accuracy_is_correctness_whatever_the_weights(tiny, data, flags):
     assert p.returncode == 0, p.stderr.decode()
     assert summary["prompts"] == 4 and summary["accuracy"] == 0.75, summary
     assert summary["pass@1"] == 0.75
+
+
+@pytest.mark.parametrize("value", ["50", "1.01", "-0.1", "nan"])
+def test_fail_under_is_a_fraction(tiny, data, tmp_path, value):
+    """`--fail-under 50` (a percentage) would fail every run after all its work: exit 2 at once,
+    with the fraction to give; 0-1 works both ways."""
+    p, _ = _eval(tiny, data, "--fail-under", value, "--summary", tmp_path / "s.json")
+    assert p.returncode == 2 and b"--fail-under 0.5" in p.stderr, p.stderr.decode()
+    assert not (tmp_path / "s.json").exists()
+    assert _eval(tiny, data, "--fail-under", "0.75")[0].returncode == 0
+    p, _ = _eval(tiny, data, "--fail-under", "0.8")
+    assert p.returncode == 1 and b"below --fail-under 0.8" in p.stderr
+
+
+def test_samples_on_stdout_need_the_summary_in_a_file(tiny, data, tmp_path):
+    """`-o -` and the summary on one stdout would be one stream neither reader can parse."""
+    for flags in (["-o", "-"], ["-o", "-", "--summary", "-"]):
+        p, _ = _eval(tiny, data, *flags)
+        assert p.returncode == 2 and b"--summary FILE" in p.stderr and not p.stdout, flags
+    p = run_tcli(["eval", "-m", tiny, "-d", data, "--engine", "oracle", "-j", "0", "-q", "-o", "-",
+                  "--summary", tmp_path / "s.json"])
+    assert p.returncode == 0, p.stderr.decode()
+    samples = [orjson.loads(line) for line in p.stdout.splitlines()]
+    assert len(samples) == 4 and all("verdict" in r for r in samples)
+    assert orjson.loads((tmp_path / "s.json").read_bytes())["accuracy"] == 0.75
