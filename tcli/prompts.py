@@ -197,17 +197,28 @@ def source_field(e: DataError, fields=None) -> DataError:
     return e
 
 
+def spread(n: int, limit: int | None) -> list[int]:
+    """The rows ``--limit`` keeps of ``n``: ``limit`` evenly spaced ones, row ``i * n // limit``
+    for i = 0 .. limit-1 (the first row always), so that a file sorted by subject or difficulty
+    is sampled across it, the same rows on every run and every seed; all rows when ``limit`` is
+    None or at least ``n``."""
+    if not limit or limit >= n:
+        return list(range(n))
+    return [i * n // limit for i in range(limit)]
+
+
 def read_prompts(path: str, limit: int | None = None, fields=None,
                  origin: dict | None = None) -> list[dict]:
     """Prompt records with answers, validated here so later stages never see a bad one: every
     error names this file and line (missing/ill-typed id, prompt or answer, a repeated id).
-    ``path`` may name a shipped benchmark; ``fields`` (PromptOptions) maps another schema's
-    field names; ``origin`` gets ``id(record)`` -> (file, line), for errors found later."""
+    ``path`` may name a shipped benchmark; ``limit`` keeps that many rows spread over the file
+    (:func:`spread`; every row is still read and checked); ``fields`` (PromptOptions) maps another
+    schema's field names; ``origin`` gets ``id(record)`` -> (file, line), for errors found later."""
     from tcli.io import RecordReader, SeenKeys, resolve_data
 
     if not path:
         raise UsageError("no prompt file given (train_data / eval_data)")
-    out = []
+    read = []
     seen = SeenKeys()
     reader = RecordReader(resolve_data(path))
     for line, rec in reader:
@@ -223,13 +234,12 @@ def read_prompts(path: str, limit: int | None = None, fields=None,
                 raise DataError(f"prompt id {rec['id']!r} appears twice", field="id")
         except DataError as e:
             raise source_field(e, fields).located(reader.name, line) from None
+        read.append((line, rec))
+    if not read:
+        raise DataError("holds no records: no prompts to sample", file=reader.name)
+    out = []
+    for line, rec in (read[i] for i in spread(len(read), limit)):
         out.append(rec)
         if origin is not None:
             origin[id(rec)] = (reader.name, line)
-        if limit and len(out) >= limit:
-            break
-    if not out:
-        raise DataError("holds no records: no prompts to sample", file=reader.name)
     return out
-
-

@@ -380,8 +380,10 @@ class EvalOptions(Options):
     temperature: float = like(SampleOptions, "temperature", 0.0)
     k: tuple[int, ...] = setting((1,), "k for unbiased pass@k, each between 1 and n (1,4; a list "
                                  "in TOML).")
-    limit: Optional[int] = setting(None, "Evaluate only the first N prompts, N >= 1 (default: "
-                                   "all).", check=at_least(1))  # never 0 for "all"
+    limit: Optional[int] = setting(None, "Evaluate N prompts spread evenly over the file (row "
+                                   "i*rows//N: every subject of a benchmark sorted by subject, "
+                                   "the same rows whatever the seed), N >= 1 (default: all).",
+                                   check=at_least(1))  # never 0 for "all"
 
     @property
     def ks(self) -> list[int]:

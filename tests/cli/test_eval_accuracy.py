@@ -26,7 +26,7 @@ class _CharTokenizer:
 
 class OracleEngine:
     """Answers every prompt with ``\\boxed{...}`` of the ``reply`` its prompt text ends with
-    (``... reply: 7``), so each test says which answers are right."""
+    (``... reply: 7``; else ``A``), so each test says which answers are right."""
 
     name = "oracle"
 
@@ -38,7 +38,8 @@ class OracleEngine:
     def generate(self, prompts, n, cfg):
         out = []
         for ids in prompts:
-            reply = self.tokenizer.decode(ids).split("reply: ")[1].split("\n")[0]
+            prompt = self.tokenizer.decode(ids)
+            reply = prompt.split("reply: ")[1].split("\n")[0] if "reply: " in prompt else "A"
             text = [ord(c) for c in f"so the answer is \\boxed{{{reply}}}"]
             out.append([Completion(text, [-1.0] * len(text), "length")] * n)
         return out
@@ -106,3 +107,18 @@ def test_samples_on_stdout_need_the_summary_in_a_file(tiny, data, tmp_path):
     samples = [orjson.loads(line) for line in p.stdout.splitlines()]
     assert len(samples) == 4 and all("verdict" in r for r in samples)
     assert orjson.loads((tmp_path / "s.json").read_bytes())["accuracy"] == 0.75
+
+
+def test_limit_spans_a_benchmark_sorted_by_subject(tiny, tmp_path):
+    """mmlu_med is sorted by subject: its first 8 rows are all anatomy. `--limit 8` evaluates
+    rows spread over the file instead (all six subjects), the same ones for every seed."""
+    got = []
+    for seed in ("0", "1"):
+        out = tmp_path / f"samples{seed}.jsonl"
+        p = run_tcli(["eval", "-m", tiny, "-d", "mmlu_med", "--limit", "8", "--engine", "oracle",
+                      "-j", "0", "-q", "-o", out, "--summary", tmp_path / "s.json", "--seed", seed])
+        assert p.returncode == 0, p.stderr.decode()
+        got.append([orjson.loads(line) for line in out.read_bytes().splitlines()])
+    assert [r["prompt_id"] for r in got[0]] == [r["prompt_id"] for r in got[1]]
+    subjects = [r["meta"]["subject"] for r in got[0]]
+    assert len(subjects) == 8 and len(set(subjects)) == 6, subjects

@@ -48,3 +48,29 @@ def test_gold_scores_1_and_another_rows_gold_scores_0(name):
              if r["reward"] != (1.0 if r["sample_id"] == 0 else 0.0)
              or r["verdict"]["task"] != bench.task]
     assert not wrong, f"{len(wrong)} misscored, first: {wrong[:3]}"
+
+
+def test_limit_keeps_rows_spread_over_the_file(tmp_path):
+    """`--limit N` (eval, the loop's eval.limit): N evenly spaced rows, the first always, each
+    named by its own line for later errors; every row is still read and checked."""
+    from tcli.errors import DataError
+    from tcli.prompts import read_prompts, spread
+
+    assert spread(10, 3) == [0, 3, 6] and spread(10, 1) == [0] and spread(3, 5) == [0, 1, 2]
+    assert spread(1089, 6) == [0, 181, 363, 544, 726, 907] and spread(4, None) == [0, 1, 2, 3]
+    for n, k in ((7, 7), (1000, 999), (5, 2)):
+        rows = spread(n, k)
+        assert len(set(rows)) == len(rows) == min(n, k) and rows == sorted(rows) and rows[-1] < n
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"".join(orjson.dumps({"id": i, "prompt": "q", "answer": str(i)}) + b"\n"
+                              for i in range(10)))
+    origin: dict = {}
+    kept = read_prompts(str(path), 3, origin=origin)
+    assert [r["id"] for r in kept] == [0, 3, 6]
+    assert [origin[id(r)] for r in kept] == [(str(path), 1), (str(path), 4), (str(path), 7)]
+    subjects = {r["meta"]["subject"] for r in read_prompts("mmlu_med", 8)}
+    assert len(subjects) == 6  # the first 8 rows are all anatomy
+    with open(path, "ab") as f:
+        f.write(b'{"id": 99, "prompt": "q"}\n')  # no answer, after every kept row
+    with pytest.raises(DataError, match="answer"):
+        read_prompts(str(path), 1)
