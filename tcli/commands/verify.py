@@ -30,7 +30,7 @@ def verify(
     from tcli.verifiers.weighted import verdicts_of
 
     stats = {"n": 0, "reward": 0.0, "timeout": 0, "crashed": 0, "no_answer": 0}
-    by_task: dict[str, float] = {}  # several tasks: each one's summed reward
+    by_task: dict[str, float] = {}  # each task's own summed reward (several, or weighted)
     lines = None
     if not quiet and not progress_enabled(quiet):  # a log, not a terminal: plain lines
         from tcli.progress import LineProgress
