@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from typing import Annotated, Optional
 
 import typer
@@ -46,11 +47,23 @@ def _check_fail_under(value: float | None) -> None:
                          f"--fail-under 0.5), got {value:g}")
 
 
+def _is_stdout(path: str | None) -> bool:
+    """``-`` or a name of the file or pipe on stdout (``/dev/stdout``); a terminal or
+    ``/dev/null`` mixes nothing that a reader would parse."""
+    if path in (None, "-"):
+        return path == "-"
+    try:
+        st, out = os.stat(path), os.fstat(1)
+    except OSError:
+        return False
+    return os.path.samestat(st, out) and (stat.S_ISREG(out.st_mode) or stat.S_ISFIFO(out.st_mode))
+
+
 def _check_streams(output: str | None, summary: str | None) -> None:
     """Samples and summary on one stdout would be one stream that neither reader can parse."""
-    if output == "-" and summary in (None, "-"):
-        raise UsageError("-o - writes the samples to stdout, where the summary goes by default: "
-                         "give --summary FILE (or -o FILE)")
+    if _is_stdout(output) and (summary is None or _is_stdout(summary)):
+        raise UsageError(f"-o {output} writes the samples to stdout, where the summary goes by "
+                         "default: give --summary FILE (or -o FILE)")
 
 
 def _list_benchmarks(value: bool) -> None:

@@ -98,7 +98,7 @@ def test_fail_under_is_a_fraction(tiny, data, tmp_path, value):
 
 def test_samples_on_stdout_need_the_summary_in_a_file(tiny, data, tmp_path):
     """`-o -` and the summary on one stdout would be one stream neither reader can parse."""
-    for flags in (["-o", "-"], ["-o", "-", "--summary", "-"]):
+    for flags in (["-o", "-"], ["-o", "-", "--summary", "-"], ["-o", "/dev/stdout"]):
         p, _ = _eval(tiny, data, *flags)
         assert p.returncode == 2 and b"--summary FILE" in p.stderr and not p.stdout, flags
     p = run_tcli(["eval", "-m", tiny, "-d", data, "--engine", "oracle", "-j", "0", "-q", "-o", "-",
