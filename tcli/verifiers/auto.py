@@ -9,7 +9,8 @@ _GSM_SOURCE = re.compile(r"grade-school-math|gsm|\bpal\b", re.IGNORECASE)
 # countdown one lives with its task in examples/, imported by name where it runs)
 SOURCE_TASKS = {"tcli-arith": "arith",
                 "tcli-countdown": "python:examples.countdown.verify:verify_countdown"}
-_PLAIN_NUMBER = re.compile(r"\s*[-+]?\d[\d,]*(\.\d+)?\s*")
+# one number (commas only between groups of three digits: `-2,1` is a list of two)
+_PLAIN_NUMBER = re.compile(r"\s*[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?\s*")
 # a GSM8K solution as published: reasoning, then the final number on a ``####`` line
 _GSM_SOLUTION = re.compile(r"####[ \t]*[-+\u2212]?\$?[ \t]*\d[\d,]*(\.\d+)?\s*\Z")
 

@@ -1,10 +1,12 @@
 """``gsm8k``: a numeric final answer (GSM8K, GSM-Hard), compared with a relative tolerance.
 
 The gold answer is a number, or a GSM8K solution as published (its number after ``####``).
-The response's answer is taken from the last ``####``, else the last ``\\boxed{}``, else "The answer is ...",
-else the last number in the response. Thousands separators, ``$``, ``%``, trailing periods and
-units are ignored; a minus sign counts only when it is not a binary minus (``12-3`` and
-``12 - 3`` end in 3, not -3). Values are exact: numbers as written are ``Decimal`` (a 10,000-digit number neither
+The response's answer is taken from the last ``####``, else the last ``\\boxed{}``, else "The
+answer is ...", else the last number in the response. A ``####`` line or a box must hold one
+number; a sentence gives its first number unless that is part of an expression or a list (then:
+no answer). Thousands separators (commas or spaces), ``$``, ``%``, trailing periods and units are
+ignored; a minus sign counts only when it is not a binary minus (``12-3`` and ``12 - 3`` end in
+3, not -3). Values are exact: numbers as written are ``Decimal`` (a 10,000-digit number neither
 overflows nor loses its digits, and GSM-Hard answers like ``0.0000195766`` compare exactly),
 fractions are ``Fraction``, and comparisons run on exact rationals, never floats: integers of
 any size compare digit for digit (``10**30 + 1`` is not ``10**30``).
@@ -12,6 +14,7 @@ any size compare digit for digit (``10**30 + 1`` is not ``10**30``).
 
 from __future__ import annotations
 
+import functools
 import re
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
@@ -104,29 +107,65 @@ def _frac_value(s: str):
 _SPACES = re.compile(r"\\[;: ]|[~\u00a0\u2009\u202f]")
 _GROUPED = re.compile(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?!\d)")
 _UNIT_POWER = re.compile(r"(?<![\w\\])([A-Za-z]{1,4})\s*\^\s*(?:\{\s*[23]\s*\}|[23])(?!\w)")
-_EXPRESSION = re.compile(r"[\^!]|\\(?!left\b|right\b|approx\b|quad\b|qquad\b)[A-Za-z]+")
+_COMMAND = r"\\(?!left\b|right\b|approx\b|quad\b|qquad\b)[A-Za-z]+"
+_EXPRESSION = re.compile(r"[\^!]|" + _COMMAND)
+# in a sentence ("The answer is ..."), what makes its first number part of an expression or a
+# list: a group or command before it, or an operator, power or command right after it
+_BEFORE = re.compile(r"[{^]|" + _COMMAND)
+_AFTER = re.compile(r"\s*(?:\^|" + _COMMAND + r"|[-+*/:,\u00d7\u00b7\u2212]\s*[\d({\\.])")
+
+
+def _cleaned(answer: str):
+    """(exact fraction or None, the answer's text with wrappers, ``=``'s left side and
+    thousands' spaces gone)."""
+    s = _WRAPPERS.sub(r" \1 ", answer)
+    s = s.replace("{,}", ",").replace("\\!", "").replace("\\,", "").replace("\\%", "%")
+    s = s.replace("\\$", "$").strip().strip("$").strip()
+    frac = _frac_value(s)
+    if frac is not None:
+        return frac, s
+    if "=" in s:
+        s = s.rsplit("=", 1)[1]
+    return None, _GROUPED.sub(lambda m: m.group().replace(" ", ""), _SPACES.sub(" ", s))
+
+
+def _single(s: str):
+    """The one number ``s`` holds, or None (none, several, or an expression)."""
+    s = _UNIT_POWER.sub(r"\1", s)
+    if _EXPRESSION.search(s):
+        return None
+    found = [n for _, n in zip(range(2), numbers(s))]
+    return (found[0][2], found[0][3]) if len(found) == 1 else None
 
 
 def number_in(answer: str, single: bool = False):
     """The number an extracted final answer states: ``\\$1,234``, ``1 234``, ``18 \\text{ eggs}``,
     ``\\frac{3}{4}``, ``x = -5`` all work; None if there is none. ``single``: None also when
     the answer is not one number (``2 \\times 9``, ``10^6``, ``18, 20``), never its first one."""
-    s = _WRAPPERS.sub(r" \1 ", answer)
-    s = s.replace("{,}", ",").replace("\\!", "").replace("\\,", "").replace("\\%", "%")
-    s = s.replace("\\$", "$").strip().strip("$").strip()
-    frac = _frac_value(s)
+    frac, s = _cleaned(answer)
     if frac is not None:
         return frac
-    if "=" in s:
-        s = s.rsplit("=", 1)[1]
-    s = _GROUPED.sub(lambda m: m.group().replace(" ", ""), _SPACES.sub(" ", s))
-    if not single:
-        return first_number(s)
-    s = _UNIT_POWER.sub(r"\1", s)
-    if _EXPRESSION.search(s):
+    return _single(s) if single else first_number(s)
+
+
+def stated_number(found: str, sentence: bool = False):
+    """The number a ``####`` line, a box or (``sentence``) an answer phrase states; None when
+    it holds none; ``NOT_ONE`` when it holds an expression or several numbers (no answer,
+    rather than one of its numbers). A sentence may say more than its number (``18 dollars for
+    7 days`` is 18), but its first number must not be part of an expression
+    (``\\frac{3\\sqrt{3}}{4}``, ``3, 5, 7``, ``12 - 3``)."""
+    frac, s = _cleaned(found)
+    if frac is not None:
+        return frac
+    got = _single(s)
+    if got is not None:
+        return got
+    first = next(numbers(s), None)
+    if first is None:
         return None
-    found = [n for _, n in zip(range(2), numbers(s))]
-    return (found[0][2], found[0][3]) if len(found) == 1 else None
+    if sentence and not (_BEFORE.search(s, 0, first[0]) or _AFTER.match(s, first[1])):
+        return first[2], first[3]
+    return NOT_ONE
 
 
 def gold_value(answer: str):
@@ -169,13 +208,6 @@ def close(pred, gold) -> bool:
     return diff <= Fraction(1, 2) * Fraction(10) ** exp  # half a unit of the last printed digit
 
 
-def stated_number(found: str):
-    """The single number a ``####`` line or a box states; ``NOT_ONE`` when it holds numbers but
-    not one (an expression: no answer, rather than one of its numbers); None when none."""
-    got = number_in(found, single=True)
-    return NOT_ONE if got is None and number_in(found) is not None else got
-
-
 def extract(text: str):
     """((canonical string, value), how) of the final answer, or (None, None); (None, how) when
     the ``####`` line or the box holds an expression, not a number."""
@@ -186,7 +218,7 @@ def extract(text: str):
         got = stated_number(t[k + 4:eol if eol >= 0 else len(t)])  # the whole line: no cut number
         if got is not None:
             return (None if got is NOT_ONE else got), "####"
-    got, how = final_answer(t, number_in, stated_number)
+    got, how = final_answer(t, functools.partial(stated_number, sentence=True), stated_number)
     if got is not None or how is not None:
         return got, how
     got = last_number(t)
@@ -201,5 +233,5 @@ def verify_gsm8k(text: str, answer: str, record: dict) -> tuple[float, dict]:
     got, how = extract(text)
     if got is None:
         return verdict("gsm8k", None, False, reason="no answer found" if how is None
-                       else f"the {how} answer is not a single number")
+                       else f"the final answer ({how}) is not a single number")
     return verdict("gsm8k", got[0], close(got[1], gold), via=how)

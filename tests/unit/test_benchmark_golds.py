@@ -21,32 +21,44 @@ def _same(a, b) -> bool:
     return _NAMED.sub("", str(a).replace(" ", "")) == _NAMED.sub("", str(b).replace(" ", ""))
 
 
-def _answered(row: dict, gold, sample_id: int) -> dict:
-    """A rollout of ``row`` whose response gives ``gold`` as the auto template asks for it."""
-    text = f"<answer>{gold}</answer>" if row.get("choices") else f"So it is \\boxed{{{gold}}}."
+def _answered(row: dict, gold, sample_id: int, template: str) -> dict:
+    """A rollout of ``row`` whose response gives ``gold`` as the template asks for it (plain:
+    the way a model trained on plain prompts states it)."""
+    if row.get("choices"):
+        text = f"<answer>{gold}</answer>"
+    elif template == "plain":
+        text = f"Step by step. So the final answer is ${gold}$."
+    else:
+        text = f"So it is \\boxed{{{gold}}}."
     rec = {k: v for k, v in row.items() if k != "id"}
     rec.update(prompt_id=row["id"], sample_id=sample_id, text=text,
-               prompt_template=template_name(row, "auto"))
+               prompt_template=template_name(row, template))
     return rec
 
 
+@pytest.mark.parametrize("template", ["auto", "plain"])
 @pytest.mark.parametrize("name", list(BENCHMARKS))
-def test_gold_scores_1_and_another_rows_gold_scores_0(name):
+def test_gold_scores_1_and_another_rows_gold_scores_0(name, template):
+    """auto: what eval asks for by default; plain: what a checkpoint trained on plain prompts
+    records and eval then asks for (where `--task auto` sends numeric golds to gsm8k)."""
     bench = BENCHMARKS[name]
+    if template == "plain" and bench.multiple_choice:
+        pytest.skip("a plain prompt would not show the options (refused when sampling)")
     with open(bench.path, "rb") as f:
         rows = [orjson.loads(line) for line in f]
     assert len(rows) == bench.rows
     recs = []
     for i, row in enumerate(rows):
-        recs.append(_answered(row, row["answer"], 0))
+        recs.append(_answered(row, row["answer"], 0, template))
         other = rows[(i + 1) % len(rows)]["answer"]
         if not _same(other, row["answer"]):
-            recs.append(_answered(row, other, 1))
+            recs.append(_answered(row, other, 1, template))
     assert len(recs) > 1.5 * len(rows)  # most rows are checked both ways
+    tasks = {bench.task, "gsm8k"} if template == "plain" else {bench.task}
     wrong = [(r["prompt_id"], r["sample_id"], r["answer"], r["verdict"])
              for r in verify_records(enumerate(recs, 1), name, task="auto")
              if r["reward"] != (1.0 if r["sample_id"] == 0 else 0.0)
-             or r["verdict"]["task"] != bench.task]
+             or r["verdict"]["task"] not in tasks]
     assert not wrong, f"{len(wrong)} misscored, first: {wrong[:3]}"
 
 

@@ -53,7 +53,24 @@ def test_an_expression_in_a_box_states_no_number(text):
     for gold in ("2", "9", "18", "10", "20", "1", "3", "12", "1234", "12345"):
         reward, v = verify_gsm8k(text, gold, {})
         assert reward == 0.0 and v["parsed"] is None, (gold, v)
-        assert v["reason"].endswith("answer is not a single number")
+        assert v["reason"].endswith("is not a single number")
+
+
+@pytest.mark.parametrize("text,gold,right", [
+    ("The answer is 18 dollars for 7 days.", "18", True), ("The answer is 18, since 2*9=18", "18", True),
+    ("The answer is $1 234$.", "1234", True), ("The answer is 3, 5, 7", "3", False),
+    ("The answer is \\frac{3\\sqrt{3}}{4}", "3", False), ("The answer is 12 - 3", "12", False),
+    ("The answer is \\frac9{19}", "9", False), ("The answer is 10^6", "10", False)])
+def test_an_answer_sentence_gives_its_number_unless_it_is_an_expression(text, gold, right):
+    reward, v = verify_gsm8k(text, gold, {})
+    assert reward == float(right), v
+
+
+def test_auto_sends_only_one_number_to_gsm8k():
+    """A plain prompt's numeric gold goes to gsm8k; `-2,1` (two roots) is no number, so math."""
+    plain = {"prompt_template": "plain"}
+    assert pick_task({**plain, "answer": "1,234"}) == pick_task({**plain, "answer": "-7.5"}) == "gsm8k"
+    assert pick_task({**plain, "answer": "-2,1"}) == pick_task({**plain, "answer": "1,23"}) == "math"
 
 
 def test_countdown_records_get_the_countdown_verifier():
