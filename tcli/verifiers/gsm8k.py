@@ -210,7 +210,7 @@ def close(pred, gold) -> bool:
 
 def extract(text: str):
     """((canonical string, value), how) of the final answer, or (None, None); (None, how) when
-    the ``####`` line or the box holds an expression, not a number."""
+    the ``####`` line, the box or the answer sentence holds an expression, not a number."""
     t = tail(text)
     k = t.rfind("####")
     if k >= 0:
