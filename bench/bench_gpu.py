@@ -202,8 +202,9 @@ def loop_step(model: str, device: str, small: bool, micro_batch_tokens: int = 0,
                      eval_data=os.path.join(d, "test.jsonl"), run_dir=os.path.join(d, "run"),
                      steps=2, max_wall_seconds=0, eval_every=1000, filter_groups=False,
                      sample_device=device, train_device=device, bf16=device.startswith("cuda"))
-        if small:
-            flags.update(prompts_per_step=4, n=4, max_new_tokens=8)
+        if small:  # n in independent mode only: a tree's leaves come from width and depth
+            flags.update(prompts_per_step=4, max_new_tokens=8,
+                         **({} if method.get("mode") == "tree" else {"n": 4}))
         if micro_batch_tokens:
             flags.update(micro_batch_tokens=micro_batch_tokens)
         cfg = load_config(os.path.join(root, "examples/real/demo.toml"), {**flags, **method})

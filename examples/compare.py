@@ -13,9 +13,10 @@ points of each group's prefix tree, where TEMPO's correction can be non-zero). W
 A finished run (``<method>-s<seed>.done`` beside its run directory) is never rerun; an
 interrupted one resumes from its last checkpoint. A method whose settings do not fit the task's
 config (a -tool method named for a task without tools) is skipped with a note. ``--set KEY=VALUE``
-sets a loop setting for every method, ``--set METHOD.KEY=VALUE`` for one; a tree's shape
-(``width``, ``depth``, ``segment_tokens``, ...: TREE_SETTINGS) set for every method reaches the
-methods that sample trees only (the loop refuses it in independent mode).
+sets a loop setting for every method, ``--set METHOD.KEY=VALUE`` for one; a setting of one
+sampling mode set for every method reaches the methods of that mode only (the loop refuses it in
+the other): a tree's shape (``width``, ``depth``, ``segment_tokens``, ...) the methods that sample
+trees, ``n`` the others.
 
     python examples/compare.py --config examples/countdown/countdown.toml --out runs/compare-cd \\
         --methods grpo,tempo,treerpo --seeds 0,1,2,3,4 --token-budget 150000
@@ -37,7 +38,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tcli.algos.gradient_error import MIN_MARKED, excludes_zero  # noqa: E402
-from tcli.config.loop import TREE_SETTINGS, load_config, read_toml  # noqa: E402
+from tcli.config.loop import load_config, read_toml  # noqa: E402
 from tcli.config.stages import SampleOptions  # noqa: E402
 from tcli.errors import UsageError  # noqa: E402
 from tcli.plot import read_metrics  # noqa: E402
@@ -120,9 +121,10 @@ def overrides(method: str | None, seed: int, a: argparse.Namespace) -> dict:
         key, value = item.split("=", 1)
         scope, _, name = key.rpartition(".")
         sets.append((scope, name, _value(value)))
-    tree = _mode({**over, **{n: v for s, n, v in sets if s in ("", method)}}, a.config) == "tree"
-    for scope, name, value in sets:  # a tree's shape set for all: the methods that sample trees
-        if scope == method or (scope == "" and (tree or name not in TREE_SETTINGS)):
+    mode = _mode({**over, **{n: v for s, n, v in sets if s in ("", method)}}, a.config)
+    other = {k for m, keys in SampleOptions.MODE_ONLY.items() if m != mode for k in keys}
+    for scope, name, value in sets:  # a setting of one mode set for all: the methods of that mode
+        if scope == method or (scope == "" and name not in other):
             over[name] = value
     return over
 

@@ -73,18 +73,17 @@ def sample_tree(
 
 
 def _check_mode_flags(opts: SampleOptions) -> None:
-    """A shape setting of the other --mode would be ignored without a word: refused instead
-    (compared with the defaults, which is all a command line can tell)."""
+    """A shape setting of the other --mode would be ignored without a word: refused instead."""
     from tcli.errors import UsageError
 
-    default = SampleOptions()
-    if opts.mode == "tree" and opts.n != default.n:
-        raise UsageError(f"{opts.flag('n')} sets the samples per prompt of --mode independent; a "
-                         "tree's leaves come from --width and --depth")
-    tree_only = [opts.flag(k) for k in ("width", "depth", "segment_tokens", "branch")
-                 if getattr(opts, k) != getattr(default, k)]
-    if opts.mode == "independent" and tree_only:
-        raise UsageError(f"{', '.join(tree_only)} shape a tree: give --mode tree as well")
+    ignored = opts.ignored_settings()
+    if not ignored:
+        return
+    flags = ", ".join(opts.flag(k) for k in ignored)
+    if opts.mode == "tree":
+        raise UsageError(f"{flags} sets the samples per prompt of --mode independent; a tree's "
+                         "leaves come from --width and --depth")
+    raise UsageError(f"{flags} shape{'s' * (len(ignored) == 1)} a tree: give --mode tree as well")
 
 
 def register(app: typer.Typer) -> None:

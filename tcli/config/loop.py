@@ -115,8 +115,7 @@ class LoopCriticOptions(CriticOptions):
 
 
 # [sample] settings read in tree mode only
-TREE_SETTINGS = ("width", "depth", "segment_tokens", "branch", "branch_entropy",
-                 "min_segment_tokens")
+TREE_SETTINGS = SampleOptions.MODE_ONLY["tree"]
 
 TABLES: dict[str, type[Options]] = {"prompts": PromptOptions, "sample": SampleOptions,
                                     "verify": VerifyOptions, "expand": ExpandOptions,
@@ -149,7 +148,7 @@ class LoopConfig:
             raise UsageError(f'{AdvantageOptions.label("estimator")} "{est}" needs tree-sampled '
                              'groups: set mode = "tree" in [sample] (--mode tree)')
         self._check_critic_used(est)
-        self._check_tree_settings()
+        self._check_mode_settings()
         if self.run.refill and self.sample.mode == "independent" and self.sample.n < 2:
             raise UsageError(f"{RunOptions.label('refill')} needs groups of 2 or more responses "
                              f"(a group of one is never informative): set {SampleOptions.label('n')}"
@@ -169,20 +168,21 @@ class LoopConfig:
                              f"(only {users} do): leave the [critic] settings out, or choose one "
                              "of those")
 
-    def _check_tree_settings(self) -> None:
-        """[sample] settings that shape a tree would be ignored without a word in another mode
-        (compared with the defaults, which is all a resolved config.toml can tell)."""
-        if self.sample.mode == "tree":
+    def _check_mode_settings(self) -> None:
+        """[sample] settings of the other mode would be ignored without a word: refused."""
+        ignored = self.sample.ignored_settings()
+        if not ignored:
             return
-        default = SampleOptions()
-        changed = [SampleOptions.label(k) for k in TREE_SETTINGS
-                   if getattr(self.sample, k) != getattr(default, k)]
-        if changed:
-            one = len(changed) == 1
-            raise UsageError(f"{', '.join(changed)} shape{'s' * one} a tree, but "
-                             f'{SampleOptions.label("mode")} is "{self.sample.mode}", which '
-                             f"ignores {'it' if one else 'them'}: set mode = \"tree\" in [sample] "
-                             f"(--mode tree), or leave {'it' if one else 'them'} out")
+        mode = SampleOptions.label("mode")
+        if self.sample.mode == "tree":
+            raise UsageError(f"{SampleOptions.label('n')} sets the responses per prompt of mode "
+                             f'"independent", but {mode} is "tree", whose leaves come from width '
+                             "and depth: leave it out, or sample independent groups")
+        one = len(ignored) == 1
+        raise UsageError(f"{', '.join(map(SampleOptions.label, ignored))} shape{'s' * one} a tree, "
+                         f'but {mode} is "{self.sample.mode}", which ignores '
+                         f"{'it' if one else 'them'}: set mode = \"tree\" in [sample] "
+                         f"(--mode tree), or leave {'it' if one else 'them'} out")
 
     def _fill_schedule_span(self) -> None:
         """The lr schedule spans the run unless set (fixed in config.toml, so a resumed run

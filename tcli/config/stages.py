@@ -37,6 +37,11 @@ class SampleOptions(ToolOptions):
     # checkpoint's
     RECORDED: ClassVar[tuple[str, ...]] = ("prompt_template", "chat_template", "max_new_tokens",
                                            "tools", "tool_format", "max_turns")
+    # the settings one --mode reads and the other ignores
+    MODE_ONLY: ClassVar[dict[str, tuple[str, ...]]] = {
+        "independent": ("n",),
+        "tree": ("width", "depth", "segment_tokens", "branch", "branch_entropy",
+                 "min_segment_tokens")}
 
     engine: str = setting("hf", "Generation engine.", choices=engine_names)
     mode: str = setting("independent", "independent (n samples per prompt) or tree (TreeRPO).",
@@ -107,6 +112,14 @@ class SampleOptions(ToolOptions):
             raise UsageError(f"{self.label('min_segment_tokens')} must be below "
                              f"{self.label('max_new_tokens')} with --branch entropy, got "
                              f"{self.min_segment_tokens} >= {self.max_new_tokens}")
+
+    def ignored_settings(self) -> list[str]:
+        """The settings of the other --mode changed from their defaults: this mode would ignore
+        them without a word (the defaults are all a command line or a resolved config.toml can be
+        compared with)."""
+        default = SampleOptions()
+        return [k for mode, keys in self.MODE_ONLY.items() if mode != self.mode for k in keys
+                if getattr(self, k) != getattr(default, k)]
 
     def engine_config(self, seed: int) -> SamplingConfig:
         """The settings of one engine call."""

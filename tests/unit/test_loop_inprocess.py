@@ -110,7 +110,8 @@ def test_treerpo_inside_the_loop_matches_the_stage(loop_model, tmp_path):
     from tcli.stages.advantages import advantages_group
 
     cfg = _config(loop_model, tmp_path / "run", engine="hf", mode="tree", width=2, depth=2,
-                  segment_tokens=3, max_new_tokens=8, estimator="treerpo", steps=1, eval_every=0)
+                  segment_tokens=3, max_new_tokens=8, estimator="treerpo", steps=1, eval_every=0,
+                  n=None)  # a tree's leaves come from width and depth: no n
     _run(cfg)
     recs = [r for _, r in RecordReader(str(tmp_path / "run" / "rollouts" / "step_1.arrow"))]
     assert len(recs) == len(PROMPTS) * 4 and all(r["estimator"] == "treerpo" for r in recs)
