@@ -329,12 +329,9 @@ def import_gguf(path: str, out_dir: str, *, dtype: str = "float32",
 
 
 def check_import_target(out_dir: str) -> None:
-    """:func:`check_checkpoint_target`, and a non-empty directory must be tcli's own checkpoint
-    (it has tcli_state.json): a model someone downloaded there is never replaced."""
-    from tcli.models.checkpoint import STATE_FILE, check_checkpoint_target
+    """:func:`check_checkpoint_target` for OUT_DIR: absent, empty, or tcli's own checkpoint (it has
+    tcli_state.json) holding only what tcli wrote, so a model someone downloaded there is never
+    replaced."""
+    from tcli.models.checkpoint import check_checkpoint_target
 
     check_checkpoint_target(out_dir, "OUT_DIR")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(
-            os.path.join(out_dir, STATE_FILE)):
-        raise UsageError(f"OUT_DIR {out_dir} is a checkpoint tcli did not write (no {STATE_FILE}); "
-                         "refusing to replace it (choose a new directory)")
