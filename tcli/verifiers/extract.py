@@ -30,6 +30,14 @@ def tail(text: str, n: int = TAIL_CHARS) -> str:
     return t
 
 
+def gold_answer(answer: str) -> str:
+    """The gold a record states: a GSM8K solution as published (``... reasoning ... #### 72``)
+    states it after its last ``####``, on that line, never in the reasoning before it; any other
+    gold is itself."""
+    k = answer.rfind("####")
+    return answer[k + 4:].split("\n", 1)[0].strip() if k >= 0 else answer
+
+
 def _uncut(text: str, start: int, end: int) -> str:
     """``text[start:end]`` without a word (a number) that the slice's end cuts in two."""
     part = text[start:end]

@@ -3,13 +3,14 @@
 The gold answer is a number, or a GSM8K solution as published (its number after ``####``).
 The response's answer is taken from the last ``####``, else the last ``\\boxed{}``, else "The
 answer is ...", else the last number in the response. A ``####`` line or a box must hold one
-number; a sentence gives its first number unless that is part of an expression or a list (then:
-no answer). Thousands separators (commas or spaces), ``$``, ``%``, trailing periods and units are
-ignored; a minus sign counts only when it is not a binary minus (``12-3`` and ``12 - 3`` end in
-3, not -3). Values are exact: numbers as written are ``Decimal`` (a 10,000-digit number neither
-overflows nor loses its digits, and GSM-Hard answers like ``0.0000195766`` compare exactly),
-fractions are ``Fraction``, and comparisons run on exact rationals, never floats: integers of
-any size compare digit for digit (``10**30 + 1`` is not ``10**30``).
+number; a sentence gives its first number unless that is part of an expression or a list (``3, 5``,
+``3 5``: then no answer). Thousands separators (commas or spaces: ``1 234``), ``$``, ``%``,
+trailing periods and units are ignored; a minus sign counts only when it is not a binary minus
+(``12-3`` and ``12 - 3`` end in 3, not -3). Values are exact: numbers as written are ``Decimal`` (a
+10,000-digit number neither overflows nor loses its digits, and GSM-Hard answers like
+``0.0000195766`` compare exactly), fractions are ``Fraction``, and comparisons run on exact
+rationals, never floats: integers of any size compare digit for digit (``10**30 + 1`` is not
+``10**30``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-from tcli.verifiers.extract import NOT_ONE, final_answer, tail
+from tcli.verifiers.extract import NOT_ONE, final_answer, gold_answer, tail
 from tcli.verifiers.registry import VERIFIERS, verdict
 
 REL_TOL = Fraction(1, 10**14)  # float artefacts of GSM-Hard targets: 3244047.0999999996 == 3244047.1
@@ -110,9 +111,11 @@ _UNIT_POWER = re.compile(r"(?<![\w\\])([A-Za-z]{1,4})\s*\^\s*(?:\{\s*[23]\s*\}|[
 _COMMAND = r"\\(?!left\b|right\b|approx\b|quad\b|qquad\b)[A-Za-z]+"
 _EXPRESSION = re.compile(r"[\^!]|" + _COMMAND)
 # in a sentence ("The answer is ..."), what makes its first number part of an expression or a
-# list: a group or command before it, or an operator, power or command right after it
+# list: a group or command before it, or an operator, power or command right after it, or another
+# number after a space (3 5; thousands' spaces, 1 234, are gone by then)
 _BEFORE = re.compile(r"[{^]|" + _COMMAND)
-_AFTER = re.compile(r"\s*(?:\^|" + _COMMAND + r"|[-+*/:,\u00d7\u00b7\u2212]\s*[\d({\\.])")
+_AFTER = re.compile(r"\s*(?:\^|" + _COMMAND
+                    + r"|[-+*/:,\u00d7\u00b7\u2212]\s*[\d({\\.])|\s+\d")
 
 
 def _cleaned(answer: str):
@@ -153,7 +156,7 @@ def stated_number(found: str, sentence: bool = False):
     it holds none; ``NOT_ONE`` when it holds an expression or several numbers (no answer,
     rather than one of its numbers). A sentence may say more than its number (``18 dollars for
     7 days`` is 18), but its first number must not be part of an expression
-    (``\\frac{3\\sqrt{3}}{4}``, ``3, 5, 7``, ``12 - 3``)."""
+    (``\\frac{3\\sqrt{3}}{4}``, ``3, 5, 7``, ``3 5``, ``12 - 3``; ``1 234`` is one number)."""
     frac, s = _cleaned(found)
     if frac is not None:
         return frac
@@ -170,10 +173,8 @@ def stated_number(found: str, sentence: bool = False):
 
 def gold_value(answer: str):
     """The gold's number; a GSM8K solution as published (``... reasoning ... #### 72``) is read
-    after its last ``####``, never from the reasoning before it."""
-    k = answer.rfind("####")
-    if k >= 0:
-        answer = answer[k + 4:].split("\n", 1)[0]
+    after its last ``####``, never from the reasoning before it (:func:`gold_answer`)."""
+    answer = gold_answer(answer)
     got = number_in(answer, single=True)
     if got is None:
         raise ValueError(f"gold answer {answer[:50]!r} is not a number")

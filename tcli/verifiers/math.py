@@ -1,5 +1,6 @@
 """``math``: the final answer from the last ``\\boxed{}`` (or "The answer is ..."), compared with
-math-verify against the gold LaTeX answer (so ``\\frac12``, ``0.5`` and ``\\dfrac{1}{2}`` agree).
+math-verify against the gold LaTeX answer (so ``\\frac12``, ``0.5`` and ``\\dfrac{1}{2}`` agree);
+a gold written as a GSM8K solution (``... reasoning ... #### 72``) is what follows its last ``####``.
 
 LaTeX parsing and sympy simplification are exponential in nesting depth (a ``\\frac`` nested 16
 deep takes seconds, 20 deep minutes), so answers that are too long or too deeply nested are
@@ -11,8 +12,8 @@ from __future__ import annotations
 import functools
 import re
 
-from tcli.verifiers.extract import (MAX_ANSWER_CHARS, balanced_end, final_answer, nesting_depth,
-                                    tail)
+from tcli.verifiers.extract import (MAX_ANSWER_CHARS, balanced_end, final_answer, gold_answer,
+                                    nesting_depth, tail)
 from tcli.verifiers.registry import VERIFIERS, verdict
 
 MAX_DEPTH = 6     # bracket nesting; gold answers of MATH-500 need at most 2
@@ -173,7 +174,8 @@ def verify_math(text: str, answer: str, record: dict) -> tuple[float, dict]:
     load_math_verify()
     from math_verify import verify
 
-    gold = list(_gold(answer.strip()))
+    answer = gold_answer(answer).strip()  # a GSM8K solution's gold: after its last ####
+    gold = list(_gold(answer))
     got = _parse("\\boxed{" + pred + "}")
     if gold and got and verify(gold, got, timeout_seconds=None):
         return verdict("math", pred, True, via=how)
