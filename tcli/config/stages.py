@@ -185,8 +185,10 @@ class VerifyOptions(Options):
     TABLE: ClassVar[str] = "verify"
 
     task: tuple[str, ...] = setting(
-        ("auto",), "Verifier: auto (per record: choices -> choice; GSM8K/GSM-Hard source -> "
-        "gsm8k; tcli-arith -> arith; else math), a registered name (math, gsm8k, choice, arith) "
+        ("auto",), "Verifier: auto (per record, the first that fits: choices -> choice; "
+        "meta.source tcli-arith -> arith, tcli-countdown -> countdown's own; a GSM8K/GSM-Hard "
+        "source, a gold ending '#### 72', or a one-number gold of a prompt that did not ask for "
+        "\\boxed{} -> gsm8k; else math), a registered name (math, gsm8k, choice, arith) "
         "or python:module:function. Several (-t a -t b; a list in TOML) all score every record: "
         "reward = their weighted sum (--weights), rewards and verdicts = each one's by name.",
         check=check_tasks, short="-t")
