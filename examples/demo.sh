@@ -21,8 +21,9 @@ if [ ! -f "$OUT/sft/tcli_state.json" ]; then
 fi
 
 echo "== 3/3 tcli loop (TEMPO) -> $OUT/tempo" >&2
-rm -rf "$OUT/tempo"
-$TCLI loop --config examples/arith/demo.toml
+# --overwrite: a previous demo run there is replaced (only the files tcli wrote); a directory
+# holding anything else is refused (exit 2), never deleted
+$TCLI loop --config examples/arith/demo.toml --overwrite
 
 $PY - "$OUT/tempo" "$start" "$TCLI" <<'PY'
 import json, sys, time

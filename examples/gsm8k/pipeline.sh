@@ -25,6 +25,10 @@ run() {  # a tcli command, or its words (one per line, then a blank line) under 
     if [ -n "${DRY_RUN:-}" ]; then printf '%s\n' "$@" ""; else "$@"; fi
 }
 
+drop_checkpoint() {  # a checkpoint train-step wrote (tcli_state.json in it), never anything else
+    if [ -f "$1/tcli_state.json" ] && [ ! -L "$1" ]; then rm -rf -- "$1"; fi
+}
+
 mkdir -p "$OUT"
 ckpt="$MODEL"
 for ((s = 0; s < STEPS; s++)); do
@@ -47,5 +51,5 @@ for ((s = 0; s < STEPS; s++)); do
             --dtype bfloat16 --task "$TASK" --limit 500 --max-new-tokens "$MAX_NEW" \
             --prompt-template boxed --summary "$OUT/eval_$((s + 1)).json"
     fi
-    [ -n "${DRY_RUN:-}" ] || [ $s -lt 2 ] || rm -rf "$OUT/ckpt_$((s - 1))"  # keep the last two
+    [ -n "${DRY_RUN:-}" ] || [ $s -lt 2 ] || drop_checkpoint "$OUT/ckpt_$((s - 1))"  # keep the last two
 done

@@ -25,8 +25,9 @@ if [ ! -f "$OUT/sft/tcli_state.json" ]; then
 fi
 
 echo "== 3/4 tcli loop (TEMPO, --tools calc) -> $RUN" >&2
-rm -rf "$RUN"
-$TCLI loop --config examples/tools/demo.toml
+# --overwrite: a previous demo run there is replaced (only the files tcli wrote); a directory
+# holding anything else is refused (exit 2), never deleted
+$TCLI loop --config examples/tools/demo.toml --overwrite
 
 echo "== 4/4 tcli eval --tools calc: warm start and final policy" >&2
 final=$(ls -d "$RUN"/checkpoints/step_* | sort -t_ -k2 -n | tail -1)
