@@ -163,6 +163,9 @@ def too_complex(pred: str) -> str | None:
 
 @VERIFIERS.register("math")
 def verify_math(text: str, answer: str, record: dict) -> tuple[float, dict]:
+    answer = gold_answer(answer).strip()  # a GSM8K solution's gold: after its last ####
+    if not answer:  # a bad record, not a wrong response: never a quiet 0
+        raise ValueError("gold answer is empty (nothing after its ####)")
     pred, how = extract(text)
     if pred:
         pred = _CONTROL.sub("", pred).strip()
@@ -174,7 +177,6 @@ def verify_math(text: str, answer: str, record: dict) -> tuple[float, dict]:
     load_math_verify()
     from math_verify import verify
 
-    answer = gold_answer(answer).strip()  # a GSM8K solution's gold: after its last ####
     gold = list(_gold(answer))
     got = _parse("\\boxed{" + pred + "}")
     if gold and got and verify(gold, got, timeout_seconds=None):

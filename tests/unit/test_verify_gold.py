@@ -55,3 +55,11 @@ def test_numbers_separated_by_spaces_in_a_sentence_state_no_answer(text):
 def test_thousands_grouped_by_spaces_are_still_one_number(text, gold):
     reward, v = verify_gsm8k(text, gold, {})
     assert reward == 1.0 and v["parsed"] == gold, v
+
+
+@pytest.mark.parametrize("task", ["math", "gsm8k"])
+def test_an_empty_gold_after_its_hashes_stops_the_run_instead_of_scoring_zero(task):
+    from tcli.errors import TcliError
+
+    with pytest.raises(TcliError, match="gold answer"):
+        _rewards(["no answer here"], "reasoning\n#### ", task)
