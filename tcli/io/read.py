@@ -16,6 +16,11 @@ from tcli.io.codec import BadJson, loads
 from tcli.io.schema import check_schema
 
 PARQUET_MAGIC = b"PAR1"
+# compressed files start so; each gets the command that writes it back out uncompressed
+COMPRESSED = ((b"\x1f\x8b", "gzip", "zcat"), (b"\x28\xb5\x2f\xfd", "zstd", "zstdcat"),
+              (b"BZh", "bzip2", "bzcat"), (b"\xfd7zXZ\x00", "xz", "xzcat"),
+              (b"PK\x03\x04", "zip", "unzip -p"), (b"PK\x05\x06", "zip", "unzip -p"),
+              (b"\x04\x22\x4d\x18", "lz4", "lz4cat"))
 
 
 def display_name(path: str) -> str:
@@ -52,6 +57,29 @@ def detect_format(head: bytes) -> str:
     if head.startswith(PARQUET_MAGIC):
         return "parquet"
     return "jsonl"
+
+
+def refuse_compressed(head: bytes, name: str) -> None:
+    """A compressed input is bad data, said as such: decoding it would fail on its first byte
+    with a message about UTF-8 or Arrow that hides what is wrong."""
+    for magic, fmt, tool in COMPRESSED:
+        if head.startswith(magic):
+            cmd = command_line()
+            how = (f"... | {tool.split()[0]} | {cmd}" if name == "<stdin>"
+                   else f"{tool} {name} | {cmd}")
+            raise DataError(f"{fmt}-compressed input; tcli reads uncompressed records: "
+                            f"decompress it first (e.g. {how})", file=name)
+
+
+def command_line() -> str:
+    """``tcli <command>`` of the running command line, for the hint above."""
+    try:  # typer >= 0.20 vendors click
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover
+        from click import get_current_context
+
+    ctx = get_current_context(silent=True)
+    return f"tcli {ctx.info_name}" if ctx is not None and ctx.parent is not None else "tcli ..."
 
 
 def _looks_tabular(name: str, raw: bytes) -> bool:
@@ -113,7 +141,9 @@ class RecordReader:
         own = self.path != "-"
         try:
             fmt = self.input_format if self.input_format not in (None, "auto") else None
-            detected = detect_format(_peek(f))
+            head = _peek(f)
+            refuse_compressed(head, self.name)
+            detected = detect_format(head)
             if fmt is None:
                 fmt = detected
             elif fmt == "arrow" and detected == "arrow-file":

@@ -10,6 +10,11 @@ from tcli.io.codec import dumps
 from tcli.io.target import Output
 
 FORMATS = ("jsonl", "arrow")
+# suffixes of compressed files, and how a stream is compressed into one
+_GZ, _ZST = ("gzip", "gzip > {}"), ("zstd", "zstd -o {}")
+COMPRESSED_SUFFIXES = {".gz": _GZ, ".gzip": _GZ, ".tgz": _GZ, ".zst": _ZST, ".zstd": _ZST,
+                       ".bz2": ("bzip2", "bzip2 > {}"), ".xz": ("xz", "xz > {}"),
+                       ".zip": ("zip", "zip {} -"), ".lz4": ("lz4", "lz4 > {}")}
 
 
 class JsonlSink:
@@ -24,6 +29,15 @@ class JsonlSink:
 
 
 def output_format(path: str, fmt: str | None) -> str:
+    """The format to write ``path`` in; a usage error for a name that would mislead a reader."""
+    suffix = next((s for s in COMPRESSED_SUFFIXES if path.lower().endswith(s)), None)
+    if suffix is not None:
+        from tcli.io.read import command_line
+
+        kind, compress = COMPRESSED_SUFFIXES[suffix]
+        raise UsageError(f"{path}: tcli writes uncompressed records, not {kind}; compress its "
+                         f"stdout instead (e.g. {command_line()} ... | {compress.format(path)}), or "
+                         f"drop {path[-len(suffix):]} from the name")
     if fmt not in (None, "auto", *FORMATS):
         raise UsageError(f"unknown output format {fmt!r}; valid: jsonl, arrow")
     if fmt in (None, "auto"):

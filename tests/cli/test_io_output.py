@@ -339,3 +339,76 @@ def test_writer_errors(tmp_path):
             w.write({"prompt_id": 1})
     assert f"cannot write {full}: No space left on device" in str(e.value)
     assert stat.S_ISCHR(os.stat(full).st_mode)
+
+
+# ----------------------------------------------------------------------------- compression
+
+def _compressed(kind: str, data: bytes) -> bytes:
+    """``data`` compressed as ``kind`` (zstd and lz4: their magic bytes, which is all tcli reads)."""
+    import bz2
+    import gzip
+    import io
+    import lzma
+    import zipfile
+
+    if kind == "zip":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("in.jsonl", data)
+        return buf.getvalue()
+    return {"gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress,
+            "zstd": lambda d: b"\x28\xb5\x2f\xfd" + d, "lz4": lambda d: b"\x04\x22\x4d\x18" + d,
+            }[kind](data)
+
+
+DECOMPRESS = {"gzip": "zcat", "bzip2": "bzcat", "xz": "xzcat", "zip": "unzip -p", "zstd": "zstdcat",
+              "lz4": "lz4cat"}
+
+
+@pytest.mark.parametrize("kind", sorted(DECOMPRESS))
+@pytest.mark.parametrize("cmd", ["verify", "build-tree"])
+def test_compressed_input_file_is_named_bad_data(tmp_path, kind, cmd):
+    """A compressed file is refused as such (exit 65), with the file, the format and how to
+    decompress it, not with a UTF-8 error about its first byte."""
+    p = tmp_path / f"in.jsonl.{kind}"
+    p.write_bytes(_compressed(kind, jsonl(rollouts())))
+    r = run_tcli([*COMMANDS[cmd], p])
+    line = failed(r, 65, f"{p}: {kind}-compressed input", "decompress it first",
+                  f"{DECOMPRESS[kind]} {p} | tcli {cmd}")
+    assert "UTF-8" not in line and r.stdout == b""
+
+
+@pytest.mark.parametrize("forced", ["jsonl", "arrow", "parquet"])
+def test_compressed_input_on_stdin_is_named_bad_data_whatever_the_format(forced):
+    r = run_tcli(["build-tree", "--input-format", forced],
+                 input=_compressed("gzip", jsonl(rollouts())))
+    failed(r, 65, "<stdin>: gzip-compressed input", "| zcat | tcli build-tree")
+
+
+def test_compressed_prompt_file_is_named_bad_data(tmp_path, tiny):
+    data = tmp_path / "prompts.jsonl.xz"
+    data.write_bytes(_compressed("xz", b'{"prompt_id": "a", "prompt": "1+1=", "answer": "2"}\n'))
+    r = run_tcli(["sample-tree", data, "-m", tiny, "--max-new-tokens", "2", "-q"])
+    failed(r, 65, f"{data}: xz-compressed input", "xzcat")
+
+
+@pytest.mark.parametrize("name", ["out.jsonl.gz", "out.jsonl.GZ", "out.arrow.zst", "out.bz2",
+                                  "out.xz", "out.zip", "out.jsonl.lz4"])
+@pytest.mark.parametrize("cmd", ["verify", "build-tree"])
+def test_output_named_as_compressed_is_refused_before_reading(tmp_path, name, cmd):
+    """Uncompressed JSONL under a .gz name would mislead every reader: exit 2 before the input is
+    read (a bad input is not even looked at) and nothing appears."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"not json\n")
+    r = run_tcli([*COMMANDS[cmd], bad, "-o", tmp_path / name])
+    failed(r, 2, str(tmp_path / name), "uncompressed", f"(e.g. tcli {cmd} ... | ")
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+def test_output_named_as_compressed_is_refused_with_explicit_format(tmp_path, src):
+    for fmt in ("jsonl", "arrow"):
+        with pytest.raises(UsageError, match="uncompressed records, not gzip"):
+            RecordWriter(str(tmp_path / "x.arrow.gz"), fmt)
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+    ok = tmp_path / "gz.jsonl"  # only the suffix counts
+    assert run_tcli(["build-tree", src, "-o", ok]).returncode == 0 and ok.stat().st_size > 0
