@@ -78,18 +78,24 @@ class Episode(Node):
                         self.mask, self.turns, self.errors)
 
 
+_CUT = "\ufffd"  # what decoding gives for the bytes of a character cut between tokens
+
+
 class StopScan:
     """Finds a stop string completed by a turn's newest token, decoding only the tail."""
 
     def __init__(self, tokenizer, stops: Sequence[str]):
         self.tokenizer = tokenizer
         self.stops = tuple(s for s in stops if s)
-        # a stop string of L characters spans at most L tokens (+2 for merges at either end)
-        self.window = max((len(s) for s in self.stops), default=0) + 2
+        # a stop string of L UTF-8 bytes spans at most L tokens (+2 for merges at either end):
+        # every token holds a byte at least, and a byte-level one may hold part of a character
+        self.window = max((len(s.encode("utf-8")) for s in self.stops), default=0) + 2
         # a stop string ends in a token only if the token's text holds its last character
-        # (not checkable that way for a whitespace last character: always decode then)
+        # (not checkable that way for a whitespace last character: always decode then). A
+        # non-ASCII one may end in a token holding only its last bytes, decoded as U+FFFD
         self.last = {s[-1] for s in self.stops}
         self.any_token = any(c.isspace() for c in self.last)
+        self.partial = any(not c.isascii() for c in self.last)
         self.may_end: dict[int, bool] = {}
 
     def decode(self, ids) -> str:
@@ -99,7 +105,8 @@ class StopScan:
         hit = self.may_end.get(tok)
         if hit is None:
             text = self.decode([tok])
-            hit = self.may_end[tok] = self.any_token or any(c in text for c in self.last)
+            hit = self.may_end[tok] = (self.any_token or any(c in text for c in self.last)
+                                       or (self.partial and _CUT in text))
         return hit
 
     def call_text(self, tokens: list[int], start: int) -> str | None:
@@ -109,7 +116,8 @@ class StopScan:
             return None
         lo = max(start, len(tokens) - self.window)
         tail = self.decode(tokens[lo:])
-        before = len(self.decode(tokens[lo:-1])) if len(tokens) - 1 > lo else 0
+        # (a character cut before the newest token decodes as U+FFFD there, whole in ``tail``)
+        before = len(self.decode(tokens[lo:-1]).rstrip(_CUT)) if len(tokens) - 1 > lo else 0
         ends = [i + len(s) for s in self.stops
                 if (i := tail.find(s, max(0, before - len(s) + 1))) >= 0]
         if not ends:
