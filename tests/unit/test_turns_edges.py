@@ -103,6 +103,7 @@ def test_only_the_current_turn_is_scanned():
     scan = StopScan(tok, ("</c>",))
     assert scan.call_text([0, 1, 2], 0) == "<c>1</c>"
     assert scan.call_text([0, 1, 2], 2) is None
+    assert scan.call_text([0, 1, 2], 3) is None and scan.call_text([], 0) is None   # no turn yet
 
 
 def test_a_stop_string_that_ended_before_the_newest_token_is_not_found_again():
