@@ -14,11 +14,13 @@ _PLACEHOLDER = re.compile(r"\{(prompt|choices)\}")
 
 
 
-def map_fields(rec: dict, fields=None) -> dict:
+def map_fields(rec: dict, fields=None, standard: bool = False) -> dict:
     """The record with ``id``/``prompt``/``answer`` taken from the fields ``fields`` (a
     PromptOptions) names, for data sets with another schema; errors name the source field.
     A named field the record lacks is an error, never a fall-back to the default name (a misspelt
-    ``--answer-field`` would grade against another field); a chat record needs no prompt field."""
+    ``--answer-field`` would grade against another field); a chat record needs no prompt field.
+    ``standard``: a record without the named field that has the standard one keeps it (the loop's
+    eval data, which may be a benchmark in the standard schema while the train data is not)."""
     if fields is None or not isinstance(rec, dict):
         return rec
     pairs = [(key, src) for key, src in (("id", fields.id_field), ("prompt", fields.prompt_field),
@@ -29,6 +31,8 @@ def map_fields(rec: dict, fields=None) -> dict:
     for key, src in pairs:
         if src in rec:
             taken[key] = rec[src]
+        elif standard and key in rec:
+            taken[key] = rec[key]
         elif not (key == "prompt" and "messages" in rec and "prompt" not in rec):
             raise DataError(f"missing (named by {fields.label(key + '_field')}; the record has: "
                             f"{_fields_of(rec)})", field=key)
@@ -208,12 +212,12 @@ def spread(n: int, limit: int | None) -> list[int]:
 
 
 def read_prompts(path: str, limit: int | None = None, fields=None,
-                 origin: dict | None = None) -> list[dict]:
+                 origin: dict | None = None, standard: bool = False) -> list[dict]:
     """Prompt records with answers, validated here so later stages never see a bad one: every
     error names this file and line (missing/ill-typed id, prompt or answer, a repeated id).
     ``path`` may name a shipped benchmark; ``limit`` keeps that many rows spread over the file
     (:func:`spread`; every row is still read and checked); ``fields`` (PromptOptions) maps another
-    schema's field names; ``origin`` gets ``id(record)`` -> (file, line), for errors found later."""
+    schema's field names (``standard``: see :func:`map_fields`); ``origin`` gets ``id(record)`` -> (file, line), for errors found later."""
     from tcli.io import RecordReader, SeenKeys, resolve_data
 
     if not path:
@@ -223,7 +227,7 @@ def read_prompts(path: str, limit: int | None = None, fields=None,
     reader = RecordReader(resolve_data(path))
     for line, rec in reader:
         try:
-            rec = map_fields(rec, fields)
+            rec = map_fields(rec, fields, standard)
             check_prompt_record(rec)
             if "answer" not in rec:
                 raise missing(rec, "answer")

@@ -26,9 +26,11 @@ def check_models(cfg: LoopConfig) -> None:
 def loop_prompts(cfg: LoopConfig, key: str, limit: int | None = None,
                  origin: dict | None = None) -> list[dict]:
     """The prompts of ``train_data`` or ``eval_data`` (``key``); a missing file names the key.
-    ``origin`` gets where each was read (``read_prompts``)."""
+    ``origin`` gets where each was read (``read_prompts``). The ``[prompts]`` mapping is the train
+    data's: eval records without a mapped field read the standard one (a benchmark's)."""
     try:
-        return read_prompts(getattr(cfg.run, key), limit, cfg.prompts, origin)
+        return read_prompts(getattr(cfg.run, key), limit, cfg.prompts, origin,
+                            standard=key == "eval_data")
     except UsageError as e:
         raise UsageError(f"{cfg.where(key)}: {e}") from None
 
