@@ -3,6 +3,8 @@ path is a usage error (exit 2) that names its setting and the TOML file that set
 
 from __future__ import annotations
 
+import os
+
 from tcli.config.loop import LoopConfig
 from tcli.errors import DataError, UsageError
 from tcli.prompts import read_prompts
@@ -52,3 +54,17 @@ def check_prompts_encode(cfg: LoopConfig, train: list[dict], evals: list[dict], 
             check_prompts(tok, prompts, opts, limit)
         except DataError as e:
             raise locate(e, prompts) from None
+
+
+def eval_is_train(cfg: LoopConfig) -> str | None:
+    """A warning when ``eval_data`` is the file ``train_data`` reads (the held-out accuracy would
+    be measured on training prompts), else None."""
+    from tcli.io import resolve_data
+
+    train, evals = (resolve_data(getattr(cfg.run, k)) for k in ("train_data", "eval_data"))
+    if "-" in (train, evals):
+        return None
+    if os.path.realpath(train) != os.path.realpath(evals):
+        return None
+    return (f"warning: eval_data is the same file as train_data ({evals}): eval accuracy is "
+            "measured on training prompts, not held-out ones")

@@ -29,7 +29,7 @@ from tcli.errors import DataError, UsageError
 from tcli.io import RecordWriter, iter_groups, write_atomic_bytes
 from tcli.loop.expand_step import expand_metrics, expand_step
 from tcli.loop.ranks import SamplingWeights, fold_stats
-from tcli.loop.inputs import check_models, check_prompts_encode, loop_prompts
+from tcli.loop.inputs import check_models, check_prompts_encode, eval_is_train, loop_prompts
 from tcli.loop.refill import step_rollouts
 from tcli.loop.rundir import RunDir
 from tcli.loop.steps import Budget, StepTimer, format_step, step_seed
@@ -84,6 +84,8 @@ class Loop:
         ev = cfg.eval
         self.eval_prompts = (loop_prompts(cfg, "eval_data", ev.limit or None, self.record_no)
                              if cfg.run.eval_data and ev.every else [])
+        if self.eval_prompts and (same := eval_is_train(cfg)):
+            self.notes.append(same)
         self._on_main(lambda: check_prompts_encode(cfg, self.train_prompts, self.eval_prompts,
                                                    self._locate))  # one rank says it
         self.best = -1.0

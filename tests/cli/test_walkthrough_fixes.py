@@ -3,8 +3,11 @@ the ``[prompts]`` mapping and eval data in the standard schema, eval data that i
 
 from __future__ import annotations
 
+import os
+
 import orjson
 
+from conftest import LOOP_PROMPTS, run_tcli
 from tcli.config.loop import load_config
 from tcli.errors import DataError
 from tcli.loop.inputs import loop_prompts
@@ -43,3 +46,26 @@ def test_eval_record_with_neither_name_still_names_the_mapped_field(tmp_path):
     else:
         raise AssertionError("an eval record without a prompt was read")
 
+
+def _loop(d, model, tmp_path, eval_data):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'model = "{model}"\ntrain_data = "{d / "prompts.jsonl"}"\n'
+                    f'eval_data = "{eval_data}"\nrun_dir = "{tmp_path / "run"}"\nsteps = 1\n'
+                    'prompts_per_step = 2\n[sample]\nn = 2\nmax_new_tokens = 2\n'
+                    'prompt_template = "plain"\n[eval]\nevery = 1\nlimit = 2\n')
+    return run_tcli(["loop", "--config", toml])
+
+
+def test_loop_warns_once_when_eval_data_is_the_train_file(tmp_path, loop_model):
+    d, model = loop_model
+    link = tmp_path / "held_out.jsonl"  # another name for the same file
+    os.symlink(d / "prompts.jsonl", link)
+    r = _loop(d, model, tmp_path, link)
+    assert r.returncode == 0, r.stderr
+    err = r.stderr.decode()
+    assert err.count("eval_data is the same file as train_data") == 1, err
+    other = _jsonl(tmp_path / "other.jsonl", LOOP_PROMPTS)
+    (tmp_path / "b").mkdir()
+    r = _loop(d, model, tmp_path / "b", other)
+    assert r.returncode == 0, r.stderr
+    assert b"same file as train_data" not in r.stderr
