@@ -23,12 +23,15 @@ MADE_BY = "init-critic"
 
 
 def init_critic(source: str, out_dir: str, *, dtype: str | None = None) -> str:
-    """A new critic directory from the causal LM ``source``: its backbone, a zero value head."""
+    """A new critic directory from the causal LM ``source`` (or a LoRA adapter directory, merged):
+    its backbone, a zero value head."""
     import torch
     from transformers import AutoModelForTokenClassification
 
     from tcli.models.checkpoint import check_checkpoint_target, save_pretrained_atomic
-    from tcli.models.load import check_model_dir, load_tokenizer, pretrained, torch_dtype
+    from tcli.models.files import base_of
+    from tcli.models.load import (check_model_dir, load_merged, load_tokenizer, pretrained,
+                                  torch_dtype)
     from tcli.models.quiet import quiet_transformers
 
     quiet_transformers()
@@ -37,8 +40,12 @@ def init_critic(source: str, out_dir: str, *, dtype: str | None = None) -> str:
         raise UsageError(f"DIR {out_dir} is the policy --from {source}: the critic would replace "
                          "it; give a new directory")
     check_checkpoint_target(out_dir, "DIR")
-    model = pretrained(AutoModelForTokenClassification, source, path=source,
+    base = base_of(source)  # a LoRA adapter directory: its base's architecture, merged weights
+    model = pretrained(AutoModelForTokenClassification, base or source, path=base or source,
                        what="critic backbone", num_labels=1, dtype=torch_dtype(dtype))
+    if base:
+        merged = load_merged(source, dtype=torch_dtype(dtype))
+        model.base_model.load_state_dict(merged.base_model.state_dict())
     with torch.no_grad():
         model.score.weight.zero_()
         if model.score.bias is not None:

@@ -69,3 +69,27 @@ def test_loop_warns_once_when_eval_data_is_the_train_file(tmp_path, loop_model):
     r = _loop(d, model, tmp_path / "b", other)
     assert r.returncode == 0, r.stderr
     assert b"same file as train_data" not in r.stderr
+
+
+def test_init_critic_from_a_lora_adapter_takes_the_merged_backbone(tmp_path, tiny_model):
+    import torch
+
+    from tcli.models.critic import load_critic
+    from tcli.models.load import load_model, load_tokenizer
+    from tcli.train import lora
+
+    pm = lora.load_trainable(tiny_model, 4, 8, "all-linear")
+    with torch.no_grad():  # an adapter that changes the weights (a fresh one is the identity)
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    adapter = str(tmp_path / "adapter")
+    lora.save_adapter(adapter, pm, load_tokenizer(tiny_model), base=tiny_model, state={"step": 1})
+    r = run_tcli(["init-critic", "--from", adapter, tmp_path / "critic", "-q"])
+    assert r.returncode == 0, r.stderr
+    critic = load_critic(str(tmp_path / "critic")).base_model.state_dict()
+    merged = load_model(adapter).base_model.state_dict()
+    base = load_model(tiny_model).base_model.state_dict()
+    assert critic.keys() == merged.keys()
+    assert all(torch.equal(critic[k], merged[k]) for k in merged)
+    assert not all(torch.equal(base[k], merged[k]) for k in merged)
