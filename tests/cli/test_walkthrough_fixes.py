@@ -93,3 +93,10 @@ def test_init_critic_from_a_lora_adapter_takes_the_merged_backbone(tmp_path, tin
     assert critic.keys() == merged.keys()
     assert all(torch.equal(critic[k], merged[k]) for k in merged)
     assert not all(torch.equal(base[k], merged[k]) for k in merged)
+
+
+def test_eval_refuses_a_second_data_instead_of_dropping_the_first(tiny_model):
+    r = run_tcli(["eval", "-m", tiny_model, "--data", "gsm8k", "--data", "math500", "--limit", "1"])
+    assert r.returncode == 2 and not r.stdout
+    err = r.stderr.decode()
+    assert "--data was given 2 times (gsm8k, math500)" in err and "Traceback" not in err
