@@ -96,14 +96,17 @@ def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Sequence[str] | Non
                 continue
             drawn += 1
             if len(curves) == 1:
-                ax.plot(curves[0][0], curves[0][1], marker="." if kind == "eval" else None, label=label)
+                xs, ys = curves[0]  # a single point is drawn only as a marker
+                ax.plot(xs, ys, marker="." if kind == "eval" or len(xs) == 1 else None,
+                        label=label)
                 continue
             # common grid, mean and spread across seeds
             lo = max(c[0][0] for c in curves)
             hi = min(c[0][-1] for c in curves)
             grid = np.linspace(lo, hi, 50) if hi > lo else np.array([lo])
             ys = np.array([np.interp(grid, c[0], c[1]) for c in curves])
-            line, = ax.plot(grid, ys.mean(0), label=f"{label} (n={len(curves)})")
+            line, = ax.plot(grid, ys.mean(0), marker="." if len(grid) == 1 else None,
+                            label=f"{label} (n={len(curves)})")
             ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
         ax.set_xlabel("step" if x == "step" else "wall time (s)")
         ax.set_ylabel("train reward (mean)" if key == "reward_mean" else "eval accuracy")

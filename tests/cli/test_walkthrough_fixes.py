@@ -100,3 +100,31 @@ def test_eval_refuses_a_second_data_instead_of_dropping_the_first(tiny_model):
     assert r.returncode == 2 and not r.stdout
     err = r.stderr.decode()
     assert "--data was given 2 times (gsm8k, math500)" in err and "Traceback" not in err
+
+
+def test_plot_draws_a_one_step_run_as_a_point(tmp_path, monkeypatch):
+    """A run with one train step is a single point: without a marker its line is invisible."""
+    from matplotlib.axes import Axes
+
+    from tcli.plot import plot_runs
+
+    drawn = []
+    plot = Axes.plot
+
+    def recording(self, *args, **kw):
+        lines = plot(self, *args, **kw)
+        drawn.extend((len(line.get_xdata()), line.get_marker()) for line in lines)
+        return lines
+
+    monkeypatch.setattr(Axes, "plot", recording)
+    runs = []
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.jsonl").write_bytes(orjson.dumps({"kind": "train", "step": 1,
+                                                       "reward_mean": 0.5, "wall_time": 1.0})
+                                          + b"\n")
+        runs.append(str(d))
+    assert plot_runs(runs, str(tmp_path / "one.png")) == 4  # two runs in two panels
+    assert plot_runs(runs, str(tmp_path / "mean.png"), groups={"both": runs}) == 2
+    assert drawn and all(m not in (None, "None", "") for n, m in drawn if n == 1), drawn
