@@ -42,6 +42,7 @@ def advantages(
     `values` from build-tree must match the records' tokens and rewards (exit 65 when stale)."""
     from tcli.stages.advantages import AdvantageStats, batch_wide, stage_end, stage_group
 
+    opts.check_read()
     acc = AdvantageStats(branch=stats)
     held: list[dict] = []  # whitening needs every token before the first record is written
     hold = batch_wide(opts)

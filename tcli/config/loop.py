@@ -148,6 +148,7 @@ class LoopConfig:
             raise UsageError(f'{AdvantageOptions.label("estimator")} "{est}" needs tree-sampled '
                              'groups: set mode = "tree" in [sample] (--mode tree)')
         self._check_critic_used(est)
+        self.advantages.check_read()
         self._check_mode_settings()
         if self.run.refill and self.sample.mode == "independent" and self.sample.n < 2:
             raise UsageError(f"{RunOptions.label('refill')} needs groups of 2 or more responses "

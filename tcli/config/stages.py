@@ -250,6 +250,20 @@ class AdvantageOptions(Options):
     whiten: bool = setting(False, "Normalise advantages to mean 0, std 1 over all tokens of the "
                            "input (buffers the whole input; PPO practice).")
 
+    # the settings only some estimators read (docs/design.md §4); the others read every one
+    READ_BY: ClassVar[dict] = {"std": ("grpo", "tempo", "treerpo"), "td_coef": ("tempo",),
+                               "norm": ("treerpo",), "prune_std": ("treerpo",),
+                               "gamma": ("gae", "ppo"), "lam": ("gae", "ppo")}
+
+    def check_read(self) -> None:
+        """A setting the estimator never reads (``--lam`` with tempo) would change nothing:
+        refused (user-facing commands call this; the estimators accept any)."""
+        for name, readers in self.READ_BY.items():
+            if self.estimator not in readers and getattr(self, name) != getattr(type(self)(), name):
+                raise UsageError(f'{self.label(name)} is set, but {self.label("estimator")} '
+                                 f'"{self.estimator}" does not read it (only {", ".join(readers)} '
+                                 "do): leave it out, or choose one of those")
+
 
 @dataclass(frozen=True)
 class TrainOptions(Options):

@@ -128,3 +128,26 @@ def test_plot_draws_a_one_step_run_as_a_point(tmp_path, monkeypatch):
     assert plot_runs(runs, str(tmp_path / "one.png")) == 4  # two runs in two panels
     assert plot_runs(runs, str(tmp_path / "mean.png"), groups={"both": runs}) == 2
     assert drawn and all(m not in (None, "None", "") for n, m in drawn if n == 1), drawn
+
+
+def test_an_advantage_setting_the_estimator_never_reads_is_refused(tmp_path):
+    from tcli.errors import UsageError
+
+    r = run_tcli(["advantages", "-e", "tempo", "--lam", "0.9"], input=b"")
+    assert r.returncode == 2 and not r.stdout
+    assert '--lam (advantages.lam) is set, but --estimator (advantages.estimator) "tempo" does ' \
+           "not read it (only gae, ppo do)" in r.stderr.decode()
+    r = run_tcli(["advantages", "-e", "rloo", "--std", "population"], input=b"")
+    assert r.returncode == 2 and b"--std" in r.stderr
+    r = run_tcli(["advantages", "-e", "grpo", "--std", "population"], input=b"")  # grpo reads it
+    assert r.returncode == 0, r.stderr
+    toml = tmp_path / "run.toml"
+    toml.write_text('[advantages]\nestimator = "grpo"\ntd_coef = 0.5\n')
+    try:
+        load_config(str(toml))
+    except UsageError as e:
+        assert "--td-coef (advantages.td_coef) is set" in str(e)
+    else:
+        raise AssertionError("td_coef under grpo was accepted")
+    load_config(str(toml), {"estimator": "tempo"})  # tempo reads it
+
