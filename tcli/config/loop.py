@@ -150,6 +150,11 @@ class LoopConfig:
         self._check_critic_used(est)
         self.advantages.check_read()
         self._check_mode_settings()
+        for name in ("refill_max_rounds", "refill_max_tokens"):  # read by refill only
+            if not self.run.refill and getattr(self.run, name) != getattr(RunOptions(), name):
+                raise UsageError(f"{RunOptions.label(name)} is set, but "
+                                 f"{RunOptions.label('refill')} is off: set refill = true, or "
+                                 "leave it out")
         if self.run.refill and self.sample.mode == "independent" and self.sample.n < 2:
             raise UsageError(f"{RunOptions.label('refill')} needs groups of 2 or more responses "
                              f"(a group of one is never informative): set {SampleOptions.label('n')}"

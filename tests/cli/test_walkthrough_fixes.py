@@ -151,3 +151,15 @@ def test_an_advantage_setting_the_estimator_never_reads_is_refused(tmp_path):
         raise AssertionError("td_coef under grpo was accepted")
     load_config(str(toml), {"estimator": "tempo"})  # tempo reads it
 
+
+def test_refill_limits_without_refill_are_refused():
+    from tcli.errors import UsageError
+
+    for flag in ("refill_max_rounds", "refill_max_tokens"):
+        try:
+            load_config(None, {flag: 2})
+        except UsageError as e:
+            assert "is set, but --refill (refill) is off" in str(e)
+        else:
+            raise AssertionError(f"{flag} without refill was accepted")
+    assert load_config(None, {"refill": True, "refill_max_rounds": 2}).run.refill_max_rounds == 2
