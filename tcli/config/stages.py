@@ -350,6 +350,11 @@ class TrainOptions(Options):
         if not any(t.strip() for t in self.lora_targets.split(",")):
             raise UsageError(f"{self.label('lora_targets')} must be all-linear or module names, "
                              f"got {self.lora_targets!r}")
+        fields = self.__dataclass_fields__
+        for name in ("lora_alpha", "lora_targets"):  # shape adapters: nothing without them
+            if not self.lora_rank and getattr(self, name) != fields[name].default:
+                raise UsageError(f"{self.label(name)} is set, but {self.label('lora_rank')} is 0 "
+                                 "(all weights train): give a LoRA rank, or leave it out")
         if self.kl_coef > 0 and not self.ref_model:
             raise UsageError(f"{self.label('kl_coef')} > 0 needs {self.flag('ref_model')}")
         if self.schedule_steps and self.warmup_steps > self.schedule_steps:

@@ -163,3 +163,17 @@ def test_refill_limits_without_refill_are_refused():
         else:
             raise AssertionError(f"{flag} without refill was accepted")
     assert load_config(None, {"refill": True, "refill_max_rounds": 2}).run.refill_max_rounds == 2
+
+
+def test_lora_alpha_or_targets_without_a_rank_are_refused(tmp_path, tiny_model):
+    from tcli.config.stages import TrainOptions
+    from tcli.errors import UsageError
+
+    for flag, value in (("--lora-alpha", "8"), ("--lora-targets", "q_proj")):
+        r = run_tcli(["train-step", "-", "-m", tiny_model, "-o", tmp_path / "out", flag, value],
+                     input=b"")
+        assert r.returncode == 2, r.stderr
+        assert f"{flag} (train.{flag[2:].replace('-', '_')}) is set, but --lora-rank" in \
+            r.stderr.decode()
+        assert not (tmp_path / "out").exists()
+    assert TrainOptions(lora_rank=4, lora_alpha=8.0, lora_targets="q_proj").lora_alpha == 8.0
