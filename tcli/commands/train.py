@@ -86,6 +86,7 @@ def _check_settings(input: str, model: str, output: str, metrics: str | None, op
     is not tcli's to replace or is the start model, a metrics file that is the input."""
     from tcli.models.checkpoint import check_checkpoint_target
 
+    opts.check_used()
     opts.require_span()
     _check_lr_left(model, opts)
     check_checkpoint_target(output, "-o/--output")

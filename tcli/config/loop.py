@@ -149,6 +149,7 @@ class LoopConfig:
                              'groups: set mode = "tree" in [sample] (--mode tree)')
         self._check_critic_used(est)
         self.advantages.check_read()
+        self.train.check_used()
         self._check_mode_settings()
         for name in ("refill_max_rounds", "refill_max_tokens"):  # read by refill only
             if not self.run.refill and getattr(self.run, name) != getattr(RunOptions(), name):

@@ -350,17 +350,26 @@ class TrainOptions(Options):
         if not any(t.strip() for t in self.lora_targets.split(",")):
             raise UsageError(f"{self.label('lora_targets')} must be all-linear or module names, "
                              f"got {self.lora_targets!r}")
-        fields = self.__dataclass_fields__
-        for name in ("lora_alpha", "lora_targets"):  # shape adapters: nothing without them
-            if not self.lora_rank and getattr(self, name) != fields[name].default:
-                raise UsageError(f"{self.label(name)} is set, but {self.label('lora_rank')} is 0 "
-                                 "(all weights train): give a LoRA rank, or leave it out")
         if self.kl_coef > 0 and not self.ref_model:
             raise UsageError(f"{self.label('kl_coef')} > 0 needs {self.flag('ref_model')}")
         if self.schedule_steps and self.warmup_steps > self.schedule_steps:
             raise UsageError(f"{self.label('warmup_steps')} must be <= "
                              f"{self.label('schedule_steps')}, got {self.warmup_steps} > "
                              f"{self.schedule_steps}")
+
+    def check_used(self) -> None:
+        """A setting of something turned off would change nothing: refused where the user gives
+        settings (train-step, loop); code may build any combination."""
+        fields = self.__dataclass_fields__
+        for name, off, why in (("lora_alpha", not self.lora_rank, "lora_rank is 0"),
+                               ("lora_targets", not self.lora_rank, "lora_rank is 0"),
+                               ("kl_estimator", not self.kl_coef, "kl_coef is 0"),
+                               ("min_lr_ratio", self.lr_schedule == "constant",
+                                "lr_schedule is constant")):  # settings of something turned off
+            if off and getattr(self, name) != fields[name].default:
+                key, _, state = why.partition(" ")
+                raise UsageError(f"{self.label(name)} is set, but {self.label(key)} {state}, so "
+                                 "it would change nothing: leave it out")
 
     def clip_range(self) -> tuple[float, float]:
         """(eps_low, eps_high): the given ones, else the ratio level's defaults."""

@@ -165,15 +165,23 @@ def test_refill_limits_without_refill_are_refused():
     assert load_config(None, {"refill": True, "refill_max_rounds": 2}).run.refill_max_rounds == 2
 
 
-def test_lora_alpha_or_targets_without_a_rank_are_refused(tmp_path, tiny_model):
+def test_train_settings_of_something_turned_off_are_refused(tmp_path, tiny_model):
     from tcli.config.stages import TrainOptions
     from tcli.errors import UsageError
 
-    for flag, value in (("--lora-alpha", "8"), ("--lora-targets", "q_proj")):
+    for flag, value in (("--lora-alpha", "8"), ("--lora-targets", "q_proj"),
+                        ("--kl-estimator", "k2"), ("--min-lr-ratio", "0.1")):
         r = run_tcli(["train-step", "-", "-m", tiny_model, "-o", tmp_path / "out", flag, value],
                      input=b"")
         assert r.returncode == 2, r.stderr
-        assert f"{flag} (train.{flag[2:].replace('-', '_')}) is set, but --lora-rank" in \
-            r.stderr.decode()
+        assert f"{flag} (train.{flag[2:].replace('-', '_')}) is set, but --" in r.stderr.decode()
         assert not (tmp_path / "out").exists()
-    assert TrainOptions(lora_rank=4, lora_alpha=8.0, lora_targets="q_proj").lora_alpha == 8.0
+    TrainOptions(lora_rank=4, lora_alpha=8.0, lora_targets="q_proj").check_used()
+    TrainOptions(kl_coef=0.1, kl_estimator="k2", ref_model="m").check_used()
+    TrainOptions(lr_schedule="linear", schedule_steps=3, min_lr_ratio=0.1).check_used()
+    try:
+        load_config(None, {"lora_alpha": 8.0})
+    except UsageError as e:
+        assert "--lora-rank (train.lora_rank) is 0" in str(e)
+    else:
+        raise AssertionError("lora_alpha without a rank was accepted")
