@@ -250,9 +250,8 @@ class AdvantageOptions(Options):
     whiten: bool = setting(False, "Normalise advantages to mean 0, std 1 over all tokens of the "
                            "input (buffers the whole input; PPO practice).")
 
-    # the settings only some estimators read (docs/design.md §4); the others read every one
     READ_BY: ClassVar[dict] = {"std": ("grpo", "tempo", "treerpo"), "td_coef": ("tempo",),
-                               "norm": ("treerpo",), "prune_std": ("treerpo",),
+                               "norm": ("treerpo",), "prune_std": ("treerpo",),  # others: all
                                "gamma": ("gae", "ppo"), "lam": ("gae", "ppo")}
 
     def check_read(self) -> None:
@@ -358,15 +357,14 @@ class TrainOptions(Options):
                              f"{self.schedule_steps}")
 
     def check_used(self) -> None:
-        """A setting of something turned off would change nothing: refused where the user gives
-        settings (train-step, loop); code may build any combination."""
-        fields = self.__dataclass_fields__
+        """A setting of something turned off would change nothing: refused in train-step and
+        loop (code may build any combination)."""
         for name, off, why in (("lora_alpha", not self.lora_rank, "lora_rank is 0"),
                                ("lora_targets", not self.lora_rank, "lora_rank is 0"),
                                ("kl_estimator", not self.kl_coef, "kl_coef is 0"),
                                ("min_lr_ratio", self.lr_schedule == "constant",
-                                "lr_schedule is constant")):  # settings of something turned off
-            if off and getattr(self, name) != fields[name].default:
+                                "lr_schedule is constant")):
+            if off and getattr(self, name) != self.__dataclass_fields__[name].default:
                 key, _, state = why.partition(" ")
                 raise UsageError(f"{self.label(name)} is set, but {self.label(key)} {state}, so "
                                  "it would change nothing: leave it out")
