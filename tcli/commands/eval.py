@@ -113,7 +113,7 @@ def eval_cmd(
     import orjson
 
     from tcli.engines import open_engine
-    from tcli.io import RecordWriter, write_atomic_bytes
+    from tcli.io import RecordWriter, output_format, write_atomic_bytes
     from tcli.prompts import read_prompts
     from tcli.stages.evaluate import eval_sampling, evaluate
 
@@ -121,6 +121,8 @@ def eval_cmd(
     _check_fail_under(fail_under)
     _check_streams(output, summary)
     _check_target(output, "-o/--output")
+    if output:
+        output_format(output, None)  # a name the samples' format would belie: before any work
     _check_target(summary, "--summary")
     _check_distinct(data, output, summary)
     origin: dict = {}  # where each prompt was read: errors found while sampling name it

@@ -38,10 +38,11 @@ def sample_tree(
 ) -> None:
     """Sample responses with behaviour log-probs: independent groups or TreeRPO-style trees."""
     from tcli.engines import open_engine
-    from tcli.io import RecordReader, RecordWriter, resolve_data
+    from tcli.io import RecordReader, RecordWriter, output_format, resolve_data
     from tcli.stages.sample import sample_records
 
     _check_mode_flags(opts)
+    output_format(output, format)  # a misleading output name: refused before the model loads
     path = resolve_data(input)
     reader = RecordReader(path, input_format)
     records = iter(reader)

@@ -412,3 +412,15 @@ def test_output_named_as_compressed_is_refused_with_explicit_format(tmp_path, sr
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
     ok = tmp_path / "gz.jsonl"  # only the suffix counts
     assert run_tcli(["build-tree", src, "-o", ok]).returncode == 0 and ok.stat().st_size > 0
+
+
+@pytest.mark.parametrize("cmd", ["sample-tree", "eval"])
+def test_sampling_commands_refuse_a_compressed_output_name_before_the_model(tmp_path, cmd):
+    """sample-tree and eval refuse the name before anything slow: the model (here none at all)
+    is never looked at, the prompts are not read and nothing appears."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(b'{"id": "a", "prompt": "1+1=", "answer": "2"}\n')
+    args = [prompts] if cmd == "sample-tree" else ["--data", prompts]
+    r = run_tcli([cmd, *args, "--model", tmp_path / "no-model", "-o", tmp_path / "s.jsonl.gz"])
+    failed(r, 2, str(tmp_path / "s.jsonl.gz"), "uncompressed")
+    assert sorted(os.listdir(tmp_path)) == ["p.jsonl"]
