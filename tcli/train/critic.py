@@ -53,6 +53,9 @@ def critic_samples(records: Iterable, source: str = "<records>",
         try:
             prompt, toks = token_array(rec, "prompt_token_ids"), token_array(rec)
             check_critic_tokens(prompt, toks, vocab_size)
+            if "critic_values" not in rec:
+                raise DataError("is missing: run `tcli values --critic DIR` first",
+                                field="critic_values")
             old = as_float32(float_array(rec, "critic_values", len(toks) + 1)[:-1],
                              "critic_values")
             if "returns" not in rec:
