@@ -175,6 +175,24 @@ class LoopConfig:
                              f"(only {users} do): leave the [critic] settings out, or choose one "
                              "of those")
 
+    def check_eval_used(self) -> None:
+        """[eval] settings without eval_data would change nothing: refused (every = 0, which
+        asks for no evaluation, agrees with having none). Checked when a loop starts, not when a
+        configuration is read."""
+        if self.run.eval_data:
+            return
+        default = LoopEvalOptions()
+        changed = [k for k, v in self.eval.to_dict().items()
+                   if v != getattr(default, k) and not (k == "every" and v == 0)]
+        if changed:
+            labels = [LoopEvalOptions.label(k) for k in changed]
+            files = {self.origin.get(label) for label in labels}
+            names = (f"{files.pop()}: {', '.join(labels)}" if len(files) == 1 and None not in files
+                     else ", ".join(self.where(f"eval.{k}") for k in changed))
+            raise UsageError(f"{names} {'is' if len(changed) == 1 else 'are'} set, but "
+                             f"{RunOptions.label('eval_data')} is empty, so the loop never "
+                             "evaluates: set eval_data, or leave the [eval] settings out")
+
     def _check_mode_settings(self) -> None:
         """[sample] settings of the other mode would be ignored without a word: refused."""
         ignored = self.sample.ignored_settings()

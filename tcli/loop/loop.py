@@ -73,6 +73,7 @@ class Loop:
             if not getattr(cfg.run, name):
                 raise UsageError(f"no {name}: give {cfg.run.flag(name)} or `{name} = ...` in the "
                                  "--config file")
+        cfg.check_eval_used()
         if not os.path.isdir(cfg.run.model):
             raise UsageError(f"{cfg.where('model')}: model directory not found: "
                              f"{cfg.run.model!r}")
