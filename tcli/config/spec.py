@@ -35,10 +35,13 @@ def setting(default: Any, help: str, *, check: Check | None = None,
     return field(default=default, metadata={"tcli": Setting(help, check, choices, short)})
 
 
-def like(cls: type, name: str, default: Any) -> Any:
-    """The setting ``cls.name`` with another default (one place says why a command differs)."""
+def like(cls: type, name: str, default: Any, help: str | None = None) -> Any:
+    """The setting ``cls.name`` with another default, and another help text where what it means
+    differs (one place says why a command differs)."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return field(default=default, metadata=f.metadata)
+    if help is None:
+        return field(default=default, metadata=f.metadata)
+    return field(default=default, metadata={"tcli": dataclasses.replace(spec_of(f), help=help)})
 
 
 # ----------------------------------------------------------------------------- checks

@@ -417,7 +417,7 @@ class EvalOptions(Options):
 
     TABLE: ClassVar[str] = "eval"
 
-    n: int = like(SampleOptions, "n", 1)
+    n: int = like(SampleOptions, "n", 1, "Samples per prompt, for accuracy and pass@k (k <= n).")
     temperature: float = like(SampleOptions, "temperature", 0.0)
     k: tuple[int, ...] = setting((1,), "k for unbiased pass@k, each between 1 and n (1,4; a list "
                                  "in TOML).")
