@@ -110,7 +110,7 @@ def train_critic(
     """Fit the critic to `returns` (from `advantages -e gae`) with the clipped value loss.
 
     Prints one metrics record (JSON line) on stdout: value_loss, value_clip_frac,
-    explained_variance, grad_norm."""
+    explained_variance (null when the returns do not vary), grad_norm."""
     import os
     import sys
 

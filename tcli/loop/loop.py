@@ -310,8 +310,8 @@ class Loop:
             **tool_metrics(rollouts),  # with tools: calls per response, failed share
             **expand_metrics(rollouts, self.cfg),
             **{f"train_{k}": v for k, v in train.items() if isinstance(v, (int, float))},
-            **{f"critic_{k}": v for k, v in critic.items() if isinstance(v, (int, float))
-               and k not in ("step", "lr")},
+            **{f"critic_{k}": v for k, v in critic.items()  # None: undefined, written as null
+               if (v is None or isinstance(v, (int, float))) and k not in ("step", "lr")},
             **{f"seconds_{k}": round(v, 4) for k, v in timer.seconds.items()},
             "tokens_per_s_sample": sampled / max(timer.seconds["sample"], 1e-9),
         }

@@ -162,7 +162,8 @@ class CriticTrainer(Trainer):
         stats.seqs += n_seqs
 
     def _metrics(self, stats: StepStats, elapsed: float) -> dict:
-        """value_loss, clip share, explained variance 1 - Var(R - V) / Var(R) over tokens."""
+        """value_loss, clip share, explained variance 1 - Var(R - V) / Var(R) over tokens (None
+        when the returns do not vary: undefined, not 0)."""
         g = stats.reduced(self._allreduce)
         clipped, ret, ret_sq, err, err_sq = self._allreduce(self.sums.as_list())
         n = max(g.tokens, 1.0)
@@ -171,7 +172,7 @@ class CriticTrainer(Trainer):
         norms = g.grad_norms
         return {"step": self.step_count, "value_loss": g.loss / max(g.optimizer_steps, 1),
                 "value_clip_frac": clipped / n,
-                "explained_variance": 1.0 - var_e / var_r if var_r > 1e-12 else 0.0,
+                "explained_variance": 1.0 - var_e / var_r if var_r > 1e-12 else None,
                 "grad_norm": float(np.mean(norms)) if norms else 0.0, "lr": self.copts.lr,
                 "num_tokens": int(round(g.tokens / self.opts.epochs)),
                 "optimizer_steps": g.optimizer_steps - g.skipped, "time_s": elapsed}
