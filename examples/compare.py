@@ -126,7 +126,19 @@ def overrides(method: str | None, seed: int, a: argparse.Namespace) -> dict:
     for scope, name, value in sets:  # a setting of one mode set for all: the methods of that mode
         if scope == method or (scope == "" and name not in other):
             over[name] = value
+    _reset_other_mode(over, a.config, other)
     return over
+
+
+def _reset_other_mode(over: dict, config: str, other: set[str]) -> None:
+    """The task config's settings of the other sampling mode back at their defaults for this run
+    (a tree method on a task of n independent responses: that n is not the tree's), which the
+    loop would otherwise refuse as ignored."""
+    sample = read_toml(config).get("sample", {})
+    default = SampleOptions()
+    for k in sorted(other):
+        if isinstance(sample, dict) and k in sample and k not in over:
+            over[k] = getattr(default, k)
 
 
 def _mode(over: dict, config: str) -> str:

@@ -22,6 +22,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from examples.compare import ENTROPY_TREE, TREE  # noqa: E402
+from tcli.config.stages import SampleOptions  # noqa: E402
 
 INDEPENDENT = {"mode": "independent"}
 # expand: a tree of half the leaves plus extra children where its rewards diverge
@@ -58,6 +59,7 @@ def regime(row: dict, n: int | None, temperature: float | None) -> dict:
         leaves //= 2
     if out.get("mode") == "tree":
         out["depth"] = int(round(math.log2(leaves)))
+        out["n"] = SampleOptions().n  # the task's n is the independent methods': not a tree's
     elif n is not None:
         out["n"] = n
     return out

@@ -121,10 +121,9 @@ def eval_cmd(
     _check_fail_under(fail_under)
     _check_streams(output, summary)
     _check_target(output, "-o/--output")
-    if output:
-        output_format(output, None)  # a name the samples' format would belie: before any work
     _check_target(summary, "--summary")
     _check_distinct(data, output, summary)
+    output_format(output or "-", None)  # a name the samples' format would belie: before any work
     origin: dict = {}  # where each prompt was read: errors found while sampling name it
     prompts = read_prompts(data, ev.limit, fields, origin)
     sample = checkpoint_sampling(sample, model, quiet)

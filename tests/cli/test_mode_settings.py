@@ -88,3 +88,21 @@ def test_compare_gives_n_set_for_all_to_the_independent_methods_only(tmp_path):
     assert "n" not in over["treerpo"] and "n" not in over["tempo-entropy"]
     for o in over.values():
         compare.load_config(str(toml), o)  # every method's settings load: none is skipped
+
+
+def test_compare_and_gradient_error_run_tree_methods_on_a_task_of_n_independent_responses(tmp_path):
+    """A task config that samples n = 16 independent responses: the tree methods get the default
+    n back (their leaves come from width and depth), so none is skipped as refused."""
+    from examples import compare
+    from examples.gradient_error_methods import METHODS, regime
+
+    toml = tmp_path / "task.toml"
+    toml.write_text('model = "m"\ntrain_data = "d.jsonl"\n[sample]\nn = 16\n')
+    a = compare.parse_args(["--config", str(toml)])
+    over = {m: compare.overrides(m, 0, a) for m in ("grpo", "treerpo", "tempo-entropy")}
+    assert "n" not in over["grpo"] and over["treerpo"]["n"] == over["tempo-entropy"]["n"] == 8
+    assert compare.load_config(str(toml), over["grpo"]).sample.n == 16
+    for o in over.values():
+        compare.load_config(str(toml), o)
+    for m in ("tempo-tree", "treerpo-entropy", "tempo-tree-expand", "grpo"):
+        compare.load_config(str(toml), regime(METHODS[m], 4, None))

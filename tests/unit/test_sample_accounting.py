@@ -96,6 +96,8 @@ def _run(model, run_dir, **flags):
             "steps": 4, "prompts_per_step": 4, "engine": "scripted-tree", "task": "arith",
             "workers": 0, "prompt_template": "plain", "lr": 1e-3, "estimator": "grpo",
             "eval_every": 0, "seed": 1, **TREE}
+    if flags.get("mode", "tree") != "tree":  # a tree's shape is refused in independent mode
+        base = {k: v for k, v in base.items() if k == "max_new_tokens" or k not in TREE}
     run_loop(load_config(None, {**base, **flags}), log=lambda s: None)
     with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as f:
         return [m for m in map(orjson.loads, f.read().splitlines()) if m["kind"] == "train"]
