@@ -117,6 +117,7 @@ class Needs:
     tree_sampled: bool = False  # ``node_path``/``segment_ends``: groups sampled as trees
     critic: bool = False        # ``critic_values`` of a learned critic (the loop trains one)
     batch_stats: bool = False   # finished over the whole batch: whitened in the stage's last step
+    reads: tuple[str, ...] = ()  # the advantage settings only some estimators read (set: refused)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class Estimator:
 ESTIMATORS: Registry[Estimator] = Registry("estimator")
 
 
-def estimator(*names: str, **wants: bool):
+def estimator(*names: str, **wants):
     """Register a function under ``names``, with what it needs (``Needs`` fields)."""
     def deco(fn):
         for name in names:
@@ -170,7 +171,7 @@ def _sigma(group: Group, opt) -> float | None:
     return None if len(group.rewards) < 2 or sigma == 0.0 else sigma
 
 
-@estimator("grpo")
+@estimator("grpo", reads=("std",))
 def grpo(group: Group, opt) -> Advantages:
     """Group-normalised sequence reward, the same for every token."""
     r, sigma = group.scaled_rewards, _sigma(group, opt)
@@ -197,7 +198,7 @@ def rloo(group: Group, opt) -> Advantages:
     return _per_token(group, (r * g - r.sum()) / (g - 1) * group.scale)
 
 
-@estimator("tempo", prefix_tree=True)
+@estimator("tempo", prefix_tree=True, reads=("std", "td_coef"))
 def tempo(group: Group, opt) -> Advantages:
     """GRPO plus the temporal-difference correction delta = V(s_{t+1}) - V(s_t) from the P2T tree."""
     r, sigma = group.scaled_rewards, _sigma(group, opt)
@@ -257,7 +258,7 @@ def _tree_paths(group: Group) -> tuple[list[tuple[int, ...]], list[np.ndarray]]:
     return paths, seg_ends
 
 
-@estimator("treerpo", tree_sampled=True)
+@estimator("treerpo", tree_sampled=True, reads=("std", "norm", "prune_std"))
 def treerpo(group: Group, opt) -> Advantages:
     """Step-level advantages: V(node) = mean of its children's V, normalised among siblings."""
     paths, seg_ends = _tree_paths(group)
@@ -313,7 +314,7 @@ def _sibling_advantages(value, children, opt, scale: float):
 
 # ----------------------------------------------------------------------------- PPO
 
-@estimator("gae", "ppo", critic=True)
+@estimator("gae", "ppo", critic=True, reads=("gamma", "lam"))
 def gae(group: Group, opt) -> Advantages:
     """GAE(gamma, lam) over a learned critic's ``critic_values`` (``tcli values``); writes
     ``returns`` for ``train-critic``. Rewards are used as they are (no group normalisation).

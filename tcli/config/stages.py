@@ -250,18 +250,18 @@ class AdvantageOptions(Options):
     whiten: bool = setting(False, "Normalise advantages to mean 0, std 1 over all tokens of the "
                            "input (buffers the whole input; PPO practice).")
 
-    READ_BY: ClassVar[dict] = {"std": ("grpo", "tempo", "treerpo"), "td_coef": ("tempo",),
-                               "norm": ("treerpo",), "prune_std": ("treerpo",),  # others: all
-                               "gamma": ("gae", "ppo"), "lam": ("gae", "ppo")}
-
     def check_read(self) -> None:
-        """A setting the estimator never reads (``--lam`` with tempo) would change nothing:
-        refused (user-facing commands call this; the estimators accept any)."""
-        for name, readers in self.READ_BY.items():
-            if self.estimator not in readers and getattr(self, name) != getattr(type(self)(), name):
+        """A setting the estimator never reads (``--lam`` with tempo; its registry entry's
+        ``reads``) would change nothing: refused (user-facing commands call this)."""
+        from tcli.algos.estimators import ESTIMATORS, needs
+        default, names, reads = type(self)(), ESTIMATORS.names(), needs(self.estimator).reads
+        for name in sorted({k for e in names for k in needs(e).reads}):
+            if name not in reads and getattr(self, name) != getattr(default, name):
+                readers = ", ".join(e for e in names if name in needs(e).reads)
                 raise UsageError(f'{self.label(name)} is set, but {self.label("estimator")} '
-                                 f'"{self.estimator}" does not read it (only {", ".join(readers)} '
-                                 "do): leave it out, or choose one of those")
+                                 f'"{self.estimator}" does not read it (only {readers} '
+                                 f'{"do" if "," in readers else "does"}): '
+                                 "leave it out, or choose one of those")
 
 
 @dataclass(frozen=True)
