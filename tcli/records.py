@@ -145,7 +145,9 @@ def drop_reward_derived(rec: dict) -> list[str]:
 
 
 def reward(rec: dict) -> float:
-    v = require(rec, "reward")
+    if "reward" not in rec:  # every stage that reads it runs after verify: say so
+        raise DataError("is missing: run `tcli verify` first", field="reward")
+    v = rec["reward"]
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise DataError(f"must be a number, got {type(v).__name__}", field="reward")
     try:

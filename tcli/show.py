@@ -17,7 +17,6 @@ import numpy as np
 from tcli.algos.estimators import Group
 from tcli.algos.masks import policy_td
 from tcli.algos.tree import PrefixTree, build_prefix_tree
-from tcli.errors import DataError
 from tcli.records import at_record, entropies
 
 _LABEL_COLUMNS = 40  # room kept for labels when the display depth follows the console width
@@ -69,15 +68,6 @@ class _Walk:
         return t_end, longest, members[~go_on], kids
 
 
-def verified_group(recs: list[dict]) -> Group:
-    """The group of ``recs``; a record without a reward was never verified: the error says so."""
-    for i, rec in enumerate(recs):
-        if "reward" not in rec:
-            with at_record(i):
-                raise DataError("is missing: run `tcli verify` first", field="reward")
-    return Group.from_records(recs)
-
-
 def render_group(recs: list[dict], decode: Optional[Callable] = None, max_run: int = 24,
                  max_levels: Optional[int] = None):
     """A rich Tree of one group: a node per run of shared tokens, its V, δ and branch mark, a leaf
@@ -87,7 +77,7 @@ def render_group(recs: list[dict], decode: Optional[Callable] = None, max_run: i
     from rich.markup import escape
     from rich.tree import Tree
 
-    group = verified_group(recs)
+    group = Group.from_records(recs)
     tree = build_prefix_tree(group.tokens, group.rewards)
     walk = _Walk(group.tokens, tree)
     ents = _entropies(recs, group.tokens)
@@ -180,7 +170,7 @@ def _levels_below(walk: _Walk, kids: list[np.ndarray], t: int) -> int:
 def tempo_deltas(recs: list[dict]) -> list[np.ndarray]:
     """delta_t = V(s_{t+1}) - V(s_t) per response (used by show-tree and tests); with a
     ``loss_mask``, 0 on environment tokens and jumping over them (docs/design.md §3.6)."""
-    group = verified_group(recs)
+    group = Group.from_records(recs)
     tree = build_prefix_tree(group.tokens, group.rewards)
     masks = group.masks or [None] * len(recs)
     return [np.diff(tree.values_of(i)) if m is None else policy_td(tree.values_of(i), m)

@@ -159,8 +159,6 @@ def read_tree(recs: list[dict]) -> Tree:
     for i, rec in enumerate(recs):
         with at_record(i):
             toks, path, e = _leaf(rec)
-            if "reward" not in rec:
-                raise DataError("is missing: run `tcli verify` first", field="reward")
             rewards.append(reward(rec))
             ents.append(entropies(rec, len(toks)))
         tokens.append(toks)

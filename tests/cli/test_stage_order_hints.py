@@ -1,5 +1,6 @@
-"""A record that skipped a stage: show-tree, expand-tree and train-critic name the stage to run
-first (as advantages -e gae does for critic values), with file, line and field, exit 65."""
+"""A record that skipped a stage: show-tree, expand-tree, build-tree, advantages and train-critic
+name the stage to run first (as advantages -e gae does for critic values), with file, line and
+field, exit 65."""
 
 from __future__ import annotations
 
@@ -22,6 +23,16 @@ def test_show_tree_on_unverified_records_says_run_verify(tmp_path):
     src.write_bytes(_without("reward"))
     r = run_tcli(["show-tree", str(src)])
     failed(r, 65, "sampled.jsonl:2: field 'reward'", "run `tcli verify` first")
+
+
+@pytest.mark.parametrize("cmd", [["build-tree"], ["advantages", "-e", "grpo"],
+                                 ["advantages", "-e", "treerpo"]])
+def test_group_stages_on_unverified_records_say_run_verify(tmp_path, cmd):
+    src = tmp_path / "sampled.jsonl"
+    src.write_bytes(_without("reward"))
+    r = run_tcli([*cmd, str(src)])
+    failed(r, 65, "sampled.jsonl:2: field 'reward'", "run `tcli verify` first")
+    assert not r.stdout
 
 
 def test_expand_tree_on_unverified_records_says_run_verify(tiny, tmp_path):
