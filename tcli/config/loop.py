@@ -175,23 +175,28 @@ class LoopConfig:
                              f"(only {users} do): leave the [critic] settings out, or choose one "
                              "of those")
 
-    def check_eval_used(self) -> None:
+    def check_eval_used(self) -> str | None:
         """[eval] settings without eval_data would change nothing: refused (every = 0, which
-        asks for no evaluation, agrees with having none). Checked when a loop starts, not when a
-        configuration is read."""
-        if self.run.eval_data:
-            return
+        asks for no evaluation, agrees with having none). With eval_data but every = 0 they are
+        unread too: the warning to say (a run that turns a config file's evaluation off with
+        --eval-every 0 is common), None when there is nothing to say. Checked when a loop
+        starts, not when a configuration is read."""
         default = LoopEvalOptions()
         changed = [k for k, v in self.eval.to_dict().items()
                    if v != getattr(default, k) and not (k == "every" and v == 0)]
-        if changed:
-            labels = [LoopEvalOptions.label(k) for k in changed]
-            files = {self.origin.get(label) for label in labels}
-            names = (f"{files.pop()}: {', '.join(labels)}" if len(files) == 1 and None not in files
-                     else ", ".join(self.where(f"eval.{k}") for k in changed))
-            raise UsageError(f"{names} {'is' if len(changed) == 1 else 'are'} set, but "
-                             f"{RunOptions.label('eval_data')} is empty, so the loop never "
-                             "evaluates: set eval_data, or leave the [eval] settings out")
+        if not changed or (self.run.eval_data and self.eval.every):
+            return None
+        labels = [LoopEvalOptions.label(k) for k in changed]
+        files = {self.origin.get(label) for label in labels}
+        names = (f"{files.pop()}: {', '.join(labels)}" if len(files) == 1 and None not in files
+                 else ", ".join(self.where(f"eval.{k}") for k in changed))
+        verb, it = ("is", "it") if len(changed) == 1 else ("are", "them")
+        if self.run.eval_data:
+            return (f"warning: {names} {verb} set, but {self.where('eval.every')} is 0, so the "
+                    f"loop never evaluates and ignores {it}")
+        raise UsageError(f"{names} {verb} set, but {RunOptions.label('eval_data')} is empty, so "
+                         "the loop never evaluates: set eval_data, or leave the [eval] settings "
+                         "out")
 
     def _check_mode_settings(self) -> None:
         """[sample] settings of the other mode would be ignored without a word: refused."""

@@ -73,12 +73,13 @@ class Loop:
             if not getattr(cfg.run, name):
                 raise UsageError(f"no {name}: give {cfg.run.flag(name)} or `{name} = ...` in the "
                                  "--config file")
-        cfg.check_eval_used()
+        unread_eval = cfg.check_eval_used()  # a warning or None: a note
         if not os.path.isdir(cfg.run.model):
             raise UsageError(f"{cfg.where('model')}: model directory not found: "
                              f"{cfg.run.model!r}")
         check_models(cfg)
-        self.notes: list[str] = []  # said once the run directory is taken (not before its error)
+        # said once the run directory is taken (not before its error)
+        self.notes: list[str] = [unread_eval] * bool(unread_eval)
         self.cfg = cfg = with_recorded_sampling(cfg, self.notes.append)  # before config.toml
         self.record_no: dict = {}  # id(prompt) -> (file, line): errors found later name it
         self.train_prompts = loop_prompts(cfg, "train_data", origin=self.record_no)
