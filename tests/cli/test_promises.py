@@ -3,6 +3,8 @@ silently ignored."""
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import loop_config, read_metrics
 
 
@@ -29,3 +31,44 @@ def test_eval_every_0_alone_says_nothing(loop_model, tmp_path):
     said: list[str] = []
     run_loop(loop_config(loop_model, tmp_path / "run", steps=1, eval_every=0), log=said.append)
     assert not [s for s in said if "eval" in s], said
+
+
+def _documented_metrics() -> dict[str, set[str]]:
+    """The key lists of docs/design.md §5.5: 'every record', 'every train record', ..."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "design.md").read_text()
+    lists = {}
+    for label in ("every record", "every train record", "some train records",
+                  "every eval record"):
+        item = re.search(rf"^- {label}: (.*?)(?=^- |^$)", text, re.M | re.S)
+        assert item, f"docs/design.md lists no '{label}'"
+        lists[label] = set(re.findall(r"`([^`]+)`", item.group(1)))
+    return lists
+
+
+def _is_documented(key: str, names: set[str]) -> bool:
+    import re
+
+    pattern = {"critic_*": r"critic_\w+", "rewards/<task>": r"rewards/.+", "pass@k": r"pass@\d+"}
+    return key in names or any(re.fullmatch(pattern.get(n, re.escape(n)), key) for n in names)
+
+
+@pytest.mark.parametrize("flags", [{}, {"estimator": "ppo", "critic_lr": 1e-3}])
+def test_metrics_records_hold_the_documented_keys(loop_model, tmp_path, flags):
+    """Every key `tcli loop` writes to metrics.jsonl is in docs/design.md's list, and every key
+    the list says every record holds is written."""
+    from tcli.loop import run_loop
+
+    doc = _documented_metrics()
+    run_loop(loop_config(loop_model, tmp_path / "run", steps=2, **flags), log=lambda s: None)
+    records = read_metrics(tmp_path / "run")
+    assert {m["kind"] for m in records} == {"train", "eval"}
+    for m in records:
+        every = doc["every record"] | doc[f"every {m['kind']} record"]
+        allowed = every | (doc["some train records"] if m["kind"] == "train" else set())
+        undocumented = [k for k in m if not _is_documented(k, allowed)]
+        assert not undocumented, (m["kind"], undocumented)
+        missing = [n for n in every if not any(_is_documented(k, {n}) for k in m)]
+        assert not missing, (m["kind"], missing)
