@@ -68,6 +68,17 @@ def _numbered(names: Sequence[str]) -> list[str]:
     return out
 
 
+def _legend(fig, axes) -> None:
+    """One legend entry per curve drawn in any panel (a run with eval records alone too)."""
+    legend: dict = {}
+    for ax in axes.ravel():
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(name, handle)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="upper center",
+                   ncol=min(len(legend), 4))
+
+
 def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Sequence[str] | None = None,
               groups: dict[str, list[str]] | None = None,
               warn: Callable[[str], None] = lambda s: None) -> int:
@@ -87,6 +98,7 @@ def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Sequence[str] | Non
         groups = dict(zip(run_labels(run_dirs) if not labels else _numbered(labels),
                           ([d] for d in run_dirs)))
     metrics = {d: read_metrics(d, warn) for dirs in groups.values() for d in dirs}
+    color = {label: f"C{i % 10}" for i, label in enumerate(groups)}  # one per run in every panel
     drawn = 0
     for ax, (kind, key, x) in zip(axes.ravel(), panels):
         for label, dirs in groups.items():
@@ -98,7 +110,7 @@ def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Sequence[str] | Non
             if len(curves) == 1:
                 xs, ys = curves[0]  # a single point is drawn only as a marker
                 ax.plot(xs, ys, marker="." if kind == "eval" or len(xs) == 1 else None,
-                        label=label)
+                        label=label, color=color[label])
                 continue
             # common grid, mean and spread across seeds
             lo = max(c[0][0] for c in curves)
@@ -106,14 +118,12 @@ def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Sequence[str] | Non
             grid = np.linspace(lo, hi, 50) if hi > lo else np.array([lo])
             ys = np.array([np.interp(grid, c[0], c[1]) for c in curves])
             line, = ax.plot(grid, ys.mean(0), marker="." if len(grid) == 1 else None,
-                            label=f"{label} (n={len(curves)})")
+                            label=f"{label} (n={len(curves)})", color=color[label])
             ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
         ax.set_xlabel("step" if x == "step" else "wall time (s)")
         ax.set_ylabel("train reward (mean)" if key == "reward_mean" else "eval accuracy")
         ax.grid(alpha=0.3)
-    handles, names = axes[0, 0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, names, loc="upper center", ncol=min(len(names), 4))
+    _legend(fig, axes)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     if not drawn:  # nothing to show: no file at all rather than four empty panels
         plt.close(fig)

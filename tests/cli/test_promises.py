@@ -72,3 +72,39 @@ def test_metrics_records_hold_the_documented_keys(loop_model, tmp_path, flags):
         assert not undocumented, (m["kind"], undocumented)
         missing = [n for n in every if not any(_is_documented(k, {n}) for k in m)]
         assert not missing, (m["kind"], missing)
+
+
+def test_plot_draws_each_run_in_one_color_and_names_every_curve(tmp_path, monkeypatch):
+    """A run without evaluation beside one with it: the second run's accuracy is drawn in its
+    own color (not in the first run's, whose place it takes in the eval panels), and a run with
+    eval records alone still gets a legend entry."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import orjson
+
+    from tcli.plot import plot_runs
+
+    def run(name, kinds):
+        d = tmp_path / name
+        d.mkdir()
+        d.joinpath("metrics.jsonl").write_bytes(b"".join(
+            orjson.dumps({"kind": k, "step": s, "reward_mean": 0.1, "accuracy": 0.5,
+                          "wall_time": float(s)}) + b"\n" for s in (1, 2) for k in kinds))
+        return str(d)
+
+    figs = []
+    subplots = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: figs.append(subplots(*a, **k)) or figs[-1])
+    runs = [run("no_eval", ["train"]), run("both", ["train", "eval"]), run("eval_only", ["eval"])]
+    assert plot_runs(runs, str(tmp_path / "fig.png")) == 2 + 2 * 2 + 2
+    fig, axes = figs[0]
+    colors: dict[str, set] = {}
+    for ax in axes.ravel():
+        for line in ax.get_lines():
+            colors.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colors) == {"no_eval", "both", "eval_only"}
+    assert all(len(c) == 1 for c in colors.values()), colors
+    assert len({c.pop() for c in colors.values()}) == 3
+    assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == sorted(colors)
