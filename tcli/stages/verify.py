@@ -32,6 +32,7 @@ log-probs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -231,7 +232,8 @@ def _in_process(records, source_name: str, tasks: Tasks) -> Iterator[tuple[int, 
         for line, rec in records:
             names, text, answer, slim = prepare(line, rec, source_name, tasks)
             watch.arrived = False
-            results = [run_one(n, text, answer, slim, watch) for n in names]
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the records alone
+                results = [run_one(n, text, answer, slim, watch) for n in names]
             tasks.apply(rec, results, source_name, line)
             yield line, rec
 

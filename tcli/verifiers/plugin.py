@@ -7,6 +7,7 @@ a module that cannot be imported, a missing function, or one that cannot be call
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
@@ -59,7 +60,8 @@ def load_plugin(spec: str) -> Callable:
         raise UsageError(f"bad verifier {spec!r}; write python:module:function "
                          "(e.g. python:my_rewards:score)")
     _, mod_name, fn_name = parts
-    fn = getattr(_import(mod_name), fn_name, None)
+    with contextlib.redirect_stdout(sys.stderr):  # what it prints on import is no record
+        fn = getattr(_import(mod_name), fn_name, None)
     if not callable(fn):
         raise UsageError(f"verifier module {mod_name!r} has no function {fn_name!r}")
     _check_signature(spec, fn)

@@ -108,3 +108,36 @@ def test_plot_draws_each_run_in_one_color_and_names_every_curve(tmp_path, monkey
     assert all(len(c) == 1 for c in colors.values()), colors
     assert len({c.pop() for c in colors.values()}) == 3
     assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == sorted(colors)
+
+
+NOISY = '''
+print("printed on import")
+
+
+def score(text, answer, record):
+    print("printed while scoring")
+    return float(text == answer), {}
+'''
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_what_a_verifier_prints_goes_to_stderr_not_into_the_records(tmp_path, workers):
+    """stdout carries records alone: a python: verifier that prints, on import (in tcli's own
+    process, where the plugin is checked) or while scoring (in this process with --workers 0),
+    prints to stderr."""
+    import os
+
+    import orjson
+
+    from conftest import REPO, run_tcli
+
+    (tmp_path / "noisy_verifier.py").write_text(NOISY)
+    recs = b"".join(orjson.dumps({"prompt_id": f"p{i}", "sample_id": 0, "text": t, "answer": "1"})
+                    + b"\n" for i, t in enumerate(["1", "2"]))
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    r = run_tcli(["verify", "--task", "python:noisy_verifier:score", "--workers", workers],
+                 input=recs, env=env, fresh=True)
+    assert r.returncode == 0, r.stderr.decode()
+    assert [orjson.loads(x)["reward"] for x in r.stdout.splitlines()] == [1.0, 0.0]
+    err = r.stderr.decode()
+    assert err.count("printed on import") == 1 and err.count("printed while scoring") == 2, err
