@@ -55,13 +55,16 @@ def _is_documented(key: str, names: set[str]) -> bool:
     return key in names or any(re.fullmatch(pattern.get(n, re.escape(n)), key) for n in names)
 
 
-@pytest.mark.parametrize("flags", [{}, {"estimator": "ppo", "critic_lr": 1e-3}])
+@pytest.mark.parametrize("flags", [{}, {"estimator": "ppo", "critic_lr": 1e-3}, {"refill": True},
+                                   {"task": ["arith", "gsm8k"]},
+                                   {"ref_model": "policy", "kl_coef": 0.01, "tis_cap": 2.0}])
 def test_metrics_records_hold_the_documented_keys(loop_model, tmp_path, flags):
     """Every key `tcli loop` writes to metrics.jsonl is in docs/design.md's list, and every key
     the list says every record holds is written."""
     from tcli.loop import run_loop
 
     doc = _documented_metrics()
+    flags = {k: loop_model[1] if v == "policy" else v for k, v in flags.items()}
     run_loop(loop_config(loop_model, tmp_path / "run", steps=2, **flags), log=lambda s: None)
     records = read_metrics(tmp_path / "run")
     assert {m["kind"] for m in records} == {"train", "eval"}
