@@ -76,7 +76,8 @@ class LineProgress:
         elapsed = max(now - self.t0, 1e-9)
         rate = (self.done - self.start) / elapsed
         done = f"{self.done}/{self.total}" if self.total else f"{self.done}"
-        parts = [f"{self.label}: {'done ' if final else ''}{done} {self.unit}"]
+        unit = self.unit[:-1] if done == "1" and self.unit.endswith("s") else self.unit  # 1 prompt
+        parts = [f"{self.label}: {'done ' if final else ''}{done} {unit}"]
         if self.total and not final:
             parts[0] += f" ({100 * self.done / self.total:.0f}%)"
         parts.append(f"{rate:.{0 if rate >= 100 else 1 if rate >= 10 else 2}f} {self.unit}/s")

@@ -404,6 +404,9 @@ def test_line_progress_counts_rate_and_eta():
     quick.finish()
     assert len(out) == 2  # done within the interval: no line at all
     assert (duration(59), duration(380), duration(7500)) == ("59s", "6m20s", "2h05m")
+    one = LineProgress("one", interval=0, write=out.append, clock=lambda: now[0])
+    one.advance()
+    assert out[-1].startswith("one: 1 prompt, ")  # not "1 prompts"
 
 
 def test_train_step_records_what_its_rollouts_were_sampled_with(setup, tmp_path):
