@@ -734,6 +734,18 @@ def register_engine(name: str, cls) -> None:
         ENGINES.register(name)(cls)
 
 
+def scripted_loop_dir(tmp_path_factory, name: str, module: str, plugin: str) -> tuple:
+    """(directory, model path) of ``arith_run_dir`` with LOOP_PROMPTS in ``prompts.jsonl``, the
+    reward plugin source ``plugin`` importable as ``module`` and the scripted engine registered:
+    a CLI loop that samples no model."""
+    d, model = arith_run_dir(tmp_path_factory, name, {"prompts.jsonl": LOOP_PROMPTS})
+    (d / f"{module}.py").write_text(plugin)
+    if str(d) not in sys.path:
+        sys.path.insert(0, str(d))
+    register_engine("scripted", ScriptedEngine)
+    return d, model
+
+
 @pytest.fixture(scope="session")
 def loop_model(tmp_path_factory) -> tuple:
     """(directory, model path): an arith model and ``prompts.jsonl`` with LOOP_PROMPTS."""

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sys
 
 import pytest
 
-from conftest import (LOOP_N, ScriptedEngine, arith_run_dir, register_engine, run_tcli,
-                      LOOP_PROMPTS, read_metrics)
+from conftest import LOOP_N, read_metrics, run_tcli, scripted_loop_dir
 
 REWARD = "tcli_test_recovery_reward"
 PLUGIN = """
@@ -32,12 +30,7 @@ def score(text, answer, record):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(directory, model): the arith model, LOOP_PROMPTS and the reward plugin."""
-    d, model = arith_run_dir(tmp_path_factory, "recovery", {"prompts.jsonl": LOOP_PROMPTS})
-    (d / f"{REWARD}.py").write_text(PLUGIN)
-    if str(d) not in sys.path:
-        sys.path.insert(0, str(d))
-    register_engine("scripted", ScriptedEngine)
-    return d, model
+    return scripted_loop_dir(tmp_path_factory, "recovery", REWARD, PLUGIN)
 
 
 def _args(setup, run, *extra, **flags) -> list[str]:

@@ -7,13 +7,11 @@ The loops use the scripted engine of conftest (no model forward when sampling)."
 from __future__ import annotations
 
 import os
-import sys
 
 import orjson
 import pytest
 
-from conftest import (LOOP_N, LOOP_PROMPTS, ScriptedEngine, arith_run_dir, read_metrics,
-                      register_engine, run_tcli)
+from conftest import LOOP_N, read_metrics, run_tcli, scripted_loop_dir
 
 REWARD = "tcli_test_settings_reward"
 PLUGIN = """
@@ -25,12 +23,7 @@ def score(text, answer, record):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(directory, model): the arith model, LOOP_PROMPTS and the reward plugin."""
-    d, model = arith_run_dir(tmp_path_factory, "settings", {"prompts.jsonl": LOOP_PROMPTS})
-    (d / f"{REWARD}.py").write_text(PLUGIN)
-    if str(d) not in sys.path:
-        sys.path.insert(0, str(d))
-    register_engine("scripted", ScriptedEngine)
-    return d, model
+    return scripted_loop_dir(tmp_path_factory, "settings", REWARD, PLUGIN)
 
 
 def _args(setup, run, *extra, **flags) -> list[str]:

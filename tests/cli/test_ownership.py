@@ -135,16 +135,9 @@ def score(text, answer, record):
 @pytest.fixture(scope="module")
 def loop_setup(tmp_path_factory):
     """(directory, model): the arith model, LOOP_PROMPTS and a reward plugin."""
-    import sys
+    from conftest import scripted_loop_dir
 
-    from conftest import LOOP_PROMPTS, ScriptedEngine, arith_run_dir, register_engine
-
-    d, model = arith_run_dir(tmp_path_factory, "ownership", {"prompts.jsonl": LOOP_PROMPTS})
-    (d / f"{REWARD}.py").write_text(PLUGIN)
-    if str(d) not in sys.path:
-        sys.path.insert(0, str(d))
-    register_engine("scripted", ScriptedEngine)
-    return d, model
+    return scripted_loop_dir(tmp_path_factory, "ownership", REWARD, PLUGIN)
 
 
 def _loop(setup, run, *extra, **flags):
