@@ -217,7 +217,8 @@ def read_prompts(path: str, limit: int | None = None, fields=None,
     error names this file and line (missing/ill-typed id, prompt or answer, a repeated id).
     ``path`` may name a shipped benchmark; ``limit`` keeps that many rows spread over the file
     (:func:`spread`; every row is still read and checked); ``fields`` (PromptOptions) maps another
-    schema's field names (``standard``: see :func:`map_fields`); ``origin`` gets ``id(record)`` -> (file, line), for errors found later."""
+    schema's field names (``standard``: see :func:`map_fields`); ``origin`` gets ``id(record)``
+    -> (file, line), for errors found later."""
     from tcli.io import RecordReader, SeenKeys, resolve_data
 
     if not path:

@@ -1,6 +1,7 @@
 """``math``: the final answer from the last ``\\boxed{}`` (or "The answer is ..."), compared with
 math-verify against the gold LaTeX answer (so ``\\frac12``, ``0.5`` and ``\\dfrac{1}{2}`` agree);
-a gold written as a GSM8K solution (``... reasoning ... #### 72``) is what follows its last ``####``.
+a gold written as a GSM8K solution (``... reasoning ... #### 72``) is what follows its last
+``####``.
 
 LaTeX parsing and sympy simplification are exponential in nesting depth (a ``\\frac`` nested 16
 deep takes seconds, 20 deep minutes), so answers that are too long or too deeply nested are

@@ -3,9 +3,10 @@
 
 One task leaves a record as it always was: ``reward`` and ``verdict`` only, so pipelines and
 files made with one verifier stay byte-identical; a weight other than 1 on that task also keeps
-its unweighted reward in ``rewards`` (correctness, which eval's accuracy reads). With several, ``verdict`` is the first task's
-(the one eval's accuracy reads), and ``rewards``/``verdicts`` hold every task's, keyed by the task
-as given (``auto`` stays ``auto``; the verdict's ``task`` says which verifier it picked).
+its unweighted reward in ``rewards`` (correctness, which eval's accuracy reads). With several,
+``verdict`` is the first task's (the one eval's accuracy reads), and ``rewards``/``verdicts`` hold
+every task's, keyed by the task as given (``auto`` stays ``auto``; the verdict's ``task`` says
+which verifier it picked).
 """
 
 from __future__ import annotations
