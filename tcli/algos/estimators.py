@@ -151,7 +151,9 @@ def needs(name: str) -> Needs:
 
 
 def group_std(r: np.ndarray, mode: str) -> float:
-    if len(r) < 2:
+    """0 exactly when the values are all equal (np.std of equal floats can be ulps above 0, and
+    that noise divided by sigma + eps would be an advantage of order 1 for large rewards)."""
+    if len(r) < 2 or (r == r[0]).all():
         return 0.0
     return float(np.std(r, ddof=1 if mode == "unbiased" else 0))
 
