@@ -113,3 +113,60 @@ def test_treerpo_a_leaf_cannot_also_have_children():
     with pytest.raises(DataError) as e:
         adv(recs, "treerpo")
     assert e.value.field == "node_path" and "leaf" in str(e.value)
+
+
+def huge_tree():
+    """Two root children with V = c and V = 0 (c = 2^400), each with two equal leaves."""
+    return tree_group([((0, 0), [1, 2], BIG), ((0, 1), [1, 2], BIG),
+                       ((1, 0), [1, 2], 0.0), ((1, 1), [1, 2], 0.0)])
+
+
+def test_treerpo_of_huge_rewards_is_scale_free_under_norm_std():
+    # siblings (c, 0): ±(c/2)/(c/√2 + ε) = ±1/√2 up to ε/c
+    a = adv(huge_tree(), "treerpo")
+    s = 1 / math.sqrt(2)
+    assert [x[1] for x in a] == [0.0] * 4
+    assert [x[0] for x in a] == pytest.approx([s, s, -s, -s], rel=1e-12)
+
+
+def test_treerpo_of_huge_rewards_keeps_reward_units_under_norm_mean():
+    assert adv(huge_tree(), "treerpo", norm="mean") == [[BIG / 2, 0.0]] * 2 + [[-BIG / 2, 0.0]] * 2
+
+
+def test_treerpo_prune_std_is_in_reward_units_for_huge_rewards():
+    # the std of (c, 0) is c/√2 in reward units, far above 1: nothing is pruned
+    a = adv(huge_tree(), "treerpo", prune_std=1.0)
+    assert a[0][0] == pytest.approx(1 / math.sqrt(2), rel=1e-12)
+
+
+@pytest.mark.parametrize("reward, values, field", [
+    (1.0, [1e308, -1e308, 0.0], "critic_values"),  # δ_0 = V_1 − V_0 = −2e308
+    (1.5e308, [-0.5e308, 0.0], "reward"),          # δ_0 = r − V_0 = 2e308
+])
+def test_gae_overflow_names_the_field_that_caused_it(reward, values, field):
+    recs = [{"prompt_id": "p", "token_ids": list(range(len(values) - 1)), "reward": reward,
+             "critic_values": values}]
+    with pytest.raises(DataError) as e:
+        adv(recs, "gae")
+    assert e.value.field == field
+
+
+def test_treerpo_node_value_is_the_mean_of_three_children():
+    # V([0]) = mean(1, 0, 0) = 1/3, V([1]) = 1 (an early leaf); --norm mean: ∓1/3 at the root
+    recs = tree_group([((0, 0), [1, 2], 1.0), ((0, 1), [1, 2], 0.0), ((0, 2), [1, 2], 0.0),
+                       ((1,), [2], 1.0)])
+    a = adv(recs, "treerpo", norm="mean")
+    assert [x[0] for x in a] == pytest.approx([-1 / 3] * 3 + [1 / 3], rel=1e-12)
+    assert [x[1] for x in a[:3]] == pytest.approx([2 / 3, -1 / 3, -1 / 3], rel=1e-12)
+
+
+def test_shaped_group_keeps_its_environment_tokens():
+    recs = group([[1, 2, 3], [1, 4]], [1.0, 0.0])
+    recs[0]["loss_mask"] = [1, 0, 1]
+    shaped = Group.from_records(recs).shaped(np.array([0.0, -0.5]))
+    out = compute_advantages(shaped, "grpo", AdvantageOptions(estimator="grpo")).per_token
+    # shaped rewards 1, −0.5: μ = 0.25, σ = 1.5/√2; the tool's token keeps A = 0
+    a = 0.75 / (1.5 / math.sqrt(2) + 1e-6)
+    assert out[0][1] == 0.0
+    assert out[0][[0, 2]].tolist() == pytest.approx([a, a], rel=1e-12)
+    assert out[1].tolist() == pytest.approx([-a, -a], rel=1e-12)
