@@ -170,3 +170,20 @@ def test_shaped_group_keeps_its_environment_tokens():
     assert out[0][1] == 0.0
     assert out[0][[0, 2]].tolist() == pytest.approx([a, a], rel=1e-12)
     assert out[1].tolist() == pytest.approx([-a, -a], rel=1e-12)
+
+
+def test_grpo_of_rewards_whose_squares_overflow():
+    # (1e200)² overflows float64: σ must come from the rescaled rewards (A = ±1/√2 for G = 2)
+    a = adv(group([[1], [2]], [1e200, 0.0]), "grpo")
+    assert a[0][0] == pytest.approx(1 / math.sqrt(2), rel=1e-12)
+    assert a[1][0] == pytest.approx(-1 / math.sqrt(2), rel=1e-12)
+
+
+def test_gae_estimator_runs_its_chain_over_policy_tokens_only():
+    rec = {"prompt_id": "p", "token_ids": [1, 2, 3], "reward": 1.0, "loss_mask": [1, 0, 1],
+           "critic_values": [0.5, 0.25, 0.75, 0.0]}
+    out = compute_advantages(Group.from_records([rec]), "gae",
+                             AdvantageOptions(estimator="gae", gamma=1.0, lam=0.5))
+    # policy chain V = 0.5, 0.75, terminal 0: δ = 0.25, 0.25; A = 0.25 + 0.5·0.25, 0.25
+    assert out.per_token[0].tolist() == [0.375, 0.0, 0.25]
+    assert out.returns[0].tolist() == [0.875, 0.25, 1.0]  # the tool's token: return = its V

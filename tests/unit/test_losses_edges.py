@@ -34,3 +34,9 @@ def test_kl_penalty_defaults_to_k3():
     ref = torch.tensor([math.log(0.25)])
     # r = pi_ref / pi = 0.5: k3 = r − 1 − log r; k1 would be log 2
     assert kl_penalty(logp, ref).item() == pytest.approx(0.5 - 1 + math.log(2), rel=1e-6)
+
+
+def test_aggregate_defaults_to_token_mean():
+    v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    assert aggregate(v, mask).item() == 10 / 4  # seq-mean-token-mean would give (2 + 4) / 2
