@@ -47,3 +47,14 @@ def test_mixed_signed_and_unsigned_rows_keep_large_ids_exact():
     got = build_prefix_tree(seqs, [1.0, 0.0])
     assert [v.tolist() for v in got.values] == [[0.5, 1.0], [0.5, 0.0]]
     assert [b.tolist() for b in got.branch] == [[True], [True]]
+
+
+def test_from_lists_keeps_every_leaf_slot_false_like_the_build():
+    # branch counts are taken over the whole flat array, so the unused slot after each response
+    # must not read as a branch in a rebuilt tree either
+    seqs, rewards = [[5, 7, 9], [5, 7], [4]], [1.0, 0.0, 0.5]
+    built = build_prefix_tree(seqs, rewards)
+    again = type(built).from_lists([v.tolist() for v in built.values],
+                                   [b.tolist() for b in built.branch])
+    assert again.flat_branch.tolist() == built.flat_branch.tolist()
+    assert not again.flat_branch[again.starts + again.lens].any()
