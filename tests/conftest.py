@@ -734,10 +734,18 @@ def register_engine(name: str, cls) -> None:
         ENGINES.register(name)(cls)
 
 
-def scripted_loop_dir(tmp_path_factory, name: str, module: str, plugin: str) -> tuple:
+# a reward plugin's source: 1 when the number after the last #### is the answer
+SCORE_PLUGIN = """
+def score(text, answer, record):
+    return float(text.split("####")[-1].strip() == str(answer)), {}
+"""
+
+
+def scripted_loop_dir(tmp_path_factory, name: str, module: str,
+                      plugin: str = SCORE_PLUGIN) -> tuple:
     """(directory, model path) of ``arith_run_dir`` with LOOP_PROMPTS in ``prompts.jsonl``, the
-    reward plugin source ``plugin`` importable as ``module`` and the scripted engine registered:
-    a CLI loop that samples no model."""
+    reward plugin source ``plugin`` importable as ``module`` (its ``score``) and the scripted
+    engine registered: a CLI loop that samples no model."""
     d, model = arith_run_dir(tmp_path_factory, name, {"prompts.jsonl": LOOP_PROMPTS})
     (d / f"{module}.py").write_text(plugin)
     if str(d) not in sys.path:

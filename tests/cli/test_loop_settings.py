@@ -14,16 +14,12 @@ import pytest
 from conftest import LOOP_N, read_metrics, run_tcli, scripted_loop_dir
 
 REWARD = "tcli_test_settings_reward"
-PLUGIN = """
-def score(text, answer, record):
-    return float(text.split("####")[-1].strip() == str(answer)), {}
-"""
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(directory, model): the arith model, LOOP_PROMPTS and the reward plugin."""
-    return scripted_loop_dir(tmp_path_factory, "settings", REWARD, PLUGIN)
+    return scripted_loop_dir(tmp_path_factory, "settings", REWARD)
 
 
 def _args(setup, run, *extra, **flags) -> list[str]:

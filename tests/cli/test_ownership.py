@@ -126,10 +126,6 @@ def test_a_checkpoint_older_than_its_file_list_is_told_apart_by_names(made, tmp_
 # ----------------------------------------------------------------------------- a loop's run
 
 REWARD = "tcli_test_ownership_reward"
-PLUGIN = """
-def score(text, answer, record):
-    return float(text.split("####")[-1].strip() == str(answer)), {}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +133,7 @@ def loop_setup(tmp_path_factory):
     """(directory, model): the arith model, LOOP_PROMPTS and a reward plugin."""
     from conftest import scripted_loop_dir
 
-    return scripted_loop_dir(tmp_path_factory, "ownership", REWARD, PLUGIN)
+    return scripted_loop_dir(tmp_path_factory, "ownership", REWARD)
 
 
 def _loop(setup, run, *extra, **flags):
