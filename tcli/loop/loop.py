@@ -1,5 +1,4 @@
-"""`tcli loop`: sample -> verify -> advantages -> train-step, per step, in one process or under
-``torchrun`` (N processes).
+"""`tcli loop`: sample -> verify -> advantages -> train-step per step, in 1 or N (torchrun) processes.
 
 The loop calls the same stage functions as the commands, with the same option objects. Every
 step's randomness derives from (seed, step), so a run killed at any moment and resumed from its
@@ -127,6 +126,7 @@ class Loop:
             self.weights = SamplingWeights(self.trainer, start_ckpt, dtype=self.cfg.sample.dtype)
         self.engine = open_engine(start_ckpt, self.cfg.sample, seed=self.cfg.run.seed,
                                   trainer=self.weights or self.trainer)
+        self.engine.model_path = self.cfg.run.model  # rollouts name the run's model, resumed or not
         return last + 1
 
     def _take_run_dir(self, resume: bool, overwrite: bool = False) -> tuple[int, str]:
