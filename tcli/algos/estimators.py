@@ -234,6 +234,8 @@ def reinforce_pp(group: Group, opt) -> Advantages:
 def reinforce_pp_baseline(group: Group, opt) -> Advantages:
     """REINFORCE++-baseline: r - group mean (no std division), then the batch whitening."""
     r = group.scaled_rewards
+    if _sigma(group, opt) is None:  # equal rewards: r - mean could be ulps, never exactly 0
+        return _no_signal(group)
     return _per_token(group, (r - r.mean()) * group.scale)
 
 

@@ -57,7 +57,7 @@ def test_reinforce_pp_group_step_is_the_raw_reward_even_when_huge():
     assert adv(group([[1], [2]], [BIG, 0.0]), "reinforce_pp") == [[BIG], [0.0]]
 
 
-@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "tempo"])
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "tempo", "reinforce_pp_baseline"])
 @pytest.mark.parametrize("value", [0.1, 3e12 + 0.7])
 def test_equal_rewards_give_exactly_zero(name, value):
     """σ = 0 for equal rewards (§4.1): np.std of six equal floats is a few ulps, not 0, and
