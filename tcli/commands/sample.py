@@ -75,16 +75,9 @@ def sample_tree(
 
 def _check_mode_flags(opts: SampleOptions) -> None:
     """A shape setting of the other --mode would be ignored without a word: refused instead."""
-    from tcli.errors import UsageError
+    from tcli.config.choices import check_mode_settings
 
-    ignored = opts.ignored_settings()
-    if not ignored:
-        return
-    flags = ", ".join(opts.flag(k) for k in ignored)
-    if opts.mode == "tree":
-        raise UsageError(f"{flags} sets the samples per prompt of --mode independent; a tree's "
-                         "leaves come from --width and --depth")
-    raise UsageError(f"{flags} shape{'s' * (len(ignored) == 1)} a tree: give --mode tree as well")
+    check_mode_settings(opts, opts.flag)
 
 
 def register(app: typer.Typer) -> None:

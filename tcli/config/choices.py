@@ -78,3 +78,17 @@ def check_tasks(v: tuple[str, ...]) -> str | None:
         except UsageError as e:  # named by the setting (and the TOML file) like any other bad value
             return f"cannot be used: {e}"
     return None
+
+
+def check_mode_settings(opts, name) -> None:
+    """Settings of the other --mode (``opts.ignored_settings()``) would be ignored without a word:
+    refused. ``name`` spells a setting: its flag (commands) or its label (the loop)."""
+    ignored = opts.ignored_settings()
+    if not ignored:
+        return
+    names, mode, it = ", ".join(map(name, ignored)), name("mode"), "them" if ignored[1:] else "it"
+    if opts.mode == "tree":
+        raise UsageError(f"{names} sets the samples per prompt of {mode} independent; a tree's "
+                         f"leaves come from {name('width')} and {name('depth')}")
+    raise UsageError(f"{names} shape{'' if ignored[1:] else 's'} a tree, but {mode} is "
+                     f"{opts.mode}, which ignores {it}: give {mode} tree as well, or leave {it} out")

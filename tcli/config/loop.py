@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Optional
 
 from tcli.algos.estimators import ESTIMATORS, needs
+from tcli.config.choices import check_mode_settings
 from tcli.config.expand import ExpandOptions
 from tcli.config.spec import (Options, at_least, coerce, finite_at_least, like, setting,
                               settings_of)
@@ -200,19 +201,7 @@ class LoopConfig:
 
     def _check_mode_settings(self) -> None:
         """[sample] settings of the other mode would be ignored without a word: refused."""
-        ignored = self.sample.ignored_settings()
-        if not ignored:
-            return
-        mode = SampleOptions.label("mode")
-        if self.sample.mode == "tree":
-            raise UsageError(f"{SampleOptions.label('n')} sets the responses per prompt of mode "
-                             f'"independent", but {mode} is "tree", whose leaves come from width '
-                             "and depth: leave it out, or sample independent groups")
-        one = len(ignored) == 1
-        raise UsageError(f"{', '.join(map(SampleOptions.label, ignored))} shape{'s' * one} a tree, "
-                         f'but {mode} is "{self.sample.mode}", which ignores '
-                         f"{'it' if one else 'them'}: set mode = \"tree\" in [sample] "
-                         f"(--mode tree), or leave {'it' if one else 'them'} out")
+        check_mode_settings(self.sample, SampleOptions.label)
 
     def _fill_schedule_span(self) -> None:
         """The lr schedule spans the run unless set (fixed in config.toml, so a resumed run

@@ -50,7 +50,7 @@ def test_a_trees_shape_without_tree_mode_is_refused(given):
     with pytest.raises(UsageError) as ei:
         load_config(None, given)
     msg = str(ei.value)
-    assert ei.value.exit_code == 2 and 'set mode = "tree"' in msg, msg
+    assert ei.value.exit_code == 2 and "give --mode (sample.mode) tree as well" in msg, msg
     assert all(f"(sample.{k})" in msg for k in given), msg
     load_config(None, {**given, "mode": "tree"})  # the same shape in tree mode is fine
     load_config(None, {"n": 4})  # and independent mode's own settings
@@ -62,7 +62,8 @@ def test_the_cli_refuses_it_before_touching_disk(setup, tmp_path):
     run = tmp_path / "run"
     code, err = _loop(*_args(setup, run), "--config", cfg)
     assert code == 2 and err.count("\n") == 1, err
-    assert f"{cfg}: --depth (sample.depth) shapes a tree" in err and '"independent"' in err, err
+    assert f"{cfg}: --depth (sample.depth) shapes a tree, but --mode (sample.mode) is " \
+           "independent" in err, err
     assert not run.exists()
 
 

@@ -32,7 +32,8 @@ def test_sample_tree_refuses_each_tree_setting_without_tree_mode(name, tmp_path)
                   _flag(name), str(CHANGED[name])])
     err = r.stderr.decode()
     assert r.returncode == 2 and err.count("\n") == 1, err
-    assert f"tcli: error: {_flag(name)} shapes a tree: give --mode tree" in err, err
+    assert f"tcli: error: {_flag(name)} shapes a tree, but --mode is independent, which " \
+           "ignores it: give --mode tree as well, or leave it out" in err, err
     assert not out.exists()
 
 
@@ -54,8 +55,9 @@ def test_the_loop_refuses_n_in_tree_mode_naming_the_file(tmp_path):
                   tmp_path / "d.jsonl", "--run-dir", run])
     err = r.stderr.decode()
     assert r.returncode == 2 and err.count("\n") == 1, err
-    assert f"{cfg}: --n (sample.n) sets the responses per prompt" in err, err
-    assert 'is "tree"' in err and not run.exists(), err
+    assert f"{cfg}: --n (sample.n) sets the samples per prompt of --mode (sample.mode) " \
+           "independent; a tree's leaves come from --width (sample.width)" in err, err
+    assert not run.exists(), err
 
 
 def test_the_loop_refuses_n_given_with_mode_tree_on_the_command_line():
@@ -63,7 +65,7 @@ def test_the_loop_refuses_n_given_with_mode_tree_on_the_command_line():
     from tcli.config.stages import SampleOptions
     from tcli.errors import UsageError
 
-    with pytest.raises(UsageError, match=r"--n \(sample\.n\) sets the responses per prompt"):
+    with pytest.raises(UsageError, match=r"--n \(sample\.n\) sets the samples per prompt"):
         load_config(None, {"mode": "tree", "n": 4})
     # the default n is all a resolved config.toml of a tree run holds: it loads
     assert load_config(None, {"mode": "tree", "n": SampleOptions().n}).sample.mode == "tree"

@@ -151,7 +151,8 @@ def test_prompts_the_tokenizer_cannot_read_are_said_once(setup, tmp_path):
 
 @pytest.mark.parametrize("flags,words", [
     (["--mode", "tree", "-n", "4"], "--n sets the samples per prompt of --mode independent"),
-    (["--width", "4", "--depth", "2"], "--width, --depth shape a tree: give --mode tree"),
+    (["--width", "4", "--depth", "2"], "--width, --depth shape a tree, but --mode is independent, which ignores them: "
+                                   "give --mode tree as well, or leave them out"),
     (["--branch", "entropy"], "--branch shapes a tree"),
 ])
 def test_a_shape_flag_of_the_other_mode_is_refused(setup, flags, words):
