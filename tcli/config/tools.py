@@ -9,6 +9,7 @@ are checked where the toolset is built (tcli/tools, imported only then): a plugi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from tcli.config.spec import Options, at_least, setting
 from tcli.errors import UsageError
@@ -26,6 +27,8 @@ def _names(v: tuple[str, ...]) -> str | None:
 class ToolOptions(Options):
     """Multi-turn rollouts: the policy calls tools and their results are appended as environment
     tokens (loss_mask 0)."""
+
+    TOOLS_ONLY: ClassVar[tuple[str, ...]] = ("max_turns", "tool_format")  # read with tools only
 
     tools: tuple[str, ...] = setting(
         (), "Tools the policy may call while it samples (calc, python, or python:module:function; "
@@ -58,3 +61,16 @@ class ToolOptions(Options):
             raise UsageError(f"{self.label('tools')} with {self.label('mode')} tree needs "
                              f"{self.label('branch')} tool (a split after each tool result), got "
                              f"{branch}")
+
+    def check_tools_read(self, model: str = "") -> None:
+        """Tool settings changed from their defaults while no tool is named (given, or recorded
+        by ``model``) would be ignored without a word: refused."""
+        default = type(self)()
+        idle = [k for k in self.TOOLS_ONLY if getattr(self, k) != getattr(default, k)]
+        if self.tools or not idle:
+            return
+        one = not idle[1:]
+        raise UsageError(f"{', '.join(map(self.label, idle))} {'is' if one else 'are'} read only "
+                         f"with {self.label('tools')}, and no tool is named"
+                         f"{f' (nor recorded by {model})' if model else ''}: name the tools, or "
+                         f"leave {'it' if one else 'them'} out")

@@ -7,8 +7,8 @@ chat-template choice, the response cap and the tools it was trained with
 (``SampleOptions.RECORDED``), and
 sample-tree, eval and loop use them wherever the user gave none; an explicit flag or TOML key wins.
 
-Duck-typed on the options object (``RECORDED``, ``unset``, ``replace``), so this module needs
-neither the config package nor torch.
+Duck-typed on the options object (``RECORDED``, ``unset``, ``replace``, ``tools``,
+``TOOLS_ONLY``, ``check_tools_read``), so this module needs neither the config package nor torch.
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ def with_recorded(opts, ckpt: str):
         # fine alone, not with what was given (recorded tools and --mode tree): the user's call
         raise UsageError(f"{e}; {ckpt} records {_used(take)} (give {_flags(take, opts)} to "
                          "override)") from None
+    if not out.tools:  # the recorded tool settings would be read by nobody: not taken
+        idle = {k: getattr(opts, k) for k in take if k in out.TOOLS_ONLY}
+        take = {k: v for k, v in take.items() if k not in idle}
+        out = out.replace(**idle)
+    out.check_tools_read(ckpt if "tools" in opts.unset else "")
     return out, {k: getattr(out, k) for k in opts.RECORDED
                  if k in take and getattr(opts, k) != getattr(out, k)}  # compared as settings
 

@@ -5,6 +5,7 @@ mask and the calls, the prompt opens with the tools' instructions, bad settings 
 from __future__ import annotations
 
 import os
+import re
 
 import orjson
 import pytest
@@ -93,6 +94,50 @@ def test_a_checkpoint_records_the_tools_it_was_trained_with(tmp_path):
     assert "tools=calc, max_turns=2" in notice(changed, opts)
     off, changed = with_recorded(SampleOptions.given({"tools": ()}), str(tmp_path))
     assert off.tools == () and "tools" not in changed
+
+
+def test_tools_turned_off_take_none_of_the_recorded_tool_settings(tmp_path):
+    """`--tools ""` on a checkpoint trained with tools: its max_turns and tool_format would be
+    read by nobody, so neither is taken nor announced."""
+    from tcli.config.stages import SampleOptions
+    from tcli.models.recorded import notice, with_recorded
+
+    (tmp_path / "tcli_state.json").write_bytes(orjson.dumps({"sampling": {
+        "tools": ["calc"], "max_turns": 2, "tool_format": "tags", "max_new_tokens": 9}}))
+    off, changed = with_recorded(SampleOptions.given({"tools": ()}), str(tmp_path))
+    assert (off.tools, off.max_turns, off.tool_format) == ((), 4, "auto")
+    assert changed == {"max_new_tokens": 9} and "max_turns" not in notice(changed, off)
+
+
+@pytest.mark.parametrize("given, words", [
+    ({"max_turns": 2}, "--max-turns (sample.max_turns) is read only with --tools (sample.tools)"),
+    ({"max_turns": 2, "tool_format": "tags"},
+     "--max-turns (sample.max_turns), --tool-format (sample.tool_format) are read only")])
+def test_tool_settings_without_any_tool_are_refused(tmp_path, given, words):
+    """They would be ignored without a word; the checkpoint's recorded tools count as named."""
+    from tcli.config.stages import SampleOptions
+    from tcli.errors import UsageError
+    from tcli.models.recorded import with_recorded
+
+    with pytest.raises(UsageError, match=re.escape(words) + ".*no tool is named \\(nor recorded"):
+        with_recorded(SampleOptions.given(given), str(tmp_path))
+    with pytest.raises(UsageError, match="no tool is named: name the tools"):   # tools off
+        with_recorded(SampleOptions.given({**given, "tools": ()}), str(tmp_path))
+    (tmp_path / "tcli_state.json").write_bytes(orjson.dumps({"sampling": {"tools": ["calc"]}}))
+    opts, _ = with_recorded(SampleOptions.given(given), str(tmp_path))
+    assert opts.tools == ("calc",) and opts.max_turns == 2
+
+
+def test_eval_and_the_loop_refuse_max_turns_without_tools_before_any_work(tiny, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(jsonl(prompts()))
+    r = run_tcli(["eval", "--data", data, "-m", tiny, "--max-turns", "2", "-o", tmp_path / "o"])
+    failed(r, 2, "--max-turns (sample.max_turns) is read only with --tools")
+    assert not (tmp_path / "o").exists()
+    run = tmp_path / "run"
+    r = run_tcli(["loop", "--model", tiny, "--train-data", data, "--run-dir", run, "--max-turns", "2"])
+    failed(r, 2, "is read only with --tools")
+    assert not run.exists()
 
 
 @pytest.mark.parametrize("fmt, text", [
