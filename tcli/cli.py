@@ -14,6 +14,7 @@ import sys
 import typer
 
 from tcli.models.versions import version_line
+from tcli.commands.repeated import repeated_option
 from tcli.commands.report import failure, one_line, report, stdout_closed
 from tcli.errors import EXIT_DATA, EXIT_USAGE, DataError
 
@@ -75,8 +76,12 @@ def _run(argv: list[str]) -> int:
     except ImportError:  # pragma: no cover
         from click import exceptions as click_exc
 
+    group = typer.main.get_command(app)  # built once: parsing and the checks share it
     try:
-        rv = app(args=argv, prog_name="tcli", standalone_mode=False)
+        repeated = repeated_option(group, argv)  # before any command body runs
+        if repeated:
+            raise click_exc.UsageError(repeated)
+        rv = group.main(args=argv, prog_name="tcli", standalone_mode=False)
         if rv == 130:  # typer turns a KeyboardInterrupt raised by user code into a return value
             report("interrupted")
         return rv if isinstance(rv, int) else 0
@@ -99,7 +104,7 @@ def _run(argv: list[str]) -> int:
             e.show()  # `tcli` alone: the help text is the answer
         else:
             cmd = next((a for a in argv if not a.startswith("-")), "")
-            known = cmd in typer.main.get_command(app).commands  # an unknown one has no help
+            known = cmd in group.commands  # an unknown one has no help
             report(f"{one_line(e.format_message())} (see 'tcli {cmd + ' ' if known else ''}-h')")
         return EXIT_USAGE
 

@@ -40,14 +40,6 @@ def _check_distinct(data: str, output: str | None, summary: str | None) -> None:
     refuse_same_file("--summary", summary, "the -o/--output file", output)
 
 
-def _one_data(data: list[str]) -> str:
-    """One --data: a second would otherwise replace the first without a word."""
-    if len(data) > 1:
-        raise UsageError(f"--data was given {len(data)} times ({', '.join(data)}): eval reads one "
-                         "prompt file or benchmark; run it once per benchmark")
-    return data[0]
-
-
 def _check_fail_under(value: float | None) -> None:
     """Accuracy is a fraction: a percentage (50) would fail every run, after all its work."""
     if value is not None and not 0.0 <= value <= 1.0:
@@ -87,7 +79,7 @@ def _list_benchmarks(value: bool) -> None:
 def eval_cmd(
     *,
     model: ModelOpt,
-    data: Annotated[list[str], typer.Option(
+    data: Annotated[str, typer.Option(
         "--data", "-d", metavar="<str>", help="Prompt records (JSONL/Arrow): id, prompt, answer, "
         "optional choices; or a shipped benchmark name (--list-benchmarks). An existing file or "
         "saved dataset wins over a name. One per eval.")],
@@ -117,7 +109,6 @@ def eval_cmd(
     from tcli.prompts import read_prompts
     from tcli.stages.evaluate import eval_sampling, evaluate
 
-    data = _one_data(data)
     _check_fail_under(fail_under)
     _check_streams(output, summary)
     _check_target(output, "-o/--output")

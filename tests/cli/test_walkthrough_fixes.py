@@ -99,7 +99,7 @@ def test_eval_refuses_a_second_data_instead_of_dropping_the_first(tiny_model):
     r = run_tcli(["eval", "-m", tiny_model, "--data", "gsm8k", "--data", "math500", "--limit", "1"])
     assert r.returncode == 2 and not r.stdout
     err = r.stderr.decode()
-    assert "--data was given 2 times (gsm8k, math500)" in err and "Traceback" not in err
+    assert "--data was given twice (gsm8k, math500): give it once" in err and "Traceback" not in err
 
 
 def test_plot_draws_a_one_step_run_as_a_point(tmp_path, monkeypatch):
