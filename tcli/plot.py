@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Callable, Sequence
 
 import orjson
+
+from tcli.io import write_atomic_bytes
 
 
 def read_metrics(run_dir: str, warn: Callable[[str], None] = lambda s: None) -> list[dict]:
@@ -83,8 +86,9 @@ def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Sequence[str] | Non
               groups: dict[str, list[str]] | None = None,
               warn: Callable[[str], None] = lambda s: None) -> int:
     """One line per run, or with ``groups`` (label -> run dirs) the mean with a min-max band;
-    the figure's format follows the suffix (png, pdf or svg). Returns the number of curves drawn
-    (records whose value or x is not a finite number are left out)."""
+    the figure's format follows the suffix (png, pdf or svg) and is written as any output file
+    (§2.4: complete or not at all, through a symlink, never over a directory). Returns the
+    number of curves drawn (records whose value or x is not a finite number are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,8 +133,8 @@ def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Sequence[str] | Non
         plt.close(fig)
         return 0
     ext = os.path.splitext(out_png)[1].lower()
-    tmp = out_png + ".tmp" + (ext if ext in FORMATS else ".png")
-    fig.savefig(tmp, dpi=90)
+    buf = io.BytesIO()  # drawn in memory, then written as every output is (tcli.io.target)
+    fig.savefig(buf, format=ext[1:] if ext in FORMATS else "png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, out_png)
+    write_atomic_bytes(out_png, buf.getvalue())
     return drawn
