@@ -18,7 +18,7 @@ from tcli.commands.common import (InputArg, InputFormatOpt, QuietOpt, SeedOpt, c
 from tcli.config.flags import Without, options_command
 from tcli.config.spec import settings_of
 from tcli.config.stages import SampleOptions, ThreadOptions, TrainOptions
-from tcli.errors import UsageError
+from tcli.errors import DataError, UsageError
 
 # what the new checkpoint records about how it is meant to be sampled (default: the start's)
 Recorded = Annotated[SampleOptions, Without(*(f.name for f in settings_of(SampleOptions)
@@ -124,21 +124,40 @@ def _recorded(model: str, sampled: dict, sampling: SampleOptions) -> dict:
 
 class _SampledWith:
     """The ``prompt_template`` and ``max_new_tokens`` the training records carry: a value every
-    record that has the field agrees on is how the new checkpoint was trained to be sampled."""
+    record that has the field agrees on is how the new checkpoint was trained to be sampled.
+    A value no flag could give (``max_new_tokens`` -5, a template without {prompt}) is bad data
+    here, not a checkpoint that sample-tree and eval refuse later."""
 
     FIELDS = {"prompt_template": str, "max_new_tokens": int}
 
     def __init__(self) -> None:
         self.seen: dict[str, set] = {k: set() for k in self.FIELDS}
 
-    def watch(self, records):
-        for item in records:  # dicts, or (line, dict) pairs from RecordReader
-            rec = item[1] if isinstance(item, tuple) else item
-            for key, kind in self.FIELDS.items():
+    def watch(self, records, source: str = "<records>"):
+        for i, item in enumerate(records, 1):  # dicts, or (line, dict) pairs from RecordReader
+            line, rec = item if isinstance(item, tuple) else (i, item)
+            for key in self.FIELDS:
                 v = rec.get(key) if isinstance(rec, dict) else None
-                if isinstance(v, kind) and not isinstance(v, bool) and v:
-                    self.seen[key].add(v)
+                if v is None:
+                    continue
+                try:
+                    self._check(key, v)
+                except DataError as e:
+                    raise e.located(source, line) from None
+                self.seen[key].add(v)
             yield item
+
+    def _check(self, key: str, v) -> None:
+        kind = self.FIELDS[key]
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise DataError(f"must be {'an integer' if kind is int else 'a string'}, got "
+                            f"{type(v).__name__}", field=key)
+        if v in self.seen[key]:  # checked once per value
+            return
+        try:
+            SampleOptions().replace(**{key: v})
+        except UsageError as e:
+            raise DataError(f"cannot be sampled with: {e}", field=key) from None
 
     def agreed(self) -> dict:
         return {k: next(iter(v)) for k, v in self.seen.items() if len(v) == 1}
@@ -155,8 +174,8 @@ def _read_samples(input: str, input_format: str | None, model: str, opts: TrainO
         check_model_dir(opts.ref_model)
         check_same_vocabulary(opts.ref_model, model, "--ref-model")
     seen = _SampledWith()
-    samples = read_train_input(input, input_format, model,
-                               lambda recs, *a: samples_from_records(seen.watch(recs), *a))
+    samples = read_train_input(input, input_format, model, lambda recs, source, vocab:
+                               samples_from_records(seen.watch(recs, source), source, vocab))
     return samples, seen.agreed()
 
 

@@ -77,10 +77,24 @@ def sample_from_record(rec: dict, vocab_size: int | None = None) -> TrainSample:
         raise DataError(f"log-probs must be <= 0, got {logp.max():.6g}", field="logprobs")
     sample = TrainSample(prompt, tokens, as_float32(logp, "logprobs"),
                          as_float32(adv, "advantages"), temperature=record_temperature(rec),
-                         truncated=rec.get("finish_reason") == "length", loss_mask=mask)
+                         truncated=record_truncated(rec), loss_mask=mask)
     if vocab_size is not None:
         check_vocab(sample, vocab_size)
     return sample
+
+
+FINISH_REASONS = ("stop", "length")
+
+
+def record_truncated(rec: dict) -> bool:
+    """Whether the response hit its length cap. Another ``finish_reason`` ("LENGTH", an object)
+    would count as not truncated without a word: --mask-truncated would keep it in the loss and
+    ``truncated_share`` would not count it."""
+    v = rec.get("finish_reason")
+    if v is not None and v not in FINISH_REASONS:
+        raise DataError(f"must be {' or '.join(FINISH_REASONS)}, got {v!r}"[:200],
+                        field="finish_reason")
+    return v == "length"
 
 
 def record_temperature(rec: dict) -> float:

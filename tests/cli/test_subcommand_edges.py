@@ -43,3 +43,35 @@ def test_plot_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path):
     r = run_tcli(["plot", run, "-o", link])
     assert r.returncode == 0, r.stderr.decode()
     assert link.is_symlink() and target.read_bytes().startswith(b"<?xml")
+
+
+# ----------------------------------------------------------------------------- train-step
+
+@pytest.mark.parametrize("field,value,words", [
+    ("max_new_tokens", -5, ["must be >= 1"]),
+    ("max_new_tokens", "8", ["must be an integer"]),
+    ("max_new_tokens", {"a": 1}, ["must be an integer"]),
+    ("prompt_template", "Answer:", ["{prompt}"]),
+    ("prompt_template", 5, ["must be a string"])])
+def test_train_step_refuses_sampling_fields_its_checkpoint_could_not_be_sampled_with(
+        tiny, tmp_path, field, value, words):
+    """Every record agreeing on them, they would be recorded in the new checkpoint, which
+    sample-tree and eval then refuse: bad data here instead, and no checkpoint."""
+    recs = [{**r, field: value} for r in rollouts()]
+    (tmp_path / "r.jsonl").write_bytes(jsonl(recs))
+    out = tmp_path / "ckpt"
+    r = run_tcli(["train-step", tmp_path / "r.jsonl", "-m", tiny, "-o", out, "-q"])
+    failed(r, 65, "r.jsonl:1:", f"field '{field}'", *words)
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["r.jsonl"]
+
+
+@pytest.mark.parametrize("reason", ["LENGTH", "truncated", ["length"]])
+def test_mask_truncated_refuses_a_finish_reason_it_cannot_read(tiny, tmp_path, reason):
+    """Read as "not truncated", such a response would stay in the loss without a word."""
+    recs = rollouts()
+    recs[4]["finish_reason"] = reason
+    (tmp_path / "r.jsonl").write_bytes(jsonl(recs))
+    r = run_tcli(["train-step", tmp_path / "r.jsonl", "-m", tiny, "-o", tmp_path / "c",
+                  "--mask-truncated", "-q"])
+    failed(r, 65, "r.jsonl:5:", "field 'finish_reason'", "stop or length")
+    assert not (tmp_path / "c").exists()
