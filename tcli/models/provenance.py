@@ -54,6 +54,14 @@ def other_tokenizer(a: str, b: str) -> bool:
     return da is not None and db is not None and da != db
 
 
+def sampler_name(path: str) -> str:
+    """What a rollout records as its ``model``: a directory as its absolute path, so that the
+    check below and show-tree's decoding find the same directory from any working directory (a
+    relative ``model`` read elsewhere would name another directory, or none, and pass); a Hub
+    name or an engine's label that is no directory here stays as it is."""
+    return os.path.abspath(path) if path and os.path.isdir(path) else path
+
+
 class SampledBy:
     """Checks each distinct ``model`` of the records once against ``model_dir`` (the directory
     this command reads them with, named by ``flag`` in the error)."""

@@ -33,6 +33,7 @@ from tcli import SCHEMA
 from tcli.engines.base import as_engine
 from tcli.engines.sampling import Completion, SamplingConfig
 from tcli.errors import DataError
+from tcli.models.provenance import sampler_name
 from tcli.records import at_record, entropies, float_array, int_list, reward, token_array
 
 # what belongs to one response: a new leaf gets its own, never its source leaf's
@@ -222,7 +223,7 @@ def new_record(tree: Tree, node: Node, child: int, comp: Completion, engine, rnd
         "segment_ends": tree.ends[node.source][:node.depth] + [len(toks)],
         "finish_reason": "stop" if comp.finish_reason == "stop" else "length",
         "policy_version": int(getattr(engine, "policy_version", 0) or 0),
-        "model": str(getattr(engine, "model_path", "")),
+        "model": sampler_name(str(getattr(engine, "model_path", ""))),
         "expand_round": rnd,
     })
     if tree.entropy:

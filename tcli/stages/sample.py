@@ -31,6 +31,7 @@ from tcli.engines.sampling import SamplingConfig, TreeLeaf
 from tcli.engines.trees import sample_leaves
 from tcli.errors import DataError, UsageError
 from tcli.io import SeenKeys
+from tcli.models.provenance import sampler_name
 from tcli.prompts import (check_prompt_record, encode_prompt, map_fields, prompt_messages,
                           prompt_text, resolve_template, source_field, template_name)
 
@@ -59,7 +60,7 @@ def _rollout(rec: dict, engine, prompt_ids: list[int], sample_id: int, leaf: Tre
         "max_new_tokens": int(cfg.max_new_tokens),  # the cap a `length` finish reached
         "prompt_template": template_name(rec, template),
         "policy_version": int(getattr(engine, "policy_version", 0) or 0),
-        "model": str(getattr(engine, "model_path", "")),
+        "model": sampler_name(str(getattr(engine, "model_path", ""))),
     })
     return out
 

@@ -75,3 +75,24 @@ def test_mask_truncated_refuses_a_finish_reason_it_cannot_read(tiny, tmp_path, r
                   "--mask-truncated", "-q"])
     failed(r, 65, "r.jsonl:5:", "field 'finish_reason'", "stop or length")
     assert not (tmp_path / "c").exists()
+
+
+# ----------------------------------------------------------------------------- model paths
+
+def test_a_relative_model_is_recorded_as_its_absolute_directory(tiny, tmp_path):
+    """Rollouts are read from other directories (train-step, show-tree): a relative `model`
+    would name another directory there, or none, and the tokenizer check would pass."""
+    rel = os.path.relpath(tiny, REPO)  # run_tcli runs in the repository
+    assert not os.path.isabs(rel)
+    (tmp_path / "p.jsonl").write_bytes(jsonl(prompts()[:2]))
+    s = run_tcli(["sample-tree", tmp_path / "p.jsonl", "-m", rel, "--mode", "tree", "--width",
+                  "2", "--depth", "2", "--segment-tokens", "3", "--max-new-tokens", "8",
+                  "--prompt-template", "plain", "-q"])
+    assert s.returncode == 0, s.stderr.decode()
+    v = run_tcli(["verify", "-q"], input=s.stdout)
+    assert v.returncode == 0, v.stderr.decode()
+    e = run_tcli(["expand-tree", "-m", rel, "--expand-tokens", "16", "-q"], input=v.stdout)
+    assert e.returncode == 0, e.stderr.decode()
+    out = parse(e.stdout)
+    assert any("expand_round" in r for r in out)
+    assert {r["model"] for r in out} == {os.path.abspath(tiny)}
