@@ -61,7 +61,8 @@ def advantages(
 
 def _decoder(tokenizer: str | None, as_bytes: bool, rec: dict):
     """Bytes, the given tokenizer, else the tokenizer of the model that sampled the records
-    (their ``model`` field) when that directory still exists; None prints token ids."""
+    (their ``model`` field) when that directory still exists; None prints token ids. A token id
+    the tokenizer does not have is bad data: decoding would drop it and show other text."""
     import os
 
     if as_bytes:
@@ -69,11 +70,31 @@ def _decoder(tokenizer: str | None, as_bytes: bool, rec: dict):
     model = rec.get("model")
     if not tokenizer and isinstance(model, str) and os.path.isdir(model):
         tokenizer = model
-    if tokenizer:
-        from tcli.models.load import load_tokenizer
+    if not tokenizer:
+        return None
+    from tcli.models.load import load_tokenizer
 
-        return load_tokenizer(tokenizer, required=True).decode
-    return None
+    tok = load_tokenizer(tokenizer, required=True)
+    size = len(tok)
+
+    def decode(ids) -> str:
+        top = max(ids, default=-1)
+        if top >= size:
+            raise DataError(f"token id {top} is outside the vocabulary of {tokenizer} (size "
+                            f"{size}); give --tokenizer the sampler's directory, or --bytes",
+                            field="token_ids")
+        return tok.decode(ids)
+    return decode
+
+
+def _check_tokenizer(tokenizer: str | None, as_bytes: bool, lines, recs, source: str) -> None:
+    """--tokenizer of another vocabulary than the model that sampled the records would show
+    other text as if it were theirs: refused, as train-step refuses such records."""
+    if tokenizer and not as_bytes:
+        from tcli.models.provenance import SampledBy
+
+        for _ in SampledBy(tokenizer, "--tokenizer").watch(zip(lines, recs), source):
+            pass
 
 
 def show_tree(
@@ -103,6 +124,7 @@ def show_tree(
     i = -1
     for i, (lines, recs) in enumerate(iter_groups(reader, reader.name)):
         if (str(recs[0]["prompt_id"]) == group) if group is not None else i == index:
+            _check_tokenizer(tokenizer, as_bytes, lines, recs, reader.name)
             try:
                 rendered = render_group(recs, decode=_decoder(tokenizer, as_bytes, recs[0]),
                                         max_run=max_run, max_levels=max_levels)

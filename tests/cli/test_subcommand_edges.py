@@ -96,3 +96,34 @@ def test_a_relative_model_is_recorded_as_its_absolute_directory(tiny, tmp_path):
     out = parse(e.stdout)
     assert any("expand_round" in r for r in out)
     assert {r["model"] for r in out} == {os.path.abspath(tiny)}
+
+
+# ----------------------------------------------------------------------------- show-tree
+
+@pytest.fixture(scope="module")
+def other_vocab(tmp_path_factory) -> str:
+    """A tiny model whose tokenizer is not the TINY model's (a smaller alphabet)."""
+    from examples.arith.task import ALPHABET
+
+    return shared_model(tmp_path_factory, seed=0, alphabet=ALPHABET, **SMALL)
+
+
+def test_show_tree_refuses_a_tokenizer_other_than_the_samplers(tiny, other_vocab, tmp_path):
+    recs = [{**r, "model": tiny} for r in rollouts()]
+    (tmp_path / "r.jsonl").write_bytes(jsonl(recs))
+    ok = run_tcli(["show-tree", tmp_path / "r.jsonl", "--tokenizer", tiny])
+    assert ok.returncode == 0, ok.stderr.decode()
+    r = run_tcli(["show-tree", tmp_path / "r.jsonl", "--tokenizer", other_vocab])
+    failed(r, 65, "r.jsonl:1:", "field 'model'", "--tokenizer")
+    assert r.stdout == b""
+
+
+def test_show_tree_refuses_token_ids_its_tokenizer_does_not_have(other_vocab, tmp_path):
+    """With the sampler gone, ids beyond the given tokenizer would be dropped from the text."""
+    recs = [{**r, "model": str(tmp_path / "gone")} for r in rollouts()]
+    (tmp_path / "r.jsonl").write_bytes(jsonl(recs))
+    r = run_tcli(["show-tree", tmp_path / "r.jsonl", "--tokenizer", other_vocab])
+    failed(r, 65, "r.jsonl:", "field 'token_ids'", "outside the vocabulary")
+    assert r.stdout == b""
+    by_bytes = run_tcli(["show-tree", tmp_path / "r.jsonl", "--bytes"])
+    assert by_bytes.returncode == 0 and orjson.dumps("p0")[1:-1] in by_bytes.stdout
