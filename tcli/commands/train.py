@@ -83,7 +83,8 @@ def train_step(
 def _check_settings(input: str, model: str, output: str, metrics: str | None, opts,
                     overwrite_model: bool) -> None:
     """What can be refused before any record is read: a schedule with no lr left, an output that
-    is not tcli's to replace or is the start model, a metrics file that is the input."""
+    is not tcli's to replace or is the start model, a metrics file that is the input or a
+    directory (found only after the step, with the checkpoint already written)."""
     from tcli.models.checkpoint import check_checkpoint_target
 
     opts.check_used()
@@ -95,6 +96,8 @@ def _check_settings(input: str, model: str, output: str, metrics: str | None, op
     if metrics and metrics != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(metrics))):
         raise UsageError(f"--metrics: directory does not exist: "
                          f"{os.path.dirname(os.path.abspath(metrics))}")
+    if metrics and metrics != "-" and os.path.isdir(metrics):  # found after the step: exit 1
+        raise UsageError(f"--metrics {metrics} is a directory; give a file to append to")
     refuse_same_file("--metrics", metrics, "the INPUT file", input)  # appended to: corrupted
 
 

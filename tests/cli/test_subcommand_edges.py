@@ -77,6 +77,16 @@ def test_mask_truncated_refuses_a_finish_reason_it_cannot_read(tiny, tmp_path, r
     assert not (tmp_path / "c").exists()
 
 
+def test_train_step_metrics_into_a_directory_is_refused_before_the_step(tiny, tmp_path):
+    """Found when the metrics are appended, it was exit 1 with the new checkpoint written."""
+    (tmp_path / "r.jsonl").write_bytes(jsonl(rollouts()))
+    (tmp_path / "m").mkdir()
+    r = run_tcli(["train-step", tmp_path / "r.jsonl", "-m", tiny, "-o", tmp_path / "c",
+                  "--metrics", tmp_path / "m", "-q"])
+    failed(r, 2, "--metrics", "is a directory")
+    assert not (tmp_path / "c").exists() and r.stdout == b""
+
+
 # ----------------------------------------------------------------------------- model paths
 
 def test_a_relative_model_is_recorded_as_its_absolute_directory(tiny, tmp_path):
