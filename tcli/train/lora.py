@@ -49,11 +49,27 @@ def wrap(model, rank: int, alpha: float, targets: str = DEFAULT_TARGETS):
         if unknown:
             raise UsageError(f"LoRA targets {targets!r}: the model has no module named "
                              f"{', '.join(map(repr, unknown))}")
+        refuse_tied(model, names, targets)
     try:
         with quiet_peft():
             return get_peft_model(model, lora_config(rank, alpha, targets))
     except ValueError as e:  # peft: a target module that the model does not have
         raise UsageError(f"LoRA targets {targets!r}: {' '.join(str(e).split())[:300]}") from None
+
+
+def refuse_tied(model, names, targets: str) -> None:
+    """An adapter on the LM head or the input embeddings of a model that ties them trains one
+    model, and merging it (sampling, eval, merge-lora) adds its update to the shared matrix, so
+    the other side changes too: the merged model is not the trained one. Refused (exit 2)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or emb is None or head.weight is not emb.weight:
+        return
+    tied = [n for n, m in model.named_modules() if n and (m is head or m is emb)]
+    hit = [t for t in names if any(n == t or n.endswith("." + t) for n in tied)]
+    if hit:
+        raise UsageError(f"LoRA targets {targets!r}: {', '.join(map(repr, hit))} shares its "
+                         "weights with the tied LM head and input embeddings; merged for "
+                         "sampling, its update would change both: leave it out")
 
 
 def trainable_parameters(model) -> list:
@@ -80,6 +96,7 @@ def load_trainable(path: str, rank: int, alpha: float, targets: str, *, device="
 
     base = load_model(adapter_base(path), device=device, train=True, **load_kw)
     want = _target_names(base, targets)
+    refuse_tied(base, sorted(want), targets)
     with quiet_peft():
         pm = pretrained(PeftModel, base, path, path=path, what="LoRA adapter", is_trainable=True)
     cfg = pm.peft_config["default"]

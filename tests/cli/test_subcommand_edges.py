@@ -87,6 +87,19 @@ def test_train_step_metrics_into_a_directory_is_refused_before_the_step(tiny, tm
     assert not (tmp_path / "c").exists() and r.stdout == b""
 
 
+@pytest.mark.parametrize("targets", ["lm_head", "q_proj,embed_tokens"])
+def test_lora_on_a_tied_lm_head_or_embedding_is_refused(tiny, tmp_path, targets):
+    """Merged for sampling, the adapter's update to the shared matrix changes both sides: the
+    merged model (sample-tree, eval, merge-lora) would not be the one trained."""
+    with open(os.path.join(tiny, "config.json"), "rb") as f:
+        assert orjson.loads(f.read())["tie_word_embeddings"]
+    (tmp_path / "r.jsonl").write_bytes(jsonl(rollouts()))
+    r = run_tcli(["train-step", tmp_path / "r.jsonl", "-m", tiny, "-o", tmp_path / "c",
+                  "--lora-rank", "2", "--lora-targets", targets, "-q"])
+    failed(r, 2, "LoRA targets", "tied")
+    assert not (tmp_path / "c").exists() and r.stdout == b""
+
+
 # ----------------------------------------------------------------------------- model paths
 
 def test_a_relative_model_is_recorded_as_its_absolute_directory(tiny, tmp_path):
