@@ -34,7 +34,7 @@ from tcli.engines.sampling import (ENTROPY_TOP_K, Completion, EntropyRule, Sampl
                                    TreeLeaf, logprob_temperature, topk_entropy)
 from tcli.engines.turns import sample_with_tools
 from tcli.models.checkpoint import read_state
-from tcli.models.load import load_model, load_tokenizer, torch_dtype
+from tcli.models.load import check_cuda_device, load_model, load_tokenizer, torch_dtype
 from tcli.models.quiet import quiet_transformers
 
 DEFAULT_BATCH_TOKENS = 65536
@@ -64,6 +64,8 @@ class HFEngine(Engine):
             device = str(next(trainer.model.parameters()).device)
         elif device in (None, "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            check_cuda_device(device)
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
         self.cuda_graphs = graphs_enabled(cuda_graphs, self.device)

@@ -220,6 +220,21 @@ def torch_dtype(dtype):
     return table[dtype]
 
 
+def check_cuda_device(pref: str) -> None:
+    """UsageError for ``cuda`` or ``cuda:N`` that this machine cannot give (no CUDA, or no
+    device N): torch would fail later with an assertion or an invalid ordinal (exit 1)."""
+    import torch
+
+    if not str(pref).startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {pref}: no CUDA device is available")
+    index = str(pref).partition(":")[2]
+    if index.isdigit() and int(index) >= torch.cuda.device_count():
+        raise UsageError(f"--device {pref}: this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s), numbered from 0")
+
+
 def pretrained(cls, *args, path: str, what: str, **kw):
     """``cls.from_pretrained(*args, **kw)``: the one place tcli calls it (causal LMs here, PPO
     critics, LoRA adapters), so every loading failure becomes the same one-line error."""

@@ -35,11 +35,12 @@ class DistInfo:
 def resolve_device(pref: str = "auto", local_rank: int = 0):
     import torch
 
+    from tcli.models.load import check_cuda_device
+
     if pref == "auto":
         pref = "cuda" if torch.cuda.is_available() else "cpu"
+    check_cuda_device(pref)
     if pref == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available")
         pref = f"cuda:{local_rank}"
     return torch.device(pref)
 

@@ -100,6 +100,20 @@ def test_lora_on_a_tied_lm_head_or_embedding_is_refused(tiny, tmp_path, targets)
     assert not (tmp_path / "c").exists() and r.stdout == b""
 
 
+# ----------------------------------------------------------------------------- devices
+
+@pytest.mark.parametrize("cmd", ["sample-tree", "train-step"])
+def test_a_cuda_device_this_machine_lacks_is_a_usage_error(tiny, tmp_path, cmd):
+    """torch's own failure ("Torch not compiled with CUDA", an invalid ordinal) was exit 1."""
+    (tmp_path / "p.jsonl").write_bytes(jsonl(prompts()))
+    (tmp_path / "r.jsonl").write_bytes(jsonl(rollouts()))
+    args = {"sample-tree": [tmp_path / "p.jsonl", "--max-new-tokens", "4"],
+            "train-step": [tmp_path / "r.jsonl", "-o", tmp_path / "c"]}[cmd]
+    r = run_tcli([cmd, *args, "-m", tiny, "--device", "cuda:999", "-q"])
+    failed(r, 2, "--device cuda:999")
+    assert r.stdout == b"" and not (tmp_path / "c").exists()
+
+
 # ----------------------------------------------------------------------------- model paths
 
 def test_a_relative_model_is_recorded_as_its_absolute_directory(tiny, tmp_path):
