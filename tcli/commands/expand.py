@@ -43,7 +43,7 @@ def expand_tree(
     new leaves (no reward: verify them next)."""
     from tcli.io import RecordReader, RecordWriter, iter_groups
     from tcli.errors import DataError
-    from tcli.models.load import check_model_dir
+    from tcli.models.load import check_model_dir, model_vocab_size
     from tcli.models.provenance import SampledBy
     from tcli.stages.expand import ExpandStats, expand_groups, read_tree
 
@@ -57,8 +57,9 @@ def expand_tree(
         if head is None:  # nothing to expand: an empty output, no model load
             said_if_empty(0, reader.name)
             return
+        vocab = model_vocab_size(model)  # from config.json: no torch yet
         try:
-            read_tree(head[1])  # a bad first group fails before the model loads
+            read_tree(head[1], vocab)  # a bad first group fails before the model loads
         except DataError as e:
             raise located(e, reader.name, head[0]) from None
         from tcli.engines import open_engine
@@ -75,7 +76,8 @@ def expand_tree(
         try:
             for recs in expand_groups(engine, stream(), opts, seed=seed,
                                       min_new_tokens=sample.min_new_tokens,
-                                      groups_per_call=sample.prompts_per_batch, stats=stats):
+                                      groups_per_call=sample.prompts_per_batch, stats=stats,
+                                      vocab=vocab):
                 writer.write_all(recs)
         except DataError as e:
             raise located(e, reader.name, where[0] if where else []) from None

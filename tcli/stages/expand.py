@@ -112,6 +112,29 @@ def _leaf(rec: dict) -> tuple[list[int], tuple[int, ...], list[int]]:
     return toks, path, ends
 
 
+def _prompt(recs: list[dict], vocab: int | None) -> list[int]:
+    """The group's prompt tokens, the same in every record: new leaves continue it, and each
+    keeps its source leaf's prompt fields, so another prompt there would be wrong silently."""
+    first = None
+    for i, rec in enumerate(recs):
+        with at_record(i):
+            ids = token_array(rec, "prompt_token_ids").tolist()
+            if first is None:
+                _fits(ids, vocab, "prompt_token_ids")
+                first = ids
+            elif ids != first:
+                raise DataError("differs from the group's first record's: one prompt's tree "
+                                "has one prompt", field="prompt_token_ids")
+    return first or []
+
+
+def _fits(ids: list[int], vocab: int | None, name: str) -> None:
+    """A token id the model does not have would fail inside its embedding (exit 1)."""
+    if vocab is not None and ids and max(ids) >= vocab:
+        raise DataError(f"token id {max(ids)} is outside the model's vocabulary (size {vocab})",
+                        field=name)
+
+
 def _settings(recs: list[dict]) -> SamplingConfig:
     """The group's sampling settings, the same in every record."""
     first = None
@@ -154,19 +177,20 @@ def _nodes(tokens, paths, ends, rewards) -> list[Node]:
     return [n for n in nodes.values() if len(n.kids) >= 2]
 
 
-def read_tree(recs: list[dict]) -> Tree:
-    """Validate a group and find its candidate nodes (DataError with the record's index)."""
+def read_tree(recs: list[dict], vocab: int | None = None) -> Tree:
+    """Validate a group and find its candidate nodes (DataError with the record's index).
+    ``vocab``: the model's vocabulary size, which every prompt and prefix token must fit."""
     tokens, paths, ends, rewards, ents = [], [], [], [], []
+    prompt = _prompt(recs, vocab)
     for i, rec in enumerate(recs):
         with at_record(i):
             toks, path, e = _leaf(rec)
+            _fits(toks, vocab, "token_ids")
             rewards.append(reward(rec))
             ents.append(entropies(rec, len(toks)))
         tokens.append(toks)
         paths.append(path)
         ends.append(e)
-    with at_record(0):
-        prompt = token_array(recs[0], "prompt_token_ids").tolist()
     cfg = _settings(recs)
     nodes = _nodes(tokens, paths, ends, rewards)
     top = max(1.0, float(np.abs(rewards).max()))  # variances in comparable, finite units
@@ -302,19 +326,20 @@ def _expand_chunk(engine, chunk: list[Tree], opts, seed: int, min_new: int,
 
 def expand_groups(engine, groups: Iterable[list[dict]], opts, *, seed: int = 0,
                   min_new_tokens: int = 0, groups_per_call: int = 16,
-                  stats: ExpandStats | None = None) -> Iterator[list[dict]]:
+                  stats: ExpandStats | None = None,
+                  vocab: int | None = None) -> Iterator[list[dict]]:
     """Yield each group's records (unchanged) followed by its new leaves, in input order.
 
     ``opts`` is an ``ExpandOptions`` (tokens per prompt, width, rounds); ``groups_per_call``
     groups share each engine call (the output does not depend on it). A bad group raises
     DataError with ``index`` = the record's index in it, when that group is read (before any
-    of its chunk is sampled)."""
+    of its chunk is sampled); ``vocab`` (the model's vocabulary size) bounds the token ids."""
     stats = stats if stats is not None else ExpandStats()
     it = iter(groups)
     while True:
         chunk = []
         for recs in it:
-            chunk.append(read_tree(recs))
+            chunk.append(read_tree(recs, vocab))
             if len(chunk) >= groups_per_call:
                 break
         if not chunk:

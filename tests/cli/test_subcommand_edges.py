@@ -135,6 +135,45 @@ def test_a_relative_model_is_recorded_as_its_absolute_directory(tiny, tmp_path):
     assert {r["model"] for r in out} == {os.path.abspath(tiny)}
 
 
+# ----------------------------------------------------------------------------- expand-tree
+
+@pytest.fixture(scope="module")
+def deep_trees(tiny, tmp_path_factory) -> list[dict]:
+    """Verified trees of two levels (prefix tokens below the root are fed to the model)."""
+    d = tmp_path_factory.mktemp("trees")
+    (d / "p.jsonl").write_bytes(jsonl(prompts()[:2]))
+    s = run_tcli(["sample-tree", d / "p.jsonl", "-m", tiny, "--mode", "tree", "--width", "2",
+                  "--depth", "2", "--segment-tokens", "3", "--max-new-tokens", "8",
+                  "--prompt-template", "plain", "-q"])
+    v = run_tcli(["verify", "-q"], input=s.stdout)
+    assert v.returncode == 0, v.stderr.decode()
+    recs = parse(v.stdout)
+    assert any(len(r["node_path"]) == 2 and r["segment_ends"][0] > 0 for r in recs)
+    return recs
+
+
+def _set(recs, line: int, field: str, fn) -> list[dict]:
+    out = [dict(r) for r in recs]
+    out[line - 1][field] = fn(out[line - 1][field])
+    return out
+
+
+@pytest.mark.parametrize("line,field,fn,words", [
+    (1, "token_ids", lambda t: [10 ** 6, *t[1:]], ["outside the model's vocabulary"]),
+    (1, "prompt_token_ids", lambda t: [10 ** 6, *t[1:]], ["outside the model's vocabulary"]),
+    (2, "prompt_token_ids", lambda t: t[:-1], ["differs from the group's first"])])
+def test_expand_tree_refuses_token_ids_its_model_cannot_continue(
+        tiny, deep_trees, tmp_path, line, field, fn, words):
+    """An id beyond the vocabulary failed inside the embedding (exit 1); a group whose records
+    disagree on the prompt was continued from the first one's, and each new leaf labelled with
+    its source's."""
+    (tmp_path / "t.jsonl").write_bytes(jsonl(_set(deep_trees, line, field, fn)))
+    r = run_tcli(["expand-tree", tmp_path / "t.jsonl", "-m", tiny, "--expand-tokens", "16",
+                  "-o", tmp_path / "out.jsonl", "-q"])
+    failed(r, 65, f"t.jsonl:{line}:", f"field '{field}'", *words)
+    assert sorted(os.listdir(tmp_path)) == ["t.jsonl"]
+
+
 # ----------------------------------------------------------------------------- show-tree
 
 @pytest.fixture(scope="module")
