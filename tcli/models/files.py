@@ -7,6 +7,7 @@ A missing or broken file is bad data (exit 65) with one line naming the file.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 
@@ -115,7 +116,9 @@ def is_adapter_dir(path: str) -> bool:
 def adapter_base(path: str) -> str:
     """The base model directory an adapter directory names (checked: it must exist)."""
     cfg_path = os.path.join(path, ADAPTER_CONFIG)
-    base = read_json_object(cfg_path).get("base_model_name_or_path")
+    cfg = read_json_object(cfg_path)
+    _check_lora_numbers(cfg, cfg_path)
+    base = cfg.get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise DataError("names no base model", file=cfg_path, field="base_model_name_or_path")
     if not os.path.isabs(base) and not os.path.exists(base):
@@ -126,6 +129,19 @@ def adapter_base(path: str) -> str:
     if not os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS)):
         raise DataError(f"adapter directory has no {ADAPTER_WEIGHTS}", file=path)
     return base
+
+
+def _check_lora_numbers(cfg: dict, cfg_path: str) -> None:
+    """peft reads ``r``'s and ``lora_alpha``'s types without checking them: a string there was
+    a TypeError deep inside it (exit 1) instead of bad data naming the file and field."""
+    for key, low in (("r", 1), ("lora_alpha", None)):
+        if key not in cfg:  # peft's default
+            continue
+        v = cfg[key]
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not number or (low is not None and (not isinstance(v, int) or v < low)):
+            want = "an integer >= 1" if low is not None else "a finite number"
+            raise DataError(f"must be {want}, got {v!r}"[:200], file=cfg_path, field=key)
 
 
 def base_of(path: str) -> str | None:

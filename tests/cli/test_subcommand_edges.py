@@ -114,6 +114,21 @@ def test_a_cuda_device_this_machine_lacks_is_a_usage_error(tiny, tmp_path, cmd):
     assert r.stdout == b"" and not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("field,value", [("r", "8"), ("r", 2.5), ("lora_alpha", "big")])
+def test_merge_lora_names_an_adapter_config_number_peft_cannot_read(tiny, tmp_path, field, value):
+    """peft failed with a TypeError (exit 1) on these."""
+    (tmp_path / "r.jsonl").write_bytes(jsonl(rollouts()))
+    ad = tmp_path / "ad"
+    r = run_tcli(["train-step", tmp_path / "r.jsonl", "-m", tiny, "-o", ad, "--lora-rank", "2",
+                  "-q"])
+    assert r.returncode == 0, r.stderr.decode()
+    cfg = orjson.loads((ad / "adapter_config.json").read_bytes())
+    (ad / "adapter_config.json").write_bytes(orjson.dumps({**cfg, field: value}))
+    m = run_tcli(["merge-lora", ad, tmp_path / "merged", "-q"])
+    failed(m, 65, "adapter_config.json", f"field '{field}'")
+    assert not (tmp_path / "merged").exists()
+
+
 # ----------------------------------------------------------------------------- model paths
 
 def test_a_relative_model_is_recorded_as_its_absolute_directory(tiny, tmp_path):
