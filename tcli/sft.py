@@ -119,7 +119,7 @@ def sft(model_dir: str, examples: Sequence[tuple[str, str]], out_dir: str, steps
     lr_at = lr_schedule(lr, steps, warmup=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio)
     if not examples:
         raise ValueError("no examples")
-    check_checkpoint_target(out_dir)  # refuse before training, not after it
+    check_checkpoint_target(out_dir, kind="policy")  # refuse before training, not after it
     torch.manual_seed(seed)
     tok = load_tokenizer(model_dir, required=True)
     model = load_model(model_dir, train=True, keep_dropout=True)

@@ -121,7 +121,7 @@ def train_critic(
     from tcli.train.critic import CriticTrainer, critic_samples
     from tcli.train.dist import distributed, run_on_main
 
-    check_checkpoint_target(output, "-o/--output")
+    check_checkpoint_target(output, "-o/--output", kind="critic")
     check_not_input(critic, output, "--critic")
     def step(info) -> None:  # a function: the trainer is gone before the group is torn down
         samples = run_on_main(lambda: read_train_input(input, input_format, critic,

@@ -44,7 +44,7 @@ def merge_lora(
         if os.path.isdir(out_dir) and os.path.samefile(out_dir, src):  # replacing it loses it
             raise UsageError(f"OUT_DIR {out_dir} is {what}; refusing to replace it (choose a "
                              "new directory)")
-    check_checkpoint_target(out_dir)
+    check_checkpoint_target(out_dir, kind="policy")
     path = adapter.export_merged(adapter_dir, out_dir)
     if progress_enabled(quiet):
         from tcli.commands.common import stderr_console

@@ -90,7 +90,7 @@ def _check_settings(input: str, model: str, output: str, metrics: str | None, op
     opts.check_used()
     opts.require_span()
     _check_lr_left(model, opts)
-    check_checkpoint_target(output, "-o/--output")
+    check_checkpoint_target(output, "-o/--output", kind="policy")
     if not overwrite_model:
         check_not_input(model, output, "--model", "--overwrite-model")
     if metrics and metrics != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(metrics))):

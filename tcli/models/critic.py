@@ -39,7 +39,7 @@ def init_critic(source: str, out_dir: str, *, dtype: str | None = None) -> str:
     if os.path.realpath(source) == os.path.realpath(out_dir):
         raise UsageError(f"DIR {out_dir} is the policy --from {source}: the critic would replace "
                          "it; give a new directory")
-    check_checkpoint_target(out_dir, "DIR")
+    check_checkpoint_target(out_dir, "DIR", kind="critic")
     base = base_of(source)  # a LoRA adapter directory: its base's architecture, merged weights
     model = pretrained(AutoModelForTokenClassification, base or source, path=base or source,
                        what="critic backbone", num_labels=1, dtype=torch_dtype(dtype))

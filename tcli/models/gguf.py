@@ -334,4 +334,4 @@ def check_import_target(out_dir: str) -> None:
     replaced."""
     from tcli.models.checkpoint import check_checkpoint_target
 
-    check_checkpoint_target(out_dir, "OUT_DIR")
+    check_checkpoint_target(out_dir, "OUT_DIR", kind="policy")

@@ -24,9 +24,11 @@ _WRITTEN = re.compile(r"(config|generation_config|adapter_config|special_tokens_
                       r"README\.md")
 
 
-def check_checkpoint_target(out_dir: str, label: str = "checkpoint directory") -> None:
+def check_checkpoint_target(out_dir: str, label: str = "checkpoint directory",
+                            kind: str | None = None) -> None:
     """UsageError unless ``out_dir`` may be (re)written: absent, an empty directory or a tcli
-    checkpoint (it has tcli_state.json) holding only what tcli wrote."""
+    checkpoint (it has tcli_state.json) holding only what tcli wrote and, when the writer says
+    which ``kind`` it writes, of that kind (a critic written over a trained policy is lost work)."""
     if not out_dir:
         raise UsageError(f"{label} must name a directory")
     if os.path.islink(out_dir):
@@ -45,6 +47,23 @@ def check_checkpoint_target(out_dir: str, label: str = "checkpoint directory") -
     if foreign:
         raise UsageError(f"{label} {out_dir} holds {foreign[0]}, which tcli did not write; "
                          "refusing to replace it (move that away or choose a new directory)")
+    found = checkpoint_kind(out_dir)
+    if kind and found != kind:
+        raise UsageError(f"{label} {out_dir} is a {found} checkpoint, and this writes a {kind}; "
+                         "refusing to replace it (choose a new directory)")
+
+
+def checkpoint_kind(ckpt: str) -> str:
+    """``critic`` for a one-label token classifier (init-critic, train-critic), else ``policy``
+    (a causal LM or a LoRA adapter)."""
+    path = os.path.join(ckpt, "config.json")
+    try:
+        archs = read_json_object(path).get("architectures") if os.path.isfile(path) else None
+    except DataError:
+        archs = None
+    critic = isinstance(archs, list) and any(isinstance(a, str) and a.endswith(
+        "ForTokenClassification") for a in archs)
+    return "critic" if critic else "policy"
 
 
 def foreign_files(ckpt: str) -> list[str]:

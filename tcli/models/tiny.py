@@ -62,7 +62,7 @@ def init_tiny_model(out_dir: str, *, seed: int = 0, alphabet: str | None = None,
     from tcli.models.checkpoint import check_checkpoint_target, save_pretrained_atomic
     from tcli.models.quiet import quiet_transformers
 
-    check_checkpoint_target(out_dir)  # refuse before building anything
+    check_checkpoint_target(out_dir, kind="policy")  # refuse before building anything
     quiet_transformers()
     tok = build_char_tokenizer(alphabet, text, added_tokens)
     cfg = tiny_config(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

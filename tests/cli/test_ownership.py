@@ -108,6 +108,25 @@ def test_a_users_file_inside_a_tcli_checkpoint_is_refused(writer, made, tmp_path
     _refused(WRITERS[writer](made, out), out, "notes.txt, which tcli did not write")
 
 
+KINDS = {"init-model": "policy", "train-step": "policy", "merge-lora": "policy",
+         "init-critic": "critic", "train-critic": "critic"}
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_a_checkpoint_of_the_other_kind_is_refused(writer, made, tmp_path):
+    """A critic written over a trained policy (or a policy over a critic) loses that work: both
+    are tcli's, so only the kind tells the mistake apart from a re-run."""
+    other = "critic" if KINDS[writer] == "policy" else "policy"
+    target = tmp_path / other
+    argv = (["init-critic", "--from", made["tiny"], target] if other == "critic"
+            else ["init-model", target, "--hidden", "16", "--layers", "1"])
+    r = run_tcli([*argv, "-q"])
+    assert r.returncode == 0, r.stderr.decode()
+    _refused(WRITERS[writer](made, target), target,
+             "init-model replaces only its own output" if writer == "init-model" else
+             f"is a {other} checkpoint, and this writes a {KINDS[writer]}")
+
+
 def test_a_checkpoint_older_than_its_file_list_is_told_apart_by_names(made, tmp_path):
     """A state without ``files``: the names tcli's writers use are tcli's, anything else not."""
     out = tmp_path / "out"
