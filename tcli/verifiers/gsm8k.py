@@ -4,11 +4,12 @@ The gold answer is a number, or a GSM8K solution as published (its number after 
 The response's answer is taken from the last ``####``, else the last ``\\boxed{}``, else "The
 answer is ...", else the last number in the response. A ``####`` line or a box must hold one
 number; a sentence gives its first number unless that is part of an expression or a list (``3, 5``,
-``3 5``: then no answer). Thousands separators (commas or spaces: ``1 234``), ``$``, ``%``,
-trailing periods and units are ignored; a minus sign counts only when it is not a binary minus
-(``12-3`` and ``12 - 3`` end in 3, not -3). Values are exact: numbers as written are ``Decimal`` (a
-10,000-digit number neither overflows nor loses its digits, and GSM-Hard answers like
-``0.0000195766`` compare exactly), fractions are ``Fraction``, and comparisons run on exact
+``3 5``: then no answer), and an ``=`` after words belongs to a later clause (``7 because x = 3``
+states 7). Thousands separators (commas or spaces: ``1 234``), ``$``, ``%``, trailing periods
+and units are ignored; a minus sign counts only when it is not a binary minus (``12-3`` and
+``12 - 3`` end in 3, not -3). Values are exact: numbers as written are ``Decimal`` (a 10,000-digit
+number neither overflows nor loses its digits, and GSM-Hard answers like ``0.0000195766``
+compare exactly), fractions are ``Fraction``, and comparisons run on exact
 rationals, never floats: integers of any size compare digit for digit (``10**30 + 1`` is not
 ``10**30``).
 """
@@ -79,8 +80,9 @@ def last_number(text: str):
     return (last[2], last[3]) if last else None
 
 
-_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
-_FRAC = re.compile(r"^([-\u2212]?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$"
+_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|boldsymbol|mbox)\{([^{}]*)\}")
+# \frac{a}{b}, or the shorthand of one-digit parts: \frac34, \frac3{4}, \frac{3}4
+_FRAC = re.compile(r"^([-\u2212]?)\\[dt]?frac\s*(?:\{([^{}]+)\}|(\d))\s*(?:\{([^{}]+)\}|(\d))$"
                    r"|^([-\u2212]?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)$")
 
 
@@ -89,10 +91,10 @@ def _frac_value(s: str):
     m = _FRAC.match(s)
     if not m:
         return None
-    if m.group(2) is not None:
-        sign, a, b = m.group(1), m.group(2), m.group(3)
+    if m.group(6) is None:
+        sign, a, b = m.group(1), m.group(2) or m.group(3), m.group(4) or m.group(5)
     else:
-        sign, a, b = "", m.group(4), m.group(5)
+        sign, a, b = "", m.group(6), m.group(7)
     a_n, b_n = first_number(a), first_number(b)
     if a_n is None or b_n is None or b_n[1] == 0:
         return None
@@ -118,7 +120,25 @@ _AFTER = re.compile(r"\s*(?:\^|" + _COMMAND
                     + r"|[-+*/:,\u00d7\u00b7\u2212]\s*[\d({\\.])|\s+\d")
 
 
-def _cleaned(answer: str):
+_WORD = re.compile(r"[A-Za-z]{2,}")
+
+
+def _result_side(s: str, sentence: bool) -> str:
+    """What follows the last ``=`` (``2 \\times 9 = 18``, ``x = -5``). In a sentence, only when
+    no words come between its first number and the first ``=``: in ``7 because x = 3`` the
+    ``=`` belongs to a later clause and the answer is 7, not 3."""
+    if "=" not in s:
+        return s
+    if sentence:
+        first = next(numbers(s), None)
+        eq = s.index("=")
+        between = re.sub(r"\\[A-Za-z]+", " ", s[first[1]:eq]) if first and first[0] < eq else ""
+        if _WORD.search(between):
+            return s
+    return s.rsplit("=", 1)[1]
+
+
+def _cleaned(answer: str, sentence: bool = False):
     """(exact fraction or None, the answer's text with wrappers, ``=``'s left side and
     thousands' spaces gone)."""
     s = _WRAPPERS.sub(r" \1 ", answer)
@@ -127,8 +147,7 @@ def _cleaned(answer: str):
     frac = _frac_value(s)
     if frac is not None:
         return frac, s
-    if "=" in s:
-        s = s.rsplit("=", 1)[1]
+    s = _result_side(s, sentence)
     return None, _GROUPED.sub(lambda m: m.group().replace(" ", ""), _SPACES.sub(" ", s))
 
 
@@ -157,7 +176,7 @@ def stated_number(found: str, sentence: bool = False):
     rather than one of its numbers). A sentence may say more than its number (``18 dollars for
     7 days`` is 18), but its first number must not be part of an expression
     (``\\frac{3\\sqrt{3}}{4}``, ``3, 5, 7``, ``3 5``, ``12 - 3``; ``1 234`` is one number)."""
-    frac, s = _cleaned(found)
+    frac, s = _cleaned(found, sentence)
     if frac is not None:
         return frac
     got = _single(s)

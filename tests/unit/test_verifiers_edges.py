@@ -65,6 +65,8 @@ def test_answer_phrases_in_any_case_and_on_the_next_lines():
 def test_an_answer_sentence_keeps_its_words_when_a_math_span_comes_later():
     """"The answer is 7, since $x = 3$": the answer is 7, not the span after it."""
     assert answer_phrase("The answer is 7, since $x = 3$.") == "7, since $x = 3$"
+    assert score("gsm8k", "The answer is 7, since $x = 3$.", "7") == 1.0
+    assert score("gsm8k", "The answer is 7, since $x = 3$.", "3") == 0.0
 
 
 def test_nesting_counts_square_brackets_too():
@@ -130,6 +132,30 @@ def test_choice_keys_other_than_letters_are_the_options():
     assert score("choice", "The answer is 2", "2", {"choices": ch}) == 1.0
     assert score("choice", "The answer is (3).", "2", {"choices": ch}) == 0.0
     assert verdict("choice", "The answer is (3).", "2", {"choices": ch})["parsed"] == "3"
+
+
+# ----------------------------------------------------------------------------- fixed readings
+
+@pytest.mark.parametrize("text,right,wrong", [
+    ("The answer is 7 because x = 3.", "7", "3"),
+    ("The answer is 7, since $x = 3$.", "7", "3"),
+    ("The answer is 3, because 10 - 3 = 7.", "3", "7"),
+    ("The answer is 18 dollars, so x = 3.", "18", "3"),
+    ("The answer is 3 \\times 6 = 18", "18", "3"),          # a chain still ends in its result
+    ("The answer is: Janet's earnings = 9 * 2 = 18", "18", "9"),
+    ("The answer is x = -5", "-5", "5")])
+def test_an_equals_sign_in_a_later_clause_does_not_replace_the_stated_number(text, right, wrong):
+    """A sentence's `=` gives its right side only when it ends the answer's own expression."""
+    assert score("gsm8k", text, right) == 1.0
+    assert score("gsm8k", text, wrong) == 0.0
+
+
+@pytest.mark.parametrize("text,gold", [
+    ("\\boxed{\\frac34}", "0.75"), ("\\boxed{-\\dfrac34}", "-0.75"), ("\\boxed{\\frac3{4}}", "0.75"),
+    ("The answer is \\frac12.", "0.5"), ("\\boxed{\\mathbf{18}}", "18"), ("#### \\mathbf{18}", "18")])
+def test_gsm8k_reads_latex_shorthands(text, gold):
+    assert score("gsm8k", text, gold) == 1.0
+    assert score("gsm8k", text, "3") == 0.0
 
 
 # ----------------------------------------------------------------------------- gsm8k numbers
