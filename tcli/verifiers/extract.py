@@ -38,6 +38,18 @@ def gold_answer(answer: str) -> str:
     return answer[k + 4:].split("\n", 1)[0].strip() if k >= 0 else answer
 
 
+# "#### 72" states an answer; "#### Step 2: ..." and "#### 3. Totals" are markdown headings
+_HASHES = re.compile(r"####(?=[ \t]*[-+\u2212$\\\d.(])(?![ \t]*\d+[.)][ \t]+[A-Za-z])")
+
+
+def last_hashes(text: str) -> int:
+    """Index just past the last ``####`` that states an answer (-1 when none does)."""
+    last = None
+    for last in _HASHES.finditer(text):
+        pass
+    return last.end() if last else -1
+
+
 def _uncut(text: str, start: int, end: int) -> str:
     """``text[start:end]`` without a word (a number) that the slice's end cuts in two."""
     part = text[start:end]

@@ -1,17 +1,17 @@
 """``gsm8k``: a numeric final answer (GSM8K, GSM-Hard), compared with a relative tolerance.
 
 The gold answer is a number, or a GSM8K solution as published (its number after ``####``).
-The response's answer is taken from the last ``####``, else the last ``\\boxed{}``, else "The
-answer is ...", else the last number in the response. A ``####`` line or a box must hold one
-number; a sentence gives its first number unless that is part of an expression or a list (``3, 5``,
-``3 5``: then no answer), and an ``=`` after words belongs to a later clause (``7 because x = 3``
-states 7). Thousands separators (commas or spaces: ``1 234``), ``$``, ``%``, trailing periods
-and units are ignored; a minus sign counts only when it is not a binary minus (``12-3`` and
-``12 - 3`` end in 3, not -3). Values are exact: numbers as written are ``Decimal`` (a 10,000-digit
-number neither overflows nor loses its digits, and GSM-Hard answers like ``0.0000195766``
-compare exactly), fractions are ``Fraction``, and comparisons run on exact
-rationals, never floats: integers of any size compare digit for digit (``10**30 + 1`` is not
-``10**30``).
+The response's answer is taken from the last ``####`` line (never a markdown heading, ``#### Step
+2: ...``), else the last ``\\boxed{}``, else "The answer is ...", else the last number in the
+response. A ``####`` line or a box must hold one number; a sentence gives its first number
+unless that is part of an expression or a list (``3, 5``, ``3 5``: then no answer), and an ``=``
+after words belongs to a later clause (``7 because x = 3`` states 7). Thousands separators
+(commas or spaces: ``1 234``), ``$``, ``%``, trailing periods and units are ignored; a minus
+sign counts only when it is not a binary minus (``12-3`` and ``12 - 3`` end in 3, not -3).
+Values are exact: numbers as written are ``Decimal`` (a 10,000-digit number neither overflows
+nor loses its digits, and GSM-Hard answers like ``0.0000195766`` compare exactly), fractions are
+``Fraction``, and comparisons run on exact rationals, never floats: integers of any size compare
+digit for digit (``10**30 + 1`` is not ``10**30``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-from tcli.verifiers.extract import NOT_ONE, final_answer, gold_answer, tail
+from tcli.verifiers.extract import NOT_ONE, final_answer, gold_answer, last_hashes, tail
 from tcli.verifiers.registry import VERIFIERS, verdict
 
 REL_TOL = Fraction(1, 10**14)  # float artefacts of GSM-Hard targets: 3244047.0999999996 == 3244047.1
@@ -232,10 +232,10 @@ def extract(text: str):
     """((canonical string, value), how) of the final answer, or (None, None); (None, how) when
     the ``####`` line, the box or the answer sentence holds an expression, not a number."""
     t = tail(text)
-    k = t.rfind("####")
+    k = last_hashes(t)
     if k >= 0:
-        eol = t.find("\n", k + 4)
-        got = stated_number(t[k + 4:eol if eol >= 0 else len(t)])  # the whole line: no cut number
+        eol = t.find("\n", k)
+        got = stated_number(t[k:eol if eol >= 0 else len(t)])  # the whole line: no cut number
         if got is not None:
             return (None if got is NOT_ONE else got), "####"
     got, how = final_answer(t, functools.partial(stated_number, sentence=True), stated_number)

@@ -187,12 +187,27 @@ def test_gsm8k_a_gold_must_be_one_number():
         gold_value("3, 5")
 
 
+@pytest.mark.parametrize("task", ["gsm8k"])
+def test_the_last_hashes_line_is_the_answer_and_headings_are_not(task):
+    """A later `#### 20` corrects `#### 18`; a markdown heading (`#### Step 2: ...`,
+    `#### 3. Totals`) states no answer, whatever number its title holds."""
+    assert score(task, "#### 18\nWait, I forgot the tip.\n#### 20", "20") == 1.0
+    steps = ("#### Step 1: Eggs per day\nJanet gets 16 eggs.\n#### Step 2: Money\n"
+             "16 - 3 - 4 = 9 and 9 * 2 = 18.\n\nThe answer is 18.")
+    assert score(task, steps, "18") == 1.0
+    assert score(task, steps, "2") == 0.0
+    numbered = "#### 1. Eggs\n16 - 3 - 4 = 9\n#### 2. Money\n9 * 2 = 18"
+    assert score(task, numbered, "18") == 1.0
+    assert score(task, numbered, "2") == 0.0
+
+
 def test_gsm8k_a_hashes_line_without_a_number_gives_way():
     assert score("gsm8k", "#### (see below)\nso \\boxed{18}", "18") == 1.0
 
 
 def test_arith_signs():
     assert score("arith", "#### -0", "0") == 1.0
+    assert score("arith", "#### 18\nWait, I forgot the tip.\n#### 20", "20") == 1.0
     assert score("arith", "The total is (10+5)-3", "3") == 1.0   # a minus after a bracket is binary
     assert score("arith", "The total is (10+5)-3", "-3") == 0.0
 
