@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import re
 
-from tcli.verifiers.extract import after_last, last_boxed, tail
+from tcli.verifiers.extract import NOT_NEGATED, after_last, last_boxed, tail
 from tcli.verifiers.registry import VERIFIERS, verdict
 
 DEFAULT_LETTERS = tuple("ABCDEFGHIJ")
 TAIL = 8192
 
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
-_PHRASE = re.compile(r"(?:answer|option|choice)\s*(?:is|:)\s*:?|answer\s*[-=]", re.IGNORECASE)
+_PHRASE = re.compile(r"(?:answer|option|choice)\s*(?:is" + NOT_NEGATED + r"|:)\s*:?|answer\s*[-=]",
+                     re.IGNORECASE)
 _DECOR = " \t\n*_`$\"'"
 
 

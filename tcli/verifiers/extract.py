@@ -113,7 +113,9 @@ def last_boxed(text: str, limit: int = 4 * MAX_ANSWER_CHARS) -> str | None:
     return None
 
 
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*:?", re.IGNORECASE)
+# "is" but never "isn't" or "is not": "The answer isn't 20, it's 18" does not state 20
+NOT_NEGATED = r"(?![\w'\u2019])(?!\s+not\b)"
+_ANSWER_IS = re.compile(r"answer\s*(?:is" + NOT_NEGATED + r"|:|=)\s*:?", re.IGNORECASE)
 _MATH_SPAN = re.compile(r"\$\$((?:[^$\\]|\\.)+?)\$\$|\$((?:[^$\\]|\\.)+?)\$|\\\((.+?)\\\)"
                         r"|\\\[(.+?)\\\]", re.DOTALL)  # $...$ may hold \$ (an escaped dollar)
 

@@ -150,6 +150,14 @@ def test_an_equals_sign_in_a_later_clause_does_not_replace_the_stated_number(tex
     assert score("gsm8k", text, wrong) == 0.0
 
 
+@pytest.mark.parametrize("text", ["The answer isn't 20, it's 18.", "The answer is not 20; it is 18.",
+                                  "The answer is not 20. It is 18."])
+def test_a_negated_answer_phrase_states_nothing(text):
+    assert score("gsm8k", text, "20") == 0.0
+    assert score("gsm8k", text, "18") == 1.0
+    assert score("choice", text.replace("20", "A").replace("18", "B"), "A", {"choices": CH}) == 0.0
+
+
 @pytest.mark.parametrize("text,gold", [
     ("\\boxed{\\frac34}", "0.75"), ("\\boxed{-\\dfrac34}", "-0.75"), ("\\boxed{\\frac3{4}}", "0.75"),
     ("The answer is \\frac12.", "0.5"), ("\\boxed{\\mathbf{18}}", "18"), ("#### \\mathbf{18}", "18")])
