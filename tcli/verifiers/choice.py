@@ -76,11 +76,16 @@ def read_option(s: str, letters: tuple[str, ...], choices) -> str | None:
     m = re.match(rf"(?:(?i:option|choice)\s+)?({alt})(?![A-Za-z0-9])", s)
     if m:
         return m.group(1)
-    if len(s) <= 3:  # a bare lower-case letter ("b", "(c)") but never an article ("a drug ...")
-        m = re.fullmatch(rf"[(\[]?({alt})[)\].]?", s, re.IGNORECASE)
-        if m:
-            return next(x for x in letters if x.lower() == m.group(1).lower())
-    return None
+    # a bare lower-case letter ("b", "(c)", "(c).") but never an article ("a drug ...")
+    m = re.fullmatch(rf"[(\[]?({alt})[)\]]?[.:]?", s, re.IGNORECASE)
+    return _letter(m.group(1), letters) if m else None
+
+
+def _letter(x: str, letters: tuple[str, ...]) -> str | None:
+    """The option letter ``x`` is, in either case (``b`` is B)."""
+    if x in letters:
+        return x
+    return next((k for k in letters if k.lower() == x.lower()), None)
 
 
 def extract(text: str, choices) -> tuple[str | None, str | None]:
@@ -106,8 +111,8 @@ def extract(text: str, choices) -> tuple[str | None, str | None]:
     if lines:
         last = lines[-1].strip(_DECOR)
         m = re.fullmatch(r"[(\[]?(\w{1,2})[)\].:]?", last)
-        if m and m.group(1) in letters:
-            return m.group(1), "letter"
+        if m and _letter(m.group(1), letters) is not None:
+            return _letter(m.group(1), letters), "letter"
         got = _by_text(last, choices)
         if got is not None and _norm(last) == _norm(str(choices[got])):
             return got, "option text"

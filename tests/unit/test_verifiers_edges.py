@@ -166,6 +166,13 @@ def test_gsm8k_reads_latex_shorthands(text, gold):
     assert score("gsm8k", text, "3") == 0.0
 
 
+def test_choice_reads_a_lower_case_letter_with_its_punctuation():
+    for text in ("The answer is (b).", "b", "(b)", "Answer: b."):
+        assert score("choice", text, "B", {"choices": CH}) == 1.0, text
+        assert score("choice", text, "A", {"choices": CH}) == 0.0, text
+    assert verdict("choice", "The answer is a drug.", "A", {"choices": CH})["parsed"] is None
+
+
 # ----------------------------------------------------------------------------- gsm8k numbers
 
 def test_gsm8k_number_edges():
