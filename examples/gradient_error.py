@@ -70,7 +70,7 @@ class Setup:
 def open_setup(a: argparse.Namespace) -> Setup:
     """Configs (the task's plus each method's row), the fixed prompt set, one trainer whose module
     the engine samples from, and the parameter subset."""
-    from tcli.config.stages import ThreadOptions
+    from tcli.config.threads import ThreadOptions
     from tcli.engines import open_engine
     from tcli.loop.inputs import loop_prompts
     from tcli.stages.verify import start_pool

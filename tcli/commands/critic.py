@@ -16,7 +16,8 @@ import typer
 from tcli.commands.common import (FormatOpt, InputArg, InputFormatOpt, OutputOpt, QuietOpt,
                                   SeedOpt, stderr_console)
 from tcli.config.flags import Without, options_command
-from tcli.config.stages import CriticOptions, ThreadOptions
+from tcli.config.stages import CriticOptions
+from tcli.config.threads import ThreadOptions
 from tcli.errors import DataError
 
 CriticOpt = Annotated[str, typer.Option("--critic", help="Critic directory (tcli init-critic).")]

@@ -11,8 +11,8 @@ import typer
 from tcli.commands.common import (ModelOpt, QuietOpt, SeedOpt, checkpoint_sampling,
                                   group_progress, refuse_same_file, stderr_console)
 from tcli.config.flags import Without, options_command
-from tcli.config.stages import (EvalOptions, PromptOptions, SampleOptions, ThreadOptions,
-                                VerifyOptions)
+from tcli.config.stages import EvalOptions, PromptOptions, SampleOptions, VerifyOptions
+from tcli.config.threads import ThreadOptions
 from tcli.errors import TcliError, UsageError
 
 # eval draws independent samples; n and temperature are EvalOptions' (greedy by default)

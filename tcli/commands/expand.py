@@ -14,7 +14,8 @@ from tcli.commands.common import (FormatOpt, InputArg, InputFormatOpt, ModelOpt,
 from tcli.config.expand import ExpandOptions
 from tcli.config.flags import Without, options_command
 from tcli.config.spec import settings_of
-from tcli.config.stages import SampleOptions, ThreadOptions
+from tcli.config.stages import SampleOptions
+from tcli.config.threads import ThreadOptions
 
 # of the sample settings, expand-tree takes the engine's: temperature, top-p and the length cap
 # come from the records, so the new leaves are drawn as their tree was

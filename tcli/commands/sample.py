@@ -11,7 +11,8 @@ from tcli.commands.common import (FormatOpt, InputFormatOpt, ModelOpt, OutputOpt
                                   SeedOpt, checkpoint_sampling, group_progress, input_total,
                                   said_if_empty)
 from tcli.config.flags import options_command
-from tcli.config.stages import PromptOptions, SampleOptions, ThreadOptions
+from tcli.config.stages import PromptOptions, SampleOptions
+from tcli.config.threads import ThreadOptions
 from tcli.errors import DataError
 
 PromptInputArg = Annotated[str, typer.Argument(

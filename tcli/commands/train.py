@@ -17,7 +17,8 @@ from tcli.commands.common import (InputArg, InputFormatOpt, QuietOpt, SeedOpt, c
                                   progress_enabled, refuse_same_file)
 from tcli.config.flags import Without, options_command
 from tcli.config.spec import settings_of
-from tcli.config.stages import SampleOptions, ThreadOptions, TrainOptions
+from tcli.config.stages import SampleOptions, TrainOptions
+from tcli.config.threads import ThreadOptions
 from tcli.errors import DataError, UsageError
 
 # what the new checkpoint records about how it is meant to be sampled (default: the start's)

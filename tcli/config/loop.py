@@ -28,7 +28,8 @@ from tcli.config.expand import ExpandOptions
 from tcli.config.spec import (Options, at_least, coerce, finite_at_least, like, setting,
                               settings_of)
 from tcli.config.stages import (AdvantageOptions, CriticOptions, EvalOptions, PromptOptions,
-                                SampleOptions, ThreadOptions, TrainOptions, VerifyOptions)
+                                SampleOptions, TrainOptions, VerifyOptions)
+from tcli.config.threads import ThreadOptions
 from tcli.errors import UsageError
 
 

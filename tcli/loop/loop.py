@@ -22,7 +22,7 @@ import numpy as np
 
 from tcli.algos.estimators import needs
 from tcli.config.loop import LoopConfig, dump_toml, resume_changes
-from tcli.config.stages import ThreadOptions
+from tcli.config.threads import ThreadOptions
 from tcli.engines import open_engine
 from tcli.errors import DataError, UsageError
 from tcli.io import RecordWriter, iter_groups, write_atomic_bytes

@@ -29,6 +29,7 @@ def init_critic(source: str, out_dir: str, *, dtype: str | None = None) -> str:
     from transformers import AutoModelForTokenClassification
 
     from tcli.models.checkpoint import check_checkpoint_target, save_pretrained_atomic
+    from tcli.models.ownership import checkpoint_kind
     from tcli.models.files import base_of
     from tcli.models.load import (check_model_dir, load_merged, load_tokenizer, pretrained,
                                   torch_dtype)
@@ -40,6 +41,9 @@ def init_critic(source: str, out_dir: str, *, dtype: str | None = None) -> str:
         raise UsageError(f"DIR {out_dir} is the policy --from {source}: the critic would replace "
                          "it; give a new directory")
     check_checkpoint_target(out_dir, "DIR", kind="critic")
+    if checkpoint_kind(source) == "critic":  # its value head would be zeroed: a worse copy
+        raise UsageError(f"--from {source} is a critic; a critic starts from a policy checkpoint "
+                         "(to go on training this one: train-critic --critic it)")
     base = base_of(source)  # a LoRA adapter directory: its base's architecture, merged weights
     model = pretrained(AutoModelForTokenClassification, base or source, path=base or source,
                        what="critic backbone", num_labels=1, dtype=torch_dtype(dtype))

@@ -131,7 +131,7 @@ def check_not_a_critic(path: str) -> None:
                                              "ForSequenceClassification"))]
     if heads and len(heads) == len(archs):
         raise UsageError(f"{path} is a critic or classifier ({', '.join(heads)}), not a causal "
-                         "LM: give a policy checkpoint as --model (a critic goes to --critic)")
+                         "LM: a policy checkpoint goes here (a critic goes to --critic)")
 
 
 def load_merged(path: str, *, device="cpu", dtype=None, train: bool = False, **load_kw):

@@ -9,7 +9,8 @@ import numpy as np
 import orjson
 import pytest
 
-from conftest import UPDATE_REL, assert_same_update, jsonl as _jsonl, run_tcli, run_torchrun
+from conftest import (UPDATE_REL, assert_same_update, jsonl as _jsonl, rollouts, run_tcli,
+                      run_torchrun)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,15 @@ def test_a_critic_is_never_made_over_its_policy_nor_used_as_one(critic, tmp_path
         err = r.stderr.decode()
         assert r.returncode == 2 and "is a critic or classifier" in err and not r.stdout, err
         assert len(err.strip().splitlines()) == 1, err
+    (tmp_path / "roll.jsonl").write_bytes(_jsonl(rollouts()))
+    r = run_tcli(["train-step", str(tmp_path / "roll.jsonl"), "-m", policy, "-o",
+                  str(tmp_path / "out"), "--ref-model", crit, "--kl-coef", "0.1"])
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "a policy checkpoint goes here" in err, err
+    assert "--model" not in err  # the critic was given as --ref-model, not --model
+    r = run_tcli(["init-critic", "--from", crit, str(tmp_path / "again")])
+    assert r.returncode == 2 and b"--from " + crit.encode() + b" is a critic" in r.stderr
+    assert not (tmp_path / "again").exists()
 
 
 def test_values_equal_a_single_sequence_forward(critic, tmp_path):

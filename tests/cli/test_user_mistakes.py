@@ -151,8 +151,9 @@ def test_prompts_the_tokenizer_cannot_read_are_said_once(setup, tmp_path):
 
 @pytest.mark.parametrize("flags,words", [
     (["--mode", "tree", "-n", "4"], "--n sets the samples per prompt of --mode independent"),
-    (["--width", "4", "--depth", "2"], "--width, --depth shape a tree, but --mode is independent, which ignores them: "
-                                   "give --mode tree as well, or leave them out"),
+    (["--width", "4", "--depth", "2"], "--width, --depth shape a tree, but --mode is independent, "
+                                       "which ignores them: give --mode tree as well, or leave "
+                                       "them out"),
     (["--branch", "entropy"], "--branch shapes a tree"),
 ])
 def test_a_shape_flag_of_the_other_mode_is_refused(setup, flags, words):
@@ -163,6 +164,15 @@ def test_a_shape_flag_of_the_other_mode_is_refused(setup, flags, words):
     err = p.stderr.decode()
     assert p.returncode == 2 and p.stdout == b"", err
     assert err.startswith("tcli: error: ") and words in err, err
+
+
+def test_min_new_tokens_above_the_cap_is_refused(setup):
+    """EOS could never be drawn: every response would run to the cap, unlike what was asked."""
+    d, model, _ = setup
+    p = _tcli(["sample-tree", d / "test.jsonl", "-m", model, "--min-new-tokens", "9",
+               "--max-new-tokens", "8"])
+    assert p.returncode == 2 and p.stdout == b"", p.stderr.decode()
+    assert b"--min-new-tokens (sample.min_new_tokens) 9 is above --max-new-tokens" in p.stderr
 
 
 def test_a_model_without_records_keeps_the_defaults(setup, tmp_path):

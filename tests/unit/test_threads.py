@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ScriptedEngine, loop_config as _config, register_engine
-from tcli.config.stages import ThreadOptions
+from tcli.config.threads import ThreadOptions
 
 SEEN: list[int] = []  # torch's thread count each time the probe engine sampled
 
