@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from typing import Mapping, Sequence
 
@@ -61,6 +62,9 @@ class Trainer(NoGradPasses):
         self.model_dir = model_dir
         self.dist = dist_info or init_distributed(opts.device)
         self.device = resolve_device(opts.device, self.dist.local_rank)
+        if opts.parallel == "fsdp" and not self.dist.enabled:  # no shards: no memory saved
+            sys.stderr.write("tcli: warning: parallel = fsdp shards only under torchrun; this one "
+                             "process holds the whole model\n")
         self.agg = LOSS_AGGREGATIONS.get(opts.loss_agg)
         self.layout = LAYOUTS.get(layout_name(opts.share_prefix))
         self.temperature = 1.0

@@ -87,6 +87,17 @@ def test_train_step_metrics_into_a_directory_is_refused_before_the_step(tiny, tm
     assert not (tmp_path / "c").exists() and r.stdout == b""
 
 
+def test_fsdp_without_torchrun_says_it_shards_nothing(tiny, tmp_path):
+    """One process holds the whole model whatever --parallel says: asked for fsdp to save
+    memory, the user is told that none is saved."""
+    (tmp_path / "r.jsonl").write_bytes(jsonl(rollouts()))
+    r = run_tcli(["train-step", tmp_path / "r.jsonl", "-m", tiny, "-o", tmp_path / "c",
+                  "--parallel", "fsdp", "-q"])
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stderr.decode() == ("tcli: warning: parallel = fsdp shards only under torchrun; "
+                                 "this one process holds the whole model\n")
+
+
 @pytest.mark.parametrize("targets", ["lm_head", "q_proj,embed_tokens"])
 def test_lora_on_a_tied_lm_head_or_embedding_is_refused(tiny, tmp_path, targets):
     """Merged for sampling, the adapter's update to the shared matrix changes both sides: the
