@@ -7,9 +7,11 @@ A missing or broken file is bad data (exit 65) with one line naming the file.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
+from functools import lru_cache
 
 import orjson
 
@@ -24,6 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TOKENIZER_JSON = "tokenizer.json"
 
 
 def is_hub_name(path: str) -> bool:
@@ -128,6 +131,10 @@ def adapter_base(path: str) -> str:
                         field="base_model_name_or_path")
     if not os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS)):
         raise DataError(f"adapter directory has no {ADAPTER_WEIGHTS}", file=path)
+    if other_tokenizer(path, base):  # the base directory was replaced since training
+        raise DataError(f"names base model {base!r}, whose tokenizer is not the one the adapter "
+                        "was trained with (was the base replaced?)", file=cfg_path,
+                        field="base_model_name_or_path")
     return base
 
 
@@ -163,3 +170,40 @@ def max_positions(path: str) -> int | None:
     data = data.get("text_config", data) if isinstance(data.get("text_config"), dict) else data
     found = next((data[k] for k in POSITION_KEYS if isinstance(data.get(k), int)), None)
     return found if found and found > 0 else None
+
+
+# ----------------------------------------------------------------------------- tokenizers
+# Token ids mean something only to the tokenizer that made them: rollouts read by another model
+# (tcli.models.provenance) and an adapter over a replaced base (adapter_base) are found by their
+# vocabularies, read from tokenizer.json without loading anything.
+
+@lru_cache(maxsize=32)
+def _vocab_digest(path: str, mtime_ns: int) -> str | None:
+    try:
+        with open(os.path.join(path, TOKENIZER_JSON), "rb") as f:
+            tok = orjson.loads(f.read())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    model = tok.get("model") if isinstance(tok, dict) else None
+    if not isinstance(model, dict) or "vocab" not in model:
+        return None
+    added = sorted((t.get("id"), t.get("content")) for t in tok.get("added_tokens") or []
+                   if isinstance(t, dict))
+    blob = orjson.dumps([model.get("type"), model["vocab"], added], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def vocab_digest(path: str) -> str | None:
+    """A digest of the token <-> id mapping of a model directory (None: cannot tell). Formatting
+    and settings that do not change what an id means (a chat template) do not count."""
+    try:
+        mtime = os.stat(os.path.join(path, TOKENIZER_JSON)).st_mtime_ns
+    except OSError:
+        return None
+    return _vocab_digest(os.path.realpath(path), mtime)
+
+
+def other_tokenizer(a: str, b: str) -> bool:
+    """True when both directories' tokenizers are known and map ids to tokens differently."""
+    da, db = vocab_digest(a), vocab_digest(b)
+    return da is not None and db is not None and da != db

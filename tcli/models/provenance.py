@@ -10,49 +10,11 @@ directory's ``tokenizer.json`` without loading anything; a directory that is gon
 
 from __future__ import annotations
 
-import hashlib
 import os
-from functools import lru_cache
 from typing import Iterable, Iterator
 
-import orjson
-
 from tcli.errors import DataError, UsageError
-
-TOKENIZER_JSON = "tokenizer.json"
-
-
-@lru_cache(maxsize=32)
-def _vocab_digest(path: str, mtime_ns: int) -> str | None:
-    try:
-        with open(os.path.join(path, TOKENIZER_JSON), "rb") as f:
-            tok = orjson.loads(f.read())
-    except (OSError, orjson.JSONDecodeError):
-        return None
-    model = tok.get("model") if isinstance(tok, dict) else None
-    if not isinstance(model, dict) or "vocab" not in model:
-        return None
-    added = sorted((t.get("id"), t.get("content")) for t in tok.get("added_tokens") or []
-                   if isinstance(t, dict))
-    blob = orjson.dumps([model.get("type"), model["vocab"], added], option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(blob).hexdigest()
-
-
-def vocab_digest(path: str) -> str | None:
-    """A digest of the token <-> id mapping of a model directory (None: cannot tell). Formatting
-    and settings that do not change what an id means (a chat template) do not count."""
-    try:
-        mtime = os.stat(os.path.join(path, TOKENIZER_JSON)).st_mtime_ns
-    except OSError:
-        return None
-    return _vocab_digest(os.path.realpath(path), mtime)
-
-
-def other_tokenizer(a: str, b: str) -> bool:
-    """True when both directories' tokenizers are known and map ids to tokens differently."""
-    da, db = vocab_digest(a), vocab_digest(b)
-    return da is not None and db is not None and da != db
-
+from tcli.models.files import other_tokenizer
 
 def sampler_name(path: str) -> str:
     """What a rollout records as its ``model``: a directory as its absolute path, so that the

@@ -140,6 +140,25 @@ def test_merge_lora_names_an_adapter_config_number_peft_cannot_read(tiny, tmp_pa
     assert not (tmp_path / "merged").exists()
 
 
+def test_an_adapter_whose_base_was_replaced_by_another_tokenizer_is_refused(tmp_path):
+    """init-model run again over the base with another alphabet: merged, the adapter would run
+    on embeddings of another vocabulary and exit 0."""
+    base, ad = tmp_path / "base", tmp_path / "ad"
+    small = ["--hidden", "16", "--layers", "1", "-q"]
+    assert run_tcli(["init-model", base, *small]).returncode == 0
+    (tmp_path / "r.jsonl").write_bytes(jsonl(rollouts()))
+    r = run_tcli(["train-step", tmp_path / "r.jsonl", "-m", base, "-o", ad, "--lora-rank", "2",
+                  "-q"])
+    assert r.returncode == 0, r.stderr.decode()
+    assert run_tcli(["merge-lora", ad, tmp_path / "ok", "-q"]).returncode == 0  # the same base
+    assert run_tcli(["init-model", base, "--alphabet", "0123456789+-=", *small]).returncode == 0
+    for argv in (["merge-lora", ad, tmp_path / "merged", "-q"],
+                 ["sample-tree", tmp_path / "r.jsonl", "-m", ad, "-q"]):
+        failed(run_tcli(argv), 65, "adapter_config.json", "field 'base_model_name_or_path'",
+               "was the base replaced?")
+    assert not (tmp_path / "merged").exists()
+
+
 # ----------------------------------------------------------------------------- model paths
 
 def test_a_relative_model_is_recorded_as_its_absolute_directory(tiny, tmp_path):
