@@ -39,11 +39,14 @@ def merge_lora(
         raise UsageError(f"{adapter_dir} is not a LoRA adapter directory (no "
                          f"{adapter.ADAPTER_CONFIG})")
     check_model_dir(adapter_dir)
-    for src, what in ((adapter_dir, "the adapter itself"),
-                      (adapter.adapter_base(adapter_dir), "the adapter's base model")):
-        if os.path.isdir(out_dir) and os.path.samefile(out_dir, src):  # replacing it loses it
-            raise UsageError(f"OUT_DIR {out_dir} is {what}; refusing to replace it (choose a "
-                             "new directory)")
+    out = os.path.realpath(out_dir)
+    for src, what in ((adapter_dir, "the adapter"), (adapter.adapter_base(adapter_dir),
+                                                     "the adapter's base model")):
+        src = os.path.realpath(src)  # replacing it loses it; inside it, it is no longer tcli's
+        if os.path.commonpath([out, src]) == src:
+            where = "is" if out == src else "is inside"
+            raise UsageError(f"OUT_DIR {out_dir} {where} {what}; refusing to write there "
+                             "(choose a new directory)")
     check_checkpoint_target(out_dir, kind="policy")
     path = adapter.export_merged(adapter_dir, out_dir)
     if progress_enabled(quiet):

@@ -273,13 +273,14 @@ def _moved_base(adapter, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["empty directory", "other files", "full checkpoint",
-                                  "base moved", "into itself", "into its base"])
+                                  "base moved", "into itself", "into its base", "inside itself",
+                                  "inside its base"])
 def test_merge_lora_on_odd_inputs(kind, lora, tmp_path):
     """Before: a directory without an adapter exited 65 ("no model weights"), and merging into
     the adapter itself or into its base replaced it (every adapter of that base then silently
     loaded the merged weights as its base)."""
     base, adapter = lora
-    src, out, code, words = adapter, tmp_path / "merged", 2, ["refusing to replace"]
+    src, out, code, words = adapter, tmp_path / "merged", 2, ["refusing to write there"]
     if kind in ("empty directory", "other files", "full checkpoint"):
         src, words = tmp_path / "src", ["is not a LoRA adapter directory"]
         if kind == "full checkpoint":
@@ -292,7 +293,8 @@ def test_merge_lora_on_odd_inputs(kind, lora, tmp_path):
         src, code = _moved_base(adapter, tmp_path), 65
         words = ["adapter_config.json: field 'base_model_name_or_path'", "not a directory"]
     else:
-        out = adapter if kind == "into itself" else base
+        out = adapter if kind.endswith("itself") else base
+        out = out / "sub" if kind.startswith("inside") else out
     before = {p: tree_hash(p) for p in (base, adapter)}
     failed(run_tcli(["merge-lora", src, out]), code, *words)
     assert {p: tree_hash(p) for p in (base, adapter)} == before
