@@ -201,7 +201,7 @@ def loop_step(model: str, device: str, small: bool, micro_batch_tokens: int = 0,
         flags = dict(model=model, train_data=os.path.join(d, "train.jsonl"),
                      eval_data=os.path.join(d, "test.jsonl"), run_dir=os.path.join(d, "run"),
                      steps=2, max_wall_seconds=0, eval_every=1000, filter_groups=False,
-                     sample_device=device, train_device=device, bf16=device.startswith("cuda"))
+                     train_device=device, bf16=device.startswith("cuda"))
         if small:  # n in independent mode only: a tree's leaves come from width and depth
             flags.update(prompts_per_step=4, max_new_tokens=8,
                          **({} if method.get("mode") == "tree" else {"n": 4}))

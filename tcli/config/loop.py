@@ -153,6 +153,7 @@ class LoopConfig:
         self.advantages.check_read()
         self.train.check_used()
         self._check_mode_settings()
+        self._check_sampler_weights()
         for name in ("refill_max_rounds", "refill_max_tokens"):  # read by refill only
             if not self.run.refill and getattr(self.run, name) != getattr(RunOptions(), name):
                 raise UsageError(f"{RunOptions.label(name)} is set, but "
@@ -200,6 +201,20 @@ class LoopConfig:
                          "the loop never evaluates: set eval_data, or leave the [eval] settings "
                          "out")
 
+    def _check_sampler_weights(self) -> None:
+        """The loop's hf engine samples from the trainer's own float32 weights on the trainer's
+        device (an unsharded copy in [sample] dtype only under torchrun with parallel = "fsdp"):
+        a [sample] device, or dtype without fsdp, would be ignored without a word."""
+        if self.sample.engine != "hf":
+            return
+        ignored = [k for k in ("device", "dtype") if getattr(self.sample, k) is not None
+                   and not (k == "dtype" and self.train.parallel == "fsdp")]
+        if ignored:
+            raise UsageError(f"{_loop_label('sample.' + ignored[0])} is set, but the loop's hf "
+                             "engine samples from the trainer's own weights (float32, on "
+                             f"{_loop_label('train.device')}): leave it out, or sample with "
+                             f"{_loop_label('sample.engine')} vllm")
+
     def _check_mode_settings(self) -> None:
         """[sample] settings of the other mode would be ignored without a word: refused."""
         check_mode_settings(self.sample, SampleOptions.label)
@@ -227,8 +242,9 @@ class LoopConfig:
         """How an error names the setting ``key`` ("model", "train.ref_model"): its flag and
         TOML key, after the TOML file that set it."""
         table, _, name = key.rpartition(".")
-        label = (TABLES[table] if table else RunOptions).label(name)
-        return f"{self.origin[label]}: {label}" if label in self.origin else label
+        label = (TABLES[table] if table else RunOptions).label(name)  # as origin knows it
+        shown = _loop_label(key)
+        return f"{self.origin[label]}: {shown}" if label in self.origin else shown
 
 
 # ----------------------------------------------------------------------------- flags
@@ -255,6 +271,14 @@ def loop_flags() -> list[LoopFlag]:
             flag = f"--{table}-{name}".replace("_", "-")
         out.append(LoopFlag(table, cls, name, flag, flag[2:].replace("-", "_")))
     return out
+
+
+def _loop_label(key: str) -> str:
+    """How loop errors name the setting ``key``: its loop flag (``--sample-device`` where two
+    tables share the name) and its TOML key."""
+    table, _, name = key.rpartition(".")
+    flag = next(f.flag for f in loop_flags() if (f.table, f.name) == (table, name))
+    return f"{flag} ({key})"
 
 
 # ----------------------------------------------------------------------------- TOML

@@ -89,7 +89,8 @@ def test_help_texts_list_registry_names():
 
 def test_toml_round_trip_and_tables(tmp_path):
     cfg = load_config(None, {"temperature": 0.5, "eval_n": 3, "eval_temperature": 0.7,
-                             "eval_k": "1,3", "lr": 2e-5, "sample_device": "cpu"})
+                             "eval_k": "1,3", "lr": 2e-5, "sample_device": "cpu",
+                             "engine": "vllm"})
     path = tmp_path / "c.toml"
     path.write_text(dump_toml(cfg))
     again = load_config(str(path))

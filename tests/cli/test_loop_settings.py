@@ -7,6 +7,7 @@ The loops use the scripted engine of conftest (no model forward when sampling)."
 from __future__ import annotations
 
 import os
+import re
 
 import orjson
 import pytest
@@ -157,3 +158,26 @@ def test_a_step_run_again_drops_the_record_of_its_first_run(tmp_path):
     with pytest.raises(DataError) as ei:
         rd.record_resume(3, {})
     assert ei.value.line == 2 and ei.value.file == os.path.join(tmp_path, "resumes.jsonl")
+
+
+# ----------------------------------------------------------------------------- the sampler's weights
+
+@pytest.mark.parametrize("given, words", [
+    ({"sample_device": "cpu"}, "--sample-device (sample.device) is set"),
+    ({"dtype": "bfloat16"}, "--dtype (sample.dtype) is set"),
+    ({"dtype": "bfloat16", "parallel": "ddp"}, "--dtype (sample.dtype) is set")])
+def test_hf_sampling_device_and_dtype_the_loop_would_ignore_are_refused(given, words):
+    """The loop's hf engine samples from the trainer's own float32 weights on the trainer's
+    device: a sampling device or dtype there would change nothing."""
+    from tcli.config.loop import load_config
+    from tcli.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(words) + ".*trainer's own weights"):
+        load_config(None, given)
+    load_config(None, {**given, "engine": "vllm"})  # vllm holds its own copy, in its own dtype
+
+
+def test_a_sampling_dtype_is_read_for_the_unsharded_copy_under_fsdp():
+    from tcli.config.loop import load_config
+
+    assert load_config(None, {"dtype": "bfloat16", "parallel": "fsdp"}).sample.dtype == "bfloat16"
