@@ -49,6 +49,11 @@ END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<
               "<|end|>")
 # pad candidates when the file's pad is missing or equals the EOS
 PAD_CANDIDATES = ("<|endoftext|>", "<|pad|>", "<pad>", "<|finetune_right_pad_id|>", "<unk>")
+# the special tokens a GGUF file names by id (llama.cpp's metadata keys)
+FILE_SPECIAL_IDS = {"bos_token": "tokenizer.ggml.bos_token_id",
+                    "eos_token": "tokenizer.ggml.eos_token_id",
+                    "unk_token": "tokenizer.ggml.unknown_token_id",
+                    "pad_token": "tokenizer.ggml.padding_token_id"}
 
 
 # ----------------------------------------------------------------------------- the file (no gguf)
@@ -255,6 +260,21 @@ def plain_model(gguf_model, dtype=None):
     return fresh
 
 
+def file_special_tokens(tokenizer, path: str) -> None:
+    """The BOS, EOS and UNK tokens the file names by id, and its pad where the tokenizer has none.
+    Why: some transformers releases (5.17) build a llama-type GGUF tokenizer whose EOS is the BOS
+    and that has no pad, so generation would stop at the start-of-turn token."""
+    head = read_gguf_header(path, tuple(FILE_SPECIAL_IDS.values()))
+    size = len(tokenizer)
+    for attr, key in FILE_SPECIAL_IDS.items():
+        i = head.get(key)
+        if not isinstance(i, int) or not 0 <= i < size or getattr(tokenizer, attr + "_id") == i:
+            continue
+        if attr == "pad_token" and tokenizer.pad_token_id is not None:
+            continue
+        setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(i))
+
+
 def fix_special_tokens(tokenizer, config) -> tuple[list[int], int | None]:
     """A pad token that is not the EOS (the file often pads with EOS, which hides real EOS tokens
     wherever padding is masked by id), and every end-of-turn/-text special token as a generation
@@ -306,6 +326,7 @@ def import_gguf(path: str, out_dir: str, *, dtype: str = "float32",
     check_import_target(out_dir)
     dt = torch_dtype(dtype)
     tok = load_gguf_tokenizer(path)
+    file_special_tokens(tok, path)
     src = load_gguf_model(path, dtype=torch.float32)
     model = plain_model(src, dt)
     del src

@@ -184,6 +184,51 @@ def gguf_with_tensors(tensors, align: int = 32) -> bytes:
     return b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 1) + kv + info
 
 
+def gguf_special_ids(**ids: int) -> bytes:
+    """A GGUF header naming special tokens by id (``eos=2`` -> tokenizer.ggml.eos_token_id)."""
+    def s(x: str) -> bytes:
+        return struct.pack("<Q", len(x)) + x.encode()
+
+    kv = b"".join(s(f"tokenizer.ggml.{k}_token_id") + struct.pack("<II", 4, v)  # 4: uint32
+                  for k, v in ids.items())
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(ids)) + kv
+
+
+def _word_tokenizer(**special):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", "a"])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+
+
+@pytest.mark.parametrize("pad", [None, "<pad>"])
+def test_file_special_tokens_replace_a_wrong_eos(tmp_path, pad):
+    """A converter that made the BOS the EOS and dropped the pad (transformers 5.17 on llama
+    files): the file's ids win; a pad the tokenizer has is kept."""
+    from tcli.models.gguf import file_special_tokens
+
+    p = tmp_path / "t.gguf"
+    p.write_bytes(gguf_special_ids(bos=1, eos=2, unknown=0, padding=2))
+    tok = _word_tokenizer(bos_token="<s>", eos_token="<s>", unk_token="<unk>", pad_token=pad)
+    file_special_tokens(tok, str(p))
+    assert (tok.bos_token, tok.eos_token, tok.unk_token) == ("<s>", "</s>", "<unk>")
+    assert tok.pad_token == (pad or "</s>")
+    assert tok.eos_token_id == 2 and 2 in tok.all_special_ids
+
+
+def test_file_special_tokens_ignore_missing_and_out_of_range_ids(tmp_path):
+    from tcli.models.gguf import file_special_tokens
+
+    p = tmp_path / "t.gguf"
+    p.write_bytes(gguf_special_ids(eos=99))
+    tok = _word_tokenizer(bos_token="<s>", eos_token="</s>")
+    file_special_tokens(tok, str(p))
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", None)
+
+
 def test_tensor_data_starts_at_the_next_alignment_boundary(tmp_path):
     """Tensor offsets count from the first aligned byte after the header, rounded up."""
     p = tmp_path / "t.gguf"
