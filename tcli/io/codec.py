@@ -29,11 +29,13 @@ NONFINITE = ("NaN/Infinity (or a number too large for a float) is not valid JSON
 
 class BadJson(ValueError):
     """Why a JSON text was refused: one line, and the top-level field when it is known.
-    ``syntax`` marks text that is not JSON at all (a truncated line, say)."""
+    ``syntax`` marks text that is not JSON at all; ``cut`` text that ended before its value did
+    (a truncated line, unlike one with a stray character after a complete value)."""
 
-    def __init__(self, message: str, field: str | None = None, syntax: bool = False):
+    def __init__(self, message: str, field: str | None = None, syntax: bool = False,
+                 cut: bool = False):
         super().__init__(message)
-        self.message, self.field, self.syntax = message, field, syntax
+        self.message, self.field, self.syntax, self.cut = message, field, syntax, cut
 
 
 class _Repeated(Exception):
@@ -189,7 +191,8 @@ def _loads_refused(raw: bytes, err: Exception):
         lenient = json.loads(text)  # accepts NaN/Infinity, 1e999, big integers, lone surrogates
         bad = _nonfinite(lenient)
     except (ValueError, RecursionError):
-        raise BadJson(f"invalid JSON ({err})", syntax=True) from None
+        cut = getattr(err, "pos", -1) >= len(raw.rstrip())  # orjson stopped at the end of data
+        raise BadJson(f"invalid JSON ({err})", syntax=True, cut=cut) from None
     if bad:
         field = next((k for k, v in lenient.items() if _nonfinite(v)), None) \
             if isinstance(lenient, dict) else None

@@ -102,7 +102,7 @@ def iter_jsonl(f: IO[bytes], name: str) -> Iterator[tuple[int, dict]]:
             rec = loads(raw)
         except BadJson as e:
             what = e.message
-            if e.syntax and not raw.endswith(b"\n"):
+            if e.cut and not raw.endswith(b"\n"):
                 what = "truncated JSON (no newline at end of input)"
             if e.syntax and first and _looks_tabular(name, raw):
                 what = ("not JSON Lines: this looks like CSV/TSV, which tcli does not read; give "
