@@ -43,7 +43,7 @@ def data_files(path: str) -> list[str]:
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"not a dataset state file ({type(e).__name__}: {e})", file=state) from None
     for name in files:
-        if not isinstance(name, str) or name in ("", ".", ".."):
+        if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name:
             raise DataError(f"data file name {name!r} is not a file name", file=state)
         if os.path.basename(name) != name:
             raise DataError(f"data file {name!r} is not inside the dataset directory", file=state)

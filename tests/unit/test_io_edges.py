@@ -49,3 +49,15 @@ def test_only_a_cut_last_line_is_called_truncated(tmp_path, last, truncated):
     assert ("truncated" in str(e)) == truncated, str(e)
     if not truncated:
         assert "unexpected content after document" in str(e)
+
+
+# ----------------------------------------------------------------------------- saved datasets
+
+
+def test_saved_dataset_file_name_with_a_nul_byte_is_bad_data(tmp_path):
+    """Before: open() raised ValueError ("embedded null byte"), exit 1 without the file."""
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "state.json").write_text(json.dumps({"_data_files": [{"filename": "a\0b.arrow"}]}))
+    e = refusal(d)
+    assert e.file == str(d / "state.json") and "not a file name" in str(e)
