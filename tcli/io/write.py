@@ -42,10 +42,12 @@ def output_format(path: str, fmt: str | None) -> str:
         raise UsageError(f"unknown output format {fmt!r}; valid: jsonl, arrow")
     if fmt in (None, "auto"):
         # formats tcli reads (Parquet) or never reads: a JSONL file under such a name misleads
-        if path.lower().endswith((".parquet", ".pq", ".csv", ".json")):
+        # (suffixes in any case, as the refusals above: OUT.ARROW is Arrow, not JSONL)
+        name = path.lower()
+        if name.endswith((".parquet", ".pq", ".csv", ".json")):
             raise UsageError(f"{path}: tcli writes JSONL or Arrow; name the output .jsonl or "
                              ".arrow (or give --format jsonl|arrow)")
-        return "arrow" if path.endswith((".arrow", ".arrows", ".ipc")) else "jsonl"
+        return "arrow" if name.endswith((".arrow", ".arrows", ".ipc")) else "jsonl"
     return fmt
 
 

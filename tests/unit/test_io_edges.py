@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tcli.errors import DataError
-from tcli.io import RecordReader
+from tcli.io import ARROW_STREAM_MAGIC, RecordReader, RecordWriter, output_format
 
 
 def read_all(path, input_format=None) -> list[dict]:
@@ -61,3 +61,23 @@ def test_saved_dataset_file_name_with_a_nul_byte_is_bad_data(tmp_path):
     (d / "state.json").write_text(json.dumps({"_data_files": [{"filename": "a\0b.arrow"}]}))
     e = refusal(d)
     assert e.file == str(d / "state.json") and "not a file name" in str(e)
+
+
+# ----------------------------------------------------------------------------- output names
+
+
+@pytest.mark.parametrize("name, fmt", [("out.ARROW", "arrow"), ("out.Arrow", "arrow"),
+                                       ("out.IPC", "arrow"), ("out.arrows", "arrow"),
+                                       ("out.ipc", "arrow"), ("out.JSONL", "jsonl")])
+def test_output_suffix_is_read_in_any_case(name, fmt):
+    """Before: .PQ and .JSON were refused whatever their case, but OUT.ARROW silently got JSONL,
+    which Arrow readers of other tools cannot open."""
+    assert output_format(name, None) == fmt
+
+
+def test_arrow_named_output_in_upper_case_is_an_arrow_stream(tmp_path):
+    p = tmp_path / "OUT.ARROW"
+    with RecordWriter(str(p)) as w:
+        w.write({"prompt_id": 1})
+    assert p.read_bytes().startswith(ARROW_STREAM_MAGIC)
+    assert read_all(p) == [{"prompt_id": 1}]
