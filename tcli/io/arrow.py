@@ -13,7 +13,7 @@ from typing import IO, Iterator
 
 from tcli import SCHEMA
 from tcli.errors import DataError
-from tcli.io.codec import BadJson, dumps_value, loads
+from tcli.io.codec import MAX_DEPTH, BadJson, dumps_value, loads
 from tcli.io.schema import check_schema
 
 ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"  # the first bytes of an Arrow IPC stream
@@ -316,8 +316,8 @@ def _locate(batch, name: str, first: int, err: Exception) -> DataError:
 
 
 def _json_cell(raw: bytes, name: str, line: int, col: str):
-    try:
-        return loads(raw)
+    try:  # a column's value sits one level inside its record; the side column's fields do not
+        return loads(raw, MAX_DEPTH if col == EXTRA_COLUMN else MAX_DEPTH - 1)
     except BadJson as e:
         field = e.field if col == EXTRA_COLUMN and e.field else col
         raise DataError(f"bad JSON in Arrow column {col!r}: {e.message}", file=name, line=line,

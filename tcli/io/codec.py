@@ -23,6 +23,7 @@ _KEY_END = re.compile(rb'"[ \t\r\n]*:')  # every key ends so (strings can add mo
 _LOW, _HIGH = -(2**63), 2**64 - 1  # what orjson reads and writes as an integer
 _OPTS = orjson.OPT_SERIALIZE_NUMPY
 _LINE = _OPTS | orjson.OPT_APPEND_NEWLINE
+MAX_DEPTH = 254  # containers nested in a record (itself one) that orjson still writes
 NONFINITE = ("NaN/Infinity (or a number too large for a float) is not valid JSON; write a "
              "finite number")
 
@@ -45,16 +46,38 @@ class _Repeated(Exception):
 
 # ----------------------------------------------------------------------------- reading
 
-def loads(raw: bytes):
+def loads(raw: bytes, room: int = MAX_DEPTH):
     """Parse one JSON text exactly. Raises :class:`BadJson` for anything that is not valid JSON,
-    holds NaN/Infinity, or repeats a key in an object."""
+    holds NaN/Infinity, repeats a key in an object, or nests containers more than ``room`` deep
+    (it could be read but not written back: the error belongs to the input, not the output)."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        return _loads_refused(raw, e)
-    if _may_lose(raw, obj):
-        return _loads_exact(raw.decode("utf-8"))
+        obj = _loads_refused(raw, e)
+    else:
+        if _may_lose(raw, obj):
+            obj = _loads_exact(raw.decode("utf-8"))
+    if raw.count(b"[") + raw.count(b"{") > room and _deeper(obj, room):  # (brackets bound depth)
+        field = next((k for k, v in obj.items() if _deeper(v, room - 1)), None) \
+            if type(obj) is dict else None
+        raise BadJson(f"JSON nested more than {MAX_DEPTH} levels deep (tcli could not write it "
+                      "back)", field=field)
     return obj
+
+
+def _deeper(v, room: int) -> bool:
+    """True when ``v`` nests objects and arrays more than ``room`` deep (a scalar: 0 deep).
+    Iterative: the nesting may exceed Python's recursion limit."""
+    stack = [(v, 1)] if type(v) is dict or type(v) is list else []
+    while stack:
+        x, depth = stack.pop()
+        if depth > room:
+            return True
+        kids = x.values() if type(x) is dict else x
+        if type(x) is list and {dict, list}.isdisjoint(set(map(type, x))):
+            continue  # a flat list (token ids): no Python loop over its elements
+        stack.extend((k, depth + 1) for k in kids if type(k) is dict or type(k) is list)
+    return False
 
 
 def _may_lose(raw: bytes, obj) -> bool:

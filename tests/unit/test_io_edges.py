@@ -8,7 +8,8 @@ import json
 import pytest
 
 from tcli.errors import DataError
-from tcli.io import ARROW_STREAM_MAGIC, RecordReader, RecordWriter, output_format
+from tcli.io import ARROW_STREAM_MAGIC, RecordReader, RecordWriter, dumps, output_format
+from tcli.io.codec import MAX_DEPTH
 
 
 def read_all(path, input_format=None) -> list[dict]:
@@ -49,6 +50,47 @@ def test_only_a_cut_last_line_is_called_truncated(tmp_path, last, truncated):
     assert ("truncated" in str(e)) == truncated, str(e)
     if not truncated:
         assert "unexpected content after document" in str(e)
+
+
+def test_big_integers_in_a_tuple_are_written_exactly():
+    """Stages may hold lists as tuples; orjson refuses integers beyond 64 bits wherever they sit."""
+    assert dumps({"ids": (2**70, -(2**64)), "n": [(2**65,)]}) == (
+        b'{"ids":[1180591620717411303424,-18446744073709551616],"n":[[36893488147419103232]]}\n')
+
+
+def nested(depth: int) -> bytes:
+    """A record ``depth`` containers deep (the record is one of them) in field "meta"."""
+    return b'{"prompt_id": 1, "meta": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}\n"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "arrow"])
+def test_deepest_record_tcli_can_write_goes_through_both_formats(tmp_path, fmt):
+    p, out = tmp_path / "deep.jsonl", tmp_path / f"out.{fmt}"
+    p.write_bytes(nested(MAX_DEPTH))
+    recs = read_all(p)
+    with RecordWriter(str(out)) as w:
+        w.write_all(recs)
+    assert read_all(out) == recs
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "arrow"])
+def test_a_record_nested_too_deep_to_write_is_bad_data_at_its_line(tmp_path, fmt):
+    """Before: read, then the writer failed with 'TypeError: Recursion limit reached' (exit 1,
+    no file, no line) once the stage had run."""
+    p = tmp_path / "deep.jsonl"
+    p.write_bytes(b'{"prompt_id": 0}\n' + nested(MAX_DEPTH + 1))
+    if fmt == "arrow":  # the same record in an Arrow stream, written by another tool
+        import pyarrow as pa
+
+        q = tmp_path / "deep.arrow"
+        meta = pa.field("meta", pa.string(), metadata={"tcli.json": "1"})
+        t = pa.table([pa.array([0, 1]), pa.array([None, nested(MAX_DEPTH + 1)[25:-2].decode()])],
+                     schema=pa.schema([pa.field("prompt_id", pa.int64()), meta]))
+        with pa.ipc.new_stream(str(q), t.schema) as w:
+            w.write_table(t)
+        p = q
+    e = refusal(p)
+    assert (e.line, e.field) == (2, "meta") and "nested more than" in str(e)
 
 
 # ----------------------------------------------------------------------------- saved datasets
