@@ -61,9 +61,9 @@ def _misfits(vals: list, typ) -> list[int]:
 
     none = type(None)
     if pa.types.is_list(typ) or pa.types.is_large_list(typ):
-        ok = _kind_check(typ.value_type)
-        if ok is None:
-            return []
+        # an unknown element type (list<null>: the first batch had only empty lists) takes only
+        # nulls; and a non-list must never reach Arrow, which reads "" as an empty list
+        ok = _kind_check(typ.value_type) or (lambda k: False)
         return [i for i, v in enumerate(vals) if v is not None and (
             not isinstance(v, (list, tuple)) or not all(k is none or ok(k) for k in set(map(type, v))))]
     ok = _kind_check(typ)

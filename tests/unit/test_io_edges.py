@@ -3,12 +3,14 @@ the reader calls a truncated line, saved-dataset file names, and the atomic writ
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 
 from tcli.errors import DataError
 from tcli.io import ARROW_STREAM_MAGIC, RecordReader, RecordWriter, dumps, output_format
+from tcli.io.arrow import ArrowSink
 from tcli.io.codec import MAX_DEPTH
 
 
@@ -91,6 +93,26 @@ def test_a_record_nested_too_deep_to_write_is_bad_data_at_its_line(tmp_path, fmt
         p = q
     e = refusal(p)
     assert (e.line, e.field) == (2, "meta") and "nested more than" in str(e)
+
+
+# ----------------------------------------------------------------------------- JSONL and Arrow agree
+
+
+@pytest.mark.parametrize("later", ["", "ab", [None], [1, "x"], 0, {}, None])
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_a_column_of_empty_lists_gives_later_values_back_unchanged(tmp_path, later, batch_size):
+    """The first batch's empty lists make an Arrow list<null> column. Before: a later "" in it
+    came back from Arrow as [] (pyarrow reads a string as a sequence), unlike from JSONL."""
+    recs = [{"prompt_id": 1, "turns": []}, {"prompt_id": 2, "turns": later},
+            {"prompt_id": 3, "turns": []}]
+    buf = io.BytesIO()
+    sink = ArrowSink(buf, batch_size=batch_size)
+    for r in recs:
+        sink.write(dict(r))
+    sink.close()
+    p = tmp_path / "t.arrow"
+    p.write_bytes(buf.getvalue())
+    assert [dumps(r) for r in read_all(p)] == [dumps(r) for r in recs]
 
 
 # ----------------------------------------------------------------------------- saved datasets
