@@ -115,6 +115,22 @@ def test_a_column_of_empty_lists_gives_later_values_back_unchanged(tmp_path, lat
     assert [dumps(r) for r in read_all(p)] == [dumps(r) for r in recs]
 
 
+@pytest.mark.parametrize("first, later", [(1, True), (True, 1), (0, False), ([1], [True]),
+                                          (1.5, True), ("a", 1), (1, 2**70)])
+def test_a_later_value_of_another_kind_comes_back_as_it_was(tmp_path, first, later):
+    """pyarrow stores True in an int64 column as 1 (and 1 in a bool column as true) without a
+    word; such a value must take the side column, so Arrow gives back what JSONL does."""
+    recs = [{"reward": first}, {"reward": later}, {"reward": first}]
+    buf = io.BytesIO()
+    sink = ArrowSink(buf, batch_size=1)
+    for r in recs:
+        sink.write(dict(r))
+    sink.close()
+    p = tmp_path / "k.arrow"
+    p.write_bytes(buf.getvalue())
+    assert [dumps(r) for r in read_all(p)] == [dumps(r) for r in recs]
+
+
 # ----------------------------------------------------------------------------- saved datasets
 
 
