@@ -10,12 +10,21 @@ import pytest
 
 from tcli.errors import DataError
 from tcli.io import ARROW_STREAM_MAGIC, RecordReader, RecordWriter, dumps, output_format
-from tcli.io.arrow import ArrowSink
+from tcli.io.arrow import ArrowSink, iter_arrow
 from tcli.io.codec import MAX_DEPTH
 
 
 def read_all(path, input_format=None) -> list[dict]:
     return [rec for _, rec in RecordReader(str(path), input_format)]
+
+
+def arrow_bytes(recs, batch_size=1024) -> bytes:
+    buf = io.BytesIO()
+    sink = ArrowSink(buf, batch_size=batch_size)
+    for r in recs:
+        sink.write(dict(r))
+    sink.close()
+    return buf.getvalue()
 
 
 def refusal(path, input_format=None) -> DataError:
@@ -105,13 +114,8 @@ def test_a_column_of_empty_lists_gives_later_values_back_unchanged(tmp_path, lat
     came back from Arrow as [] (pyarrow reads a string as a sequence), unlike from JSONL."""
     recs = [{"prompt_id": 1, "turns": []}, {"prompt_id": 2, "turns": later},
             {"prompt_id": 3, "turns": []}]
-    buf = io.BytesIO()
-    sink = ArrowSink(buf, batch_size=batch_size)
-    for r in recs:
-        sink.write(dict(r))
-    sink.close()
     p = tmp_path / "t.arrow"
-    p.write_bytes(buf.getvalue())
+    p.write_bytes(arrow_bytes(recs, batch_size))
     assert [dumps(r) for r in read_all(p)] == [dumps(r) for r in recs]
 
 
@@ -121,14 +125,37 @@ def test_a_later_value_of_another_kind_comes_back_as_it_was(tmp_path, first, lat
     """pyarrow stores True in an int64 column as 1 (and 1 in a bool column as true) without a
     word; such a value must take the side column, so Arrow gives back what JSONL does."""
     recs = [{"reward": first}, {"reward": later}, {"reward": first}]
-    buf = io.BytesIO()
-    sink = ArrowSink(buf, batch_size=1)
-    for r in recs:
-        sink.write(dict(r))
-    sink.close()
     p = tmp_path / "k.arrow"
-    p.write_bytes(buf.getvalue())
+    p.write_bytes(arrow_bytes(recs, batch_size=1))
     assert [dumps(r) for r in read_all(p)] == [dumps(r) for r in recs]
+
+
+# ----------------------------------------------------------------------------- Arrow reading
+
+
+def test_a_cut_arrow_stream_names_the_record_after_the_last_good_one(tmp_path):
+    recs = [{"prompt_id": i, "token_ids": list(range(50))} for i in range(100)]
+    data = arrow_bytes(recs, batch_size=10)
+    p = tmp_path / "cut.arrow"
+    p.write_bytes(data[: len(data) * 2 // 3])
+    got = []
+    with pytest.raises(DataError) as e:
+        for line, rec in RecordReader(str(p)):
+            got.append(line)
+    n = len(got)
+    assert 0 < n < 100 and got == list(range(1, n + 1))
+    assert e.value.line == n + 1 and f"after record {n}" in str(e.value)
+
+
+def test_an_arrow_stdin_is_read_from_where_it_stands(tmp_path):
+    """A redirected stdin is memory-mapped; the map must start at the descriptor's position
+    (``{ head -c 6 >/dev/null; tcli ...; } < file``), not at the file's first byte."""
+    recs = [{"prompt_id": 1, "token_ids": [1, 2]}, {"prompt_id": 2, "token_ids": []}]
+    p = tmp_path / "prefixed"
+    p.write_bytes(b"header" + arrow_bytes(recs))
+    with open(p, "rb") as f:
+        f.seek(6)
+        assert [rec for _, rec in iter_arrow(f, "<stdin>", file_format=False)] == recs
 
 
 # ----------------------------------------------------------------------------- saved datasets
