@@ -11,6 +11,7 @@ import pytest
 from tcli.errors import DataError
 from tcli.io import ARROW_STREAM_MAGIC, RecordReader, RecordWriter, dumps, output_format
 from tcli.io.arrow import ArrowSink, iter_arrow
+from tcli.io.benchmarks import BENCHMARKS, _size, benchmark_table, resolve_data
 from tcli.io.codec import MAX_DEPTH
 
 
@@ -188,3 +189,27 @@ def test_arrow_named_output_in_upper_case_is_an_arrow_stream(tmp_path):
         w.write({"prompt_id": 1})
     assert p.read_bytes().startswith(ARROW_STREAM_MAGIC)
     assert read_all(p) == [{"prompt_id": 1}]
+
+
+# ----------------------------------------------------------------------------- shipped benchmarks
+
+
+def test_a_path_hiding_a_benchmark_is_said_once_and_a_dataset_dict_hides_it(tmp_path, monkeypatch,
+                                                                           capsys):
+    """A DatasetDict directory of a benchmark's name is data too: reading it (and being told to
+    pick a split) beats scoring the shipped file under the user's name without a word."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("tcli.io.benchmarks._SAID_SHADOWED", set())
+    (tmp_path / "aime24").mkdir()
+    (tmp_path / "aime24" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    assert resolve_data("aime24") == "aime24"
+    assert resolve_data("aime24") == "aime24"
+    assert capsys.readouterr().err.count("not the shipped benchmark 'aime24'") == 1
+
+
+def test_benchmark_table_right_aligns_rows_and_sizes():
+    lines = benchmark_table().splitlines()
+    for col, cell in (("rows", lambda b: str(b.rows)), ("size", lambda b: _size(b.path))):
+        end = lines[0].index(col) + len(col)
+        for ln, b in zip(lines[1:], BENCHMARKS.values()):
+            assert ln[:end].endswith(" " + cell(b)), (col, ln)
