@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 
@@ -105,7 +106,7 @@ def test_a_record_nested_too_deep_to_write_is_bad_data_at_its_line(tmp_path, fmt
     assert (e.line, e.field) == (2, "meta") and "nested more than" in str(e)
 
 
-# ----------------------------------------------------------------------------- JSONL and Arrow agree
+# ------------------------------------------------------------------------- JSONL and Arrow agree
 
 
 @pytest.mark.parametrize("later", ["", "ab", [None], [1, "x"], 0, {}, None])
@@ -157,6 +158,16 @@ def test_an_arrow_stdin_is_read_from_where_it_stands(tmp_path):
     with open(p, "rb") as f:
         f.seek(6)
         assert [rec for _, rec in iter_arrow(f, "<stdin>", file_format=False)] == recs
+
+
+def test_a_newer_schema_tag_in_an_arrow_record_is_refused_as_in_jsonl(tmp_path):
+    recs = [{"prompt_id": 1, "schema": "tcli.rollout/1"},
+            {"prompt_id": 2, "schema": "tcli.rollout/99"}]
+    for fmt, data in (("jsonl", b"".join(dumps(r) for r in recs)), ("arrow", arrow_bytes(recs))):
+        p = tmp_path / f"s.{fmt}"
+        p.write_bytes(data)
+        e = refusal(p)
+        assert (e.line, e.field) == (2, "schema") and "newer" in str(e), fmt
 
 
 # ----------------------------------------------------------------------------- saved datasets
@@ -213,3 +224,21 @@ def test_benchmark_table_right_aligns_rows_and_sizes():
         end = lines[0].index(col) + len(col)
         for ln, b in zip(lines[1:], BENCHMARKS.values()):
             assert ln[:end].endswith(" " + cell(b)), (col, ln)
+
+
+# ----------------------------------------------------------------------------- atomic output
+
+
+def test_the_temporary_name_never_takes_over_an_existing_file(tmp_path, monkeypatch):
+    """The temporary file is created, never opened over a file that is there: a file of that
+    name (another writer's, or the user's) is not truncated and then renamed away."""
+    draws = iter([b"\0\0\0\0", b"\0\0\0\1"])
+    monkeypatch.setattr(os, "urandom", lambda n: next(draws))
+    target = tmp_path / "out.jsonl"
+    theirs = tmp_path / "out.jsonl.tmp-00000000"
+    theirs.write_bytes(b"not tcli's\n")
+    with RecordWriter(str(target)) as w:
+        w.write({"prompt_id": 1})
+    assert theirs.read_bytes() == b"not tcli's\n"
+    assert read_all(target) == [{"prompt_id": 1}]
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.jsonl.tmp-00000000"]
