@@ -242,3 +242,16 @@ def test_the_temporary_name_never_takes_over_an_existing_file(tmp_path, monkeypa
     assert theirs.read_bytes() == b"not tcli's\n"
     assert read_all(target) == [{"prompt_id": 1}]
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.jsonl.tmp-00000000"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_a_replaced_file_keeps_its_owner_where_allowed(tmp_path):
+    target = tmp_path / "out.jsonl"
+    target.write_bytes(b"old\n")
+    os.chown(target, 4321, 4322)
+    os.chmod(target, 0o640)
+    with RecordWriter(str(target)) as w:
+        w.write({"prompt_id": 1})
+    st = target.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (4321, 4322, 0o640)
+    assert read_all(target) == [{"prompt_id": 1}]
