@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tcli.errors import DataError
+from tcli.errors import DataError, TcliError
 from tcli.io import ARROW_STREAM_MAGIC, RecordReader, RecordWriter, dumps, output_format
 from tcli.io.arrow import ArrowSink, iter_arrow
 from tcli.io.benchmarks import BENCHMARKS, _size, benchmark_table, resolve_data
@@ -255,3 +255,16 @@ def test_a_replaced_file_keeps_its_owner_where_allowed(tmp_path):
     st = target.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (4321, 4322, 0o640)
     assert read_all(target) == [{"prompt_id": 1}]
+
+
+def test_an_output_that_cannot_be_created_is_a_runtime_error_naming_it(tmp_path, monkeypatch):
+    """A read-only directory (which root, running these tests, never meets) is exit 1, not a
+    usage error: the command line is right, the machine refuses it."""
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(TcliError) as e:
+        RecordWriter(str(tmp_path / "out.jsonl"))
+    assert e.value.exit_code == 1
+    assert str(e.value) == f"cannot write {tmp_path / 'out.jsonl'}: Permission denied"
