@@ -118,11 +118,17 @@ class Output:
             self.tmp = None
 
 
+_NAME_ROOM = 200  # bytes of the target's name kept in the temporary one (file names: 255)
+
+
 def _create_beside(target: str, mode: int) -> tuple[int, str]:
-    """A new file ``<target>.tmp-<random>`` opened for writing. ``mode`` goes through the umask,
+    """A new file ``<target>.tmp-<random>`` opened for writing (a long name is cut, so that a
+    legal target name never makes an illegal temporary one). ``mode`` goes through the umask,
     as for any new file (mkstemp's fixed 0600 would not)."""
+    d, base = os.path.split(target)
+    base = os.fsdecode(os.fsencode(base)[:_NAME_ROOM])
     for _ in range(100):
-        tmp = f"{target}.tmp-{os.urandom(4).hex()}"
+        tmp = os.path.join(d, f"{base}.tmp-{os.urandom(4).hex()}")
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), tmp
         except FileExistsError:

@@ -268,3 +268,18 @@ def test_an_output_that_cannot_be_created_is_a_runtime_error_naming_it(tmp_path,
         RecordWriter(str(tmp_path / "out.jsonl"))
     assert e.value.exit_code == 1
     assert str(e.value) == f"cannot write {tmp_path / 'out.jsonl'}: Permission denied"
+
+
+@pytest.mark.parametrize("stem", ["x" * 245, "x" + "é" * 122])  # 251 bytes with ".jsonl"
+def test_an_output_name_near_the_length_limit_is_written(tmp_path, stem):
+    """Before: '<name>.tmp-<8 hex>' passed the 255-byte limit of a file name, so a legal name
+    failed with 'File name too long'."""
+    target = tmp_path / f"{stem}.jsonl"
+    with RecordWriter(str(target)) as w:
+        w.write({"prompt_id": 1})
+    assert read_all(target) == [{"prompt_id": 1}] and os.listdir(tmp_path) == [target.name]
+    with pytest.raises(RuntimeError):
+        with RecordWriter(str(target)) as w:
+            w.write({"prompt_id": 2})
+            raise RuntimeError("stage failed")
+    assert read_all(target) == [{"prompt_id": 1}] and os.listdir(tmp_path) == [target.name]
