@@ -260,7 +260,8 @@ def test_disk_full_record_output_patched(where, tmp_path):
     with mock.patch(target, side_effect=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))):
         r = cli(["advantages", src, "-o", out])
     assert r.code == 1
-    assert f"cannot write {out}: No space left on device" in one_error_line(r.err)
+    line = one_error_line(r.err)
+    assert f"cannot write {out}: No space left on device; nothing was written" in line
     assert out.read_bytes() == b"previous result\n"
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]
 

@@ -283,3 +283,12 @@ def test_an_output_name_near_the_length_limit_is_written(tmp_path, stem):
             w.write({"prompt_id": 2})
             raise RuntimeError("stage failed")
     assert read_all(target) == [{"prompt_id": 1}] and os.listdir(tmp_path) == [target.name]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_failed_device_write_does_not_claim_nothing_was_written():
+    """Bytes sent to a device cannot be taken back: only an atomic output may say so."""
+    with pytest.raises(TcliError) as e:
+        with RecordWriter("/dev/full") as w:
+            w.write({"prompt_id": 1})
+    assert str(e.value) == "cannot write /dev/full: No space left on device"
