@@ -65,6 +65,25 @@ def test_only_a_cut_last_line_is_called_truncated(tmp_path, last, truncated):
         assert "unexpected content after document" in str(e)
 
 
+def test_a_stray_line_with_commas_later_in_jsonl_is_not_called_csv(tmp_path):
+    """Only a first line decides "this is CSV": a log line that slipped into a JSONL stream
+    later (a tool printing to stdout) is invalid JSON at its line."""
+    p = tmp_path / "r.jsonl"
+    p.write_bytes(b'{"prompt_id": 1}\nWARNING: slow tokenizer, falling back\n{"prompt_id": 2}\n')
+    e = refusal(p)
+    assert e.line == 2 and "invalid JSON" in str(e) and "CSV" not in str(e)
+    p.write_bytes(b"id,prompt\n1,hi\n")  # (a real CSV file is named as such)
+    assert "looks like CSV" in str(refusal(p))
+
+
+def test_reading_stdin_leaves_it_open(monkeypatch):
+    """The reader closes the files it opened, never the process's stdin."""
+    stdin = io.TextIOWrapper(io.BufferedReader(io.BytesIO(b'{"prompt_id": 1}\n')))
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert read_all("-") == [{"prompt_id": 1}]
+    assert not stdin.buffer.closed
+
+
 def test_big_integers_in_a_tuple_are_written_exactly():
     """Stages may hold lists as tuples; orjson refuses integers beyond 64 bits wherever they sit."""
     assert dumps({"ids": (2**70, -(2**64)), "n": [(2**65,)]}) == (
