@@ -102,6 +102,7 @@ class Output:
         if self.tmp is not None:
             os.replace(self.tmp, self.target)
             self.tmp = None
+            _fsync_dir(os.path.dirname(os.path.abspath(self.target)))
 
     def abort(self) -> None:
         """Drop the output: the temporary file goes, the target stays as it was."""
@@ -116,6 +117,21 @@ class Output:
             except FileNotFoundError:
                 pass
             self.tmp = None
+
+
+def _fsync_dir(path: str) -> None:
+    """The rename made durable: without it a power loss may bring back the old file (or none).
+    A file system that cannot sync a directory keeps the rename as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 _NAME_ROOM = 200  # bytes of the target's name kept in the temporary one (file names: 255)

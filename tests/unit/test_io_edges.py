@@ -311,3 +311,17 @@ def test_a_failed_device_write_does_not_claim_nothing_was_written():
         with RecordWriter("/dev/full") as w:
             w.write({"prompt_id": 1})
     assert str(e.value) == "cannot write /dev/full: No space left on device"
+
+
+def test_a_committed_output_syncs_its_file_then_its_directory(tmp_path, monkeypatch):
+    """The rename is durable only once the directory is synced: a power loss right after a
+    step could otherwise bring the old file back under a run that went on."""
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real(fd)))
+    out = tmp_path / "out.jsonl"
+    with RecordWriter(str(out)) as w:
+        w.write({"a": 1})
+    assert out.read_bytes() == b'{"a":1}\n'
+    assert synced[-1] == str(tmp_path) and synced[-2].startswith(str(out) + ".tmp-"), synced
