@@ -44,11 +44,6 @@ def cosine(p: float, m: float) -> float:
     return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def needs_span(name: str) -> bool:
-    """Whether a schedule changes after warm-up (and so needs to know its span)."""
-    return name != "constant"
-
-
 def lr_factor(name: str, k: int, warmup: int, span: int, min_ratio: float) -> float:
     """The multiplier of lr for the optimizer step with index ``k`` (0-based)."""
     if k < warmup:
