@@ -147,7 +147,7 @@ def excluded_loss(model_dir, recs, kl_ref=None, kl_coef=0.0, loss_agg="token-mea
     model = load_model(model_dir, train=True)
     ref = load_model(kl_ref) if kl_ref else None
     agg = LOSS_AGGREGATIONS.get(loss_agg)
-    nums, n_tok, ent, mis = [], 0, 0.0, 0.0
+    nums, n_tok, ent, mis, kl, akl = [], 0, 0.0, 0.0, 0.0, 0.0
     for rec in recs:
         keep = torch.tensor(rec["loss_mask"], dtype=torch.bool)
         ids = torch.tensor([rec["prompt_token_ids"] + rec["token_ids"]])
@@ -163,17 +163,21 @@ def excluded_loss(model_dir, recs, kl_ref=None, kl_coef=0.0, loss_agg="token-mea
         ones = torch.ones_like(logp, dtype=torch.bool)
         old = torch.tensor(rec["logprobs"])[keep][None]
         mis += float((logp.detach() - old).abs().sum())
+        akl += float(kl_k3(old, logp.detach()).sum())
         adv = torch.tensor(rec["advantages"], dtype=torch.float32)[keep][None]
         per = policy_loss(logp, old, adv, ones).loss
         if ref is not None:
             with torch.no_grad():
                 ref_lp = scored(ref)[0]
+            kl += float(kl_k3(logp, ref_lp).sum().detach())
             per = per + kl_coef * kl_k3(logp, ref_lp)
         nums.append(agg.numerator(per, ones))
         n_tok += int(keep.sum())
     loss = sum(nums) / (n_tok if agg.by_tokens else len(recs))
     loss.backward()
-    return ({"loss": float(loss.detach()), "entropy": ent / n_tok, "mismatch_abs_logp": mis / n_tok},
+    want = {"loss": float(loss.detach()), "entropy": ent / n_tok, "mismatch_abs_logp": mis / n_tok,
+            "approx_kl": akl / n_tok, **({"kl": kl / n_tok} if ref is not None else {})}
+    return (want,
             {n: p.grad for n, p in model.named_parameters()})
 
 
@@ -181,7 +185,8 @@ def excluded_loss(model_dir, recs, kl_ref=None, kl_coef=0.0, loss_agg="token-mea
 def test_loss_equals_the_loss_without_environment_positions(tiny, tiny_model_seed1, case):
     """train-step on records with environment tokens reports the loss, and takes the gradient,
     of the same records with those positions left out of the loss (float32 sums in another
-    order: 1e-5 relative); entropy, the mismatch and num_tokens count policy tokens."""
+    order: 1e-5 relative); entropy, the mismatch, both KLs and num_tokens count policy
+    tokens."""
     kw = {"token-mean": {}, "seq-mean-token-mean": {"loss_agg": "seq-mean-token-mean"},
           "kl-packed": {"kl_coef": 0.1, "ref_model": tiny_model_seed1},
           "padded": {"share_prefix": False}}[case]
@@ -189,7 +194,7 @@ def test_loss_equals_the_loss_without_environment_positions(tiny, tiny_model_see
     metrics, grads = step_grads(trainer(tiny, **kw), recs)
     want, want_g = excluded_loss(tiny, recs, kw.get("ref_model"), kw.get("kl_coef", 0.0),
                                  kw.get("loss_agg", "token-mean"))
-    for k, v in want.items():  # entropy and the mismatch are over policy tokens too
+    for k, v in want.items():  # entropy, the mismatch and the KLs are over policy tokens too
         assert metrics[k] == pytest.approx(v, rel=1e-5), k
     assert metrics["num_tokens"] == sum(map(sum, MASKS))
     for k, g in want_g.items():
