@@ -306,3 +306,55 @@ def test_resume_mid_run_equals_an_uninterrupted_run(model, tmp_path):
     wa, wb = (load_file(str(d / "checkpoints" / "step_3" / "model.safetensors"))
               for d in (tmp_path / "ref", tmp_path / "run"))
     assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_the_token_cap_is_reached_at_equality():
+    """18 tokens per round (3 prompts of 2 responses of 3 tokens): a cap of 18 is reached by the
+    first refill round, so no second round starts."""
+    sample_round, calls = _rounds([[False, True, False]] + [[False] * 3] * 9)
+    r = _refill(tokens=3 * 2 * TOKENS).run(_first(3), sample_round)
+    assert (r.stop, r.rounds, len(calls)) == ("max_tokens", 1, 2)
+
+
+def test_informative_share_is_over_round_zeros_groups_not_prompts_per_step():
+    """A pool smaller than prompts_per_step: round 0 samples all 10 prompts, 5 informative; the
+    share is 5 / 10 (what round 0 held), not 5 / 12."""
+    sample_round, calls = _rounds([[True, False]])
+    r = _refill(want=12).run(_first(12), sample_round)
+    assert len(calls) == 1 and r.stop == "no_prompts"
+    assert r.metrics()["informative_share"] == 0.5 and r.metrics()["informative_groups"] == 5
+
+
+def test_refill_tokens_count_a_trees_shared_segment_once():
+    """Tree groups: two leaves share their first segment (2 of 3 tokens), so a prompt samples
+    4 tokens, not 6. refill_tokens, the token cap and tokens_per_informative_group count those."""
+    calls = []
+
+    def sample_round(prompts, seed):
+        flags = [False, True, False] if not calls else [False] * 3
+        calls.append(prompts)
+        recs = [{"prompt_id": p["id"], "sample_id": j, "token_ids": [5] * 3,
+                 "node_path": [0, j], "segment_ends": [2, 3]} for p in prompts for j in range(2)]
+        return recs, [(2, None, f) for f in flags[:len(prompts)]]
+
+    r = _refill(rounds=2).run(_first(3), sample_round)
+    m = r.metrics()
+    assert (r.stop, m["refill_tokens"]) == ("max_rounds", 2 * 3 * 4)
+    assert m["tokens_per_informative_group"] == 3 * 3 * 4
+    calls.clear()
+    r = _refill(tokens=3 * 4 + 1).run(_first(3), sample_round)  # 12 per round: not reached
+    assert (r.stop, r.rounds) == ("max_tokens", 2)
+
+
+def test_without_refill_a_step_samples_its_prompts_with_the_steps_seed():
+    """Refill off: one round, step_prompts with step_seed, every group as filter_groups says."""
+    from types import SimpleNamespace
+
+    from tcli.loop.refill import step_rollouts
+    from tcli.loop.steps import step_prompts, step_seed
+
+    sample_round, calls = _rounds([[True, False]])
+    run = SimpleNamespace(refill=False, prompts_per_step=3, seed=4)
+    recs, groups, keep, metrics = step_rollouts(POOL, run, 7, sample_round)
+    assert calls == [([p["id"] for p in step_prompts(POOL, 3, 4, 7)], step_seed(4, 7))]
+    assert (len(recs), len(groups), keep, metrics) == (6, 3, None, {})
