@@ -323,3 +323,45 @@ def test_continuations_of_any_length_decode_together_as_each_would_alone(tiny_mo
                                                    and got.token_ids[-1] not in
                                                    engine.eos_token_ids)
     assert any(c.finish_reason == "length" for c in together)
+
+
+def test_the_loops_expand_step_passes_its_settings_and_verifies_only_the_new_leaves(monkeypatch):
+    """The loop's [expand] step: expand_groups gets the round's seed, min_new_tokens and the
+    sampler's groups per call; only the new leaves are verified, each in its own place; its time
+    counts as sampling's; its metrics count the new leaves' last segments only."""
+    from types import SimpleNamespace
+
+    import tcli.loop.expand_step as es
+    from tcli.loop.steps import StepTimer
+
+    seen = {}
+
+    def expand_groups(engine, groups, opts, **kw):
+        seen.update(kw, engine=engine)
+        for g in groups:
+            leaf = {k: v for k, v in g[0].items() if k != "reward"}
+            yield [*g, {**leaf, "sample_id": 9, "node_path": [0, 1], "segment_ends": [2, 5],
+                        "token_ids": [4] * 5, "expand_round": 1}]
+
+    monkeypatch.setattr(es, "expand_groups", expand_groups)
+    verified = []
+
+    def verify(recs):
+        verified.extend((r["prompt_id"], r["sample_id"]) for r in recs)
+        return [{**r, "reward": float(ord(r["prompt_id"]))} for r in recs]
+
+    cfg = SimpleNamespace(expand=SimpleNamespace(enabled=True),
+                          sample=SimpleNamespace(min_new_tokens=3, prompts_per_batch=5))
+    loop = SimpleNamespace(cfg=cfg, engine="engine", verify=verify)
+    recs = [{"prompt_id": p, "sample_id": j, "node_path": [0, j], "segment_ends": [2, 4],
+             "token_ids": [4] * 4, "reward": 0.0} for p in "ab" for j in range(2)]
+    timer = StepTimer()
+    out = es.expand_step(loop, recs, 1234, timer)
+    assert seen == {"seed": 1234, "min_new_tokens": 3, "groups_per_call": 5, "engine": "engine"}
+    assert verified == [("a", 9), ("b", 9)]
+    assert [(r["prompt_id"], r["sample_id"], r["reward"]) for r in out] == [
+        ("a", 0, 0.0), ("a", 1, 0.0), ("a", 9, 97.0), ("b", 0, 0.0), ("b", 1, 0.0), ("b", 9, 98.0)]
+    assert set(timer.seconds) == {"sample", "verify"}
+    assert es.expand_metrics(out, cfg) == {"expand_tokens": 2 * 3, "expand_leaves": 2}
+    cfg.expand.enabled = False
+    assert es.expand_step(loop, recs, 1, timer) is recs and es.expand_metrics(out, cfg) == {}
