@@ -134,6 +134,9 @@ def test_config_and_resume_together_is_a_usage_error(loop_model, tmp_path):
      '{"role": "user", "content": "2+2"}], "answer": "4"}', "field 'messages': a conversation"),
     ("eval_data", '{"id": "c", "prompt": "Pick", "answer": "A", "choices": "x, y"}',
      "field 'choices': must be an object"),
+    ("train_data", '{"id": "long", "prompt": "' + "1+1=" * 300 + '", "answer": "2"}',
+     "field 'prompt': 1270 prompt tokens + max_new_tokens 256 = 1526 exceed the model's 1024 "
+     "positions"),
 ])
 def test_a_prompt_sampling_cannot_encode_is_found_before_the_run_directory(
         loop_model, tmp_path, key, line, needle):
