@@ -270,3 +270,55 @@ def test_the_step_line_says_when_the_sampler_ran_another_policy():
     assert line.splitlines()[1] == ("warning: the sampled log-probs differ from the trained "
                                     "model's by 3.5 nats per token (mismatch_abs_logp): were they "
                                     "sampled by another model?")
+
+
+def test_step_prompts_are_a_function_of_seed_and_step():
+    """Each step draws its own prompts (not the same ones every step), and the same ones again
+    for the same (seed, step): a resumed step repeats them."""
+    from tcli.loop.steps import step_prompts
+
+    pool = [{"id": f"p{i}"} for i in range(10)]
+    draws = [[p["id"] for p in step_prompts(pool, 3, 5, s)] for s in range(1, 9)]
+    assert len({tuple(d) for d in draws}) > 1 and all(len(set(d)) == 3 for d in draws)
+    assert draws[2] == [p["id"] for p in step_prompts(pool, 3, 5, 3)]
+    assert [p["id"] for p in step_prompts(pool, 3, 6, 3)] != draws[2] or \
+        [p["id"] for p in step_prompts(pool, 3, 7, 3)] != draws[2]
+    assert all(step_prompts(pool, k, 5, 1) == pool for k in (10, 12))  # all: the file order
+
+
+def test_a_budget_is_reached_at_equality_and_0_is_no_limit():
+    """max_wall_seconds and max_sampled_tokens stop the run once reached (as a resume refuses
+    a run whose metrics reached them); ``pending`` counts the current step's seconds."""
+    from tcli.loop.steps import Budget
+
+    assert Budget(10, 0, elapsed=10).exhausted() == "wall-clock budget reached at 10s"
+    assert Budget(10, 0, elapsed=9.5).exhausted() is None
+    assert Budget(10, 0, elapsed=9.5).exhausted(pending=0.5) is not None
+    assert Budget(0, 100, sampled=100).exhausted() == "sampled-token budget reached (100 tokens)"
+    assert Budget(0, 100, sampled=99).exhausted() is None
+    assert Budget(0, 0, elapsed=1e9, sampled=10**12).exhausted(pending=1e9) is None
+
+
+def test_the_step_line_adds_the_steps_eval_accuracy():
+    from tcli.loop.steps import format_step
+
+    m = {"step": 2, "reward_mean": 0.5, "zero_variance_share": 0.25, "branch_token_share": 0.1,
+         "wall_time": 3.0}
+    assert format_step([m, {"kind": "eval", "step": 2, "accuracy": 0.75}]) == (
+        "step    2  reward 0.500  zero-var 0.25  branch 0.10  3s  eval acc 0.750")
+
+
+def test_a_step_timer_adds_up_every_span_of_a_name():
+    """Refill rounds and [expand] time "sample" several times a step: the spans add up."""
+    import time
+
+    from tcli.loop.steps import StepTimer
+
+    timer = StepTimer()
+    for _ in range(2):
+        with timer("sample"):
+            time.sleep(0.02)
+    with timer("verify"):
+        pass
+    assert timer.seconds["sample"] >= 0.04 and set(timer.seconds) == {"sample", "verify"}
+
