@@ -317,19 +317,19 @@ class Loop:
             "tokens_per_s_sample": sampled / max(timer.seconds["sample"], 1e-9),
         }
 
-    def run_step(self, step: int, budget: Budget) -> list[dict]:
+    def run_step(self, step: int, budget: Budget) -> tuple[list[dict], bool]:
         """One step, its evaluation when due, the checkpoint when due; every second counts to
-        the budget."""
+        the budget. Also whether it is the run's last (then evaluated and saved)."""
         t0 = time.perf_counter()
         records = [self.train_step(step, budget)]
         every = self.cfg.eval.every
-        if every and (step % every == 0 or self._agreed_final(step, budget, t0)):
-            ev = self.evaluate(step)
-            if ev is not None:
+        final = self._agreed_final(step, budget, t0)
+        if every and (step % every == 0 or final):
+            if (ev := self.evaluate(step)) is not None:
                 records.append(ev)
+            final = final or self._agreed_final(step, budget, t0)  # the eval's seconds count
         is_best = self._note_best(records)
-        save = (is_best or step % self.cfg.run.save_every == 0
-                or self._agreed_final(step, budget, t0))
+        save = is_best or step % self.cfg.run.save_every == 0 or final
         t1 = time.perf_counter()
         budget.elapsed += t1 - t0
         for m in records:
@@ -339,7 +339,7 @@ class Loop:
             self._save(step, records, is_best)
         self._on_main(lambda: self._publish(records))
         budget.elapsed += time.perf_counter() - t1  # saving counts too (from the next record on)
-        return records
+        return records, final
 
     def _agreed_final(self, step: int, budget: Budget, t0: float) -> bool:
         """Is this the run's last step? Rank 0's clock decides for every rank (a budget must
@@ -379,8 +379,8 @@ class Loop:
         return True
 
     def run_steps(self, first: int) -> dict:
-        """Steps ``first``..``steps`` until a budget ends the run; a resumed run continues its
-        clocks and best accuracy from the completed steps' metrics."""
+        """Steps ``first``..``steps`` until a budget ends the run after a step found to be its last
+        (evaluated, saved); a resumed run continues its clocks and best from the done steps."""
         done = self._on_main(self.run.read_metrics)
         budget = Budget(self.cfg.run.max_wall_seconds, self.cfg.run.max_sampled_tokens,
                         elapsed=max((m.get("wall_time", 0.0) for m in done), default=0.0),
@@ -388,12 +388,12 @@ class Loop:
         self.best = self._resumed_best(done)
         if first == 1 and self.cfg.eval.every:
             self._initial_eval(budget)
+        final = False
         for step in range(first, self.cfg.run.steps + 1):
-            why = self._on_main(budget.exhausted)
-            if why:
+            if (step == first or final) and (why := self._on_main(budget.exhausted)):
                 self.log(why)
                 break
-            records = self.run_step(step, budget)
+            records, final = self.run_step(step, budget)
             self.log(format_step(records))
             if self.on_step is not None:
                 self.on_step(records)

@@ -322,3 +322,30 @@ def test_a_step_timer_adds_up_every_span_of_a_name():
         pass
     assert timer.seconds["sample"] >= 0.04 and set(timer.seconds) == {"sample", "verify"}
 
+
+def test_the_step_the_wall_budget_ends_on_is_evaluated_and_saved(loop_model, tmp_path, monkeypatch):
+    """The clock can run out after a step was found not to be the last (here: writing step 1's
+    metrics takes 100 s of a 50 s budget). The run still ends on a step that is evaluated and
+    saved, never on one that is neither, so a resume knows the run stopped on its budget."""
+    from types import SimpleNamespace
+
+    import tcli.loop.loop as lp
+    from tcli.errors import UsageError
+    from tcli.loop import resume_config, run_loop
+
+    offset, real, publish = [0.0], lp.time.perf_counter, lp.Loop._publish
+
+    def slow_publish(self, records):
+        publish(self, records)
+        if records[0]["kind"] == "train":
+            offset[0] += 100.0
+
+    monkeypatch.setattr(lp, "time", SimpleNamespace(perf_counter=lambda: real() + offset[0]))
+    monkeypatch.setattr(lp.Loop, "_publish", slow_publish)
+    metrics = _run(_config(loop_model, tmp_path / "run", max_wall_seconds=50, save_every=3,
+                           eval_every=3))
+    assert [(m["kind"], m["step"]) for m in metrics] == [("eval", 0), ("train", 1),
+                                                         ("train", 2), ("eval", 2)]
+    assert "step_2" in os.listdir(tmp_path / "run" / "checkpoints")
+    with pytest.raises(UsageError, match="stopped at step 2 on its wall-clock budget"):
+        run_loop(resume_config(str(tmp_path / "run"), {}), resume=True, log=lambda s: None)
