@@ -349,3 +349,117 @@ def test_the_step_the_wall_budget_ends_on_is_evaluated_and_saved(loop_model, tmp
     assert "step_2" in os.listdir(tmp_path / "run" / "checkpoints")
     with pytest.raises(UsageError, match="stopped at step 2 on its wall-clock budget"):
         run_loop(resume_config(str(tmp_path / "run"), {}), resume=True, log=lambda s: None)
+
+
+def test_a_resumed_run_continues_its_clocks_and_its_best(loop_model, tmp_path):
+    """Resumed after step 1, the run's sampled tokens and seconds go on from step 1's, and step
+    2's eval (0.25) does not replace the best of step 1 (1.0) as best/."""
+    from tcli.loop import resume_config, run_loop
+    from tcli.models.checkpoint import read_state
+
+    _run(_config(loop_model, tmp_path / "run", steps=1))
+    run_loop(resume_config(str(tmp_path / "run"), {"steps": 2}), resume=True, log=lambda s: None)
+    train = [m for m in _read(tmp_path / "run") if m["kind"] == "train"]
+    assert [m["sampled_tokens_total"] for m in train] == list(np.cumsum([m["sampled_tokens"]
+                                                                         for m in train]))
+    assert train[1]["wall_time"] >= train[0]["wall_time"] + train[1]["seconds_train"]
+    assert [(m["kind"], m["step"], m.get("accuracy")) for m in _read(tmp_path / "run")] == [
+        ("eval", 0, 0.75), ("train", 1, None), ("eval", 1, 1.0), ("train", 2, None),
+        ("eval", 2, 0.25)]  # as a run without the resume writes them: a step's train first
+    assert read_state(str(tmp_path / "run" / "checkpoints" / "best"))["step"] == 1
+
+
+def test_the_initial_eval_counts_towards_the_best(loop_model, tmp_path):
+    """Step 0 scores 0.75 and step 2, the only other eval, 0.25: no step beat the model the run
+    started from, so there is no best/."""
+    metrics = _run(_config(loop_model, tmp_path / "run", steps=2, eval_every=2))
+    assert [m["accuracy"] for m in metrics if m["kind"] == "eval"] == [0.75, 0.25]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_1", "step_2"]
+
+
+def test_the_seconds_of_saving_a_step_count_from_the_next_record_on(loop_model, tmp_path,
+                                                                     monkeypatch):
+    from types import SimpleNamespace
+
+    import tcli.loop.loop as lp
+
+    offset, real, save = [0.0], lp.time.perf_counter, lp.Loop._save
+
+    def slow_save(self, *args):  # each checkpoint takes 100 s
+        save(self, *args)
+        offset[0] += 100.0
+
+    monkeypatch.setattr(lp, "time", SimpleNamespace(perf_counter=lambda: real() + offset[0]))
+    monkeypatch.setattr(lp.Loop, "_save", slow_save)
+    metrics = _run(_config(loop_model, tmp_path / "run", steps=2, eval_every=0))
+    first, second = (m["wall_time"] for m in metrics if m["kind"] == "train")
+    assert first < 100 <= second - first
+
+
+def test_a_failure_between_critic_and_policy_leaves_no_step_without_its_critic(
+        loop_model, tmp_path, monkeypatch):
+    """PPO writes critic_N before step_N: a run that fails between the two leaves step 1 as its
+    last complete step (with critic_1 to resume from), never a step_2 without its critic_2."""
+    from tcli.loop.rundir import RunDir
+    from tcli.train.critic import CriticTrainer
+    from tcli.train.trainer import Trainer
+
+    def save(self, out_dir, extra_state=None, **kw):
+        if extra_state["step"] == 2:
+            raise OSError("no space left on device")
+        return Trainer.save(self, out_dir, extra_state, **kw)
+
+    monkeypatch.setattr(CriticTrainer, "save", save)
+    with pytest.raises(OSError, match="no space left"):
+        _run(_config(loop_model, tmp_path / "run", estimator="ppo", steps=2, eval_every=0,
+                     keep_last=5))
+    assert RunDir(str(tmp_path / "run")).complete_steps() == [1]
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "critic_1")
+
+
+def test_a_run_started_again_keeps_its_config_toml(loop_model, tmp_path):
+    """A resume of a run with no complete checkpoint starts it again with its config.toml, which
+    keeps its own values: the resume's flags are that invocation's only."""
+    import shutil
+
+    from tcli.loop import resume_config, run_loop
+
+    _run(_config(loop_model, tmp_path / "run", steps=1, eval_every=0))
+    before = (tmp_path / "run" / "config.toml").read_bytes()
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if killed before its first checkpoint
+    run_loop(resume_config(str(tmp_path / "run"), {"steps": 2}), resume=True, log=lambda s: None)
+    assert (tmp_path / "run" / "config.toml").read_bytes() == before
+    assert [m["step"] for m in _read(tmp_path / "run") if m["kind"] == "train"] == [1, 2]
+
+
+def test_the_batch_holds_exactly_the_records_of_the_groups_that_train():
+    """Groups of 2, 3 and 1 records: a dropped group's records are skipped, and the next group's
+    are taken from where it starts (records sit group after group)."""
+    from types import SimpleNamespace
+
+    from tcli.config.loop import load_config
+    from tcli.loop.loop import Loop
+    from tcli.stages.advantages import AdvantageStats
+
+    loop = SimpleNamespace(cfg=load_config(None, {"filter_groups": True}))
+    recs = [{"prompt_id": g, "sample_id": j} for g, n in (("a", 2), ("b", 3), ("c", 1))
+            for j in range(n)]
+    groups = [(2, AdvantageStats(), False), (3, AdvantageStats(), True),
+              (1, AdvantageStats(), True)]
+    batch, m = Loop.batch(loop, recs, groups)  # filter_groups: the uninformative a is dropped
+    assert [(r["prompt_id"], r["sample_id"]) for r in batch] == [("b", 0), ("b", 1), ("b", 2),
+                                                                  ("c", 0)]
+    assert m["groups_dropped"] == 1
+    batch, m = Loop.batch(loop, recs, groups, keep=[True, False, True])  # refill's choice
+    assert [(r["prompt_id"], r["sample_id"]) for r in batch] == [("a", 0), ("a", 1), ("c", 0)]
+    assert m["groups_dropped"] == 1
+
+
+def test_a_best_step_is_saved_whatever_save_every_says(loop_model, tmp_path):
+    """save_every = 3 over 2 steps: step 1 (eval 1.0) is the best, so it is saved and copied to
+    best/; step 2 is saved as the last."""
+    from tcli.models.checkpoint import read_state
+
+    _run(_config(loop_model, tmp_path / "run", steps=2, save_every=3, keep_last=5))
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["best", "step_1", "step_2"]
+    assert read_state(str(tmp_path / "run" / "checkpoints" / "best"))["step"] == 1
