@@ -463,3 +463,55 @@ def test_a_best_step_is_saved_whatever_save_every_says(loop_model, tmp_path):
     _run(_config(loop_model, tmp_path / "run", steps=2, save_every=3, keep_last=5))
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["best", "step_1", "step_2"]
     assert read_state(str(tmp_path / "run" / "checkpoints" / "best"))["step"] == 1
+
+
+@pytest.mark.parametrize("index, where", [(0, ("train.jsonl", 1)), (1, ("train.jsonl", 7)),
+                                          (2, (None, None)), (-1, (None, None))])
+def test_a_prompt_the_sampler_refuses_is_named_by_its_file_and_line(index, where):
+    """The first prompt as well as any other: its index among the step's prompts leads to where
+    it was read; an index outside them names nothing rather than another prompt."""
+    from types import SimpleNamespace
+
+    from tcli.errors import DataError
+    from tcli.loop.loop import Loop
+
+    prompts = [{"id": "a"}, {"id": "b"}]
+    loop = SimpleNamespace(record_no={id(prompts[0]): ("train.jsonl", 1),
+                                      id(prompts[1]): ("train.jsonl", 7)})
+    e = DataError("bad prompt", field="prompt")
+    e.index = index
+    assert Loop._locate(loop, e, prompts) is e and (e.file, e.line) == where
+
+
+def test_a_ppo_run_started_again_makes_its_critic_anew(loop_model, tmp_path):
+    """Killed before its first checkpoint, a PPO run keeps critic_0, which the restart removes
+    with the rest of what the run wrote: the run starts again with a new critic_0."""
+    import shutil
+
+    from tcli.loop import resume_config, run_loop
+
+    ck = tmp_path / "run" / "checkpoints"
+    _run(_config(loop_model, tmp_path / "run", estimator="ppo", steps=1, eval_every=0))
+    for name in ("step_1", "critic_1"):
+        shutil.rmtree(ck / name)
+    run_loop(resume_config(str(tmp_path / "run"), {}), resume=True, log=lambda s: None)
+    assert sorted(os.listdir(ck)) == ["critic_0", "critic_1", "step_1"]
+
+
+def test_a_step_whose_groups_are_all_dropped_trains_nothing(loop_model, tmp_path):
+    """Step 3 samples with policy version 2, whose groups are all right or all wrong:
+    filter_groups drops all 4, so the step has no train_ metrics and leaves the weights as they
+    were. tokens_per_s_sample is the step's sampled tokens over its sampling seconds (rounded to
+    4 decimals)."""
+    from safetensors.numpy import load_file
+
+    train = [m for m in _run(_config(loop_model, tmp_path / "run", filter_groups=True, steps=3,
+                                     eval_every=0)) if m["kind"] == "train"]
+    assert [m["groups_dropped"] for m in train] == [2, 1, 4]
+    assert "train_loss" in train[1] and not any(k.startswith("train_") for k in train[2])
+    a, b = (load_file(str(tmp_path / "run" / "checkpoints" / f"step_{s}" / "model.safetensors"))
+            for s in (2, 3))
+    assert all((a[k] == b[k]).all() for k in a)
+    for m in train:
+        s, n = m["seconds_sample"], m["sampled_tokens"]
+        assert n / (s + 5e-5) <= m["tokens_per_s_sample"] <= n / max(s - 5e-5, 1e-9)
