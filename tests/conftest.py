@@ -457,6 +457,27 @@ def jsonl(recs) -> bytes:
     return b"".join(orjson.dumps(r) + b"\n" for r in recs)
 
 
+def read_all(path, input_format=None) -> list[dict]:
+    """Every record of a JSONL or Arrow file, read as the stages read it."""
+    from tcli.io import RecordReader
+
+    return [rec for _, rec in RecordReader(str(path), input_format)]
+
+
+def arrow_bytes(recs, batch_size=1024) -> bytes:
+    """Records as an Arrow IPC stream (copies: the sink may change what it is given)."""
+    import io
+
+    from tcli.io.arrow import ArrowSink
+
+    buf = io.BytesIO()
+    sink = ArrowSink(buf, batch_size=batch_size)
+    for r in recs:
+        sink.write(dict(r))
+    sink.close()
+    return buf.getvalue()
+
+
 def prompts() -> list[dict]:
     return [{"id": "p1", "prompt": "1+1=", "answer": "2"},
             {"id": "p2", "prompt": "2+3=", "answer": "5"},

@@ -102,7 +102,7 @@ class Output:
         if self.tmp is not None:
             os.replace(self.tmp, self.target)
             self.tmp = None
-            _fsync_dir(os.path.dirname(os.path.abspath(self.target)))
+            fsync_dir(os.path.dirname(os.path.abspath(self.target)))
 
     def abort(self) -> None:
         """Drop the output: the temporary file goes, the target stays as it was."""
@@ -119,9 +119,9 @@ class Output:
             self.tmp = None
 
 
-def _fsync_dir(path: str) -> None:
-    """The rename made durable: without it a power loss may bring back the old file (or none).
-    A file system that cannot sync a directory keeps the rename as it is."""
+def fsync_dir(path: str) -> None:
+    """A rename in ``path`` made durable: without it a power loss may bring back the old file
+    (or none). A file system that cannot sync a directory keeps the rename as it is."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

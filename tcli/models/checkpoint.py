@@ -28,6 +28,7 @@ import threading
 import orjson
 
 from tcli.errors import DataError, TcliError
+from tcli.io.target import fsync_dir
 from tcli.models.files import read_json_object
 from tcli.models.ownership import (FILES, MARKER, STATE_FILE, check_checkpoint_target,  # noqa: F401
                                    entries)
@@ -68,7 +69,7 @@ def save_pretrained_atomic(out_dir: str, model, tokenizer, *, state: dict | None
                 if tmp.path is not None:  # the replaced directory (or the called-off new one)
                     with contextlib.suppress(OSError):  # marked: a kill while deleting it leaves
                         tmp.mark()                      # a leftover the next write removes
-            _fsync_dir(parent)
+            fsync_dir(parent)
         except BaseException as e:
             kept = "the previous checkpoint is unchanged" if existed else "nothing was written"
             if isinstance(e, Exception) and _disk_full(e):
@@ -340,20 +341,6 @@ def _modes_from_umask(path: str) -> None:
             p = os.path.join(root, name)
             if not os.path.islink(p):
                 os.chmod(p, 0o666 & ~mask)
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename durable (a crash of the machine, not only of the process)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(path: str) -> None:

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from tcli.errors import DataError, UsageError
 from tcli.io import (EXTRA_COLUMN, MISSING_COLUMN, RecordReader, RecordWriter, detect_format,
                      dumps, iter_groups, output_format)
-from tcli.io.arrow import ArrowSink, iter_arrow
+from tcli.io.arrow import iter_arrow
+
+from conftest import arrow_bytes, read_all
 
 
 def canon(rec: dict) -> bytes:
@@ -31,19 +33,6 @@ def write_jsonl(path, recs) -> None:
     with open(path, "wb") as f:
         for r in recs:
             f.write(dumps(r))
-
-
-def read_all(path, input_format=None) -> list[dict]:
-    return [rec for _, rec in RecordReader(str(path), input_format)]
-
-
-def arrow_bytes(recs, batch_size=1024) -> bytes:
-    buf = io.BytesIO()
-    sink = ArrowSink(buf, batch_size=batch_size)
-    for r in recs:
-        sink.write(r)
-    sink.close()
-    return buf.getvalue()
 
 
 HETERO = [

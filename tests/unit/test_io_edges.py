@@ -11,22 +11,11 @@ import pytest
 
 from tcli.errors import DataError, TcliError
 from tcli.io import ARROW_STREAM_MAGIC, RecordReader, RecordWriter, dumps, output_format
-from tcli.io.arrow import ArrowSink, iter_arrow
+from tcli.io.arrow import iter_arrow
 from tcli.io.benchmarks import BENCHMARKS, _size, benchmark_table, resolve_data
 from tcli.io.codec import MAX_DEPTH
 
-
-def read_all(path, input_format=None) -> list[dict]:
-    return [rec for _, rec in RecordReader(str(path), input_format)]
-
-
-def arrow_bytes(recs, batch_size=1024) -> bytes:
-    buf = io.BytesIO()
-    sink = ArrowSink(buf, batch_size=batch_size)
-    for r in recs:
-        sink.write(dict(r))
-    sink.close()
-    return buf.getvalue()
+from conftest import arrow_bytes, read_all
 
 
 def refusal(path, input_format=None) -> DataError:
