@@ -190,6 +190,22 @@ def _generator(engine: Engine, record: bool, top_k: Optional[int] = ENTROPY_TOP_
     return lambda prompts, n, cfg, seeds=None: fn(prompts, n, cfg, top_k=top_k, seeds=seeds)
 
 
+def _same_prefix(frontier: list) -> dict[int, list[list]]:
+    """Frontier nodes grouped by (prompt, tokens so far), the groups keyed by their size.
+
+    Nodes with the same prefix are one engine request asking for ``width`` children per node:
+    an engine's stream is a function of the seed and the prompt tokens only, so separate requests
+    for them would give every such node the same children (siblings that drew the same segment
+    must still diverge, docs/design.md §4.6)."""
+    same: dict[tuple, list] = {}
+    for f in frontier:
+        same.setdefault((f[0], tuple(f[2])), []).append(f)
+    by_size: dict[int, list[list]] = {}
+    for group in same.values():
+        by_size.setdefault(len(group), []).append(group)
+    return by_size
+
+
 def sample_tree_generic(engine: Engine, prompts: Sequence[Sequence[int]], width: int, depth: int,
                         segment_tokens: int, cfg: SamplingConfig, record: bool = False
                         ) -> list[list[TreeLeaf]]:
@@ -208,24 +224,36 @@ def sample_tree_generic(engine: Engine, prompts: Sequence[Sequence[int]], width:
         seg = room if level == depth else min(segment_tokens, room)
         lvl = replace(cfg, max_new_tokens=seg, min_new_tokens=max(0, min(cfg.min_new_tokens - done, seg)),
                       seed=_level_seed(cfg.seed, level))
-        outs = gen([list(prompts[f[0]]) + f[2] for f in frontier], width, lvl)
         nxt = []
-        for (p, path, toks, lps, ends, ents), comps in zip(frontier, outs):
-            for c, comp in enumerate(comps):
-                t2 = toks + list(comp.token_ids)
-                l2 = lps + list(comp.logprobs)
-                e2 = ends + [len(t2)]
-                h2 = ents + list(comp.entropies) if record else None
-                stop = comp.finish_reason == "stop"
-                if stop or level == depth or len(t2) >= cfg.max_new_tokens or not comp.token_ids:
-                    reason = "stop" if stop else "length"
-                    leaves[p].append(TreeLeaf(path + (c,), t2, l2, e2, reason, h2))
-                else:
-                    nxt.append((p, path + (c,), t2, l2, e2, h2))
+        for size, groups in _same_prefix(frontier).items():
+            outs = gen([list(prompts[g[0][0]]) + g[0][2] for g in groups], width * size, lvl)
+            for group, comps in zip(groups, outs):
+                for k, node in enumerate(group):
+                    nxt += _grow(node, comps[k * width:(k + 1) * width], level == depth, cfg,
+                                 record, leaves)
         frontier = nxt
     for out in leaves:
         out.sort(key=lambda lf: lf.node_path)
     return leaves
+
+
+def _grow(node, comps, last: bool, cfg: SamplingConfig, record: bool, leaves) -> list:
+    """The children of a frontier node from its completions: leaves go to ``leaves``; returns
+    the children still running."""
+    p, path, toks, lps, ends, ents = node
+    nxt = []
+    for c, comp in enumerate(comps):
+        t2 = toks + list(comp.token_ids)
+        l2 = lps + list(comp.logprobs)
+        e2 = ends + [len(t2)]
+        h2 = ents + list(comp.entropies) if record else None
+        stop = comp.finish_reason == "stop"
+        if stop or last or len(t2) >= cfg.max_new_tokens or not comp.token_ids:
+            reason = "stop" if stop else "length"
+            leaves[p].append(TreeLeaf(path + (c,), t2, l2, e2, reason, h2))
+        else:
+            nxt.append((p, path + (c,), t2, l2, e2, h2))
+    return nxt
 
 
 # ----------------------------------------------------------------------------- entropy tree, generic

@@ -412,3 +412,22 @@ def test_eos_is_allowed_from_token_min_new_tokens_on(ab_engine):
         assert tok.tolist() == [want, want], step
     tok, _ = ab_engine._sample(logits, keys, np.array([2, 3]), cfg)  # one step per row (turns)
     assert tok.tolist() == [a, eos[0]]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_siblings_that_drew_the_same_segment_still_diverge(ab_engine, native):
+    """Two children of a node that drew the same first segment are different nodes: their own
+    children are drawn independently (docs/design.md §4.6), natively and on the generic path
+    (which asks ``generate`` for the continuations of identical prefixes)."""
+    cfg = SamplingConfig(max_new_tokens=12, min_new_tokens=12, seed=1)
+    recs = _run(ab_engine, prompts=PROMPTS[:1], mode="tree", width=4, depth=2, segment_tokens=1,
+                cfg=cfg, template="plain", native=native)
+    subtree: dict = {}
+    for r in recs:  # level-1 node -> (its first token, its leaves' tokens)
+        first, rest = subtree.setdefault(r["node_path"][0], (r["token_ids"][0], []))
+        rest.append(tuple(r["token_ids"][1:]))
+    twins = [(a, b) for a in subtree for b in subtree
+             if a < b and subtree[a][0] == subtree[b][0]]
+    assert twins  # 4 draws of one token from a, b (EOS masked): some siblings agree
+    for a, b in twins:
+        assert subtree[a][1] != subtree[b][1], (a, b)
