@@ -205,6 +205,42 @@ def test_more_roots_than_the_pool_holds_fork_a_slab_cache(model):
     assert _leaves(engine.sample_entropy_tree(prompts, rule, cfg)) == _leaves(ref)
 
 
+@pytest.mark.parametrize("every", [1, 3, 4])
+def test_paths_that_reach_max_new_tokens_before_the_last_level_end_there(model, every):
+    """Depth 3, segments of 5, at most 8 tokens: level 2 gets the 3 left and every path ends
+    there, a leaf of 8 tokens, with a check every k tokens as with one per token. The last
+    token is never fed (no row goes on): 5 + 2 one-token forwards in every mode."""
+    cfg = SamplingConfig(temperature=0.9, max_new_tokens=8, min_new_tokens=8, seed=2)
+    engine = _engine(model, every=every)
+    fed, real_advance, real_fork = [], engine.advance, engine.fork
+
+    def fork(parent, pairs, room):
+        assert len(parent.nodes[0].path) < 3, "a level past the depth"
+        return real_fork(parent, pairs, room)
+
+    engine.advance = lambda st, tok: (fed.append(len(st.nodes)), real_advance(st, tok))[1]
+    engine.fork = fork
+    out = engine.sample_tree(PROMPTS, 2, 3, 5, cfg)
+    for leaves in out:
+        assert [lf.node_path for lf in leaves] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert all(lf.segment_ends == [5, 8] and lf.finish_reason == "length" for lf in leaves)
+    assert len(fed) == 7
+    assert _leaves(out) == _leaves(_engine(model).sample_tree(PROMPTS, 2, 3, 5, cfg))
+
+
+def test_a_parent_forked_in_pieces_keeps_its_logits_while_the_pool_decodes(model):
+    """A node with more children than the pool's rows forks them in pieces, each decoded in the
+    pool after the one before: every piece samples from its parent's own cache and logits."""
+    from tcli.engines.cuda_graphs import GraphPool
+
+    cfg = SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=12, seed=3)
+    ref = _engine(model).sample_tree(PROMPTS, 3, 3, 3, cfg)
+    engine = _engine(model, pool=True)
+    engine._graphs.pool = GraphPool(engine, 4, 256, capture=False)
+    engine._graphs.max_rows = 4
+    assert _leaves(engine.sample_tree(PROMPTS, 3, 3, 3, cfg)) == _leaves(ref)
+
+
 @pytest.mark.parametrize("every", [2, 3, 8])
 @pytest.mark.parametrize("pool", [False, True])
 @pytest.mark.parametrize("rule", [(2, 3, 0.5, 2), (3, 2, 0.3, 0), (2, 4, 1.0, 1)])
