@@ -76,8 +76,13 @@ def test_slab_layer_writes_in_place_forks_and_grows():
         child.update(k1[[0, 1, 1]], k1[[0, 1, 1]])
     assert child.get_seq_length() == 9 and torch.equal(child.keys[:, :, :4], k[[1, 1, 0]][:, :, 2:])
     assert torch.equal(child.keys[:, :, 4:], k1[[0, 1, 1]].expand(-1, -1, 5, -1))
+    free = child.buf_k.shape[-2] - child.end
     child.batch_select_indices(torch.tensor([2]))
     assert child.keys.shape == (1, 3, 9, 4) and torch.equal(child.keys[0, :, :4], k[0, :, 2:])
+    assert child.buf_k.shape[-2] - child.end == free > 0  # rows that leave keep the room free
+    buf = child.buf_k
+    child.update(k1[:1], k1[:1])
+    assert child.buf_k is buf and torch.equal(child.keys[:, :, 9:], k1[:1])
 
 
 def _ab_model(path, **attention) -> str:
