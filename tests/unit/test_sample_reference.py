@@ -153,13 +153,3 @@ def test_a_token_of_zero_probability_is_never_drawn(engine):
     unmasked = -2.0 - math.log(1 + 2 * math.exp(-2.0))   # log(1 / (e^2 + 2))
     assert _one(engine, logits, held, 0.9, step=0)[1] == pytest.approx(unmasked, abs=1e-5)
 
-
-def test_rows_at_their_own_positions_mask_eos_only_before_min_new_tokens(engine):
-    """Multi-turn rows stand at different response positions: the EOS mask is per row."""
-    (eos,) = engine.eos_token_ids
-    v = len(engine.tokenizer)
-    row = [-math.inf] * v
-    row[eos], row[3] = 5.0, 0.0
-    cfg = SamplingConfig(temperature=0.0, min_new_tokens=3)
-    tok, _ = engine._sample(torch.tensor([row, row, row]), None, np.array([0, 3, 2]), cfg)
-    assert tok.tolist() == [3, eos, 3]

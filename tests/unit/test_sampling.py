@@ -414,6 +414,24 @@ def test_eos_is_allowed_from_token_min_new_tokens_on(ab_engine):
     assert tok.tolist() == [a, eos[0]]
 
 
+
+def test_eos_ids_are_those_of_the_generation_config_the_config_and_the_tokenizer(ab_engine):
+    """A response stops at any EOS id a model declares: its generation config, its config and
+    its tokenizer may each name other ones (an int or a list), and all of them count."""
+    from tcli.engines.hf import HFEngine
+
+    engine = HFEngine(ab_engine.model_path)
+    tok_eos = engine.tokenizer.eos_token_id
+    engine.model.generation_config.eos_token_id = None
+    engine.model.config.eos_token_id = [3, 4]
+    engine._attach(engine.model, engine.model_path)
+    assert engine.eos_token_ids == sorted({tok_eos, 3, 4})
+    engine.model.generation_config.eos_token_id = 2
+    engine.model.config.eos_token_id = None
+    engine._attach(engine.model, engine.model_path)
+    assert engine.eos_token_ids == sorted({tok_eos, 2})
+    assert engine._eos_t.tolist() == engine.eos_token_ids
+
 @pytest.mark.parametrize("native", [True, False])
 def test_siblings_that_drew_the_same_segment_still_diverge(ab_engine, native):
     """Two children of a node that drew the same first segment are different nodes: their own
