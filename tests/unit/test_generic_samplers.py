@@ -1,0 +1,63 @@
+"""The ``Engine`` base's samplers (tcli/engines/base.py) against spy engines: which engine calls
+they make and how they cut the budgets (docs/design.md §4.6, §4.17).
+
+A spy answers every request with one repeated token and records the settings of each call, so
+the expected calls and leaves are counted by hand.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tcli.engines.base import by_room, sample_entropy_tree_generic, sample_tree_generic
+from tcli.engines.sampling import Completion, EntropyRule, SamplingConfig
+
+
+class Spy:
+    """``generate`` / ``generate_entropy`` giving ``max_new_tokens`` copies of token 3 (entropy
+    0: no split) and recording (prompt lengths, n, max_new_tokens, min_new_tokens)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, n, cfg):
+        self.calls.append(([len(p) for p in prompts], n, cfg.max_new_tokens, cfg.min_new_tokens))
+        k = cfg.max_new_tokens
+        return [[Completion([3] * k, [-1.0] * k, "length", [0.0] * k) for _ in range(n)]
+                for _ in prompts]
+
+    def generate_entropy(self, prompts, n, cfg, *, top_k=None, seeds=None):
+        assert seeds is not None and len(seeds) == len(prompts)
+        return self.generate(prompts, n, cfg)
+
+
+def test_a_path_that_reaches_max_new_tokens_before_the_last_level_is_a_leaf_there():
+    """Depth 3, segments of 5, 8 tokens at most: level 2 gets the 3 left, and its nodes are
+    leaves (no third level of empty segments)."""
+    spy = Spy()
+    cfg = SamplingConfig(max_new_tokens=8, seed=1)
+    (leaves,) = sample_tree_generic(spy, [[5, 6]], width=2, depth=3, segment_tokens=5, cfg=cfg)
+    assert [lf.node_path for lf in leaves] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(lf.segment_ends == [5, 8] and len(lf.token_ids) == 8 for lf in leaves)
+    assert spy.calls == [([2], 2, 5, 0), ([7], 4, 3, 0)]   # the two twins: one request
+
+
+def test_entropy_probes_count_min_new_tokens_from_the_responses_start():
+    """10 tokens, at least 6, probes of 4: the probes ask for 4 (at least 6), 4 (at least the
+    2 left) and the 2 left (at least 0)."""
+    spy = Spy()
+    cfg = SamplingConfig(max_new_tokens=10, min_new_tokens=6, seed=1)
+    rule = EntropyRule(width=2, depth=2, threshold=0.5, min_segment=0, top_k=20)
+    (leaves,) = sample_entropy_tree_generic(spy, [[5, 6, 7]], rule, 4, cfg)
+    assert [(lf.node_path, len(lf.token_ids), lf.segment_ends) for lf in leaves] == [
+        ((0,), 10, [10])]
+    assert spy.calls == [([3], 1, 4, 6), ([7], 1, 4, 2), ([11], 1, 2, 0)]
+
+
+def test_continuations_are_grouped_by_their_room_and_share_of_min_new_tokens():
+    cfg = SamplingConfig(max_new_tokens=10, min_new_tokens=4, seed=1)
+    groups = by_room([[1] * 3, [1], [1] * 3, [1] * 9], cfg)
+    assert [(sub.max_new_tokens, sub.min_new_tokens, idx) for sub, idx in groups] == [
+        (7, 1, [0, 2]), (9, 3, [1]), (1, 0, [3])]
+    with pytest.raises(ValueError, match="prefix #1 leaves no room: 10 of 10"):
+        by_room([[1], [1] * 10], cfg)
