@@ -61,3 +61,25 @@ def test_continuations_are_grouped_by_their_room_and_share_of_min_new_tokens():
         (7, 1, [0, 2]), (9, 3, [1]), (1, 0, [3])]
     with pytest.raises(ValueError, match="prefix #1 leaves no room: 10 of 10"):
         by_room([[1], [1] * 10], cfg)
+
+
+class SeedSpy(Spy):
+    """Answers with token 10 + seed % 1000 (each request's own seed), entropy 1 at a probe's
+    first token and 0 after: a node that may split does so at its first token."""
+
+    def generate_entropy(self, prompts, n, cfg, *, top_k=None, seeds=None):
+        k = cfg.max_new_tokens
+        return [[Completion([10 + s % 1000] * k, [-1.0] * k, "length", [1.0] + [0.0] * (k - 1))
+                 for _ in range(n)] for s in seeds]
+
+
+def test_entropy_tree_siblings_with_the_same_tokens_continue_on_their_own_streams():
+    """The root splits at its first token; both children draw the same first probe (one request
+    for two completions), then each continues with its own seed: their tails differ."""
+    cfg = SamplingConfig(max_new_tokens=8, seed=3)
+    rule = EntropyRule(width=2, depth=1, threshold=0.5, min_segment=0, top_k=20)
+    (leaves,) = sample_entropy_tree_generic(SeedSpy(), [[5, 6]], rule, 4, cfg)
+    assert [(lf.node_path, lf.segment_ends) for lf in leaves] == [((0, 0), [0, 8]),
+                                                                   ((0, 1), [0, 8])]
+    a, b = (lf.token_ids for lf in leaves)
+    assert a[:4] == b[:4] and a[4:] != b[4:]
