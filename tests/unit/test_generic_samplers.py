@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import pytest
 
-from tcli.engines.base import by_room, sample_entropy_tree_generic, sample_tree_generic
+from tcli.engines.base import (Engine, by_room, sample_entropy_tree_generic,
+                               sample_tree_generic)
 from tcli.engines.sampling import Completion, EntropyRule, SamplingConfig
 
 
-class Spy:
+class Spy(Engine):
     """``generate`` / ``generate_entropy`` giving ``max_new_tokens`` copies of token 3 (entropy
     0: no split) and recording (prompt lengths, n, max_new_tokens, min_new_tokens)."""
+
+    name = "spy"
 
     def __init__(self):
         self.calls = []
@@ -83,3 +86,24 @@ def test_entropy_tree_siblings_with_the_same_tokens_continue_on_their_own_stream
                                                                    ((0, 1), [0, 8])]
     a, b = (lf.token_ids for lf in leaves)
     assert a[:4] == b[:4] and a[4:] != b[4:]
+
+
+class SeedGenerateSpy(Spy):
+    """``generate`` answering with token 10 + cfg.seed % 1000."""
+
+    def generate(self, prompts, n, cfg):
+        super().generate(prompts, n, cfg)
+        k = cfg.max_new_tokens
+        return [[Completion([10 + cfg.seed % 1000] * k, [-1.0] * k, "length") for _ in range(n)]
+                for _ in prompts]
+
+
+def test_generic_continuations_use_their_own_seeds_not_the_calls():
+    """Each continuation's stream is a function of its own seed and tokens (docs/design.md
+    §4.17): the same prefix with two seeds gives two continuations, and ``cfg.seed`` changes
+    nothing. Room: 6 - 2 = 4 tokens."""
+    spy = SeedGenerateSpy()
+    got = [[c.token_ids for c in spy.continue_prefixes([[1], [1]], [[2, 2], [2, 2]],
+                                                       SamplingConfig(max_new_tokens=6, seed=s),
+                                                       seeds=[7, 8])] for s in (0, 1)]
+    assert got[0] == got[1] == [[17] * 4, [18] * 4]
