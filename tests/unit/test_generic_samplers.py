@@ -107,3 +107,18 @@ def test_generic_continuations_use_their_own_seeds_not_the_calls():
                                                        SamplingConfig(max_new_tokens=6, seed=s),
                                                        seeds=[7, 8])] for s in (0, 1)]
     assert got[0] == got[1] == [[17] * 4, [18] * 4]
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_generic_entropy_trees_carry_entropies_only_when_asked(record):
+    from types import SimpleNamespace
+
+    from tcli.engines.trees import sample_leaves
+
+    opts = SimpleNamespace(mode="tree", branch="entropy", width=2, depth=1, branch_entropy=0.5,
+                           min_segment_tokens=0, segment_tokens=4, record_entropy=record)
+    (leaves,) = sample_leaves(SeedSpy(), [[5, 6]], opts, SamplingConfig(max_new_tokens=8),
+                              native=False)
+    assert len(leaves) == 2
+    assert all((lf.entropies is not None) == record for lf in leaves)
+    assert not record or all(len(lf.entropies) == 8 for lf in leaves)
