@@ -1,5 +1,6 @@
 """Edges of ``--branch entropy`` on the hf engine (tcli.engines.entropy_tree) on a tiny model:
-no room to sample, and the leaves' shape whatever the threshold."""
+no room to sample (as in a segments tree, checked too), and the leaves' shape whatever the
+threshold."""
 
 from __future__ import annotations
 
@@ -73,3 +74,14 @@ def test_every_k_check_gives_the_per_token_trees_when_rows_end_and_split_togethe
             ab_engine.stop_every = 1
     assert trees[0] == trees[1]
     assert any(len(t) > 1 for t in trees[0])
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_no_room_gives_width_empty_leaves_per_prompt_in_a_segments_tree(engine, record):
+    """sample_tree with max_new_tokens 0: the root's ``width`` children, empty, ended by length,
+    each with the one segment end a response of length 0 has."""
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=0, seed=1)
+    out = engine.sample_tree(PROMPTS, 2, 3, 4, cfg, entropy=record)
+    assert [[(lf.node_path, lf.token_ids, lf.logprobs, lf.segment_ends, lf.finish_reason,
+              lf.entropies) for lf in leaves] for leaves in out] == \
+        [[((c,), [], [], [0], "length", [] if record else None) for c in range(2)]] * 3

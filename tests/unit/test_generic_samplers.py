@@ -122,3 +122,11 @@ def test_generic_entropy_trees_carry_entropies_only_when_asked(record):
     assert len(leaves) == 2
     assert all((lf.entropies is not None) == record for lf in leaves)
     assert not record or all(len(lf.entropies) == 8 for lf in leaves)
+
+
+def test_topk_entropy_is_never_negative_when_round_off_lifts_a_log_prob_above_zero():
+    """An engine's top log-prob may come back a hair above 0 (its own float round-off): the
+    estimate stays 0, which show-tree accepts, not -2e-7, which it rejects."""
+    from tcli.engines.sampling import topk_entropy
+
+    assert topk_entropy([[2e-7, -40.0, float("-inf")]]).tolist() == [0.0]
