@@ -8,7 +8,7 @@ its renormalised cumulative sum (the whole vocabulary in token-id order when top
 must pick the recorded token (a draw within round-off of a boundary is not judged), the recorded
 log-prob must be log_softmax(logits / T) of it, and a response ends exactly at its first EOS or
 at ``max_new_tokens``. The last tests pin the top-p boundary and zero-probability tokens with
-hand-computed distributions.
+hand-computed distributions, which ids count as EOS, and how prompts are chunked.
 """
 
 from __future__ import annotations
@@ -153,3 +153,44 @@ def test_a_token_of_zero_probability_is_never_drawn(engine):
     unmasked = -2.0 - math.log(1 + 2 * math.exp(-2.0))   # log(1 / (e^2 + 2))
     assert _one(engine, logits, held, 0.9, step=0)[1] == pytest.approx(unmasked, abs=1e-5)
 
+
+def test_eos_ids_are_those_of_the_generation_config_the_config_and_the_tokenizer(engine):
+    """A response stops at any EOS id a model declares: its generation config, its config and
+    its tokenizer may each name other ones (an int or a list), and all of them count."""
+    from tcli.engines.hf import HFEngine
+
+    engine = HFEngine(engine.model_path)
+    tok_eos = engine.tokenizer.eos_token_id
+    engine.model.generation_config.eos_token_id = None
+    a = engine.tokenizer.convert_tokens_to_ids("a")
+    engine.model.config.eos_token_id = [a]
+    engine._attach(engine.model, engine.model_path)
+    assert engine.eos_token_ids == sorted({tok_eos, a})
+    for every in (1, 3):  # a check per token, or every 3 tokens
+        engine.stop_every = every
+        (comps,) = engine.generate([[a, a]], 6, SamplingConfig(max_new_tokens=10, seed=2))
+        for c in comps:
+            ends = [i for i, t in enumerate(c.token_ids) if t in (tok_eos, a)]
+            assert ends == ([len(c.token_ids) - 1] if c.finish_reason == "stop" else [])
+        assert any(c.token_ids[-1] == a for c in comps)
+    engine.stop_every = 1
+    engine.model.generation_config.eos_token_id = 2
+    engine.model.config.eos_token_id = None
+    engine._attach(engine.model, engine.model_path)
+    assert engine.eos_token_ids == sorted({tok_eos, 2})
+    assert engine._eos_t.tolist() == engine.eos_token_ids
+
+
+def test_prompts_are_chunked_so_that_their_first_fork_fits_batch_tokens(engine):
+    """Width 2, first segment 4, 40 tokens: prompts of 3 and 2 tokens fork 2 x 2 x (3 + 4) = 28
+    columns; a third of 5 would make 3 x 2 x 9 = 54, so it opens the next chunk; a prompt over
+    the bound alone still gets a chunk of its own."""
+    old = engine.batch_tokens
+    engine.batch_tokens = 40
+    try:
+        chunks = list(engine.prefill_chunks([[1] * 3, [1] * 2, [1] * 5, [1], [1] * 30], 2, 4))
+    finally:
+        engine.batch_tokens = old
+    assert chunks == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="prompt #1 has no tokens"):
+        list(engine.prefill_chunks([[1], []], 2, 4))

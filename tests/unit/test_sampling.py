@@ -415,47 +415,6 @@ def test_eos_is_allowed_from_token_min_new_tokens_on(ab_engine):
 
 
 
-def test_eos_ids_are_those_of_the_generation_config_the_config_and_the_tokenizer(ab_engine):
-    """A response stops at any EOS id a model declares: its generation config, its config and
-    its tokenizer may each name other ones (an int or a list), and all of them count."""
-    from tcli.engines.hf import HFEngine
-
-    engine = HFEngine(ab_engine.model_path)
-    tok_eos = engine.tokenizer.eos_token_id
-    engine.model.generation_config.eos_token_id = None
-    a = engine.tokenizer.convert_tokens_to_ids("a")
-    engine.model.config.eos_token_id = [a]
-    engine._attach(engine.model, engine.model_path)
-    assert engine.eos_token_ids == sorted({tok_eos, a})
-    for every in (1, 3):  # a check per token, or every 3 tokens
-        engine.stop_every = every
-        (comps,) = engine.generate([[a, a]], 6, SamplingConfig(max_new_tokens=10, seed=2))
-        for c in comps:
-            ends = [i for i, t in enumerate(c.token_ids) if t in (tok_eos, a)]
-            assert ends == ([len(c.token_ids) - 1] if c.finish_reason == "stop" else [])
-        assert any(c.token_ids[-1] == a for c in comps)
-    engine.stop_every = 1
-    engine.model.generation_config.eos_token_id = 2
-    engine.model.config.eos_token_id = None
-    engine._attach(engine.model, engine.model_path)
-    assert engine.eos_token_ids == sorted({tok_eos, 2})
-    assert engine._eos_t.tolist() == engine.eos_token_ids
-
-
-def test_prompts_are_chunked_so_that_their_first_fork_fits_batch_tokens(ab_engine):
-    """Width 2, first segment 4, 40 tokens: prompts of 3 and 2 tokens fork 2 x 2 x (3 + 4) = 28
-    columns; a third of 5 would make 3 x 2 x 9 = 54, so it opens the next chunk; a prompt over
-    the bound alone still gets a chunk of its own."""
-    old = ab_engine.batch_tokens
-    ab_engine.batch_tokens = 40
-    try:
-        chunks = list(ab_engine.prefill_chunks([[1] * 3, [1] * 2, [1] * 5, [1], [1] * 30], 2, 4))
-    finally:
-        ab_engine.batch_tokens = old
-    assert chunks == [[0, 1], [2, 3], [4]]
-    with pytest.raises(ValueError, match="prompt #1 has no tokens"):
-        list(ab_engine.prefill_chunks([[1], []], 2, 4))
-
 @pytest.mark.parametrize("native", [True, False])
 def test_siblings_that_drew_the_same_segment_still_diverge(ab_engine, native):
     """Two children of a node that drew the same first segment are different nodes: their own
