@@ -311,11 +311,11 @@ def test_writer_to_fifo_that_closes_early_is_a_broken_pipe(tmp_path):
     fifo = tmp_path / "p"
     os.mkfifo(fifo)
 
-    def read_one_byte():
-        with open(fifo, "rb") as f:
-            f.read(1)
+    def open_and_leave():  # reading would wait for bytes the writer sends only after the join
+        with open(fifo, "rb"):
+            pass
 
-    t = threading.Thread(target=read_one_byte, daemon=True)
+    t = threading.Thread(target=open_and_leave, daemon=True)
     t.start()
     with pytest.raises(BrokenPipeError):
         with RecordWriter(str(fifo)) as w:

@@ -287,7 +287,7 @@ def test_signal_just_before_the_swap_cancels_it(swap, pair, tmp_path):
 
     with mock.patch.object(ck._Temp, "unmark", unmark), \
             mock.patch.object(ck, "_exchange", return_value=False) if swap == "two renames" \
-            else mock.patch.object(ck, "_fsync_dir"):
+            else mock.patch.object(ck, "fsync_dir"):
         with pytest.raises(KeyboardInterrupt):
             save(target, pair, v=2)
     assert snapshot(target) == before and os.listdir(tmp_path) == ["ck"]
