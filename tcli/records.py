@@ -44,6 +44,15 @@ def token_array(rec: dict, field: str = "token_ids") -> np.ndarray:
     return arr
 
 
+def check_in_vocab(ids, vocab: int | None, field: str) -> None:
+    """DataError naming ``field`` when a token id is outside a vocabulary of ``vocab`` ids (None:
+    unknown): the model's embedding would fail on it (exit 1) or, read by another model, it
+    would mean nothing."""
+    if vocab is not None and len(ids) and int(np.max(ids)) >= vocab:
+        raise DataError(f"token id {int(np.max(ids))} is outside the model's vocabulary (size "
+                        f"{vocab})", field=field)
+
+
 def float_array(rec: dict, field: str, length: int | None = None) -> np.ndarray:
     v = require(rec, field)
     if not isinstance(v, list):

@@ -34,7 +34,8 @@ from tcli.engines.base import as_engine
 from tcli.engines.sampling import Completion, SamplingConfig
 from tcli.errors import DataError
 from tcli.models.provenance import sampler_name
-from tcli.records import at_record, entropies, float_array, int_list, reward, token_array
+from tcli.records import (at_record, check_in_vocab, entropies, float_array, int_list, reward,
+                          token_array)
 
 # what belongs to one response: a new leaf gets its own, never its source leaf's
 RESPONSE_FIELDS = frozenset({
@@ -120,19 +121,12 @@ def _prompt(recs: list[dict], vocab: int | None) -> list[int]:
         with at_record(i):
             ids = token_array(rec, "prompt_token_ids").tolist()
             if first is None:
-                _fits(ids, vocab, "prompt_token_ids")
+                check_in_vocab(ids, vocab, "prompt_token_ids")
                 first = ids
             elif ids != first:
                 raise DataError("differs from the group's first record's: one prompt's tree "
                                 "has one prompt", field="prompt_token_ids")
     return first or []
-
-
-def _fits(ids: list[int], vocab: int | None, name: str) -> None:
-    """A token id the model does not have would fail inside its embedding (exit 1)."""
-    if vocab is not None and ids and max(ids) >= vocab:
-        raise DataError(f"token id {max(ids)} is outside the model's vocabulary (size {vocab})",
-                        field=name)
 
 
 def _settings(recs: list[dict]) -> SamplingConfig:
@@ -185,7 +179,7 @@ def read_tree(recs: list[dict], vocab: int | None = None) -> Tree:
     for i, rec in enumerate(recs):
         with at_record(i):
             toks, path, e = _leaf(rec)
-            _fits(toks, vocab, "token_ids")
+            check_in_vocab(toks, vocab, "token_ids")
             rewards.append(reward(rec))
             ents.append(entropies(rec, len(toks)))
         tokens.append(toks)

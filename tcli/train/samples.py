@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from tcli.errors import DataError
-from tcli.records import as_float32, float_array, loss_mask, token_array
+from tcli.records import as_float32, check_in_vocab, float_array, loss_mask, token_array
 
 LOGPROB_TOLERANCE = 1e-3  # a log-prob above this is not a log-prob (float noise stays below)
 
@@ -122,10 +122,11 @@ def batch_temperature(samples: Sequence[TrainSample]) -> float:
 
 def check_vocab(sample: TrainSample, vocab_size: int) -> None:
     """DataError naming the field when a token id is outside the model's vocabulary."""
-    for name, arr in (("prompt_token_ids", sample.prompt), ("token_ids", sample.tokens)):
-        if len(arr) and int(arr.max()) >= vocab_size:
-            raise DataError(f"token id {int(arr.max())} is outside the model's vocabulary "
-                            f"(size {vocab_size})", line=sample.line or None, field=name)
+    try:
+        for name, arr in (("prompt_token_ids", sample.prompt), ("token_ids", sample.tokens)):
+            check_in_vocab(arr, vocab_size, name)
+    except DataError as e:
+        raise e.located(line=sample.line or None) from None
 
 
 def samples_from_records(records: Iterable, source: str = "<records>",
